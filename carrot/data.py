@@ -1,0 +1,241 @@
+"""Labelled image lists: ImageFolder trees, CUB-200-2011, the ELPV package, a generated toy set.
+
+Every loader returns :class:`ImageDataset` splits of :class:`ImageRecord` (path, label, optional
+bbox); images are opened lazily and checked on load (corrupt files, tiny images, modes).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .errors import CarrotError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    path: str
+    label: int
+    bbox: tuple[float, float, float, float] | None = None  # x, y, w, h in pixels
+
+
+@dataclass
+class ImageDataset:
+    """A split: records, class names (index = label) and a name for messages."""
+
+    records: list[ImageRecord]
+    classes: list[str]
+    name: str = "dataset"
+    meta: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    @property
+    def labels(self) -> np.ndarray:
+        return np.array([r.label for r in self.records], dtype=np.int64)
+
+    @property
+    def paths(self) -> list[str]:
+        return [r.path for r in self.records]
+
+    def fingerprint(self) -> str:
+        """SHA-256 over class names and, per record, label, bbox, file name and file contents."""
+        h = hashlib.sha256()
+        h.update(repr(self.classes).encode())
+        for r in self.records:
+            h.update(f"{os.path.basename(r.path)}|{r.label}|{r.bbox}|".encode())
+            with open(r.path, "rb") as fh:
+                h.update(hashlib.sha256(fh.read()).digest())
+        return h.hexdigest()
+
+    def subset(self, idx: Sequence[int], name: str | None = None) -> "ImageDataset":
+        return ImageDataset([self.records[i] for i in idx], self.classes, name or self.name, dict(self.meta))
+
+
+def load_image(record: ImageRecord | str, min_side: int = 1):
+    """Open an image as RGB (grayscale, palette, RGBA are converted; bbox cropped); named errors."""
+    from PIL import Image, UnidentifiedImageError
+
+    rec = record if isinstance(record, ImageRecord) else ImageRecord(str(record), -1)
+    path = Path(rec.path)
+    if not path.is_file():
+        raise CarrotError(f"image not found: '{path}'")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+                rgba = im.convert("RGBA")
+                bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+                img = Image.alpha_composite(bg, rgba).convert("RGB")
+            elif im.mode in ("I;16", "I;16B", "I;16L", "I"):
+                arr = np.asarray(im, dtype=np.float64)
+                arr = (arr - arr.min()) / max(np.ptp(arr), 1e-12) * 255
+                img = Image.fromarray(arr.astype(np.uint8)).convert("RGB")
+            else:
+                img = im.convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise CarrotError(f"cannot read image '{path}': not an image or corrupt ({exc})") from None
+    if rec.bbox is not None:
+        x, y, w, h = rec.bbox
+        img = img.crop((int(x), int(y), int(round(x + w)), int(round(y + h))))
+    if min(img.size) < min_side:
+        raise CarrotError(
+            f"image '{path}' is {img.size[0]}x{img.size[1]} px, smaller than one {min_side}-px patch of the backbone"
+        )
+    return img
+
+
+def _class_dirs(root: Path) -> list[Path]:
+    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _scan_imagefolder(root: Path, classes: list[str] | None = None) -> ImageDataset:
+    dirs = _class_dirs(root)
+    if not dirs:
+        raise CarrotError(f"ImageFolder '{root}': expected one sub-folder per class, found none")
+    names = [d.name for d in dirs]
+    if classes is not None and names != classes:
+        raise CarrotError(f"ImageFolder '{root}': class folders {names} differ from the training classes {classes}")
+    records = []
+    for label, d in enumerate(dirs):
+        files = sorted(p for p in d.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        if not files:
+            raise CarrotError(f"ImageFolder '{root}': class folder '{d.name}' has no images ({', '.join(IMAGE_EXTENSIONS)})")
+        records += [ImageRecord(str(f), label) for f in files]
+    return ImageDataset(records, names, root.name)
+
+
+def stratified_split(ds: ImageDataset, test_fraction: float, seed: int) -> tuple[ImageDataset, ImageDataset]:
+    """Per-class random split; every class keeps at least one training and one test image."""
+    if not 0 < test_fraction < 1:
+        raise CarrotError(f"test_fraction: expected a number in (0, 1), got {test_fraction!r}")
+    rng = np.random.default_rng(seed)
+    labels = ds.labels
+    train, test = [], []
+    for c in range(len(ds.classes)):
+        idx = np.flatnonzero(labels == c)
+        if len(idx) < 2:
+            raise CarrotError(
+                f"{ds.name}: class '{ds.classes[c]}' has {len(idx)} image(s); a train/test split needs at least 2"
+            )
+        idx = rng.permutation(idx)
+        k = min(max(1, int(round(len(idx) * test_fraction))), len(idx) - 1)
+        test += idx[:k].tolist()
+        train += idx[k:].tolist()
+    return ds.subset(sorted(train), f"{ds.name}/train"), ds.subset(sorted(test), f"{ds.name}/test")
+
+
+def load_imagefolder(root: str | Path, test_fraction: float = 0.25, seed: int = 0) -> tuple[ImageDataset, ImageDataset]:
+    """``root/train/<class>/*`` + ``root/test|val/<class>/*``, or ``root/<class>/*`` split stratified."""
+    root = Path(root)
+    if not root.is_dir():
+        raise CarrotError(f"data root: expected a directory, got '{root}'")
+    test_dir = next((root / n for n in ("test", "val", "valid", "validation") if (root / n).is_dir()), None)
+    if (root / "train").is_dir() and test_dir is not None:
+        train = _scan_imagefolder(root / "train")
+        test = _scan_imagefolder(test_dir, train.classes)
+        train.name, test.name = f"{root.name}/train", f"{root.name}/{test_dir.name}"
+        return train, test
+    return stratified_split(_scan_imagefolder(root), test_fraction, seed)
+
+
+def _read_table(path: Path, ncols: int) -> list[list[str]]:
+    if not path.is_file():
+        raise CarrotError(f"CUB layout: missing '{path.name}' in '{path.parent}'")
+    rows = [line.split() for line in path.read_text().splitlines() if line.strip()]
+    bad = next((i for i, r in enumerate(rows) if len(r) < ncols), None)
+    if bad is not None:
+        raise CarrotError(f"CUB layout: '{path}' line {bad + 1}: expected {ncols} fields, got {rows[bad]}")
+    return rows
+
+
+def load_cub(root: str | Path, bbox_crop: bool = False) -> tuple[ImageDataset, ImageDataset]:
+    """CUB-200-2011: images.txt, image_class_labels.txt, train_test_split.txt, classes.txt, images/."""
+    root = Path(root)
+    if (root / "CUB_200_2011").is_dir():
+        root = root / "CUB_200_2011"
+    images = {r[0]: r[1] for r in _read_table(root / "images.txt", 2)}
+    labels = {r[0]: int(r[1]) for r in _read_table(root / "image_class_labels.txt", 2)}
+    split = {r[0]: r[1] == "1" for r in _read_table(root / "train_test_split.txt", 2)}
+    class_rows = _read_table(root / "classes.txt", 2) if (root / "classes.txt").is_file() else None
+    ids = sorted(set(labels.values()))
+    names = {int(r[0]): r[1] for r in class_rows} if class_rows else {c: str(c) for c in ids}
+    index = {c: i for i, c in enumerate(ids)}
+    boxes = {}
+    if bbox_crop:
+        boxes = {r[0]: tuple(float(v) for v in r[1:5]) for r in _read_table(root / "bounding_boxes.txt", 5)}
+    train, test = [], []
+    for img_id, rel in images.items():
+        if img_id not in labels or img_id not in split:
+            raise CarrotError(f"CUB layout: image id {img_id} lacks a label or a train/test flag")
+        rec = ImageRecord(str(root / "images" / rel), index[labels[img_id]], boxes.get(img_id))
+        (train if split[img_id] else test).append(rec)
+    classes = [names.get(c, str(c)) for c in ids]
+    return ImageDataset(train, classes, "CUB/train"), ImageDataset(test, classes, "CUB/test")
+
+
+ELPV_HINT = "install it with: pip install elpv-dataset"
+
+
+def elpv_root() -> Path:
+    import importlib.util
+
+    spec = importlib.util.find_spec("elpv_dataset")
+    if spec is None or spec.origin is None:
+        raise CarrotError(f"the ELPV data set package is not installed; {ELPV_HINT}")
+    return Path(spec.origin).parent / "data"
+
+
+def load_elpv(test_fraction: float = 0.25, seed: int = 0, max_per_class: int | None = None) -> tuple[ImageDataset, ImageDataset]:
+    """ELPV solar-cell electroluminescence images (300x300, real): 8 classes = type x defect probability."""
+    root = elpv_root()
+    rows = _read_table(root / "labels.csv", 3)
+    classes = sorted({f"{t}_p{float(p):.2f}" for _, p, t in rows})
+    index = {c: i for i, c in enumerate(classes)}
+    recs = [ImageRecord(str(root / path), index[f"{t}_p{float(p):.2f}"]) for path, p, t in rows]
+    ds = ImageDataset(recs, classes, "elpv")
+    if max_per_class is not None:
+        rng = np.random.default_rng(seed)
+        keep = []
+        for c in range(len(classes)):
+            idx = np.flatnonzero(ds.labels == c)
+            keep += sorted(rng.permutation(idx)[:max_per_class].tolist())
+        ds = ds.subset(sorted(keep))
+    return stratified_split(ds, test_fraction, seed)
+
+
+def make_synthetic(root: str | Path, num_classes: int = 3, per_class: int = 8, size: int = 32, seed: int = 0) -> Path:
+    """Write a tiny ImageFolder set: each class is a coloured square at a random place on noise.
+
+    The square's box is the ground-truth part, saved to ``root/parts.json`` (path -> x, y, w, h).
+    """
+    import json
+
+    from PIL import Image
+
+    if num_classes < 1 or per_class < 1 or size < 8:
+        raise CarrotError("make_synthetic: expected num_classes >= 1, per_class >= 1 and size >= 8")
+    root = Path(root)
+    rng = np.random.default_rng(seed)
+    palette = rng.uniform(40, 255, size=(num_classes, 3))
+    parts = {}
+    for c in range(num_classes):
+        d = root / f"class_{c:02d}"
+        d.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            img = rng.normal(110, 25, size=(size, size, 3))
+            s = size // 3
+            x, y = rng.integers(0, size - s, size=2)
+            img[y : y + s, x : x + s] = palette[c] + rng.normal(0, 8, size=(s, s, 3))
+            p = d / f"img_{i:03d}.png"
+            Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(p)
+            parts[str(p.relative_to(root))] = [int(x), int(y), s, s]
+    (root / "parts.json").write_text(json.dumps(parts, indent=1))
+    return root

@@ -1,0 +1,28 @@
+"""Device selection: CUDA > MPS > CPU unless forced."""
+from __future__ import annotations
+
+import torch
+
+from .errors import CarrotError
+
+
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """Return ``torch.device`` for ``'auto'``, ``'cpu'``, ``'cuda[:i]'`` or ``'mps'``; refuse unavailable ones."""
+    if device is None or str(device) == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        mps = getattr(torch.backends, "mps", None)
+        if mps is not None and mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise CarrotError(
+            f"device: expected 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', got {device!r}"
+        ) from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise CarrotError("device: 'cuda' was requested but no CUDA GPU is available; use --device cpu or auto")
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise CarrotError("device: 'mps' was requested but MPS is not available; use --device cpu or auto")
+    return dev

@@ -1,0 +1,84 @@
+"""Region graph: W = K_space(P) * K_feat(H) (Gaussian, zero diagonal), L = I - D^-1/2 W D^-1/2."""
+from __future__ import annotations
+
+import torch
+
+from .errors import CarrotError
+
+
+def pairwise_sq_dists(X: torch.Tensor) -> torch.Tensor:
+    """Squared Euclidean distances, (B, N, D) -> (B, N, N), clamped at 0, exact zero diagonal."""
+    sq = (X * X).sum(-1)
+    d2 = sq.unsqueeze(-1) + sq.unsqueeze(-2) - 2.0 * X @ X.transpose(-1, -2)
+    d2 = d2.clamp_min_(0.0)
+    d2.diagonal(dim1=-2, dim2=-1).zero_()
+    return d2
+
+
+def median_bandwidth(d2: torch.Tensor) -> torch.Tensor:
+    """Median heuristic: sigma = median off-diagonal pairwise distance, per graph; (B, N, N) -> (B,)."""
+    n = d2.shape[-1]
+    if n < 2:
+        return torch.ones(d2.shape[0], dtype=d2.dtype, device=d2.device)
+    mask = ~torch.eye(n, dtype=torch.bool, device=d2.device)
+    off = d2[:, mask]
+    sigma = off.median(dim=-1).values.clamp_min(0).sqrt()
+    return torch.where(sigma > 0, sigma, torch.ones_like(sigma))
+
+
+def _sigma(value: float | str, d2: torch.Tensor, name: str) -> torch.Tensor:
+    if value == "median":
+        return median_bandwidth(d2)
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise CarrotError(f"{name}: expected 'median' or a positive number, got {value!r}") from None
+    if not v > 0:
+        raise CarrotError(f"{name}: expected 'median' or a positive number, got {value!r}")
+    return torch.full((d2.shape[0],), v, dtype=d2.dtype, device=d2.device)
+
+
+def affinity(
+    H: torch.Tensor,
+    P: torch.Tensor,
+    sigma_space: float | str = "median",
+    sigma_feat: float | str = "median",
+    knn: int | None = None,
+) -> torch.Tensor:
+    """Gaussian spatial x feature affinity W (B, N, N); optional symmetric kNN sparsification.
+
+    H: (B, N, D) features; P: (N, 2) or (B, N, 2) centres. With ``knn=k`` an edge is kept when
+    either endpoint has the other among its k strongest neighbours.
+    """
+    if H.dim() != 3:
+        raise CarrotError(f"H: expected (B, N, D), got shape {tuple(H.shape)}")
+    if P.dim() == 2:
+        P = P.unsqueeze(0).expand(H.shape[0], -1, -1)
+    if P.shape[:2] != H.shape[:2] or P.shape[-1] != 2:
+        raise CarrotError(f"P: expected ({H.shape[1]}, 2) or ({H.shape[0]}, {H.shape[1]}, 2), got {tuple(P.shape)}")
+    P = P.to(H.dtype)
+    ds2, df2 = pairwise_sq_dists(P), pairwise_sq_dists(H)
+    ss = _sigma(sigma_space, ds2, "sigma_space").view(-1, 1, 1)
+    sf = _sigma(sigma_feat, df2, "sigma_feat").view(-1, 1, 1)
+    W = torch.exp(-ds2 / (2 * ss * ss) - df2 / (2 * sf * sf))
+    W.diagonal(dim1=-2, dim2=-1).zero_()
+    if knn is not None:
+        n = W.shape[-1]
+        if not isinstance(knn, int) or knn < 1:
+            raise CarrotError(f"knn: expected a positive integer or None, got {knn!r}")
+        if knn < n - 1:
+            idx = W.topk(knn, dim=-1).indices
+            keep = torch.zeros_like(W, dtype=torch.bool).scatter_(-1, idx, True)
+            keep = keep | keep.transpose(-1, -2)
+            W = W * keep
+    return W
+
+
+def normalized_laplacian(W: torch.Tensor) -> torch.Tensor:
+    """L = I - D^-1/2 W D^-1/2 (B, N, N); an isolated node (degree 0) gets L_ii = 1, never NaN."""
+    deg = W.sum(-1)
+    inv_sqrt = torch.where(deg > 0, deg.clamp_min(torch.finfo(W.dtype).tiny).rsqrt(), torch.zeros_like(deg))
+    S = inv_sqrt.unsqueeze(-1) * W * inv_sqrt.unsqueeze(-2)
+    eye = torch.eye(W.shape[-1], dtype=W.dtype, device=W.device)
+    L = eye - S
+    return 0.5 * (L + L.transpose(-1, -2))

@@ -1,0 +1,195 @@
+"""Closed-form weighted ridge head with exact representer form.
+
+W*(a) = argmin_W sum_i a_i ||W^T (g_i - mu) - (y_i - ybar)||^2 + lam ||W||^2
+      = (Gc^T A Gc + lam I)^-1 Gc^T A Yc          (primal, D x D Cholesky)
+      = Gc^T beta,  (A^1/2 Kc A^1/2 + lam I) u = A^1/2 Yc,  beta = A^1/2 u   (dual, n x n)
+with a-weighted means mu, ybar; the intercept is ybar - W^T mu. At the optimum
+beta_i = a_i (y_i - f(g_i)) / lam, so f_c(x) = ybar_c + sum_i beta_ic <g_i - mu, g_x - mu> exactly.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .devices import resolve_device
+from .errors import CarrotError, check_is_fitted
+from .io import atomic_path, read_json, write_json
+
+ArrayLike = Any
+
+
+def as_float64_matrix(G: ArrayLike, name: str = "G") -> torch.Tensor:
+    """(n, D) finite float64 CPU tensor from a numpy array or tensor, with a named error."""
+    t = torch.as_tensor(np.asarray(G) if not torch.is_tensor(G) else G).detach().cpu().to(torch.float64)
+    if t.dim() != 2:
+        raise CarrotError(f"{name}: expected a 2-D array (n_samples, n_features), got shape {tuple(t.shape)}")
+    if t.shape[0] == 0:
+        raise CarrotError(f"{name}: expected at least one sample, got 0 rows")
+    if not torch.isfinite(t).all():
+        bad = int((~torch.isfinite(t)).any(1).sum())
+        raise CarrotError(f"{name}: features must be finite, found NaN/Inf in {bad} row(s)")
+    return t
+
+
+class RidgeHead:
+    """Multi-class ridge classifier in closed form, with exact representer attribution.
+
+    Parameters: ``lam`` (> 0) L2 strength; ``fit_intercept`` (weighted centring, the intercept
+    reported as its own term); ``solver`` 'auto' (primal when n >= D, else dual), 'primal' or
+    'dual'; ``device`` for the solve; ``chunk_size`` rows per Gram accumulation chunk.
+    Fitted: ``coef_`` (D, C), ``intercept_`` (C,), ``classes_`` (C,), ``feature_mean_`` (D,),
+    ``prior_`` (C,) = weighted ybar, ``dual_coef_`` (n, C) = beta, ``solver_`` used.
+    """
+
+    def __init__(
+        self,
+        lam: float = 1.0,
+        fit_intercept: bool = True,
+        solver: str = "auto",
+        device: str = "auto",
+        chunk_size: int = 65536,
+    ) -> None:
+        self.lam = lam
+        self.fit_intercept = fit_intercept
+        self.solver = solver
+        self.device = device
+        self.chunk_size = chunk_size
+
+    def _validate_params(self) -> None:
+        if not isinstance(self.lam, (int, float)) or not np.isfinite(self.lam) or self.lam <= 0:
+            raise CarrotError(f"lam: expected a finite number > 0, got {self.lam!r}")
+        if self.solver not in ("auto", "primal", "dual"):
+            raise CarrotError(f"solver: expected 'auto', 'primal' or 'dual', got {self.solver!r}")
+        if not isinstance(self.chunk_size, int) or self.chunk_size < 1:
+            raise CarrotError(f"chunk_size: expected a positive integer, got {self.chunk_size!r}")
+
+    def fit(self, G: ArrayLike, y: ArrayLike, sample_weight: ArrayLike | None = None) -> "RidgeHead":
+        """Fit on embeddings G (n, D) and integer labels y (n,), optional weights (n,) >= 0."""
+        self._validate_params()
+        G = as_float64_matrix(G, "G")
+        n, d = G.shape
+        y = np.asarray(y)
+        if y.shape != (n,):
+            raise CarrotError(f"y: expected shape ({n},) to match G, got {y.shape}")
+        classes, y_idx = np.unique(y, return_inverse=True)
+        if len(classes) < 2:
+            raise CarrotError(f"y: expected at least 2 classes to fit a classifier, got {len(classes)} ({classes.tolist()})")
+        a = torch.ones(n, dtype=torch.float64) if sample_weight is None else as_float64_matrix(
+            np.asarray(sample_weight, dtype=np.float64).reshape(-1, 1), "sample_weight"
+        )[:, 0]
+        if a.shape != (n,) or (a < 0).any() or a.sum() <= 0:
+            raise CarrotError(f"sample_weight: expected {n} finite weights >= 0 with a positive sum")
+        dev = resolve_device(self.device)
+        Y = torch.zeros(n, len(classes), dtype=torch.float64)
+        Y[torch.arange(n), torch.as_tensor(y_idx)] = 1.0
+        if self.fit_intercept:
+            mu = (a @ G) / a.sum()
+            ybar = (a @ Y) / a.sum()
+        else:
+            mu, ybar = torch.zeros(d, dtype=torch.float64), torch.zeros(len(classes), dtype=torch.float64)
+        solver = self.solver if self.solver != "auto" else ("primal" if n >= d else "dual")
+        if solver == "primal":
+            W = self._solve_primal(G, Y, a, mu, ybar, dev)
+        else:
+            W = self._solve_dual(G, Y, a, mu, ybar, dev)
+        self.classes_ = classes
+        self.coef_ = W
+        self.feature_mean_ = mu
+        self.prior_ = ybar
+        self.intercept_ = ybar - W.T @ mu
+        self.solver_ = solver
+        self.n_features_in_ = d
+        self.dual_coef_ = a.unsqueeze(1) * (Y - self._decision(G)) / self.lam
+        return self
+
+    def _chunks(self, n: int):
+        for s in range(0, n, self.chunk_size):
+            yield slice(s, min(n, s + self.chunk_size))
+
+    def _solve_primal(self, G, Y, a, mu, ybar, dev) -> torch.Tensor:
+        d = G.shape[1]
+        M = torch.zeros(d, d, dtype=torch.float64, device=dev)
+        B = torch.zeros(d, Y.shape[1], dtype=torch.float64, device=dev)
+        for sl in self._chunks(G.shape[0]):
+            Gc = (G[sl] - mu).to(dev)
+            aG = Gc * a[sl].to(dev).unsqueeze(1)
+            M += aG.T @ Gc
+            B += aG.T @ (Y[sl] - ybar).to(dev)
+        M.diagonal().add_(self.lam)
+        Lc = _cholesky(M)
+        return torch.cholesky_solve(B, Lc).cpu()
+
+    def _solve_dual(self, G, Y, a, mu, ybar, dev) -> torch.Tensor:
+        Gc = (G - mu).to(dev)
+        s = a.sqrt().to(dev)
+        K = (s.unsqueeze(1) * Gc) @ (Gc.T * s.unsqueeze(0))
+        K.diagonal().add_(self.lam)
+        Lc = _cholesky(K)
+        u = torch.cholesky_solve(s.unsqueeze(1) * (Y - ybar).to(dev), Lc)
+        return (Gc.T @ (s.unsqueeze(1) * u)).cpu()
+
+    def _decision(self, G: torch.Tensor) -> torch.Tensor:
+        return G @ self.coef_ + self.intercept_
+
+    def decision_function(self, G: ArrayLike) -> np.ndarray:
+        """Logits (m, C) for embeddings G (m, D)."""
+        check_is_fitted(self)
+        G = as_float64_matrix(G, "G")
+        if G.shape[1] != self.n_features_in_:
+            raise CarrotError(f"G: expected {self.n_features_in_} features as in fit, got {G.shape[1]}")
+        return self._decision(G).numpy()
+
+    def predict(self, G: ArrayLike) -> np.ndarray:
+        """Predicted class labels (m,)."""
+        return self.classes_[self.decision_function(G).argmax(1)]
+
+    def save(self, path: str | Path) -> None:
+        """Write ``path`` (safetensors, tensors) and ``path``.json (settings, shapes) atomically."""
+        from safetensors.torch import save_file
+
+        check_is_fitted(self)
+        path = Path(path)
+        tensors = {
+            "coef": self.coef_, "intercept": self.intercept_, "feature_mean": self.feature_mean_,
+            "prior": self.prior_, "dual_coef": self.dual_coef_,
+        }
+        with atomic_path(path) as tmp:
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+        write_json(str(path) + ".json", {
+            "format": "carrot.RidgeHead", "version": 1, "lam": self.lam, "fit_intercept": self.fit_intercept,
+            "solver": self.solver, "solver_": self.solver_, "classes": self.classes_.tolist(),
+            "n_features": self.n_features_in_, "n_train": int(self.dual_coef_.shape[0]),
+        })
+
+    @classmethod
+    def load(cls, path: str | Path) -> "RidgeHead":
+        """Read a head written by :meth:`save`, checking that tensors and metadata agree."""
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        meta = read_json(str(path) + ".json", "head metadata")
+        if meta.get("format") != "carrot.RidgeHead":
+            raise CarrotError(f"'{path}.json' is not a carrot RidgeHead file")
+        if not path.is_file():
+            raise CarrotError(f"head weights not found: '{path}'")
+        t = load_file(str(path))
+        head = cls(lam=meta["lam"], fit_intercept=meta["fit_intercept"], solver=meta["solver"])
+        head.classes_ = np.asarray(meta["classes"])
+        head.coef_, head.intercept_ = t["coef"], t["intercept"]
+        head.feature_mean_, head.prior_, head.dual_coef_ = t["feature_mean"], t["prior"], t["dual_coef"]
+        head.solver_, head.n_features_in_ = meta["solver_"], meta["n_features"]
+        c, d, n = len(head.classes_), head.n_features_in_, meta["n_train"]
+        if head.coef_.shape != (d, c) or head.dual_coef_.shape != (n, c) or head.intercept_.shape != (c,):
+            raise CarrotError(f"head file '{path}' is inconsistent with its metadata (shapes differ)")
+        return head
+
+
+def _cholesky(M: torch.Tensor) -> torch.Tensor:
+    Lc, info = torch.linalg.cholesky_ex(M)
+    if int(info) != 0:
+        raise CarrotError("ridge system is not positive definite (features overflow?); increase lam")
+    return Lc

@@ -1,0 +1,191 @@
+"""``Carrot``: backbone tokens -> graph -> diffusion -> readout -> ridge head, with exact explanations."""
+from __future__ import annotations
+
+import platform
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from . import __version__
+from .attribution import centred_kernel, region_contributions, top_k
+from .backbone import TokenBackbone, create_backbone, patch_centres
+from .cache import TokenStore
+from .config import RunConfig
+from .data import ImageRecord, load_image
+from .diffusion import diffusion_weights
+from .errors import CarrotError, check_is_fitted
+from .graph import affinity, normalized_laplacian
+from .head import RidgeHead
+from .io import read_json, write_json
+from .readout import weighted_readout
+
+RUN_FORMAT = "carrot.run"
+
+
+class Carrot:
+    """The whole pipeline for one configuration. Fit on a cached training split, then explain."""
+
+    def __init__(self, config: RunConfig | None = None) -> None:
+        self.config = config or RunConfig()
+        self._backbone: TokenBackbone | None = None
+        self.head_: RidgeHead | None = None
+
+    @property
+    def backbone(self) -> TokenBackbone:
+        if self._backbone is None:
+            b = self.config.backbone
+            self._backbone = create_backbone(
+                b.name, img_size=b.img_size, checkpoint=b.checkpoint, pretrained=b.pretrained, device=self.config.device
+            )
+        return self._backbone
+
+    def embed_tokens(self, H: torch.Tensor, P: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokens (B, N, D) and centres (N, 2) -> embeddings g (B, D) and readout weights w (B, N), float64."""
+        g, d = self.config.graph, self.config.diffusion
+        H = torch.as_tensor(H).to(torch.float64)
+        if not torch.isfinite(H).all():
+            raise CarrotError("tokens contain NaN or Inf; the token cache is corrupt or the backbone overflowed")
+        if d.t == 0:
+            w = torch.full(H.shape[:2], 1.0 / H.shape[1], dtype=torch.float64)
+        else:
+            L = normalized_laplacian(affinity(H, P, g.sigma_space, g.sigma_feat, g.knn))
+            w = diffusion_weights(L, [d.t], d.method)[0]
+        return weighted_readout(H, w), w
+
+    def embed_store(self, store: TokenStore, batch: int = 64, progress: bool = False) -> np.ndarray:
+        """Embeddings (n, D) float64 for every image of a cached split, streamed in batches."""
+        from tqdm.auto import tqdm
+
+        P = store.positions.to(torch.float64)
+        out = np.empty((len(store), store.tokens.shape[-1]), dtype=np.float64)
+        for s in tqdm(range(0, len(store), batch), desc="diffuse", disable=not progress, unit="batch"):
+            H = torch.from_numpy(np.asarray(store.tokens[s : s + batch], dtype=np.float32))
+            out[s : s + batch] = self.embed_tokens(H, P)[0].numpy()
+        return out
+
+    def fit(self, G: np.ndarray, y: np.ndarray, records: Sequence[ImageRecord], classes: Sequence[str]) -> "Carrot":
+        """Fit the head on training embeddings G (n, D), labels y (n,); keep what explanations need."""
+        h = self.config.head
+        self.head_ = RidgeHead(lam=h.lam, fit_intercept=h.fit_intercept, solver=h.solver, device=self.config.device).fit(G, y)
+        self.train_embeddings_ = np.asarray(G, dtype=np.float64)
+        self.train_records_ = list(records)
+        self.classes_ = list(classes)
+        return self
+
+    def score(self, G: np.ndarray, y: np.ndarray) -> float:
+        check_is_fitted(self, ("head_",))
+        return float((self.head_.predict(G) == np.asarray(y)).mean())
+
+    def embed_images(self, paths: Sequence[str]) -> tuple[np.ndarray, torch.Tensor, torch.Tensor, tuple[int, int], list]:
+        """Run the backbone on image files: embeddings (m, D), tokens (m, N, D), w (m, N), grid, PIL images."""
+        bb = self.backbone
+        tf = bb.transform()
+        imgs = [load_image(p, bb.min_side) for p in paths]
+        x = torch.stack([tf(im) for im in imgs])
+        geo = bb.display_transform()
+        imgs = [geo(im) for im in imgs]
+        H, grid = bb(x)
+        H = H.cpu().to(torch.float16 if self.cache_dtype == "float16" else torch.float32).float()
+        G, w = self.embed_tokens(H, patch_centres(grid, torch.float64))
+        return G.numpy(), H, w, grid, imgs
+
+    @property
+    def cache_dtype(self) -> str:
+        return self.config.backbone.cache_dtype
+
+    def explain(self, paths: Sequence[str], k: int = 5) -> list[dict[str, Any]]:
+        """Per image: prediction, logits, exact top-k supporting/inhibiting training images, region map."""
+        check_is_fitted(self, ("head_",))
+        n = len(self.train_records_)
+        if not isinstance(k, int) or not 1 <= k <= n:
+            raise CarrotError(f"top_k: expected 1 <= k <= {n} (the training set size), got {k!r}")
+        G, H, w, grid, imgs = self.embed_images(paths)
+        logits = self.head_.decision_function(G)
+        K = centred_kernel(self.head_, self.train_embeddings_, G)  # (m, n)
+        out = []
+        for i, path in enumerate(paths):
+            c = int(logits[i].argmax())
+            contrib = K[i] * self.head_.dual_coef_[:, c]
+            tk = top_k(contrib, k)
+            regions = region_contributions(self.head_, H[i], w[i])[:, c]
+            prior = float(self.head_.prior_[c])
+
+            def rows(idx, val):
+                return [
+                    {"index": int(j), "path": self.train_records_[j].path, "label": self.classes_[self.train_records_[j].label],
+                     "score": float(v)} for j, v in zip(idx, val)
+                ]
+
+            out.append({
+                "image": str(path),
+                "predicted": self.classes_[c],
+                "predicted_index": c,
+                "logits": {name: float(v) for name, v in zip(self.classes_, logits[i])},
+                "prior": prior,
+                "data_sum": float(contrib.sum()),
+                "region_sum": float(regions.sum()),
+                "identity_error": {
+                    "data": abs(prior + float(contrib.sum()) - float(logits[i, c])),
+                    "regions": abs(prior + float(regions.sum()) - float(logits[i, c])),
+                },
+                "supporting": rows(tk.support_idx, tk.support_val),
+                "inhibiting": rows(tk.inhibit_idx, tk.inhibit_val),
+                "grid": list(grid),
+                "region_contributions": regions.reshape(grid).tolist(),
+                "_image": imgs[i],
+            })
+        return out
+
+    # -- persistence -------------------------------------------------------------------------
+    def save(self, run_dir: str | Path, extra: dict[str, Any] | None = None) -> None:
+        """Write head, training embeddings and run.json (config, backbone, classes, records) atomically."""
+        from .io import atomic_path
+
+        check_is_fitted(self, ("head_",))
+        run_dir = Path(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.head_.save(run_dir / "head.safetensors")
+        with atomic_path(run_dir / "train_embeddings.npy") as tmp:
+            with open(tmp, "wb") as fh:
+                np.save(fh, self.train_embeddings_)
+        write_json(run_dir / "run.json", {
+            "format": RUN_FORMAT,
+            "carrot_version": __version__,
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "config": self.config.to_dict(),
+            "backbone": self.backbone.describe(),
+            "classes": self.classes_,
+            "train_records": [[r.path, r.label, r.bbox] for r in self.train_records_],
+            **(extra or {}),
+        })
+
+    @classmethod
+    def load(cls, run_dir: str | Path) -> "Carrot":
+        """Load a run directory written by :meth:`save`; refuse one whose backbone weights changed."""
+        run_dir = Path(run_dir)
+        if not run_dir.is_dir():
+            raise CarrotError(f"run directory not found: '{run_dir}'")
+        meta = read_json(run_dir / "run.json", "run metadata")
+        if meta.get("format") != RUN_FORMAT:
+            raise CarrotError(f"'{run_dir}' is not a carrot run directory (run.json has no format {RUN_FORMAT!r})")
+        self = cls(RunConfig.from_dict(meta["config"]))
+        self.head_ = RidgeHead.load(run_dir / "head.safetensors")
+        self.train_embeddings_ = np.load(run_dir / "train_embeddings.npy")
+        self.train_records_ = [ImageRecord(p, int(lab), tuple(b) if b else None) for p, lab, b in meta["train_records"]]
+        self.classes_ = list(meta["classes"])
+        self.meta_ = meta
+        if self.train_embeddings_.shape != (len(self.train_records_), self.head_.n_features_in_):
+            raise CarrotError(f"run '{run_dir}': train_embeddings.npy does not match run.json and the head")
+        return self
+
+    def check_backbone(self) -> None:
+        """Refuse to explain with a backbone whose weights differ from the ones the run was fitted with."""
+        want = self.meta_["backbone"]["weights_id"]
+        if self.backbone.weights_id != want:
+            raise CarrotError(
+                f"backbone '{self.backbone.name}' weights ({self.backbone.weights_id[:12]}) differ from the run's "
+                f"({want[:12]}); explain with the same weights the run was fitted with"
+            )

@@ -1,0 +1,1 @@
+"""The ``carrot-run`` command line."""

@@ -1,0 +1,125 @@
+"""Thin orchestration of carrot runs: fit, explain, demo. The CLI in ``cli/`` calls these."""
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from carrot.cache import extract
+from carrot.config import RunConfig
+from carrot.data import IMAGE_EXTENSIONS, ImageDataset, load_cub, load_elpv, load_imagefolder, make_synthetic
+from carrot.errors import CarrotError
+from carrot.io import user_cache_dir, write_json
+from carrot.pipeline import Carrot
+from carrot.report import write_explanation
+
+
+def load_splits(config: RunConfig) -> tuple[ImageDataset, ImageDataset]:
+    """Train and test splits named by ``config.data``."""
+    d = config.data
+    if d.kind == "elpv":
+        return load_elpv(d.test_fraction, d.split_seed, d.max_per_class)
+    if d.kind == "cub":
+        return load_cub(d.root, d.bbox_crop)
+    if d.kind == "synthetic":
+        root = Path(d.root or user_cache_dir() / "synthetic")
+        if not root.is_dir():
+            make_synthetic(root, seed=d.split_seed)
+        return load_imagefolder(root, d.test_fraction, d.split_seed)
+    return load_imagefolder(d.root, d.test_fraction, d.split_seed)
+
+
+def fit(config: RunConfig, run_dir: str | Path, progress: bool = True) -> dict[str, Any]:
+    """Extract (cached) tokens for both splits, fit the head, evaluate, save the run directory."""
+    t0 = time.perf_counter()
+    train, test = load_splits(config)
+    model = Carrot(config)
+    cache_root = Path(config.cache_dir) if config.cache_dir else user_cache_dir() / "tokens"
+    b = config.backbone
+    stores = [
+        extract(model.backbone, split, cache_root, dtype=b.cache_dtype, batch_size=b.batch_size,
+                num_workers=b.num_workers, progress=progress)
+        for split in (train, test)
+    ]
+    t_extract = time.perf_counter() - t0
+    G_train, G_test = (model.embed_store(s, progress=progress) for s in stores)
+    model.fit(G_train, train.labels, train.records, train.classes)
+    metrics = {
+        "n_train": len(train), "n_test": len(test), "classes": len(train.classes),
+        "train_accuracy": model.score(G_train, train.labels),
+        "test_accuracy": model.score(G_test, test.labels),
+        "per_class_test_accuracy": _per_class(model.head_.predict(G_test), test.labels, train.classes),
+        "seconds_extract": t_extract, "seconds_total": time.perf_counter() - t0,
+        "token_caches": [str(s.path) for s in stores],
+    }
+    model.save(run_dir, {"metrics": metrics, "test_records": [[r.path, r.label] for r in test.records]})
+    np.save(Path(run_dir) / "test_embeddings.npy", G_test)
+    write_json(Path(run_dir) / "metrics.json", metrics)
+    return metrics
+
+
+def _per_class(pred: np.ndarray, y: np.ndarray, classes: Sequence[str]) -> dict[str, float | None]:
+    return {c: (float((pred[y == i] == i).mean()) if (y == i).any() else None) for i, c in enumerate(classes)}
+
+
+def collect_images(inputs: Sequence[str]) -> list[str]:
+    """Image files named directly or found (recursively, sorted) in folders."""
+    paths: list[str] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            found = sorted(str(f) for f in p.rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file())
+            if not found:
+                raise CarrotError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in folder '{p}'")
+            paths += found
+        elif p.is_file():
+            paths.append(str(p))
+        else:
+            raise CarrotError(f"image path not found: '{p}'")
+    return paths
+
+
+def explain(run_dir: str | Path, inputs: Sequence[str], out_dir: str | Path | None = None, top_k: int = 5,
+            device: str | None = None, batch: int = 16) -> list[dict[str, Any]]:
+    """Explain each image with a fitted run; writes heatmap.png + explanation.json per image."""
+    model = Carrot.load(run_dir)
+    if device:
+        model.config = model.config.merged({"device": device})
+    model.check_backbone()
+    paths = collect_images(inputs)
+    out_root = Path(out_dir) if out_dir else Path(run_dir) / "explanations"
+    results = []
+    for s in range(0, len(paths), batch):
+        for exp in model.explain(paths[s : s + batch], top_k):
+            stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(exp["image"]).stem)
+            results.append(write_explanation(exp, out_root / f"{len(results):04d}_{stem}"))
+    write_json(out_root / "explanations.json", results)
+    return results
+
+
+def demo(config: RunConfig, run_dir: str | Path, explain_n: int = 3, progress: bool = True) -> dict[str, Any]:
+    """Fit on the configured data (ELPV by default), add a LogisticRegression probe, explain a few."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    t0 = time.perf_counter()
+    metrics = fit(config, run_dir, progress)
+    run_dir = Path(run_dir)
+    model = Carrot.load(run_dir)
+    G_test = np.load(run_dir / "test_embeddings.npy")
+    y_test = np.array([lab for _, lab in model.meta_["test_records"]])
+    y_train = np.array([r.label for r in model.train_records_])
+    probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
+    probe.fit(model.train_embeddings_, y_train)
+    metrics["logreg_probe_test_accuracy"] = float(probe.score(G_test, y_test))
+    paths = [p for p, _ in model.meta_["test_records"][: max(0, explain_n)]]
+    results = explain(run_dir, paths) if paths else []
+    metrics["explained"] = [{"image": r["image"], "predicted": r["predicted"], "heatmap": r["heatmap"]} for r in results]
+    metrics["seconds_demo"] = time.perf_counter() - t0
+    write_json(run_dir / "metrics.json", metrics)
+    return {k: metrics[k] for k in ("n_train", "n_test", "classes", "test_accuracy", "logreg_probe_test_accuracy",
+                                     "seconds_extract", "seconds_demo", "explained")}
