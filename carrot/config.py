@@ -28,8 +28,6 @@ class DataConfig:
     def __post_init__(self) -> None:
         if self.kind not in ("elpv", "imagefolder", "cub", "synthetic"):
             raise CarrotError(f"data.kind: expected elpv, imagefolder, cub or synthetic, got {self.kind!r}")
-        if self.kind in ("imagefolder", "cub") and not self.root:
-            raise CarrotError(f"data.root: a {self.kind} data set needs a root directory (--data PATH)")
         if not 0 < float(self.test_fraction) < 1:
             raise CarrotError(f"data.test_fraction: expected a number in (0, 1), got {self.test_fraction!r}")
         if self.max_per_class is not None and (not isinstance(self.max_per_class, int) or self.max_per_class < 2):

@@ -145,6 +145,7 @@ class RidgeHead:
 
     def predict(self, G: ArrayLike) -> np.ndarray:
         """Predicted class labels (m,)."""
+        check_is_fitted(self)
         return self.classes_[self.decision_function(G).argmax(1)]
 
     def save(self, path: str | Path) -> None:

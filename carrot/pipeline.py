@@ -37,7 +37,8 @@ class Carrot:
         if self._backbone is None:
             b = self.config.backbone
             self._backbone = create_backbone(
-                b.name, img_size=b.img_size, checkpoint=b.checkpoint, pretrained=b.pretrained, device=self.config.device
+                b.name, img_size=b.img_size, checkpoint=b.checkpoint, pretrained=b.pretrained, device=self.config.device,
+                seed=self.config.seed,
             )
         return self._backbone
 

@@ -1,0 +1,32 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Every test session gets its own carrot cache dir (weights, tokens, synthetic data)."""
+    os.environ["CARROT_CACHE_DIR"] = str(tmp_path_factory.mktemp("carrot-cache"))
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from carrot.data import make_synthetic
+
+    return make_synthetic(tmp_path_factory.mktemp("synthetic"), num_classes=3, per_class=6, size=32, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_vit():
+    """A randomly initialised tiny ViT with 4 register tokens at 32 px (no download)."""
+    from carrot.backbone import create_backbone
+
+    return create_backbone("vit_tiny_patch16_224", img_size=32, pretrained=False, device="cpu")
+
+
+def rng(seed: int) -> np.random.Generator:
+    return np.random.default_rng(seed)

@@ -1,0 +1,80 @@
+import pytest
+import timm
+import torch
+
+from carrot.backbone import TokenBackbone, create_backbone, patch_centres
+from carrot.errors import CarrotError
+
+
+def test_patch_centres_are_row_major_in_unit_box():
+    P = patch_centres((2, 3))
+    expected = torch.tensor([[-2 / 3, -0.5], [0, -0.5], [2 / 3, -0.5], [-2 / 3, 0.5], [0, 0.5], [2 / 3, 0.5]])
+    assert torch.allclose(P, expected, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "name,kwargs,prefix",
+    [
+        ("vit_tiny_patch16_224", {}, 1),
+        ("deit_tiny_distilled_patch16_224", {}, 2),
+        ("vit_tiny_patch16_224", {"reg_tokens": 4}, 5),
+    ],
+)
+def test_vit_prefix_tokens_are_stripped(name, kwargs, prefix):
+    model = timm.create_model(name, pretrained=False, num_classes=0, img_size=48, **kwargs)
+    bb = TokenBackbone(model, name, name, "x", 48, torch.device("cpu"), {"input_size": (3, 48, 48)})
+    assert bb.num_prefix_tokens == prefix
+    x = torch.randn(2, 3, 48, 48)
+    tokens, grid = bb(x)
+    assert grid == (3, 3) and tokens.shape == (2, 9, 192)
+    with torch.no_grad():
+        ref = model.forward_features(x)[:, prefix:]
+    assert torch.equal(tokens, ref)
+
+
+def test_token_count_mismatch_fails_loudly():
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=48)
+    bb = TokenBackbone(model, "v", "v", "x", 48, torch.device("cpu"), {"input_size": (3, 48, 48)})
+    bb.num_prefix_tokens = 0  # pretend the class token is a patch
+    with pytest.raises(CarrotError, match="10 patch tokens .* 3x3 grid"):
+        bb(torch.randn(1, 3, 48, 48))
+
+
+def test_convnet_feature_map_cells_are_regions():
+    bb = create_backbone("resnet18", img_size=64, pretrained=False, device="cpu")
+    tokens, grid = bb(torch.randn(2, 3, 64, 64))
+    assert grid == (2, 2) and tokens.shape == (2, 4, 512)
+    with torch.no_grad():
+        fmap = bb.model.forward_features(torch.randn(1, 3, 64, 64))
+    assert fmap.shape[1] == 512
+
+
+def test_backbone_is_frozen_and_uses_timm_data_config(tiny_vit):
+    assert not any(p.requires_grad for p in tiny_vit.model.parameters())
+    assert not tiny_vit.model.training
+    assert tiny_vit.data_config["input_size"] == (3, 32, 32)
+    assert tiny_vit.data_config["mean"] == timm.data.resolve_model_data_config(tiny_vit.model)["mean"]
+
+
+def test_unknown_backbone_and_bad_checkpoint_are_named(tmp_path):
+    with pytest.raises(CarrotError, match="unknown model 'no_such_net'"):
+        create_backbone("no_such_net", device="cpu")
+    with pytest.raises(CarrotError, match="checkpoint: file not found"):
+        create_backbone("vit_tiny_patch16_224", img_size=32, checkpoint=str(tmp_path / "x.pth"), device="cpu")
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"not a checkpoint")
+    with pytest.raises(CarrotError, match="cannot read"):
+        create_backbone("vit_tiny_patch16_224", img_size=32, checkpoint=str(junk), device="cpu")
+    with pytest.raises(CarrotError, match="device"):
+        create_backbone("vit_tiny_patch16_224", img_size=32, pretrained=False, device="tpu")
+
+
+def test_local_checkpoint_roundtrip(tmp_path, tiny_vit):
+    path = tmp_path / "w.pth"
+    torch.save({"state_dict": tiny_vit.model.state_dict()}, path)
+    bb = create_backbone("vit_tiny_patch16_224", img_size=32, checkpoint=str(path), device="cpu")
+    assert bb.weights_id == tiny_vit.weights_id
+    wrong = tmp_path / "wrong.pth"
+    torch.save(timm.create_model("resnet18", pretrained=False).state_dict(), wrong)
+    with pytest.raises(CarrotError, match="does not fit timm model"):
+        create_backbone("vit_tiny_patch16_224", img_size=32, checkpoint=str(wrong), device="cpu")

@@ -1,0 +1,86 @@
+import numpy as np
+import pytest
+import torch
+
+from carrot.cache import extract, open_store
+from carrot.data import load_imagefolder
+from carrot.errors import CarrotError, StaleCacheError
+from carrot.io import read_json, write_json
+
+
+class Counting:
+    """Wrap a backbone and count the images it sees; optionally fail after some batches."""
+
+    def __init__(self, inner, fail_after: int | None = None):
+        self.inner, self.calls, self.fail_after = inner, 0, fail_after
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def __call__(self, x):
+        if self.fail_after is not None and self.calls >= self.fail_after and x.shape[0] > 1:
+            raise KeyboardInterrupt("simulated kill")
+        self.calls += 1
+        return self.inner(x)
+
+
+def test_extract_reuses_and_matches_direct_forward(tmp_path, synthetic_root, tiny_vit):
+    train, _ = load_imagefolder(synthetic_root)
+    bb = Counting(tiny_vit)
+    store = extract(bb, train, tmp_path, batch_size=4, progress=False)
+    assert store.tokens.dtype == np.float16 and store.tokens.shape == (len(train), 4, 192)
+    assert store.grid == (2, 2) and store.manifest["complete"] is True
+    calls = bb.calls
+    again = extract(bb, train, tmp_path, batch_size=4, progress=False)
+    assert bb.calls == calls + 1  # reused: the backbone saw only the 1-image grid probe
+    assert np.array_equal(np.asarray(again.tokens), np.asarray(store.tokens))
+    from carrot.data import load_image
+
+    x = tiny_vit.transform()(load_image(train.records[2]))[None]
+    direct = tiny_vit(x)[0][0].numpy()  # batch of 1 vs 4: float32 round-off, then float16 storage
+    np.testing.assert_allclose(np.asarray(store.tokens[2], dtype=np.float32), direct, rtol=2e-3, atol=2e-3)
+    assert store.manifest["weights_id"] == tiny_vit.weights_id
+    assert store.manifest["dataset_fingerprint"] == train.fingerprint()
+
+
+def test_interrupted_extraction_resumes_to_the_same_tokens(tmp_path, synthetic_root, tiny_vit):
+    train, _ = load_imagefolder(synthetic_root)
+    ref = extract(tiny_vit, train, tmp_path / "ref", batch_size=3, progress=False, dtype="float32")
+    bb = Counting(tiny_vit, fail_after=3)  # probe + 2 batches, then "killed"
+    with pytest.raises(KeyboardInterrupt):
+        extract(bb, train, tmp_path / "run", batch_size=3, progress=False, dtype="float32")
+    folder = next((tmp_path / "run").iterdir())
+    assert read_json(folder / "progress.json")["done"] == 6
+    with pytest.raises(CarrotError, match="incomplete"):
+        open_store(folder)
+    bb2 = Counting(tiny_vit)
+    store = extract(bb2, train, tmp_path / "run", batch_size=3, progress=False, dtype="float32")
+    assert bb2.calls == 1 + (len(train) - 6 + 2) // 3  # probe + only the remaining batches
+    assert np.array_equal(np.asarray(store.tokens), np.asarray(ref.tokens))
+
+
+def test_stale_manifest_is_refused(tmp_path, synthetic_root, tiny_vit):
+    train, _ = load_imagefolder(synthetic_root)
+    store = extract(tiny_vit, train, tmp_path, batch_size=8, progress=False)
+    man = read_json(store.path / "manifest.json")
+    write_json(store.path / "manifest.json", {**man, "weights_id": "0" * 64})
+    with pytest.raises(StaleCacheError, match="stale: weights_id"):
+        extract(tiny_vit, train, tmp_path, batch_size=8, progress=False)
+    write_json(store.path / "manifest.json", {**man, "n": man["n"] + 1})
+    with pytest.raises(StaleCacheError):
+        open_store(store.path)
+
+
+def test_changed_dataset_gets_a_fresh_cache(tmp_path, synthetic_root, tiny_vit):
+    train, _ = load_imagefolder(synthetic_root)
+    a = extract(tiny_vit, train, tmp_path, batch_size=8, progress=False)
+    b = extract(tiny_vit, train.subset(range(5)), tmp_path, batch_size=8, progress=False)
+    assert a.path != b.path and len(b) == 5
+
+
+def test_bad_cache_options(tmp_path, synthetic_root, tiny_vit):
+    train, _ = load_imagefolder(synthetic_root)
+    with pytest.raises(CarrotError, match="cache dtype"):
+        extract(tiny_vit, train, tmp_path, dtype="int8", progress=False)
+    with pytest.raises(CarrotError, match="batch_size"):
+        extract(tiny_vit, train, tmp_path, batch_size=0, progress=False)

@@ -1,0 +1,142 @@
+"""carrot-run end to end on tiny data, and its refusals of bad input (one line, exit 2)."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from click.testing import CliRunner
+from PIL import Image
+
+from carrot.config import RunConfig, load_config
+from carrot.errors import CarrotError
+from cli.main import cli
+
+TINY = {"backbone": {"name": "vit_tiny_patch16_224", "img_size": 32, "pretrained": False, "batch_size": 8}}
+
+
+def run(*args: str):
+    return CliRunner().invoke(cli, list(args), catch_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def tiny_config(tmp_path_factory) -> str:
+    p = tmp_path_factory.mktemp("cfg") / "tiny.yaml"
+    p.write_text(yaml.safe_dump(TINY))
+    return str(p)
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory, synthetic_root, tiny_config) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "tiny"
+    r = run("fit", "--config", tiny_config, "--data", str(synthetic_root), "--out", str(out), "--quiet", "--json", "--lam", "0.5")
+    assert r.exit_code == 0, r.output
+    metrics = json.loads(r.output)
+    assert metrics["n_train"] + metrics["n_test"] == 18
+    return out
+
+
+def test_fit_writes_a_complete_run(fitted):
+    meta = json.loads((fitted / "run.json").read_text())
+    assert meta["config"]["head"]["lam"] == 0.5
+    assert meta["config"]["data"]["kind"] == "imagefolder"
+    assert meta["backbone"]["timm_name"] == "vit_tiny_patch16_224"
+    for f in ("head.safetensors", "head.safetensors.json", "train_embeddings.npy", "metrics.json"):
+        assert (fitted / f).is_file()
+
+
+def test_explain_folder_writes_exact_explanations(fitted, synthetic_root, tmp_path):
+    r = run("explain", str(fitted), str(synthetic_root / "class_01"), "--top-k", "3", "--out", str(tmp_path), "--json")
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.output)
+    assert len(res) == 6
+    for e in res:
+        assert len(e["supporting"]) == 3 and len(e["inhibiting"]) == 3
+        assert e["supporting"][0]["score"] >= e["supporting"][-1]["score"]
+        logit = e["logits"][e["predicted"]]
+        assert abs(e["prior"] + e["data_sum"] - logit) <= 1e-6 * max(1, abs(logit))
+        assert abs(e["prior"] + e["region_sum"] - logit) <= 1e-6 * max(1, abs(logit))
+        assert np.asarray(e["region_contributions"]).shape == tuple(e["grid"]) == (2, 2)
+        png = Path(e["heatmap"])
+        assert png.is_file() and Image.open(png).format == "PNG"
+    assert (tmp_path / "explanations.json").is_file()
+
+
+def test_same_seed_same_model(tmp_path, synthetic_root, tiny_config, fitted):
+    r = run("fit", "--config", tiny_config, "--data", str(synthetic_root), "--out", str(tmp_path / "b"), "--quiet", "--lam", "0.5")
+    assert r.exit_code == 0, r.output
+    a = np.load(fitted / "train_embeddings.npy")
+    b = np.load(tmp_path / "b" / "train_embeddings.npy")
+    assert np.array_equal(a, b)
+
+
+def test_builtin_efficientnet_end_to_end(tmp_path, synthetic_root):
+    r = run("fit", "--backbone", "efficientnet_lite0", "--data", str(synthetic_root), "--out", str(tmp_path / "e"), "--quiet", "--t", "0.5")
+    assert r.exit_code == 0, r.output
+    assert "test accuracy" in r.output
+    r = run("explain", str(tmp_path / "e"), str(synthetic_root / "class_00" / "img_000.png"), "--top-k", "2")
+    assert r.exit_code == 0, r.output
+    assert "heatmap" in r.output
+
+
+def bad(args, match):
+    r = CliRunner().invoke(cli, args)
+    assert r.exit_code == 2, (r.exit_code, r.output)
+    assert "Traceback" not in r.output
+    assert match in r.output, r.output
+    return r
+
+
+def test_user_mistakes_give_one_line_errors(tmp_path, fitted, synthetic_root, tiny_config):
+    bad(["fit", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "o")], "does not exist")
+    bad(["fit", "--config", tiny_config, "--data", str(synthetic_root), "--out", str(tmp_path / "o"), "--lam", "0"], "head.lam: expected a number > 0")
+    bad(["fit", "--config", tiny_config, "--data", str(synthetic_root), "--out", str(tmp_path / "o"), "--t", "-1"], "diffusion.t")
+    cfg = tmp_path / "typo.yaml"
+    cfg.write_text("head:\n  lamda: 2\n")
+    bad(["fit", "--config", str(cfg), "--out", str(tmp_path / "o")], "unknown key(s) ['lamda']")
+    one = tmp_path / "one"
+    (one / "only").mkdir(parents=True)
+    for i in range(3):
+        Image.new("RGB", (32, 32), (i, 0, 0)).save(one / "only" / f"{i}.png")
+    bad(["fit", "--config", tiny_config, "--data", str(one), "--out", str(tmp_path / "o")], "at least 2 classes")
+    empty = tmp_path / "empty"
+    (empty / "a").mkdir(parents=True)
+    (empty / "b").mkdir()
+    Image.new("RGB", (32, 32)).save(empty / "a" / "x.png")
+    bad(["fit", "--config", tiny_config, "--data", str(empty), "--out", str(tmp_path / "o")], "has no images")
+    text = tmp_path / "notes.png"
+    text.write_text("not an image")
+    bad(["explain", str(fitted), str(text)], "cannot read image")
+    tiny = tmp_path / "tiny.png"
+    Image.new("RGB", (4, 4)).save(tiny)
+    bad(["explain", str(fitted), str(tiny)], "smaller than one 16-px patch")
+    bad(["explain", str(fitted), str(synthetic_root / "class_00"), "--top-k", "1000"], "1 <= k <=")
+    not_run = tmp_path / "not_run"
+    not_run.mkdir()
+    bad(["explain", str(not_run), str(synthetic_root / "class_00")], "run metadata not found")
+    bad(["fit", "--config", tiny_config, "--data", str(synthetic_root), "--out", str(tmp_path / "o"), "--device", "tpu"], "device")
+
+
+def test_explain_refuses_other_backbone_weights(tmp_path, fitted, synthetic_root):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(fitted, copy)
+    meta = json.loads((copy / "run.json").read_text())
+    meta["backbone"]["weights_id"] = "f" * 64
+    (copy / "run.json").write_text(json.dumps(meta))
+    bad(["explain", str(copy), str(synthetic_root / "class_00")], "differ from the run's")
+
+
+def test_default_yaml_equals_code_defaults():
+    root = Path(__file__).resolve().parents[1]
+    assert load_config(root / "configs" / "default.yaml") == RunConfig()
+    assert load_config(root / "configs" / "cub.yaml").data.kind == "cub"
+    with pytest.raises(CarrotError, match="unknown key 'bogus'"):
+        RunConfig.from_dict({"bogus": 1})
+
+
+def test_help_everywhere():
+    for cmd in ([], ["fit"], ["explain"], ["demo"]):
+        r = run(*cmd, "--help")
+        assert r.exit_code == 0 and "Usage" in r.output

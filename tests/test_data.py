@@ -1,0 +1,130 @@
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from carrot.data import (
+    ImageRecord, load_cub, load_elpv, load_image, load_imagefolder, make_synthetic, stratified_split,
+)
+from carrot.errors import CarrotError
+
+
+def test_synthetic_imagefolder_split_is_stratified_and_seeded(synthetic_root):
+    train, test = load_imagefolder(synthetic_root, test_fraction=0.25, seed=3)
+    assert train.classes == test.classes == ["class_00", "class_01", "class_02"]
+    assert len(train) + len(test) == 18
+    assert set(test.labels.tolist()) == {0, 1, 2}
+    assert not set(train.paths) & set(test.paths)
+    again, _ = load_imagefolder(synthetic_root, test_fraction=0.25, seed=3)
+    assert again.paths == train.paths
+    parts = json.loads((synthetic_root / "parts.json").read_text())
+    assert len(parts) == 18
+
+
+def test_train_test_subfolders_are_used(tmp_path):
+    make_synthetic(tmp_path / "train", num_classes=2, per_class=3)
+    make_synthetic(tmp_path / "val", num_classes=2, per_class=2, seed=1)
+    train, test = load_imagefolder(tmp_path)
+    assert (len(train), len(test)) == (6, 4)
+    (tmp_path / "val" / "class_09").mkdir()
+    Image.new("RGB", (20, 20)).save(tmp_path / "val" / "class_09" / "x.png")
+    with pytest.raises(CarrotError, match="differ from the training classes"):
+        load_imagefolder(tmp_path)
+
+
+def test_empty_class_folder_and_missing_root(tmp_path):
+    make_synthetic(tmp_path, num_classes=2, per_class=3)
+    (tmp_path / "class_empty").mkdir()
+    (tmp_path / "class_empty" / "notes.txt").write_text("no images here")
+    with pytest.raises(CarrotError, match="class folder 'class_empty' has no images"):
+        load_imagefolder(tmp_path)
+    with pytest.raises(CarrotError, match="expected a directory"):
+        load_imagefolder(tmp_path / "nope")
+
+
+def test_class_with_one_image_cannot_be_split(tmp_path):
+    make_synthetic(tmp_path, num_classes=2, per_class=1)
+    with pytest.raises(CarrotError, match="has 1 image"):
+        load_imagefolder(tmp_path)
+
+
+def test_image_modes_are_converted_and_bad_files_named(tmp_path):
+    arr = (np.random.default_rng(0).uniform(0, 255, (20, 30))).astype(np.uint8)
+    Image.fromarray(arr, "L").save(tmp_path / "gray.png")
+    Image.fromarray(np.dstack([arr] * 3 + [arr]), "RGBA").save(tmp_path / "rgba.png")
+    Image.fromarray(arr.astype(np.uint16) * 200).save(tmp_path / "deep.png")
+    for name in ("gray.png", "rgba.png", "deep.png"):
+        img = load_image(tmp_path / name)
+        assert img.mode == "RGB" and img.size == (30, 20)
+    (tmp_path / "fake.jpg").write_text("this is text, not a JPEG")
+    with pytest.raises(CarrotError, match="cannot read image .*fake.jpg"):
+        load_image(tmp_path / "fake.jpg")
+    good = tmp_path / "good.jpg"
+    Image.fromarray(np.dstack([arr] * 3)).save(good)
+    (tmp_path / "cut.jpg").write_bytes(good.read_bytes()[:200])
+    with pytest.raises(CarrotError, match="cut.jpg"):
+        load_image(tmp_path / "cut.jpg")
+    with pytest.raises(CarrotError, match="5x5 px, smaller than one 14-px patch"):
+        Image.new("RGB", (5, 5)).save(tmp_path / "tiny.png")
+        load_image(tmp_path / "tiny.png", min_side=14)
+    with pytest.raises(CarrotError, match="image not found"):
+        load_image(tmp_path / "absent.png")
+
+
+def _fake_cub(root, n_classes=3, per_class=4):
+    (root / "images").mkdir(parents=True)
+    lines, labels, split, boxes, classes = [], [], [], [], []
+    i = 0
+    for c in range(1, n_classes + 1):
+        classes.append(f"{c} {c:03d}.Bird_{c}")
+        d = root / "images" / f"{c:03d}.Bird_{c}"
+        d.mkdir()
+        for k in range(per_class):
+            i += 1
+            Image.new("RGB", (60, 40), (c * 50, 10, 10)).save(d / f"b{k}.jpg")
+            lines.append(f"{i} {d.name}/b{k}.jpg")
+            labels.append(f"{i} {c}")
+            split.append(f"{i} {int(k % 2 == 0)}")
+            boxes.append(f"{i} 10.0 5.0 30.0 20.0")
+    for name, rows in [("images.txt", lines), ("image_class_labels.txt", labels), ("train_test_split.txt", split),
+                       ("bounding_boxes.txt", boxes), ("classes.txt", classes)]:
+        (root / name).write_text("\n".join(rows) + "\n")
+
+
+def test_cub_layout_with_bbox_crop(tmp_path):
+    _fake_cub(tmp_path / "CUB_200_2011")
+    train, test = load_cub(tmp_path, bbox_crop=True)
+    assert (len(train), len(test)) == (6, 6)
+    assert train.classes == ["001.Bird_1", "002.Bird_2", "003.Bird_3"]
+    assert train.labels.tolist() == [0, 0, 1, 1, 2, 2]
+    assert load_image(train.records[0]).size == (30, 20)
+    (tmp_path / "CUB_200_2011" / "train_test_split.txt").unlink()
+    with pytest.raises(CarrotError, match="missing 'train_test_split.txt'"):
+        load_cub(tmp_path)
+
+
+def test_elpv_package_is_the_real_data():
+    train, test = load_elpv(test_fraction=0.25, seed=0)
+    assert len(train) + len(test) == 2624
+    assert len(train.classes) == 8
+    img = load_image(train.records[0])
+    assert img.size == (300, 300)
+    small, _ = load_elpv(max_per_class=5)
+    assert np.bincount(small.labels).max() <= 5
+    assert train.fingerprint() != test.fingerprint()
+
+
+def test_fingerprint_changes_with_content(tmp_path):
+    make_synthetic(tmp_path, num_classes=2, per_class=2)
+    tr, _ = load_imagefolder(tmp_path, test_fraction=0.5)
+    before = tr.fingerprint()
+    Image.new("RGB", (32, 32), (1, 2, 3)).save(tr.paths[0])
+    assert tr.fingerprint() != before
+
+
+def test_split_rejects_bad_fraction(synthetic_root):
+    train, _ = load_imagefolder(synthetic_root)
+    with pytest.raises(CarrotError, match="test_fraction"):
+        stratified_split(train, 1.5, 0)
+    assert isinstance(train.records[0], ImageRecord)

@@ -1,0 +1,79 @@
+import numpy as np
+import pytest
+import scipy.linalg
+import scipy.sparse.linalg
+import torch
+from hypothesis import given, settings, strategies as st
+
+from carrot.diffusion import SpectralDiffusion, chebyshev_expm_multiply, diffusion_weights
+from carrot.errors import CarrotError
+from carrot.graph import affinity, normalized_laplacian
+from carrot.readout import mean_readout, weighted_readout
+
+
+def laplacians(b: int, n: int, d: int, seed: int, dtype=torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    H = torch.randn(b, n, d, generator=g, dtype=torch.float64)
+    L = normalized_laplacian(affinity(H, torch.rand(n, 2, generator=g, dtype=torch.float64)))
+    return L.to(dtype), H.to(dtype)
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 33, 64])
+@pytest.mark.parametrize("t", [0.0, 0.3, 1.0, 5.0, 20.0])
+def test_exact_operator_matches_scipy_expm(n, t):
+    L, _ = laplacians(2, n, 5, seed=n)
+    E = SpectralDiffusion.from_laplacian(L).operator(t)
+    for b in range(2):
+        np.testing.assert_allclose(E[b].numpy(), scipy.linalg.expm(-t * L[b].numpy()), rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("n,t", [(5, 0.5), (40, 2.0), (64, 10.0), (100, 30.0)])
+def test_chebyshev_matches_scipy_expm_multiply(n, t):
+    L, H = laplacians(2, n, 3, seed=7 * n)
+    out = chebyshev_expm_multiply(L, H, t)
+    for b in range(2):
+        ref = scipy.sparse.linalg.expm_multiply(-t * L[b].numpy(), H[b].numpy())
+        np.testing.assert_allclose(out[b].numpy(), ref, rtol=1e-8, atol=1e-11)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-11), (torch.float32, 2e-5)])
+def test_readout_identity_many_t_one_eigh(dtype, tol):
+    """mean(exp(-tL) H) == H^T (exp(-tL) 1 / N) for every t from one eigendecomposition."""
+    L, H = laplacians(3, 20, 6, seed=3, dtype=dtype)
+    ts = [0.0, 0.1, 1.0, 4.0]
+    spec = SpectralDiffusion.from_laplacian(L)
+    w = spec.readout_weights(ts)
+    assert w.shape == (4, 3, 20)
+    for i, t in enumerate(ts):
+        direct = mean_readout(spec.apply(H, t))
+        np.testing.assert_allclose(weighted_readout(H, w[i]).numpy(), direct.numpy(), rtol=tol, atol=tol)
+    np.testing.assert_allclose(
+        diffusion_weights(L.double(), ts, "chebyshev").numpy(), spec.readout_weights(ts).double().numpy(), atol=10 * tol
+    )
+
+
+def test_t_zero_is_exactly_mean_pooling():
+    L, H = laplacians(2, 16, 8, seed=5)
+    w = diffusion_weights(L, [0.0])[0]
+    assert torch.allclose(w, torch.full_like(w, 1 / 16), atol=1e-15, rtol=0)
+    assert torch.allclose(weighted_readout(H, w), H.mean(1), atol=1e-14, rtol=0)
+    assert torch.allclose(SpectralDiffusion.from_laplacian(L).apply(H, 0.0), H, atol=1e-13)
+
+
+@pytest.mark.parametrize("t", [-0.1, float("nan"), float("inf")])
+def test_bad_t_is_refused(t):
+    L, _ = laplacians(1, 4, 2, seed=0)
+    with pytest.raises(CarrotError, match="t: expected"):
+        diffusion_weights(L, [t])
+    with pytest.raises(CarrotError, match="method"):
+        diffusion_weights(L, [1.0], "pade")
+
+
+@settings(max_examples=20, deadline=None)
+@given(n=st.integers(2, 15), t=st.floats(0, 8), seed=st.integers(0, 1000))
+def test_heat_operator_is_symmetric_contraction(n, t, seed):
+    L, _ = laplacians(1, n, 3, seed)
+    E = SpectralDiffusion.from_laplacian(L).operator(t)[0]
+    assert torch.allclose(E, E.T, atol=1e-12)
+    ev = torch.linalg.eigvalsh(E)
+    assert ev.min() > -1e-10 and ev.max() < 1 + 1e-10
