@@ -51,6 +51,7 @@ def fit(config: RunConfig, run_dir: str | Path, progress: bool = True) -> dict[s
     model.fit(G_train, train.labels, train.records, train.classes)
     metrics = {
         "n_train": len(train), "n_test": len(test), "classes": len(train.classes),
+        "lam": model.head_.lam_, "lam_path": model.head_.lam_path_,
         "train_accuracy": model.score(G_train, train.labels),
         "test_accuracy": model.score(G_test, test.labels),
         "per_class_test_accuracy": _per_class(model.head_.predict(G_test), test.labels, train.classes),

@@ -80,13 +80,13 @@ class DiffusionConfig:
 
 @dataclass(frozen=True)
 class HeadConfig:
-    lam: float = 1.0
+    lam: float | str = "auto"
     fit_intercept: bool = True
     solver: str = "auto"
 
     def __post_init__(self) -> None:
-        if isinstance(self.lam, bool) or not isinstance(self.lam, (int, float)) or not self.lam > 0:
-            raise CarrotError(f"head.lam: expected a number > 0, got {self.lam!r}")
+        if self.lam != "auto" and (isinstance(self.lam, bool) or not isinstance(self.lam, (int, float)) or not self.lam > 0):
+            raise CarrotError(f"head.lam: expected 'auto' or a number > 0, got {self.lam!r}")
         if self.solver not in ("auto", "primal", "dual"):
             raise CarrotError(f"head.solver: expected auto, primal or dual, got {self.solver!r}")
 

@@ -38,11 +38,13 @@ def as_float64_matrix(G: ArrayLike, name: str = "G") -> torch.Tensor:
 class RidgeHead:
     """Multi-class ridge classifier in closed form, with exact representer attribution.
 
-    Parameters: ``lam`` (> 0) L2 strength; ``fit_intercept`` (weighted centring, the intercept
+    Parameters: ``lam`` (> 0) L2 strength, or ``'auto'``: the value of ``lam_grid`` with the best
+    exact leave-one-out accuracy on the training set (:func:`carrot.loo.ridge_loo_path`); ``fit_intercept`` (weighted centring, the intercept
     reported as its own term); ``solver`` 'auto' (primal when n >= D, else dual), 'primal' or
     'dual'; ``device`` for the solve; ``chunk_size`` rows per Gram accumulation chunk.
     Fitted: ``coef_`` (D, C), ``intercept_`` (C,), ``classes_`` (C,), ``feature_mean_`` (D,),
-    ``prior_`` (C,) = weighted ybar, ``dual_coef_`` (n, C) = beta, ``solver_`` used.
+    ``prior_`` (C,) = weighted ybar, ``dual_coef_`` (n, C) = beta, ``solver_`` used, ``lam_`` used
+    (and ``lam_path_`` with the LOO accuracy per candidate when ``lam='auto'``).
     """
 
     def __init__(
@@ -52,16 +54,23 @@ class RidgeHead:
         solver: str = "auto",
         device: str = "auto",
         chunk_size: int = 65536,
+        lam_grid: tuple[float, ...] | None = None,
     ) -> None:
         self.lam = lam
+        self.lam_grid = lam_grid
         self.fit_intercept = fit_intercept
         self.solver = solver
         self.device = device
         self.chunk_size = chunk_size
 
     def _validate_params(self) -> None:
-        if not isinstance(self.lam, (int, float)) or not np.isfinite(self.lam) or self.lam <= 0:
-            raise CarrotError(f"lam: expected a finite number > 0, got {self.lam!r}")
+        if self.lam == "auto":
+            return self._validate_rest()
+        if isinstance(self.lam, bool) or not isinstance(self.lam, (int, float)) or not np.isfinite(self.lam) or self.lam <= 0:
+            raise CarrotError(f"lam: expected 'auto' or a finite number > 0, got {self.lam!r}")
+        self._validate_rest()
+
+    def _validate_rest(self) -> None:
         if self.solver not in ("auto", "primal", "dual"):
             raise CarrotError(f"solver: expected 'auto', 'primal' or 'dual', got {self.solver!r}")
         if not isinstance(self.chunk_size, int) or self.chunk_size < 1:
@@ -91,6 +100,15 @@ class RidgeHead:
             ybar = (a @ Y) / a.sum()
         else:
             mu, ybar = torch.zeros(d, dtype=torch.float64), torch.zeros(len(classes), dtype=torch.float64)
+        if self.lam == "auto":
+            from .loo import DEFAULT_LAMBDAS, ridge_loo_path
+
+            path = ridge_loo_path(G, y, self.lam_grid or DEFAULT_LAMBDAS, a.numpy(), self.fit_intercept)
+            self.lam_ = path.best_lambda
+            self.lam_path_ = {"lambdas": path.lambdas.tolist(), "loo_accuracy": path.accuracy.tolist(),
+                              "loo_mse": path.mse.tolist()}
+        else:
+            self.lam_, self.lam_path_ = float(self.lam), None
         solver = self.solver if self.solver != "auto" else ("primal" if n >= d else "dual")
         if solver == "primal":
             W = self._solve_primal(G, Y, a, mu, ybar, dev)
@@ -103,7 +121,7 @@ class RidgeHead:
         self.intercept_ = ybar - W.T @ mu
         self.solver_ = solver
         self.n_features_in_ = d
-        self.dual_coef_ = a.unsqueeze(1) * (Y - self._decision(G)) / self.lam
+        self.dual_coef_ = a.unsqueeze(1) * (Y - self._decision(G)) / self.lam_
         return self
 
     def _chunks(self, n: int):
@@ -119,7 +137,7 @@ class RidgeHead:
             aG = Gc * a[sl].to(dev).unsqueeze(1)
             M += aG.T @ Gc
             B += aG.T @ (Y[sl] - ybar).to(dev)
-        M.diagonal().add_(self.lam)
+        M.diagonal().add_(self.lam_)
         Lc = _cholesky(M)
         return torch.cholesky_solve(B, Lc).cpu()
 
@@ -127,7 +145,7 @@ class RidgeHead:
         Gc = (G - mu).to(dev)
         s = a.sqrt().to(dev)
         K = (s.unsqueeze(1) * Gc) @ (Gc.T * s.unsqueeze(0))
-        K.diagonal().add_(self.lam)
+        K.diagonal().add_(self.lam_)
         Lc = _cholesky(K)
         u = torch.cholesky_solve(s.unsqueeze(1) * (Y - ybar).to(dev), Lc)
         return (Gc.T @ (s.unsqueeze(1) * u)).cpu()
@@ -161,7 +179,8 @@ class RidgeHead:
         with atomic_path(path) as tmp:
             save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
         write_json(str(path) + ".json", {
-            "format": "carrot.RidgeHead", "version": 1, "lam": self.lam, "fit_intercept": self.fit_intercept,
+            "format": "carrot.RidgeHead", "version": 1, "lam": self.lam, "lam_": self.lam_, "lam_path_": self.lam_path_,
+            "fit_intercept": self.fit_intercept,
             "solver": self.solver, "solver_": self.solver_, "classes": self.classes_.tolist(),
             "n_features": self.n_features_in_, "n_train": int(self.dual_coef_.shape[0]),
         })
@@ -183,6 +202,7 @@ class RidgeHead:
         head.coef_, head.intercept_ = t["coef"], t["intercept"]
         head.feature_mean_, head.prior_, head.dual_coef_ = t["feature_mean"], t["prior"], t["dual_coef"]
         head.solver_, head.n_features_in_ = meta["solver_"], meta["n_features"]
+        head.lam_, head.lam_path_ = meta["lam_"], meta.get("lam_path_")
         c, d, n = len(head.classes_), head.n_features_in_, meta["n_train"]
         if head.coef_.shape != (d, c) or head.dual_coef_.shape != (n, c) or head.intercept_.shape != (c,):
             raise CarrotError(f"head file '{path}' is inconsistent with its metadata (shapes differ)")

@@ -53,7 +53,7 @@ def run_options(fn: Callable) -> Callable:
         click.option("--sigma-space", help="Spatial kernel bandwidth: a number or 'median'."),
         click.option("--sigma-feat", help="Feature kernel bandwidth: a number or 'median'."),
         click.option("--knn", type=int, help="Keep each region's k strongest edges (symmetrised)."),
-        click.option("--lam", type=float, help="Ridge strength lambda > 0."),
+        click.option("--lam", help="Ridge strength lambda > 0, or 'auto' (best exact leave-one-out accuracy)."),
         click.option("--device", help="auto (CUDA > MPS > CPU), cpu, cuda, cuda:N or mps."),
         click.option("--seed", type=int, help="Seed for splits and sampling (same seed, same results)."),
         click.option("--cache-dir", type=click.Path(file_okay=False), help="Token cache root (default: the user cache dir)."),
@@ -72,6 +72,15 @@ def _num_or_median(name: str, v: str | None) -> float | str | None:
         raise CarrotError(f"--{name}: expected a number or 'median', got {v!r}") from None
 
 
+def _num_or_auto(name: str, v: str | None) -> float | str | None:
+    if v is None or v == "auto":
+        return v
+    try:
+        return float(v)
+    except ValueError:
+        raise CarrotError(f"--{name}: expected a number or 'auto', got {v!r}") from None
+
+
 def build_config(config_path: str | None = None, **o: Any):
     from carrot.config import load_config
 
@@ -86,7 +95,7 @@ def build_config(config_path: str | None = None, **o: Any):
         "diffusion.t": o.get("t"), "diffusion.method": o.get("diffusion_method"),
         "graph.sigma_space": _num_or_median("sigma-space", o.get("sigma_space")),
         "graph.sigma_feat": _num_or_median("sigma-feat", o.get("sigma_feat")),
-        "graph.knn": o.get("knn"), "head.lam": o.get("lam"),
+        "graph.knn": o.get("knn"), "head.lam": _num_or_auto("lam", o.get("lam")),
         "device": o.get("device"), "seed": o.get("seed"), "cache_dir": o.get("cache_dir"),
     })
 

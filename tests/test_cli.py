@@ -89,7 +89,7 @@ def bad(args, match):
 
 def test_user_mistakes_give_one_line_errors(tmp_path, fitted, synthetic_root, tiny_config):
     bad(["fit", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "o")], "does not exist")
-    bad(["fit", "--config", tiny_config, "--data", str(synthetic_root), "--out", str(tmp_path / "o"), "--lam", "0"], "head.lam: expected a number > 0")
+    bad(["fit", "--config", tiny_config, "--data", str(synthetic_root), "--out", str(tmp_path / "o"), "--lam", "0"], "head.lam: expected 'auto' or a number > 0")
     bad(["fit", "--config", tiny_config, "--data", str(synthetic_root), "--out", str(tmp_path / "o"), "--t", "-1"], "diffusion.t")
     cfg = tmp_path / "typo.yaml"
     cfg.write_text("head:\n  lamda: 2\n")
