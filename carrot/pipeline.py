@@ -20,6 +20,7 @@ from .graph import affinity, normalized_laplacian
 from .head import RidgeHead
 from .io import read_json, write_json
 from .readout import weighted_readout
+from .regions import RegionSet
 
 RUN_FORMAT = "carrot.run"
 
@@ -42,16 +43,14 @@ class Carrot:
             )
         return self._backbone
 
-    def embed_tokens(self, H: torch.Tensor, P: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Tokens (B, N, D) and centres (N, 2) -> embeddings g (B, D) and readout weights w (B, N), float64."""
+    def embed_regions(self, regions: RegionSet) -> tuple[torch.Tensor, torch.Tensor]:
+        """RegionSet -> g = H^T exp(-tL) 1 / N (B, D) and w (B, N), float64; t = 0 is mean pooling."""
         g, d = self.config.graph, self.config.diffusion
-        H = torch.as_tensor(H).to(torch.float64)
-        if not torch.isfinite(H).all():
-            raise CarrotError("tokens contain NaN or Inf; the token cache is corrupt or the backbone overflowed")
+        H = regions.H.to(torch.float64)
         if d.t == 0:
             w = torch.full(H.shape[:2], 1.0 / H.shape[1], dtype=torch.float64)
         else:
-            L = normalized_laplacian(affinity(H, P, g.sigma_space, g.sigma_feat, g.knn))
+            L = normalized_laplacian(affinity(H, regions.P.to(torch.float64), g.sigma_space, g.sigma_feat, g.knn))
             w = diffusion_weights(L, [d.t], d.method)[0]
         return weighted_readout(H, w), w
 
@@ -63,7 +62,7 @@ class Carrot:
         out = np.empty((len(store), store.tokens.shape[-1]), dtype=np.float64)
         for s in tqdm(range(0, len(store), batch), desc="diffuse", disable=not progress, unit="batch"):
             H = torch.from_numpy(np.asarray(store.tokens[s : s + batch], dtype=np.float32))
-            out[s : s + batch] = self.embed_tokens(H, P)[0].numpy()
+            out[s : s + batch] = self.embed_regions(RegionSet(H, P, store.grid))[0].numpy()
         return out
 
     def fit(self, G: np.ndarray, y: np.ndarray, records: Sequence[ImageRecord], classes: Sequence[str]) -> "Carrot":
@@ -89,7 +88,7 @@ class Carrot:
         imgs = [geo(im) for im in imgs]
         H, grid = bb(x)
         H = H.cpu().to(torch.float16 if self.cache_dtype == "float16" else torch.float32).float()
-        G, w = self.embed_tokens(H, patch_centres(grid, torch.float64))
+        G, w = self.embed_regions(RegionSet(H, patch_centres(grid, torch.float64), grid))
         return G.numpy(), H, w, grid, imgs
 
     @property
