@@ -1,0 +1,76 @@
+import numpy as np
+import pytest
+import torch
+
+from carrot.errors import CarrotError
+from carrot.head import RidgeHead
+from carrot.influence import RidgeSystem, one_hot
+
+
+def problem(n, d, c, seed, weighted=True):
+    g = np.random.default_rng(seed)
+    G = g.normal(size=(n, d)) + g.normal(size=d)
+    y = np.concatenate([np.arange(c), np.arange(c), g.integers(0, c, n - 2 * c)])
+    a = g.uniform(0.2, 2.0, n) if weighted else np.ones(n)
+    return G, y, a
+
+
+GRID = [(30, 8, 3, True), (30, 8, 3, False), (20, 25, 4, True), (60, 12, 2, True), (45, 45, 6, False)]
+
+
+@pytest.mark.parametrize("n,d,c,intercept", GRID)
+def test_system_matches_head(n, d, c, intercept):
+    G, y, a = problem(n, d, c, seed=n + d)
+    head = RidgeHead(lam=0.4, fit_intercept=intercept).fit(G, y, a)
+    sys_ = RidgeSystem.from_head(head, G, y, a)
+    np.testing.assert_allclose(sys_.coef.numpy(), head.coef_.numpy(), rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(sys_.intercept.numpy(), head.intercept_.numpy(), rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("n,d,c,intercept", GRID)
+def test_loo_effect_on_test_logits_matches_refits(n, d, c, intercept):
+    G, y, a = problem(n, d, c, seed=2 * n + d)
+    Gt = np.random.default_rng(5).normal(size=(4, d))
+    head = RidgeHead(lam=0.4, fit_intercept=intercept).fit(G, y, a)
+    sys_ = RidgeSystem.from_head(head, G, y, a)
+    eff = sys_.loo_effect(Gt).numpy()
+    base = head.decision_function(Gt)
+    loo = sys_.loo_logits().numpy()
+    for i in range(n):
+        keep = np.arange(n) != i
+        ref = RidgeHead(lam=0.4, fit_intercept=intercept).fit(G[keep], y[keep], a[keep])
+        np.testing.assert_allclose(base + eff[:, i], ref.decision_function(Gt), rtol=1e-7, atol=1e-9)
+        np.testing.assert_allclose(loo[i], ref.decision_function(G[i : i + 1])[0], rtol=1e-7, atol=1e-9)
+
+
+@pytest.mark.parametrize("n,d,c,intercept", GRID)
+@pytest.mark.parametrize("k", [1, 3, 7])
+def test_woodbury_reweight_remove_add_matches_refit(n, d, c, intercept, k):
+    G, y, a = problem(n, d, c, seed=3 * n + k)
+    g = np.random.default_rng(k)
+    sys_ = RidgeSystem.fit(G, one_hot(y, c), a, 0.4, intercept)
+    idx = g.choice(n, size=k, replace=False)
+    new_w = g.uniform(0, 3, size=k)
+    new_w[0] = 0.0  # one removal
+    G_add = g.normal(size=(2, d))
+    y_add = np.array([0, c - 1])
+    theta = sys_.updated_theta(idx, new_w, G_add, one_hot(y_add, c), [1.5, 0.5])
+    a2 = a.copy()
+    a2[idx] = new_w
+    ref = RidgeHead(lam=0.4, fit_intercept=intercept).fit(
+        np.vstack([G, G_add]), np.concatenate([y, y_add]), np.concatenate([a2, [1.5, 0.5]])
+    )
+    Gt = g.normal(size=(5, d))
+    np.testing.assert_allclose(sys_.decision(Gt, theta).numpy(), ref.decision_function(Gt), rtol=1e-7, atol=1e-9)
+
+
+def test_woodbury_bad_input():
+    G, y, a = problem(20, 4, 2, seed=0)
+    sys_ = RidgeSystem.fit(G, one_hot(y, 2), a, 1.0)
+    with pytest.raises(CarrotError, match="idx"):
+        sys_.updated_theta([0, 0])
+    with pytest.raises(CarrotError, match="idx"):
+        sys_.updated_theta([25])
+    with pytest.raises(CarrotError, match="new_weights"):
+        sys_.updated_theta([1], [-1.0])
+    assert torch.equal(sys_.updated_theta([]), sys_.theta)
