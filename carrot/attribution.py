@@ -61,3 +61,38 @@ def region_contributions(head: RidgeHead, H: torch.Tensor, w: torch.Tensor) -> t
         raise CarrotError(f"H, w: expected (N, D) and (N,), got {tuple(H.shape)} and {tuple(w.shape)}")
     n = H.shape[0]
     return (w.unsqueeze(1) * H - head.feature_mean_ / n) @ head.coef_
+
+
+def region_pairs(head: RidgeHead, H_x: torch.Tensor, w_x: torch.Tensor, H_i: torch.Tensor, w_i: torch.Tensor,
+                 beta_ic: float, c: int | None = None) -> torch.Tensor:
+    """Split one training image's contribution beta_ic k(i, x) over (test region j, training region k): (N, N').
+
+    With g - mu = sum_j (w_j h_j - mu / N), the pair term is beta_ic <w_j h_j - mu/N, w'_k h'_k - mu/N'>;
+    the matrix sums exactly to the image-level contribution.
+    """
+    check_is_fitted(head)
+    mu = head.feature_mean_
+    A = w_x.to(torch.float64).unsqueeze(1) * H_x.to(torch.float64) - mu / H_x.shape[0]
+    B = w_i.to(torch.float64).unsqueeze(1) * H_i.to(torch.float64) - mu / H_i.shape[0]
+    return float(beta_ic) * (A @ B.T)
+
+
+def class_summary(head: RidgeHead, G_train, y_train, G_test) -> dict:
+    """Per-class and global summaries of the exact contributions to each test image's predicted logit.
+
+    ``class_flow`` (C, C): mean over test images predicted as c (rows) of the total contribution of the
+    training images of class k (columns); ``helpful`` / ``harmful``: per training image, the sum of its
+    contributions over all test images (to their predicted class).
+    """
+    K = centred_kernel(head, G_train, G_test)  # (m, n)
+    pred = torch.as_tensor(head.decision_function(G_test).argmax(1))
+    contrib = K * head.dual_coef_.T[pred]  # (m, n): contribution of i to x's predicted logit
+    y_idx = torch.as_tensor(np.searchsorted(head.classes_, np.asarray(y_train)))
+    C = len(head.classes_)
+    flow = torch.zeros(C, C, dtype=torch.float64)
+    counts = torch.bincount(pred, minlength=C).clamp_min(1).to(torch.float64)
+    per_class = torch.zeros(contrib.shape[0], C, dtype=torch.float64).index_add(1, y_idx, contrib)
+    flow.index_add_(0, pred, per_class)
+    total = contrib.sum(0)
+    return {"class_flow": (flow / counts.unsqueeze(1)).numpy(), "total_contribution": total.numpy(),
+            "predicted": pred.numpy()}

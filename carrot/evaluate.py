@@ -1,0 +1,162 @@
+"""Evaluations of attributions: mislabel detection, faithfulness, LDS, rank agreement with exact LOO.
+
+Every routine takes embeddings (the backbone is never re-run) and uses the exact ridge algebra of
+:mod:`carrot.influence` as ground truth; scores follow the convention "higher = more of the thing".
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from scipy.stats import kendalltau, spearmanr
+
+from .baselines import TracInHead
+from .errors import CarrotError
+from .head import RidgeHead
+from .influence import RidgeSystem, one_hot
+
+
+def flip_labels(y: np.ndarray, fraction: float, n_classes: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Flip ``fraction`` of the labels to a different random class; returns (noisy labels, flipped mask)."""
+    if not 0 < fraction < 1:
+        raise CarrotError(f"flip fraction: expected a number in (0, 1), got {fraction!r}")
+    rng = np.random.default_rng(seed)
+    y = np.asarray(y).copy()
+    idx = rng.choice(len(y), size=int(round(fraction * len(y))), replace=False)
+    y[idx] = (y[idx] + rng.integers(1, n_classes, len(idx))) % n_classes
+    mask = np.zeros(len(y), dtype=bool)
+    mask[idx] = True
+    return y, mask
+
+
+def mislabel_scores(G: np.ndarray, y: np.ndarray, lam: float, tracin: dict | None = None) -> dict[str, np.ndarray]:
+    """Suspicion scores per training point (higher = more likely mislabelled)."""
+    head = RidgeHead(lam=lam).fit(G, y)
+    system = RidgeSystem.from_head(head, G, y)
+    y_idx = np.searchsorted(head.classes_, y)
+    Y = one_hot(y_idx, len(head.classes_))
+    loo = system.loo_logits()
+    fit = system.decision(G)
+    rows = torch.arange(len(y))
+    own = loo[rows, y_idx]
+    other = loo.clone()
+    other[rows, y_idx] = -torch.inf
+    scores = {
+        "carrot_loo_loss": ((loo - Y) ** 2).sum(1),
+        "carrot_loo_margin": other.max(1).values - own,
+        "carrot_self_representer": head.dual_coef_[rows, y_idx],
+        "train_loss": ((fit - Y) ** 2).sum(1),
+    }
+    th = TracInHead.fit(G, y, **(tracin or {}))
+    scores["tracin_self_influence"] = th.self_influence(G, y)
+    logits = torch.as_tensor(th.decision_function(G))
+    scores["ce_train_loss"] = -torch.log_softmax(logits, 1)[rows, y_idx]
+    return {k: v.numpy() for k, v in scores.items()}
+
+
+def mislabel_detection(scores: dict[str, np.ndarray], flipped: np.ndarray,
+                       fractions: Sequence[float] = (0.05, 0.1, 0.2)) -> dict[str, dict]:
+    """ROC-AUC and the share of flipped labels found in the top x% of each ranking."""
+    from sklearn.metrics import roc_auc_score
+
+    out = {}
+    n_flip = max(1, int(flipped.sum()))
+    for name, s in scores.items():
+        order = np.argsort(-s, kind="stable")
+        found = {f"{x:g}": float(flipped[order[: int(round(x * len(s)))]].sum() / n_flip) for x in fractions}
+        out[name] = {"roc_auc": float(roc_auc_score(flipped, s)), "found_in_top": found}
+    return out
+
+
+def removal_effects(system: RidgeSystem, G_test: np.ndarray, classes: np.ndarray) -> np.ndarray:
+    """Exact LOO effect on each test image's logit of ``classes``: f_-i(x)_c - f(x)_c, (m, n)."""
+    eff = system.loo_effect(G_test)  # (m, n, C)
+    return eff[torch.arange(len(classes)), :, torch.as_tensor(classes)].numpy()
+
+
+def faithfulness(system: RidgeSystem, G_test: np.ndarray, attributions: np.ndarray, ks: Sequence[int] = (1, 5, 10, 20),
+                 n_random: int = 3, seed: int = 0) -> dict[str, dict[str, dict[str, float]]]:
+    """Remove (Woodbury) or keep (refit) K training images chosen by an attribution, per test image.
+
+    ``attributions`` (m, n) score the training images for each test image's predicted class. Strategies:
+    remove top / random / bottom K, keep top / random K. Reports the mean drop of the predicted logit
+    and the rate at which the prediction changes.
+    """
+    m, n = attributions.shape
+    if max(ks) >= n:
+        raise CarrotError(f"k: expected every K < n = {n}, got {max(ks)}")
+    rng = np.random.default_rng(seed)
+    F = system.decision(G_test)
+    pred = F.argmax(1)
+    X = system.augment(G_test)
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for k in ks:
+        res: dict[str, list[tuple[float, bool]]] = {s: [] for s in ("remove_top", "remove_random", "remove_bottom", "keep_top", "keep_random")}
+        for x in range(m):
+            order = np.argsort(-attributions[x], kind="stable")
+            c = int(pred[x])
+            sets = {"remove_top": [order[:k]], "remove_bottom": [order[-k:]],
+                    "remove_random": [rng.choice(n, k, replace=False) for _ in range(n_random)]}
+            for name, idx_list in sets.items():
+                for idx in idx_list:
+                    f = X[x] @ system.updated_theta(idx)
+                    res[name].append((float(F[x, c] - f[c]), int(f.argmax()) != c))
+            keeps = {"keep_top": [order[:k]], "keep_random": [rng.choice(n, k, replace=False) for _ in range(n_random)]}
+            for name, idx_list in keeps.items():
+                for idx in idx_list:
+                    sub = RidgeSystem.fit(system.G[idx], system.Y[idx], system.a[idx], system.lam, system.fit_intercept)
+                    f = X[x] @ sub.theta
+                    res[name].append((float(F[x, c] - f[c]), int(f.argmax()) != c))
+        out[str(k)] = {s: {"logit_drop": float(np.mean([d for d, _ in v])), "flip_rate": float(np.mean([f for _, f in v]))}
+                       for s, v in res.items()}
+    return out
+
+
+def lds(system: RidgeSystem, G_test: np.ndarray, classes: np.ndarray, estimators: dict[str, np.ndarray],
+        n_subsets: int = 50, fraction: float = 0.5, seed: int = 0) -> dict[str, float]:
+    """Linear datamodeling score (TRAK protocol): Spearman over random subsets S between the predicted
+    sum_{i in S} tau_i(x) and the refitted logit f_S(x)_c, averaged over test images."""
+    if n_subsets < 3:
+        raise CarrotError(f"n_subsets: expected at least 3, got {n_subsets}")
+    rng = np.random.default_rng(seed)
+    n = system.G.shape[0]
+    masks = np.zeros((n_subsets, n), dtype=bool)
+    actual = np.zeros((n_subsets, len(classes)))
+    X = system.augment(G_test)
+    for j in range(n_subsets):
+        idx = np.sort(rng.choice(n, int(round(fraction * n)), replace=False))
+        masks[j, idx] = True
+        sub = RidgeSystem.fit(system.G[idx], system.Y[idx], system.a[idx], system.lam, system.fit_intercept)
+        actual[j] = (X @ sub.theta)[torch.arange(len(classes)), torch.as_tensor(classes)].numpy()
+    out = {}
+    for name, tau in estimators.items():
+        pred = masks.astype(np.float64) @ tau.T  # (subsets, m)
+        rhos = [spearmanr(pred[:, x], actual[:, x]).statistic for x in range(len(classes))]
+        out[name] = float(np.nanmean(rhos))
+    return out
+
+
+def rank_agreement(estimators: dict[str, np.ndarray], reference: np.ndarray) -> dict[str, dict[str, float]]:
+    """Mean Spearman and Kendall correlation, per test image, of each estimator with the reference (m, n)."""
+    out = {}
+    for name, est in estimators.items():
+        sp = [spearmanr(est[x], reference[x]).statistic for x in range(len(reference))]
+        kt = [kendalltau(est[x], reference[x]).statistic for x in range(len(reference))]
+        out[name] = {"spearman": float(np.nanmean(sp)), "kendall": float(np.nanmean(kt))}
+    return out
+
+
+def estimator_scores(head: RidgeHead, system: RidgeSystem, G: np.ndarray, y: np.ndarray, G_test: np.ndarray,
+                     tracin: TracInHead | None = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """For each test image's predicted class: the exact LOO support (f - f_-i) and each estimator (m, n)."""
+    from .attribution import centred_kernel
+
+    pred = head.decision_function(G_test).argmax(1)
+    loo_support = -removal_effects(system, G_test, pred)
+    K = centred_kernel(head, G, G_test)
+    est = {"carrot_representer": (K * head.dual_coef_.T[torch.as_tensor(pred)]).numpy()}
+    if tracin is not None:
+        est["tracin"] = tracin.influence(G, y, G_test, head.classes_[pred]).numpy()
+    est["kernel_similarity"] = K.numpy()
+    return loo_support, est
