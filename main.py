@@ -103,6 +103,48 @@ def explain(run_dir: str | Path, inputs: Sequence[str], out_dir: str | Path | No
     return results
 
 
+def _run_embeddings(run_dir: str | Path) -> tuple[Carrot, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    model = Carrot.load(run_dir)
+    test_path = Path(run_dir) / "test_embeddings.npy"
+    if not test_path.is_file():
+        raise CarrotError(f"run '{run_dir}' has no test_embeddings.npy; refit it with carrot-run fit")
+    y_test = np.array([lab for _, lab in model.meta_["test_records"]])
+    y_train = np.array([r.label for r in model.train_records_])
+    return model, model.train_embeddings_, y_train, np.load(test_path), y_test
+
+
+def evaluate(run_dir: str | Path, what: Sequence[str], out: str | Path | None = None, **kwargs: Any) -> dict[str, Any]:
+    """Attribution evaluations on a fitted run's cached embeddings; writes evaluation.json."""
+    from carrot.evaluate import evaluate_embeddings
+
+    model, G, y, G_test, _ = _run_embeddings(run_dir)
+    res = evaluate_embeddings(G, y, G_test, model.head_.lam_, what, seed=model.config.seed, **kwargs)
+    write_json(Path(out) if out else Path(run_dir) / "evaluation.json", res)
+    return res
+
+
+def reweight(run_dir: str | Path, val_fraction: float = 0.2, out: str | Path | None = None, **rro_kwargs: Any) -> dict[str, Any]:
+    """RRO on a fitted run: split train into fit/validation, reweight, compare test accuracy with uniform."""
+    from carrot.data import ImageDataset, ImageRecord, stratified_split
+    from carrot.reweight import RROConfig, rro
+
+    model, G, y, G_test, y_test = _run_embeddings(run_dir)
+    cfg = RROConfig(**{k: v for k, v in rro_kwargs.items() if v is not None}, seed=model.config.seed)
+    idx = ImageDataset([ImageRecord(str(i), int(lab)) for i, lab in enumerate(y)], model.classes_, "train")
+    fit_part, val_part = stratified_split(idx, val_fraction, model.config.seed)
+    f_rows, v_rows = np.array([int(r.path) for r in fit_part.records]), np.array([int(r.path) for r in val_part.records])
+    res = rro(G[f_rows], y[f_rows], G[v_rows], y[v_rows], model.head_.lam_, cfg, G_test, y_test)
+    weights = np.zeros(len(y))
+    weights[f_rows] = res.alpha
+    summary = {"config": cfg.to_dict(), "val_fraction": val_fraction, "best_step": res.best_step,
+               "uniform_test_accuracy": res.history[0]["test_accuracy"],
+               "reweighted_test_accuracy": res.history[res.best_step]["test_accuracy"],
+               "ess_per_class": {model.classes_[int(c)]: v for c, v in res.ess.items()}, "history": res.history,
+               "weights": weights.tolist()}
+    write_json(Path(out) if out else Path(run_dir) / "reweight.json", summary)
+    return summary
+
+
 def demo(config: RunConfig, run_dir: str | Path, explain_n: int = 3, progress: bool = True) -> dict[str, Any]:
     """Fit on the configured data (ELPV by default), add a LogisticRegression probe, explain a few."""
     from sklearn.linear_model import LogisticRegression

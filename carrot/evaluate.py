@@ -160,3 +160,50 @@ def estimator_scores(head: RidgeHead, system: RidgeSystem, G: np.ndarray, y: np.
         est["tracin"] = tracin.influence(G, y, G_test, head.classes_[pred]).numpy()
     est["kernel_similarity"] = K.numpy()
     return loo_support, est
+
+
+EVALUATIONS = ("mislabel", "faithfulness", "lds", "agreement")
+
+
+def evaluate_embeddings(
+    G: np.ndarray, y: np.ndarray, G_test: np.ndarray, lam: float, what: Sequence[str] = EVALUATIONS,
+    flip_fraction: float = 0.1, ks: Sequence[int] = (1, 5, 10, 20), n_test: int = 50, n_subsets: int = 50,
+    seed: int = 0, tracin: dict | None = None, progress: Callable[[str], None] | None = None,
+) -> dict:
+    """Run the chosen evaluations on fitted-run embeddings; returns a JSON-ready dict."""
+    unknown = sorted(set(what) - set(EVALUATIONS))
+    if unknown:
+        raise CarrotError(f"evaluations: unknown {unknown}; expected some of {list(EVALUATIONS)}")
+    if not isinstance(n_test, int) or n_test < 1:
+        raise CarrotError(f"n_test: expected a positive integer, got {n_test!r}")
+    if "faithfulness" in what and (not ks or min(ks) < 1 or max(ks) >= len(y)):
+        raise CarrotError(f"k: expected every K in 1..{len(y) - 1} (K < n = {len(y)} training images), got {list(ks)}")
+    log = progress or (lambda _: None)
+    out: dict = {"lam": lam, "n_train": int(len(y)), "seed": seed}
+    rng = np.random.default_rng(seed)
+    if "mislabel" in what:
+        log("mislabel detection")
+        yn, mask = flip_labels(y, flip_fraction, len(np.unique(y)), seed)
+        out["mislabel"] = {"flip_fraction": flip_fraction,
+                           "results": mislabel_detection(mislabel_scores(G, yn, lam, tracin), mask)}
+    rest = [w for w in what if w != "mislabel"]
+    if rest:
+        head = RidgeHead(lam=lam).fit(G, y)
+        system = RidgeSystem.from_head(head, G, y)
+        rows = np.sort(rng.choice(len(G_test), min(n_test, len(G_test)), replace=False))
+        Gt = G_test[rows]
+        log("exact LOO and estimators")
+        th = TracInHead.fit(G, y, **(tracin or {}))
+        loo_support, est = estimator_scores(head, system, G, y, Gt, th)
+        out["n_test_evaluated"] = int(len(rows))
+        if "agreement" in what:
+            out["agreement_with_exact_loo"] = rank_agreement(est, loo_support)
+        if "faithfulness" in what:
+            log("faithfulness")
+            out["faithfulness"] = {name: faithfulness(system, Gt, s, ks, seed=seed)
+                                   for name, s in {"exact_loo": loo_support, **est}.items()}
+        if "lds" in what:
+            log("LDS")
+            pred = head.decision_function(Gt).argmax(1)
+            out["lds"] = lds(system, Gt, pred, {"exact_loo": loo_support, **est}, n_subsets, seed=seed)
+    return out

@@ -160,6 +160,52 @@ def explain(run_dir: str, images: tuple[str, ...], top_k: int, out_dir: str | No
 
 
 @cli.command()
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--what", default="mislabel,faithfulness,lds,agreement", show_default=True,
+              help="Comma-separated evaluations: mislabel, faithfulness, lds, agreement.")
+@click.option("--flip-fraction", type=float, default=0.1, show_default=True, help="Share of training labels flipped for mislabel detection.")
+@click.option("--k", "ks", default="1,5,10,20", show_default=True, help="Comma-separated K for faithfulness (remove/keep K images).")
+@click.option("--n-test", type=int, default=50, show_default=True, help="Test images evaluated (random subset).")
+@click.option("--subsets", type=int, default=50, show_default=True, help="Random 50% training subsets for LDS.")
+@click.option("--out", "out_path", type=click.Path(dir_okay=False), help="JSON file to write (default: RUN_DIR/evaluation.json).")
+@user_errors
+def evaluate(run_dir: str, what: str, flip_fraction: float, ks: str, n_test: int, subsets: int, out_path: str | None) -> None:
+    """Evaluate the exact attributions of the run in RUN_DIR against exact LOO, TracIn and baselines:
+    mislabel detection, faithfulness, linear datamodeling score, rank agreement."""
+    import main as orchestration
+
+    try:
+        k_list = [int(k) for k in ks.split(",") if k.strip()]
+    except ValueError:
+        raise CarrotError(f"--k: expected comma-separated integers, got {ks!r}") from None
+    if not k_list or min(k_list) < 1:
+        raise CarrotError(f"--k: expected positive integers, got {ks!r}")
+    res = orchestration.evaluate(run_dir, [w.strip() for w in what.split(",") if w.strip()], out_path,
+                                 flip_fraction=flip_fraction, ks=k_list, n_test=n_test, n_subsets=subsets,
+                                 progress=lambda msg: click.echo(f"... {msg}", err=True))
+    click.echo(json.dumps(res, indent=2))
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--val-fraction", type=float, default=0.2, show_default=True, help="Share of the training set held out as validation.")
+@click.option("--steps", type=int, help="Adam steps on the weights.")
+@click.option("--lr", type=float, help="Adam learning rate.")
+@click.option("--loss", type=click.Choice(["mse", "ce"]), help="Validation loss.")
+@click.option("--ess-floor", type=float, help="Minimum effective sample size per class, as a fraction of its size.")
+@click.option("--entropy", type=float, help="Weight of the per-class entropy bonus.")
+@click.option("--out", "out_path", type=click.Path(dir_okay=False), help="JSON file to write (default: RUN_DIR/reweight.json).")
+@user_errors
+def reweight(run_dir: str, val_fraction: float, out_path: str | None, **rro: Any) -> None:
+    """Reweight the training images of RUN_DIR by the exact validation-loss gradient (RRO) and report
+    test accuracy against uniform weights, per-class effective sample sizes and the curves."""
+    import main as orchestration
+
+    res = orchestration.reweight(run_dir, val_fraction, out_path, **rro)
+    click.echo(json.dumps({k: v for k, v in res.items() if k not in ("history", "weights")}, indent=2))
+
+
+@cli.command()
 @run_options
 @click.option("--out", "run_dir", default="runs/demo", show_default=True, type=click.Path(file_okay=False), help="Run directory to write.")
 @click.option("--explain-n", type=int, default=3, show_default=True, help="Test images to explain.")

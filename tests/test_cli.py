@@ -140,3 +140,20 @@ def test_help_everywhere():
     for cmd in ([], ["fit"], ["explain"], ["demo"]):
         r = run(*cmd, "--help")
         assert r.exit_code == 0 and "Usage" in r.output
+
+
+def test_evaluate_and_reweight_commands(fitted, tmp_path):
+    r = run("evaluate", str(fitted), "--k", "1,2", "--n-test", "3", "--subsets", "5", "--flip-fraction", "0.2",
+            "--out", str(tmp_path / "ev.json"))
+    assert r.exit_code == 0, r.output
+    res = json.loads((tmp_path / "ev.json").read_text())
+    assert {"mislabel", "faithfulness", "lds", "agreement_with_exact_loo"} <= set(res)
+    assert res["agreement_with_exact_loo"]["carrot_representer"]["spearman"] <= 1.0
+    r = run("reweight", str(fitted), "--steps", "3", "--val-fraction", "0.3", "--out", str(tmp_path / "rw.json"))
+    assert r.exit_code == 0, r.output
+    rw = json.loads((tmp_path / "rw.json").read_text())
+    assert len(rw["history"]) == 4 and len(rw["weights"]) == 12
+    bad(["evaluate", str(fitted), "--what", "speed"], "unknown ['speed']")
+    bad(["evaluate", str(fitted), "--k", "a,b"], "--k: expected comma-separated integers")
+    bad(["evaluate", str(fitted), "--k", "100"], "K < n = 12")
+    bad(["reweight", str(fitted), "--steps", "0"], "rro.steps")
