@@ -1,0 +1,42 @@
+import numpy as np
+import pytest
+
+from carrot.errors import CarrotError
+from carrot.head import RidgeHead
+from carrot.retrieval import KernelIndex, exact_top_k, recall_at_k
+
+faiss = pytest.importorskip("faiss")
+
+
+def setup(n=400, d=16, c=5, seed=0):
+    g = np.random.default_rng(seed)
+    means = g.normal(size=(c, d)) * 2
+    y = np.concatenate([np.arange(c), g.integers(0, c, n - c)])
+    G = (means[y] + g.normal(size=(n, d))).astype(np.float32).astype(np.float64)
+    Gt = (means[g.integers(0, c, 20)] + g.normal(size=(20, d))).astype(np.float32).astype(np.float64)
+    head = RidgeHead(lam=1.0).fit(G, y)
+    return G, Gt, head, head.decision_function(Gt).argmax(1)
+
+
+def test_flat_index_with_full_m_is_exact():
+    G, Gt, head, cls = setup()
+    idx = KernelIndex.build(head, G, "flat")
+    got, vals = idx.top_k(Gt, cls, k=10, m=len(G))
+    ref = exact_top_k(head, G, Gt, cls, 10)
+    assert recall_at_k(got, ref) == 1.0
+    assert np.all(np.diff(vals, axis=1) <= 1e-12)
+    assert all(len(set(r)) == 10 for r in got)
+
+
+def test_recall_grows_with_m_and_ivf_works():
+    G, Gt, head, cls = setup(seed=1)
+    ref = exact_top_k(head, G, Gt, cls, 10)
+    flat = KernelIndex.build(head, G, "flat")
+    recalls = [recall_at_k(flat.top_k(Gt, cls, 10, m)[0], ref) for m in (10, 50, 200)]
+    assert recalls[0] <= recalls[1] <= recalls[2]
+    ivf = KernelIndex.build(head, G, "ivf", nlist=8, nprobe=8)
+    assert recall_at_k(ivf.top_k(Gt, cls, 10, 400)[0], ref) == 1.0  # all cells probed
+    with pytest.raises(CarrotError, match="k, m"):
+        flat.top_k(Gt, cls, 20, 10)
+    with pytest.raises(CarrotError, match="index kind"):
+        KernelIndex.build(head, G, "hnsw")
