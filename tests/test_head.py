@@ -18,6 +18,7 @@ def problem(n: int, d: int, c: int, seed: int, weighted: bool):
 
 
 GRID = [(n, d, c, w) for (n, d) in [(12, 30), (40, 8), (64, 64), (150, 20)] for c in (2, 5, 12) for w in (False, True) if c <= n]
+GRID += [(250, 300, 200, w) for w in (False, True)] + [(600, 64, 200, w) for w in (False, True)]  # C = 200
 
 
 @pytest.mark.parametrize("n,d,c,weighted", GRID)

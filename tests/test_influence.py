@@ -15,7 +15,7 @@ def problem(n, d, c, seed, weighted=True):
     return G, y, a
 
 
-GRID = [(30, 8, 3, True), (30, 8, 3, False), (20, 25, 4, True), (60, 12, 2, True), (45, 45, 6, False)]
+GRID = [(30, 8, 3, True), (30, 8, 3, False), (20, 25, 4, True), (60, 12, 2, True), (45, 45, 6, False), (420, 40, 200, True)]
 
 
 @pytest.mark.parametrize("n,d,c,intercept", GRID)
