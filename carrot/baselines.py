@@ -17,8 +17,7 @@ import numpy as np
 import torch
 
 from .errors import CarrotError
-from .head import ArrayLike, as_float64_matrix
-from .influence import one_hot
+from .head import ArrayLike, as_float64_matrix, as_weights, one_hot
 
 
 def _labels(y: ArrayLike, classes: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -50,7 +49,7 @@ class SoftmaxHead:
         G = as_float64_matrix(G, "G")
         n, d = G.shape
         classes, y_idx = _labels(y)
-        a = torch.ones(n, dtype=torch.float64) if sample_weight is None else torch.as_tensor(np.asarray(sample_weight, dtype=np.float64))
+        a = as_weights(sample_weight, n)
         mu = G.mean(0)
         X = G - mu
         Y = one_hot(y_idx, len(classes))

@@ -13,8 +13,8 @@ from scipy.stats import kendalltau, spearmanr
 
 from .baselines import TracInHead
 from .errors import CarrotError
-from .head import RidgeHead
-from .influence import RidgeSystem, one_hot
+from .head import RidgeHead, one_hot
+from .influence import RidgeSystem
 
 
 def flip_labels(y: np.ndarray, fraction: float, n_classes: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

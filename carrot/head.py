@@ -35,6 +35,33 @@ def as_float64_matrix(G: ArrayLike, name: str = "G") -> torch.Tensor:
     return t
 
 
+def as_weights(sample_weight: ArrayLike | None, n: int) -> torch.Tensor:
+    """(n,) float64 weights, ones when None; finite, >= 0, positive sum, or a named error."""
+    if sample_weight is None:
+        return torch.ones(n, dtype=torch.float64)
+    a = torch.as_tensor(np.asarray(sample_weight.detach().cpu() if torch.is_tensor(sample_weight) else sample_weight,
+                                   dtype=np.float64))
+    if a.shape != (n,) or not torch.isfinite(a).all() or (a < 0).any() or a.sum() <= 0:
+        raise CarrotError(f"sample_weight: expected {n} finite weights >= 0 with a positive sum, got shape {tuple(a.shape)}")
+    return a
+
+
+def one_hot(y_idx: ArrayLike, c: int) -> torch.Tensor:
+    """(n, C) float64 one-hot targets from class indices."""
+    y_idx = torch.as_tensor(np.asarray(y_idx), dtype=torch.long)
+    Y = torch.zeros(len(y_idx), c, dtype=torch.float64)
+    Y[torch.arange(len(y_idx)), y_idx] = 1.0
+    return Y
+
+
+def encode_labels(y: ArrayLike, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(classes, class indices) of labels y, which must have shape (n,)."""
+    y = np.asarray(y)
+    if y.shape != (n,):
+        raise CarrotError(f"y: expected shape ({n},) to match G, got {y.shape}")
+    return np.unique(y, return_inverse=True)
+
+
 class RidgeHead:
     """Multi-class ridge classifier in closed form, with exact representer attribution.
 
@@ -81,20 +108,12 @@ class RidgeHead:
         self._validate_params()
         G = as_float64_matrix(G, "G")
         n, d = G.shape
-        y = np.asarray(y)
-        if y.shape != (n,):
-            raise CarrotError(f"y: expected shape ({n},) to match G, got {y.shape}")
-        classes, y_idx = np.unique(y, return_inverse=True)
+        classes, y_idx = encode_labels(y, n)
         if len(classes) < 2:
             raise CarrotError(f"y: expected at least 2 classes to fit a classifier, got {len(classes)} ({classes.tolist()})")
-        a = torch.ones(n, dtype=torch.float64) if sample_weight is None else as_float64_matrix(
-            np.asarray(sample_weight, dtype=np.float64).reshape(-1, 1), "sample_weight"
-        )[:, 0]
-        if a.shape != (n,) or (a < 0).any() or a.sum() <= 0:
-            raise CarrotError(f"sample_weight: expected {n} finite weights >= 0 with a positive sum")
+        a = as_weights(sample_weight, n)
         dev = resolve_device(self.device)
-        Y = torch.zeros(n, len(classes), dtype=torch.float64)
-        Y[torch.arange(n), torch.as_tensor(y_idx)] = 1.0
+        Y = one_hot(y_idx, len(classes))
         if self.fit_intercept:
             mu = (a @ G) / a.sum()
             ybar = (a @ Y) / a.sum()
@@ -103,7 +122,7 @@ class RidgeHead:
         if self.lam == "auto":
             from .loo import DEFAULT_LAMBDAS, ridge_loo_path
 
-            path = ridge_loo_path(G, y, self.lam_grid or DEFAULT_LAMBDAS, a.numpy(), self.fit_intercept)
+            path = ridge_loo_path(G, y, self.lam_grid or DEFAULT_LAMBDAS, a, self.fit_intercept)
             self.lam_ = path.best_lambda
             self.lam_path_ = {"lambdas": path.lambdas.tolist(), "loo_accuracy": path.accuracy.tolist(),
                               "loo_mse": path.mse.tolist()}

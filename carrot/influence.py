@@ -21,13 +21,7 @@ import torch
 
 from .devices import resolve_device
 from .errors import CarrotError, check_is_fitted
-from .head import ArrayLike, RidgeHead, as_float64_matrix
-
-
-def one_hot(y_idx: np.ndarray, c: int) -> torch.Tensor:
-    Y = torch.zeros(len(y_idx), c, dtype=torch.float64)
-    Y[torch.arange(len(y_idx)), torch.as_tensor(y_idx, dtype=torch.long)] = 1.0
-    return Y
+from .head import ArrayLike, RidgeHead, as_float64_matrix, as_weights, one_hot
 
 
 @dataclass
@@ -50,9 +44,7 @@ class RidgeSystem:
         n, d = G.shape
         if not (isinstance(lam, (int, float)) and np.isfinite(lam) and lam > 0):
             raise CarrotError(f"lam: expected a finite number > 0, got {lam!r}")
-        a = torch.ones(n, dtype=torch.float64) if a is None else torch.as_tensor(a, dtype=torch.float64).detach().cpu()
-        if a.shape != (n,) or not torch.isfinite(a).all() or (a < 0).any() or a.sum() <= 0:
-            raise CarrotError(f"sample_weight: expected {n} finite weights >= 0 with a positive sum")
+        a = as_weights(a, n)
         if Y.shape[0] != n:
             raise CarrotError(f"Y: expected {n} rows to match G, got {Y.shape[0]}")
         dev = resolve_device(device)

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from .errors import CarrotError
-from .head import ArrayLike, as_float64_matrix
+from .head import ArrayLike, as_float64_matrix, as_weights, encode_labels, one_hot
 
 DEFAULT_LAMBDAS = tuple(float(v) for v in np.logspace(-3, 4, 15))
 
@@ -46,20 +46,12 @@ def ridge_loo_path(
     """Exact LOO predictions of :class:`~carrot.head.RidgeHead` for every lambda; G (n, D), y (n,)."""
     G = as_float64_matrix(G, "G")
     n, d = G.shape
-    y = np.asarray(y)
-    if y.shape != (n,):
-        raise CarrotError(f"y: expected shape ({n},) to match G, got {y.shape}")
+    classes, y_idx = encode_labels(y, n)
     lams = np.asarray(lambdas, dtype=np.float64)
     if lams.ndim != 1 or len(lams) == 0 or not np.all(np.isfinite(lams)) or np.any(lams <= 0):
         raise CarrotError(f"lambdas: expected a non-empty list of finite numbers > 0, got {lambdas!r}")
-    classes, y_idx = np.unique(y, return_inverse=True)
-    Y = torch.zeros(n, len(classes), dtype=torch.float64)
-    Y[torch.arange(n), torch.as_tensor(y_idx)] = 1.0
-    a = torch.ones(n, dtype=torch.float64) if sample_weight is None else torch.as_tensor(
-        np.asarray(sample_weight, dtype=np.float64)
-    )
-    if a.shape != (n,) or (a < 0).any() or a.sum() <= 0:
-        raise CarrotError(f"sample_weight: expected {n} finite weights >= 0 with a positive sum")
+    Y = one_hot(y_idx, len(classes))
+    a = as_weights(sample_weight, n)
     if fit_intercept:
         mu, ybar, base = (a @ G) / a.sum(), (a @ Y) / a.sum(), 1.0 / a.sum()
     else:

@@ -21,8 +21,8 @@ import numpy as np
 import torch
 
 from .errors import CarrotError
-from .head import ArrayLike
-from .influence import RidgeSystem, one_hot
+from .head import ArrayLike, one_hot
+from .influence import RidgeSystem
 
 
 @dataclass(frozen=True)

@@ -63,22 +63,14 @@ def run_options(fn: Callable) -> Callable:
     return fn
 
 
-def _num_or_median(name: str, v: str | None) -> float | str | None:
-    if v is None or v == "median":
+def _num_or(word: str, name: str, v: str | None) -> float | str | None:
+    """A flag that takes a number or one keyword (``median``, ``auto``)."""
+    if v is None or v == word:
         return v
     try:
         return float(v)
     except ValueError:
-        raise CarrotError(f"--{name}: expected a number or 'median', got {v!r}") from None
-
-
-def _num_or_auto(name: str, v: str | None) -> float | str | None:
-    if v is None or v == "auto":
-        return v
-    try:
-        return float(v)
-    except ValueError:
-        raise CarrotError(f"--{name}: expected a number or 'auto', got {v!r}") from None
+        raise CarrotError(f"--{name}: expected a number or '{word}', got {v!r}") from None
 
 
 def build_config(config_path: str | None = None, **o: Any):
@@ -93,9 +85,9 @@ def build_config(config_path: str | None = None, **o: Any):
         "backbone.name": o.get("backbone"), "backbone.checkpoint": o.get("checkpoint"),
         "backbone.img_size": o.get("img_size"), "backbone.batch_size": o.get("batch_size"),
         "diffusion.t": o.get("t"), "diffusion.method": o.get("diffusion_method"),
-        "graph.sigma_space": _num_or_median("sigma-space", o.get("sigma_space")),
-        "graph.sigma_feat": _num_or_median("sigma-feat", o.get("sigma_feat")),
-        "graph.knn": o.get("knn"), "head.lam": _num_or_auto("lam", o.get("lam")),
+        "graph.sigma_space": _num_or("median", "sigma-space", o.get("sigma_space")),
+        "graph.sigma_feat": _num_or("median", "sigma-feat", o.get("sigma_feat")),
+        "graph.knn": o.get("knn"), "head.lam": _num_or("auto", "lam", o.get("lam")),
         "device": o.get("device"), "seed": o.get("seed"), "cache_dir": o.get("cache_dir"),
     })
 

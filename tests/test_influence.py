@@ -4,7 +4,8 @@ import torch
 
 from carrot.errors import CarrotError
 from carrot.head import RidgeHead
-from carrot.influence import RidgeSystem, one_hot
+from carrot.head import one_hot
+from carrot.influence import RidgeSystem
 
 
 def problem(n, d, c, seed, weighted=True):
