@@ -1,0 +1,76 @@
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+
+from carrot.backbone import patch_centres
+from carrot.config import DiffusionConfig, GraphConfig
+from carrot.errors import CarrotError
+from carrot.graph import affinity, normalized_laplacian
+from carrot.head import RidgeHead
+from carrot.region_attribution import deletion_insertion, mask_to_grid, node_removal, segment_sum
+
+
+@pytest.fixture(scope="module")
+def setup():
+    g = np.random.default_rng(0)
+    G, y = g.normal(size=(60, 5)), np.tile([0, 1, 2], 20)
+    head = RidgeHead(lam=0.5).fit(G, y)
+    H = torch.from_numpy(g.normal(size=(12, 5)))
+    return head, H, patch_centres((3, 4), torch.float64)
+
+
+def test_node_removal_at_t0_is_mean_without_the_node(setup):
+    head, H, P = setup
+    drops = node_removal(head, H, P, 1, GraphConfig(), DiffusionConfig(t=0.0))
+    full = head.decision_function(H.mean(0, keepdim=True).numpy())[0, 1]
+    for j in (0, 5, 11):
+        keep = np.arange(12) != j
+        ref = full - head.decision_function(H[keep].mean(0, keepdim=True).numpy())[0, 1]
+        assert drops[j] == pytest.approx(ref, rel=1e-10)
+
+
+def test_node_removal_with_diffusion_matches_scipy(setup):
+    head, H, P = setup
+    gc = GraphConfig(sigma_space=0.8, sigma_feat=2.0)
+    dc = DiffusionConfig(t=1.5)
+    drops = node_removal(head, H, P, 2, gc, dc, groups=np.repeat([0, 1, 2], 4))
+
+    def logit(keep):
+        W = affinity(H[keep][None], P[keep], 0.8, 2.0)
+        L = normalized_laplacian(W)[0].numpy()
+        g = (scipy.linalg.expm(-1.5 * L) @ H[keep].numpy()).mean(0)
+        return head.decision_function(g[None])[0, 2]
+
+    full = logit(np.ones(12, dtype=bool))
+    for gid in range(3):
+        keep = np.repeat([0, 1, 2], 4) != gid
+        assert drops[gid] == pytest.approx(full - logit(keep), rel=1e-9)
+
+
+def test_deletion_insertion_endpoints(setup):
+    head, H, P = setup
+    order = np.random.default_rng(1).permutation(12)
+    dc = DiffusionConfig(t=1.0)
+    dele, ins = deletion_insertion(head, H, P, 0, order, GraphConfig(), dc, steps=4)
+    full = dele.logits[0]
+    assert ins.logits[-1] == pytest.approx(full, rel=1e-12)
+    assert dele.logits[-1] == ins.logits[0] == pytest.approx(head.prior_[0].item())
+    assert dele.fractions[0] == 0 and dele.fractions[-1] == 1 and len(dele.fractions) == 5
+    assert dele.auc == pytest.approx(np.trapezoid(dele.logits, dele.fractions))
+    with pytest.raises(CarrotError, match="permutation"):
+        deletion_insertion(head, H, P, 0, [0, 1], GraphConfig(), dc)
+
+
+def test_mask_to_grid_and_segment_sums():
+    mask = np.zeros((30, 40), dtype=np.int64)
+    mask[:, 20:] = 7
+    mask[:10, :] = 3
+    seg = mask_to_grid(mask, (3, 4))
+    assert seg.reshape(3, 4).tolist() == [[3, 3, 3, 3], [0, 0, 7, 7], [0, 0, 7, 7]]
+    r = np.arange(12, dtype=float)
+    sums = segment_sum(r, seg)
+    assert sums == {0: 4 + 5 + 8 + 9, 3: 0 + 1 + 2 + 3, 7: 6 + 7 + 10 + 11}
+    assert sum(sums.values()) == r.sum()
+    with pytest.raises(CarrotError, match="integer"):
+        mask_to_grid(mask.astype(float), (3, 4))
