@@ -104,21 +104,30 @@ class RidgeHead:
             raise CarrotError(f"chunk_size: expected a positive integer, got {self.chunk_size!r}")
 
     def fit(self, G: ArrayLike, y: ArrayLike, sample_weight: ArrayLike | None = None) -> "RidgeHead":
-        """Fit on embeddings G (n, D) and integer labels y (n,), optional weights (n,) >= 0."""
+        """Fit on embeddings G (n, D) and labels y (n,), optional weights (n,) >= 0.
+
+        G may be a numpy memmap: the primal solve streams it in ``chunk_size`` rows (float64
+        accumulation), so only D x D and n x C arrays are held ('auto' lambda and the dual solve load G).
+        """
         self._validate_params()
-        G = as_float64_matrix(G, "G")
-        n, d = G.shape
+        if not hasattr(G, "shape") or len(G.shape) != 2:
+            G = as_float64_matrix(G, "G")
+        n, d = int(G.shape[0]), int(G.shape[1])
         classes, y_idx = encode_labels(y, n)
         if len(classes) < 2:
             raise CarrotError(f"y: expected at least 2 classes to fit a classifier, got {len(classes)} ({classes.tolist()})")
+        C = len(classes)
         a = as_weights(sample_weight, n)
         dev = resolve_device(self.device)
-        Y = one_hot(y_idx, len(classes))
+        y_t = torch.as_tensor(y_idx, dtype=torch.long)
+        solver = self.solver if self.solver != "auto" else ("primal" if n >= d else "dual")
+        if self.lam == "auto" or solver == "dual":
+            G = as_float64_matrix(G, "G")
         if self.fit_intercept:
-            mu = (a @ G) / a.sum()
-            ybar = (a @ Y) / a.sum()
+            mu = sum(a[sl] @ self._rows(G, sl) for sl in self._chunks(n)) / a.sum()
+            ybar = torch.zeros(C, dtype=torch.float64).index_add(0, y_t, a) / a.sum()
         else:
-            mu, ybar = torch.zeros(d, dtype=torch.float64), torch.zeros(len(classes), dtype=torch.float64)
+            mu, ybar = torch.zeros(d, dtype=torch.float64), torch.zeros(C, dtype=torch.float64)
         if self.lam == "auto":
             from .loo import DEFAULT_LAMBDAS, ridge_loo_path
 
@@ -128,11 +137,10 @@ class RidgeHead:
                               "loo_mse": path.mse.tolist()}
         else:
             self.lam_, self.lam_path_ = float(self.lam), None
-        solver = self.solver if self.solver != "auto" else ("primal" if n >= d else "dual")
         if solver == "primal":
-            W = self._solve_primal(G, Y, a, mu, ybar, dev)
+            W = self._solve_primal(G, y_t, C, a, mu, ybar, dev)
         else:
-            W = self._solve_dual(G, Y, a, mu, ybar, dev)
+            W = self._solve_dual(G, one_hot(y_idx, C), a, mu, ybar, dev)
         self.classes_ = classes
         self.coef_ = W
         self.feature_mean_ = mu
@@ -140,22 +148,35 @@ class RidgeHead:
         self.intercept_ = ybar - W.T @ mu
         self.solver_ = solver
         self.n_features_in_ = d
-        self.dual_coef_ = a.unsqueeze(1) * (Y - self._decision(G)) / self.lam_
+        self.dual_coef_ = torch.empty(n, C, dtype=torch.float64)
+        for sl in self._chunks(n):
+            resid = one_hot(y_idx[sl], C) - self._decision(self._rows(G, sl))
+            self.dual_coef_[sl] = a[sl].unsqueeze(1) * resid / self.lam_
         return self
 
     def _chunks(self, n: int):
         for s in range(0, n, self.chunk_size):
             yield slice(s, min(n, s + self.chunk_size))
 
-    def _solve_primal(self, G, Y, a, mu, ybar, dev) -> torch.Tensor:
+    @staticmethod
+    def _rows(G: ArrayLike, sl: slice) -> torch.Tensor:
+        """Rows ``sl`` of G as a finite float64 tensor (G: tensor, array or memmap)."""
+        block = G[sl]
+        block = block.to(torch.float64) if torch.is_tensor(block) else torch.from_numpy(np.array(block, dtype=np.float64))
+        if not torch.isfinite(block).all():
+            bad = int((~torch.isfinite(block)).any(1).sum())
+            raise CarrotError(f"G: features must be finite, found NaN/Inf in {bad} row(s)")
+        return block
+
+    def _solve_primal(self, G, y_t, C, a, mu, ybar, dev) -> torch.Tensor:
         d = G.shape[1]
         M = torch.zeros(d, d, dtype=torch.float64, device=dev)
-        B = torch.zeros(d, Y.shape[1], dtype=torch.float64, device=dev)
+        B = torch.zeros(d, C, dtype=torch.float64, device=dev)
         for sl in self._chunks(G.shape[0]):
-            Gc = (G[sl] - mu).to(dev)
+            Gc = (self._rows(G, sl) - mu).to(dev)
             aG = Gc * a[sl].to(dev).unsqueeze(1)
             M += aG.T @ Gc
-            B += aG.T @ (Y[sl] - ybar).to(dev)
+            B += aG.T @ (one_hot(y_t[sl], C) - ybar).to(dev)
         M.diagonal().add_(self.lam_)
         Lc = _cholesky(M)
         return torch.cholesky_solve(B, Lc).cpu()

@@ -128,3 +128,21 @@ def test_identity_property(n, d, c, lam, seed):
     recon = (K @ head.dual_coef_).numpy() + head.prior_.numpy()
     logits = head.decision_function(G)
     np.testing.assert_allclose(recon, logits, rtol=1e-6, atol=1e-8 * max(1.0, np.abs(logits).max()))
+
+
+def test_streamed_memmap_fit_equals_in_memory(tmp_path):
+    G, y, a = problem(1000, 16, 7, seed=11, weighted=True)
+    mm = np.lib.format.open_memmap(tmp_path / "G.npy", mode="w+", dtype=np.float32, shape=G.shape)
+    mm[:] = G
+    mm.flush()
+    G32 = np.load(tmp_path / "G.npy", mmap_mode="r")
+    streamed = RidgeHead(lam=0.3, chunk_size=97).fit(G32, y, sample_weight=a)
+    ref = RidgeHead(lam=0.3).fit(np.asarray(G32, dtype=np.float64), y, sample_weight=a)
+    assert streamed.solver_ == "primal"
+    np.testing.assert_allclose(streamed.coef_.numpy(), ref.coef_.numpy(), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(streamed.dual_coef_.numpy(), ref.dual_coef_.numpy(), rtol=1e-10, atol=1e-12)
+    mm = np.lib.format.open_memmap(tmp_path / "bad.npy", mode="w+", dtype=np.float32, shape=G.shape)
+    mm[:] = G
+    mm[500, 3] = np.inf
+    with pytest.raises(CarrotError, match="NaN/Inf in 1 row"):
+        RidgeHead(lam=0.3, chunk_size=97).fit(mm, y)
