@@ -15,6 +15,7 @@ from carrot.errors import CarrotError
 from carrot.io import user_cache_dir, write_json
 from carrot.pipeline import Carrot
 from carrot.report import write_explanation
+from carrot.runs import run_embeddings, write_index
 
 
 def load_splits(config: RunConfig) -> tuple[ImageDataset, ImageDataset]:
@@ -61,6 +62,7 @@ def fit(config: RunConfig, run_dir: str | Path, progress: bool = True) -> dict[s
     model.save(run_dir, {"metrics": metrics, "test_records": [[r.path, r.label] for r in test.records]})
     np.save(Path(run_dir) / "test_embeddings.npy", G_test)
     write_json(Path(run_dir) / "metrics.json", metrics)
+    write_index(run_dir)
     return metrics
 
 
@@ -86,38 +88,39 @@ def collect_images(inputs: Sequence[str]) -> list[str]:
 
 
 def explain(run_dir: str | Path, inputs: Sequence[str], out_dir: str | Path | None = None, top_k: int = 5,
-            device: str | None = None, batch: int = 16) -> list[dict[str, Any]]:
-    """Explain each image with a fitted run; writes heatmap.png + explanation.json per image."""
+            device: str | None = None, batch: int = 16, node_removal: bool = False,
+            region_mask: str | None = None) -> list[dict[str, Any]]:
+    """Explain each image with a fitted run: heatmap.png, explanation.html/.json per image, index.html."""
     model = Carrot.load(run_dir)
     if device:
         model.config = model.config.merged({"device": device})
     model.check_backbone()
     paths = collect_images(inputs)
+    masks = None
+    if region_mask:
+        if len(paths) != 1:
+            raise CarrotError(f"--region-mask: expected exactly one image to explain, got {len(paths)}")
+        from PIL import Image
+
+        with Image.open(region_mask) as m:
+            masks = {paths[0]: np.asarray(model.mask_transform()(m.convert("I")), dtype=np.int64)}
     out_root = Path(out_dir) if out_dir else Path(run_dir) / "explanations"
     results = []
     for s in range(0, len(paths), batch):
-        for exp in model.explain(paths[s : s + batch], top_k):
+        for exp in model.explain(paths[s : s + batch], top_k, node_removal=node_removal, masks=masks):
             stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(exp["image"]).stem)
             results.append(write_explanation(exp, out_root / f"{len(results):04d}_{stem}"))
     write_json(out_root / "explanations.json", results)
+    if out_root.resolve() == (Path(run_dir) / "explanations").resolve():
+        write_index(run_dir, results)
     return results
-
-
-def _run_embeddings(run_dir: str | Path) -> tuple[Carrot, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    model = Carrot.load(run_dir)
-    test_path = Path(run_dir) / "test_embeddings.npy"
-    if not test_path.is_file():
-        raise CarrotError(f"run '{run_dir}' has no test_embeddings.npy; refit it with carrot-run fit")
-    y_test = np.array([lab for _, lab in model.meta_["test_records"]])
-    y_train = np.array([r.label for r in model.train_records_])
-    return model, model.train_embeddings_, y_train, np.load(test_path), y_test
 
 
 def evaluate(run_dir: str | Path, what: Sequence[str], out: str | Path | None = None, **kwargs: Any) -> dict[str, Any]:
     """Attribution evaluations on a fitted run's cached embeddings; writes evaluation.json."""
     from carrot.evaluate import evaluate_embeddings
 
-    model, G, y, G_test, _ = _run_embeddings(run_dir)
+    model, G, y, G_test, _ = run_embeddings(run_dir)
     res = evaluate_embeddings(G, y, G_test, model.head_.lam_, what, seed=model.config.seed, **kwargs)
     write_json(Path(out) if out else Path(run_dir) / "evaluation.json", res)
     return res
@@ -128,7 +131,7 @@ def reweight(run_dir: str | Path, val_fraction: float = 0.2, out: str | Path | N
     from carrot.data import ImageDataset, ImageRecord, stratified_split
     from carrot.reweight import RROConfig, rro
 
-    model, G, y, G_test, y_test = _run_embeddings(run_dir)
+    model, G, y, G_test, y_test = run_embeddings(run_dir)
     cfg = RROConfig(**{k: v for k, v in rro_kwargs.items() if v is not None}, seed=model.config.seed)
     idx = ImageDataset([ImageRecord(str(i), int(lab)) for i, lab in enumerate(y)], model.classes_, "train")
     fit_part, val_part = stratified_split(idx, val_fraction, model.config.seed)

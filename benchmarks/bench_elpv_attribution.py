@@ -21,6 +21,7 @@ def main() -> None:
     import main as orchestration
     from carrot.config import RunConfig
     from carrot.evaluate import evaluate_embeddings
+    from carrot.runs import run_embeddings
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run", default="runs/demo")
@@ -32,7 +33,7 @@ def main() -> None:
     a = ap.parse_args()
     if not (Path(a.run) / "run.json").is_file():
         orchestration.fit(RunConfig(), a.run)
-    model, G, y, G_test, _ = orchestration._run_embeddings(a.run)
+    model, G, y, G_test, _ = run_embeddings(a.run)
     per_seed = []
     for seed in a.seeds:
         t = time.perf_counter()

@@ -163,3 +163,21 @@ def _augment(G: torch.Tensor, fit_intercept: bool) -> torch.Tensor:
     if not fit_intercept:
         return G
     return torch.cat([torch.ones(G.shape[0], 1, dtype=G.dtype, device=G.device), G], dim=1)
+
+
+def loo_total_on_true_class(system: RidgeSystem, G_test: ArrayLike, y_test_idx: np.ndarray, chunk: int = 256) -> torch.Tensor:
+    """For each training row i: sum over test rows x of f_-i(x)_{y_x} - f(x)_{y_x}, (n,), streamed over x.
+
+    Positive: removing i raises the true-class logits (a harmful image); negative: i helps.
+    """
+    X = _augment(system.G, system.fit_intercept)
+    Z = system.solve(X.T)  # (p, n)
+    h = system.a * (X * Z.T).sum(1)
+    R = system.residuals() * (system.a / (1 - h)).unsqueeze(1)  # (n, C)
+    Gt = as_float64_matrix(G_test, "G_test")
+    y = torch.as_tensor(np.asarray(y_test_idx), dtype=torch.long)
+    total = torch.zeros(X.shape[0], dtype=torch.float64)
+    for s in range(0, Gt.shape[0], chunk):
+        Q = system.augment(Gt[s : s + chunk]) @ Z  # (mc, n)
+        total -= (Q * R[:, y[s : s + chunk]].T).sum(0)
+    return total

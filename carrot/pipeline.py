@@ -95,8 +95,42 @@ class Carrot:
     def cache_dtype(self) -> str:
         return self.config.backbone.cache_dtype
 
-    def explain(self, paths: Sequence[str], k: int = 5) -> list[dict[str, Any]]:
-        """Per image: prediction, logits, exact top-k supporting/inhibiting training images, region map."""
+    def train_regions(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int], list]:
+        """Tokens (k, N, D), readout weights (k, N), grid and display images of training images.
+
+        Tokens come from the run's token cache when it is still there and matches the backbone,
+        else from the backbone (same numbers up to the cache dtype's rounding).
+        """
+        from .cache import open_store
+
+        recs = [self.train_records_[i] for i in indices]
+        geo = self.backbone.display_transform()
+        imgs = [geo(load_image(r, self.backbone.min_side)) for r in recs]
+        caches = getattr(self, "meta_", {}).get("metrics", {}).get("token_caches", [])
+        store = None
+        if caches and Path(caches[0]).is_dir():
+            try:
+                store = open_store(caches[0])
+            except CarrotError:
+                store = None
+        if store is not None and store.manifest["weights_id"] == self.backbone.weights_id and len(store) == len(self.train_records_):
+            H = torch.from_numpy(np.asarray(store.tokens[np.asarray(indices)], dtype=np.float32))
+            grid = store.grid
+        else:
+            tf = self.backbone.transform()
+            H, grid = self.backbone(torch.stack([tf(load_image(r, self.backbone.min_side)) for r in recs]))
+            H = H.cpu()
+        _, w = self.embed_regions(RegionSet(H.to(torch.float64), patch_centres(grid, torch.float64), grid))
+        return H, w, grid, imgs
+
+    def explain(self, paths: Sequence[str], k: int = 5, pairs: int = 3, node_removal: bool = False,
+                masks: dict[str, np.ndarray] | None = None) -> list[dict[str, Any]]:
+        """Per image: prediction, class scores, exact top-k supporting/inhibiting training images (each
+        with its own region map and the strongest (test region, training region) pairs), region map;
+        optionally node-removal drops, deletion/insertion curves and per-segment sums of user masks."""
+        from .attribution import region_pairs
+        from .region_attribution import deletion_insertion, mask_to_grid, node_removal as removal, segment_sum
+
         check_is_fitted(self, ("head_",))
         n = len(self.train_records_)
         if not isinstance(k, int) or not 1 <= k <= n:
@@ -104,6 +138,7 @@ class Carrot:
         G, H, w, grid, imgs = self.embed_images(paths)
         logits = self.head_.decision_function(G)
         K = centred_kernel(self.head_, self.train_embeddings_, G)  # (m, n)
+        P = patch_centres(grid, torch.float64)
         out = []
         for i, path in enumerate(paths):
             c = int(logits[i].argmax())
@@ -111,14 +146,23 @@ class Carrot:
             tk = top_k(contrib, k)
             regions = region_contributions(self.head_, H[i], w[i])[:, c]
             prior = float(self.head_.prior_[c])
-
-            def rows(idx, val):
-                return [
-                    {"index": int(j), "path": self.train_records_[j].path, "label": self.classes_[self.train_records_[j].label],
-                     "score": float(v)} for j, v in zip(idx, val)
-                ]
-
-            out.append({
+            idx = np.concatenate([tk.support_idx, tk.inhibit_idx])
+            Ht, wt, tgrid, timgs = self.train_regions(idx.tolist())
+            rows = []
+            for r, (j, v) in enumerate(zip(idx, np.concatenate([tk.support_val, tk.inhibit_val]))):
+                pm = region_pairs(self.head_, H[i], w[i], Ht[r], wt[r], float(self.head_.dual_coef_[j, c]))
+                flat = torch.topk(pm.flatten().abs(), min(pairs, pm.numel())).indices
+                rows.append({
+                    "index": int(j), "path": self.train_records_[j].path,
+                    "label": self.classes_[self.train_records_[j].label], "score": float(v),
+                    "pair_sum_error": abs(float(pm.sum()) - float(v)),
+                    "test_regions": pm.sum(1).reshape(grid).tolist(),
+                    "train_regions": pm.sum(0).reshape(tgrid).tolist(),
+                    "pairs": [{"test_region": int(f // pm.shape[1]), "train_region": int(f % pm.shape[1]),
+                               "value": float(pm.flatten()[f])} for f in flat.tolist()],
+                    "_image": timgs[r],
+                })
+            exp: dict[str, Any] = {
                 "image": str(path),
                 "predicted": self.classes_[c],
                 "predicted_index": c,
@@ -130,13 +174,39 @@ class Carrot:
                     "data": abs(prior + float(contrib.sum()) - float(logits[i, c])),
                     "regions": abs(prior + float(regions.sum()) - float(logits[i, c])),
                 },
-                "supporting": rows(tk.support_idx, tk.support_val),
-                "inhibiting": rows(tk.inhibit_idx, tk.inhibit_val),
+                "supporting": rows[:k],
+                "inhibiting": rows[k:],
                 "grid": list(grid),
+                "train_grid": list(tgrid),
                 "region_contributions": regions.reshape(grid).tolist(),
                 "_image": imgs[i],
-            })
+            }
+            gcfg, dcfg = self.config.graph, self.config.diffusion
+            if node_removal:
+                drops = removal(self.head_, H[i], P, c, gcfg, dcfg)
+                dele, ins = deletion_insertion(self.head_, H[i], P, c, np.argsort(-regions.numpy(), kind="stable"), gcfg, dcfg)
+                exp["node_removal"] = [drops[j] for j in range(len(drops))]
+                exp["deletion"] = {"fractions": dele.fractions.tolist(), "logits": dele.logits.tolist(), "auc": dele.auc}
+                exp["insertion"] = {"fractions": ins.fractions.tolist(), "logits": ins.logits.tolist(), "auc": ins.auc}
+            if masks and str(path) in masks:
+                seg = mask_to_grid(masks[str(path)], grid)
+                exp["segments"] = {str(s_): v for s_, v in segment_sum(regions.numpy(), seg).items()}
+                if node_removal:
+                    exp["segment_removal"] = {str(s_): v for s_, v in removal(self.head_, H[i], P, c, gcfg, dcfg, seg).items()}
+            out.append(exp)
         return out
+
+    def mask_transform(self):
+        """The display geometry for integer masks (nearest-neighbour resize, same crop)."""
+        from torchvision import transforms
+
+        steps = []
+        for st in self.backbone.display_transform().transforms:
+            if isinstance(st, transforms.Resize):
+                steps.append(transforms.Resize(st.size, interpolation=transforms.InterpolationMode.NEAREST))
+            else:
+                steps.append(st)
+        return transforms.Compose(steps)
 
     # -- persistence -------------------------------------------------------------------------
     def save(self, run_dir: str | Path, extra: dict[str, Any] | None = None) -> None:

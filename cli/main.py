@@ -135,20 +135,25 @@ def fit(run_dir: str, quiet: bool, as_json: bool, **opts: Any) -> None:
 @click.option("--top-k", type=int, default=5, show_default=True, help="Supporting and inhibiting training images to list.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), help="Where to write explanations (default: RUN_DIR/explanations).")
 @click.option("--device", help="auto, cpu, cuda, cuda:N or mps.")
+@click.option("--node-removal", is_flag=True, help="Also remove each region from the graph (logit drops) and draw deletion/insertion curves.")
+@click.option("--region-mask", type=click.Path(exists=True, dir_okay=False), help="Integer mask image (same size as the one IMAGE): exact contribution of each of your segments.")
 @click.option("--json", "as_json", is_flag=True, help="Print the explanations as JSON on stdout.")
 @user_errors
-def explain(run_dir: str, images: tuple[str, ...], top_k: int, out_dir: str | None, device: str | None, as_json: bool) -> None:
+def explain(run_dir: str, images: tuple[str, ...], top_k: int, out_dir: str | None, device: str | None,
+            node_removal: bool, region_mask: str | None, as_json: bool) -> None:
     """Explain IMAGES (files or folders) with the run in RUN_DIR: class, exact top-K training
-    images for and against it, and a region heatmap PNG."""
+    images for and against it (with their own region maps and matched region pairs), region
+    heatmap PNG, an HTML page per image and the run's index.html."""
     import main as orchestration
 
-    results = orchestration.explain(run_dir, images, out_dir, top_k, device)
+    results = orchestration.explain(run_dir, images, out_dir, top_k, device, node_removal=node_removal,
+                                    region_mask=region_mask)
     if as_json:
         click.echo(json.dumps(results, indent=2))
         return
     for r in results:
         sup = ", ".join(f"{Path(s['path']).name}({s['score']:+.3f})" for s in r["supporting"][:3])
-        click.echo(f"{r['image']}: {r['predicted']}  [support: {sup}]  heatmap: {r['heatmap']}")
+        click.echo(f"{r['image']}: {r['predicted']}  [support: {sup}]  page: {r['page']}")
 
 
 @cli.command()

@@ -1,0 +1,72 @@
+"""Run-directory level work: cached embeddings of a fitted run, its summary, its index page."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from .data import load_image
+from .errors import CarrotError
+from .influence import RidgeSystem, loo_total_on_true_class
+from .io import atomic_path, read_json
+from .pipeline import Carrot
+from .report import index_html
+
+
+def run_embeddings(run_dir: str | Path) -> tuple[Carrot, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(model, G_train, y_train, G_test, y_test) of a fitted run, from its saved embeddings."""
+    model = Carrot.load(run_dir)
+    test_path = Path(run_dir) / "test_embeddings.npy"
+    if not test_path.is_file():
+        raise CarrotError(f"run '{run_dir}' has no test_embeddings.npy; refit it with carrot-run fit")
+    y_test = np.array([lab for _, lab in model.meta_["test_records"]])
+    y_train = np.array([r.label for r in model.train_records_])
+    return model, model.train_embeddings_, y_train, np.load(test_path), y_test
+
+
+def run_summary(model: Carrot, G: np.ndarray, y: np.ndarray, G_test: np.ndarray, y_test: np.ndarray,
+                n_review: int = 8) -> dict[str, Any]:
+    """Accuracy, per-class table, confusion matrix and the most harmful / helpful training images
+    by exact leave-one-out influence on the test images' true-class logits."""
+    head = model.head_
+    pred = head.decision_function(G_test).argmax(1)
+    C = len(model.classes_)
+    cm = np.zeros((C, C), dtype=int)
+    np.add.at(cm, (y_test, pred), 1)
+    system = RidgeSystem.from_head(head, G, y)
+    total = loo_total_on_true_class(system, G_test, np.searchsorted(head.classes_, y_test)).numpy()
+
+    def rows(order):
+        return [{"index": int(i), "path": model.train_records_[i].path,
+                 "label": model.classes_[model.train_records_[i].label], "score": float(total[i])} for i in order]
+
+    k = min(n_review, len(total))
+    return {
+        "classes": model.classes_, "confusion": cm.tolist(),
+        "test_accuracy": float((pred == y_test).mean()) if len(y_test) else float("nan"),
+        "per_class": {c: {"n_test": int(cm[i].sum()), "accuracy": float(cm[i, i] / max(1, cm[i].sum()))}
+                      for i, c in enumerate(model.classes_)},
+        "harmful": rows(np.argsort(-total, kind="stable")[:k]),
+        "helpful": rows(np.argsort(total, kind="stable")[:k]),
+        "n_train": int(len(y)), "n_test": int(len(y_test)), "lam": float(head.lam_),
+        "t": model.config.diffusion.t, "backbone": model.config.backbone.name,
+    }
+
+
+def write_index(run_dir: str | Path, explained: Sequence[dict[str, Any]] = ()) -> Path:
+    """(Re)write RUN_DIR/index.html, linking the explanation pages listed in RUN_DIR/explanations."""
+    run_dir = Path(run_dir)
+    model, G, y, G_test, y_test = run_embeddings(run_dir)
+    summary = run_summary(model, G, y, G_test, y_test)
+    summary["name"] = run_dir.resolve().name
+    listed = run_dir / "explanations" / "explanations.json"
+    pages = list(explained) or (read_json(listed, "explanations list") if listed.is_file() else [])
+    geo = model.backbone.display_transform() if summary["harmful"] else None
+    thumbs = {r["index"]: geo(load_image(model.train_records_[r["index"]])) for r in summary["harmful"] + summary["helpful"]}
+    links = [{"href": os.path.relpath(p["page"], run_dir), "image": p["image"], "predicted": p["predicted"]}
+             for p in pages if "page" in p]
+    with atomic_path(run_dir / "index.html") as tmp:
+        tmp.write_text(index_html(summary, thumbs, links))
+    return run_dir / "index.html"
