@@ -15,7 +15,7 @@ from carrot.errors import CarrotError
 from carrot.io import user_cache_dir, write_json
 from carrot.pipeline import Carrot
 from carrot.report import write_explanation
-from carrot.runs import run_embeddings, write_index
+from carrot.runs import bench, reweight, run_embeddings, write_index  # noqa: F401  (CLI entry points)
 
 
 def load_splits(config: RunConfig) -> tuple[ImageDataset, ImageDataset]:
@@ -35,18 +35,22 @@ def load_splits(config: RunConfig) -> tuple[ImageDataset, ImageDataset]:
     return load_imagefolder(d.root, d.test_fraction, d.split_seed)
 
 
+def extract_splits(config: RunConfig, model: Carrot | None = None, progress: bool = True) -> tuple[list, ImageDataset, ImageDataset]:
+    """Token caches of the train and test splits (extracted, resumed or reused)."""
+    train, test = load_splits(config)
+    model = model or Carrot(config)
+    cache_root = Path(config.cache_dir) if config.cache_dir else user_cache_dir() / "tokens"
+    b = config.backbone
+    stores = [extract(model.backbone, split, cache_root, dtype=b.cache_dtype, batch_size=b.batch_size,
+                      num_workers=b.num_workers, progress=progress) for split in (train, test)]
+    return stores, train, test
+
+
 def fit(config: RunConfig, run_dir: str | Path, progress: bool = True) -> dict[str, Any]:
     """Extract (cached) tokens for both splits, fit the head, evaluate, save the run directory."""
     t0 = time.perf_counter()
-    train, test = load_splits(config)
     model = Carrot(config)
-    cache_root = Path(config.cache_dir) if config.cache_dir else user_cache_dir() / "tokens"
-    b = config.backbone
-    stores = [
-        extract(model.backbone, split, cache_root, dtype=b.cache_dtype, batch_size=b.batch_size,
-                num_workers=b.num_workers, progress=progress)
-        for split in (train, test)
-    ]
+    stores, train, test = extract_splits(config, model, progress)
     t_extract = time.perf_counter() - t0
     G_train, G_test = (model.embed_store(s, progress=progress) for s in stores)
     model.fit(G_train, train.labels, train.records, train.classes)
@@ -124,28 +128,6 @@ def evaluate(run_dir: str | Path, what: Sequence[str], out: str | Path | None = 
     res = evaluate_embeddings(G, y, G_test, model.head_.lam_, what, seed=model.config.seed, **kwargs)
     write_json(Path(out) if out else Path(run_dir) / "evaluation.json", res)
     return res
-
-
-def reweight(run_dir: str | Path, val_fraction: float = 0.2, out: str | Path | None = None, **rro_kwargs: Any) -> dict[str, Any]:
-    """RRO on a fitted run: split train into fit/validation, reweight, compare test accuracy with uniform."""
-    from carrot.data import ImageDataset, ImageRecord, stratified_split
-    from carrot.reweight import RROConfig, rro
-
-    model, G, y, G_test, y_test = run_embeddings(run_dir)
-    cfg = RROConfig(**{k: v for k, v in rro_kwargs.items() if v is not None}, seed=model.config.seed)
-    idx = ImageDataset([ImageRecord(str(i), int(lab)) for i, lab in enumerate(y)], model.classes_, "train")
-    fit_part, val_part = stratified_split(idx, val_fraction, model.config.seed)
-    f_rows, v_rows = np.array([int(r.path) for r in fit_part.records]), np.array([int(r.path) for r in val_part.records])
-    res = rro(G[f_rows], y[f_rows], G[v_rows], y[v_rows], model.head_.lam_, cfg, G_test, y_test)
-    weights = np.zeros(len(y))
-    weights[f_rows] = res.alpha
-    summary = {"config": cfg.to_dict(), "val_fraction": val_fraction, "best_step": res.best_step,
-               "uniform_test_accuracy": res.history[0]["test_accuracy"],
-               "reweighted_test_accuracy": res.history[res.best_step]["test_accuracy"],
-               "ess_per_class": {model.classes_[int(c)]: v for c, v in res.ess.items()}, "history": res.history,
-               "weights": weights.tolist()}
-    write_json(Path(out) if out else Path(run_dir) / "reweight.json", summary)
-    return summary
 
 
 def demo(config: RunConfig, run_dir: str | Path, explain_n: int = 3, progress: bool = True) -> dict[str, Any]:

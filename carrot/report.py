@@ -19,7 +19,8 @@ body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px;
 h1{font-size:22px} h2{font-size:18px;margin-top:28px;border-bottom:1px solid #ddd}
 .row{display:flex;gap:18px;flex-wrap:wrap;align-items:flex-start}
 figure{margin:0} figcaption{font-size:12px;color:#444;max-width:220px;word-break:break-all}
-.card{border:1px solid #ddd;border-radius:6px;padding:8px;width:230px;font-size:12px}
+.card{border:1px solid #ddd;border-radius:6px;padding:8px;width:250px;font-size:12px}
+.card .row{gap:6px}
 .card img{width:110px;height:110px;object-fit:cover;image-rendering:auto}
 .big img{width:260px;height:260px;object-fit:contain;background:#f4f4f4}
 table{border-collapse:collapse;font-size:13px} td,th{border:1px solid #ddd;padding:3px 7px;text-align:right}

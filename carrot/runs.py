@@ -10,7 +10,7 @@ import numpy as np
 from .data import load_image
 from .errors import CarrotError
 from .influence import RidgeSystem, loo_total_on_true_class
-from .io import atomic_path, read_json
+from .io import atomic_path, read_json, write_json
 from .pipeline import Carrot
 from .report import index_html
 
@@ -70,3 +70,47 @@ def write_index(run_dir: str | Path, explained: Sequence[dict[str, Any]] = ()) -
     with atomic_path(run_dir / "index.html") as tmp:
         tmp.write_text(index_html(summary, thumbs, links))
     return run_dir / "index.html"
+
+
+def reweight(run_dir: str | Path, val_fraction: float = 0.2, out: str | Path | None = None, **rro_kwargs: Any) -> dict[str, Any]:
+    """RRO on a fitted run: split train into fit/validation, reweight, compare test accuracy with uniform."""
+    from .data import ImageDataset, ImageRecord, stratified_split
+    from .reweight import RROConfig, rro
+
+    model, G, y, G_test, y_test = run_embeddings(run_dir)
+    cfg = RROConfig(**{k: v for k, v in rro_kwargs.items() if v is not None}, seed=model.config.seed)
+    idx = ImageDataset([ImageRecord(str(i), int(lab)) for i, lab in enumerate(y)], model.classes_, "train")
+    fit_part, val_part = stratified_split(idx, val_fraction, model.config.seed)
+    f_rows, v_rows = np.array([int(r.path) for r in fit_part.records]), np.array([int(r.path) for r in val_part.records])
+    res = rro(G[f_rows], y[f_rows], G[v_rows], y[v_rows], model.head_.lam_, cfg, G_test, y_test)
+    weights = np.zeros(len(y))
+    weights[f_rows] = res.alpha
+    summary = {"config": cfg.to_dict(), "val_fraction": val_fraction, "best_step": res.best_step,
+               "uniform_test_accuracy": res.history[0]["test_accuracy"],
+               "reweighted_test_accuracy": res.history[res.best_step]["test_accuracy"],
+               "ess_per_class": {model.classes_[int(c)]: v for c, v in res.ess.items()}, "history": res.history,
+               "weights": weights.tolist()}
+    write_json(Path(out) if out else Path(run_dir) / "reweight.json", summary)
+    return summary
+
+
+def bench(run_dir: str | Path, ts: Sequence[float], out: str | Path | None = None) -> list[dict[str, Any]]:
+    """Diffusion-time sweep on a fitted run's token caches; writes t_sweep.json and .csv."""
+    import csv
+
+    from .cache import open_store
+    from .sweep import t_sweep
+
+    model = Carrot.load(run_dir)
+    caches = model.meta_.get("metrics", {}).get("token_caches", [])
+    if len(caches) != 2 or not all(Path(c).is_dir() for c in caches):
+        raise CarrotError(f"run '{run_dir}': its token caches are gone ({caches}); run carrot-run fit again to rebuild them")
+    train, test = (open_store(c) for c in caches)
+    rows = t_sweep(train, test, ts, model.config.graph, model.config.head.lam)
+    out = Path(out) if out else Path(run_dir) / "t_sweep.json"
+    write_json(out, rows)
+    with open(out.with_suffix(".csv"), "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=sorted({k for r in rows for k in r}))
+        w.writeheader()
+        w.writerows(rows)
+    return rows

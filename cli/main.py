@@ -130,6 +130,39 @@ def fit(run_dir: str, quiet: bool, as_json: bool, **opts: Any) -> None:
 
 
 @cli.command()
+@run_options
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+@user_errors
+def extract(quiet: bool, **opts: Any) -> None:
+    """Extract (or resume, or reuse) the backbone tokens of the train and test splits into the token
+    cache, without fitting; prints the cache folders as JSON."""
+    import main as orchestration
+
+    stores, _, _ = orchestration.extract_splits(build_config(**opts), progress=not quiet)
+    click.echo(json.dumps({"train": str(stores[0].path), "test": str(stores[1].path),
+                           "n": [len(s) for s in stores], "grid": list(stores[0].grid)}, indent=2))
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--t", "ts", default="0,0.25,0.5,1,2,5,10", show_default=True, help="Comma-separated diffusion times to compare.")
+@click.option("--out", "out_path", type=click.Path(dir_okay=False), help="JSON file to write (default: RUN_DIR/t_sweep.json, plus .csv).")
+@user_errors
+def bench(run_dir: str, ts: str, out_path: str | None) -> None:
+    """Compare diffusion times t on the run's cached tokens (one eigendecomposition per image for all
+    t): test accuracy, LOO-chosen lambda and LOO accuracy per t."""
+    import main as orchestration
+
+    try:
+        t_list = [float(t) for t in ts.split(",") if t.strip()]
+    except ValueError:
+        raise CarrotError(f"--t: expected comma-separated numbers, got {ts!r}") from None
+    if not t_list:
+        raise CarrotError("--t: expected at least one diffusion time")
+    click.echo(json.dumps(orchestration.bench(run_dir, t_list, out_path), indent=2))
+
+
+@cli.command()
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
 @click.argument("images", nargs=-1, required=True, type=click.Path(exists=True))
 @click.option("--top-k", type=int, default=5, show_default=True, help="Supporting and inhibiting training images to list.")

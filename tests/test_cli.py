@@ -157,3 +157,16 @@ def test_evaluate_and_reweight_commands(fitted, tmp_path):
     bad(["evaluate", str(fitted), "--k", "a,b"], "--k: expected comma-separated integers")
     bad(["evaluate", str(fitted), "--k", "100"], "K < n = 12")
     bad(["reweight", str(fitted), "--steps", "0"], "rro.steps")
+
+
+def test_extract_and_bench_commands(fitted, tmp_path, synthetic_root, tiny_config):
+    r = run("extract", "--config", tiny_config, "--data", str(synthetic_root), "--quiet")
+    assert r.exit_code == 0, r.output
+    info = json.loads(r.output)
+    assert info["n"] == [12, 6] and Path(info["train"]).is_dir()
+    r = run("bench", str(fitted), "--t", "0,1", "--out", str(tmp_path / "sweep.json"))
+    assert r.exit_code == 0, r.output
+    rows = json.loads((tmp_path / "sweep.json").read_text())
+    assert [x["t"] for x in rows] == [0.0, 1.0] and (tmp_path / "sweep.csv").is_file()
+    bad(["bench", str(fitted), "--t", "-1"], "t: expected diffusion times >= 0")
+    bad(["bench", str(fitted), "--t", "x"], "--t: expected comma-separated numbers")

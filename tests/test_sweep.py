@@ -1,0 +1,21 @@
+import numpy as np
+import torch
+
+from carrot.cache import extract
+from carrot.config import DiffusionConfig, GraphConfig, RunConfig
+from carrot.data import load_imagefolder
+from carrot.pipeline import Carrot
+from carrot.regions import RegionSet
+from carrot.sweep import embeddings_over_t, t_sweep
+
+
+def test_sweep_embeddings_equal_the_pipeline_at_each_t(tmp_path, synthetic_root, tiny_vit):
+    train, test = load_imagefolder(synthetic_root)
+    st, se = (extract(tiny_vit, s, tmp_path, progress=False) for s in (train, test))
+    ts = [0.0, 0.7, 3.0]
+    G = embeddings_over_t(st, ts, GraphConfig())
+    for i, t in enumerate(ts):
+        model = Carrot(RunConfig(diffusion=DiffusionConfig(t=t)))
+        np.testing.assert_allclose(G[i], model.embed_store(st), rtol=1e-9, atol=1e-10)
+    rows = t_sweep(st, se, ts, GraphConfig(), lam="auto")
+    assert [r["t"] for r in rows] == ts and all(0 <= r["test_accuracy"] <= 1 and "loo_accuracy" in r for r in rows)
