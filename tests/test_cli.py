@@ -170,3 +170,20 @@ def test_extract_and_bench_commands(fitted, tmp_path, synthetic_root, tiny_confi
     assert [x["t"] for x in rows] == [0.0, 1.0] and (tmp_path / "sweep.csv").is_file()
     bad(["bench", str(fitted), "--t", "-1"], "t: expected diffusion times >= 0")
     bad(["bench", str(fitted), "--t", "x"], "--t: expected comma-separated numbers")
+
+
+def test_explain_with_node_removal_and_region_mask(fitted, synthetic_root, tmp_path):
+    img = synthetic_root / "class_02" / "img_001.png"
+    mask = np.zeros((32, 32), dtype=np.uint8)
+    mask[:, 16:] = 1
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    r = run("explain", str(fitted), str(img), "--node-removal", "--region-mask", str(tmp_path / "mask.png"),
+            "--out", str(tmp_path / "x"), "--json", "--top-k", "2")
+    assert r.exit_code == 0, r.output
+    e = json.loads(r.output)[0]
+    assert len(e["node_removal"]) == 4 and e["deletion"]["fractions"][0] == 0
+    assert set(e["segments"]) == {"0", "1"}
+    assert sum(e["segments"].values()) == pytest.approx(e["region_sum"], rel=1e-9)
+    assert set(e["segment_removal"]) == {"0", "1"}
+    bad(["explain", str(fitted), str(synthetic_root / "class_00"), "--region-mask", str(tmp_path / "mask.png")],
+        "exactly one image")
