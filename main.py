@@ -10,6 +10,7 @@ import numpy as np
 
 from carrot.cache import extract
 from carrot.config import RunConfig
+from carrot.distributed import barrier, init_from_env, world
 from carrot.data import IMAGE_EXTENSIONS, ImageDataset, load_cub, load_elpv, load_imagefolder, make_synthetic
 from carrot.errors import CarrotError
 from carrot.io import user_cache_dir, write_json
@@ -36,23 +37,48 @@ def load_splits(config: RunConfig) -> tuple[ImageDataset, ImageDataset]:
 
 
 def extract_splits(config: RunConfig, model: Carrot | None = None, progress: bool = True) -> tuple[list, ImageDataset, ImageDataset]:
-    """Token caches of the train and test splits (extracted, resumed or reused)."""
+    """Token caches of the train and test splits (extracted, resumed or reused). Under torchrun each
+    rank extracts rows rank, rank + world, ... of each split into a cache of its own."""
     train, test = load_splits(config)
     model = model or Carrot(config)
     cache_root = Path(config.cache_dir) if config.cache_dir else user_cache_dir() / "tokens"
     b = config.backbone
-    stores = [extract(model.backbone, split, cache_root, dtype=b.cache_dtype, batch_size=b.batch_size,
-                      num_workers=b.num_workers, progress=progress) for split in (train, test)]
+    rank, size = world()
+    stores = [extract(model.backbone, split.subset(range(rank, len(split), size)) if size > 1 else split, cache_root,
+                      dtype=b.cache_dtype, batch_size=b.batch_size, num_workers=b.num_workers, progress=progress and rank == 0)
+              for split in (train, test)]
     return stores, train, test
+
+
+def _gather_rows(G_shard: np.ndarray, n: int, run_dir: Path, name: str) -> np.ndarray | None:
+    """Assemble per-rank row shards (rows rank::world) on rank 0 through files in RUN_DIR/.shards."""
+    rank, size = world()
+    if size == 1:
+        return G_shard
+    shard_dir = run_dir / ".shards"
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    np.save(shard_dir / f"{name}_{rank}.npy", G_shard)
+    barrier()
+    if rank != 0:
+        return None
+    G = np.empty((n, G_shard.shape[1]))
+    for r in range(size):
+        G[r::size] = np.load(shard_dir / f"{name}_{r}.npy")
+    return G
 
 
 def fit(config: RunConfig, run_dir: str | Path, progress: bool = True) -> dict[str, Any]:
     """Extract (cached) tokens for both splits, fit the head, evaluate, save the run directory."""
     t0 = time.perf_counter()
+    init_from_env()
     model = Carrot(config)
     stores, train, test = extract_splits(config, model, progress)
     t_extract = time.perf_counter() - t0
-    G_train, G_test = (model.embed_store(s, progress=progress) for s in stores)
+    run_dir = Path(run_dir)
+    G_train, G_test = (_gather_rows(model.embed_store(s, progress=progress and world()[0] == 0), len(split), run_dir, name)
+                       for s, split, name in zip(stores, (train, test), ("train", "test")))
+    if world()[0] != 0:
+        return {"rank": world()[0], "token_caches": [str(s.path) for s in stores]}
     model.fit(G_train, train.labels, train.records, train.classes)
     metrics = {
         "n_train": len(train), "n_test": len(test), "classes": len(train.classes),
@@ -61,7 +87,8 @@ def fit(config: RunConfig, run_dir: str | Path, progress: bool = True) -> dict[s
         "test_accuracy": model.score(G_test, test.labels),
         "per_class_test_accuracy": _per_class(model.head_.predict(G_test), test.labels, train.classes),
         "seconds_extract": t_extract, "seconds_total": time.perf_counter() - t0,
-        "token_caches": [str(s.path) for s in stores],
+        "token_caches": [str(s.path) for s in stores] if world()[1] == 1 else [],
+        "world_size": world()[1],
     }
     model.save(run_dir, {"metrics": metrics, "test_records": [[r.path, r.label] for r in test.records]})
     np.save(Path(run_dir) / "test_embeddings.npy", G_test)

@@ -148,11 +148,47 @@ class RidgeHead:
         self.intercept_ = ybar - W.T @ mu
         self.solver_ = solver
         self.n_features_in_ = d
-        self.dual_coef_ = torch.empty(n, C, dtype=torch.float64)
-        for sl in self._chunks(n):
-            resid = one_hot(y_idx[sl], C) - self._decision(self._rows(G, sl))
-            self.dual_coef_[sl] = a[sl].unsqueeze(1) * resid / self.lam_
+        self.dual_coef_ = self.dual_coef(G, classes[y_idx], a)
         return self
+
+    def fit_moments(self, moments, classes: ArrayLike) -> "RidgeHead":
+        """Fit from summed Gram moments (see :class:`carrot.distributed.GramMoments`), e.g. after an
+        all_reduce across ranks: Gc^T A Gc = G^T A G - S mu mu^T. ``dual_coef_`` needs the rows and is
+        left unset; use :meth:`dual_coef` on each shard."""
+        self._validate_params()
+        if self.lam == "auto":
+            raise CarrotError("lam: 'auto' needs the training rows (exact LOO); give a number when fitting from moments")
+        m = moments
+        S = m.S.cpu()
+        d, C = m.GtAY.shape
+        if self.fit_intercept:
+            mu, ybar = m.s1.cpu() / S, m.sy.cpu() / S
+            M = m.GtAG.cpu() - S * torch.outer(mu, mu)
+            B = m.GtAY.cpu() - S * torch.outer(mu, ybar)
+        else:
+            mu, ybar = torch.zeros(d, dtype=torch.float64), torch.zeros(C, dtype=torch.float64)
+            M, B = m.GtAG.cpu().clone(), m.GtAY.cpu()
+        M = 0.5 * (M + M.T)
+        M.diagonal().add_(float(self.lam))
+        W = torch.cholesky_solve(B, _cholesky(M))
+        self.lam_, self.lam_path_ = float(self.lam), None
+        self.classes_ = np.asarray(classes)
+        self.coef_, self.feature_mean_, self.prior_ = W, mu, ybar
+        self.intercept_ = ybar - W.T @ mu
+        self.solver_, self.n_features_in_ = "moments", d
+        self.dual_coef_ = None
+        return self
+
+    def dual_coef(self, G: ArrayLike, y: ArrayLike, sample_weight: ArrayLike | None = None) -> torch.Tensor:
+        """beta = a (Y - f(G)) / lam for rows G (n, D) with labels y: the representer values of those rows."""
+        check_is_fitted(self)
+        n = int(G.shape[0])
+        idx = np.searchsorted(self.classes_, np.asarray(y))
+        a = as_weights(sample_weight, n)
+        out = torch.empty(n, len(self.classes_), dtype=torch.float64)
+        for sl in self._chunks(n):
+            out[sl] = a[sl].unsqueeze(1) * (one_hot(idx[sl], len(self.classes_)) - self._decision(self._rows(G, sl))) / self.lam_
+        return out
 
     def _chunks(self, n: int):
         for s in range(0, n, self.chunk_size):

@@ -120,6 +120,8 @@ def fit(run_dir: str, quiet: bool, as_json: bool, **opts: Any) -> None:
 
     cfg = build_config(**opts)
     metrics = orchestration.fit(cfg, run_dir, progress=not quiet)
+    if metrics.get("rank", 0) != 0:  # torchrun worker: rank 0 reports
+        return
     if as_json:
         click.echo(json.dumps(metrics, indent=2))
     else:
