@@ -12,8 +12,14 @@ from .errors import CarrotError
 def _positive_or_median(name: str, v: Any) -> None:
     if v == "median":
         return
+    if isinstance(v, str) and v.startswith("median*"):
+        try:
+            if float(v[len("median*"):]) > 0:
+                return
+        except ValueError:
+            pass
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
-        raise CarrotError(f"{name}: expected 'median' or a number > 0, got {v!r}")
+        raise CarrotError(f"{name}: expected 'median', 'median*k' (k > 0) or a number > 0, got {v!r}")
 
 
 @dataclass(frozen=True)

@@ -29,12 +29,20 @@ def median_bandwidth(d2: torch.Tensor) -> torch.Tensor:
 def _sigma(value: float | str, d2: torch.Tensor, name: str) -> torch.Tensor:
     if value == "median":
         return median_bandwidth(d2)
+    if isinstance(value, str) and value.startswith("median*"):
+        try:
+            k = float(value[len("median*"):])
+        except ValueError:
+            k = float("nan")
+        if not k > 0:
+            raise CarrotError(f"{name}: expected 'median', 'median*k' with k > 0, or a positive number, got {value!r}")
+        return k * median_bandwidth(d2)
     try:
         v = float(value)
     except (TypeError, ValueError):
-        raise CarrotError(f"{name}: expected 'median' or a positive number, got {value!r}") from None
+        raise CarrotError(f"{name}: expected 'median', 'median*k' or a positive number, got {value!r}") from None
     if not v > 0:
-        raise CarrotError(f"{name}: expected 'median' or a positive number, got {value!r}")
+        raise CarrotError(f"{name}: expected 'median', 'median*k' or a positive number, got {value!r}")
     return torch.full((d2.shape[0],), v, dtype=d2.dtype, device=d2.device)
 
 
@@ -46,6 +54,8 @@ def affinity(
     knn: int | None = None,
 ) -> torch.Tensor:
     """Gaussian spatial x feature affinity W (B, N, N); optional symmetric kNN sparsification.
+
+    Bandwidths: a number, 'median' (per-graph median pairwise distance) or 'median*k' (k times it).
 
     H: (B, N, D) features; P: (N, 2) or (B, N, 2) centres. With ``knn=k`` an edge is kept when
     either endpoint has the other among its k strongest neighbours.

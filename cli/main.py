@@ -50,8 +50,8 @@ def run_options(fn: Callable) -> Callable:
         click.option("--batch-size", type=int, help="Images per backbone batch."),
         click.option("--t", "t", type=float, help="Diffusion time t >= 0 (0 = plain mean pooling)."),
         click.option("--diffusion-method", type=click.Choice(["eigh", "chebyshev"]), help="exp(-tL) solver."),
-        click.option("--sigma-space", help="Spatial kernel bandwidth: a number or 'median'."),
-        click.option("--sigma-feat", help="Feature kernel bandwidth: a number or 'median'."),
+        click.option("--sigma-space", help="Spatial kernel bandwidth: a number, 'median' or 'median*k'."),
+        click.option("--sigma-feat", help="Feature kernel bandwidth: a number, 'median' or 'median*k'."),
         click.option("--knn", type=int, help="Keep each region's k strongest edges (symmetrised)."),
         click.option("--lam", help="Ridge strength lambda > 0, or 'auto' (best exact leave-one-out accuracy)."),
         click.option("--device", help="auto (CUDA > MPS > CPU), cpu, cuda, cuda:N or mps."),
@@ -64,8 +64,8 @@ def run_options(fn: Callable) -> Callable:
 
 
 def _num_or(word: str, name: str, v: str | None) -> float | str | None:
-    """A flag that takes a number or one keyword (``median``, ``auto``)."""
-    if v is None or v == word:
+    """A flag that takes a number or one keyword (``median``/``median*k``, ``auto``)."""
+    if v is None or v == word or (word == "median" and v.startswith("median*")):
         return v
     try:
         return float(v)

@@ -92,3 +92,16 @@ def test_affinity_properties(n, d, seed):
     assert torch.equal(W, W.transpose(-1, -2))
     assert (W >= 0).all() and (W <= 1).all()
     assert (W.diagonal(dim1=-2, dim2=-1) == 0).all()
+
+
+def test_scaled_median_bandwidth():
+    g = torch.Generator().manual_seed(4)
+    H = torch.randn(2, 10, 3, generator=g, dtype=torch.float64)
+    P = torch.rand(10, 2, generator=g, dtype=torch.float64)
+    sf = median_bandwidth(pairwise_sq_dists(H))
+    W = affinity(H, P, sigma_space=1.0, sigma_feat="median*2")
+    ref = torch.stack([affinity(H[b : b + 1], P, 1.0, 2 * float(sf[b]))[0] for b in range(2)])
+    assert torch.allclose(W, ref, atol=1e-14)
+    for bad in ("median*0", "median*x", "mean"):
+        with pytest.raises(CarrotError, match="median\\*k"):
+            affinity(H, P, sigma_feat=bad)
