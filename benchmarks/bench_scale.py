@@ -35,6 +35,14 @@ def make_memmap(path: Path, n: int, d: int, c: int, seed: int = 0) -> np.ndarray
     return y
 
 
+def peak_rss_gb() -> float:
+    """This process's peak resident set (VmHWM; unlike ru_maxrss it is not inherited across exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
 def child(path: str, lam: float, chunk: int, device: str) -> None:
     """Fit one problem and print a JSON row (run in a subprocess)."""
     import torch
@@ -42,16 +50,16 @@ def child(path: str, lam: float, chunk: int, device: str) -> None:
     sys.path.insert(0, str(ROOT))
     from carrot.head import RidgeHead
 
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    base = peak_rss_gb()
     G = np.load(path, mmap_mode="r")
     y = np.load(Path(path).with_suffix(".y.npy"))
     t = time.perf_counter()
     head = RidgeHead(lam=lam, chunk_size=chunk, device=device).fit(G, y)
     seconds = time.perf_counter() - t
     acc = float((head.predict(np.asarray(G[:20000])) == y[:20000]).mean())
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = peak_rss_gb()
     print(json.dumps({"n": int(G.shape[0]), "d": int(G.shape[1]), "c": int(len(head.classes_)), "seconds_fit": seconds,
-                      "peak_rss_gb": peak / 2**20, "rss_after_imports_gb": base / 2**20, "train_accuracy_first_20k": acc,
+                      "peak_rss_gb": peak, "rss_after_imports_gb": base, "train_accuracy_first_20k": acc,
                       "dual_coef_gb": head.dual_coef_.numel() * 8 / 2**30, "torch_threads": torch.get_num_threads(),
                       "device": device}))
 

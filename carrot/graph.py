@@ -26,7 +26,8 @@ def median_bandwidth(d2: torch.Tensor) -> torch.Tensor:
     return torch.where(sigma > 0, sigma, torch.ones_like(sigma))
 
 
-def _sigma(value: float | str, d2: torch.Tensor, name: str) -> torch.Tensor:
+def resolve_bandwidth(value: float | str, d2: torch.Tensor, name: str) -> torch.Tensor:
+    """Per-graph bandwidth (B,) from a number, 'median' or 'median*k' and squared distances (B, N, N)."""
     if value == "median":
         return median_bandwidth(d2)
     if isinstance(value, str) and value.startswith("median*"):
@@ -68,8 +69,8 @@ def affinity(
         raise CarrotError(f"P: expected ({H.shape[1]}, 2) or ({H.shape[0]}, {H.shape[1]}, 2), got {tuple(P.shape)}")
     P = P.to(H.dtype)
     ds2, df2 = pairwise_sq_dists(P), pairwise_sq_dists(H)
-    ss = _sigma(sigma_space, ds2, "sigma_space").view(-1, 1, 1)
-    sf = _sigma(sigma_feat, df2, "sigma_feat").view(-1, 1, 1)
+    ss = resolve_bandwidth(sigma_space, ds2, "sigma_space").view(-1, 1, 1)
+    sf = resolve_bandwidth(sigma_feat, df2, "sigma_feat").view(-1, 1, 1)
     W = torch.exp(-ds2 / (2 * ss * ss) - df2 / (2 * sf * sf))
     W.diagonal(dim1=-2, dim2=-1).zero_()
     if knn is not None:

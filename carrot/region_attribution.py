@@ -16,17 +16,17 @@ import torch
 from .config import DiffusionConfig, GraphConfig
 from .diffusion import diffusion_weights
 from .errors import CarrotError
-from .graph import affinity, median_bandwidth, normalized_laplacian, pairwise_sq_dists
+from .graph import affinity, normalized_laplacian, pairwise_sq_dists, resolve_bandwidth
 from .head import RidgeHead
 from .readout import weighted_readout
 
 
 def bandwidths(H: torch.Tensor, P: torch.Tensor, graph: GraphConfig) -> tuple[float, float]:
     """The (sigma_space, sigma_feat) the full graph of one image (N, D), (N, 2) uses."""
-    def pick(v, X):
-        return float(median_bandwidth(pairwise_sq_dists(X.unsqueeze(0)))[0]) if v == "median" else float(v)
+    def pick(v, X, name):
+        return float(resolve_bandwidth(v, pairwise_sq_dists(X.to(torch.float64).unsqueeze(0)), name)[0])
 
-    return pick(graph.sigma_space, P.to(torch.float64)), pick(graph.sigma_feat, H.to(torch.float64))
+    return pick(graph.sigma_space, P, "sigma_space"), pick(graph.sigma_feat, H, "sigma_feat")
 
 
 def embed_kept(H: torch.Tensor, P: torch.Tensor, keep: torch.Tensor, graph: GraphConfig, diffusion: DiffusionConfig,

@@ -74,3 +74,13 @@ def test_mask_to_grid_and_segment_sums():
     assert sum(sums.values()) == r.sum()
     with pytest.raises(CarrotError, match="integer"):
         mask_to_grid(mask.astype(float), (3, 4))
+
+
+def test_bandwidths_follow_the_graph_rule(setup):
+    from carrot.graph import median_bandwidth, pairwise_sq_dists
+    from carrot.region_attribution import bandwidths
+
+    _, H, P = setup
+    ss, sf = bandwidths(H, P, GraphConfig(sigma_space=0.3, sigma_feat="median*2"))
+    assert ss == 0.3
+    assert sf == pytest.approx(2 * float(median_bandwidth(pairwise_sq_dists(H[None]))[0]))

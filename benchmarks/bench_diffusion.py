@@ -1,0 +1,95 @@
+"""Diffusion cost vs number of regions N: exact batched eigh (all t from one decomposition) vs
+Chebyshev (per t) vs scipy expm_multiply (per image, per t; the reference), with the error of each
+against eigh and the peak memory of each (fresh subprocess per row). Writes JSON + CSV.
+
+    python benchmarks/bench_diffusion.py --N 64 256 576 1024 2304 --batch 8
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TS = [0.25, 0.5, 1.0, 2.0, 5.0, 10.0]
+
+
+def peak_rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def child(method: str, n: int, batch: int, d: int) -> None:
+    import numpy as np
+    import scipy.sparse.linalg
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    from carrot.diffusion import SpectralDiffusion, chebyshev_expm_multiply
+    from carrot.graph import affinity, normalized_laplacian
+
+    g = torch.Generator().manual_seed(0)
+    side = int(round(n**0.5))
+    P = torch.stack(torch.meshgrid(torch.linspace(-1, 1, side), torch.linspace(-1, 1, n // side), indexing="ij"), -1).reshape(-1, 2)
+    H = torch.randn(batch, P.shape[0], d, generator=g, dtype=torch.float64)
+    L = normalized_laplacian(affinity(H, P.double()))
+    base = peak_rss_mb()
+    ones = torch.ones(batch, L.shape[1], 1, dtype=torch.float64)
+    t = time.perf_counter()
+    if method == "eigh":
+        w = SpectralDiffusion.from_laplacian(L).readout_weights(TS)
+    elif method == "chebyshev":
+        w = torch.stack([chebyshev_expm_multiply(L, ones, tt)[..., 0] for tt in TS]) / L.shape[1]
+    else:
+        w = torch.from_numpy(np.stack([np.stack([scipy.sparse.linalg.expm_multiply(-tt * L[b].numpy(), np.ones(L.shape[1]))
+                                                 for b in range(batch)]) for tt in TS]) / L.shape[1])
+    seconds = time.perf_counter() - t
+    ref = SpectralDiffusion.from_laplacian(L).readout_weights(TS)
+    err = float(((w - ref).abs().max() / ref.abs().max()))
+    peak = peak_rss_mb()
+    print(json.dumps({"method": method, "N": int(L.shape[1]), "batch": batch, "n_t": len(TS), "seconds": seconds,
+                      "seconds_per_image": seconds / batch, "max_rel_error_vs_eigh": err,
+                      "peak_rss_extra_mb": peak - base}))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--N", type=int, nargs="+", default=[64, 256, 576, 1024, 2304])
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--d", type=int, default=384)
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "diffusion"))
+    ap.add_argument("--child", nargs=2, default=None, help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.child:
+        child(a.child[0], int(a.child[1]), a.batch, a.d)
+        return
+    rows = []
+    for n in a.N:
+        for method in ("eigh", "chebyshev", "scipy_expm_multiply"):
+            r = subprocess.run([sys.executable, __file__, "--child", method, str(n), "--batch", str(a.batch), "--d", str(a.d)],
+                               capture_output=True, text=True)
+            if r.returncode != 0:
+                raise SystemExit(r.stderr)
+            rows.append(json.loads(r.stdout.strip().splitlines()[-1]))
+            print(json.dumps(rows[-1]), flush=True)
+    for r in rows:
+        ref = next(x for x in rows if x["N"] == r["N"] and x["method"] == "scipy_expm_multiply")
+        r["speedup_vs_scipy"] = ref["seconds"] / r["seconds"]
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps({"rows": rows, "t_values": TS, "args": vars(a)}, indent=2))
+    with open(out.with_suffix(".csv"), "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=sorted(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+
+if __name__ == "__main__":
+    main()
