@@ -165,19 +165,24 @@ def _augment(G: torch.Tensor, fit_intercept: bool) -> torch.Tensor:
     return torch.cat([torch.ones(G.shape[0], 1, dtype=G.dtype, device=G.device), G], dim=1)
 
 
-def loo_total_on_true_class(system: RidgeSystem, G_test: ArrayLike, y_test_idx: np.ndarray, chunk: int = 256) -> torch.Tensor:
-    """For each training row i: sum over test rows x of f_-i(x)_{y_x} - f(x)_{y_x}, (n,), streamed over x.
+def loo_loss_change(system: RidgeSystem, G_eval: ArrayLike, y_eval_idx: np.ndarray, chunk: int = 256) -> torch.Tensor:
+    """Exact change of the summed squared loss on (G_eval, y_eval) when training row i is removed, (n,).
 
-    Positive: removing i raises the true-class logits (a harmful image); negative: i helps.
+    With Delta_i(x) = f_-i(x) - f(x) = -Q[x, i] R_i:  sum_x ||f_-i(x) - y_x||^2 - ||f(x) - y_x||^2
+    = sum_x -2 Q[x, i] (E_x . R_i) + Q[x, i]^2 ||R_i||^2, E = F - Y. Negative: removing i helps
+    (a harmful image); positive: i helps. Streamed over chunks of evaluation rows.
     """
     X = _augment(system.G, system.fit_intercept)
     Z = system.solve(X.T)  # (p, n)
     h = system.a * (X * Z.T).sum(1)
     R = system.residuals() * (system.a / (1 - h)).unsqueeze(1)  # (n, C)
-    Gt = as_float64_matrix(G_test, "G_test")
-    y = torch.as_tensor(np.asarray(y_test_idx), dtype=torch.long)
+    Ge = as_float64_matrix(G_eval, "G_eval")
+    Y = one_hot(np.asarray(y_eval_idx), system.Y.shape[1])
+    r2 = (R * R).sum(1)
     total = torch.zeros(X.shape[0], dtype=torch.float64)
-    for s in range(0, Gt.shape[0], chunk):
-        Q = system.augment(Gt[s : s + chunk]) @ Z  # (mc, n)
-        total -= (Q * R[:, y[s : s + chunk]].T).sum(0)
+    for s in range(0, Ge.shape[0], chunk):
+        Xe = system.augment(Ge[s : s + chunk])
+        Q = Xe @ Z  # (mc, n)
+        E = Xe @ system.theta - Y[s : s + chunk]  # (mc, C)
+        total += (-2 * Q * (E @ R.T) + Q * Q * r2).sum(0)
     return total

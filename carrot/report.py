@@ -207,9 +207,9 @@ def index_html(summary: dict[str, Any], thumbs: dict[int, Any], pages: Sequence[
         f"<h2>Confusion matrix</h2><p class='muted'>rows: true class, columns: predicted</p>"
         f"<table><tr><th></th>{head}</tr>{cm_rows}</table>"
         "<h2>Most harmful training images (label review candidates)</h2>"
-        "<p class='muted'>exact leave-one-out: removing the image raises the test images' true-class logits by this much in total</p>"
+        "<p class='muted'>exact leave-one-out: removing the image lowers the summed squared loss on the test images by this much</p>"
         + review(summary["harmful"], "removal gain") +
-        "<h2>Most helpful training images</h2><p class='muted'>removing the image lowers the true-class logits by this much in total</p>"
+        "<h2>Most helpful training images</h2><p class='muted'>removing the image raises the test loss by this much (shown negative)</p>"
         + review(summary["helpful"], "removal loss") +
         f"<h2>Explained images</h2><ul>{links or '<li>none yet: carrot-run explain RUN IMAGES</li>'}</ul>")
     return _page(f"carrot run {summary['name']}", body)

@@ -39,6 +39,7 @@ class RROConfig:
     entropy: float = 0.0
     holdout: float = 0.5  # share of the validation set used only for early stopping (0: none)
     seed: int = 0
+    consistency: float = 0.0  # weight of the attribution-consistency term (seed concept, RRO component 3)
 
     def __post_init__(self) -> None:
         if not isinstance(self.steps, int) or self.steps < 1:
@@ -53,7 +54,7 @@ class RROConfig:
             raise CarrotError(f"rro.ess_floor: expected a fraction in [0, 1], got {self.ess_floor!r}")
         if not 0 <= self.holdout < 1:
             raise CarrotError(f"rro.holdout: expected a fraction in [0, 1), got {self.holdout!r}")
-        for name in ("ess_penalty", "entropy"):
+        for name in ("ess_penalty", "entropy", "consistency"):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
                 raise CarrotError(f"rro.{name}: expected a number >= 0, got {v!r}")
@@ -129,6 +130,9 @@ def rro(
     yv_idx = np.searchsorted(classes, y_val)
     G_val = np.asarray(G_val, dtype=np.float64)
     fit_rows, hold_rows = _holdout_split(yv_idx, cfg.holdout, cfg.seed)
+    Gt = torch.as_tensor(np.asarray(G, dtype=np.float64))
+    Gv_fit = torch.as_tensor(G_val[fit_rows])
+    yv_fit = torch.as_tensor(yv_idx[fit_rows])
     yt_idx = None if y_test is None else np.searchsorted(classes, np.asarray(y_test))
     C = len(classes)
     Y = one_hot(y_idx, C)
@@ -145,7 +149,12 @@ def rro(
         if cfg.entropy > 0:
             ent = _class_entropy(a, yt, C)
             penalty = penalty - cfg.entropy * ent
+        if cfg.consistency > 0 or step == 0 or step == cfg.steps:
+            cons = consistency_loss(support_profiles(Gt, Y, a, lam, Gv_fit, yv_fit), yv_fit)
+            if cfg.consistency > 0:
+                penalty = penalty + cfg.consistency * cons
         rec = {"step": step, "val_loss": L, "penalty": float(penalty.detach()),
+               "consistency": float(cons.detach()) if (cfg.consistency > 0 or step in (0, cfg.steps)) else None,
                "val_accuracy": _acc(system, G_val[fit_rows], yv_idx[fit_rows]), "min_ess": float(ess.detach().min())}
         if len(hold_rows):
             F = system.decision(G_val[hold_rows])
@@ -179,6 +188,31 @@ def _holdout_split(y_idx: np.ndarray, share: float, seed: int) -> tuple[np.ndarr
     mask = np.zeros(len(y_idx), dtype=bool)
     mask[hold] = True
     return np.flatnonzero(~mask), np.flatnonzero(mask)
+
+
+def support_profiles(G: torch.Tensor, Y: torch.Tensor, a: torch.Tensor, lam: float, G_val: torch.Tensor,
+                     yv_idx: torch.Tensor) -> torch.Tensor:
+    """Exact contributions of every training image to each validation image's true-class logit, (m, n);
+    differentiable in the weights a (ridge solved with torch ops)."""
+    mu = (a @ G) / a.sum()
+    ybar = (a @ Y) / a.sum()
+    Gc = G - mu
+    M = (Gc * a.unsqueeze(1)).T @ Gc + lam * torch.eye(G.shape[1], dtype=G.dtype)
+    W = torch.linalg.solve(M, (Gc * a.unsqueeze(1)).T @ (Y - ybar))
+    beta = a.unsqueeze(1) * (Y - ybar - Gc @ W) / lam
+    return ((G_val - mu) @ Gc.T) * beta.T[yv_idx]
+
+
+def consistency_loss(profiles: torch.Tensor, yv_idx: torch.Tensor) -> torch.Tensor:
+    """-(mean cosine of support profiles within a class - mean cosine across classes)."""
+    P = profiles / profiles.norm(dim=1, keepdim=True).clamp_min(1e-300)
+    cos = P @ P.T
+    same = yv_idx.unsqueeze(0) == yv_idx.unsqueeze(1)
+    off = ~torch.eye(len(yv_idx), dtype=torch.bool)
+    within, between = cos[same & off], cos[~same]
+    w = within.mean() if within.numel() else cos.new_zeros(())
+    b = between.mean() if between.numel() else cos.new_zeros(())
+    return -(w - b)
 
 
 def _class_entropy(a: torch.Tensor, y_idx: torch.Tensor, n_classes: int) -> torch.Tensor:

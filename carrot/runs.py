@@ -9,7 +9,7 @@ import numpy as np
 
 from .data import load_image
 from .errors import CarrotError
-from .influence import RidgeSystem, loo_total_on_true_class
+from .influence import RidgeSystem, loo_loss_change
 from .io import atomic_path, read_json, write_json
 from .pipeline import Carrot
 from .report import index_html
@@ -29,14 +29,14 @@ def run_embeddings(run_dir: str | Path) -> tuple[Carrot, np.ndarray, np.ndarray,
 def run_summary(model: Carrot, G: np.ndarray, y: np.ndarray, G_test: np.ndarray, y_test: np.ndarray,
                 n_review: int = 8) -> dict[str, Any]:
     """Accuracy, per-class table, confusion matrix and the most harmful / helpful training images
-    by exact leave-one-out influence on the test images' true-class logits."""
+    by the exact leave-one-out change of the test loss."""
     head = model.head_
     pred = head.decision_function(G_test).argmax(1)
     C = len(model.classes_)
     cm = np.zeros((C, C), dtype=int)
     np.add.at(cm, (y_test, pred), 1)
     system = RidgeSystem.from_head(head, G, y)
-    total = loo_total_on_true_class(system, G_test, np.searchsorted(head.classes_, y_test)).numpy()
+    total = -loo_loss_change(system, G_test, np.searchsorted(head.classes_, y_test)).numpy()  # > 0: removal helps
 
     def rows(order):
         return [{"index": int(i), "path": model.train_records_[i].path,

@@ -226,6 +226,7 @@ def evaluate(run_dir: str, what: str, flip_fraction: float, ks: str, n_test: int
 @click.option("--loss", type=click.Choice(["mse", "ce"]), help="Validation loss.")
 @click.option("--ess-floor", type=float, help="Minimum effective sample size per class, as a fraction of its size.")
 @click.option("--entropy", type=float, help="Weight of the per-class entropy bonus.")
+@click.option("--consistency", type=float, help="Weight of the attribution-consistency term (same-class validation images share supporters).")
 @click.option("--out", "out_path", type=click.Path(dir_okay=False), help="JSON file to write (default: RUN_DIR/reweight.json).")
 @user_errors
 def reweight(run_dir: str, val_fraction: float, out_path: str | None, **rro: Any) -> None:

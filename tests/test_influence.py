@@ -77,13 +77,17 @@ def test_woodbury_bad_input():
     assert torch.equal(sys_.updated_theta([]), sys_.theta)
 
 
-def test_loo_total_on_true_class_matches_loo_effect():
-    from carrot.influence import loo_total_on_true_class
+def test_loo_loss_change_matches_refits():
+    from carrot.influence import loo_loss_change
 
     G, y, a = problem(40, 6, 3, seed=9)
     Gt = np.random.default_rng(1).normal(size=(13, 6))
     yt = np.random.default_rng(2).integers(0, 3, 13)
     sys_ = RidgeSystem.fit(G, one_hot(y, 3), a, 0.7)
-    eff = sys_.loo_effect(Gt)  # (m, n, C)
-    ref = eff[torch.arange(13), :, torch.as_tensor(yt)].sum(0)
-    np.testing.assert_allclose(loo_total_on_true_class(sys_, Gt, yt, chunk=5).numpy(), ref.numpy(), rtol=1e-10, atol=1e-12)
+    got = loo_loss_change(sys_, Gt, yt, chunk=5).numpy()
+    Yt = one_hot(yt, 3).numpy()
+    base = ((sys_.decision(Gt).numpy() - Yt) ** 2).sum()
+    for i in (0, 7, 39):
+        keep = np.arange(40) != i
+        ref = RidgeSystem.fit(G[keep], one_hot(y[keep], 3), a[keep], 0.7)
+        assert got[i] == pytest.approx(((ref.decision(Gt).numpy() - Yt) ** 2).sum() - base, rel=1e-8, abs=1e-12)

@@ -97,3 +97,28 @@ def test_rro_config_checks():
     with pytest.raises(CarrotError, match="rro.holdout"):
         RROConfig(holdout=1.0)
     assert RROConfig().to_dict()["loss"] == "mse"
+
+
+def test_support_profiles_are_the_exact_contributions_and_differentiable():
+    from carrot.attribution import centred_kernel
+    from carrot.head import RidgeHead
+    from carrot.reweight import consistency_loss, support_profiles
+
+    G, y, a, Gv, yv = problem(40, 6, 3, seed=5)
+    head = RidgeHead(lam=0.5).fit(G, y, a)
+    K = centred_kernel(head, G, Gv)
+    ref = K * head.dual_coef_.T[torch.as_tensor(yv)]
+    at = torch.tensor(a, requires_grad=True)
+    prof = support_profiles(torch.from_numpy(G), one_hot(y, 3), at, 0.5, torch.from_numpy(Gv), torch.as_tensor(yv))
+    np.testing.assert_allclose(prof.detach().numpy(), ref.numpy(), rtol=1e-8, atol=1e-10)
+    loss = consistency_loss(prof, torch.as_tensor(yv))
+    (g,) = torch.autograd.grad(loss, at)
+    assert torch.isfinite(g).all() and g.abs().sum() > 0
+
+
+def test_consistency_term_raises_within_class_agreement():
+    G, yn, Gv, yv, Gt, yt, flip = flipped_problem(0)
+    base = rro(G, yn, Gv, yv, 1.0, RROConfig(steps=20, holdout=0.0), Gt, yt)
+    cons = rro(G, yn, Gv, yv, 1.0, RROConfig(steps=20, holdout=0.0, consistency=5.0), Gt, yt)
+    assert cons.history[-1]["consistency"] < base.history[-1]["consistency"]
+    assert cons.history[-1]["consistency"] < cons.history[0]["consistency"]
