@@ -67,6 +67,9 @@ def write_index(run_dir: str | Path, explained: Sequence[dict[str, Any]] = ()) -
     thumbs = {r["index"]: geo(load_image(model.train_records_[r["index"]])) for r in summary["harmful"] + summary["helpful"]}
     links = [{"href": os.path.relpath(p["page"], run_dir), "image": p["image"], "predicted": p["predicted"]}
              for p in pages if "page" in p]
+    tracin_path = run_dir / "tracin" / "summary.json"
+    if tracin_path.is_file():
+        summary["tracin"] = read_json(tracin_path, "TracIn summary")
     with atomic_path(run_dir / "index.html") as tmp:
         tmp.write_text(index_html(summary, thumbs, links))
     return run_dir / "index.html"
@@ -74,14 +77,11 @@ def write_index(run_dir: str | Path, explained: Sequence[dict[str, Any]] = ()) -
 
 def reweight(run_dir: str | Path, val_fraction: float = 0.2, out: str | Path | None = None, **rro_kwargs: Any) -> dict[str, Any]:
     """RRO on a fitted run: split train into fit/validation, reweight, compare test accuracy with uniform."""
-    from .data import ImageDataset, ImageRecord, stratified_split
     from .reweight import RROConfig, rro
 
     model, G, y, G_test, y_test = run_embeddings(run_dir)
     cfg = RROConfig(**{k: v for k, v in rro_kwargs.items() if v is not None}, seed=model.config.seed)
-    idx = ImageDataset([ImageRecord(str(i), int(lab)) for i, lab in enumerate(y)], model.classes_, "train")
-    fit_part, val_part = stratified_split(idx, val_fraction, model.config.seed)
-    f_rows, v_rows = np.array([int(r.path) for r in fit_part.records]), np.array([int(r.path) for r in val_part.records])
+    f_rows, v_rows = _fit_val_split(model, y, val_fraction)
     res = rro(G[f_rows], y[f_rows], G[v_rows], y[v_rows], model.head_.lam_, cfg, G_test, y_test)
     weights = np.zeros(len(y))
     weights[f_rows] = res.alpha
@@ -114,3 +114,44 @@ def bench(run_dir: str | Path, ts: Sequence[float], out: str | Path | None = Non
         w.writeheader()
         w.writerows(rows)
     return rows
+
+
+def _fit_val_split(model: Carrot, y: np.ndarray, val_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """Stratified (fit rows, validation rows) of the training set, seeded by the run's seed."""
+    from .data import ImageDataset, ImageRecord, stratified_split
+
+    idx = ImageDataset([ImageRecord(str(i), int(lab)) for i, lab in enumerate(y)], model.classes_, "train")
+    fit_part, val_part = stratified_split(idx, val_fraction, model.config.seed)
+    return (np.array([int(r.path) for r in fit_part.records]), np.array([int(r.path) for r in val_part.records]))
+
+
+def tracin(run_dir: str | Path, n_test: int = 20, flag_fraction: float = 0.02, **tracin_kwargs: Any) -> dict[str, Any]:
+    """TracIn analysis of a run: RUN/tracin/{summary,self_influence,influence}.json; index.html shows it."""
+    from .tracin_report import tracin_report
+
+    model, G, y, G_test, y_test = run_embeddings(run_dir)
+    rep = tracin_report(G, y, [r.path for r in model.train_records_], model.classes_, G_test, y_test,
+                        [p for p, _ in model.meta_["test_records"]], model.head_.lam_, n_test, flag_fraction,
+                        {**{k: v for k, v in tracin_kwargs.items() if v is not None}, "seed": model.config.seed})
+    out = Path(run_dir) / "tracin"
+    for name, part in rep.items():
+        write_json(out / f"{name}.json", part)
+    write_index(run_dir)
+    return rep["summary"]
+
+
+def debug(run_dir: str | Path, ks: Sequence[int], val_fraction: float = 0.2, downweight: float = 0.0) -> dict[str, Any]:
+    """Dataset debugging loop on a run: drop / downweight the images most harmful to a validation split."""
+    from .debugging import debug_loop
+
+    model, G, y, G_test, y_test = run_embeddings(run_dir)
+    f_rows, v_rows = _fit_val_split(model, y, val_fraction)
+    res = debug_loop(G[f_rows], y[f_rows], G[v_rows], y[v_rows], G_test, y_test, model.head_.lam_, ks, downweight,
+                     seed=model.config.seed)
+    for r in res["rows"]:
+        r["dropped"] = [{"index": int(f_rows[i]), "path": model.train_records_[f_rows[i]].path,
+                         "label": model.classes_[int(y[f_rows[i]])]} for i in r["dropped"]]
+    res.pop("harm_scores")
+    res["val_fraction"] = val_fraction
+    write_json(Path(run_dir) / "debug.json", res)
+    return res

@@ -239,6 +239,44 @@ def reweight(run_dir: str, val_fraction: float, out_path: str | None, **rro: Any
 
 
 @cli.command()
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--n-test", type=int, default=20, show_default=True, help="Test images whose influence is written out.")
+@click.option("--flag-fraction", type=float, default=0.02, show_default=True, help="Share of training images flagged for label review.")
+@click.option("--epochs", type=int, help="SGD epochs of the TracIn head.")
+@click.option("--checkpoints", "n_checkpoints", type=int, help="Checkpoints kept along the SGD run.")
+@user_errors
+def tracin(run_dir: str, n_test: int, flag_fraction: float, epochs: int | None, n_checkpoints: int | None) -> None:
+    """TracIn analysis of RUN_DIR (influence and self-influence over checkpoints, keyed by sample ids,
+    quantiles, per-class summaries, label-review flags, comparison with exact LOO); shown in index.html."""
+    import main as orchestration
+
+    if not 0 < flag_fraction < 1:
+        raise CarrotError(f"--flag-fraction: expected a number in (0, 1), got {flag_fraction}")
+    click.echo(json.dumps(orchestration.tracin(run_dir, n_test, flag_fraction, epochs=epochs, n_checkpoints=n_checkpoints), indent=2))
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--drop", "ks", default="5,10,20,50", show_default=True, help="Comma-separated numbers of harmful images to drop.")
+@click.option("--val-fraction", type=float, default=0.2, show_default=True, help="Share of the training set held out as validation.")
+@click.option("--downweight", type=float, default=0.0, show_default=True, help="Weight given to the harmful images (0 drops them).")
+@user_errors
+def debug(run_dir: str, ks: str, val_fraction: float, downweight: float) -> None:
+    """Dataset debugging loop: find the training images most harmful to a validation split (exact LOO),
+    drop or downweight them without refitting (Woodbury), report validation/test accuracy vs random drops."""
+    import main as orchestration
+
+    try:
+        k_list = [int(k) for k in ks.split(",") if k.strip()]
+    except ValueError:
+        raise CarrotError(f"--drop: expected comma-separated integers, got {ks!r}") from None
+    if not k_list or min(k_list) < 1:
+        raise CarrotError(f"--drop: expected positive integers, got {ks!r}")
+    res = orchestration.debug(run_dir, k_list, val_fraction, downweight)
+    click.echo(json.dumps({k: v for k, v in res.items() if k != "rows"} | {"rows": [{k: v for k, v in r.items() if k != "dropped"} for r in res["rows"]]}, indent=2))
+
+
+@cli.command()
 @run_options
 @click.option("--out", "run_dir", default="runs/demo", show_default=True, type=click.Path(file_okay=False), help="Run directory to write.")
 @click.option("--explain-n", type=int, default=3, show_default=True, help="Test images to explain.")

@@ -187,3 +187,20 @@ def test_explain_with_node_removal_and_region_mask(fitted, synthetic_root, tmp_p
     assert set(e["segment_removal"]) == {"0", "1"}
     bad(["explain", str(fitted), str(synthetic_root / "class_00"), "--region-mask", str(tmp_path / "mask.png")],
         "exactly one image")
+
+
+def test_tracin_and_debug_commands(fitted, tmp_path):
+    import shutil
+
+    run_dir = tmp_path / "copy"
+    shutil.copytree(fitted, run_dir)
+    r = run("tracin", str(run_dir), "--n-test", "3", "--flag-fraction", "0.25", "--epochs", "4", "--checkpoints", "2")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["n_checkpoints"] == 2
+    assert {p.name for p in (run_dir / "tracin").iterdir()} == {"summary.json", "self_influence.json", "influence.json"}
+    assert "TracIn analysis" in (run_dir / "index.html").read_text()
+    r = run("debug", str(run_dir), "--drop", "1,2", "--val-fraction", "0.34")
+    assert r.exit_code == 0, r.output
+    assert [row["k"] for row in json.loads(r.output)["rows"]] == [1, 2]
+    bad(["debug", str(run_dir), "--drop", "0"], "--drop: expected positive integers")
+    bad(["tracin", str(run_dir), "--flag-fraction", "2"], "--flag-fraction")
