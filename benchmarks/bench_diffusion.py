@@ -35,12 +35,13 @@ def child(method: str, n: int, batch: int, d: int) -> None:
     from carrot.diffusion import SpectralDiffusion, chebyshev_expm_multiply
     from carrot.graph import affinity, normalized_laplacian
 
+    base = peak_rss_mb()  # after imports, before any graph is built
     g = torch.Generator().manual_seed(0)
     side = int(round(n**0.5))
     P = torch.stack(torch.meshgrid(torch.linspace(-1, 1, side), torch.linspace(-1, 1, n // side), indexing="ij"), -1).reshape(-1, 2)
     H = torch.randn(batch, P.shape[0], d, generator=g, dtype=torch.float64)
     L = normalized_laplacian(affinity(H, P.double()))
-    base = peak_rss_mb()
+    after_graph = peak_rss_mb()
     ones = torch.ones(batch, L.shape[1], 1, dtype=torch.float64)
     t = time.perf_counter()
     if method == "eigh":
@@ -56,7 +57,8 @@ def child(method: str, n: int, batch: int, d: int) -> None:
     peak = peak_rss_mb()
     print(json.dumps({"method": method, "N": int(L.shape[1]), "batch": batch, "n_t": len(TS), "seconds": seconds,
                       "seconds_per_image": seconds / batch, "max_rel_error_vs_eigh": err,
-                      "peak_rss_extra_mb": peak - base}))
+                      "peak_rss_mb": peak, "rss_after_imports_mb": base, "peak_rss_graph_only_mb": after_graph,
+                      "method_extra_peak_mb": peak - after_graph}))
 
 
 def main() -> None:

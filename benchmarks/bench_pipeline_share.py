@@ -45,11 +45,13 @@ def main() -> None:
         t0 = time.perf_counter()
         x = torch.stack([tf(load_image(r)) for r in recs])
         t_load = time.perf_counter() - t0
+        bb(x[:2])  # warm-up (allocator, kernels)
         t0 = time.perf_counter()
         Hs = [bb(x[s : s + a.batch])[0] for s in range(0, len(x), a.batch)]
         t_backbone = time.perf_counter() - t0
         H = torch.cat(Hs).to(torch.float64)
         grid = bb(x[:1])[1]
+        model.embed_regions(RegionSet(H[:2], patch_centres(grid, torch.float64), grid))  # warm-up
         t0 = time.perf_counter()
         G = torch.cat([model.embed_regions(RegionSet(H[s : s + a.batch], patch_centres(grid, torch.float64), grid))[0]
                        for s in range(0, len(H), a.batch)])
