@@ -19,6 +19,7 @@ demo: install
 	$(VENV)/bin/carrot-run demo --out runs/demo
 
 test: install
+	$(PY) -m pyflakes carrot cli main.py tests benchmarks
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
 clean:

@@ -16,7 +16,9 @@ from carrot.errors import CarrotError
 from carrot.io import user_cache_dir, write_json
 from carrot.pipeline import Carrot
 from carrot.report import write_explanation
-from carrot.runs import bench, debug, reweight, run_embeddings, tracin, write_index  # noqa: F401  (CLI entry points)
+from carrot.runs import bench, debug, reweight, run_embeddings, tracin, write_index
+
+__all__ = ["bench", "debug", "demo", "evaluate", "explain", "extract_splits", "fit", "reweight", "tracin"]
 
 
 def load_splits(config: RunConfig) -> tuple[ImageDataset, ImageDataset]:

@@ -7,23 +7,16 @@ against eigh and the peak memory of each (fresh subprocess per row). Writes JSON
 from __future__ import annotations
 
 import argparse
-import csv
 import json
-import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from common import peak_rss_mb, write_results
+
 ROOT = Path(__file__).resolve().parents[1]
 TS = [0.25, 0.5, 1.0, 2.0, 5.0, 10.0]
-
-
-def peak_rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def child(method: str, n: int, batch: int, d: int) -> None:
@@ -84,13 +77,7 @@ def main() -> None:
     for r in rows:
         ref = next(x for x in rows if x["N"] == r["N"] and x["method"] == "scipy_expm_multiply")
         r["speedup_vs_scipy"] = ref["seconds"] / r["seconds"]
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"rows": rows, "t_values": TS, "args": vars(a)}, indent=2))
-    with open(out.with_suffix(".csv"), "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=sorted(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    write_results(a.out, rows, t_values=TS, args=vars(a))
 
 
 if __name__ == "__main__":

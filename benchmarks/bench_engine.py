@@ -10,7 +10,6 @@ labelled so); Woodbury removal of 1% of n vs a refit. Writes JSON + CSV under be
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import platform
 import time
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from common import write_results
 
 
 def timed(fn, repeat: int = 1):
@@ -121,15 +121,7 @@ def main() -> None:
         r["speedup_vs_reference"] = base["seconds"] / r["seconds"]
     meta = {"machine": platform.platform(), "processor": platform.processor(), "threads": torch.get_num_threads(),
             "torch": torch.__version__, "args": vars(a)}
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    keys = sorted({k for r in rows for k in r})
-    with open(out.with_suffix(".csv"), "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=keys)
-        w.writeheader()
-        w.writerows(rows)
-    print(f"wrote {out.with_suffix('.json')} and .csv")
+    print(f"wrote {write_results(a.out, rows, meta=meta)} and .csv")
 
 
 if __name__ == "__main__":

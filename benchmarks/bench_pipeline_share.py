@@ -6,7 +6,6 @@ and exact attribution, for both built-in backbones on real ELPV images. Writes J
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import sys
 import time
@@ -14,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from common import write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -72,13 +73,7 @@ def main() -> None:
                "post_backbone_share": (t_graph + t_head) / total, "contrib_shape": list(contrib.shape), "logits": list(logits.shape)}
         rows.append(row)
         print(json.dumps(row), flush=True)
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"rows": rows, "threads": torch.get_num_threads(), "args": vars(a)}, indent=2))
-    with open(out.with_suffix(".csv"), "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=sorted(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    write_results(a.out, rows, threads=torch.get_num_threads(), args=vars(a))
 
 
 if __name__ == "__main__":

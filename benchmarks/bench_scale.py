@@ -7,9 +7,7 @@ RSS is its own. Writes JSON + CSV; the log-log slope of time vs n is reported (1
 from __future__ import annotations
 
 import argparse
-import csv
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -17,6 +15,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from common import peak_rss_mb, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,14 +35,6 @@ def make_memmap(path: Path, n: int, d: int, c: int, seed: int = 0) -> np.ndarray
     return y
 
 
-def peak_rss_gb() -> float:
-    """This process's peak resident set (VmHWM; unlike ru_maxrss it is not inherited across exec)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-
-
 def child(path: str, lam: float, chunk: int, device: str) -> None:
     """Fit one problem and print a JSON row (run in a subprocess)."""
     import torch
@@ -50,14 +42,14 @@ def child(path: str, lam: float, chunk: int, device: str) -> None:
     sys.path.insert(0, str(ROOT))
     from carrot.head import RidgeHead
 
-    base = peak_rss_gb()
+    base = peak_rss_mb() / 1024
     G = np.load(path, mmap_mode="r")
     y = np.load(Path(path).with_suffix(".y.npy"))
     t = time.perf_counter()
     head = RidgeHead(lam=lam, chunk_size=chunk, device=device).fit(G, y)
     seconds = time.perf_counter() - t
     acc = float((head.predict(np.asarray(G[:20000])) == y[:20000]).mean())
-    peak = peak_rss_gb()
+    peak = peak_rss_mb() / 1024
     print(json.dumps({"n": int(G.shape[0]), "d": int(G.shape[1]), "c": int(len(head.classes_)), "seconds_fit": seconds,
                       "peak_rss_gb": peak, "rss_after_imports_gb": base, "train_accuracy_first_20k": acc,
                       "dual_coef_gb": head.dual_coef_.numel() * 8 / 2**30, "torch_threads": torch.get_num_threads(),
@@ -99,13 +91,7 @@ def main() -> None:
         slope = float(np.polyfit(np.log([r["n"] for r in rows]), np.log([r["seconds_fit"] for r in rows]), 1)[0])
     else:
         slope = float("nan")
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"rows": rows, "loglog_slope_time_vs_n": slope, "args": vars(a)}, indent=2))
-    with open(out.with_suffix(".csv"), "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=sorted(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    write_results(a.out, rows, loglog_slope_time_vs_n=slope, args=vars(a))
     print(f"log-log slope of fit time vs n: {slope:.3f}")
 
 

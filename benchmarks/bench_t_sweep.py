@@ -11,7 +11,6 @@ for reference). One eigendecomposition per image serves all t. Writes JSON + CSV
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import sys
 import time
@@ -19,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from common import write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -107,13 +108,7 @@ def main() -> None:
                        "n_images": int(len(labels)), "grid": list(grid)}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"rows": rows, "args": vars(a)}, indent=2))
-    with open(out.with_suffix(".csv"), "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=sorted(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    out = write_results(a.out, rows, args=vars(a))
     import matplotlib
 
     matplotlib.use("Agg")

@@ -8,7 +8,6 @@ beta_i = a_i (y_i - f(g_i)) / lam, so f_c(x) = ybar_c + sum_i beta_ic <g_i - mu,
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 

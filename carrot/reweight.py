@@ -140,6 +140,7 @@ def rro(
     s = torch.full((len(y_idx),), math.log(math.e - 1), dtype=torch.float64, requires_grad=True)
     opt = torch.optim.Adam([s], lr=cfg.lr)
     history: list[dict[str, float]] = []
+    best: tuple[float, int, torch.Tensor] | None = None
     for step in range(cfg.steps + 1):
         a = class_normalised(s, yt, C, cfg.classwise)
         system = RidgeSystem.fit(G, Y, a.detach(), lam, fit_intercept)
@@ -161,7 +162,7 @@ def rro(
             rec["holdout_loss"] = loss_and_grad(F, torch.as_tensor(yv_idx[hold_rows]), cfg.loss, cfg.temperature)[0]
             rec["holdout_accuracy"] = _acc(system, G_val[hold_rows], yv_idx[hold_rows])
         score = rec.get("holdout_loss", L)
-        if step == 0 or score < best[0]:
+        if best is None or score < best[0]:
             best = (score, step, a.detach().clone())
         if G_test is not None:
             rec["test_accuracy"] = _acc(system, G_test, yt_idx)

@@ -1,6 +1,5 @@
 import numpy as np
 import pytest
-import torch
 
 from carrot.cache import extract, open_store
 from carrot.data import load_imagefolder

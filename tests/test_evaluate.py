@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from carrot.attribution import centred_kernel, class_summary, region_pairs
+from carrot.attribution import class_summary, region_pairs
 from carrot.baselines import TracInHead
 from carrot.errors import CarrotError
 from carrot.evaluate import (

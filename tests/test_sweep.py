@@ -1,11 +1,9 @@
 import numpy as np
-import torch
 
 from carrot.cache import extract
 from carrot.config import DiffusionConfig, GraphConfig, RunConfig
 from carrot.data import load_imagefolder
 from carrot.pipeline import Carrot
-from carrot.regions import RegionSet
 from carrot.sweep import embeddings_over_t, t_sweep
 
 
