@@ -3,21 +3,24 @@
 Rows (per n, D, C): head fit vs sklearn RidgeClassifier / LogisticRegression (time, accuracy);
 all-pairs attribution (test x train) vs TracIn on the same features; exact LOO for all n vs
 brute-force refits (measured for up to --max-refits refits, extrapolated linearly beyond, and
-labelled so); Woodbury removal of 1% of n vs a refit. Writes JSON + CSV under benchmarks/results/.
+labelled so); Woodbury removal of 1% of n vs a refit. Each (n, D, C) runs in a fresh process whose
+peak RSS is recorded. Writes JSON + CSV under benchmarks/results/.
 
-    python benchmarks/bench_engine.py --n 1000 4000 16000 --d 384 --c 8 200
+    python benchmarks/bench_engine.py --n 1000 4000 16000 --d 128 384 768 --c 8 200
 """
 from __future__ import annotations
 
 import argparse
 import json
 import platform
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from common import write_results
+from common import peak_rss_mb, write_results
 
 
 def timed(fn, repeat: int = 1):
@@ -105,14 +108,26 @@ def main() -> None:
     ap.add_argument("--max-refits", type=int, default=200)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "engine"))
+    ap.add_argument("--child", type=int, nargs=3, default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
-    torch.set_num_threads(torch.get_num_threads())
+    if a.child:  # one configuration in a fresh process, so its peak memory is its own
+        n, d, c = a.child
+        base = peak_rss_mb()
+        rows = bench(n, d, c, a.lam, a.max_refits, a.seed)
+        for r in rows:
+            r["config_peak_rss_mb"], r["rss_after_imports_mb"] = peak_rss_mb(), base
+        print(json.dumps(rows))
+        return
     rows = []
     for n in a.n:
         for d in a.d:
             for c in a.c:
-                rows += bench(n, d, c, a.lam, a.max_refits, a.seed)
-                print(json.dumps(rows[-1]))
+                r = subprocess.run([sys.executable, __file__, "--child", str(n), str(d), str(c), "--lam", str(a.lam),
+                                    "--max-refits", str(a.max_refits), "--seed", str(a.seed)], capture_output=True, text=True)
+                if r.returncode != 0:
+                    raise SystemExit(r.stderr)
+                rows += json.loads(r.stdout.strip().splitlines()[-1])
+                print(json.dumps(rows[-1]), flush=True)
     # ratios against the reference measured in the same run
     for r in rows:
         ref = {"fit": "sklearn RidgeClassifier", "exact LOO, all n": "brute-force refits", "remove 1% of n": "refit",

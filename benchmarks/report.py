@@ -22,13 +22,15 @@ def engine_section(data: dict) -> list[str]:
     lines = ["## Exact engine vs references (`bench_engine.py`)", "",
              f"Machine: {m['machine']}, {m['threads']} torch threads, torch {m['torch']}. "
              "Synthetic Gaussian-class features; `speedup` is reference time / this row's time, both measured in the same run; "
-             "refit times beyond `refits_measured` are extrapolated linearly (marked).", "",
-             "| task | implementation | n | D | C | seconds | speedup | accuracy | max abs diff vs exact |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "refit times beyond `refits_measured` are extrapolated linearly (marked); each (n, D, C) ran in a fresh process and "
+             "its peak RSS (all tasks of that configuration, torch and data included) is the last column.", "",
+             "| task | implementation | n | D | C | seconds | speedup | accuracy | max abs diff vs exact | config peak RSS MB |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in data["rows"]:
         impl = r["impl"] + (f" ({r['refits_measured']} measured, extrapolated)" if r.get("extrapolated") else "")
         lines.append(f"| {r['task']} | {impl} | {r['n']} | {r['d']} | {r['c']} | {_fmt(r['seconds'])} | "
-                     f"{_fmt(r['speedup_vs_reference'])} | {_fmt(r.get('accuracy', ''))} | {_fmt(r.get('max_abs_diff', ''))} |")
+                     f"{_fmt(r['speedup_vs_reference'])} | {_fmt(r.get('accuracy', ''))} | {_fmt(r.get('max_abs_diff', ''))} | "
+                     f"{_fmt(r.get('config_peak_rss_mb', ''))} |")
     return lines + [""]
 
 
