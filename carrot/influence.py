@@ -109,16 +109,21 @@ class RidgeSystem:
         h = self.hat_diag().unsqueeze(1)
         return (f - h * self.Y) / (1 - h)
 
-    def loo_effect(self, G_test: ArrayLike, idx: Sequence[int] | None = None) -> torch.Tensor:
-        """f_-i(x) - f(x) for test rows x and training rows i: (m, k, C) (k = len(idx) or n)."""
+    def removal_terms(self, idx: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(Z, R) with Z = M^-1 X_i^T (p, k) and R_i = a_i r_i / (1 - h_ii) (k, C), so that removing
+        row i changes the logits of any x by -(x^T Z_i) R_i."""
         idx = torch.arange(self.G.shape[0]) if idx is None else torch.as_tensor(np.asarray(idx), dtype=torch.long)
         Xi = _augment(self.G[idx], self.fit_intercept)
-        Z = self.solve(Xi.T)  # (p, k)
-        Q = self.augment(G_test) @ Z  # (m, k)
+        Z = self.solve(Xi.T)
         a = self.a[idx]
         h = a * (Xi * Z.T).sum(1)
-        r = (self.Y[idx] - Xi @ self.theta) * (a / (1 - h)).unsqueeze(1)  # (k, C)
-        return -Q.unsqueeze(-1) * r.unsqueeze(0)
+        return Z, (self.Y[idx] - Xi @ self.theta) * (a / (1 - h)).unsqueeze(1)
+
+    def loo_effect(self, G_test: ArrayLike, idx: Sequence[int] | None = None) -> torch.Tensor:
+        """f_-i(x) - f(x) for test rows x and training rows i: (m, k, C) (k = len(idx) or n)."""
+        Z, R = self.removal_terms(idx)
+        Q = self.augment(G_test) @ Z  # (m, k)
+        return -Q.unsqueeze(-1) * R.unsqueeze(0)
 
     # -- Woodbury -------------------------------------------------------------------------------
     def updated_theta(
@@ -172,14 +177,11 @@ def loo_loss_change(system: RidgeSystem, G_eval: ArrayLike, y_eval_idx: np.ndarr
     = sum_x -2 Q[x, i] (E_x . R_i) + Q[x, i]^2 ||R_i||^2, E = F - Y. Negative: removing i helps
     (a harmful image); positive: i helps. Streamed over chunks of evaluation rows.
     """
-    X = _augment(system.G, system.fit_intercept)
-    Z = system.solve(X.T)  # (p, n)
-    h = system.a * (X * Z.T).sum(1)
-    R = system.residuals() * (system.a / (1 - h)).unsqueeze(1)  # (n, C)
+    Z, R = system.removal_terms()
     Ge = as_float64_matrix(G_eval, "G_eval")
     Y = one_hot(np.asarray(y_eval_idx), system.Y.shape[1])
     r2 = (R * R).sum(1)
-    total = torch.zeros(X.shape[0], dtype=torch.float64)
+    total = torch.zeros(R.shape[0], dtype=torch.float64)
     for s in range(0, Ge.shape[0], chunk):
         Xe = system.augment(Ge[s : s + chunk])
         Q = Xe @ Z  # (mc, n)

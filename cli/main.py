@@ -73,6 +73,19 @@ def _num_or(word: str, name: str, v: str | None) -> float | str | None:
         raise CarrotError(f"--{name}: expected a number or '{word}', got {v!r}") from None
 
 
+def _numbers(name: str, text: str, kind: type = int) -> list:
+    """A comma-separated list flag (``--k 1,5,10``) parsed as ``kind``, or a one-line error."""
+    try:
+        values = [kind(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise CarrotError(f"--{name}: expected comma-separated {'integers' if kind is int else 'numbers'}, got {text!r}") from None
+    if not values:
+        raise CarrotError(f"--{name}: expected at least one value")
+    if kind is int and min(values) < 1:
+        raise CarrotError(f"--{name}: expected positive integers, got {text!r}")
+    return values
+
+
 def build_config(config_path: str | None = None, **o: Any):
     from carrot.config import load_config
 
@@ -155,13 +168,7 @@ def bench(run_dir: str, ts: str, out_path: str | None) -> None:
     t): test accuracy, LOO-chosen lambda and LOO accuracy per t."""
     import main as orchestration
 
-    try:
-        t_list = [float(t) for t in ts.split(",") if t.strip()]
-    except ValueError:
-        raise CarrotError(f"--t: expected comma-separated numbers, got {ts!r}") from None
-    if not t_list:
-        raise CarrotError("--t: expected at least one diffusion time")
-    click.echo(json.dumps(orchestration.bench(run_dir, t_list, out_path), indent=2))
+    click.echo(json.dumps(orchestration.bench(run_dir, _numbers("t", ts, float), out_path), indent=2))
 
 
 @cli.command()
@@ -206,12 +213,7 @@ def evaluate(run_dir: str, what: str, flip_fraction: float, ks: str, n_test: int
     mislabel detection, faithfulness, linear datamodeling score, rank agreement."""
     import main as orchestration
 
-    try:
-        k_list = [int(k) for k in ks.split(",") if k.strip()]
-    except ValueError:
-        raise CarrotError(f"--k: expected comma-separated integers, got {ks!r}") from None
-    if not k_list or min(k_list) < 1:
-        raise CarrotError(f"--k: expected positive integers, got {ks!r}")
+    k_list = _numbers("k", ks)
     res = orchestration.evaluate(run_dir, [w.strip() for w in what.split(",") if w.strip()], out_path,
                                  flip_fraction=flip_fraction, ks=k_list, n_test=n_test, n_subsets=subsets,
                                  progress=lambda msg: click.echo(f"... {msg}", err=True))
@@ -266,13 +268,7 @@ def debug(run_dir: str, ks: str, val_fraction: float, downweight: float) -> None
     drop or downweight them without refitting (Woodbury), report validation/test accuracy vs random drops."""
     import main as orchestration
 
-    try:
-        k_list = [int(k) for k in ks.split(",") if k.strip()]
-    except ValueError:
-        raise CarrotError(f"--drop: expected comma-separated integers, got {ks!r}") from None
-    if not k_list or min(k_list) < 1:
-        raise CarrotError(f"--drop: expected positive integers, got {ks!r}")
-    res = orchestration.debug(run_dir, k_list, val_fraction, downweight)
+    res = orchestration.debug(run_dir, _numbers("drop", ks), val_fraction, downweight)
     click.echo(json.dumps({k: v for k, v in res.items() if k != "rows"} | {"rows": [{k: v for k, v in r.items() if k != "dropped"} for r in res["rows"]]}, indent=2))
 
 
