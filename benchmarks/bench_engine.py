@@ -40,7 +40,7 @@ def synthetic(n: int, d: int, c: int, seed: int = 0):
     return means[y] + g.normal(size=(n, d)), y, means[yt] + g.normal(size=(500, d)), yt
 
 
-def bench(n: int, d: int, c: int, lam: float, max_refits: int, seed: int) -> list[dict]:
+def bench(n: int, d: int, c: int, lam: float, max_refits: int, seed: int, device: str = "cpu") -> list[dict]:
     from sklearn.linear_model import LogisticRegression, RidgeClassifier
 
     from carrot.attribution import centred_kernel
@@ -54,8 +54,8 @@ def bench(n: int, d: int, c: int, lam: float, max_refits: int, seed: int) -> lis
     def row(task, impl, seconds, **extra):
         rows.append({"task": task, "impl": impl, "n": n, "d": d, "c": c, "seconds": seconds, **extra})
 
-    t, head = timed(lambda: RidgeHead(lam=lam, device="cpu").fit(G, y), 3)
-    row("fit", "carrot RidgeHead", t, accuracy=float((head.predict(Gt) == yt).mean()))
+    t, head = timed(lambda: RidgeHead(lam=lam, device=device).fit(G, y), 3)
+    row("fit", f"carrot RidgeHead ({device})", t, accuracy=float((head.predict(Gt) == yt).mean()))
     t, rc = timed(lambda: RidgeClassifier(alpha=lam, solver="cholesky").fit(G, y), 3)
     row("fit", "sklearn RidgeClassifier", t, accuracy=float(rc.score(Gt, yt)))
     t, lr = timed(lambda: LogisticRegression(max_iter=300).fit(G, y))
@@ -107,13 +107,14 @@ def main() -> None:
     ap.add_argument("--lam", type=float, default=1.0)
     ap.add_argument("--max-refits", type=int, default=200)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cpu", help="device of the carrot head fit (cuda on a GPU machine)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "engine"))
     ap.add_argument("--child", type=int, nargs=3, default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:  # one configuration in a fresh process, so its peak memory is its own
         n, d, c = a.child
         base = peak_rss_mb()
-        rows = bench(n, d, c, a.lam, a.max_refits, a.seed)
+        rows = bench(n, d, c, a.lam, a.max_refits, a.seed, a.device)
         for r in rows:
             r["config_peak_rss_mb"], r["rss_after_imports_mb"] = peak_rss_mb(), base
         print(json.dumps(rows))
@@ -123,7 +124,8 @@ def main() -> None:
         for d in a.d:
             for c in a.c:
                 r = subprocess.run([sys.executable, __file__, "--child", str(n), str(d), str(c), "--lam", str(a.lam),
-                                    "--max-refits", str(a.max_refits), "--seed", str(a.seed)], capture_output=True, text=True)
+                                    "--max-refits", str(a.max_refits), "--seed", str(a.seed), "--device", a.device],
+                                   capture_output=True, text=True)
                 if r.returncode != 0:
                     raise SystemExit(r.stderr)
                 rows += json.loads(r.stdout.strip().splitlines()[-1])
