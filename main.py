@@ -66,6 +66,7 @@ def _gather_rows(G_shard: np.ndarray, n: int, run_dir: Path, name: str) -> np.nd
     G = np.empty((n, G_shard.shape[1]))
     for r in range(size):
         G[r::size] = np.load(shard_dir / f"{name}_{r}.npy")
+        (shard_dir / f"{name}_{r}.npy").unlink()
     return G
 
 
