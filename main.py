@@ -11,12 +11,12 @@ import numpy as np
 from carrot.cache import extract
 from carrot.config import RunConfig
 from carrot.distributed import barrier, init_from_env, world
-from carrot.data import IMAGE_EXTENSIONS, ImageDataset, load_cub, load_elpv, load_imagefolder, make_synthetic
+from carrot.data import ImageDataset, collect_images, load_cub, load_elpv, load_imagefolder, make_synthetic
 from carrot.errors import CarrotError
 from carrot.io import user_cache_dir, write_json
 from carrot.pipeline import Carrot
 from carrot.report import write_explanation
-from carrot.runs import bench, debug, reweight, run_embeddings, tracin, write_index
+from carrot.runs import bench, clear_run, debug, reweight, run_embeddings, tracin, write_index
 
 __all__ = ["bench", "debug", "demo", "evaluate", "explain", "extract_splits", "fit", "reweight", "tracin"]
 
@@ -70,9 +70,10 @@ def _gather_rows(G_shard: np.ndarray, n: int, run_dir: Path, name: str) -> np.nd
     return G
 
 
-def fit(config: RunConfig, run_dir: str | Path, progress: bool = True) -> dict[str, Any]:
+def fit(config: RunConfig, run_dir: str | Path, progress: bool = True, overwrite: bool = False) -> dict[str, Any]:
     """Extract (cached) tokens for both splits, fit the head, evaluate, save the run directory."""
     t0 = time.perf_counter()
+    clear_run(run_dir, overwrite)
     init_from_env()
     model = Carrot(config)
     stores, train, test = extract_splits(config, model, progress)
@@ -102,23 +103,6 @@ def fit(config: RunConfig, run_dir: str | Path, progress: bool = True) -> dict[s
 
 def _per_class(pred: np.ndarray, y: np.ndarray, classes: Sequence[str]) -> dict[str, float | None]:
     return {c: (float((pred[y == i] == i).mean()) if (y == i).any() else None) for i, c in enumerate(classes)}
-
-
-def collect_images(inputs: Sequence[str]) -> list[str]:
-    """Image files named directly or found (recursively, sorted) in folders."""
-    paths: list[str] = []
-    for item in inputs:
-        p = Path(item)
-        if p.is_dir():
-            found = sorted(str(f) for f in p.rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file())
-            if not found:
-                raise CarrotError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in folder '{p}'")
-            paths += found
-        elif p.is_file():
-            paths.append(str(p))
-        else:
-            raise CarrotError(f"image path not found: '{p}'")
-    return paths
 
 
 def explain(run_dir: str | Path, inputs: Sequence[str], out_dir: str | Path | None = None, top_k: int = 5,
@@ -167,7 +151,7 @@ def demo(config: RunConfig, run_dir: str | Path, explain_n: int = 3, progress: b
     from sklearn.preprocessing import StandardScaler
 
     t0 = time.perf_counter()
-    metrics = fit(config, run_dir, progress)
+    metrics = fit(config, run_dir, progress, overwrite=True)  # a demo run is always rebuilt
     run_dir = Path(run_dir)
     model = Carrot.load(run_dir)
     G_test = np.load(run_dir / "test_embeddings.npy")

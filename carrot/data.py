@@ -239,3 +239,20 @@ def make_synthetic(root: str | Path, num_classes: int = 3, per_class: int = 8, s
             parts[str(p.relative_to(root))] = [int(x), int(y), s, s]
     (root / "parts.json").write_text(json.dumps(parts, indent=1))
     return root
+
+
+def collect_images(inputs: Sequence[str]) -> list[str]:
+    """Image files named directly or found (recursively, sorted) in folders."""
+    paths: list[str] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            found = sorted(str(f) for f in p.rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file())
+            if not found:
+                raise CarrotError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in folder '{p}'")
+            paths += found
+        elif p.is_file():
+            paths.append(str(p))
+        else:
+            raise CarrotError(f"image path not found: '{p}'")
+    return paths

@@ -8,6 +8,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .data import load_image
+from .distributed import world
 from .errors import CarrotError
 from .influence import RidgeSystem, loo_loss_change
 from .io import atomic_path, read_json, write_json
@@ -155,3 +156,21 @@ def debug(run_dir: str | Path, ks: Sequence[int], val_fraction: float = 0.2, dow
     res["val_fraction"] = val_fraction
     write_json(Path(run_dir) / "debug.json", res)
     return res
+
+
+DERIVED = ("explanations", "tracin", ".shards", "evaluation.json", "reweight.json", "debug.json", "t_sweep.json",
+           "t_sweep.csv", "index.html")
+
+
+def clear_run(run_dir: str | Path, overwrite: bool) -> None:
+    """Refuse to fit over an existing run unless ``overwrite``; then drop what the old model produced."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "run.json").is_file() or world()[0] != 0:
+        return
+    if not overwrite:
+        raise CarrotError(f"run directory '{run_dir}' already holds a fitted run; pass --overwrite to replace it")
+    import shutil
+
+    for name in DERIVED:
+        p = run_dir / name
+        shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)

@@ -124,15 +124,16 @@ def cli() -> None:
 @cli.command()
 @run_options
 @click.option("--out", "run_dir", required=True, type=click.Path(file_okay=False), help="Run directory to write.")
+@click.option("--overwrite", is_flag=True, help="Replace a run already in --out (its explanations and reports go too).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON on stdout.")
 @user_errors
-def fit(run_dir: str, quiet: bool, as_json: bool, **opts: Any) -> None:
+def fit(run_dir: str, overwrite: bool, quiet: bool, as_json: bool, **opts: Any) -> None:
     """Extract (cached) backbone tokens, fit the closed-form head, save a run directory."""
     import main as orchestration
 
     cfg = build_config(**opts)
-    metrics = orchestration.fit(cfg, run_dir, progress=not quiet)
+    metrics = orchestration.fit(cfg, run_dir, progress=not quiet, overwrite=overwrite)
     if metrics.get("rank", 0) != 0:  # torchrun worker: rank 0 reports
         return
     if as_json:

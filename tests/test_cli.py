@@ -204,3 +204,16 @@ def test_tracin_and_debug_commands(fitted, tmp_path):
     assert [row["k"] for row in json.loads(r.output)["rows"]] == [1, 2]
     bad(["debug", str(run_dir), "--drop", "0"], "--drop: expected positive integers")
     bad(["tracin", str(run_dir), "--flag-fraction", "2"], "--flag-fraction")
+
+
+def test_fit_refuses_to_overwrite_a_run_unless_asked(tmp_path, synthetic_root, tiny_config):
+    out = tmp_path / "r"
+    args = ["fit", "--config", tiny_config, "--data", str(synthetic_root), "--out", str(out), "--quiet"]
+    assert run(*args).exit_code == 0
+    (out / "explanations").mkdir()
+    (out / "explanations" / "old.json").write_text("{}")
+    bad(args, "already holds a fitted run; pass --overwrite")
+    r = run(*args, "--overwrite", "--lam", "2")
+    assert r.exit_code == 0, r.output
+    assert not (out / "explanations").exists()
+    assert json.loads((out / "run.json").read_text())["config"]["head"]["lam"] == 2.0
