@@ -97,7 +97,7 @@ def fit(config: RunConfig, run_dir: str | Path, progress: bool = True, overwrite
     model.save(run_dir, {"metrics": metrics, "test_records": [[r.path, r.label] for r in test.records]})
     np.save(Path(run_dir) / "test_embeddings.npy", G_test)
     write_json(Path(run_dir) / "metrics.json", metrics)
-    write_index(run_dir)
+    write_index(run_dir, model=Carrot.load(run_dir, backbone=model.backbone))
     return metrics
 
 
@@ -130,7 +130,7 @@ def explain(run_dir: str | Path, inputs: Sequence[str], out_dir: str | Path | No
             results.append(write_explanation(exp, out_root / f"{len(results):04d}_{stem}"))
     write_json(out_root / "explanations.json", results)
     if out_root.resolve() == (Path(run_dir) / "explanations").resolve():
-        write_index(run_dir, results)
+        write_index(run_dir, results, model)
     return results
 
 

@@ -233,8 +233,8 @@ class Carrot:
         })
 
     @classmethod
-    def load(cls, run_dir: str | Path) -> "Carrot":
-        """Load a run directory written by :meth:`save`; refuse one whose backbone weights changed."""
+    def load(cls, run_dir: str | Path, backbone: TokenBackbone | None = None) -> "Carrot":
+        """Load a run directory written by :meth:`save` (``backbone``: an already built one to reuse)."""
         run_dir = Path(run_dir)
         if not run_dir.is_dir():
             raise CarrotError(f"run directory not found: '{run_dir}'")
@@ -242,6 +242,7 @@ class Carrot:
         if meta.get("format") != RUN_FORMAT:
             raise CarrotError(f"'{run_dir}' is not a carrot run directory (run.json has no format {RUN_FORMAT!r})")
         self = cls(RunConfig.from_dict(meta["config"]))
+        self._backbone = backbone
         self.head_ = RidgeHead.load(run_dir / "head.safetensors")
         self.train_embeddings_ = np.load(run_dir / "train_embeddings.npy")
         self.train_records_ = [ImageRecord(p, int(lab), tuple(b) if b else None) for p, lab, b in meta["train_records"]]

@@ -16,9 +16,10 @@ from .pipeline import Carrot
 from .report import index_html
 
 
-def run_embeddings(run_dir: str | Path) -> tuple[Carrot, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(model, G_train, y_train, G_test, y_test) of a fitted run, from its saved embeddings."""
-    model = Carrot.load(run_dir)
+def run_embeddings(run_dir: str | Path, model: Carrot | None = None) -> tuple[Carrot, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(model, G_train, y_train, G_test, y_test) of a fitted run, from its saved embeddings
+    (``model``: the run already loaded, to reuse its backbone)."""
+    model = model or Carrot.load(run_dir)
     test_path = Path(run_dir) / "test_embeddings.npy"
     if not test_path.is_file():
         raise CarrotError(f"run '{run_dir}' has no test_embeddings.npy; refit it with carrot-run fit")
@@ -56,10 +57,10 @@ def run_summary(model: Carrot, G: np.ndarray, y: np.ndarray, G_test: np.ndarray,
     }
 
 
-def write_index(run_dir: str | Path, explained: Sequence[dict[str, Any]] = ()) -> Path:
+def write_index(run_dir: str | Path, explained: Sequence[dict[str, Any]] = (), model: Carrot | None = None) -> Path:
     """(Re)write RUN_DIR/index.html, linking the explanation pages listed in RUN_DIR/explanations."""
     run_dir = Path(run_dir)
-    model, G, y, G_test, y_test = run_embeddings(run_dir)
+    model, G, y, G_test, y_test = run_embeddings(run_dir, model)
     summary = run_summary(model, G, y, G_test, y_test)
     summary["name"] = run_dir.resolve().name
     listed = run_dir / "explanations" / "explanations.json"
