@@ -114,10 +114,30 @@ def _cell(grid: tuple[int, int], j: int) -> str:
     return f"({j // grid[1]},{j % grid[1]})"
 
 
-def _train_cards(rows: list[dict[str, Any]], grid: tuple[int, int], tgrid: tuple[int, int]) -> str:
+def boxed(image, grid: tuple[int, int], cell: int, color: str = "#ffd400"):
+    """A copy of ``image`` with the region ``cell`` (row-major on ``grid``) outlined."""
+    from PIL import ImageDraw
+
+    img = image.convert("RGB").copy()
+    gh, gw = grid
+    i, j = divmod(cell, gw)
+    w, h = img.size
+    box = (j * w / gw, i * h / gh, (j + 1) * w / gw - 1, (i + 1) * h / gh - 1)
+    ImageDraw.Draw(img).rectangle(box, outline=color, width=max(2, min(w, h) // 60))
+    return img
+
+
+def _train_cards(rows: list[dict[str, Any]], grid: tuple[int, int], tgrid: tuple[int, int], test_image) -> str:
     cards = []
     for r in rows:
         img = r.pop("_image")
+        match = ""
+        if r["pairs"]:
+            p = r["pairs"][0]
+            match = (f"<div class='muted'>strongest pair: this image &harr; training image</div>"
+                     f"<div class='row' title='strongest region pair'><img alt='test region' "
+                     f"src='{data_uri(boxed(test_image, grid, p['test_region']), 'JPEG', 160)}'>"
+                     f"<img alt='matching training region' src='{data_uri(boxed(img, tgrid, p['train_region']), 'JPEG', 160)}'></div>")
         pairs = "<br>".join(
             f"test {_cell(grid, p['test_region'])} &harr; train {_cell(tgrid, p['train_region'])}: "
             f"<span class='{'pos' if p['value'] > 0 else 'neg'}'>{p['value']:+.4f}</span>" for p in r["pairs"])
@@ -125,7 +145,7 @@ def _train_cards(rows: list[dict[str, Any]], grid: tuple[int, int], tgrid: tuple
             f"<div class='card'><div class='row'><img alt='training image' src='{data_uri(img, 'JPEG', 160)}'>"
             f"<img alt='its regions' src='{data_uri(overlay(img, np.asarray(r['train_regions'])), 'JPEG', 160)}'></div>"
             f"<b>{html.escape(r['label'])}</b> #{r['index']} &nbsp; score <span class='{'pos' if r['score'] > 0 else 'neg'}'>"
-            f"{r['score']:+.4f}</span><br><span class='muted'>{html.escape(Path(r['path']).name)}</span><br>{pairs}</div>")
+            f"{r['score']:+.4f}</span><br><span class='muted'>{html.escape(Path(r['path']).name)}</span><br>{pairs}{match}</div>")
     return "<div class='row'>" + "".join(cards) + "</div>"
 
 
@@ -147,9 +167,9 @@ def explanation_html(exp: dict[str, Any], image) -> str:
         f"<p class='muted'>logit = prior {exp['prior']:+.4f} + training images {exp['data_sum']:+.4f}"
         f" (identity error {exp['identity_error']['data']:.1e})</p></div></div>",
         "<h2>Supporting training images</h2>",
-        _train_cards(exp["supporting"], grid, tgrid),
+        _train_cards(exp["supporting"], grid, tgrid, image),
         "<h2>Inhibiting training images</h2>",
-        _train_cards(exp["inhibiting"], grid, tgrid),
+        _train_cards(exp["inhibiting"], grid, tgrid, image),
     ]
     if "deletion" in exp:
         body.append(f"<h2>Region removal</h2><img alt='deletion and insertion curves' src='{_curve_png(exp)}'>")

@@ -84,3 +84,14 @@ def test_bandwidths_follow_the_graph_rule(setup):
     ss, sf = bandwidths(H, P, GraphConfig(sigma_space=0.3, sigma_feat="median*2"))
     assert ss == 0.3
     assert sf == pytest.approx(2 * float(median_bandwidth(pairwise_sq_dists(H[None]))[0]))
+
+
+def test_boxed_outlines_the_right_cell():
+    from PIL import Image
+
+    from carrot.report import boxed
+
+    img = boxed(Image.new("RGB", (40, 30), (0, 0, 0)), (3, 4), cell=6)  # row 1, column 2
+    a = np.asarray(img)
+    assert a[10:20, 20:30].any() and not a[:10].any() and not a[20:].any()
+    assert not a[:, :20].any() and not a[:, 30:].any()
