@@ -118,3 +118,41 @@ def deletion_insertion(head: RidgeHead, H: torch.Tensor, P: torch.Tensor, c: int
 
 def _logit(head: RidgeHead, g: torch.Tensor, c: int) -> float:
     return float(head.decision_function(g.unsqueeze(0).numpy())[0, c])
+
+
+def to_input_coords(points: np.ndarray, image_size: tuple[int, int], transform) -> np.ndarray:
+    """Map (x, y) pixel points of an original image through the display geometry (timm's Resize then
+    CenterCrop) to pixels of the model input; points (k, 2) -> (k, 2)."""
+    from torchvision import transforms as T
+
+    pts = np.asarray(points, dtype=np.float64).reshape(-1, 2).copy()
+    w, h = image_size
+    for step in transform.transforms:
+        if isinstance(step, T.Resize):
+            size = step.size
+            if isinstance(size, int) or (isinstance(size, (list, tuple)) and len(size) == 1):
+                s = size if isinstance(size, int) else size[0]
+                scale = s / min(w, h)
+                nw, nh = w * scale, h * scale
+            else:
+                nh, nw = size
+            pts *= (nw / w, nh / h)
+            w, h = nw, nh
+        elif isinstance(step, T.CenterCrop):
+            ch, cw = step.size if isinstance(step.size, (list, tuple)) else (step.size, step.size)
+            pts -= ((w - cw) / 2, (h - ch) / 2)
+            w, h = cw, ch
+    return pts
+
+
+def pointing_game(contributions: np.ndarray, box: tuple[float, float, float, float], input_size: tuple[int, int]) -> bool:
+    """Hit when the centre of the most positive region lies in ``box`` (x0, y0, x1, y1, model-input
+    pixels) widened by half a region on each side (the grid's own resolution)."""
+    r = np.asarray(contributions, dtype=np.float64)
+    gh, gw = r.shape
+    W, H = input_size
+    i, j = np.unravel_index(int(np.argmax(r)), r.shape)
+    cx, cy = (j + 0.5) * W / gw, (i + 0.5) * H / gh
+    x0, y0, x1, y1 = box
+    tx, ty = W / gw / 2, H / gh / 2
+    return bool(x0 - tx <= cx <= x1 + tx and y0 - ty <= cy <= y1 + ty)
