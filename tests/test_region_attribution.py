@@ -142,4 +142,4 @@ def test_pointing_game_on_the_generated_parts_with_a_real_backbone(tmp_path):
         x, y, w, h = parts[str(Path(exp["image"]).relative_to(root))]
         (x0, y0), (x1, y1) = to_input_coords(np.array([[x, y], [x + w, y + h]]), (64, 64), geo)
         hits.append(pointing_game(np.asarray(exp["region_contributions"]), (x0, y0, x1, y1), size))
-    assert np.mean(hits) >= 0.6, hits  # 11 of 12 when written; chance is about 1 in 9
+    assert np.mean(hits) >= 0.6, hits  # 11 of 12 when written; a random region hits about 1 in 4
