@@ -145,16 +145,23 @@ def extract(
         todo = _RecordImages(dataset, backbone.transform(), backbone.min_side, start=done)
         loader = DataLoader(todo, batch_size=batch_size, num_workers=num_workers, shuffle=False)
         bar = tqdm(total=n, initial=done, desc=f"extract {dataset.name}", unit="img", disable=not progress)
-        for x in loader:
-            out, _ = backbone(x)
-            tokens[done : done + len(x)] = out.cpu().numpy().astype(DTYPES[dtype])
-            if not np.isfinite(tokens[done : done + len(x)]).all():
-                raise CarrotError(f"backbone produced NaN/Inf tokens (dtype {dtype} overflow?) for {dataset.name} rows {done}..{done + len(x)}")
-            tokens.flush()
-            done += len(x)
-            write_json(prog_path, {"done": done})
-            bar.update(len(x))
-        bar.close()
+        try:
+            for x in loader:
+                out, _ = backbone(x)
+                tokens[done : done + len(x)] = out.cpu().numpy().astype(DTYPES[dtype])
+                if not np.isfinite(tokens[done : done + len(x)]).all():
+                    raise CarrotError(f"backbone produced NaN/Inf tokens (dtype {dtype} overflow?) for {dataset.name} rows {done}..{done + len(x)}")
+                tokens.flush()
+                done += len(x)
+                write_json(prog_path, {"done": done})
+                bar.update(len(x))
+        except CarrotError as exc:  # from a DataLoader worker the message carries the worker's traceback
+            lines = str(exc).strip().splitlines()
+            if len(lines) > 1:
+                raise CarrotError(lines[-1].split("CarrotError: ", 1)[-1]) from None
+            raise
+        finally:
+            bar.close()
     del tokens
     write_json(man_path, {**expected, "complete": True})
     return open_store(path, expected)

@@ -83,3 +83,19 @@ def test_bad_cache_options(tmp_path, synthetic_root, tiny_vit):
         extract(tiny_vit, train, tmp_path, dtype="int8", progress=False)
     with pytest.raises(CarrotError, match="batch_size"):
         extract(tiny_vit, train, tmp_path, batch_size=0, progress=False)
+
+
+def test_bad_image_in_a_worker_gives_a_one_line_error_and_keeps_progress(tmp_path, tiny_vit):
+    from carrot.data import make_synthetic
+
+    root = make_synthetic(tmp_path / "d", num_classes=2, per_class=6)
+    train, _ = load_imagefolder(root, test_fraction=0.2)
+    bad = train.records[7].path
+    with open(bad, "wb") as fh:
+        fh.write(b"not a png")
+    with pytest.raises(CarrotError) as err:
+        extract(tiny_vit, train, tmp_path / "c", batch_size=2, num_workers=2, progress=False)
+    msg = str(err.value)
+    assert "\n" not in msg and "cannot read image" in msg and bad in msg
+    folder = next((tmp_path / "c").iterdir())
+    assert read_json(folder / "progress.json")["done"] == 6  # the three batches before the bad image are kept
