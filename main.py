@@ -11,31 +11,14 @@ import numpy as np
 from carrot.cache import extract
 from carrot.config import RunConfig
 from carrot.distributed import barrier, init_from_env, world
-from carrot.data import ImageDataset, collect_images, load_cub, load_elpv, load_imagefolder, make_synthetic
+from carrot.data import ImageDataset, collect_images, load_splits
 from carrot.errors import CarrotError
 from carrot.io import user_cache_dir, write_json
 from carrot.pipeline import Carrot
 from carrot.report import write_explanation
-from carrot.runs import bench, clear_run, debug, reweight, run_embeddings, tracin, write_index
+from carrot.runs import bench, clear_run, debug, pointing, reweight, run_embeddings, tracin, write_index
 
 __all__ = ["bench", "debug", "demo", "evaluate", "explain", "extract_splits", "fit", "reweight", "tracin"]
-
-
-def load_splits(config: RunConfig) -> tuple[ImageDataset, ImageDataset]:
-    """Train and test splits named by ``config.data``."""
-    d = config.data
-    if d.kind in ("imagefolder", "cub") and not d.root:
-        raise CarrotError(f"data.root: a {d.kind} data set needs a root directory (--data PATH)")
-    if d.kind == "elpv":
-        return load_elpv(d.test_fraction, d.split_seed, d.max_per_class)
-    if d.kind == "cub":
-        return load_cub(d.root, d.bbox_crop)
-    if d.kind == "synthetic":
-        root = Path(d.root or user_cache_dir() / "synthetic")
-        if not root.is_dir():
-            make_synthetic(root, seed=d.split_seed)
-        return load_imagefolder(root, d.test_fraction, d.split_seed)
-    return load_imagefolder(d.root, d.test_fraction, d.split_seed)
 
 
 def extract_splits(config: RunConfig, model: Carrot | None = None, progress: bool = True) -> tuple[list, ImageDataset, ImageDataset]:
@@ -139,7 +122,10 @@ def evaluate(run_dir: str | Path, what: Sequence[str], out: str | Path | None = 
     from carrot.evaluate import evaluate_embeddings
 
     model, G, y, G_test, _ = run_embeddings(run_dir)
-    res = evaluate_embeddings(G, y, G_test, model.head_.lam_, what, seed=model.config.seed, **kwargs)
+    rest = [w for w in what if w != "pointing"]
+    res = evaluate_embeddings(G, y, G_test, model.head_.lam_, rest, seed=model.config.seed, **kwargs) if rest else {}
+    if "pointing" in what:
+        res["pointing"] = pointing(run_dir, model)
     write_json(Path(out) if out else Path(run_dir) / "evaluation.json", res)
     return res
 

@@ -23,6 +23,7 @@ class ImageRecord:
     path: str
     label: int
     bbox: tuple[float, float, float, float] | None = None  # x, y, w, h in pixels
+    parts: tuple[tuple[float, float, float, float], ...] | None = None  # known part boxes x0, y0, x1, y1 (pixels of the loaded image)
 
 
 @dataclass
@@ -143,7 +144,29 @@ def load_imagefolder(root: str | Path, test_fraction: float = 0.25, seed: int = 
         test = _scan_imagefolder(test_dir, train.classes)
         train.name, test.name = f"{root.name}/train", f"{root.name}/{test_dir.name}"
         return train, test
-    return stratified_split(_scan_imagefolder(root), test_fraction, seed)
+    return stratified_split(_with_parts(_scan_imagefolder(root), root), test_fraction, seed)
+
+
+def _with_parts(ds: ImageDataset, root: Path) -> ImageDataset:
+    """Attach part boxes from ``root/parts.json`` (relative path -> [x, y, w, h] or a list of them)."""
+    import json
+
+    f = root / "parts.json"
+    if not f.is_file():
+        return ds
+    try:
+        table = json.loads(f.read_text())
+    except json.JSONDecodeError as exc:
+        raise CarrotError(f"'{f}' is not valid JSON ({exc})") from None
+    recs = []
+    for r in ds.records:
+        v = table.get(str(Path(r.path).relative_to(root)))
+        boxes = None
+        if v:
+            v = [v] if not isinstance(v[0], (list, tuple)) else v
+            boxes = tuple((float(x), float(y), float(x) + float(w), float(y) + float(h)) for x, y, w, h in v)
+        recs.append(ImageRecord(r.path, r.label, r.bbox, boxes))
+    return ImageDataset(recs, ds.classes, ds.name, ds.meta)
 
 
 def _read_table(path: Path, ncols: int) -> list[list[str]]:
@@ -171,11 +194,18 @@ def load_cub(root: str | Path, bbox_crop: bool = False) -> tuple[ImageDataset, I
     boxes = {}
     if bbox_crop:
         boxes = {r[0]: tuple(float(v) for v in r[1:5]) for r in _read_table(root / "bounding_boxes.txt", 5)}
+    parts: dict[str, list] = {}
+    if (root / "parts" / "part_locs.txt").is_file():  # visible part points; shifted into the crop when cropping
+        for img_id, _, x, y, vis in _read_table(root / "parts" / "part_locs.txt", 5):
+            if vis == "1":
+                ox, oy = boxes[img_id][:2] if img_id in boxes else (0.0, 0.0)
+                parts.setdefault(img_id, []).append((float(x) - ox, float(y) - oy) * 2)
     train, test = [], []
     for img_id, rel in images.items():
         if img_id not in labels or img_id not in split:
             raise CarrotError(f"CUB layout: image id {img_id} lacks a label or a train/test flag")
-        rec = ImageRecord(str(root / "images" / rel), index[labels[img_id]], boxes.get(img_id))
+        rec = ImageRecord(str(root / "images" / rel), index[labels[img_id]], boxes.get(img_id),
+                          tuple(parts[img_id]) if img_id in parts else None)
         (train if split[img_id] else test).append(rec)
     classes = [names.get(c, str(c)) for c in ids]
     return ImageDataset(train, classes, "CUB/train"), ImageDataset(test, classes, "CUB/test")
@@ -256,3 +286,22 @@ def collect_images(inputs: Sequence[str]) -> list[str]:
         else:
             raise CarrotError(f"image path not found: '{p}'")
     return paths
+
+
+def load_splits(config) -> tuple[ImageDataset, ImageDataset]:
+    """Train and test splits named by ``config.data`` (a :class:`carrot.config.RunConfig`)."""
+    d = config.data
+    if d.kind in ("imagefolder", "cub") and not d.root:
+        raise CarrotError(f"data.root: a {d.kind} data set needs a root directory (--data PATH)")
+    if d.kind == "elpv":
+        return load_elpv(d.test_fraction, d.split_seed, d.max_per_class)
+    if d.kind == "cub":
+        return load_cub(d.root, d.bbox_crop)
+    if d.kind == "synthetic":
+        from .io import user_cache_dir
+
+        root = Path(d.root or user_cache_dir() / "synthetic")
+        if not root.is_dir():
+            make_synthetic(root, seed=d.split_seed)
+        return load_imagefolder(root, d.test_fraction, d.split_seed)
+    return load_imagefolder(d.root, d.test_fraction, d.split_seed)

@@ -175,3 +175,46 @@ def clear_run(run_dir: str | Path, overwrite: bool) -> None:
     for name in DERIVED:
         p = run_dir / name
         shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+
+
+def pointing(run_dir: str | Path, model: Carrot | None = None) -> dict[str, Any]:
+    """Pointing game on a run's test split where part locations are known (CUB parts, parts.json):
+    does the most positive region of the predicted class sit on a part? Uses the cached test tokens."""
+    import torch
+    from PIL import Image
+
+    from .attribution import region_contributions
+    from .backbone import patch_centres
+    from .cache import open_store
+    from .data import load_splits
+    from .region_attribution import pointing_game, to_input_coords
+    from .regions import RegionSet
+
+    model = model or Carrot.load(run_dir)
+    caches = model.meta_.get("metrics", {}).get("token_caches", [])
+    if len(caches) != 2 or not Path(caches[1]).is_dir():
+        raise CarrotError(f"run '{run_dir}': its test token cache is gone; run carrot-run fit again to rebuild it")
+    store = open_store(caches[1])
+    _, test = load_splits(model.config)
+    if len(test) != len(store):
+        raise CarrotError(f"run '{run_dir}': the data set no longer matches the run's test split")
+    rows = [i for i, rec in enumerate(test.records) if rec.parts]
+    if not rows:
+        raise CarrotError("pointing game: no part locations known for this data set (CUB parts/part_locs.txt or parts.json)")
+    geo, size = model.backbone.display_transform(), model.backbone.data_config["input_size"][1:]
+    P = patch_centres(store.grid, torch.float64)
+    hits, chance = [], []
+    for s in range(0, len(rows), 64):
+        idx = rows[s : s + 64]
+        H = torch.from_numpy(np.asarray(store.tokens[idx], dtype=np.float64))
+        G, w = model.embed_regions(RegionSet(H, P, store.grid))
+        pred = model.head_.decision_function(G.numpy()).argmax(1)
+        for j, i in enumerate(idx):
+            rec = test.records[i]
+            wh = (rec.bbox[2], rec.bbox[3]) if rec.bbox else Image.open(rec.path).size
+            boxes = [to_input_coords(np.array([[x0, y0], [x1, y1]]), wh, geo).ravel() for x0, y0, x1, y1 in rec.parts]
+            r = region_contributions(model.head_, H[j], w[j])[:, pred[j]].numpy().reshape(store.grid)
+            hits.append(any(pointing_game(r, tuple(b), size) for b in boxes))
+            cells = np.eye(r.size).reshape(r.size, *r.shape)
+            chance.append(np.mean([any(pointing_game(c, tuple(b), size) for b in boxes) for c in cells]))
+    return {"n": len(hits), "hit_rate": float(np.mean(hits)), "random_region_hit_rate": float(np.mean(chance))}

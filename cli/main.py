@@ -202,7 +202,7 @@ def explain(run_dir: str, images: tuple[str, ...], top_k: int, out_dir: str | No
 @cli.command()
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--what", default="mislabel,faithfulness,lds,agreement", show_default=True,
-              help="Comma-separated evaluations: mislabel, faithfulness, lds, agreement.")
+              help="Comma-separated evaluations: mislabel, faithfulness, lds, agreement, pointing (needs part locations).")
 @click.option("--flip-fraction", type=float, default=0.1, show_default=True, help="Share of training labels flipped for mislabel detection.")
 @click.option("--k", "ks", default="1,5,10,20", show_default=True, help="Comma-separated K for faithfulness (remove/keep K images).")
 @click.option("--n-test", type=int, default=50, show_default=True, help="Test images evaluated (random subset).")

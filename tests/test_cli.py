@@ -217,3 +217,10 @@ def test_fit_refuses_to_overwrite_a_run_unless_asked(tmp_path, synthetic_root, t
     assert r.exit_code == 0, r.output
     assert not (out / "explanations").exists()
     assert json.loads((out / "run.json").read_text())["config"]["head"]["lam"] == 2.0
+
+
+def test_evaluate_pointing_on_known_parts(fitted, tmp_path):
+    r = run("evaluate", str(fitted), "--what", "pointing", "--out", str(tmp_path / "p.json"))
+    assert r.exit_code == 0, r.output
+    p = json.loads((tmp_path / "p.json").read_text())["pointing"]
+    assert p["n"] == 6 and 0 <= p["hit_rate"] <= 1 and 0 < p["random_region_hit_rate"] <= 1

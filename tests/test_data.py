@@ -1,3 +1,4 @@
+from pathlib import Path
 import json
 
 import numpy as np
@@ -20,6 +21,8 @@ def test_synthetic_imagefolder_split_is_stratified_and_seeded(synthetic_root):
     assert again.paths == train.paths
     parts = json.loads((synthetic_root / "parts.json").read_text())
     assert len(parts) == 18
+    x, y, w, h = parts[str(Path(train.paths[0]).relative_to(synthetic_root))]
+    assert train.records[0].parts == ((x, y, x + w, y + h),)
 
 
 def test_train_test_subfolders_are_used(tmp_path):
@@ -87,6 +90,8 @@ def _fake_cub(root, n_classes=3, per_class=4):
             labels.append(f"{i} {c}")
             split.append(f"{i} {int(k % 2 == 0)}")
             boxes.append(f"{i} 10.0 5.0 30.0 20.0")
+    (root / "parts").mkdir()
+    (root / "parts" / "part_locs.txt").write_text("1 1 20.0 10.0 1\n1 2 0.0 0.0 0\n2 1 15.0 12.0 1\n")
     for name, rows in [("images.txt", lines), ("image_class_labels.txt", labels), ("train_test_split.txt", split),
                        ("bounding_boxes.txt", boxes), ("classes.txt", classes)]:
         (root / name).write_text("\n".join(rows) + "\n")
@@ -99,6 +104,9 @@ def test_cub_layout_with_bbox_crop(tmp_path):
     assert train.classes == ["001.Bird_1", "002.Bird_2", "003.Bird_3"]
     assert train.labels.tolist() == [0, 0, 1, 1, 2, 2]
     assert load_image(train.records[0]).size == (30, 20)
+    # part points move into the bounding-box crop; invisible parts are dropped
+    assert train.records[0].parts == ((10.0, 5.0, 10.0, 5.0),)
+    assert test.records[0].parts == ((5.0, 7.0, 5.0, 7.0),)
     (tmp_path / "CUB_200_2011" / "train_test_split.txt").unlink()
     with pytest.raises(CarrotError, match="missing 'train_test_split.txt'"):
         load_cub(tmp_path)
