@@ -29,11 +29,11 @@ def main() -> None:
     import main as orchestration
     from carrot.attribution import centred_kernel, region_contributions
     from carrot.config import DiffusionConfig, GraphConfig, RunConfig
-    from carrot.data import ImageDataset, ImageRecord, stratified_split
-    from carrot.diffusion import diffusion_weights
-    from carrot.graph import affinity, normalized_laplacian
+    from carrot.data import stratified_indices
     from carrot.head import RidgeHead
+    from carrot.pipeline import Carrot
     from carrot.region_attribution import deletion_insertion
+    from carrot.regions import RegionSet
     from carrot.sweep import embeddings_over_t
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -60,11 +60,7 @@ def main() -> None:
             def __len__(self):
                 return len(labels)
 
-        everything = ImageDataset([ImageRecord(str(i), int(lab)) for i, lab in enumerate(labels)], train.classes)
-        splits = []
-        for seed in a.seeds:
-            tr, te = stratified_split(everything, 0.25, seed)
-            splits.append((np.array([int(r.path) for r in tr.records]), np.array([int(r.path) for r in te.records])))
+        splits = [stratified_indices(labels, train.classes, 0.25, seed) for seed in a.seeds]
         for sf in a.sigma_feat:
             graph = GraphConfig(sigma_feat=sf)
             t0 = time.perf_counter()
@@ -82,17 +78,14 @@ def main() -> None:
                         contrib = (K * head.dual_coef_.T[pred]).abs()
                         conc = (contrib.topk(10, dim=1).values.sum(1) / contrib.sum(1)).numpy()
                         dcfg = DiffusionConfig(t=t)
+                        pipe = Carrot(RunConfig(graph=graph, diffusion=dcfg))
                         del_auc, rnd_auc = [], []
                         rng = np.random.default_rng(0)
                         for x in ite[: a.n_region]:
                             H = torch.from_numpy(tokens[x].astype(np.float64))
                             g = G_all[ti][x]
                             c = int(head.decision_function(g[None]).argmax())
-                            if t == 0:
-                                wx = torch.full((H.shape[0],), 1.0 / H.shape[0], dtype=torch.float64)
-                            else:
-                                L = normalized_laplacian(affinity(H[None], P, graph.sigma_space, graph.sigma_feat))
-                                wx = diffusion_weights(L, [t])[0, 0]
+                            wx = pipe.embed_regions(RegionSet(H[None], P, grid))[1][0]
                             r = region_contributions(head, H, wx)[:, c].numpy()
                             full = float(head.decision_function(g[None])[0, c])
                             prior = float(head.prior_[c])

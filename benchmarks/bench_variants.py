@@ -23,7 +23,7 @@ def main() -> None:
     from carrot.augment import AugmentConfig, augmented_softmax, fit_augmented_ridge
     from carrot.baselines import SoftmaxHead
     from carrot.config import RunConfig
-    from carrot.data import ImageDataset, ImageRecord, stratified_split
+    from carrot.data import stratified_indices
     from carrot.debugging import debug_loop
     from carrot.head import RidgeHead
     from carrot.pipeline import Carrot
@@ -41,21 +41,15 @@ def main() -> None:
     model = Carrot(cfg)
     G_all = np.concatenate([model.embed_store(s) for s in stores])
     y_all = np.concatenate([s.labels for s in stores])
-    everything = ImageDataset([ImageRecord(str(i), int(v)) for i, v in enumerate(y_all)], train.classes)
-
-    def rows_of(ds):
-        return np.array([int(r.path) for r in ds.records])
-
     res: dict[str, list[float]] = {}
 
     def add(key, v):
         res.setdefault(key, []).append(float(v))
 
     for seed in a.seeds:
-        tr, te = stratified_split(everything, 0.25, seed)
-        itr, ite = rows_of(tr), rows_of(te)
-        fit_part, val_part = stratified_split(tr, 0.2, seed)
-        ifit, ival = rows_of(fit_part), rows_of(val_part)
+        itr, ite = stratified_indices(y_all, train.classes, 0.25, seed)
+        fit_pos, val_pos = stratified_indices(y_all[itr], train.classes, 0.2, seed)
+        ifit, ival = itr[fit_pos], itr[val_pos]
         G, y, Gt, yt = G_all[itr], y_all[itr], G_all[ite], y_all[ite]
         plain = RidgeHead(lam="auto").fit(G, y)
         lam = plain.lam_

@@ -10,14 +10,10 @@ from .errors import CarrotError
 
 
 def _positive_or_median(name: str, v: Any) -> None:
-    if v == "median":
+    from .graph import median_factor
+
+    if median_factor(v, name) is not None:
         return
-    if isinstance(v, str) and v.startswith("median*"):
-        try:
-            if float(v[len("median*"):]) > 0:
-                return
-        except ValueError:
-            pass
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
         raise CarrotError(f"{name}: expected 'median', 'median*k' (k > 0) or a number > 0, got {v!r}")
 

@@ -113,24 +113,32 @@ def _scan_imagefolder(root: Path, classes: list[str] | None = None) -> ImageData
     return ImageDataset(records, names, root.name)
 
 
-def stratified_split(ds: ImageDataset, test_fraction: float, seed: int) -> tuple[ImageDataset, ImageDataset]:
-    """Per-class random split; every class keeps at least one training and one test image."""
+def stratified_indices(labels: np.ndarray, classes: Sequence[str], test_fraction: float, seed: int,
+                       name: str = "dataset") -> tuple[np.ndarray, np.ndarray]:
+    """Sorted (train, test) row indices of a per-class random split of integer ``labels``; every class
+    keeps at least one training and one test row."""
     if not 0 < test_fraction < 1:
         raise CarrotError(f"test_fraction: expected a number in (0, 1), got {test_fraction!r}")
     rng = np.random.default_rng(seed)
-    labels = ds.labels
+    labels = np.asarray(labels)
     train, test = [], []
-    for c in range(len(ds.classes)):
+    for c in range(len(classes)):
         idx = np.flatnonzero(labels == c)
         if len(idx) < 2:
             raise CarrotError(
-                f"{ds.name}: class '{ds.classes[c]}' has {len(idx)} image(s); a train/test split needs at least 2"
+                f"{name}: class '{classes[c]}' has {len(idx)} image(s); a train/test split needs at least 2"
             )
         idx = rng.permutation(idx)
         k = min(max(1, int(round(len(idx) * test_fraction))), len(idx) - 1)
         test += idx[:k].tolist()
         train += idx[k:].tolist()
-    return ds.subset(sorted(train), f"{ds.name}/train"), ds.subset(sorted(test), f"{ds.name}/test")
+    return np.array(sorted(train), dtype=np.int64), np.array(sorted(test), dtype=np.int64)
+
+
+def stratified_split(ds: ImageDataset, test_fraction: float, seed: int) -> tuple[ImageDataset, ImageDataset]:
+    """Per-class random split of a data set (see :func:`stratified_indices`)."""
+    train, test = stratified_indices(ds.labels, ds.classes, test_fraction, seed, ds.name)
+    return ds.subset(train.tolist(), f"{ds.name}/train"), ds.subset(test.tolist(), f"{ds.name}/test")
 
 
 def load_imagefolder(root: str | Path, test_fraction: float = 0.25, seed: int = 0) -> tuple[ImageDataset, ImageDataset]:

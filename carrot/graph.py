@@ -26,17 +26,25 @@ def median_bandwidth(d2: torch.Tensor) -> torch.Tensor:
     return torch.where(sigma > 0, sigma, torch.ones_like(sigma))
 
 
+def median_factor(value: object, name: str) -> float | None:
+    """k for 'median' (1) or 'median*k' (k > 0, else a named error); None for anything else."""
+    if value == "median":
+        return 1.0
+    if not (isinstance(value, str) and value.startswith("median*")):
+        return None
+    try:
+        k = float(value[len("median*"):])
+    except ValueError:
+        k = float("nan")
+    if not k > 0:
+        raise CarrotError(f"{name}: expected 'median', 'median*k' with k > 0, or a positive number, got {value!r}")
+    return k
+
+
 def resolve_bandwidth(value: float | str, d2: torch.Tensor, name: str) -> torch.Tensor:
     """Per-graph bandwidth (B,) from a number, 'median' or 'median*k' and squared distances (B, N, N)."""
-    if value == "median":
-        return median_bandwidth(d2)
-    if isinstance(value, str) and value.startswith("median*"):
-        try:
-            k = float(value[len("median*"):])
-        except ValueError:
-            k = float("nan")
-        if not k > 0:
-            raise CarrotError(f"{name}: expected 'median', 'median*k' with k > 0, or a positive number, got {value!r}")
+    k = median_factor(value, name)
+    if k is not None:
         return k * median_bandwidth(d2)
     try:
         v = float(value)

@@ -120,11 +120,9 @@ def bench(run_dir: str | Path, ts: Sequence[float], out: str | Path | None = Non
 
 def _fit_val_split(model: Carrot, y: np.ndarray, val_fraction: float) -> tuple[np.ndarray, np.ndarray]:
     """Stratified (fit rows, validation rows) of the training set, seeded by the run's seed."""
-    from .data import ImageDataset, ImageRecord, stratified_split
+    from .data import stratified_indices
 
-    idx = ImageDataset([ImageRecord(str(i), int(lab)) for i, lab in enumerate(y)], model.classes_, "train")
-    fit_part, val_part = stratified_split(idx, val_fraction, model.config.seed)
-    return (np.array([int(r.path) for r in fit_part.records]), np.array([int(r.path) for r in val_part.records]))
+    return stratified_indices(y, model.classes_, val_fraction, model.config.seed, "train")
 
 
 def tracin(run_dir: str | Path, n_test: int = 20, flag_fraction: float = 0.02, **tracin_kwargs: Any) -> dict[str, Any]:
