@@ -95,30 +95,40 @@ class Carrot:
     def cache_dtype(self) -> str:
         return self.config.backbone.cache_dtype
 
+    def _train_store(self):
+        """The run's training token cache if it is still there and matches the backbone (looked up once)."""
+        if not hasattr(self, "_train_store_cache"):
+            from .cache import open_store
+
+            store = None
+            caches = getattr(self, "meta_", {}).get("metrics", {}).get("token_caches", [])
+            if caches and Path(caches[0]).is_dir():
+                try:
+                    store = open_store(caches[0])
+                except CarrotError:
+                    store = None
+            if store is not None and (store.manifest["weights_id"] != self.backbone.weights_id
+                                      or len(store) != len(self.train_records_)):
+                store = None
+            self._train_store_cache = store
+        return self._train_store_cache
+
     def train_regions(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int], list]:
         """Tokens (k, N, D), readout weights (k, N), grid and display images of training images.
 
         Tokens come from the run's token cache when it is still there and matches the backbone,
         else from the backbone (same numbers up to the cache dtype's rounding).
         """
-        from .cache import open_store
-
-        recs = [self.train_records_[i] for i in indices]
+        raw = [load_image(self.train_records_[i], self.backbone.min_side) for i in indices]
         geo = self.backbone.display_transform()
-        imgs = [geo(load_image(r, self.backbone.min_side)) for r in recs]
-        caches = getattr(self, "meta_", {}).get("metrics", {}).get("token_caches", [])
-        store = None
-        if caches and Path(caches[0]).is_dir():
-            try:
-                store = open_store(caches[0])
-            except CarrotError:
-                store = None
-        if store is not None and store.manifest["weights_id"] == self.backbone.weights_id and len(store) == len(self.train_records_):
+        imgs = [geo(im) for im in raw]
+        store = self._train_store()
+        if store is not None:
             H = torch.from_numpy(np.asarray(store.tokens[np.asarray(indices)], dtype=np.float32))
             grid = store.grid
         else:
             tf = self.backbone.transform()
-            H, grid = self.backbone(torch.stack([tf(load_image(r, self.backbone.min_side)) for r in recs]))
+            H, grid = self.backbone(torch.stack([tf(im) for im in raw]))
             H = H.cpu()
         _, w = self.embed_regions(RegionSet(H.to(torch.float64), patch_centres(grid, torch.float64), grid))
         return H, w, grid, imgs
