@@ -81,8 +81,8 @@ def class_summary(head: RidgeHead, G_train, y_train, G_test) -> dict:
     """Per-class and global summaries of the exact contributions to each test image's predicted logit.
 
     ``class_flow`` (C, C): mean over test images predicted as c (rows) of the total contribution of the
-    training images of class k (columns); ``helpful`` / ``harmful``: per training image, the sum of its
-    contributions over all test images (to their predicted class).
+    training images of class k (columns); ``total_contribution`` (n,): per training image, the sum of
+    its contributions over all test images (to their predicted class); ``predicted`` (m,).
     """
     K = centred_kernel(head, G_train, G_test)  # (m, n)
     pred = torch.as_tensor(head.decision_function(G_test).argmax(1))
