@@ -18,9 +18,12 @@ def _positive_or_median(name: str, v: Any) -> None:
         raise CarrotError(f"{name}: expected 'median', 'median*k' (k > 0) or a number > 0, got {v!r}")
 
 
+DATA_KINDS = ("elpv", "imagefolder", "cub", "cars", "aircraft", "flowers102", "synthetic")
+
+
 @dataclass(frozen=True)
 class DataConfig:
-    kind: str = "elpv"  # elpv | imagefolder | cub | synthetic
+    kind: str = "elpv"  # one of DATA_KINDS
     root: str | None = None
     test_fraction: float = 0.25
     split_seed: int = 0
@@ -28,8 +31,8 @@ class DataConfig:
     max_per_class: int | None = None
 
     def __post_init__(self) -> None:
-        if self.kind not in ("elpv", "imagefolder", "cub", "synthetic"):
-            raise CarrotError(f"data.kind: expected elpv, imagefolder, cub or synthetic, got {self.kind!r}")
+        if self.kind not in DATA_KINDS:
+            raise CarrotError(f"data.kind: expected one of {', '.join(DATA_KINDS)}, got {self.kind!r}")
         if not 0 < float(self.test_fraction) < 1:
             raise CarrotError(f"data.test_fraction: expected a number in (0, 1), got {self.test_fraction!r}")
         if self.max_per_class is not None and (not isinstance(self.max_per_class, int) or self.max_per_class < 2):

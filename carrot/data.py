@@ -1,4 +1,5 @@
-"""Labelled image lists: ImageFolder trees, CUB-200-2011, the ELPV package, a generated toy set.
+"""Labelled image lists: ImageFolder trees, CUB-200-2011, local copies of Stanford Cars / FGVC-Aircraft /
+Flowers-102 (read by torchvision's loaders), the ELPV package, a generated toy set.
 
 Every loader returns :class:`ImageDataset` splits of :class:`ImageRecord` (path, label, optional
 bbox); images are opened lazily and checked on load (corrupt files, tiny images, modes).
@@ -219,6 +220,75 @@ def load_cub(root: str | Path, bbox_crop: bool = False) -> tuple[ImageDataset, I
     return ImageDataset(train, classes, "CUB/train"), ImageDataset(test, classes, "CUB/test")
 
 
+# kind -> (torchvision class, folder it expects under root, (train splits), test split)
+TORCHVISION_SETS = {
+    "cars": ("StanfordCars", "stanford_cars", ("train",), "test"),
+    "aircraft": ("FGVCAircraft", "fgvc-aircraft-2013b", ("trainval",), "test"),
+    "flowers102": ("Flowers102", "flowers-102", ("train", "val"), "test"),
+}
+
+
+def _torchvision_pairs(ds) -> list[tuple[str, int]]:
+    """(path, label) of a torchvision file-list data set without opening any image."""
+    if hasattr(ds, "_samples"):
+        return [(str(p), int(c)) for p, c in ds._samples]
+    if hasattr(ds, "_image_files") and hasattr(ds, "_labels"):
+        return [(str(p), int(c)) for p, c in zip(ds._image_files, ds._labels)]
+    import torchvision
+
+    raise CarrotError(f"torchvision {torchvision.__version__}: {type(ds).__name__} exposes no file list "
+                      "(_samples or _image_files/_labels); carrot cannot read it without loading every image")
+
+
+def _torchvision_boxes(kind: str, base: Path, split: str) -> dict[str, tuple[float, float, float, float]]:
+    """File name -> (x, y, w, h) from the data set's own box annotations (1-based inclusive corners)."""
+    if kind == "cars":
+        from scipy.io import loadmat
+
+        mat = base / ("devkit/cars_train_annos.mat" if split == "train" else "cars_test_annos_withlabels.mat")
+        rows = loadmat(mat, squeeze_me=True)["annotations"]
+        corners = {str(a["fname"]): tuple(float(a[k]) for k in ("bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2")) for a in rows}
+    else:  # aircraft: data/images_box.txt, "<id> xmin ymin xmax ymax"
+        rows = _read_table(base / "data" / "images_box.txt", 5)
+        corners = {f"{r[0]}.jpg": tuple(float(v) for v in r[1:5]) for r in rows}
+    return {k: (x0 - 1, y0 - 1, x1 - x0 + 1, y1 - y0 + 1) for k, (x0, y0, x1, y1) in corners.items()}
+
+
+def load_torchvision(kind: str, root: str | Path, bbox_crop: bool = False) -> tuple[ImageDataset, ImageDataset]:
+    """Stanford Cars (train/test), FGVC-Aircraft variants (trainval/test) or Flowers-102 (train+val/test)
+    from a local copy, read by torchvision's own loader (never downloads); ``root`` holds (or is) the
+    folder torchvision expects. ``bbox_crop`` uses the Cars / Aircraft box annotations."""
+    if kind not in TORCHVISION_SETS:
+        raise CarrotError(f"data.kind: expected one of {sorted(TORCHVISION_SETS)}, got {kind!r}")
+    import torchvision.datasets as tvd
+
+    cls_name, folder, train_splits, test_split = TORCHVISION_SETS[kind]
+    root = Path(root)
+    if root.name == folder:
+        root = root.parent
+    if bbox_crop and kind == "flowers102":
+        raise CarrotError("data.bbox_crop: Flowers-102 has no bounding boxes; use it with cars, aircraft or cub")
+    splits = []
+    for names in (train_splits, (test_split,)):
+        records, classes = [], None
+        for split in names:
+            try:
+                ds = getattr(tvd, cls_name)(str(root), split=split, download=False)
+            except (RuntimeError, FileNotFoundError, KeyError, ValueError) as exc:
+                raise CarrotError(f"data.root: no readable {cls_name} copy (split '{split}') under '{root}': torchvision "
+                                  f"expects '{root / folder}' in the data set's original layout ({exc})") from None
+            boxes = _torchvision_boxes(kind, root / folder, split) if bbox_crop else {}
+            for path, label in _torchvision_pairs(ds):
+                name = os.path.basename(path)
+                if bbox_crop and name not in boxes:
+                    raise CarrotError(f"data.bbox_crop: no bounding box for '{name}' in the {cls_name} annotations")
+                records.append(ImageRecord(path, label, boxes.get(name)))
+            n_classes = 1 + max(r.label for r in records) if records else 0
+            classes = [str(c) for c in getattr(ds, "classes", None) or range(n_classes)]
+        splits.append(ImageDataset(records, classes, f"{kind}/{'+'.join(names)}"))
+    return splits[0], splits[1]
+
+
 ELPV_HINT = "install it with: pip install elpv-dataset"
 
 
@@ -299,12 +369,14 @@ def collect_images(inputs: Sequence[str]) -> list[str]:
 def load_splits(config) -> tuple[ImageDataset, ImageDataset]:
     """Train and test splits named by ``config.data`` (a :class:`carrot.config.RunConfig`)."""
     d = config.data
-    if d.kind in ("imagefolder", "cub") and not d.root:
+    if d.kind not in ("elpv", "synthetic") and not d.root:
         raise CarrotError(f"data.root: a {d.kind} data set needs a root directory (--data PATH)")
     if d.kind == "elpv":
         return load_elpv(d.test_fraction, d.split_seed, d.max_per_class)
     if d.kind == "cub":
         return load_cub(d.root, d.bbox_crop)
+    if d.kind in TORCHVISION_SETS:
+        return load_torchvision(d.kind, d.root, d.bbox_crop)
     if d.kind == "synthetic":
         from .io import user_cache_dir
 
