@@ -162,3 +162,23 @@ def test_aircraft_missing_box_is_named(tmp_path):
     box_file.write_text("\n".join(box_file.read_text().splitlines()[1:]) + "\n")
     with pytest.raises(CarrotError, match="no bounding box for '1000000.jpg'"):
         load_torchvision("aircraft", tmp_path, bbox_crop=True)
+
+
+def test_cli_fits_an_aircraft_copy_with_box_crop(tmp_path):
+    import json
+
+    import yaml
+    from click.testing import CliRunner
+
+    from cli.main import cli
+
+    _make_aircraft(tmp_path / "air", np.random.default_rng(5))
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(yaml.safe_dump({"backbone": {"name": "vit_tiny_patch16_224", "img_size": 32, "pretrained": False}}))
+    r = CliRunner().invoke(cli, ["fit", "--config", str(cfg), "--data", str(tmp_path / "air"), "--data-kind", "aircraft",
+                                 "--bbox-crop", "--lam", "1", "--out", str(tmp_path / "run"), "--quiet", "--json"])
+    assert r.exit_code == 0, r.output
+    meta = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert meta["n_train"] == 6 and meta["n_test"] == 3
+    r = CliRunner().invoke(cli, ["fit", "--data", str(tmp_path / "air"), "--data-kind", "cars", "--out", str(tmp_path / "x")])
+    assert r.exit_code == 2 and "data.root: no readable StanfordCars copy" in r.output
