@@ -117,13 +117,19 @@ def explain(run_dir: str | Path, inputs: Sequence[str], out_dir: str | Path | No
     return results
 
 
-def evaluate(run_dir: str | Path, what: Sequence[str], out: str | Path | None = None, **kwargs: Any) -> dict[str, Any]:
-    """Attribution evaluations on a fitted run's cached embeddings; writes evaluation.json."""
-    from carrot.evaluate import evaluate_embeddings
+def evaluate(run_dir: str | Path, what: Sequence[str], out: str | Path | None = None, seeds: Sequence[int] = (0, 1, 2, 3, 4),
+             shots: int | None = None, resplit: bool = False, **kwargs: Any) -> dict[str, Any]:
+    """Accuracy over seeds and attribution evaluations on a fitted run's cached embeddings; writes evaluation.json."""
+    from carrot.evaluate import EVALUATIONS, accuracy_over_seeds, evaluate_embeddings
 
-    model, G, y, G_test, _ = run_embeddings(run_dir)
-    rest = [w for w in what if w != "pointing"]
+    known = ("accuracy", *EVALUATIONS, "pointing")
+    if not what or set(what) - set(known):
+        raise CarrotError(f"--what: expected some of {', '.join(known)}, got {', '.join(what) or 'nothing'}")
+    model, G, y, G_test, y_test = run_embeddings(run_dir)
+    rest = [w for w in what if w not in ("pointing", "accuracy")]
     res = evaluate_embeddings(G, y, G_test, model.head_.lam_, rest, seed=model.config.seed, **kwargs) if rest else {}
+    if "accuracy" in what:
+        res["accuracy"] = accuracy_over_seeds(G, y, G_test, y_test, model.config.head.lam, model.classes_, seeds, shots, resplit)
     if "pointing" in what:
         res["pointing"] = pointing(run_dir, model)
     write_json(Path(out) if out else Path(run_dir) / "evaluation.json", res)

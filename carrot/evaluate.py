@@ -162,6 +162,54 @@ def estimator_scores(head: RidgeHead, system: RidgeSystem, G: np.ndarray, y: np.
     return loo_support, est
 
 
+def accuracy_over_seeds(G: np.ndarray, y: np.ndarray, G_test: np.ndarray, y_test: np.ndarray, lam: float | str,
+                        classes: Sequence[str], seeds: Sequence[int] = (0, 1, 2, 3, 4), shots: int | None = None,
+                        resplit: bool = False) -> dict:
+    """Top-1 and per-class test accuracy, mean and std (ddof=1) over seeds. A seed draws the ``shots``
+    training images per class (few-shot) and/or, with ``resplit``, a new stratified train/test split of
+    the pooled embeddings (same test share); with neither, every seed gives the same closed-form head."""
+    from .data import stratified_indices
+
+    if not seeds:
+        raise CarrotError("seeds: expected at least one seed")
+    if shots is not None and (isinstance(shots, bool) or not isinstance(shots, int) or shots < 1):
+        raise CarrotError(f"shots: expected a positive integer or None, got {shots!r}")
+    C = len(classes)
+    pooled_G, pooled_y = np.concatenate([G, G_test]), np.concatenate([y, y_test])
+    rows = []
+    for seed in seeds:
+        if resplit:
+            tr, te = stratified_indices(pooled_y, classes, len(y_test) / len(pooled_y), seed, "pooled train+test")
+            Gtr, ytr, Gte, yte = pooled_G[tr], pooled_y[tr], pooled_G[te], pooled_y[te]
+        else:
+            Gtr, ytr, Gte, yte = G, y, G_test, y_test
+        if shots is not None:
+            rng = np.random.default_rng(seed)
+            counts = np.bincount(ytr, minlength=C)
+            if counts.min() < shots:
+                c = int(counts.argmin())
+                raise CarrotError(f"shots: expected at most {counts.min()} (class '{classes[c]}' has {counts.min()} "
+                                  f"training images), got {shots}")
+            keep = np.sort(np.concatenate([rng.choice(np.flatnonzero(ytr == c), shots, replace=False) for c in range(C)]))
+            Gtr, ytr = Gtr[keep], ytr[keep]
+        head = RidgeHead(lam=lam).fit(Gtr, ytr)
+        pred = head.predict(Gte)
+        per_class = [float((pred[yte == c] == c).mean()) if (yte == c).any() else float("nan") for c in range(C)]
+        rows.append({"seed": int(seed), "accuracy": float((pred == yte).mean()), "lam": float(head.lam_),
+                     "n_train": int(len(ytr)), "n_test": int(len(yte)), "per_class": per_class})
+    acc = np.array([r["accuracy"] for r in rows])
+    pc = np.array([r["per_class"] for r in rows])
+    ddof = 1 if len(rows) > 1 else 0
+    return {
+        "seeds": [int(s) for s in seeds], "shots": shots, "resplit": resplit,
+        "mean": float(acc.mean()), "std": float(acc.std(ddof=ddof)),
+        "per_class": {c: {"mean": float(np.nanmean(pc[:, i])) if np.isfinite(pc[:, i]).any() else None,
+                          "std": float(np.nanstd(pc[:, i], ddof=ddof)) if np.isfinite(pc[:, i]).sum() > ddof else None}
+                      for i, c in enumerate(classes)},
+        "per_seed": [{k: v for k, v in r.items() if k != "per_class"} for r in rows],
+    }
+
+
 EVALUATIONS = ("mislabel", "faithfulness", "lds", "agreement")
 
 

@@ -74,16 +74,16 @@ def _num_or(word: str, name: str, v: str | None) -> float | str | None:
         raise CarrotError(f"--{name}: expected a number or '{word}', got {v!r}") from None
 
 
-def _numbers(name: str, text: str, kind: type = int) -> list:
-    """A comma-separated list flag (``--k 1,5,10``) parsed as ``kind``, or a one-line error."""
+def _numbers(name: str, text: str, kind: type = int, minimum: int = 1) -> list:
+    """A comma-separated list flag (``--k 1,5,10``) parsed as ``kind`` (integers >= ``minimum``), or a one-line error."""
     try:
         values = [kind(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise CarrotError(f"--{name}: expected comma-separated {'integers' if kind is int else 'numbers'}, got {text!r}") from None
     if not values:
         raise CarrotError(f"--{name}: expected at least one value")
-    if kind is int and min(values) < 1:
-        raise CarrotError(f"--{name}: expected positive integers, got {text!r}")
+    if kind is int and min(values) < minimum:
+        raise CarrotError(f"--{name}: expected integers >= {minimum}, got {text!r}")
     return values
 
 
@@ -202,21 +202,28 @@ def explain(run_dir: str, images: tuple[str, ...], top_k: int, out_dir: str | No
 
 @cli.command()
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
-@click.option("--what", default="mislabel,faithfulness,lds,agreement", show_default=True,
-              help="Comma-separated evaluations: mislabel, faithfulness, lds, agreement, pointing (needs part locations).")
+@click.option("--what", default="accuracy,mislabel,faithfulness,lds,agreement", show_default=True,
+              help="Comma-separated evaluations: accuracy (mean/std over seeds), mislabel, faithfulness, lds, agreement, pointing (needs part locations).")
+@click.option("--seeds", default="0,1,2,3,4", show_default=True, help="Accuracy: comma-separated seeds (each draws the --shots subsample and/or the --resplit split).")
+@click.option("--shots", type=int, help="Accuracy: train on this many images per class (few-shot), drawn per seed.")
+@click.option("--resplit", is_flag=True, help="Accuracy: pool train+test and draw a new stratified split per seed (for data sets without an official split).")
 @click.option("--flip-fraction", type=float, default=0.1, show_default=True, help="Share of training labels flipped for mislabel detection.")
 @click.option("--k", "ks", default="1,5,10,20", show_default=True, help="Comma-separated K for faithfulness (remove/keep K images).")
 @click.option("--n-test", type=int, default=50, show_default=True, help="Test images evaluated (random subset).")
 @click.option("--subsets", type=int, default=50, show_default=True, help="Random 50% training subsets for LDS.")
 @click.option("--out", "out_path", type=click.Path(dir_okay=False), help="JSON file to write (default: RUN_DIR/evaluation.json).")
 @user_errors
-def evaluate(run_dir: str, what: str, flip_fraction: float, ks: str, n_test: int, subsets: int, out_path: str | None) -> None:
-    """Evaluate the exact attributions of the run in RUN_DIR against exact LOO, TracIn and baselines:
-    mislabel detection, faithfulness, linear datamodeling score, rank agreement."""
+def evaluate(run_dir: str, what: str, seeds: str, shots: int | None, resplit: bool, flip_fraction: float, ks: str,
+             n_test: int, subsets: int, out_path: str | None) -> None:
+    """Evaluate the run in RUN_DIR: test accuracy mean/std over seeds (few-shot or re-split), and its exact
+    attributions against exact LOO, TracIn and baselines: mislabel detection, faithfulness, linear
+    datamodeling score, rank agreement; pointing game where part locations are known."""
     import main as orchestration
 
     k_list = _numbers("k", ks)
+    seed_list = _numbers("seeds", seeds, minimum=0)
     res = orchestration.evaluate(run_dir, [w.strip() for w in what.split(",") if w.strip()], out_path,
+                                 seeds=seed_list, shots=shots, resplit=resplit,
                                  flip_fraction=flip_fraction, ks=k_list, n_test=n_test, n_subsets=subsets,
                                  progress=lambda msg: click.echo(f"... {msg}", err=True))
     click.echo(json.dumps(res, indent=2))

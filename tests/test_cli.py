@@ -153,7 +153,13 @@ def test_evaluate_and_reweight_commands(fitted, tmp_path):
     assert r.exit_code == 0, r.output
     rw = json.loads((tmp_path / "rw.json").read_text())
     assert len(rw["history"]) == 4 and len(rw["weights"]) == 12
-    bad(["evaluate", str(fitted), "--what", "speed"], "unknown ['speed']")
+    bad(["evaluate", str(fitted), "--what", "speed"], "--what: expected some of accuracy, mislabel")
+    r = run("evaluate", str(fitted), "--what", "accuracy", "--shots", "2", "--seeds", "0,1,2", "--out", str(tmp_path / "acc.json"))
+    assert r.exit_code == 0, r.output
+    acc = json.loads((tmp_path / "acc.json").read_text())["accuracy"]
+    assert acc["seeds"] == [0, 1, 2] and all(p["n_train"] == 2 * 3 for p in acc["per_seed"])
+    bad(["evaluate", str(fitted), "--what", "accuracy", "--shots", "50"], "shots: expected at most")
+    bad(["evaluate", str(fitted), "--seeds", "-1"], "--seeds: expected integers >= 0")
     bad(["evaluate", str(fitted), "--k", "a,b"], "--k: expected comma-separated integers")
     bad(["evaluate", str(fitted), "--k", "100"], "K < n = 12")
     bad(["reweight", str(fitted), "--steps", "0"], "rro.steps")
@@ -202,7 +208,7 @@ def test_tracin_and_debug_commands(fitted, tmp_path):
     r = run("debug", str(run_dir), "--drop", "1,2", "--val-fraction", "0.34")
     assert r.exit_code == 0, r.output
     assert [row["k"] for row in json.loads(r.output)["rows"]] == [1, 2]
-    bad(["debug", str(run_dir), "--drop", "0"], "--drop: expected positive integers")
+    bad(["debug", str(run_dir), "--drop", "0"], "--drop: expected integers >= 1")
     bad(["tracin", str(run_dir), "--flag-fraction", "2"], "--flag-fraction")
 
 

@@ -6,7 +6,7 @@ from carrot.attribution import class_summary, region_pairs
 from carrot.baselines import TracInHead
 from carrot.errors import CarrotError
 from carrot.evaluate import (
-    estimator_scores, faithfulness, flip_labels, lds, mislabel_detection, mislabel_scores, rank_agreement,
+    accuracy_over_seeds, estimator_scores, faithfulness, flip_labels, lds, mislabel_detection, mislabel_scores, rank_agreement,
 )
 from carrot.head import RidgeHead
 from carrot.influence import RidgeSystem
@@ -91,3 +91,35 @@ def test_class_summary_and_region_pairs(fitted):
     P = region_pairs(head, Hx, wx, Hi, wi, beta_ic=0.7)
     k = ((Hx.T @ wx - head.feature_mean_) @ (Hi.T @ wi - head.feature_mean_)).item()
     assert P.shape == (6, 4) and P.sum().item() == pytest.approx(0.7 * k, rel=1e-10)
+
+
+def test_accuracy_over_seeds_is_a_plain_refit_per_seed():
+    G, y, _ = blobs(n=120, c=4, seed=3, sep=0.8)
+    Gt, yt = G[:40], y[:40]
+    G, y = G[40:], y[40:]
+    classes = ["a", "b", "c", "d"]
+    # no subsample, no resplit: every seed is the same head, which is the one sklearn-style refit gives
+    fixed = accuracy_over_seeds(G, y, Gt, yt, 2.0, classes, seeds=(0, 1, 2))
+    ref = (RidgeHead(lam=2.0).fit(G, y).predict(Gt) == yt).mean()
+    assert fixed["mean"] == pytest.approx(ref) and fixed["std"] == 0.0
+    # few-shot: seed s trains on the 3 images per class drawn by default_rng(s), in index order
+    few = accuracy_over_seeds(G, y, Gt, yt, 2.0, classes, seeds=(0, 1, 2, 3), shots=3)
+    accs = []
+    for s in (0, 1, 2, 3):
+        rng = np.random.default_rng(s)
+        keep = np.sort(np.concatenate([rng.choice(np.flatnonzero(y == c), 3, replace=False) for c in range(4)]))
+        pred = RidgeHead(lam=2.0).fit(G[keep], y[keep]).predict(Gt)
+        accs.append((pred == yt).mean())
+        per = few["per_seed"][s]
+        assert per["n_train"] == 12 and per["accuracy"] == pytest.approx(accs[-1])
+    assert few["mean"] == pytest.approx(np.mean(accs)) and few["std"] == pytest.approx(np.std(accs, ddof=1))
+    assert few["std"] > 0  # different subsamples, different heads
+    assert set(few["per_class"]) == set(classes)
+    # resplit: same test share of the pooled rows, stratified, and 'auto' picks lambda per seed
+    rs = accuracy_over_seeds(G, y, Gt, yt, "auto", classes, seeds=(0, 1), resplit=True)
+    assert all(abs(r["n_test"] - 40) <= 4 for r in rs["per_seed"])
+    assert all(r["n_train"] + r["n_test"] == 120 for r in rs["per_seed"])
+    with pytest.raises(CarrotError, match="shots: expected at most"):
+        accuracy_over_seeds(G, y, Gt, yt, 2.0, classes, shots=1000)
+    with pytest.raises(CarrotError, match="seeds: expected at least one"):
+        accuracy_over_seeds(G, y, Gt, yt, 2.0, classes, seeds=())
