@@ -11,7 +11,7 @@ from .data import load_image
 from .distributed import world
 from .errors import CarrotError
 from .influence import RidgeSystem, loo_loss_change
-from .io import atomic_path, read_json, write_json
+from .io import atomic_path, read_json, write_csv, write_json
 from .pipeline import Carrot
 from .report import index_html
 
@@ -77,6 +77,35 @@ def write_index(run_dir: str | Path, explained: Sequence[dict[str, Any]] = (), m
     return run_dir / "index.html"
 
 
+def predict(run_dir: str | Path, inputs: Sequence[str], out: str | Path | None = None, batch: int = 32,
+            device: str | None = None, progress: bool = True) -> list[dict[str, Any]]:
+    """Classify image files / folders with a fitted run (no explanations): RUN/predictions.csv and .json,
+    one row per image with the predicted class, its score, the runner-up, the margin and every class score."""
+    from tqdm.auto import tqdm
+
+    from .data import collect_images
+
+    model = Carrot.load(run_dir)
+    if device:
+        model.config = model.config.merged({"device": device})
+    model.check_backbone()
+    paths = collect_images(inputs)
+    rows: list[dict[str, Any]] = []
+    for s in tqdm(range(0, len(paths), batch), desc="predict", unit="batch", disable=not progress):
+        G = model.embed_images(paths[s : s + batch])[0]
+        for path, scores in zip(paths[s : s + batch], model.head_.decision_function(G)):
+            first, second = (np.argsort(-scores, kind="stable").tolist() + [None])[:2]
+            rows.append({"image": path, "predicted": model.classes_[first], "score": float(scores[first]),
+                         "runner_up": model.classes_[second] if second is not None else None,
+                         "margin": float(scores[first] - scores[second]) if second is not None else None,
+                         "scores": {c: float(v) for c, v in zip(model.classes_, scores)}})
+    out = Path(out) if out else Path(run_dir) / "predictions.json"
+    write_json(out, rows)
+    write_csv(out.with_suffix(".csv"), ["image", "predicted", "score", "runner_up", "margin", *model.classes_],
+              ([r["image"], r["predicted"], r["score"], r["runner_up"], r["margin"], *r["scores"].values()] for r in rows))
+    return rows
+
+
 def reweight(run_dir: str | Path, val_fraction: float = 0.2, out: str | Path | None = None, **rro_kwargs: Any) -> dict[str, Any]:
     """RRO on a fitted run: split train into fit/validation, reweight, compare test accuracy with uniform."""
     from .reweight import RROConfig, rro
@@ -98,8 +127,6 @@ def reweight(run_dir: str | Path, val_fraction: float = 0.2, out: str | Path | N
 
 def bench(run_dir: str | Path, ts: Sequence[float], out: str | Path | None = None) -> list[dict[str, Any]]:
     """Diffusion-time sweep on a fitted run's token caches; writes t_sweep.json and .csv."""
-    import csv
-
     from .cache import open_store
     from .sweep import t_sweep
 
@@ -111,10 +138,8 @@ def bench(run_dir: str | Path, ts: Sequence[float], out: str | Path | None = Non
     rows = t_sweep(train, test, ts, model.config.graph, model.config.head.lam)
     out = Path(out) if out else Path(run_dir) / "t_sweep.json"
     write_json(out, rows)
-    with open(out.with_suffix(".csv"), "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=sorted({k for r in rows for k in r}))
-        w.writeheader()
-        w.writerows(rows)
+    fields = sorted({k for r in rows for k in r})
+    write_csv(out.with_suffix(".csv"), fields, ([r.get(k) for k in fields] for r in rows))
     return rows
 
 
@@ -157,7 +182,7 @@ def debug(run_dir: str | Path, ks: Sequence[int], val_fraction: float = 0.2, dow
     return res
 
 
-DERIVED = ("explanations", "tracin", ".shards", "evaluation.json", "reweight.json", "debug.json", "t_sweep.json",
+DERIVED = ("explanations", "tracin", ".shards", "predictions.json", "predictions.csv", "evaluation.json", "reweight.json", "debug.json", "t_sweep.json",
            "t_sweep.csv", "index.html")
 
 

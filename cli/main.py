@@ -202,6 +202,26 @@ def explain(run_dir: str, images: tuple[str, ...], top_k: int, out_dir: str | No
 
 @cli.command()
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.argument("images", nargs=-1, required=True, type=click.Path(exists=True))
+@click.option("--out", "out_path", type=click.Path(dir_okay=False), help="JSON file to write, with a .csv beside it (default: RUN_DIR/predictions.json).")
+@click.option("--batch-size", type=int, default=32, show_default=True, help="Images per backbone batch.")
+@click.option("--device", help="auto, cpu, cuda, cuda:N or mps.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@user_errors
+def predict(run_dir: str, images: tuple[str, ...], out_path: str | None, batch_size: int, device: str | None, quiet: bool) -> None:
+    """Classify IMAGES (files or folders) with the run in RUN_DIR, without explanations: one row per
+    image (predicted class, score, runner-up, margin, every class score) in a CSV and a JSON file."""
+    import main as orchestration
+
+    if batch_size < 1:
+        raise CarrotError(f"--batch-size: expected a positive integer, got {batch_size}")
+    rows = orchestration.predict(run_dir, images, out_path, batch_size, device, progress=not quiet)
+    for r in rows:
+        click.echo(f"{r['image']}\t{r['predicted']}\t{r['score']:.4f}")
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--what", default="accuracy,mislabel,faithfulness,lds,agreement", show_default=True,
               help="Comma-separated evaluations: accuracy (mean/std over seeds), mislabel, faithfulness, lds, agreement, pointing (needs part locations).")
 @click.option("--seeds", default="0,1,2,3,4", show_default=True, help="Accuracy: comma-separated seeds (each draws the --shots subsample and/or the --resplit split).")

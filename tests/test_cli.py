@@ -62,6 +62,32 @@ def test_explain_folder_writes_exact_explanations(fitted, synthetic_root, tmp_pa
     assert (tmp_path / "explanations.json").is_file()
 
 
+def test_predict_matches_the_fitted_test_scores(fitted, tmp_path):
+    import csv
+
+    from carrot.pipeline import Carrot
+
+    model = Carrot.load(fitted)
+    test_paths = [p for p, _ in model.meta_["test_records"]]
+    r = run("predict", str(fitted), *test_paths, "--out", str(tmp_path / "pred.json"), "--quiet", "--batch-size", "2")
+    assert r.exit_code == 0, r.output
+    rows = json.loads((tmp_path / "pred.json").read_text())
+    # the same head on the embeddings saved at fit time gives the same scores (backbone re-run, float16 cache dtype)
+    expected = model.head_.decision_function(np.load(fitted / "test_embeddings.npy"))
+    assert [r["image"] for r in rows] == test_paths
+    for row, e in zip(rows, expected):
+        np.testing.assert_allclose(list(row["scores"].values()), e, rtol=1e-5, atol=1e-6)
+        assert row["predicted"] == model.classes_[int(np.argmax(e))]
+        own = np.sort(list(row["scores"].values()))
+        assert row["margin"] == pytest.approx(own[-1] - own[-2], abs=1e-12) and row["score"] == own[-1]
+    with open(tmp_path / "pred.csv") as fh:
+        table = list(csv.reader(fh))
+    assert table[0] == ["image", "predicted", "score", "runner_up", "margin", *model.classes_]
+    assert len(table) == 1 + len(rows) and table[1][1] == rows[0]["predicted"]
+    assert len(r.output.strip().splitlines()) == len(rows)
+    bad(["predict", str(fitted), test_paths[0], "--batch-size", "0"], "--batch-size: expected a positive integer")
+
+
 def test_same_seed_same_model(tmp_path, synthetic_root, tiny_config, fitted):
     r = run("fit", "--config", tiny_config, "--data", str(synthetic_root), "--out", str(tmp_path / "b"), "--quiet", "--lam", "0.5")
     assert r.exit_code == 0, r.output
