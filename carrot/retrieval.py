@@ -51,7 +51,10 @@ class KernelIndex:
             index.nprobe = nprobe
         else:
             raise CarrotError(f"index kind: expected 'flat' or 'ivf', got {kind!r}")
-        if use_gpu or (use_gpu is None and hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0):
+        gpus = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+        if use_gpu and gpus == 0:
+            raise CarrotError("use_gpu: a GPU index was requested but this FAISS build sees no GPU (faiss-cpu, or no CUDA device)")
+        if use_gpu or (use_gpu is None and gpus > 0):
             index = faiss.index_cpu_to_all_gpus(index)
         index.add(X)
         return cls(head, index, Xc)
@@ -60,12 +63,12 @@ class KernelIndex:
         """Top-k supporting training indices and their exact contributions for each test row's class: (q, k)."""
         if not 1 <= k <= m <= self.n:
             raise CarrotError(f"k, m: expected 1 <= k <= m <= {self.n}, got k={k}, m={m}")
-        Q = (as_float64_matrix(G_test, "G_test") - self.head.feature_mean_).numpy().astype(np.float32)
+        Gq = as_float64_matrix(G_test, "G_test") - self.head.feature_mean_
+        Q = Gq.numpy().astype(np.float32)  # the search runs in float32; candidates are scored in float64
         _, pos = self.index.search(Q, m)
         _, neg = self.index.search(-Q, m)
         cand = np.concatenate([pos, neg], axis=1)
         cand_t = torch.as_tensor(np.where(cand < 0, 0, cand))
-        Gq = torch.as_tensor(Q, dtype=torch.float64)
         Gc = self.train_centred
         kern = torch.einsum("qd,qmd->qm", Gq, Gc[cand_t])
         beta = self.head.dual_coef_[cand_t, torch.as_tensor(classes).unsqueeze(1)]

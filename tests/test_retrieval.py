@@ -40,3 +40,27 @@ def test_recall_grows_with_m_and_ivf_works():
         flat.top_k(Gt, cls, 20, 10)
     with pytest.raises(CarrotError, match="index kind"):
         KernelIndex.build(head, G, "hnsw")
+
+
+def test_returned_values_are_the_exact_float64_contributions():
+    import torch
+
+    from carrot.attribution import centred_kernel
+
+    g = np.random.default_rng(7)
+    y = g.integers(0, 3, 200)
+    G = g.normal(size=(200, 12)) + y[:, None]  # float64, not float32-representable
+    Gt = g.normal(size=(6, 12)) * 1e3 + 1.0  # large values: float32 rounding would show
+    head = RidgeHead(lam=0.5).fit(G, y)
+    cls = head.decision_function(Gt).argmax(1)
+    got, vals = KernelIndex.build(head, G, "flat", use_gpu=False).top_k(Gt, cls, k=5, m=200)
+    exact = (centred_kernel(head, G, Gt) * head.dual_coef_.T[torch.as_tensor(cls)]).numpy()
+    np.testing.assert_allclose(vals, np.take_along_axis(exact, got, 1), rtol=1e-12, atol=0)
+
+
+def test_gpu_index_request_without_a_gpu_is_named():
+    if faiss.get_num_gpus() > 0:
+        pytest.skip("this FAISS build sees a GPU")
+    G, _, head, _ = setup(n=50)
+    with pytest.raises(CarrotError, match="use_gpu: a GPU index was requested"):
+        KernelIndex.build(head, G, "flat", use_gpu=True)
