@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import peak_rss_mb, write_results
+from common import device_name, peak_rss_mb, write_results
 
 
 def timed(fn, repeat: int = 1):
@@ -137,7 +137,7 @@ def main() -> None:
         base = next(x for x in rows if x["task"] == r["task"] and x["impl"] == ref and (x["n"], x["d"], x["c"]) == (r["n"], r["d"], r["c"]))
         r["speedup_vs_reference"] = base["seconds"] / r["seconds"]
     meta = {"machine": platform.platform(), "processor": platform.processor(), "threads": torch.get_num_threads(),
-            "torch": torch.__version__, "args": vars(a)}
+            "torch": torch.__version__, "device_name": device_name(a.device), "args": vars(a)}
     print(f"wrote {write_results(a.out, rows, meta=meta)} and .csv")
 
 

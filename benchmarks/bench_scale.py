@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import peak_rss_mb, write_results
+from common import device_name, peak_rss_mb, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,7 +53,7 @@ def child(path: str, lam: float, chunk: int, device: str) -> None:
     print(json.dumps({"n": int(G.shape[0]), "d": int(G.shape[1]), "c": int(len(head.classes_)), "seconds_fit": seconds,
                       "peak_rss_gb": peak, "rss_after_imports_gb": base, "train_accuracy_first_20k": acc,
                       "dual_coef_gb": head.dual_coef_.numel() * 8 / 2**30, "torch_threads": torch.get_num_threads(),
-                      "device": device}))
+                      "device": device, "device_name": device_name(device)}))
 
 
 def main() -> None:

@@ -65,13 +65,14 @@ class RidgeSystem:
 
     @classmethod
     def from_head(cls, head: RidgeHead, G: ArrayLike, y: ArrayLike, sample_weight: ArrayLike | None = None) -> "RidgeSystem":
-        """The system behind a fitted :class:`RidgeHead` (same lam, intercept, classes)."""
+        """The system behind a fitted :class:`RidgeHead` (same lam, intercept, classes, device)."""
         check_is_fitted(head)
         y = np.asarray(y)
         idx = np.searchsorted(head.classes_, y)
         if np.any(idx >= len(head.classes_)) or np.any(head.classes_[np.minimum(idx, len(head.classes_) - 1)] != y):
             raise CarrotError("y: contains labels the head was not fitted on")
-        return cls.fit(G, one_hot(idx, len(head.classes_)), sample_weight, head.lam_, head.fit_intercept)
+        return cls.fit(G, one_hot(idx, len(head.classes_)), sample_weight, head.lam_, head.fit_intercept, head.device,
+                       head.chunk_size)
 
     # -- basic quantities -------------------------------------------------------------------
     def augment(self, G: ArrayLike) -> torch.Tensor:
