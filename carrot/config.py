@@ -74,13 +74,13 @@ class GraphConfig:
 @dataclass(frozen=True)
 class DiffusionConfig:
     t: float = 1.0
-    method: str = "eigh"
+    method: str = "auto"
 
     def __post_init__(self) -> None:
         if isinstance(self.t, bool) or not isinstance(self.t, (int, float)) or not self.t >= 0:
             raise CarrotError(f"diffusion.t: expected a number >= 0, got {self.t!r}")
-        if self.method not in ("eigh", "chebyshev"):
-            raise CarrotError(f"diffusion.method: expected 'eigh' or 'chebyshev', got {self.method!r}")
+        if self.method not in ("auto", "eigh", "chebyshev"):
+            raise CarrotError(f"diffusion.method: expected 'auto', 'eigh' or 'chebyshev', got {self.method!r}")
 
 
 @dataclass(frozen=True)

@@ -97,12 +97,22 @@ def _chebyshev_series(L: torch.Tensor, X: torch.Tensor, ts: list[float], order: 
     return out
 
 
-def diffusion_weights(L: torch.Tensor, ts: Sequence[float], method: str = "eigh") -> torch.Tensor:
+def resolve_method(method: str, n_t: int, N: int) -> str:
+    """'auto' -> 'eigh' where one eigendecomposition serves several t on a small graph (N <= 256),
+    else 'chebyshev' (faster for a single t at every N, and for any number of t beyond N = 256;
+    ``benchmarks/bench_diffusion.py``); 'eigh' and 'chebyshev' pass through."""
+    if method == "auto":
+        return "eigh" if n_t > 1 and N <= 256 else "chebyshev"
+    if method not in ("eigh", "chebyshev"):
+        raise CarrotError(f"diffusion method: expected 'auto', 'eigh' or 'chebyshev', got {method!r}")
+    return method
+
+
+def diffusion_weights(L: torch.Tensor, ts: Sequence[float], method: str = "auto") -> torch.Tensor:
     """Readout weights w(t) = exp(-tL) 1 / N for all t: L (B, N, N) -> (T, B, N)."""
     ts = _check_t(ts)
+    method = resolve_method(method, len(ts), L.shape[-1])
     if method == "eigh":
         return SpectralDiffusion.from_laplacian(L).readout_weights(ts)
-    if method == "chebyshev":
-        ones = torch.ones(L.shape[0], L.shape[1], 1, dtype=L.dtype, device=L.device)
-        return _chebyshev_series(L, ones, ts)[..., 0] / L.shape[1]
-    raise CarrotError(f"diffusion method: expected 'eigh' or 'chebyshev', got {method!r}")
+    ones = torch.ones(L.shape[0], L.shape[1], 1, dtype=L.dtype, device=L.device)
+    return _chebyshev_series(L, ones, ts)[..., 0] / L.shape[1]

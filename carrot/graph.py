@@ -20,9 +20,9 @@ def median_bandwidth(d2: torch.Tensor) -> torch.Tensor:
     n = d2.shape[-1]
     if n < 2:
         return torch.ones(d2.shape[0], dtype=d2.dtype, device=d2.device)
-    mask = ~torch.eye(n, dtype=torch.bool, device=d2.device)
-    off = d2[:, mask]
-    sigma = off.median(dim=-1).values.clamp_min(0).sqrt()
+    # d2 is symmetric: the strict upper triangle has the same (lower) median as the whole off-diagonal
+    iu = torch.triu_indices(n, n, 1, device=d2.device)
+    sigma = d2[:, iu[0], iu[1]].median(dim=-1).values.clamp_min(0).sqrt()
     return torch.where(sigma > 0, sigma, torch.ones_like(sigma))
 
 
@@ -71,10 +71,10 @@ def affinity(
     """
     if H.dim() != 3:
         raise CarrotError(f"H: expected (B, N, D), got shape {tuple(H.shape)}")
-    if P.dim() == 2:
-        P = P.unsqueeze(0).expand(H.shape[0], -1, -1)
-    if P.shape[:2] != H.shape[:2] or P.shape[-1] != 2:
-        raise CarrotError(f"P: expected ({H.shape[1]}, 2) or ({H.shape[0]}, {H.shape[1]}, 2), got {tuple(P.shape)}")
+    shared = P.dim() == 2  # one layout for the batch: spatial distances and bandwidth computed once
+    P = P.unsqueeze(0) if shared else P
+    if P.shape[1] != H.shape[1] or P.shape[-1] != 2 or (not shared and P.shape[0] != H.shape[0]):
+        raise CarrotError(f"P: expected ({H.shape[1]}, 2) or ({H.shape[0]}, {H.shape[1]}, 2), got {tuple(P.shape[1:] if shared else P.shape)}")
     P = P.to(H.dtype)
     ds2, df2 = pairwise_sq_dists(P), pairwise_sq_dists(H)
     ss = resolve_bandwidth(sigma_space, ds2, "sigma_space").view(-1, 1, 1)

@@ -50,7 +50,7 @@ def run_options(fn: Callable) -> Callable:
         click.option("--img-size", type=int, help="Input image side in pixels (default: the backbone's)."),
         click.option("--batch-size", type=int, help="Images per backbone batch."),
         click.option("--t", "t", type=float, help="Diffusion time t >= 0 (0 = plain mean pooling)."),
-        click.option("--diffusion-method", type=click.Choice(["eigh", "chebyshev"]), help="exp(-tL) solver."),
+        click.option("--diffusion-method", type=click.Choice(["auto", "eigh", "chebyshev"]), help="exp(-tL) solver: eigh (eigendecomposition), chebyshev (series, exact to ~1e-14), auto (chebyshev for one t)."),
         click.option("--sigma-space", help="Spatial kernel bandwidth: a number, 'median' or 'median*k'."),
         click.option("--sigma-feat", help="Feature kernel bandwidth: a number, 'median' or 'median*k'."),
         click.option("--knn", type=int, help="Keep each region's k strongest edges (symmetrised)."),

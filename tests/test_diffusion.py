@@ -77,3 +77,17 @@ def test_heat_operator_is_symmetric_contraction(n, t, seed):
     assert torch.allclose(E, E.T, atol=1e-12)
     ev = torch.linalg.eigvalsh(E)
     assert ev.min() > -1e-10 and ev.max() < 1 + 1e-10
+
+
+def test_auto_method_picks_by_number_of_t_and_size_and_agrees_with_both():
+    from carrot.diffusion import resolve_method
+
+    assert resolve_method("auto", 1, 64) == "chebyshev" and resolve_method("auto", 6, 64) == "eigh"
+    assert resolve_method("auto", 6, 1024) == "chebyshev" and resolve_method("eigh", 1, 4096) == "eigh"
+    with pytest.raises(CarrotError, match="expected 'auto', 'eigh' or 'chebyshev', got 'pade'"):
+        resolve_method("pade", 1, 4)
+    L, _ = laplacians(3, 20, 4, seed=5)
+    for ts in ([1.5], [0.0, 0.5, 3.0]):
+        auto = diffusion_weights(L, ts)
+        for m in ("eigh", "chebyshev"):
+            torch.testing.assert_close(auto, diffusion_weights(L, ts, m), rtol=0, atol=1e-13)
