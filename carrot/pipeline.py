@@ -54,10 +54,14 @@ class Carrot:
             w = diffusion_weights(L, [d.t], d.method)[0]
         return weighted_readout(H, w), w
 
-    def embed_store(self, store: TokenStore, batch: int = 64, progress: bool = False) -> np.ndarray:
-        """Embeddings (n, D) float64 for every image of a cached split, streamed in batches."""
+    def embed_store(self, store: TokenStore, batch: int | None = None, progress: bool = False,
+                    graph_bytes: int = 1 << 30) -> np.ndarray:
+        """Embeddings (n, D) float64 for every image of a cached split, streamed in batches. The default
+        batch keeps the float64 (B, N, N) graph arrays (about six alive at once) within ``graph_bytes``."""
         from tqdm.auto import tqdm
 
+        n_regions = store.tokens.shape[1]
+        batch = batch or int(max(1, min(64, graph_bytes // (6 * 8 * n_regions * n_regions))))
         P = store.positions.to(torch.float64)
         out = np.empty((len(store), store.tokens.shape[-1]), dtype=np.float64)
         for s in tqdm(range(0, len(store), batch), desc="diffuse", disable=not progress, unit="batch"):

@@ -17,3 +17,12 @@ def test_sweep_embeddings_equal_the_pipeline_at_each_t(tmp_path, synthetic_root,
         np.testing.assert_allclose(G[i], model.embed_store(st), rtol=1e-9, atol=1e-10)
     rows = t_sweep(st, se, ts, GraphConfig(), lam="auto")
     assert [r["t"] for r in rows] == ts and all(0 <= r["test_accuracy"] <= 1 and "loo_accuracy" in r for r in rows)
+
+
+def test_embed_store_batches_by_graph_memory(tmp_path, synthetic_root, tiny_vit):
+    train, _ = load_imagefolder(synthetic_root)
+    st = extract(tiny_vit, train, tmp_path, progress=False)
+    model = Carrot(RunConfig(diffusion=DiffusionConfig(t=2.0)))
+    whole = model.embed_store(st, batch=len(st))
+    one_by_one = model.embed_store(st, graph_bytes=1)  # budget below one graph: batches of one image
+    np.testing.assert_allclose(one_by_one, whole, rtol=1e-12, atol=1e-13)
