@@ -6,6 +6,7 @@ distillation, register tokens) and infer the patch grid from input and patch siz
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -81,8 +82,9 @@ class TokenBackbone:
             y = next((t for t in y if torch.is_tensor(t) and t.dim() in (3, 4)), None)
             if y is None:
                 raise CarrotError(f"backbone '{self.timm_name}': forward_features returned no token tensor")
-        if y.dim() == 4:  # ConvNet feature map, NCHW or NHWC
-            if y.shape[1] == self.num_features:
+        if y.dim() == 4:  # ConvNet feature map, NCHW or NHWC (timm's output_fmt says which where it is set)
+            fmt = str(getattr(self.model, "output_fmt", "") or "")
+            if fmt != "NHWC" and y.shape[1] == self.num_features:
                 y = y.permute(0, 2, 3, 1)
             elif y.shape[-1] != self.num_features:
                 raise CarrotError(
@@ -94,8 +96,14 @@ class TokenBackbone:
             raise CarrotError(f"backbone '{self.timm_name}': expected tokens (B, T, D), got shape {tuple(y.shape)}")
         tokens = y[:, self.num_prefix_tokens :, :]
         ps = self.patch_size
-        if ps is None:
-            raise CarrotError(f"backbone '{self.timm_name}': token model without patch_embed.patch_size")
+        if ps is None:  # hierarchical token model (LeViT-style): a square input gives a square grid
+            side = math.isqrt(tokens.shape[1])
+            if x.shape[2] != x.shape[3] or side * side != tokens.shape[1]:
+                raise CarrotError(
+                    f"backbone '{self.timm_name}': {tokens.shape[1]} tokens for a {x.shape[2]}x{x.shape[3]} input and no "
+                    "patch_embed.patch_size: cannot lay them on a grid (a square input and a square token count are needed)"
+                )
+            return tokens.float(), (side, side)
         grid = (x.shape[2] // ps[0], x.shape[3] // ps[1])
         if grid[0] * grid[1] != tokens.shape[1]:
             raise CarrotError(

@@ -78,3 +78,43 @@ def test_local_checkpoint_roundtrip(tmp_path, tiny_vit):
     torch.save(timm.create_model("resnet18", pretrained=False).state_dict(), wrong)
     with pytest.raises(CarrotError, match="does not fit timm model"):
         create_backbone("vit_tiny_patch16_224", img_size=32, checkpoint=str(wrong), device="cpu")
+
+
+@pytest.mark.parametrize("name,size,grid,layout", [
+    ("swin_tiny_patch4_window7_224", 224, (7, 7), "NHWC"),        # channels-last feature map (output_fmt)
+    ("convnext_atto", 64, (2, 2), "NCHW"),
+    ("maxvit_nano_rw_256", 256, (8, 8), "NCHW"),
+    ("beit_base_patch16_224", 64, (4, 4), "tokens"),              # class token
+    ("eva02_tiny_patch14_224", 56, (4, 4), "tokens"),             # class token, rotary positions
+    ("levit_128s", 224, (4, 4), "tokens"),                        # hierarchical tokens, no patch_embed.patch_size
+])
+def test_timm_architectures_give_row_major_regions(name, size, grid, layout):
+    """Region (i, j) of the grid is feature-map cell (i, j) / patch token i * w + j of timm's own output."""
+    bb = create_backbone(name, img_size=size, pretrained=False, device="cpu")
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    tokens, got = bb(x)
+    assert got == grid and tokens.shape == (2, grid[0] * grid[1], bb.num_features)
+    with torch.no_grad():
+        y = bb.model.forward_features(x)
+    i, j = grid[0] - 1, 0  # an off-diagonal cell: a transposed layout would not match
+    ref = {"NHWC": lambda: y[:, i, j], "NCHW": lambda: y[:, :, i, j],
+           "tokens": lambda: y[:, bb.num_prefix_tokens + i * grid[1] + j]}[layout]()
+    torch.testing.assert_close(tokens[:, i * grid[1] + j], ref.float())
+
+
+def test_token_model_without_patch_size_needs_a_square_grid():
+    class Tokens(torch.nn.Module):  # a token model with no patch_embed, returning n tokens
+        num_features = 8
+
+        def __init__(self, n: int) -> None:
+            super().__init__()
+            self.n = n
+
+        def forward_features(self, x):
+            return torch.zeros(x.shape[0], self.n, 8)
+
+    bb = TokenBackbone(Tokens(16), "t", "t", "x", 32, torch.device("cpu"), {"input_size": (3, 32, 32)})
+    assert bb(torch.randn(1, 3, 32, 32))[1] == (4, 4)
+    bb = TokenBackbone(Tokens(15), "t", "t", "x", 32, torch.device("cpu"), {"input_size": (3, 32, 32)})
+    with pytest.raises(CarrotError, match="15 tokens for a 32x32 input .* cannot lay them on a grid"):
+        bb(torch.randn(1, 3, 32, 32))
