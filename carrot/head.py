@@ -105,8 +105,8 @@ class RidgeHead:
     def fit(self, G: ArrayLike, y: ArrayLike, sample_weight: ArrayLike | None = None) -> "RidgeHead":
         """Fit on embeddings G (n, D) and labels y (n,), optional weights (n,) >= 0.
 
-        G may be a numpy memmap: the primal solve streams it in ``chunk_size`` rows (float64
-        accumulation), so only D x D and n x C arrays are held ('auto' lambda and the dual solve load G).
+        G may be a numpy memmap: the primal solve (and its 'auto' lambda) streams it in ``chunk_size``
+        rows with float64 accumulation, so only D x D, D x C and n x C arrays are held; the dual solve loads G.
         """
         self._validate_params()
         if not hasattr(G, "shape") or len(G.shape) != 2:
@@ -120,24 +120,32 @@ class RidgeHead:
         dev = resolve_device(self.device)
         y_t = torch.as_tensor(y_idx, dtype=torch.long)
         solver = self.solver if self.solver != "auto" else ("primal" if n >= d else "dual")
-        if self.lam == "auto" or solver == "dual":
+        if solver == "dual":
             G = as_float64_matrix(G, "G")
         if self.fit_intercept:
             mu = sum(a[sl] @ self._rows(G, sl) for sl in self._chunks(n)) / a.sum()
             ybar = torch.zeros(C, dtype=torch.float64).index_add(0, y_t, a) / a.sum()
         else:
             mu, ybar = torch.zeros(d, dtype=torch.float64), torch.zeros(C, dtype=torch.float64)
+        if solver == "primal":
+            M, B = self._gram(G, y_t, C, a, mu, ybar, dev)
         if self.lam == "auto":
-            from .loo import DEFAULT_LAMBDAS, ridge_loo_path
+            from .loo import DEFAULT_LAMBDAS, ridge_loo_path, ridge_loo_scores
 
-            path = ridge_loo_path(G, y, self.lam_grid or DEFAULT_LAMBDAS, a, self.fit_intercept)
+            grid = self.lam_grid or DEFAULT_LAMBDAS
+            if solver == "primal":
+                chunks = ((sl, (self._rows(G, sl) - mu).to(dev)) for sl in self._chunks(n))
+                path = ridge_loo_scores(M, B, chunks, y_idx, a, ybar, grid, self.fit_intercept)
+            else:
+                path = ridge_loo_path(G, y, grid, a, self.fit_intercept)
             self.lam_ = path.best_lambda
             self.lam_path_ = {"lambdas": path.lambdas.tolist(), "loo_accuracy": path.accuracy.tolist(),
                               "loo_mse": path.mse.tolist()}
         else:
             self.lam_, self.lam_path_ = float(self.lam), None
         if solver == "primal":
-            W = self._solve_primal(G, y_t, C, a, mu, ybar, dev)
+            M.diagonal().add_(self.lam_)
+            W = torch.cholesky_solve(B, _cholesky(M)).cpu()
         else:
             W = self._solve_dual(G, one_hot(y_idx, C), a, mu, ybar, dev)
         self.classes_ = classes
@@ -203,7 +211,8 @@ class RidgeHead:
             raise CarrotError(f"G: features must be finite, found NaN/Inf in {bad} row(s)")
         return block
 
-    def _solve_primal(self, G, y_t, C, a, mu, ybar, dev) -> torch.Tensor:
+    def _gram(self, G, y_t, C, a, mu, ybar, dev) -> tuple[torch.Tensor, torch.Tensor]:
+        """Streamed Gc^T A Gc (D, D) and Gc^T A (Y - ybar) (D, C), float64 on ``dev``."""
         d = G.shape[1]
         M = torch.zeros(d, d, dtype=torch.float64, device=dev)
         B = torch.zeros(d, C, dtype=torch.float64, device=dev)
@@ -212,9 +221,7 @@ class RidgeHead:
             aG = Gc * a[sl].to(dev).unsqueeze(1)
             M += aG.T @ Gc
             B += aG.T @ (one_hot(y_t[sl], C) - ybar).to(dev)
-        M.diagonal().add_(self.lam_)
-        Lc = _cholesky(M)
-        return torch.cholesky_solve(B, Lc).cpu()
+        return M, B
 
     def _solve_dual(self, G, Y, a, mu, ybar, dev) -> torch.Tensor:
         Gc = (G - mu).to(dev)

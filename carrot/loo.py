@@ -8,7 +8,7 @@ One spectral decomposition of Gc^T A Gc serves every lambda.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -21,11 +21,12 @@ DEFAULT_LAMBDAS = tuple(float(v) for v in np.logspace(-3, 4, 15))
 
 @dataclass
 class LooPath:
-    """LOO logits (L, n, C), hat diagonals (L, n), accuracy and mean squared error per lambda."""
+    """Accuracy and mean squared error of the LOO predictions per lambda; LOO logits (L, n, C) and hat
+    diagonals (L, n) from :func:`ridge_loo_path` (None from the streamed :func:`ridge_loo_scores`)."""
 
     lambdas: np.ndarray
-    loo_logits: np.ndarray
-    hat_diag: np.ndarray
+    loo_logits: np.ndarray | None
+    hat_diag: np.ndarray | None
     accuracy: np.ndarray
     mse: np.ndarray
 
@@ -34,6 +35,53 @@ class LooPath:
         """Highest LOO accuracy; ties broken by lower LOO squared error, then by larger lambda."""
         order = np.lexsort((-self.lambdas, self.mse, -self.accuracy))
         return float(self.lambdas[order[0]])
+
+
+def _check_lambdas(lambdas: Sequence[float]) -> np.ndarray:
+    lams = np.asarray(lambdas, dtype=np.float64)
+    if lams.ndim != 1 or len(lams) == 0 or not np.all(np.isfinite(lams)) or np.any(lams <= 0):
+        raise CarrotError(f"lambdas: expected a non-empty list of finite numbers > 0, got {lambdas!r}")
+    return lams
+
+
+def ridge_loo_scores(
+    M: torch.Tensor,
+    B: torch.Tensor,
+    centred_rows: Iterable[tuple[slice, torch.Tensor]],
+    y_idx: np.ndarray,
+    a: torch.Tensor,
+    ybar: torch.Tensor,
+    lambdas: Sequence[float] = DEFAULT_LAMBDAS,
+    fit_intercept: bool = True,
+) -> LooPath:
+    """LOO accuracy and squared error per lambda, streamed: M = Gc^T A Gc (D, D) and B = Gc^T A Yc (D, C)
+    as accumulated for the primal solve, then one pass over (rows, Gc[rows]) chunks; only D x D and
+    chunk x C arrays are held (no n x C x lambdas logits). Same numbers as :func:`ridge_loo_path`."""
+    lams = _check_lambdas(lambdas)
+    dev = M.device
+    s2, V = torch.linalg.eigh(0.5 * (M + M.T))
+    s2 = s2.clamp_min(0)
+    VtB = V.T @ B  # Z^T A Yc, (D, C)
+    a_dev, ybar = a.to(dev), ybar.to(dev)
+    base = 1.0 / float(a.sum()) if fit_intercept else 0.0
+    inv = 1.0 / (s2.unsqueeze(0) + torch.as_tensor(lams, dtype=torch.float64, device=dev).unsqueeze(1))  # (L, D)
+    correct = torch.zeros(len(lams), dtype=torch.float64, device=dev)
+    sq = torch.zeros(len(lams), dtype=torch.float64, device=dev)
+    n = 0
+    for sl, Gc in centred_rows:
+        Z = Gc @ V
+        rest = ((Gc * Gc).sum(1) - (Z * Z).sum(1)).clamp_min(0)
+        y_t = torch.as_tensor(y_idx[sl], dtype=torch.long, device=dev)
+        Y = torch.nn.functional.one_hot(y_t, B.shape[1]).to(torch.float64)
+        Z2 = Z * Z
+        for li, lam in enumerate(lams):
+            f = ybar + Z @ (inv[li].unsqueeze(1) * VtB)
+            h = a_dev[sl] * (base + Z2 @ inv[li] + rest / lam)
+            f_loo = (f - h.unsqueeze(1) * Y) / (1 - h).unsqueeze(1)
+            correct[li] += (f_loo.argmax(1) == y_t).sum()
+            sq[li] += ((f_loo - Y) ** 2).sum()
+        n += len(y_t)
+    return LooPath(lams, None, None, (correct / n).cpu().numpy(), (sq / n).cpu().numpy())
 
 
 def ridge_loo_path(
@@ -47,9 +95,7 @@ def ridge_loo_path(
     G = as_float64_matrix(G, "G")
     n, d = G.shape
     classes, y_idx = encode_labels(y, n)
-    lams = np.asarray(lambdas, dtype=np.float64)
-    if lams.ndim != 1 or len(lams) == 0 or not np.all(np.isfinite(lams)) or np.any(lams <= 0):
-        raise CarrotError(f"lambdas: expected a non-empty list of finite numbers > 0, got {lambdas!r}")
+    lams = _check_lambdas(lambdas)
     Y = one_hot(y_idx, len(classes))
     a = as_weights(sample_weight, n)
     if fit_intercept:

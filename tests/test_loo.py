@@ -60,3 +60,44 @@ def test_auto_lambda_head_uses_the_loo_choice(tmp_path):
     assert back.lam_ == head.lam_ and back.lam_path_["loo_accuracy"] == path.accuracy.tolist()
     with pytest.raises(CarrotError, match="lam: expected 'auto'"):
         RidgeHead(lam="best").fit(G, y)
+
+
+@pytest.mark.parametrize("n,d,c,weighted,intercept,chunk", [
+    (200, 10, 4, False, True, 7), (200, 10, 4, True, True, 64), (150, 25, 6, True, False, 1000),
+    (30, 50, 3, True, True, 8),  # n < D through the primal: the eigenbasis of M has null directions
+])
+def test_streamed_loo_scores_equal_the_in_memory_path(n, d, c, weighted, intercept, chunk):
+    import torch
+
+    from carrot.loo import ridge_loo_scores
+
+    g = np.random.default_rng(n + d)
+    y = np.concatenate([np.arange(c), g.integers(0, c, n - c)])
+    G = g.normal(size=(c, d))[y] * 0.7 + g.normal(size=(n, d)) + 1.5
+    a = g.uniform(0.0, 2.0, n) if weighted else None
+    lams = [0.01, 0.3, 3.0, 100.0]
+    ref = ridge_loo_path(G, y, lams, sample_weight=a, fit_intercept=intercept)
+    head = RidgeHead(lam=1.0, fit_intercept=intercept, solver="primal", chunk_size=chunk)
+    w = torch.ones(n, dtype=torch.float64) if a is None else torch.as_tensor(a)
+    Gt = torch.as_tensor(G)
+    mu = (w @ Gt) / w.sum() if intercept else torch.zeros(d, dtype=torch.float64)
+    ybar = (w @ torch.nn.functional.one_hot(torch.as_tensor(y), c).double()) / w.sum() if intercept else torch.zeros(c, dtype=torch.float64)
+    M, B = head._gram(G, torch.as_tensor(y), c, w, mu, ybar, torch.device("cpu"))
+    chunks = ((sl, torch.as_tensor(G[sl]) - mu) for sl in head._chunks(n))
+    got = ridge_loo_scores(M, B, chunks, y, w, ybar, lams, intercept)
+    np.testing.assert_array_equal(got.accuracy, ref.accuracy)
+    np.testing.assert_allclose(got.mse, ref.mse, rtol=1e-8)
+    assert got.best_lambda == ref.best_lambda and got.loo_logits is None
+
+
+def test_auto_lambda_streams_a_memmap(tmp_path):
+    g = np.random.default_rng(5)
+    y = g.integers(0, 5, 3000)
+    G = (g.normal(size=(5, 16))[y] + g.normal(size=(3000, 16)) * 2).astype(np.float32)
+    np.save(tmp_path / "G.npy", G)
+    mm = np.load(tmp_path / "G.npy", mmap_mode="r")
+    streamed = RidgeHead(lam="auto", chunk_size=256).fit(mm, y)
+    in_memory = RidgeHead(lam="auto").fit(G.astype(np.float64), y)
+    assert streamed.lam_ == in_memory.lam_
+    np.testing.assert_array_equal(streamed.lam_path_["loo_accuracy"], in_memory.lam_path_["loo_accuracy"])
+    np.testing.assert_allclose(streamed.coef_.numpy(), in_memory.coef_.numpy(), rtol=1e-9, atol=1e-12)
