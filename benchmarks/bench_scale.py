@@ -3,6 +3,7 @@ float32 memmap in chunks (float64 Gram accumulation). Each n runs in a fresh sub
 RSS is its own. Writes JSON + CSV; the log-log slope of time vs n is reported (1 = linear).
 
     python benchmarks/bench_scale.py --n 125000 250000 500000 1000000
+    python benchmarks/bench_scale.py --n 125000 250000 --lam auto --out benchmarks/results/scale_auto
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ def make_memmap(path: Path, n: int, d: int, c: int, seed: int = 0) -> np.ndarray
     return y
 
 
-def child(path: str, lam: float, chunk: int, device: str) -> None:
+def child(path: str, lam: float | str, chunk: int, device: str) -> None:
     """Fit one problem and print a JSON row (run in a subprocess)."""
     import torch
 
@@ -53,7 +54,8 @@ def child(path: str, lam: float, chunk: int, device: str) -> None:
     print(json.dumps({"n": int(G.shape[0]), "d": int(G.shape[1]), "c": int(len(head.classes_)), "seconds_fit": seconds,
                       "peak_rss_gb": peak, "rss_after_imports_gb": base, "train_accuracy_first_20k": acc,
                       "dual_coef_gb": head.dual_coef_.numel() * 8 / 2**30, "torch_threads": torch.get_num_threads(),
-                      "device": device, "device_name": device_name(device)}))
+                      "device": device, "device_name": device_name(device), "lam": head.lam_,
+                      "lam_candidates": len(head.lam_path_["lambdas"]) if head.lam_path_ else 1}))
 
 
 def main() -> None:
@@ -61,7 +63,8 @@ def main() -> None:
     ap.add_argument("--n", type=int, nargs="+", default=[125_000, 250_000, 500_000, 1_000_000])
     ap.add_argument("--d", type=int, default=768)
     ap.add_argument("--c", type=int, default=1000)
-    ap.add_argument("--lam", type=float, default=10.0)
+    ap.add_argument("--lam", type=lambda v: v if v == "auto" else float(v), default=10.0,
+                    help="ridge lambda, or 'auto' (streamed exact LOO over the default grid of 15 values)")
     ap.add_argument("--chunk", type=int, default=32768)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--workdir", default=None, help="where the memmaps go (default: a temp dir)")

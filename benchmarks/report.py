@@ -69,8 +69,11 @@ def _table(rows: list[dict], cols: list[tuple[str, str]]) -> list[str]:
 
 def scale_section(d: dict) -> list[str]:
     dev = _device(d["args"], d["rows"][0].get("device_name") if d["rows"] else None)
-    lines = [f"## Head fit at scale, {dev} (`bench_scale.py`)", "",
-             f"Synthetic features streamed from a float32 memmap in chunks, float64 Gram accumulation on {dev}. "
+    lam = d["args"].get("lam")
+    how = ("λ = 'auto': the exact LOO accuracy of 15 candidates computed in one more streamed pass, then the solve"
+           if lam == "auto" else f"λ = {lam}")
+    lines = [f"## Head fit at scale, {dev}, {'λ auto' if lam == 'auto' else 'fixed λ'} (`bench_scale.py`)", "",
+             f"Synthetic features streamed from a float32 memmap in chunks, float64 Gram accumulation on {dev}; {how}. "
              f"Log-log slope of fit time vs n: **{d['loglog_slope_time_vs_n']:.3f}** (1 = linear). Peak RSS counts the "
              "memmap pages read and the n x C float64 representer values (`dual_coef_gb`).", ""]
     return lines + _table(d["rows"], [("n", "n"), ("D", "d"), ("C", "c"), ("fit s", "seconds_fit"), ("peak RSS GB", "peak_rss_gb"),
