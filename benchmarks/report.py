@@ -77,7 +77,8 @@ def scale_section(d: dict) -> list[str]:
              f"Log-log slope of fit time vs n: **{d['loglog_slope_time_vs_n']:.3f}** (1 = linear). Peak RSS counts the "
              "memmap pages read and the n x C float64 representer values (`dual_coef_gb`).", ""]
     return lines + _table(d["rows"], [("n", "n"), ("D", "d"), ("C", "c"), ("fit s", "seconds_fit"), ("peak RSS GB", "peak_rss_gb"),
-                                      ("dual_coef GB", "dual_coef_gb"), ("train acc (first 20k)", "train_accuracy_first_20k")]) + [""]
+                                      ("dual_coef GB", "dual_coef_gb"), ("train acc (first 20k)", "train_accuracy_first_20k"),
+                                      ("λ used", "lam")]) + [""]
 
 
 def diffusion_section(d: dict) -> list[str]:
