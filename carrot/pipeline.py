@@ -14,6 +14,7 @@ from .backbone import TokenBackbone, create_backbone, patch_centres
 from .cache import TokenStore
 from .config import RunConfig
 from .data import ImageRecord, load_image
+from .devices import resolve_device
 from .diffusion import diffusion_weights
 from .errors import CarrotError, check_is_fitted
 from .graph import affinity, normalized_laplacian
@@ -45,29 +46,41 @@ class Carrot:
 
     def embed_regions(self, regions: RegionSet) -> tuple[torch.Tensor, torch.Tensor]:
         """RegionSet -> g = H^T exp(-tL) 1 / N (B, D) and w (B, N), float64; t = 0 is mean pooling."""
-        g, d = self.config.graph, self.config.diffusion
         H = regions.H.to(torch.float64)
-        if d.t == 0:
+        if self.config.diffusion.t == 0:
             w = torch.full(H.shape[:2], 1.0 / H.shape[1], dtype=torch.float64)
         else:
-            L = normalized_laplacian(affinity(H, regions.P.to(torch.float64), g.sigma_space, g.sigma_feat, g.knn))
-            w = diffusion_weights(L, [d.t], d.method)[0]
+            w = self.region_weights(H, regions.P, [self.config.diffusion.t])[0]
         return weighted_readout(H, w), w
 
+    def region_weights(self, H: torch.Tensor, P: torch.Tensor, ts: Sequence[float]) -> torch.Tensor:
+        """Readout weights w(t) = exp(-tL) 1 / N of the configured graph for every t: (T, B, N) float64 on
+        the CPU; the graph and diffusion run on the configured device when it is a CUDA GPU."""
+        g = self.config.graph
+        dev = resolve_device(self.config.device)
+        dev = dev if dev.type == "cuda" else torch.device("cpu")  # MPS has no float64
+        H, P = H.to(dev, torch.float64), P.to(dev, torch.float64)
+        L = normalized_laplacian(affinity(H, P, g.sigma_space, g.sigma_feat, g.knn))
+        return diffusion_weights(L, ts, self.config.diffusion.method).cpu()
+
     def embed_store(self, store: TokenStore, batch: int | None = None, progress: bool = False,
-                    graph_bytes: int = 1 << 30) -> np.ndarray:
-        """Embeddings (n, D) float64 for every image of a cached split, streamed in batches. The default
-        batch keeps the float64 (B, N, N) graph arrays (about six alive at once) within ``graph_bytes``."""
+                    graph_bytes: int = 1 << 30, ts: Sequence[float] | None = None) -> np.ndarray:
+        """Embeddings (n, D) float64 for every image of a cached split, streamed in batches; with ``ts``,
+        (T, n, D) for every diffusion time from one graph per image. The default batch keeps the float64
+        (B, N, N) graph arrays (about six alive at once) within ``graph_bytes``."""
         from tqdm.auto import tqdm
 
         n_regions = store.tokens.shape[1]
         batch = batch or int(max(1, min(64, graph_bytes // (6 * 8 * n_regions * n_regions))))
         P = store.positions.to(torch.float64)
-        out = np.empty((len(store), store.tokens.shape[-1]), dtype=np.float64)
+        out = np.empty((len(ts) if ts is not None else 1, len(store), store.tokens.shape[-1]), dtype=np.float64)
         for s in tqdm(range(0, len(store), batch), desc="diffuse", disable=not progress, unit="batch"):
-            H = torch.from_numpy(np.asarray(store.tokens[s : s + batch], dtype=np.float32))
-            out[s : s + batch] = self.embed_regions(RegionSet(H, P, store.grid))[0].numpy()
-        return out
+            H = torch.from_numpy(np.asarray(store.tokens[s : s + batch], dtype=np.float64))
+            if ts is None:
+                out[0, s : s + batch] = self.embed_regions(RegionSet(H, P, store.grid))[0].numpy()
+            else:
+                out[:, s : s + batch] = torch.einsum("bnd,tbn->tbd", H, self.region_weights(H, P, ts)).numpy()
+        return out if ts is not None else out[0]
 
     def fit(self, G: np.ndarray, y: np.ndarray, records: Sequence[ImageRecord], classes: Sequence[str]) -> "Carrot":
         """Fit the head on training embeddings G (n, D), labels y (n,); keep what explanations need."""

@@ -1,30 +1,22 @@
-"""Diffusion-time sweeps on cached tokens: one eigendecomposition per image serves every t."""
+"""Diffusion-time sweeps on cached tokens: one graph and one diffusion per image serve every t."""
 from __future__ import annotations
 
 import time
 from typing import Sequence
 
 import numpy as np
-import torch
 
 from .cache import TokenStore
-from .config import GraphConfig
-from .diffusion import SpectralDiffusion, _check_t
-from .graph import affinity, normalized_laplacian
+from .config import GraphConfig, RunConfig
+from .diffusion import _check_t
 from .head import RidgeHead
+from .pipeline import Carrot
 
 
-def embeddings_over_t(store: TokenStore, ts: Sequence[float], graph: GraphConfig, batch: int = 64) -> np.ndarray:
-    """Embeddings for every t: (T, n, D) float64, from one batched eigh per image."""
-    ts = _check_t(ts)
-    P = store.positions.to(torch.float64)
-    out = np.empty((len(ts), len(store), store.tokens.shape[-1]))
-    for s in range(0, len(store), batch):
-        H = torch.from_numpy(np.asarray(store.tokens[s : s + batch], dtype=np.float64))
-        L = normalized_laplacian(affinity(H, P, graph.sigma_space, graph.sigma_feat, graph.knn))
-        w = SpectralDiffusion.from_laplacian(L).readout_weights(ts)  # (T, B, N)
-        out[:, s : s + batch] = torch.einsum("bnd,tbn->tbd", H, w).numpy()
-    return out
+def embeddings_over_t(store: TokenStore, ts: Sequence[float], graph: GraphConfig, device: str = "cpu") -> np.ndarray:
+    """Embeddings for every t: (T, n, D) float64, one graph per image and one diffusion for all t
+    (``diffusion.method='auto'``: one eigendecomposition on small graphs, else one Chebyshev recurrence)."""
+    return Carrot(RunConfig(graph=graph, device=device)).embed_store(store, ts=_check_t(ts))
 
 
 def t_sweep(train: TokenStore, test: TokenStore, ts: Sequence[float], graph: GraphConfig,

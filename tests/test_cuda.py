@@ -91,3 +91,17 @@ def test_faiss_gpu_index_equals_flat_cpu():
     i_cpu, v_cpu = KernelIndex.build(head, G, use_gpu=False).top_k(Gt, cls, 10, 200)
     i_gpu, v_gpu = KernelIndex.build(head, G, use_gpu=True).top_k(Gt, cls, 10, 200)
     np.testing.assert_allclose(v_gpu, v_cpu, rtol=1e-10)
+
+
+@pytest.mark.parametrize("ts", [[0.7], [0.0, 1.0, 4.0]])
+def test_graph_and_diffusion_on_cuda_equal_cpu(ts):
+    from carrot.backbone import patch_centres
+    from carrot.config import RunConfig
+    from carrot.pipeline import Carrot
+
+    H = torch.randn(3, 50, 16, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    P = patch_centres((5, 10), torch.float64)
+    cpu = Carrot(RunConfig.from_dict({"device": "cpu"})).region_weights(H, P, ts)
+    gpu = Carrot(RunConfig.from_dict({"device": "cuda"})).region_weights(H, P, ts)
+    assert gpu.device.type == "cpu"
+    torch.testing.assert_close(gpu, cpu, rtol=1e-10, atol=1e-12)
