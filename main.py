@@ -133,6 +133,8 @@ def evaluate(run_dir: str | Path, what: Sequence[str], out: str | Path | None = 
     if "pointing" in what:
         res["pointing"] = pointing(run_dir, model)
     write_json(Path(out) if out else Path(run_dir) / "evaluation.json", res)
+    if out is None:
+        write_index(run_dir, model=model)
     return res
 
 

@@ -13,6 +13,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .io import atomic_path, write_json
+from .report_audits import audits_html
 
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px;color:#222;max-width:1200px}
@@ -250,5 +251,5 @@ def index_html(summary: dict[str, Any], thumbs: dict[int, Any], pages: Sequence[
         + review(summary["harmful"], "removal gain") +
         "<h2>Most helpful training images</h2><p class='muted'>removing the image raises the test loss by this much (shown negative)</p>"
         + review(summary["helpful"], "removal loss") +
-        tracin + f"<h2>Explained images</h2><ul>{links or '<li>none yet: carrot-run explain RUN IMAGES</li>'}</ul>")
+        tracin + audits_html(summary.get("audits", {})) + f"<h2>Explained images</h2><ul>{links or '<li>none yet: carrot-run explain RUN IMAGES</li>'}</ul>")
     return _page(f"carrot run {summary['name']}", body)

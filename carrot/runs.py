@@ -14,6 +14,7 @@ from .influence import RidgeSystem, loo_loss_change
 from .io import atomic_path, read_json, write_csv, write_json
 from .pipeline import Carrot
 from .report import index_html
+from .report_audits import AUDIT_FILES
 
 
 def run_embeddings(run_dir: str | Path, model: Carrot | None = None) -> tuple[Carrot, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -72,6 +73,7 @@ def write_index(run_dir: str | Path, explained: Sequence[dict[str, Any]] = (), m
     tracin_path = run_dir / "tracin" / "summary.json"
     if tracin_path.is_file():
         summary["tracin"] = read_json(tracin_path, "TracIn summary")
+    summary["audits"] = {k: read_json(run_dir / f, f) for k, f in AUDIT_FILES.items() if (run_dir / f).is_file()}
     with atomic_path(run_dir / "index.html") as tmp:
         tmp.write_text(index_html(summary, thumbs, links))
     return run_dir / "index.html"
@@ -122,6 +124,8 @@ def reweight(run_dir: str | Path, val_fraction: float = 0.2, out: str | Path | N
                "ess_per_class": {model.classes_[int(c)]: v for c, v in res.ess.items()}, "history": res.history,
                "weights": weights.tolist()}
     write_json(Path(out) if out else Path(run_dir) / "reweight.json", summary)
+    if out is None:
+        write_index(run_dir, model=model)
     return summary
 
 
@@ -140,6 +144,8 @@ def bench(run_dir: str | Path, ts: Sequence[float], out: str | Path | None = Non
     write_json(out, rows)
     fields = sorted({k for r in rows for k in r})
     write_csv(out.with_suffix(".csv"), fields, ([r.get(k) for k in fields] for r in rows))
+    if out == Path(run_dir) / "t_sweep.json":
+        write_index(run_dir, model=model)
     return rows
 
 
@@ -179,6 +185,7 @@ def debug(run_dir: str | Path, ks: Sequence[int], val_fraction: float = 0.2, dow
     res.pop("harm_scores")
     res["val_fraction"] = val_fraction
     write_json(Path(run_dir) / "debug.json", res)
+    write_index(run_dir, model=model)
     return res
 
 

@@ -61,3 +61,17 @@ def test_demo_run_pages_render(tmp_path):
         assert m and int(m.group(1)) >= (4 if i == 0 else 6), title
         assert console == [], console
     assert (ARTIFACTS / "demo_demo_index.png").is_file()
+
+    # the audits land on the index page: evaluate, reweight, debug and the t sweep, then render it again
+    for args in (["evaluate", str(out), "--k", "1,2", "--n-test", "5", "--subsets", "5", "--seeds", "0,1", "--shots", "2"],
+                 ["reweight", str(out), "--steps", "3"], ["debug", str(out), "--drop", "1,2"], ["bench", str(out), "--t", "0,1"]):
+        r = CliRunner().invoke(cli, args, catch_exceptions=False)
+        assert r.exit_code == 0, r.output
+    text = (out / "index.html").read_text()
+    for heading in ("Accuracy over seeds", "Mislabel detection", "Faithfulness", "Linear datamodeling score",
+                    "Reweighting (RRO)", "Dataset debugging", "Diffusion time sweep"):
+        assert f">{heading}" in text, heading
+    title, console = render(out / "index.html", tmp_path / "profile_audits", ARTIFACTS / "demo_index_with_audits.png")
+    m = re.search(r"\[images ok: (\d+)\]", title)
+    assert m and int(m.group(1)) >= 5, title  # the review thumbnails and the RRO curve
+    assert console == [], console

@@ -1,0 +1,128 @@
+"""Index-page sections for a run's audits: the JSON written by ``carrot-run evaluate``, ``reweight``,
+``debug`` and ``bench`` rendered as tables (and the RRO curves as an inline PNG)."""
+from __future__ import annotations
+
+import base64
+import html
+import io
+from typing import Any
+
+AUDIT_FILES = {"evaluation": "evaluation.json", "reweight": "reweight.json", "debug": "debug.json", "t_sweep": "t_sweep.json"}
+
+
+def _f(v: Any, fmt: str = ".3f") -> str:
+    return "" if v is None else format(v, fmt) if isinstance(v, (int, float)) else html.escape(str(v))
+
+
+def _table(header: list[str], rows: list[list[Any]], fmt: str = ".3f") -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td style='text-align:left'>{html.escape(str(r[0]))}</td>" if i == 0 else f"<td>{_f(v, fmt)}</td>"
+                                    for i, v in enumerate(r)) + "</tr>" for r in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _accuracy(acc: dict) -> str:
+    how = (f"{acc['shots']}-shot training subsets" if acc.get("shots") else "the full training split") + (
+        ", re-split per seed" if acc.get("resplit") else "")
+    per = [[c, v["mean"], v["std"]] for c, v in acc["per_class"].items()]
+    return (f"<h3>Accuracy over seeds</h3><p>{len(acc['seeds'])} seeds on {how}: test accuracy "
+            f"<b>{acc['mean']:.4f} &plusmn; {acc['std']:.4f}</b> (std, ddof = 1)</p>"
+            + _table(["class", "mean accuracy", "std"], per))
+
+
+def _mislabel(m: dict) -> str:
+    res = m["results"]
+    fr = sorted({k for v in res.values() for k in v["found_in_top"]}, key=float)
+    rows = [[name, v["roc_auc"], *[v["found_in_top"].get(k) for k in fr]]
+            for name, v in sorted(res.items(), key=lambda kv: -kv[1]["roc_auc"])]
+    return (f"<h3>Mislabel detection</h3><p class='muted'>{m['flip_fraction']:.0%} of the training labels flipped at "
+            "random; each score ranks the training images (higher = more suspicious)</p>"
+            + _table(["score", "ROC-AUC", *[f"flipped found in top {float(k):.0%}" for k in fr]], rows))
+
+
+def _faithfulness(fa: dict) -> str:
+    rows = []
+    for name, by_k in fa.items():
+        for k, modes in sorted(by_k.items(), key=lambda kv: int(kv[0])):
+            rows.append([f"{name}, K = {k}", *[modes.get(m, {}).get("logit_drop") for m in
+                                              ("remove_top", "remove_random", "remove_bottom", "keep_top", "keep_random")],
+                         modes.get("remove_top", {}).get("flip_rate")])
+    return ("<h3>Faithfulness</h3><p class='muted'>mean drop of the predicted logit after an exact refit without "
+            "(remove) or with only (keep) K training images chosen by each estimator</p>"
+            + _table(["estimator", "remove top K", "remove random K", "remove bottom K", "keep top K", "keep random K",
+                      "flip rate, remove top K"], rows))
+
+
+def _agreement(ev: dict) -> str:
+    names = sorted(set(ev.get("lds", {})) | set(ev.get("agreement_with_exact_loo", {})))
+    ag = ev.get("agreement_with_exact_loo", {})
+    rows = [[n, ev.get("lds", {}).get(n), ag.get(n, {}).get("spearman"), ag.get(n, {}).get("kendall")] for n in names]
+    return ("<h3>Linear datamodeling score and agreement with exact leave-one-out</h3>"
+            + _table(["estimator", "LDS (Spearman)", "Spearman with exact LOO", "Kendall with exact LOO"], rows))
+
+
+def _rro_curve(history: list[dict]) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [h["step"] for h in history]
+    fig, ax = plt.subplots(figsize=(5, 2.8), dpi=100)
+    for key in ("val_accuracy", "holdout_accuracy", "test_accuracy"):
+        if all(key in h for h in history):
+            ax.plot(steps, [h[key] for h in history], label=key.replace("_", " "))
+    ax.set_xlabel("RRO step")
+    ax.set_ylabel("accuracy")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _reweight(r: dict) -> str:
+    ess = [[c, v] for c, v in r["ess_per_class"].items()]
+    return ("<h2>Reweighting (RRO)</h2>"
+            f"<p>uniform weights: test accuracy <b>{r['uniform_test_accuracy']:.4f}</b>; reweighted (step {r['best_step']}, "
+            f"chosen on the held-out part of the validation split): <b>{r['reweighted_test_accuracy']:.4f}</b>; "
+            f"validation share {r['val_fraction']:.0%}</p>"
+            f"<img alt='RRO curves' src='{_rro_curve(r['history'])}'>"
+            + _table(["class", "effective sample size / class size"], ess))
+
+
+def _debug(d: dict) -> str:
+    b = d["baseline"]
+    rows = [["none (baseline)", b["val_accuracy"], b["test_accuracy"], None]] + [
+        [f"{r['k']} most harmful", r["val_accuracy"], r["test_accuracy"], r.get("random_test_accuracy_mean")] for r in d["rows"]]
+    verb = "dropped" if not d.get("downweight") else f"down-weighted to {d['downweight']}"
+    return (f"<h2>Dataset debugging</h2><p class='muted'>training images most harmful to a {d['val_fraction']:.0%} validation "
+            f"split, {verb} (exact, Woodbury)</p>"
+            + _table(["images removed", "validation accuracy", "test accuracy", "test accuracy, as many random"], rows, ".4f"))
+
+
+def _t_sweep(rows: list[dict]) -> str:
+    return ("<h2>Diffusion time sweep</h2>"
+            + _table(["t", "λ", "LOO accuracy (train)", "test accuracy"],
+                     [[r["t"], r["lam"], r.get("loo_accuracy"), r["test_accuracy"]] for r in rows], ".4g"))
+
+
+def audits_html(audits: dict[str, Any]) -> str:
+    """Sections for whichever of evaluation / reweight / debug / t_sweep results a run has."""
+    out = ""
+    ev = audits.get("evaluation")
+    if ev:
+        out += "<h2>Evaluations</h2>"
+        out += _accuracy(ev["accuracy"]) if "accuracy" in ev else ""
+        out += _mislabel(ev["mislabel"]) if "mislabel" in ev else ""
+        out += _faithfulness(ev["faithfulness"]) if "faithfulness" in ev else ""
+        out += _agreement(ev) if "lds" in ev or "agreement_with_exact_loo" in ev else ""
+        if "pointing" in ev:
+            p = ev["pointing"]
+            out += (f"<h3>Pointing game</h3><p>{p['n']} test images with known parts: hit rate <b>{p['hit_rate']:.3f}</b> "
+                    f"(a random region: {p['random_region_hit_rate']:.3f})</p>")
+    out += _reweight(audits["reweight"]) if audits.get("reweight") else ""
+    out += _debug(audits["debug"]) if audits.get("debug") else ""
+    out += _t_sweep(audits["t_sweep"]) if audits.get("t_sweep") else ""
+    return out
