@@ -24,6 +24,8 @@ __all__ = ["bench", "debug", "demo", "evaluate", "explain", "extract_splits", "f
 def extract_splits(config: RunConfig, model: Carrot | None = None, progress: bool = True) -> tuple[list, ImageDataset, ImageDataset]:
     """Token caches of the train and test splits (extracted, resumed or reused). Under torchrun each
     rank extracts rows rank, rank + world, ... of each split into a cache of its own."""
+    if not config.backbone.cache_tokens:
+        raise CarrotError("backbone.cache_tokens is false (--no-cache-tokens): there is no token cache to extract into")
     train, test = load_splits(config)
     model = model or Carrot(config)
     cache_root = Path(config.cache_dir) if config.cache_dir else user_cache_dir() / "tokens"
@@ -59,13 +61,19 @@ def fit(config: RunConfig, run_dir: str | Path, progress: bool = True, overwrite
     clear_run(run_dir, overwrite)
     init_from_env()
     model = Carrot(config)
-    stores, train, test = extract_splits(config, model, progress)
+    rank, size = world()
+    if config.backbone.cache_tokens:
+        stores, train, test = extract_splits(config, model, progress)
+        shards = [model.embed_store(s, progress=progress and rank == 0) for s in stores]
+    else:  # stream images -> embeddings; this rank's rows rank, rank + world, ...
+        (train, test), stores = load_splits(config), []
+        shards = [model.embed_dataset(split.subset(range(rank, len(split), size)) if size > 1 else split, progress and rank == 0)
+                  for split in (train, test)]
     t_extract = time.perf_counter() - t0
     run_dir = Path(run_dir)
-    G_train, G_test = (_gather_rows(model.embed_store(s, progress=progress and world()[0] == 0), len(split), run_dir, name)
-                       for s, split, name in zip(stores, (train, test), ("train", "test")))
-    if world()[0] != 0:
-        return {"rank": world()[0], "token_caches": [str(s.path) for s in stores]}
+    G_train, G_test = (_gather_rows(G, len(split), run_dir, name) for G, split, name in zip(shards, (train, test), ("train", "test")))
+    if rank != 0:
+        return {"rank": rank, "token_caches": [str(s.path) for s in stores]}
     model.fit(G_train, train.labels, train.records, train.classes)
     metrics = {
         "n_train": len(train), "n_test": len(test), "classes": len(train.classes),
@@ -74,8 +82,8 @@ def fit(config: RunConfig, run_dir: str | Path, progress: bool = True, overwrite
         "test_accuracy": model.score(G_test, test.labels),
         "per_class_test_accuracy": _per_class(model.head_.predict(G_test), test.labels, train.classes),
         "seconds_extract": t_extract, "seconds_total": time.perf_counter() - t0,
-        "token_caches": [str(s.path) for s in stores] if world()[1] == 1 else [],
-        "world_size": world()[1],
+        "token_caches": [str(s.path) for s in stores] if size == 1 else [],
+        "world_size": size,
     }
     model.save(run_dir, {"metrics": metrics, "test_records": [[r.path, r.label] for r in test.records]})
     np.save(Path(run_dir) / "test_embeddings.npy", G_test)

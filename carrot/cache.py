@@ -8,9 +8,10 @@ flushed batch, so an interrupted run resumes where it stopped.
 from __future__ import annotations
 
 import hashlib
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -142,10 +143,10 @@ def extract(
         if tokens.shape != shape:
             raise StaleCacheError(f"token cache '{path}': partial tokens.npy has shape {tokens.shape}, expected {shape}")
     if done < n:
-        todo = _RecordImages(dataset, backbone.transform(), backbone.min_side, start=done)
+        todo = RecordImages(dataset, backbone.transform(), backbone.min_side, start=done)
         loader = DataLoader(todo, batch_size=batch_size, num_workers=num_workers, shuffle=False)
         bar = tqdm(total=n, initial=done, desc=f"extract {dataset.name}", unit="img", disable=not progress)
-        try:
+        with worker_errors(), bar:
             for x in loader:
                 out, _ = backbone(x)
                 tokens[done : done + len(x)] = out.cpu().numpy().astype(DTYPES[dtype])
@@ -155,19 +156,26 @@ def extract(
                 done += len(x)
                 write_json(prog_path, {"done": done})
                 bar.update(len(x))
-        except CarrotError as exc:  # from a DataLoader worker the message carries the worker's traceback
-            lines = str(exc).strip().splitlines()
-            if len(lines) > 1:
-                raise CarrotError(lines[-1].split("CarrotError: ", 1)[-1]) from None
-            raise
-        finally:
-            bar.close()
     del tokens
     write_json(man_path, {**expected, "complete": True})
     return open_store(path, expected)
 
 
-class _RecordImages(torch.utils.data.Dataset):
+@contextmanager
+def worker_errors() -> Iterator[None]:
+    """A CarrotError raised in a DataLoader worker carries the worker's traceback: keep its last line."""
+    try:
+        yield
+    except CarrotError as exc:
+        lines = str(exc).strip().splitlines()
+        if len(lines) > 1:
+            raise CarrotError(lines[-1].split("CarrotError: ", 1)[-1]) from None
+        raise
+
+
+class RecordImages(torch.utils.data.Dataset):
+    """Records of a data set as preprocessed image tensors (for a DataLoader)."""
+
     def __init__(self, dataset: ImageDataset, transform, min_side: int, start: int = 0) -> None:
         self.records = dataset.records[start:]
         self.transform = transform

@@ -48,12 +48,15 @@ class BackboneConfig:
     batch_size: int = 32
     num_workers: int = 0
     cache_dtype: str = "float16"
+    cache_tokens: bool = True
 
     def __post_init__(self) -> None:
         if self.img_size is not None and (not isinstance(self.img_size, int) or self.img_size < 1):
             raise CarrotError(f"backbone.img_size: expected a positive integer or null, got {self.img_size!r}")
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise CarrotError(f"backbone.batch_size: expected a positive integer, got {self.batch_size!r}")
+        if not isinstance(self.cache_tokens, bool):
+            raise CarrotError(f"backbone.cache_tokens: expected true or false, got {self.cache_tokens!r}")
         if self.cache_dtype not in ("float16", "float32"):
             raise CarrotError(f"backbone.cache_dtype: expected float16 or float32, got {self.cache_dtype!r}")
 

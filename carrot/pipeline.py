@@ -82,6 +82,33 @@ class Carrot:
                 out[:, s : s + batch] = torch.einsum("bnd,tbn->tbd", H, self.region_weights(H, P, ts)).numpy()
         return out if ts is not None else out[0]
 
+    def embed_dataset(self, dataset, progress: bool = False) -> np.ndarray:
+        """Embeddings (n, D) float64 of a data set streamed straight from the images (no token cache);
+        tokens are rounded to the cache dtype first, so with the same backbone batches the result equals the
+        cached path's."""
+        from torch.utils.data import DataLoader
+        from tqdm.auto import tqdm
+
+        from .cache import RecordImages, worker_errors
+
+        bb, b = self.backbone, self.config.backbone
+        loader = DataLoader(RecordImages(dataset, bb.transform(), bb.min_side), batch_size=b.batch_size,
+                            num_workers=b.num_workers, shuffle=False)
+        out, done = None, 0
+        with worker_errors(), tqdm(total=len(dataset), desc=f"embed {dataset.name}", unit="img", disable=not progress) as bar:
+            for x in loader:
+                H, grid = bb(x)
+                H = H.cpu().to(torch.float16 if self.cache_dtype == "float16" else torch.float32).to(torch.float64)
+                if not torch.isfinite(H).all():
+                    raise CarrotError(f"backbone produced NaN/Inf tokens (dtype {self.cache_dtype} overflow?) for "
+                                      f"{dataset.name} rows {done}..{done + len(x)}")
+                G = self.embed_regions(RegionSet(H, patch_centres(grid, torch.float64), grid))[0].numpy()
+                out = np.empty((len(dataset), G.shape[1])) if out is None else out
+                out[done : done + len(x)] = G
+                done += len(x)
+                bar.update(len(x))
+        return out
+
     def fit(self, G: np.ndarray, y: np.ndarray, records: Sequence[ImageRecord], classes: Sequence[str]) -> "Carrot":
         """Fit the head on training embeddings G (n, D), labels y (n,); keep what explanations need."""
         h = self.config.head

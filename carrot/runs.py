@@ -137,7 +137,8 @@ def bench(run_dir: str | Path, ts: Sequence[float], out: str | Path | None = Non
     model = Carrot.load(run_dir)
     caches = model.meta_.get("metrics", {}).get("token_caches", [])
     if len(caches) != 2 or not all(Path(c).is_dir() for c in caches):
-        raise CarrotError(f"run '{run_dir}': its token caches are gone ({caches}); run carrot-run fit again to rebuild them")
+        raise CarrotError(f"run '{run_dir}': no token caches ({caches or 'fitted with --no-cache-tokens or under torchrun'}"
+                          f"{'; gone' if caches else ''}); run carrot-run fit with the token cache to (re)build them")
     train, test = (open_store(c) for c in caches)
     rows = t_sweep(train, test, ts, model.config.graph, model.config.head.lam)
     out = Path(out) if out else Path(run_dir) / "t_sweep.json"
@@ -223,7 +224,8 @@ def pointing(run_dir: str | Path, model: Carrot | None = None) -> dict[str, Any]
     model = model or Carrot.load(run_dir)
     caches = model.meta_.get("metrics", {}).get("token_caches", [])
     if len(caches) != 2 or not Path(caches[1]).is_dir():
-        raise CarrotError(f"run '{run_dir}': its test token cache is gone; run carrot-run fit again to rebuild it")
+        raise CarrotError(f"run '{run_dir}': no test token cache ({'gone' if caches else 'fitted with --no-cache-tokens or under torchrun'}); "
+                          "run carrot-run fit with the token cache to (re)build it")
     store = open_store(caches[1])
     _, test = load_splits(model.config)
     if len(test) != len(store):

@@ -88,6 +88,22 @@ def test_predict_matches_the_fitted_test_scores(fitted, tmp_path):
     bad(["predict", str(fitted), test_paths[0], "--batch-size", "0"], "--batch-size: expected a positive integer")
 
 
+def test_fit_without_token_cache_streams_and_explains(tmp_path, synthetic_root, tiny_config, fitted):
+    out = tmp_path / "stream"
+    r = run("fit", "--config", tiny_config, "--data", str(synthetic_root), "--out", str(out), "--quiet", "--lam", "0.5",
+            "--no-cache-tokens", "--cache-dir", str(tmp_path / "empty-cache"))
+    assert r.exit_code == 0, r.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["token_caches"] == [] and not (tmp_path / "empty-cache").exists()
+    # the same model as the cached run: the tokens are rounded to the cache dtype either way
+    np.testing.assert_allclose(np.load(out / "train_embeddings.npy"), np.load(fitted / "train_embeddings.npy"), rtol=1e-12, atol=1e-13)
+    r = run("explain", str(out), str(synthetic_root / "class_00" / "img_000.png"), "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)[0]["supporting"][0]["train_regions"]  # training regions from the images themselves
+    bad(["bench", str(out)], "no token caches (fitted with --no-cache-tokens")
+    bad(["extract", "--config", tiny_config, "--data", str(synthetic_root), "--no-cache-tokens"], "there is no token cache to extract into")
+
+
 def test_same_seed_same_model(tmp_path, synthetic_root, tiny_config, fitted):
     r = run("fit", "--config", tiny_config, "--data", str(synthetic_root), "--out", str(tmp_path / "b"), "--quiet", "--lam", "0.5")
     assert r.exit_code == 0, r.output

@@ -26,3 +26,13 @@ def test_embed_store_batches_by_graph_memory(tmp_path, synthetic_root, tiny_vit)
     whole = model.embed_store(st, batch=len(st))
     one_by_one = model.embed_store(st, graph_bytes=1)  # budget below one graph: batches of one image
     np.testing.assert_allclose(one_by_one, whole, rtol=1e-12, atol=1e-13)
+
+
+def test_streamed_embeddings_equal_the_cached_path(tmp_path, synthetic_root):
+    cfg = RunConfig.from_dict({"backbone": {"name": "vit_tiny_patch16_224", "img_size": 32, "pretrained": False,
+                                            "batch_size": 5}, "device": "cpu"})
+    model = Carrot(cfg)
+    train, _ = load_imagefolder(synthetic_root)
+    # same backbone batches as the stream (float32 results can depend on the batch composition)
+    cached = model.embed_store(extract(model.backbone, train, tmp_path, progress=False, batch_size=5))
+    np.testing.assert_allclose(model.embed_dataset(train), cached, rtol=1e-12, atol=1e-13)
