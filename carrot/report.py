@@ -98,7 +98,14 @@ def _curve_png(exp: dict[str, Any]) -> str:
         ax.plot(c["fractions"], c["logits"], style, ms=3, label=f"{key} (AUC {c['auc']:.3f})")
     ax.set_xlabel("share of regions removed / inserted")
     ax.set_ylabel(f"logit {exp['predicted']}")
-    ax.legend(fontsize=8)
+    return figure_uri(fig)
+
+
+def figure_uri(fig) -> str:
+    """A matplotlib figure (legend, tight layout) as an inline PNG data URI; the figure is closed."""
+    import matplotlib.pyplot as plt
+
+    fig.axes[0].legend(fontsize=8)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")

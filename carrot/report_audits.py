@@ -2,9 +2,7 @@
 ``debug`` and ``bench`` rendered as tables (and the RRO curves as an inline PNG)."""
 from __future__ import annotations
 
-import base64
 import html
-import io
 from typing import Any
 
 AUDIT_FILES = {"evaluation": "evaluation.json", "reweight": "reweight.json", "debug": "debug.json", "t_sweep": "t_sweep.json"}
@@ -67,6 +65,8 @@ def _rro_curve(history: list[dict]) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from .report import figure_uri  # report imports this module at load time
+
     steps = [h["step"] for h in history]
     fig, ax = plt.subplots(figsize=(5, 2.8), dpi=100)
     for key in ("val_accuracy", "holdout_accuracy", "test_accuracy"):
@@ -74,12 +74,7 @@ def _rro_curve(history: list[dict]) -> str:
             ax.plot(steps, [h[key] for h in history], label=key.replace("_", " "))
     ax.set_xlabel("RRO step")
     ax.set_ylabel("accuracy")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    return figure_uri(fig)
 
 
 def _reweight(r: dict) -> str:
