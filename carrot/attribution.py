@@ -77,22 +77,25 @@ def region_pairs(head: RidgeHead, H_x: torch.Tensor, w_x: torch.Tensor, H_i: tor
     return float(beta_ic) * (A @ B.T)
 
 
-def class_summary(head: RidgeHead, G_train, y_train, G_test) -> dict:
-    """Per-class and global summaries of the exact contributions to each test image's predicted logit.
+def class_summary(head: RidgeHead, G_train, y_train, G_test, chunk: int = 1024) -> dict:
+    """Per-class and global summaries of the exact contributions to each test image's predicted logit,
+    streamed over ``chunk`` test rows at a time (memory O(chunk x n)).
 
     ``class_flow`` (C, C): mean over test images predicted as c (rows) of the total contribution of the
     training images of class k (columns); ``total_contribution`` (n,): per training image, the sum of
     its contributions over all test images (to their predicted class); ``predicted`` (m,).
     """
-    K = centred_kernel(head, G_train, G_test)  # (m, n)
+    G_test = torch.as_tensor(np.asarray(G_test), dtype=torch.float64)
     pred = torch.as_tensor(head.decision_function(G_test).argmax(1))
-    contrib = K * head.dual_coef_.T[pred]  # (m, n): contribution of i to x's predicted logit
     y_idx = torch.as_tensor(np.searchsorted(head.classes_, np.asarray(y_train)))
-    C = len(head.classes_)
+    C, n = len(head.classes_), len(y_idx)
     flow = torch.zeros(C, C, dtype=torch.float64)
+    total = torch.zeros(n, dtype=torch.float64)
+    for s in range(0, len(G_test), chunk):
+        p = pred[s : s + chunk]
+        contrib = centred_kernel(head, G_train, G_test[s : s + chunk]) * head.dual_coef_.T[p]  # (m, n): i -> x's logit
+        flow.index_add_(0, p, torch.zeros(len(p), C, dtype=torch.float64).index_add(1, y_idx, contrib))
+        total += contrib.sum(0)
     counts = torch.bincount(pred, minlength=C).clamp_min(1).to(torch.float64)
-    per_class = torch.zeros(contrib.shape[0], C, dtype=torch.float64).index_add(1, y_idx, contrib)
-    flow.index_add_(0, pred, per_class)
-    total = contrib.sum(0)
     return {"class_flow": (flow / counts.unsqueeze(1)).numpy(), "total_contribution": total.numpy(),
             "predicted": pred.numpy()}

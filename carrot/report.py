@@ -203,6 +203,26 @@ def write_explanation(exp: dict[str, Any], out_dir: str | Path) -> dict[str, Any
     return exp
 
 
+def _class_flow(summary: dict[str, Any], review) -> str:
+    """Class-flow heatmap (predicted class x training class) and the training images carrying the most predictions."""
+    if not summary.get("class_flow"):
+        return ""
+    classes, F = summary["classes"], np.asarray(summary["class_flow"])
+    peak = max(float(np.abs(F).max()), 1e-12)
+
+    def cell(v: float) -> str:
+        rgb = "178,24,43" if v >= 0 else "33,102,172"
+        return f"<td style='background:rgba({rgb},{abs(v) / peak * 0.8:.2f})'>{v:+.4g}</td>"
+
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in classes)
+    rows = "".join(f"<tr><th>{html.escape(c)}</th>" + "".join(cell(float(v)) for v in F[i]) + "</tr>" for i, c in enumerate(classes))
+    return ("<h2>Class flow</h2><p class='muted'>rows: predicted class; columns: class of the training images; cell: mean "
+            "exact contribution of that class's training images to the predicted logit (red supports, blue inhibits)</p>"
+            f"<table><tr><th></th>{head}</tr>{rows}</table>"
+            "<h2>Training images carrying the most predictions</h2><p class='muted'>sum of each training image's exact "
+            "contributions to the predicted logits of all test images</p>" + review(summary["carriers"], "total contribution"))
+
+
 def index_html(summary: dict[str, Any], thumbs: dict[int, Any], pages: Sequence[dict[str, Any]]) -> str:
     """Run overview: accuracy, per-class table, confusion matrix, training images for label review."""
     classes = summary["classes"]
@@ -257,6 +277,6 @@ def index_html(summary: dict[str, Any], thumbs: dict[int, Any], pages: Sequence[
         "<p class='muted'>exact leave-one-out: removing the image lowers the summed squared loss on the test images by this much</p>"
         + review(summary["harmful"], "removal gain") +
         "<h2>Most helpful training images</h2><p class='muted'>removing the image raises the test loss by this much (shown negative)</p>"
-        + review(summary["helpful"], "removal loss") +
+        + review(summary["helpful"], "removal loss") + _class_flow(summary, review) +
         tracin + audits_html(summary.get("audits", {})) + f"<h2>Explained images</h2><ul>{links or '<li>none yet: carrot-run explain RUN IMAGES</li>'}</ul>")
     return _page(f"carrot run {summary['name']}", body)

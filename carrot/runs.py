@@ -10,6 +10,7 @@ import numpy as np
 from .data import load_image
 from .distributed import world
 from .errors import CarrotError
+from .attribution import class_summary
 from .influence import RidgeSystem, loo_loss_change
 from .io import atomic_path, read_json, write_csv, write_json
 from .pipeline import Carrot
@@ -41,18 +42,22 @@ def run_summary(model: Carrot, G: np.ndarray, y: np.ndarray, G_test: np.ndarray,
     system = RidgeSystem.from_head(head, G, y)
     total = -loo_loss_change(system, G_test, np.searchsorted(head.classes_, y_test)).numpy()  # > 0: removal helps
 
-    def rows(order):
+    def rows(order, scores):
         return [{"index": int(i), "path": model.train_records_[i].path,
-                 "label": model.classes_[model.train_records_[i].label], "score": float(total[i])} for i in order]
+                 "label": model.classes_[model.train_records_[i].label], "score": float(scores[i])} for i in order]
 
     k = min(n_review, len(total))
+    flow = class_summary(head, G, y, G_test) if len(y_test) else None
+    carry = flow["total_contribution"] if flow is not None else np.zeros(len(y))
     return {
         "classes": model.classes_, "confusion": cm.tolist(),
         "test_accuracy": float((pred == y_test).mean()) if len(y_test) else float("nan"),
         "per_class": {c: {"n_test": int(cm[i].sum()), "accuracy": float(cm[i, i] / max(1, cm[i].sum()))}
                       for i, c in enumerate(model.classes_)},
-        "harmful": rows(np.argsort(-total, kind="stable")[:k]),
-        "helpful": rows(np.argsort(total, kind="stable")[:k]),
+        "harmful": rows(np.argsort(-total, kind="stable")[:k], total),
+        "helpful": rows(np.argsort(total, kind="stable")[:k], total),
+        "carriers": rows(np.argsort(-carry, kind="stable")[:k], carry) if flow is not None else [],
+        "class_flow": flow["class_flow"].tolist() if flow is not None else None,
         "n_train": int(len(y)), "n_test": int(len(y_test)), "lam": float(head.lam_),
         "t": model.config.diffusion.t, "backbone": model.config.backbone.name,
     }
@@ -67,7 +72,8 @@ def write_index(run_dir: str | Path, explained: Sequence[dict[str, Any]] = (), m
     listed = run_dir / "explanations" / "explanations.json"
     pages = list(explained) or (read_json(listed, "explanations list") if listed.is_file() else [])
     geo = model.backbone.display_transform() if summary["harmful"] else None
-    thumbs = {r["index"]: geo(load_image(model.train_records_[r["index"]])) for r in summary["harmful"] + summary["helpful"]}
+    thumbs = {r["index"]: geo(load_image(model.train_records_[r["index"]]))
+              for r in summary["harmful"] + summary["helpful"] + summary["carriers"]}
     links = [{"href": os.path.relpath(p["page"], run_dir), "image": p["image"], "predicted": p["predicted"]}
              for p in pages if "page" in p]
     tracin_path = run_dir / "tracin" / "summary.json"

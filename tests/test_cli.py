@@ -43,6 +43,22 @@ def test_fit_writes_a_complete_run(fitted):
     assert meta["backbone"]["timm_name"] == "vit_tiny_patch16_224"
     for f in ("head.safetensors", "head.safetensors.json", "train_embeddings.npy", "metrics.json"):
         assert (fitted / f).is_file()
+    index = (fitted / "index.html").read_text()
+    for heading in ("Per class", "Confusion matrix", "Most harmful training images", "Class flow",
+                    "Training images carrying the most predictions"):
+        assert f">{heading}" in index, heading
+
+
+def test_run_summary_class_flow_rows_sum_to_the_mean_predicted_logit(fitted):
+    from carrot.runs import run_embeddings, run_summary
+
+    model, G, y, G_test, y_test = run_embeddings(fitted)
+    s = run_summary(model, G, y, G_test, y_test)
+    logits = model.head_.decision_function(G_test)
+    pred = logits.argmax(1)
+    for c in set(pred.tolist()):
+        assert sum(s["class_flow"][c]) == pytest.approx((logits[pred == c, c] - model.head_.prior_[c].item()).mean(), rel=1e-9)
+    assert s["carriers"][0]["score"] >= s["carriers"][-1]["score"]
 
 
 def test_explain_folder_writes_exact_explanations(fitted, synthetic_root, tmp_path):

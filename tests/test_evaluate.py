@@ -85,6 +85,9 @@ def test_class_summary_and_region_pairs(fitted):
     for c in set(pred.tolist()):
         rows = pred == c
         np.testing.assert_allclose(s["class_flow"][c].sum(), (logits[rows, c] - head.prior_[c].item()).mean(), rtol=1e-9)
+    chunked = class_summary(head, G, y, Gt, chunk=5)  # streamed over test rows: the same numbers
+    np.testing.assert_allclose(chunked["class_flow"], s["class_flow"], rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(chunked["total_contribution"], s["total_contribution"], rtol=1e-12, atol=1e-14)
     g = torch.Generator().manual_seed(0)
     Hx, Hi = torch.randn(6, 10, generator=g, dtype=torch.float64), torch.randn(4, 10, generator=g, dtype=torch.float64)
     wx, wi = torch.rand(6, generator=g, dtype=torch.float64) / 3, torch.rand(4, generator=g, dtype=torch.float64) / 2
