@@ -1,5 +1,7 @@
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from carrot.errors import CarrotError
 from carrot.head import RidgeHead
@@ -101,3 +103,18 @@ def test_auto_lambda_streams_a_memmap(tmp_path):
     assert streamed.lam_ == in_memory.lam_
     np.testing.assert_array_equal(streamed.lam_path_["loo_accuracy"], in_memory.lam_path_["loo_accuracy"])
     np.testing.assert_allclose(streamed.coef_.numpy(), in_memory.coef_.numpy(), rtol=1e-9, atol=1e-12)
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(8, 60), d=st.integers(1, 12), c=st.integers(2, 4), chunk=st.integers(1, 70),
+       lam=st.floats(1e-3, 1e3), intercept=st.booleans(), seed=st.integers(0, 10_000))
+def test_loo_choice_does_not_depend_on_streaming(n, d, c, chunk, lam, intercept, seed):
+    """lam='auto' through the streamed primal path picks what the in-memory exact LOO path picks."""
+    g = np.random.default_rng(seed)
+    y = np.concatenate([np.arange(c), g.integers(0, c, n - c)])
+    G = g.normal(size=(n, d)) + y[:, None] * 0.5
+    grid = (lam / 10, lam, lam * 10)
+    ref = ridge_loo_path(G, y, grid, fit_intercept=intercept)
+    head = RidgeHead(lam="auto", lam_grid=grid, fit_intercept=intercept, solver="primal", chunk_size=chunk).fit(G, y)
+    np.testing.assert_array_equal(head.lam_path_["loo_accuracy"], ref.accuracy)
+    np.testing.assert_allclose(head.lam_path_["loo_mse"], ref.mse, rtol=1e-7, atol=1e-12)
