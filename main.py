@@ -134,6 +134,8 @@ def evaluate(run_dir: str | Path, what: Sequence[str], out: str | Path | None = 
     if not what or set(what) - set(known):
         raise CarrotError(f"--what: expected some of {', '.join(known)}, got {', '.join(what) or 'nothing'}")
     model, G, y, G_test, y_test = run_embeddings(run_dir)
+    if set(what) - {"pointing"}:
+        model.require_unweighted("evaluate")
     rest = [w for w in what if w not in ("pointing", "accuracy")]
     res = evaluate_embeddings(G, y, G_test, model.head_.lam_, rest, seed=model.config.seed, **kwargs) if rest else {}
     if "accuracy" in what:

@@ -109,10 +109,13 @@ class Carrot:
                 bar.update(len(x))
         return out
 
-    def fit(self, G: np.ndarray, y: np.ndarray, records: Sequence[ImageRecord], classes: Sequence[str]) -> "Carrot":
-        """Fit the head on training embeddings G (n, D), labels y (n,); keep what explanations need."""
+    def fit(self, G: np.ndarray, y: np.ndarray, records: Sequence[ImageRecord], classes: Sequence[str],
+            sample_weight: np.ndarray | None = None) -> "Carrot":
+        """Fit the head on training embeddings G (n, D), labels y (n,), optional example weights (n,) (e.g.
+        learned by RRO); keep what explanations need."""
         h = self.config.head
-        self.head_ = RidgeHead(lam=h.lam, fit_intercept=h.fit_intercept, solver=h.solver, device=self.config.device).fit(G, y)
+        self.head_ = RidgeHead(lam=h.lam, fit_intercept=h.fit_intercept, solver=h.solver, device=self.config.device).fit(G, y, sample_weight)
+        self.sample_weight_ = None if sample_weight is None else np.asarray(sample_weight, dtype=np.float64)
         self.train_embeddings_ = np.asarray(G, dtype=np.float64)
         self.train_records_ = list(records)
         self.classes_ = list(classes)
@@ -271,9 +274,10 @@ class Carrot:
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         self.head_.save(run_dir / "head.safetensors")
-        with atomic_path(run_dir / "train_embeddings.npy") as tmp:
-            with open(tmp, "wb") as fh:
-                np.save(fh, self.train_embeddings_)
+        for name, arr in (("train_embeddings.npy", self.train_embeddings_), ("train_weights.npy", self.sample_weight_)):
+            if arr is not None:
+                with atomic_path(run_dir / name) as tmp, open(tmp, "wb") as fh:
+                    np.save(fh, arr)
         write_json(run_dir / "run.json", {
             "format": RUN_FORMAT,
             "carrot_version": __version__,
@@ -283,6 +287,7 @@ class Carrot:
             "backbone": self.backbone.describe(),
             "classes": self.classes_,
             "train_records": [[r.path, r.label, r.bbox] for r in self.train_records_],
+            "weighted": self.sample_weight_ is not None,
             **(extra or {}),
         })
 
@@ -304,7 +309,21 @@ class Carrot:
         self.meta_ = meta
         if self.train_embeddings_.shape != (len(self.train_records_), self.head_.n_features_in_):
             raise CarrotError(f"run '{run_dir}': train_embeddings.npy does not match run.json and the head")
+        self.sample_weight_ = None
+        if meta.get("weighted"):
+            if not (run_dir / "train_weights.npy").is_file():
+                raise CarrotError(f"run '{run_dir}': run.json says the head is weighted but train_weights.npy is missing")
+            self.sample_weight_ = np.load(run_dir / "train_weights.npy")
+            if self.sample_weight_.shape != (len(self.train_records_),):
+                raise CarrotError(f"run '{run_dir}': train_weights.npy does not match the training records")
         return self
+
+    def require_unweighted(self, what: str) -> None:
+        """Refuse audits that refit the head without example weights on a run whose head has them."""
+        if getattr(self, "sample_weight_", None) is not None:
+            src = self.meta_.get("derived_from", {}).get("run", "the run it was derived from")
+            raise CarrotError(f"{what}: this run's head was fitted with example weights (reweight --apply); "
+                              f"run {what} on {src} instead")
 
     def check_backbone(self) -> None:
         """Refuse to explain with a backbone whose weights differ from the ones the run was fitted with."""

@@ -39,7 +39,7 @@ def run_summary(model: Carrot, G: np.ndarray, y: np.ndarray, G_test: np.ndarray,
     C = len(model.classes_)
     cm = np.zeros((C, C), dtype=int)
     np.add.at(cm, (y_test, pred), 1)
-    system = RidgeSystem.from_head(head, G, y)
+    system = RidgeSystem.from_head(head, G, y, model.sample_weight_)
     total = -loo_loss_change(system, G_test, np.searchsorted(head.classes_, y_test)).numpy()  # > 0: removal helps
 
     def rows(order, scores):
@@ -114,11 +114,16 @@ def predict(run_dir: str | Path, inputs: Sequence[str], out: str | Path | None =
     return rows
 
 
-def reweight(run_dir: str | Path, val_fraction: float = 0.2, out: str | Path | None = None, **rro_kwargs: Any) -> dict[str, Any]:
-    """RRO on a fitted run: split train into fit/validation, reweight, compare test accuracy with uniform."""
+def reweight(run_dir: str | Path, val_fraction: float = 0.2, out: str | Path | None = None, apply: str | Path | None = None,
+             **rro_kwargs: Any) -> dict[str, Any]:
+    """RRO on a fitted run: split train into fit/validation, reweight, compare test accuracy with uniform;
+    ``apply``: also write a run there whose head is fitted with the learned weights (validation rows weigh 0)."""
     from .reweight import RROConfig, rro
 
     model, G, y, G_test, y_test = run_embeddings(run_dir)
+    model.require_unweighted("reweight")
+    if apply is not None:
+        clear_run(apply, overwrite=False)
     cfg = RROConfig(**{k: v for k, v in rro_kwargs.items() if v is not None}, seed=model.config.seed)
     f_rows, v_rows = _fit_val_split(model, y, val_fraction)
     res = rro(G[f_rows], y[f_rows], G[v_rows], y[v_rows], model.head_.lam_, cfg, G_test, y_test)
@@ -132,7 +137,29 @@ def reweight(run_dir: str | Path, val_fraction: float = 0.2, out: str | Path | N
     write_json(Path(out) if out else Path(run_dir) / "reweight.json", summary)
     if out is None:
         write_index(run_dir, model=model)
+    if apply is not None:
+        _apply_weights(model, run_dir, apply, weights, G_test, y_test,
+                       {k: v for k, v in summary.items() if k not in ("weights", "history")})
     return summary
+
+
+def _apply_weights(model: Carrot, run_dir: str | Path, out: str | Path, weights: np.ndarray, G_test: np.ndarray,
+                   y_test: np.ndarray, how: dict[str, Any]) -> None:
+    """A new run in ``out``: the parent's data, config and lambda, its head refitted with example ``weights``."""
+    derived = Carrot(model.config.merged({"head.lam": model.head_.lam_}))
+    derived._backbone = model.backbone
+    derived.fit(model.train_embeddings_, np.array([r.label for r in model.train_records_]), model.train_records_,
+                model.classes_, sample_weight=weights)
+    metrics = {**model.meta_.get("metrics", {}), "lam": derived.head_.lam_, "lam_path": None,
+               "train_accuracy": derived.score(model.train_embeddings_, [r.label for r in model.train_records_]),
+               "test_accuracy": derived.score(G_test, y_test),
+               "per_class_test_accuracy": {c: (float((derived.head_.predict(G_test[y_test == i]) == i).mean())
+                                               if (y_test == i).any() else None) for i, c in enumerate(model.classes_)}}
+    derived.save(out, {"metrics": metrics, "test_records": model.meta_["test_records"],
+                       "derived_from": {"run": str(Path(run_dir).resolve()), "by": "reweight", **how}})
+    np.save(Path(out) / "test_embeddings.npy", G_test)
+    write_json(Path(out) / "metrics.json", metrics)
+    write_index(out, model=Carrot.load(out, backbone=model.backbone))
 
 
 def bench(run_dir: str | Path, ts: Sequence[float], out: str | Path | None = None) -> list[dict[str, Any]]:
@@ -168,6 +195,7 @@ def tracin(run_dir: str | Path, n_test: int = 20, flag_fraction: float = 0.02, *
     from .tracin_report import tracin_report
 
     model, G, y, G_test, y_test = run_embeddings(run_dir)
+    model.require_unweighted("tracin")
     rep = tracin_report(G, y, [r.path for r in model.train_records_], model.classes_, G_test, y_test,
                         [p for p, _ in model.meta_["test_records"]], model.head_.lam_, n_test, flag_fraction,
                         {**{k: v for k, v in tracin_kwargs.items() if v is not None}, "seed": model.config.seed})
@@ -183,6 +211,7 @@ def debug(run_dir: str | Path, ks: Sequence[int], val_fraction: float = 0.2, dow
     from .debugging import debug_loop
 
     model, G, y, G_test, y_test = run_embeddings(run_dir)
+    model.require_unweighted("debug")
     f_rows, v_rows = _fit_val_split(model, y, val_fraction)
     res = debug_loop(G[f_rows], y[f_rows], G[v_rows], y[v_rows], G_test, y_test, model.head_.lam_, ks, downweight,
                      seed=model.config.seed)
@@ -196,7 +225,7 @@ def debug(run_dir: str | Path, ks: Sequence[int], val_fraction: float = 0.2, dow
     return res
 
 
-DERIVED = ("explanations", "tracin", ".shards", "predictions.json", "predictions.csv", "evaluation.json", "reweight.json", "debug.json", "t_sweep.json",
+DERIVED = ("explanations", "tracin", ".shards", "train_weights.npy", "predictions.json", "predictions.csv", "evaluation.json", "reweight.json", "debug.json", "t_sweep.json",
            "t_sweep.csv", "index.html")
 
 

@@ -261,13 +261,14 @@ def evaluate(run_dir: str, what: str, seeds: str, shots: int | None, resplit: bo
 @click.option("--entropy", type=float, help="Weight of the per-class entropy bonus.")
 @click.option("--consistency", type=float, help="Weight of the attribution-consistency term (same-class validation images share supporters).")
 @click.option("--out", "out_path", type=click.Path(dir_okay=False), help="JSON file to write (default: RUN_DIR/reweight.json).")
+@click.option("--apply", "apply_to", type=click.Path(file_okay=False), help="Also write a new run here whose head is fitted with the learned weights (explain, predict and evaluate --what pointing work on it).")
 @user_errors
-def reweight(run_dir: str, val_fraction: float, out_path: str | None, **rro: Any) -> None:
+def reweight(run_dir: str, val_fraction: float, out_path: str | None, apply_to: str | None, **rro: Any) -> None:
     """Reweight the training images of RUN_DIR by the exact validation-loss gradient (RRO) and report
     test accuracy against uniform weights, per-class effective sample sizes and the curves."""
     import main as orchestration
 
-    res = orchestration.reweight(run_dir, val_fraction, out_path, **rro)
+    res = orchestration.reweight(run_dir, val_fraction, out_path, apply_to, **rro)
     click.echo(json.dumps({k: v for k, v in res.items() if k not in ("history", "weights")}, indent=2))
 
 

@@ -120,6 +120,31 @@ def test_fit_without_token_cache_streams_and_explains(tmp_path, synthetic_root, 
     bad(["extract", "--config", tiny_config, "--data", str(synthetic_root), "--no-cache-tokens"], "there is no token cache to extract into")
 
 
+def test_reweight_apply_writes_a_weighted_run(fitted, tmp_path, synthetic_root):
+    from carrot.head import RidgeHead
+    from carrot.pipeline import Carrot
+
+    out = tmp_path / "reweighted"
+    r = run("reweight", str(fitted), "--steps", "4", "--val-fraction", "0.3", "--out", str(tmp_path / "rw.json"), "--apply", str(out))
+    assert r.exit_code == 0, r.output
+    rw = json.loads((tmp_path / "rw.json").read_text())
+    derived, parent = Carrot.load(out), Carrot.load(fitted)
+    w = np.asarray(rw["weights"])
+    np.testing.assert_array_equal(derived.sample_weight_, w)
+    y = np.array([rec.label for rec in parent.train_records_])
+    ref = RidgeHead(lam=parent.head_.lam_).fit(parent.train_embeddings_, y, w)
+    np.testing.assert_allclose(derived.head_.coef_.numpy(), ref.coef_.numpy(), rtol=1e-10, atol=1e-12)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["test_accuracy"] == pytest.approx(rw["reweighted_test_accuracy"])  # the head RRO selected
+    assert derived.meta_["derived_from"]["by"] == "reweight" and (out / "index.html").is_file()
+    r = run("explain", str(out), str(synthetic_root / "class_02" / "img_001.png"), "--json", "--top-k", "2")
+    assert r.exit_code == 0, r.output
+    e = json.loads(r.output)[0]
+    assert e["identity_error"]["data"] <= 1e-9 and all(s["index"] in np.flatnonzero(w > 0) for s in e["supporting"])
+    bad(["evaluate", str(out)], "evaluate: this run's head was fitted with example weights")
+    bad(["reweight", str(fitted), "--steps", "2", "--apply", str(out)], "already holds a fitted run")
+
+
 def test_same_seed_same_model(tmp_path, synthetic_root, tiny_config, fitted):
     r = run("fit", "--config", tiny_config, "--data", str(synthetic_root), "--out", str(tmp_path / "b"), "--quiet", "--lam", "0.5")
     assert r.exit_code == 0, r.output
