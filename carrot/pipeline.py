@@ -322,7 +322,7 @@ class Carrot:
         """Refuse audits that refit the head without example weights on a run whose head has them."""
         if getattr(self, "sample_weight_", None) is not None:
             src = self.meta_.get("derived_from", {}).get("run", "the run it was derived from")
-            raise CarrotError(f"{what}: this run's head was fitted with example weights (reweight --apply); "
+            raise CarrotError(f"{what}: this run's head was fitted with example weights (reweight / debug --apply); "
                               f"run {what} on {src} instead")
 
     def check_backbone(self) -> None:

@@ -139,7 +139,7 @@ def reweight(run_dir: str | Path, val_fraction: float = 0.2, out: str | Path | N
         write_index(run_dir, model=model)
     if apply is not None:
         _apply_weights(model, run_dir, apply, weights, G_test, y_test,
-                       {k: v for k, v in summary.items() if k not in ("weights", "history")})
+                       {"by": "reweight", **{k: v for k, v in summary.items() if k not in ("weights", "history")}})
     return summary
 
 
@@ -156,7 +156,7 @@ def _apply_weights(model: Carrot, run_dir: str | Path, out: str | Path, weights:
                "per_class_test_accuracy": {c: (float((derived.head_.predict(G_test[y_test == i]) == i).mean())
                                                if (y_test == i).any() else None) for i, c in enumerate(model.classes_)}}
     derived.save(out, {"metrics": metrics, "test_records": model.meta_["test_records"],
-                       "derived_from": {"run": str(Path(run_dir).resolve()), "by": "reweight", **how}})
+                       "derived_from": {"run": str(Path(run_dir).resolve()), **how}})
     np.save(Path(out) / "test_embeddings.npy", G_test)
     write_json(Path(out) / "metrics.json", metrics)
     write_index(out, model=Carrot.load(out, backbone=model.backbone))
@@ -206,12 +206,17 @@ def tracin(run_dir: str | Path, n_test: int = 20, flag_fraction: float = 0.02, *
     return rep["summary"]
 
 
-def debug(run_dir: str | Path, ks: Sequence[int], val_fraction: float = 0.2, downweight: float = 0.0) -> dict[str, Any]:
-    """Dataset debugging loop on a run: drop / downweight the images most harmful to a validation split."""
+def debug(run_dir: str | Path, ks: Sequence[int], val_fraction: float = 0.2, downweight: float = 0.0,
+          apply: str | Path | None = None) -> dict[str, Any]:
+    """Dataset debugging loop on a run: drop / downweight the images most harmful to a validation split;
+    ``apply``: also write a run there with the K of best validation accuracy applied (validation rows weigh 0,
+    as in the loop's numbers)."""
     from .debugging import debug_loop
 
     model, G, y, G_test, y_test = run_embeddings(run_dir)
     model.require_unweighted("debug")
+    if apply is not None:
+        clear_run(apply, overwrite=False)
     f_rows, v_rows = _fit_val_split(model, y, val_fraction)
     res = debug_loop(G[f_rows], y[f_rows], G[v_rows], y[v_rows], G_test, y_test, model.head_.lam_, ks, downweight,
                      seed=model.config.seed)
@@ -222,6 +227,14 @@ def debug(run_dir: str | Path, ks: Sequence[int], val_fraction: float = 0.2, dow
     res["val_fraction"] = val_fraction
     write_json(Path(run_dir) / "debug.json", res)
     write_index(run_dir, model=model)
+    if apply is not None:
+        best = max(res["rows"], key=lambda r: (r["val_accuracy"], -r["k"]))
+        weights = np.zeros(len(y))
+        weights[f_rows] = 1.0
+        weights[[d["index"] for d in best["dropped"]]] = downweight
+        _apply_weights(model, run_dir, apply, weights, G_test, y_test,
+                       {"by": "debug", "k": best["k"], "downweight": downweight, "val_fraction": val_fraction,
+                        "val_accuracy": best["val_accuracy"], "test_accuracy": best["test_accuracy"]})
     return res
 
 

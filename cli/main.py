@@ -294,13 +294,14 @@ def tracin(run_dir: str, n_test: int, flag_fraction: float, epochs: int | None, 
 @click.option("--drop", "ks", default="5,10,20,50", show_default=True, help="Comma-separated numbers of harmful images to drop.")
 @click.option("--val-fraction", type=float, default=0.2, show_default=True, help="Share of the training set held out as validation.")
 @click.option("--downweight", type=float, default=0.0, show_default=True, help="Weight given to the harmful images (0 drops them).")
+@click.option("--apply", "apply_to", type=click.Path(file_okay=False), help="Also write a new run here with the drop of best validation accuracy applied.")
 @user_errors
-def debug(run_dir: str, ks: str, val_fraction: float, downweight: float) -> None:
+def debug(run_dir: str, ks: str, val_fraction: float, downweight: float, apply_to: str | None) -> None:
     """Dataset debugging loop: find the training images most harmful to a validation split (exact LOO),
     drop or downweight them without refitting (Woodbury), report validation/test accuracy vs random drops."""
     import main as orchestration
 
-    res = orchestration.debug(run_dir, _numbers("drop", ks), val_fraction, downweight)
+    res = orchestration.debug(run_dir, _numbers("drop", ks), val_fraction, downweight, apply_to)
     click.echo(json.dumps({k: v for k, v in res.items() if k != "rows"} | {"rows": [{k: v for k, v in r.items() if k != "dropped"} for r in res["rows"]]}, indent=2))
 
 

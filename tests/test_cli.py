@@ -144,6 +144,20 @@ def test_reweight_apply_writes_a_weighted_run(fitted, tmp_path, synthetic_root):
     bad(["evaluate", str(out)], "evaluate: this run's head was fitted with example weights")
     bad(["reweight", str(fitted), "--steps", "2", "--apply", str(out)], "already holds a fitted run")
 
+    dbg = tmp_path / "debugged"
+    r = run("debug", str(fitted), "--drop", "1,2", "--val-fraction", "0.3", "--apply", str(dbg))
+    assert r.exit_code == 0, r.output
+    loop = json.loads((fitted / "debug.json").read_text())
+    best = max(loop["rows"], key=lambda row: (row["val_accuracy"], -row["k"]))
+    d = Carrot.load(dbg)
+    assert d.meta_["derived_from"]["k"] == best["k"] and d.meta_["derived_from"]["by"] == "debug"
+    assert json.loads((dbg / "metrics.json").read_text())["test_accuracy"] == pytest.approx(best["test_accuracy"])
+    from carrot.data import stratified_indices
+
+    _, val_rows = stratified_indices(y, parent.classes_, 0.3, parent.config.seed)
+    assert (d.sample_weight_ == 0).sum() == len(val_rows) + best["k"]  # validation rows and the dropped ones
+    assert all(d.sample_weight_[x["index"]] == 0 for x in best["dropped"])
+
 
 def test_same_seed_same_model(tmp_path, synthetic_root, tiny_config, fitted):
     r = run("fit", "--config", tiny_config, "--data", str(synthetic_root), "--out", str(tmp_path / "b"), "--quiet", "--lam", "0.5")
