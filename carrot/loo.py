@@ -69,14 +69,13 @@ def ridge_loo_scores(
     sq = torch.zeros(len(lams), dtype=torch.float64, device=dev)
     n = 0
     for sl, Gc in centred_rows:
-        Z = Gc @ V
-        rest = ((Gc * Gc).sum(1) - (Z * Z).sum(1)).clamp_min(0)
+        Z = Gc @ V  # V is a full basis of R^D: no part of gc_i lies outside it
         y_t = torch.as_tensor(y_idx[sl], dtype=torch.long, device=dev)
         Y = torch.nn.functional.one_hot(y_t, B.shape[1]).to(torch.float64)
         Z2 = Z * Z
         for li, lam in enumerate(lams):
             f = ybar + Z @ (inv[li].unsqueeze(1) * VtB)
-            h = a_dev[sl] * (base + Z2 @ inv[li] + rest / lam)
+            h = a_dev[sl] * (base + Z2 @ inv[li])
             f_loo = (f - h.unsqueeze(1) * Y) / (1 - h).unsqueeze(1)
             correct[li] += (f_loo.argmax(1) == y_t).sum()
             sq[li] += ((f_loo - Y) ** 2).sum()
@@ -110,13 +109,14 @@ def ridge_loo_path(
         _, s, Vh = torch.linalg.svd(a.sqrt().unsqueeze(1) * Gc, full_matrices=False)
         s2, V = s * s, Vh.T
     Z = Gc @ V  # (n, r) coordinates in the eigenbasis
-    rest = ((Gc * Gc).sum(1) - (Z * Z).sum(1)).clamp_min(0)  # part of gc_i outside span(V)
+    # a row with a_i > 0 lies in the row space of A^1/2 Gc, spanned by V: nothing outside V enters h_ii
+    # (rows with a_i = 0 have h_ii = 0); the round-off of |gc_i|^2 - |z_i|^2 / lam would be all it added
     ZtAY = Z.T @ (a.unsqueeze(1) * Yc)  # (r, C)
     out_logits, out_h, acc, mse = [], [], [], []
     for lam in lams:
         inv = 1.0 / (s2 + lam)
         f = ybar + Z @ (inv.unsqueeze(1) * ZtAY)
-        h = a * (base + (Z * Z) @ inv + rest / lam)
+        h = a * (base + (Z * Z) @ inv)
         f_loo = (f - h.unsqueeze(1) * Y) / (1 - h).unsqueeze(1)
         out_logits.append(f_loo.numpy())
         out_h.append(h.numpy())
