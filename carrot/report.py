@@ -279,4 +279,19 @@ def index_html(summary: dict[str, Any], thumbs: dict[int, Any], pages: Sequence[
         "<h2>Most helpful training images</h2><p class='muted'>removing the image raises the test loss by this much (shown negative)</p>"
         + review(summary["helpful"], "removal loss") + _class_flow(summary, review) +
         tracin + audits_html(summary.get("audits", {})) + f"<h2>Explained images</h2><ul>{links or '<li>none yet: carrot-run explain RUN IMAGES</li>'}</ul>")
-    return _page(f"carrot run {summary['name']}", body)
+    return _page(f"carrot run {summary['name']}", _with_contents(body))
+
+
+def _with_contents(body: str) -> str:
+    """Number the page's h2 sections and put a list of links to them under the h1."""
+    import re
+
+    titles: list[str] = []
+
+    def anchor(m: "re.Match[str]") -> str:
+        titles.append(m.group(1))
+        return f"<h2 id='s{len(titles)}'>{m.group(1)}</h2>"
+
+    body = re.sub(r"<h2>(.*?)</h2>", anchor, body)
+    nav = "<nav class='muted'>" + " &middot; ".join(f"<a href='#s{i}'>{t}</a>" for i, t in enumerate(titles, 1)) + "</nav>"
+    return body.replace("</h1>", "</h1>" + nav, 1)
