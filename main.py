@@ -13,7 +13,8 @@ from carrot.config import RunConfig
 from carrot.distributed import barrier, init_from_env, world
 from carrot.data import ImageDataset, collect_images, load_splits
 from carrot.errors import CarrotError
-from carrot.io import user_cache_dir, write_json
+from carrot.evaluate import per_class_accuracy
+from carrot.io import save_npy, user_cache_dir, write_json
 from carrot.pipeline import Carrot
 from carrot.report import write_explanation
 from carrot.runs import bench, clear_run, debug, pointing, predict, reweight, run_embeddings, tracin, write_index
@@ -80,20 +81,16 @@ def fit(config: RunConfig, run_dir: str | Path, progress: bool = True, overwrite
         "lam": model.head_.lam_, "lam_path": model.head_.lam_path_,
         "train_accuracy": model.score(G_train, train.labels),
         "test_accuracy": model.score(G_test, test.labels),
-        "per_class_test_accuracy": _per_class(model.head_.predict(G_test), test.labels, train.classes),
+        "per_class_test_accuracy": dict(zip(train.classes, per_class_accuracy(model.head_.predict(G_test), test.labels, len(train.classes)))),
         "seconds_extract": t_extract, "seconds_total": time.perf_counter() - t0,
         "token_caches": [str(s.path) for s in stores] if size == 1 else [],
         "world_size": size,
     }
     model.save(run_dir, {"metrics": metrics, "test_records": [[r.path, r.label] for r in test.records]})
-    np.save(Path(run_dir) / "test_embeddings.npy", G_test)
+    save_npy(Path(run_dir) / "test_embeddings.npy", G_test)
     write_json(Path(run_dir) / "metrics.json", metrics)
     write_index(run_dir, model=Carrot.load(run_dir, backbone=model.backbone))
     return metrics
-
-
-def _per_class(pred: np.ndarray, y: np.ndarray, classes: Sequence[str]) -> dict[str, float | None]:
-    return {c: (float((pred[y == i] == i).mean()) if (y == i).any() else None) for i, c in enumerate(classes)}
 
 
 def explain(run_dir: str | Path, inputs: Sequence[str], out_dir: str | Path | None = None, top_k: int = 5,

@@ -162,6 +162,12 @@ def estimator_scores(head: RidgeHead, system: RidgeSystem, G: np.ndarray, y: np.
     return loo_support, est
 
 
+def per_class_accuracy(pred: np.ndarray, y: np.ndarray, n_classes: int) -> list[float | None]:
+    """Accuracy of the predictions (m,) on each class index 0..C-1 of the true labels y (m,); None where absent."""
+    pred, y = np.asarray(pred), np.asarray(y)
+    return [float((pred[y == c] == c).mean()) if (y == c).any() else None for c in range(n_classes)]
+
+
 def accuracy_over_seeds(G: np.ndarray, y: np.ndarray, G_test: np.ndarray, y_test: np.ndarray, lam: float | str,
                         classes: Sequence[str], seeds: Sequence[int] = (0, 1, 2, 3, 4), shots: int | None = None,
                         resplit: bool = False) -> dict:
@@ -194,7 +200,7 @@ def accuracy_over_seeds(G: np.ndarray, y: np.ndarray, G_test: np.ndarray, y_test
             Gtr, ytr = Gtr[keep], ytr[keep]
         head = RidgeHead(lam=lam).fit(Gtr, ytr)
         pred = head.predict(Gte)
-        per_class = [float((pred[yte == c] == c).mean()) if (yte == c).any() else float("nan") for c in range(C)]
+        per_class = [float("nan") if v is None else v for v in per_class_accuracy(pred, yte, C)]
         rows.append({"seed": int(seed), "accuracy": float((pred == yte).mean()), "lam": float(head.lam_),
                      "n_train": int(len(ytr)), "n_test": int(len(yte)), "per_class": per_class})
     acc = np.array([r["accuracy"] for r in rows])

@@ -19,7 +19,7 @@ from .diffusion import diffusion_weights
 from .errors import CarrotError, check_is_fitted
 from .graph import affinity, normalized_laplacian
 from .head import RidgeHead
-from .io import read_json, write_json
+from .io import read_json, save_npy, write_json
 from .readout import weighted_readout
 from .regions import RegionSet
 
@@ -268,16 +268,13 @@ class Carrot:
     # -- persistence -------------------------------------------------------------------------
     def save(self, run_dir: str | Path, extra: dict[str, Any] | None = None) -> None:
         """Write head, training embeddings and run.json (config, backbone, classes, records) atomically."""
-        from .io import atomic_path
-
         check_is_fitted(self, ("head_",))
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         self.head_.save(run_dir / "head.safetensors")
         for name, arr in (("train_embeddings.npy", self.train_embeddings_), ("train_weights.npy", self.sample_weight_)):
             if arr is not None:
-                with atomic_path(run_dir / name) as tmp, open(tmp, "wb") as fh:
-                    np.save(fh, arr)
+                save_npy(run_dir / name, arr)
         write_json(run_dir / "run.json", {
             "format": RUN_FORMAT,
             "carrot_version": __version__,

@@ -9,10 +9,10 @@ import numpy as np
 
 from .data import load_image
 from .distributed import world
-from .errors import CarrotError
 from .attribution import class_summary
+from .errors import CarrotError
 from .influence import RidgeSystem, loo_loss_change
-from .io import atomic_path, read_json, write_csv, write_json
+from .io import atomic_path, read_json, save_npy, write_csv, write_json
 from .pipeline import Carrot
 from .report import index_html
 from .report_audits import AUDIT_FILES
@@ -138,26 +138,26 @@ def reweight(run_dir: str | Path, val_fraction: float = 0.2, out: str | Path | N
     if out is None:
         write_index(run_dir, model=model)
     if apply is not None:
-        _apply_weights(model, run_dir, apply, weights, G_test, y_test,
+        _apply_weights(model, run_dir, apply, weights, y, G_test, y_test,
                        {"by": "reweight", **{k: v for k, v in summary.items() if k not in ("weights", "history")}})
     return summary
 
 
-def _apply_weights(model: Carrot, run_dir: str | Path, out: str | Path, weights: np.ndarray, G_test: np.ndarray,
-                   y_test: np.ndarray, how: dict[str, Any]) -> None:
+def _apply_weights(model: Carrot, run_dir: str | Path, out: str | Path, weights: np.ndarray, y: np.ndarray,
+                   G_test: np.ndarray, y_test: np.ndarray, how: dict[str, Any]) -> None:
     """A new run in ``out``: the parent's data, config and lambda, its head refitted with example ``weights``."""
+    from .evaluate import per_class_accuracy
+
     derived = Carrot(model.config.merged({"head.lam": model.head_.lam_}))
     derived._backbone = model.backbone
-    derived.fit(model.train_embeddings_, np.array([r.label for r in model.train_records_]), model.train_records_,
-                model.classes_, sample_weight=weights)
+    derived.fit(model.train_embeddings_, y, model.train_records_, model.classes_, sample_weight=weights)
+    pred = derived.head_.predict(G_test)
     metrics = {**model.meta_.get("metrics", {}), "lam": derived.head_.lam_, "lam_path": None,
-               "train_accuracy": derived.score(model.train_embeddings_, [r.label for r in model.train_records_]),
-               "test_accuracy": derived.score(G_test, y_test),
-               "per_class_test_accuracy": {c: (float((derived.head_.predict(G_test[y_test == i]) == i).mean())
-                                               if (y_test == i).any() else None) for i, c in enumerate(model.classes_)}}
+               "train_accuracy": derived.score(model.train_embeddings_, y), "test_accuracy": float((pred == y_test).mean()),
+               "per_class_test_accuracy": dict(zip(model.classes_, per_class_accuracy(pred, y_test, len(model.classes_))))}
     derived.save(out, {"metrics": metrics, "test_records": model.meta_["test_records"],
                        "derived_from": {"run": str(Path(run_dir).resolve()), **how}})
-    np.save(Path(out) / "test_embeddings.npy", G_test)
+    save_npy(Path(out) / "test_embeddings.npy", G_test)
     write_json(Path(out) / "metrics.json", metrics)
     write_index(out, model=Carrot.load(out, backbone=model.backbone))
 
@@ -232,7 +232,7 @@ def debug(run_dir: str | Path, ks: Sequence[int], val_fraction: float = 0.2, dow
         weights = np.zeros(len(y))
         weights[f_rows] = 1.0
         weights[[d["index"] for d in best["dropped"]]] = downweight
-        _apply_weights(model, run_dir, apply, weights, G_test, y_test,
+        _apply_weights(model, run_dir, apply, weights, y, G_test, y_test,
                        {"by": "debug", "k": best["k"], "downweight": downweight, "val_fraction": val_fraction,
                         "val_accuracy": best["val_accuracy"], "test_accuracy": best["test_accuracy"]})
     return res
