@@ -1,5 +1,5 @@
-"""Labelled image lists: ImageFolder trees, CUB-200-2011, local copies of Stanford Cars / FGVC-Aircraft /
-Flowers-102 (read by torchvision's loaders), the ELPV package, a generated toy set.
+"""Labelled image lists: ImageFolder trees, CUB-200-2011 / NABirds, Stanford Dogs, local copies of Stanford
+Cars / FGVC-Aircraft / Flowers-102 (read by torchvision's loaders), the ELPV package, a generated toy set.
 
 Every loader returns :class:`ImageDataset` splits of :class:`ImageRecord` (path, label, optional
 bbox); images are opened lazily and checked on load (corrupt files, tiny images, modes).
@@ -178,18 +178,21 @@ def _with_parts(ds: ImageDataset, root: Path) -> ImageDataset:
     return ImageDataset(recs, ds.classes, ds.name, ds.meta)
 
 
-def _read_table(path: Path, ncols: int) -> list[list[str]]:
+def _read_table(path: Path, ncols: int, layout: str = "CUB/NABirds") -> list[list[str]]:
+    """Whitespace-separated rows of a data set's text table, each with at least ``ncols`` fields."""
     if not path.is_file():
-        raise CarrotError(f"CUB layout: missing '{path.name}' in '{path.parent}'")
+        raise CarrotError(f"{layout} layout: missing '{path.name}' in '{path.parent}'")
     rows = [line.split() for line in path.read_text().splitlines() if line.strip()]
     bad = next((i for i, r in enumerate(rows) if len(r) < ncols), None)
     if bad is not None:
-        raise CarrotError(f"CUB layout: '{path}' line {bad + 1}: expected {ncols} fields, got {rows[bad]}")
+        raise CarrotError(f"{layout} layout: '{path}' line {bad + 1}: expected {ncols} fields, got {rows[bad]}")
     return rows
 
 
-def load_cub(root: str | Path, bbox_crop: bool = False) -> tuple[ImageDataset, ImageDataset]:
-    """CUB-200-2011: images.txt, image_class_labels.txt, train_test_split.txt, classes.txt, images/."""
+def load_cub(root: str | Path, bbox_crop: bool = False, name: str = "CUB") -> tuple[ImageDataset, ImageDataset]:
+    """CUB-200-2011 (and NABirds, which shares its layout): images.txt, image_class_labels.txt,
+    train_test_split.txt, classes.txt, images/, optional bounding_boxes.txt and parts/part_locs.txt.
+    Only classes that have images become labels (NABirds lists its hierarchy's inner nodes too)."""
     root = Path(root)
     if (root / "CUB_200_2011").is_dir():
         root = root / "CUB_200_2011"
@@ -198,7 +201,7 @@ def load_cub(root: str | Path, bbox_crop: bool = False) -> tuple[ImageDataset, I
     split = {r[0]: r[1] == "1" for r in _read_table(root / "train_test_split.txt", 2)}
     class_rows = _read_table(root / "classes.txt", 2) if (root / "classes.txt").is_file() else None
     ids = sorted(set(labels.values()))
-    names = {int(r[0]): r[1] for r in class_rows} if class_rows else {c: str(c) for c in ids}
+    names = {int(r[0]): " ".join(r[1:]) for r in class_rows} if class_rows else {c: str(c) for c in ids}  # NABirds names have spaces
     index = {c: i for i, c in enumerate(ids)}
     boxes = {}
     if bbox_crop:
@@ -212,12 +215,12 @@ def load_cub(root: str | Path, bbox_crop: bool = False) -> tuple[ImageDataset, I
     train, test = [], []
     for img_id, rel in images.items():
         if img_id not in labels or img_id not in split:
-            raise CarrotError(f"CUB layout: image id {img_id} lacks a label or a train/test flag")
+            raise CarrotError(f"CUB/NABirds layout: image id {img_id} lacks a label or a train/test flag")
         rec = ImageRecord(str(root / "images" / rel), index[labels[img_id]], boxes.get(img_id),
                           tuple(parts[img_id]) if img_id in parts else None)
         (train if split[img_id] else test).append(rec)
     classes = [names.get(c, str(c)) for c in ids]
-    return ImageDataset(train, classes, "CUB/train"), ImageDataset(test, classes, "CUB/test")
+    return ImageDataset(train, classes, f"{name}/train"), ImageDataset(test, classes, f"{name}/test")
 
 
 # kind -> (torchvision class, folder it expects under root, (train splits), test split)
@@ -249,7 +252,7 @@ def _torchvision_boxes(kind: str, base: Path, split: str) -> dict[str, tuple[flo
         rows = loadmat(mat, squeeze_me=True)["annotations"]
         corners = {str(a["fname"]): tuple(float(a[k]) for k in ("bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2")) for a in rows}
     else:  # aircraft: data/images_box.txt, "<id> xmin ymin xmax ymax"
-        rows = _read_table(base / "data" / "images_box.txt", 5)
+        rows = _read_table(base / "data" / "images_box.txt", 5, "FGVC-Aircraft")
         corners = {f"{r[0]}.jpg": tuple(float(v) for v in r[1:5]) for r in rows}
     return {k: (x0 - 1, y0 - 1, x1 - x0 + 1, y1 - y0 + 1) for k, (x0, y0, x1, y1) in corners.items()}
 
@@ -289,6 +292,52 @@ def load_torchvision(kind: str, root: str | Path, bbox_crop: bool = False) -> tu
     return splits[0], splits[1]
 
 
+def _dogs_box(xml: Path) -> tuple[float, float, float, float]:
+    """(x, y, w, h) covering every dog of a Stanford Dogs annotation file (1-based inclusive corners)."""
+    import xml.etree.ElementTree as ET
+
+    if not xml.is_file():
+        raise CarrotError(f"data.bbox_crop: Stanford Dogs annotation '{xml}' not found")
+    try:
+        boxes = [[float(b.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax")] for b in ET.parse(xml).iter("bndbox")]
+    except (ET.ParseError, TypeError, ValueError) as exc:
+        raise CarrotError(f"data.bbox_crop: cannot read the box in '{xml}' ({exc})") from None
+    if not boxes:
+        raise CarrotError(f"data.bbox_crop: no <bndbox> in '{xml}'")
+    x0, y0 = min(b[0] for b in boxes), min(b[1] for b in boxes)
+    x1, y1 = max(b[2] for b in boxes), max(b[3] for b in boxes)
+    return x0 - 1, y0 - 1, x1 - x0 + 1, y1 - y0 + 1
+
+
+def load_stanford_dogs(root: str | Path, bbox_crop: bool = False) -> tuple[ImageDataset, ImageDataset]:
+    """Stanford Dogs: Images/<wnid>-<breed>/*.jpg with the official lists/train_list.mat and test_list.mat
+    (file_list, labels 1..120); ``bbox_crop`` crops to the box around every dog in Annotation/."""
+    from scipy.io import loadmat
+
+    root = Path(root)
+    lists = next((d for d in (root / "lists", root) if (d / "train_list.mat").is_file()), None)
+    if lists is None or not (root / "Images").is_dir():
+        raise CarrotError(f"data.root: no Stanford Dogs copy in '{root}': expected Images/ and lists/train_list.mat, "
+                          "lists/test_list.mat (or the .mat files in the root)")
+    splits, names = [], {}
+    for split in ("train", "test"):
+        mat = lists / f"{split}_list.mat"
+        if not mat.is_file():
+            raise CarrotError(f"Stanford Dogs layout: missing '{mat.name}' in '{lists}'")
+        m = loadmat(mat, squeeze_me=True)
+        files = [str(f) for f in np.atleast_1d(m["file_list"])]
+        labels = np.atleast_1d(m["labels"]).astype(int) - 1
+        records = []
+        for f, lab in zip(files, labels):
+            folder = f.split("/")[0]
+            names.setdefault(int(lab), folder.split("-", 1)[-1])
+            box = _dogs_box(root / "Annotation" / str(Path(f).with_suffix(""))) if bbox_crop else None
+            records.append(ImageRecord(str(root / "Images" / f), int(lab), box))
+        splits.append(records)
+    classes = [names.get(c, str(c)) for c in range(max(names) + 1)]
+    return ImageDataset(splits[0], classes, "dogs/train"), ImageDataset(splits[1], classes, "dogs/test")
+
+
 ELPV_HINT = "install it with: pip install elpv-dataset"
 
 
@@ -304,7 +353,7 @@ def elpv_root() -> Path:
 def load_elpv(test_fraction: float = 0.25, seed: int = 0, max_per_class: int | None = None) -> tuple[ImageDataset, ImageDataset]:
     """ELPV solar-cell electroluminescence images (300x300, real): 8 classes = type x defect probability."""
     root = elpv_root()
-    rows = _read_table(root / "labels.csv", 3)
+    rows = _read_table(root / "labels.csv", 3, "ELPV")
     classes = sorted({f"{t}_p{float(p):.2f}" for _, p, t in rows})
     index = {c: i for i, c in enumerate(classes)}
     recs = [ImageRecord(str(root / path), index[f"{t}_p{float(p):.2f}"]) for path, p, t in rows]
@@ -373,8 +422,10 @@ def load_splits(config) -> tuple[ImageDataset, ImageDataset]:
         raise CarrotError(f"data.root: a {d.kind} data set needs a root directory (--data PATH)")
     if d.kind == "elpv":
         return load_elpv(d.test_fraction, d.split_seed, d.max_per_class)
-    if d.kind == "cub":
-        return load_cub(d.root, d.bbox_crop)
+    if d.kind in ("cub", "nabirds"):
+        return load_cub(d.root, d.bbox_crop, "CUB" if d.kind == "cub" else "NABirds")
+    if d.kind == "dogs":
+        return load_stanford_dogs(d.root, d.bbox_crop)
     if d.kind in TORCHVISION_SETS:
         return load_torchvision(d.kind, d.root, d.bbox_crop)
     if d.kind == "synthetic":

@@ -40,9 +40,9 @@ def run_options(fn: Callable) -> Callable:
     """Options shared by every command that builds a run configuration."""
     opts = [
         click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False), help="YAML config merged into the defaults; flags override it."),
-        click.option("--data", "data_root", type=click.Path(exists=True, file_okay=False), help="Data set root: an ImageFolder tree, a CUB-200-2011 folder, or the folder holding a local Stanford Cars / FGVC-Aircraft / Flowers-102 copy."),
+        click.option("--data", "data_root", type=click.Path(exists=True, file_okay=False), help="Data set root: an ImageFolder tree, a CUB-200-2011 / NABirds / Stanford Dogs folder, or the folder holding a local Stanford Cars / FGVC-Aircraft / Flowers-102 copy."),
         click.option("--data-kind", type=click.Choice(DATA_KINDS), help="Data set layout (default: elpv, or imagefolder when --data is given); cars, aircraft and flowers102 are read by torchvision's loaders."),
-        click.option("--bbox-crop/--no-bbox-crop", default=None, help="CUB, cars and aircraft: crop each image to its annotated bounding box."),
+        click.option("--bbox-crop/--no-bbox-crop", default=None, help="cub, nabirds, cars, aircraft, dogs: crop each image to its annotated bounding box."),
         click.option("--test-fraction", type=float, help="Held-out fraction when the data has no test split."),
         click.option("--max-per-class", type=int, help="Use at most this many images per class (ELPV only)."),
         click.option("--backbone", help="Built-in 'dinov2_vits14' (default) or 'efficientnet_lite0', or any timm model name."),

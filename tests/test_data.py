@@ -6,8 +6,9 @@ import pytest
 from PIL import Image
 
 from carrot.data import (
-    ImageRecord, load_cub, load_elpv, load_image, load_imagefolder, make_synthetic, stratified_split,
+    ImageRecord, load_cub, load_elpv, load_image, load_imagefolder, load_splits, make_synthetic, stratified_split,
 )
+from carrot.config import RunConfig
 from carrot.errors import CarrotError
 
 
@@ -136,3 +137,66 @@ def test_split_rejects_bad_fraction(synthetic_root):
     with pytest.raises(CarrotError, match="test_fraction"):
         stratified_split(train, 1.5, 0)
     assert isinstance(train.records[0], ImageRecord)
+
+
+def test_nabirds_layout_class_names_with_spaces_and_unused_inner_nodes(tmp_path):
+    root = tmp_path / "nabirds"
+    (root / "images" / "0295").mkdir(parents=True)
+    (root / "images" / "0296").mkdir(parents=True)
+    ids = ["0000139e-21dc-4d0c-bfe1-4cae3c85c829", "0000d9fc-4e02-4c06-a0af-a55cfb16b12b",
+           "00019306-9d83-4334-b255-a447742edce3", "0001afd4-99a1-4a67-b940-d419413e23b3"]
+    lines, labels, split = [], [], []
+    for k, uid in enumerate(ids):
+        folder = "0295" if k < 2 else "0296"
+        Image.new("RGB", (50, 40), (k * 60, 20, 20)).save(root / "images" / folder / f"{uid.replace('-', '')}.jpg")
+        lines.append(f"{uid} {folder}/{uid.replace('-', '')}.jpg")
+        labels.append(f"{uid} {int(folder)}")
+        split.append(f"{uid} {k % 2}")
+    (root / "classes.txt").write_text("0 Birds\n1 Perching Birds\n295 Common Loon\n296 Pacific Loon\n")
+    for name, rows in [("images.txt", lines), ("image_class_labels.txt", labels), ("train_test_split.txt", split)]:
+        (root / name).write_text("\n".join(rows) + "\n")
+    cfg = RunConfig.from_dict({"data": {"kind": "nabirds", "root": str(root)}})
+    train, test = load_splits(cfg)
+    assert train.classes == ["Common Loon", "Pacific Loon"]  # inner hierarchy nodes without images are not labels
+    assert train.name == "NABirds/train" and train.labels.tolist() == [0, 1] and test.labels.tolist() == [0, 1]
+    assert Path(train.records[0].path).is_file()
+
+
+def _fake_dogs(root: Path, lists_dir: str = "lists") -> dict:
+    from scipy.io import savemat
+
+    breeds = ["n02085620-Chihuahua", "n02085782-Japanese_spaniel", "n02116738-African_hunting_dog"]
+    files, boxes = {"train": [], "test": []}, {}
+    for b, breed in enumerate(breeds):
+        (root / "Images" / breed).mkdir(parents=True)
+        (root / "Annotation" / breed).mkdir(parents=True)
+        for k in range(3):
+            stem = f"{breed.split('-')[0]}_{k}"
+            Image.new("RGB", (80, 60), (b * 80, k * 60, 30)).save(root / "Images" / breed / f"{stem}.jpg")
+            objs = "".join(f"<object><name>{breed}</name><bndbox><xmin>{x0}</xmin><ymin>{y0}</ymin><xmax>{x1}</xmax>"
+                           f"<ymax>{y1}</ymax></bndbox></object>" for x0, y0, x1, y1 in [(5, 4, 30, 40), (20, 10, 50, 30)][: 1 + (k == 2)])
+            (root / "Annotation" / breed / stem).write_text(f"<annotation><filename>{stem}</filename>{objs}</annotation>")
+            boxes[stem] = (4, 3, 26 if k != 2 else 46, 37)
+            files["train" if k < 2 else "test"].append((f"{breed}/{stem}.jpg", b + 1))
+    (root / lists_dir).mkdir(exist_ok=True)
+    for split, rows in files.items():
+        savemat(root / lists_dir / f"{split}_list.mat", {"file_list": np.array([f for f, _ in rows], dtype=object),
+                                                          "labels": np.array([[lab] for _, lab in rows], dtype=float)})
+    return boxes
+
+
+def test_stanford_dogs_layout_and_box_crop(tmp_path):
+    boxes = _fake_dogs(tmp_path / "dogs")
+    train, test = load_splits(RunConfig.from_dict({"data": {"kind": "dogs", "root": str(tmp_path / "dogs")}}))
+    assert train.classes == ["Chihuahua", "Japanese_spaniel", "African_hunting_dog"]
+    assert train.labels.tolist() == [0, 0, 1, 1, 2, 2] and test.labels.tolist() == [0, 1, 2]
+    assert all(Path(r.path).is_file() and r.bbox is None for r in train.records + test.records)
+    _, cropped = load_splits(RunConfig.from_dict({"data": {"kind": "dogs", "root": str(tmp_path / "dogs"), "bbox_crop": True}}))
+    for rec in cropped.records:  # test images hold two dogs: the crop covers both
+        x, y, w, h = boxes[Path(rec.path).stem]
+        assert rec.bbox == (x, y, w, h) and load_image(rec).size == (w, h)
+    # the lists may also sit in the root; a folder without the layout is named
+    _fake_dogs(tmp_path / "flat", lists_dir=".")
+    assert len(load_splits(RunConfig.from_dict({"data": {"kind": "dogs", "root": str(tmp_path / "flat")}}))[0]) == 6
+    with pytest.raises(CarrotError, match="no Stanford Dogs copy"):
+        load_splits(RunConfig.from_dict({"data": {"kind": "dogs", "root": str(tmp_path)}}))
