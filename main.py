@@ -17,9 +17,9 @@ from carrot.evaluate import per_class_accuracy
 from carrot.io import save_npy, user_cache_dir, write_json
 from carrot.pipeline import Carrot
 from carrot.report import write_explanation
-from carrot.runs import bench, clear_run, debug, pointing, predict, reweight, run_embeddings, tracin, write_index
+from carrot.runs import bench, clear_run, compare, debug, pointing, predict, reweight, run_embeddings, tracin, write_index
 
-__all__ = ["bench", "debug", "demo", "evaluate", "explain", "extract_splits", "fit", "predict", "reweight", "tracin"]
+__all__ = ["bench", "compare", "debug", "demo", "evaluate", "explain", "extract_splits", "fit", "predict", "reweight", "tracin"]
 
 
 def extract_splits(config: RunConfig, model: Carrot | None = None, progress: bool = True) -> tuple[list, ImageDataset, ImageDataset]:

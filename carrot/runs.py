@@ -114,6 +114,24 @@ def predict(run_dir: str | Path, inputs: Sequence[str], out: str | Path | None =
     return rows
 
 
+def compare(run_a: str | Path, run_b: str | Path, out: str | Path | None = None) -> dict[str, Any]:
+    """Two runs on the same test images (e.g. a run and its reweighted / debugged child, or two backbones):
+    accuracies, per-class change, McNemar's exact test, and the test images whose prediction changed."""
+    from .evaluate import compare_predictions
+
+    (ma, _, _, Ga, y), (mb, _, _, Gb, yb) = run_embeddings(run_a), run_embeddings(run_b)
+    paths_a, paths_b = [p for p, _ in ma.meta_["test_records"]], [p for p, _ in mb.meta_["test_records"]]
+    if paths_a != paths_b or not np.array_equal(y, yb) or ma.classes_ != mb.classes_:
+        raise CarrotError(f"compare: runs '{run_a}' and '{run_b}' have different test images, labels or classes")
+    pa, pb = ma.head_.predict(Ga), mb.head_.predict(Gb)
+    res = compare_predictions(pa, pb, y, ma.classes_)
+    res["runs"] = {"a": str(run_a), "b": str(run_b)}
+    res["changed"] = [{"image": paths_a[i], "label": ma.classes_[y[i]], "a": ma.classes_[pa[i]], "b": ma.classes_[pb[i]]}
+                      for i in np.flatnonzero(pa != pb)]
+    write_json(Path(out) if out else Path(run_b) / "compare.json", res)
+    return res
+
+
 def reweight(run_dir: str | Path, val_fraction: float = 0.2, out: str | Path | None = None, apply: str | Path | None = None,
              **rro_kwargs: Any) -> dict[str, Any]:
     """RRO on a fitted run: split train into fit/validation, reweight, compare test accuracy with uniform;
@@ -238,7 +256,7 @@ def debug(run_dir: str | Path, ks: Sequence[int], val_fraction: float = 0.2, dow
     return res
 
 
-DERIVED = ("explanations", "tracin", ".shards", "train_weights.npy", "predictions.json", "predictions.csv", "evaluation.json", "reweight.json", "debug.json", "t_sweep.json",
+DERIVED = ("explanations", "tracin", ".shards", "train_weights.npy", "predictions.json", "predictions.csv", "compare.json", "evaluation.json", "reweight.json", "debug.json", "t_sweep.json",
            "t_sweep.csv", "index.html")
 
 

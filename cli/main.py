@@ -252,6 +252,21 @@ def evaluate(run_dir: str, what: str, seeds: str, shots: int | None, resplit: bo
 
 
 @cli.command()
+@click.argument("run_a", type=click.Path(exists=True, file_okay=False))
+@click.argument("run_b", type=click.Path(exists=True, file_okay=False))
+@click.option("--out", "out_path", type=click.Path(dir_okay=False), help="JSON file to write (default: RUN_B/compare.json).")
+@user_errors
+def compare(run_a: str, run_b: str, out_path: str | None) -> None:
+    """Compare two runs on the same test images (a run and its reweighted child, two backbones, two t):
+    accuracies, per-class change, McNemar's exact test and the images whose prediction changed."""
+    import main as orchestration
+
+    res = orchestration.compare(run_a, run_b, out_path)
+    click.echo(f"A {res['accuracy_a']:.4f}  B {res['accuracy_b']:.4f}  on {res['n']} test images; B fixes {res['fixed_by_b']}, "
+               f"breaks {res['broken_by_b']} (McNemar exact p = {res['mcnemar_exact_p']:.3g})")
+
+
+@cli.command()
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--val-fraction", type=float, default=0.2, show_default=True, help="Share of the training set held out as validation.")
 @click.option("--steps", type=int, help="Adam steps on the weights.")

@@ -143,6 +143,12 @@ def test_reweight_apply_writes_a_weighted_run(fitted, tmp_path, synthetic_root):
     assert e["identity_error"]["data"] <= 1e-9 and all(s["index"] in np.flatnonzero(w > 0) for s in e["supporting"])
     bad(["evaluate", str(out)], "evaluate: this run's head was fitted with example weights")
     bad(["reweight", str(fitted), "--steps", "2", "--apply", str(out)], "already holds a fitted run")
+    r = run("compare", str(fitted), str(out), "--out", str(tmp_path / "cmp.json"))
+    assert r.exit_code == 0 and "McNemar exact p" in r.output, r.output
+    cmp_ = json.loads((tmp_path / "cmp.json").read_text())
+    assert cmp_["accuracy_b"] == pytest.approx(metrics["test_accuracy"]) and cmp_["n"] == 6
+    assert cmp_["fixed_by_b"] + cmp_["broken_by_b"] <= len(cmp_["changed"])
+    assert all(c["a"] != c["b"] for c in cmp_["changed"])
 
     dbg = tmp_path / "debugged"
     r = run("debug", str(fitted), "--drop", "1,2", "--val-fraction", "0.3", "--apply", str(dbg))

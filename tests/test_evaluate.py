@@ -6,7 +6,7 @@ from carrot.attribution import class_summary, region_pairs
 from carrot.baselines import TracInHead
 from carrot.errors import CarrotError
 from carrot.evaluate import (
-    accuracy_over_seeds, estimator_scores, faithfulness, flip_labels, lds, mislabel_detection, mislabel_scores, rank_agreement,
+    accuracy_over_seeds, compare_predictions, estimator_scores, faithfulness, flip_labels, lds, mislabel_detection, mislabel_scores, rank_agreement,
 )
 from carrot.head import RidgeHead
 from carrot.influence import RidgeSystem
@@ -126,3 +126,20 @@ def test_accuracy_over_seeds_is_a_plain_refit_per_seed():
         accuracy_over_seeds(G, y, Gt, yt, 2.0, classes, shots=1000)
     with pytest.raises(CarrotError, match="seeds: expected at least one"):
         accuracy_over_seeds(G, y, Gt, yt, 2.0, classes, seeds=())
+
+
+def test_compare_predictions_mcnemar_exact():
+    from math import comb
+
+    y = np.array([0, 1, 2, 0, 1, 2, 0, 1, 2, 0])
+    a = np.array([0, 1, 2, 1, 1, 0, 0, 2, 2, 1])  # 6 right
+    b = np.array([0, 1, 2, 0, 1, 2, 0, 2, 1, 1])  # fixes rows 3 and 5, breaks row 8
+    r = compare_predictions(a, b, y, ["x", "y", "z"])
+    assert (r["accuracy_a"], r["accuracy_b"], r["fixed_by_b"], r["broken_by_b"]) == (0.6, 0.7, 2, 1)
+    # two-sided exact binomial on 3 discordant pairs: P(X <= 1) + P(X >= 2) under p = 1/2 = 1
+    assert r["mcnemar_exact_p"] == pytest.approx(sum(comb(3, k) for k in range(4)) / 8)
+    many = compare_predictions(np.zeros(30, int), y.repeat(3), y.repeat(3), ["x", "y", "z"])  # 18 fixed, 0 broken
+    assert many["fixed_by_b"] == 18 and many["mcnemar_exact_p"] == pytest.approx(2 * 0.5 ** 18)
+    assert r["per_class"]["x"] == {"a": 0.5, "b": 0.75, "change": 0.25}  # rows 0, 3, 6, 9
+    with pytest.raises(CarrotError, match="predictions: expected equal 1-D shapes"):
+        compare_predictions(a[:3], b, y, ["x", "y", "z"])
