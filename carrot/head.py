@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from sklearn.base import BaseEstimator, ClassifierMixin
 
 from .devices import resolve_device
 from .errors import CarrotError, check_is_fitted
@@ -61,7 +62,7 @@ def encode_labels(y: ArrayLike, n: int) -> tuple[np.ndarray, np.ndarray]:
     return np.unique(y, return_inverse=True)
 
 
-class RidgeHead:
+class RidgeHead(ClassifierMixin, BaseEstimator):
     """Multi-class ridge classifier in closed form, with exact representer attribution.
 
     Parameters: ``lam`` (> 0) L2 strength, or ``'auto'``: the value of ``lam_grid`` with the best
@@ -70,7 +71,8 @@ class RidgeHead:
     'dual'; ``device`` for the solve; ``chunk_size`` rows per Gram accumulation chunk.
     Fitted: ``coef_`` (D, C), ``intercept_`` (C,), ``classes_`` (C,), ``feature_mean_`` (D,),
     ``prior_`` (C,) = weighted ybar, ``dual_coef_`` (n, C) = beta, ``solver_`` used, ``lam_`` used
-    (and ``lam_path_`` with the LOO accuracy per candidate when ``lam='auto'``).
+    (and ``lam_path_`` with the LOO accuracy per candidate when ``lam='auto'``). A scikit-learn estimator:
+    ``clone``, ``get_params``, ``score``, pipelines and model selection work with it.
     """
 
     def __init__(
@@ -89,7 +91,7 @@ class RidgeHead:
         self.device = device
         self.chunk_size = chunk_size
 
-    def _validate_params(self) -> None:
+    def _check_settings(self) -> None:
         if self.lam == "auto":
             return self._validate_rest()
         if isinstance(self.lam, bool) or not isinstance(self.lam, (int, float)) or not np.isfinite(self.lam) or self.lam <= 0:
@@ -108,7 +110,7 @@ class RidgeHead:
         G may be a numpy memmap: the primal solve (and its 'auto' lambda) streams it in ``chunk_size``
         rows with float64 accumulation, so only D x D, D x C and n x C arrays are held; the dual solve loads G.
         """
-        self._validate_params()
+        self._check_settings()
         if not hasattr(G, "shape") or len(G.shape) != 2:
             G = as_float64_matrix(G, "G")
         n, d = int(G.shape[0]), int(G.shape[1])
@@ -162,7 +164,7 @@ class RidgeHead:
         """Fit from summed Gram moments (see :class:`carrot.distributed.GramMoments`), e.g. after an
         all_reduce across ranks: Gc^T A Gc = G^T A G - S mu mu^T. ``dual_coef_`` needs the rows and is
         left unset; use :meth:`dual_coef` on each shard."""
-        self._validate_params()
+        self._check_settings()
         if self.lam == "auto":
             raise CarrotError("lam: 'auto' needs the training rows (exact LOO); give a number when fitting from moments")
         m = moments

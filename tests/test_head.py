@@ -146,3 +146,27 @@ def test_streamed_memmap_fit_equals_in_memory(tmp_path):
     mm[500, 3] = np.inf
     with pytest.raises(CarrotError, match="NaN/Inf in 1 row"):
         RidgeHead(lam=0.3, chunk_size=97).fit(mm, y)
+
+
+def test_is_a_scikit_learn_classifier():
+    from sklearn.base import clone, is_classifier
+    from sklearn.model_selection import GridSearchCV, cross_val_score
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    g = np.random.default_rng(4)
+    y = np.repeat(np.arange(3), 40)
+    G = g.normal(size=(3, 8))[y] * 1.5 + g.normal(size=(120, 8))
+    head = RidgeHead(lam=2.0, solver="primal")
+    assert is_classifier(head) and clone(head).get_params() == head.get_params()
+    scores = cross_val_score(head, G, y, cv=3)
+    manual = []
+    from sklearn.model_selection import StratifiedKFold
+
+    for tr, te in StratifiedKFold(3).split(G, y):
+        manual.append((RidgeHead(lam=2.0, solver="primal").fit(G[tr], y[tr]).predict(G[te]) == y[te]).mean())
+    np.testing.assert_allclose(scores, manual)
+    search = GridSearchCV(RidgeHead(), {"lam": [0.01, 1.0, 100.0]}, cv=3).fit(G, y)
+    assert search.best_params_["lam"] in (0.01, 1.0, 100.0)
+    pipe = make_pipeline(StandardScaler(), RidgeHead(lam=1.0)).fit(G, y)
+    assert pipe.score(G, y) == pytest.approx((pipe.predict(G) == y).mean())
