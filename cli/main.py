@@ -117,10 +117,11 @@ def cli() -> None:
     \b
     Typical use:
       carrot-run demo                                  # offline, built-in data and backbone
-      carrot-run fit --data DATA_ROOT --out runs/a     # ImageFolder tree or CUB
+      carrot-run fit --data DATA_ROOT --out runs/a     # ImageFolder tree (other layouts: --data-kind)
       carrot-run explain runs/a IMAGE_OR_FOLDER --top-k 5
 
-    Exit codes: 0 ok, 2 user error (one-line message), 1 internal error.
+    Exit codes: 0 ok, 2 user error (one-line message), 1 internal error, 130 interrupted (cached
+    extraction resumes on the next run).
     """
 
 
