@@ -1,6 +1,7 @@
-"""Diffusion time t and feature bandwidth on the real embedded data (ELPV), both built-in backbones.
+"""Diffusion time t and graph bandwidths on the real embedded data (ELPV), both built-in backbones.
 
-For every (backbone, sigma_feat, t): test accuracy mean +- std over 3 stratified splits of all 2,624
+Bandwidths vary one at a time around the median heuristics (sigma_feat with sigma_space = median, then
+sigma_space with sigma_feat = median). For every (backbone, bandwidths, t): test accuracy mean +- std over 3 stratified splits of all 2,624
 images (lambda by exact LOO on each training split), attribution concentration (share of the total
 |contribution| to the predicted logit held by the top-10 training images) and the region deletion AUC
 (regions removed in order of their exact contribution, normalised by the full logit; random order
@@ -40,6 +41,8 @@ def main() -> None:
     ap.add_argument("--backbones", nargs="+", default=["dinov2_vits14", "efficientnet_lite0"])
     ap.add_argument("--t", type=float, nargs="+", default=[0.0, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0])
     ap.add_argument("--sigma-feat", nargs="+", default=["median*0.5", "median", "median*2"])
+    ap.add_argument("--sigma-space", nargs="+", default=["median*0.5", "median*2"],
+                    help="spatial bandwidths tried with sigma_feat = median")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--n-region", type=int, default=12, help="test images for the deletion curves")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "t_sweep"))
@@ -61,8 +64,8 @@ def main() -> None:
                 return len(labels)
 
         splits = [stratified_indices(labels, train.classes, 0.25, seed) for seed in a.seeds]
-        for sf in a.sigma_feat:
-            graph = GraphConfig(sigma_feat=sf)
+        for ss, sf in [("median", sf) for sf in a.sigma_feat] + [(ss, "median") for ss in a.sigma_space]:
+            graph = GraphConfig(sigma_space=ss, sigma_feat=sf)
             t0 = time.perf_counter()
             G_all = embeddings_over_t(Joined(), a.t, graph)
             t_embed = time.perf_counter() - t0
@@ -94,7 +97,7 @@ def main() -> None:
                             d2, _ = deletion_insertion(head, H, P, c, rng.permutation(len(r)), graph, dcfg, steps=8)
                             del_auc.append((d1.auc - prior) / span)
                             rnd_auc.append((d2.auc - prior) / span)
-                row = {"backbone": name, "sigma_feat": sf, "t": t, "accuracy_mean": float(np.mean(accs)),
+                row = {"backbone": name, "sigma_space": ss, "sigma_feat": sf, "t": t, "accuracy_mean": float(np.mean(accs)),
                        "accuracy_std": float(np.std(accs, ddof=1)), "lam_median": float(np.median(lams)),
                        "top10_concentration": float(np.mean(conc)), "deletion_auc_norm": float(np.mean(del_auc)),
                        "deletion_auc_norm_random": float(np.mean(rnd_auc)), "seconds_embed_all_t": t_embed,
@@ -109,10 +112,11 @@ def main() -> None:
 
     fig, axes = plt.subplots(1, len(a.backbones), figsize=(5 * len(a.backbones), 3.6), squeeze=False)
     for ax, name in zip(axes[0], a.backbones):
-        for sf in a.sigma_feat:
-            rs = [r for r in rows if r["backbone"] == name and r["sigma_feat"] == sf]
+        for key in dict.fromkeys((r["sigma_space"], r["sigma_feat"]) for r in rows if r["backbone"] == name):
+            rs = [r for r in rows if r["backbone"] == name and (r["sigma_space"], r["sigma_feat"]) == key]
             ts = [max(r["t"], 0.05) for r in rs]
-            ax.errorbar(ts, [r["accuracy_mean"] for r in rs], [r["accuracy_std"] for r in rs], marker="o", capsize=3, label=f"sigma_feat {sf}")
+            ax.errorbar(ts, [r["accuracy_mean"] for r in rs], [r["accuracy_std"] for r in rs], marker="o", capsize=3,
+                        label=f"sigma_space {key[0]}, sigma_feat {key[1]}")
         ax.set_xscale("log")
         ax.set_xlabel("diffusion time t (t = 0 drawn at 0.05)")
         ax.set_ylabel("test accuracy")

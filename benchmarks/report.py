@@ -94,13 +94,13 @@ def diffusion_section(d: dict) -> list[str]:
 
 def t_sweep_section(d: dict) -> list[str]:
     rows = [dict(r, acc=f"{r['accuracy_mean']:.3f} ± {r['accuracy_std']:.3f}") for r in d["rows"]]
-    lines = ["## Diffusion time t and feature bandwidth on ELPV (`bench_t_sweep.py`)", "",
+    lines = ["## Diffusion time t and graph bandwidths on ELPV (`bench_t_sweep.py`)", "",
              "Accuracy: mean ± std over 3 stratified 75/25 splits of all 2,624 images (λ by exact LOO on each training split). "
              "Concentration: share of the total |contribution| to the predicted logit held by the top-10 training images. "
              "Deletion AUC: logit while removing regions in order of their exact contribution (normalised: 1 = full logit "
              "throughout, 0 = prior); lower is a sharper region attribution; random order for reference. "
              "Plot: `benchmarks/results/t_sweep.png`.", ""]
-    return lines + _table(rows, [("backbone", "backbone"), ("sigma_feat", "sigma_feat"), ("t", "t"), ("accuracy", "acc"),
+    return lines + _table(rows, [("backbone", "backbone"), ("sigma_space", "sigma_space"), ("sigma_feat", "sigma_feat"), ("t", "t"), ("accuracy", "acc"),
                                  ("λ (median)", "lam_median"), ("top-10 concentration", "top10_concentration"),
                                  ("deletion AUC", "deletion_auc_norm"), ("deletion AUC, random order", "deletion_auc_norm_random")]) + [""]
 
