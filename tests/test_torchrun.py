@@ -36,3 +36,14 @@ def test_torchrun_two_processes_fit_equals_single(tmp_path):
         np.testing.assert_allclose(a[k].numpy(), b[k].numpy(), rtol=1e-9, atol=1e-12)
     np.testing.assert_allclose(np.load(tmp_path / "r2" / "train_embeddings.npy"), np.load(tmp_path / "r1" / "train_embeddings.npy"),
                                rtol=1e-9, atol=1e-12)
+    # the streamed path (no token cache) shards the same way and gives the same model
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    streamed = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+                               *args, str(tmp_path / "c3"), "--out", str(tmp_path / "r3"), "--no-cache-tokens"],
+                              cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert streamed.returncode == 0, streamed.stderr[-3000:]
+    assert not (tmp_path / "c3").exists()
+    np.testing.assert_allclose(np.load(tmp_path / "r3" / "train_embeddings.npy"), np.load(tmp_path / "r1" / "train_embeddings.npy"),
+                               rtol=1e-9, atol=1e-12)
