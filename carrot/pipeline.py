@@ -212,6 +212,7 @@ class Carrot:
                 rows.append({
                     "index": int(j), "path": self.train_records_[j].path,
                     "label": self.classes_[self.train_records_[j].label], "score": float(v),
+                    **({"weight": float(self.sample_weight_[j])} if getattr(self, "sample_weight_", None) is not None else {}),
                     "pair_sum_error": abs(float(pm.sum()) - float(v)),
                     "test_regions": pm.sum(1).reshape(grid).tolist(),
                     "train_regions": pm.sum(0).reshape(tgrid).tolist(),

@@ -153,7 +153,8 @@ def _train_cards(rows: list[dict[str, Any]], grid: tuple[int, int], tgrid: tuple
             f"<div class='card'><div class='row'><img alt='training image' src='{data_uri(img, 'JPEG', 160)}'>"
             f"<img alt='its regions' src='{data_uri(overlay(img, np.asarray(r['train_regions'])), 'JPEG', 160)}'></div>"
             f"<b>{html.escape(r['label'])}</b> #{r['index']} &nbsp; score <span class='{'pos' if r['score'] > 0 else 'neg'}'>"
-            f"{r['score']:+.4f}</span><br><span class='muted'>{html.escape(Path(r['path']).name)}</span><br>{pairs}{match}</div>")
+            f"{r['score']:+.4f}</span>" + (f" &nbsp; weight {r['weight']:.3g}" if "weight" in r else "")
+            + f"<br><span class='muted'>{html.escape(Path(r['path']).name)}</span><br>{pairs}{match}</div>")
     return "<div class='row'>" + "".join(cards) + "</div>"
 
 
