@@ -98,10 +98,7 @@ class Carrot:
         with worker_errors(), tqdm(total=len(dataset), desc=f"embed {dataset.name}", unit="img", disable=not progress) as bar:
             for x in loader:
                 H, grid = bb(x)
-                H = H.cpu().to(torch.float16 if self.cache_dtype == "float16" else torch.float32).to(torch.float64)
-                if not torch.isfinite(H).all():
-                    raise CarrotError(f"backbone produced NaN/Inf tokens (dtype {self.cache_dtype} overflow?) for "
-                                      f"{dataset.name} rows {done}..{done + len(x)}")
+                H = self._as_cached(H, f"{dataset.name} rows {done}..{done + len(x)}")
                 G = self.embed_regions(RegionSet(H, patch_centres(grid, torch.float64), grid))[0].numpy()
                 out = np.empty((len(dataset), G.shape[1])) if out is None else out
                 out[done : done + len(x)] = G
@@ -134,9 +131,16 @@ class Carrot:
         geo = bb.display_transform()
         imgs = [geo(im) for im in imgs]
         H, grid = bb(x)
-        H = H.cpu().to(torch.float16 if self.cache_dtype == "float16" else torch.float32).float()
+        H = self._as_cached(H, "the images to explain")
         G, w = self.embed_regions(RegionSet(H, patch_centres(grid, torch.float64), grid))
         return G.numpy(), H, w, grid, imgs
+
+    def _as_cached(self, H: torch.Tensor, where: str) -> torch.Tensor:
+        """Backbone tokens rounded to the cache dtype, as float64 on the CPU: what the token cache would give."""
+        H = H.cpu().to(torch.float16 if self.cache_dtype == "float16" else torch.float32).to(torch.float64)
+        if not torch.isfinite(H).all():
+            raise CarrotError(f"backbone produced NaN/Inf tokens (dtype {self.cache_dtype} overflow?) for {where}")
+        return H
 
     @property
     def cache_dtype(self) -> str:
