@@ -233,6 +233,33 @@ def accuracy_over_seeds(G: np.ndarray, y: np.ndarray, G_test: np.ndarray, y_test
     }
 
 
+def summary_lines(res: dict) -> list[str]:
+    """One human-readable line per evaluation in ``res`` (the dict :func:`evaluate_embeddings` and the
+    accuracy / pointing evaluations build)."""
+    out = []
+    if "accuracy" in res:
+        a = res["accuracy"]
+        how = f"{a['shots']}-shot" if a.get("shots") else "full train"
+        out.append(f"accuracy ({how}{', re-split' if a.get('resplit') else ''}, {len(a['seeds'])} seeds): "
+                   f"{a['mean']:.4f} +- {a['std']:.4f}")
+    if "mislabel" in res:
+        best = sorted(res["mislabel"]["results"].items(), key=lambda kv: -kv[1]["roc_auc"])
+        out.append(f"mislabel detection ({res['mislabel']['flip_fraction']:.0%} flipped), ROC-AUC: "
+                   + ", ".join(f"{k} {v['roc_auc']:.3f}" for k, v in best))
+    if "faithfulness" in res:
+        k = max(next(iter(res["faithfulness"].values())), key=int)
+        out.append(f"faithfulness, logit drop after removing the top {k}: "
+                   + ", ".join(f"{n} {v[k]['remove_top']['logit_drop']:.3f}" for n, v in res["faithfulness"].items()))
+    if "lds" in res:
+        out.append("LDS: " + ", ".join(f"{n} {v:.3f}" for n, v in res["lds"].items()))
+    if "agreement_with_exact_loo" in res:
+        out.append("Spearman with exact LOO: " + ", ".join(f"{n} {v['spearman']:.3f}" for n, v in res["agreement_with_exact_loo"].items()))
+    if "pointing" in res:
+        p = res["pointing"]
+        out.append(f"pointing game ({p['n']} images): hit rate {p['hit_rate']:.3f} (random region {p['random_region_hit_rate']:.3f})")
+    return out
+
+
 EVALUATIONS = ("mislabel", "faithfulness", "lds", "agreement")
 
 

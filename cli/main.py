@@ -235,9 +235,10 @@ def predict(run_dir: str, images: tuple[str, ...], out_path: str | None, batch_s
 @click.option("--n-test", type=int, default=50, show_default=True, help="Test images evaluated (random subset).")
 @click.option("--subsets", type=int, default=50, show_default=True, help="Random 50% training subsets for LDS.")
 @click.option("--out", "out_path", type=click.Path(dir_okay=False), help="JSON file to write (default: RUN_DIR/evaluation.json).")
+@click.option("--json", "as_json", is_flag=True, help="Print the whole result as JSON on stdout (default: one line per evaluation).")
 @user_errors
 def evaluate(run_dir: str, what: str, seeds: str, shots: int | None, resplit: bool, flip_fraction: float, ks: str,
-             n_test: int, subsets: int, out_path: str | None) -> None:
+             n_test: int, subsets: int, out_path: str | None, as_json: bool) -> None:
     """Evaluate the run in RUN_DIR: test accuracy mean/std over seeds (few-shot or re-split), and its exact
     attributions against exact LOO, TracIn and baselines: mislabel detection, faithfulness, linear
     datamodeling score, rank agreement; pointing game where part locations are known."""
@@ -249,7 +250,12 @@ def evaluate(run_dir: str, what: str, seeds: str, shots: int | None, resplit: bo
                                  seeds=seed_list, shots=shots, resplit=resplit,
                                  flip_fraction=flip_fraction, ks=k_list, n_test=n_test, n_subsets=subsets,
                                  progress=lambda msg: click.echo(f"... {msg}", err=True))
-    click.echo(json.dumps(res, indent=2))
+    if as_json:
+        click.echo(json.dumps(res, indent=2))
+        return
+    from carrot.evaluate import summary_lines
+
+    click.echo("\n".join(summary_lines(res) + [f"-> {out_path or Path(run_dir) / 'evaluation.json'}"]))
 
 
 @cli.command()

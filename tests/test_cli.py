@@ -248,10 +248,11 @@ def test_help_everywhere():
 
 
 def test_evaluate_and_reweight_commands(fitted, tmp_path):
-    r = run("evaluate", str(fitted), "--k", "1,2", "--n-test", "3", "--subsets", "5", "--flip-fraction", "0.2",
+    r = run("evaluate", str(fitted), "--k", "1,2", "--n-test", "3", "--subsets", "5", "--flip-fraction", "0.2", "--json",
             "--out", str(tmp_path / "ev.json"))
     assert r.exit_code == 0, r.output
     res = json.loads((tmp_path / "ev.json").read_text())
+    assert json.loads(r.stdout) == res
     assert {"mislabel", "faithfulness", "lds", "agreement_with_exact_loo"} <= set(res)
     assert res["agreement_with_exact_loo"]["carrot_representer"]["spearman"] <= 1.0
     r = run("reweight", str(fitted), "--steps", "3", "--val-fraction", "0.3", "--out", str(tmp_path / "rw.json"))
@@ -261,6 +262,7 @@ def test_evaluate_and_reweight_commands(fitted, tmp_path):
     bad(["evaluate", str(fitted), "--what", "speed"], "--what: expected some of accuracy, mislabel")
     r = run("evaluate", str(fitted), "--what", "accuracy", "--shots", "2", "--seeds", "0,1,2", "--out", str(tmp_path / "acc.json"))
     assert r.exit_code == 0, r.output
+    assert r.stdout.startswith("accuracy (2-shot, 3 seeds): ") and r.stdout.strip().endswith("acc.json")
     acc = json.loads((tmp_path / "acc.json").read_text())["accuracy"]
     assert acc["seeds"] == [0, 1, 2] and all(p["n_train"] == 2 * 3 for p in acc["per_seed"])
     bad(["evaluate", str(fitted), "--what", "accuracy", "--shots", "50"], "shots: expected at most")
