@@ -18,7 +18,7 @@ def _positive_or_median(name: str, v: Any) -> None:
         raise CarrotError(f"{name}: expected 'median', 'median*k' (k > 0) or a number > 0, got {v!r}")
 
 
-DATA_KINDS = ("elpv", "imagefolder", "cub", "nabirds", "cars", "aircraft", "flowers102", "dogs", "synthetic")
+DATA_KINDS = ("elpv", "imagefolder", "cub", "nabirds", "cars", "aircraft", "flowers102", "dogs", "fashion-mnist", "synthetic")
 
 
 @dataclass(frozen=True)

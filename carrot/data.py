@@ -359,13 +359,76 @@ def load_elpv(test_fraction: float = 0.25, seed: int = 0, max_per_class: int | N
     recs = [ImageRecord(str(root / path), index[f"{t}_p{float(p):.2f}"]) for path, p, t in rows]
     ds = ImageDataset(recs, classes, "elpv")
     if max_per_class is not None:
-        rng = np.random.default_rng(seed)
-        keep = []
-        for c in range(len(classes)):
-            idx = np.flatnonzero(ds.labels == c)
-            keep += sorted(rng.permutation(idx)[:max_per_class].tolist())
-        ds = ds.subset(sorted(keep))
+        ds = ds.subset(cap_per_class(ds.labels, len(classes), max_per_class, seed).tolist())
     return stratified_split(ds, test_fraction, seed)
+
+
+def cap_per_class(labels: np.ndarray, n_classes: int, cap: int, seed: int) -> np.ndarray:
+    """Sorted row indices keeping at most ``cap`` random rows of each class (seeded)."""
+    rng = np.random.default_rng(seed)
+    keep = [rng.permutation(np.flatnonzero(np.asarray(labels) == c))[:cap] for c in range(n_classes)]
+    return np.sort(np.concatenate(keep)).astype(np.int64)
+
+
+FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+FASHION_MNIST_DEBIAN = "/usr/share/datasets/fashion-mnist"
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """An IDX file (MNIST format, optionally gzipped) as a uint8 array: (n,) labels or (n, h, w) images."""
+    import gzip
+
+    if not path.is_file():
+        raise CarrotError(f"IDX layout: missing '{path.name}' in '{path.parent}'")
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as fh:
+        data = fh.read()
+    if len(data) < 4 or data[:2] != b"\x00\x00" or data[2] != 0x08:
+        raise CarrotError(f"'{path}' is not an unsigned-byte IDX file (magic {data[:4].hex() or 'missing'})")
+    ndim = data[3]
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    if body.size != int(np.prod(shape)):
+        raise CarrotError(f"'{path}': header says {shape} but holds {body.size} values (truncated?)")
+    return body.reshape(shape)
+
+
+def load_fashion_mnist(root: str | Path | None = None, max_per_class: int | None = None,
+                       seed: int = 0) -> tuple[ImageDataset, ImageDataset]:
+    """Fashion-MNIST (real 28x28 grayscale photos of 10 clothing classes; Debian's dataset-fashion-mnist puts
+    it in /usr/share/datasets/fashion-mnist): the official 60,000 / 10,000 split, ``max_per_class`` images
+    per class of each split at most (seeded). The chosen images are written once as PNG files under the
+    user cache directory (keyed by the IDX files' contents) so the rest of carrot sees image files."""
+    from PIL import Image
+
+    from .io import atomic_path, sha256_file, user_cache_dir
+
+    root = Path(root or FASHION_MNIST_DEBIAN)
+    if not root.is_dir():
+        raise CarrotError(f"data.root: no Fashion-MNIST folder '{root}' (apt-get install dataset-fashion-mnist, or "
+                          "--data a folder with the four *-idx?-ubyte[.gz] files)")
+
+    def find(stem: str) -> Path:
+        return next((p for p in (root / f"{stem}.gz", root / stem) if p.is_file()), root / f"{stem}.gz")
+
+    splits = []
+    for split, prefix in (("train", "train"), ("test", "t10k")):
+        img_path, lab_path = find(f"{prefix}-images-idx3-ubyte"), find(f"{prefix}-labels-idx1-ubyte")
+        images, labels = read_idx(img_path), read_idx(lab_path)
+        if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels) or labels.max(initial=0) >= 10:
+            raise CarrotError(f"Fashion-MNIST {split}: images {images.shape} and labels {labels.shape} do not match")
+        rows = cap_per_class(labels, 10, max_per_class, seed) if max_per_class else np.arange(len(labels))
+        out = user_cache_dir() / "fashion-mnist" / sha256_file(img_path)[:16] / split
+        out.mkdir(parents=True, exist_ok=True)
+        records = []
+        for i in rows.tolist():
+            png = out / f"{i:05d}.png"
+            if not png.is_file():
+                with atomic_path(png) as tmp:
+                    Image.fromarray(images[i]).save(tmp, format="PNG")
+            records.append(ImageRecord(str(png), int(labels[i])))
+        splits.append(ImageDataset(records, list(FASHION_MNIST_CLASSES), f"fashion-mnist/{split}"))
+    return splits[0], splits[1]
 
 
 def make_synthetic(root: str | Path, num_classes: int = 3, per_class: int = 8, size: int = 32, seed: int = 0) -> Path:
@@ -418,12 +481,14 @@ def collect_images(inputs: Sequence[str]) -> list[str]:
 def load_splits(config) -> tuple[ImageDataset, ImageDataset]:
     """Train and test splits named by ``config.data`` (a :class:`carrot.config.RunConfig`)."""
     d = config.data
-    if d.kind not in ("elpv", "synthetic") and not d.root:
+    if d.kind not in ("elpv", "synthetic", "fashion-mnist") and not d.root:
         raise CarrotError(f"data.root: a {d.kind} data set needs a root directory (--data PATH)")
     if d.kind == "elpv":
         return load_elpv(d.test_fraction, d.split_seed, d.max_per_class)
     if d.kind in ("cub", "nabirds"):
         return load_cub(d.root, d.bbox_crop, "CUB" if d.kind == "cub" else "NABirds")
+    if d.kind == "fashion-mnist":
+        return load_fashion_mnist(d.root, d.max_per_class, d.split_seed)
     if d.kind == "dogs":
         return load_stanford_dogs(d.root, d.bbox_crop)
     if d.kind in TORCHVISION_SETS:

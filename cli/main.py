@@ -44,7 +44,7 @@ def run_options(fn: Callable) -> Callable:
         click.option("--data-kind", type=click.Choice(DATA_KINDS), help="Data set layout (default: elpv, or imagefolder when --data is given); cars, aircraft and flowers102 are read by torchvision's loaders."),
         click.option("--bbox-crop/--no-bbox-crop", default=None, help="cub, nabirds, cars, aircraft, dogs: crop each image to its annotated bounding box."),
         click.option("--test-fraction", type=float, help="Held-out fraction when the data has no test split."),
-        click.option("--max-per-class", type=int, help="Use at most this many images per class (ELPV only)."),
+        click.option("--max-per-class", type=int, help="Use at most this many images per class (elpv: before the split; fashion-mnist: in each split)."),
         click.option("--backbone", help="Built-in 'dinov2_vits14' (default) or 'efficientnet_lite0', or any timm model name."),
         click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False), help="Local weights file (.pth/.safetensors) for the backbone."),
         click.option("--img-size", type=int, help="Input image side in pixels (default: the backbone's)."),

@@ -200,3 +200,57 @@ def test_stanford_dogs_layout_and_box_crop(tmp_path):
     assert len(load_splits(RunConfig.from_dict({"data": {"kind": "dogs", "root": str(tmp_path / "flat")}}))[0]) == 6
     with pytest.raises(CarrotError, match="no Stanford Dogs copy"):
         load_splits(RunConfig.from_dict({"data": {"kind": "dogs", "root": str(tmp_path)}}))
+
+
+def _write_idx(path: Path, arr: np.ndarray, gz: bool = True) -> None:
+    import gzip
+
+    header = bytes([0, 0, 0x08, arr.ndim]) + b"".join(int(s).to_bytes(4, "big") for s in arr.shape)
+    (gzip.open if gz else open)(path, "wb").write(header + arr.astype(np.uint8).tobytes())
+
+
+def test_idx_reader_and_fashion_mnist_layout(tmp_path, monkeypatch):
+    from carrot.data import load_fashion_mnist, read_idx
+
+    monkeypatch.setenv("CARROT_CACHE_DIR", str(tmp_path / "cache"))
+    g = np.random.default_rng(0)
+    root = tmp_path / "fmnist"
+    root.mkdir()
+    data = {}
+    for prefix, n in (("train", 40), ("t10k", 20)):
+        x, y = g.integers(0, 256, (n, 28, 28)), np.arange(n) % 10
+        _write_idx(root / f"{prefix}-images-idx3-ubyte.gz", x)
+        _write_idx(root / f"{prefix}-labels-idx1-ubyte", y, gz=False)  # plain and gzipped files both read
+        data[prefix] = (x, y)
+    np.testing.assert_array_equal(read_idx(root / "train-images-idx3-ubyte.gz"), data["train"][0])
+    train, test = load_fashion_mnist(root, max_per_class=3, seed=1)
+    assert (len(train), len(test)) == (30, 20) and train.classes[0] == "T-shirt/top" and train.classes[9] == "Ankle boot"
+    assert np.bincount(train.labels).tolist() == [3] * 10
+    for ds, (x, y) in ((train, data["train"]), (test, data["t10k"])):
+        for rec in ds.records:
+            i = int(Path(rec.path).stem)
+            assert rec.label == y[i]
+            np.testing.assert_array_equal(np.asarray(Image.open(rec.path)), x[i])  # the PNG holds the exact pixels
+    again, _ = load_fashion_mnist(root, max_per_class=3, seed=1)
+    assert again.records == train.records  # the PNGs are written once and reused
+    (root / "bad-idx").write_bytes(b"\x00\x01\x08\x01" + b"\x00" * 4)
+    with pytest.raises(CarrotError, match="not an unsigned-byte IDX file"):
+        read_idx(root / "bad-idx")
+    _write_idx(root / "short", np.zeros(10))
+    (root / "short").write_bytes(__import__("gzip").decompress((root / "short").read_bytes())[:-3])
+    with pytest.raises(CarrotError, match="truncated"):
+        read_idx(root / "short")
+    with pytest.raises(CarrotError, match="no Fashion-MNIST folder"):
+        load_fashion_mnist(tmp_path / "nowhere")
+
+
+def test_debian_fashion_mnist_is_the_real_data():
+    from carrot.data import FASHION_MNIST_DEBIAN, read_idx
+
+    root = Path(FASHION_MNIST_DEBIAN)
+    if not root.is_dir():
+        pytest.skip("Debian's dataset-fashion-mnist is not installed (apt-get install dataset-fashion-mnist)")
+    assert read_idx(root / "train-images-idx3-ubyte.gz").shape == (60000, 28, 28)
+    # the published first labels of the two splits
+    assert read_idx(root / "train-labels-idx1-ubyte.gz")[:10].tolist() == [9, 0, 0, 3, 0, 2, 7, 2, 5, 5]
+    assert read_idx(root / "t10k-labels-idx1-ubyte.gz")[:10].tolist() == [9, 2, 1, 1, 6, 1, 4, 6, 5, 7]
