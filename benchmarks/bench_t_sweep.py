@@ -8,6 +8,7 @@ images (lambda by exact LOO on each training split), attribution concentration (
 for reference). One eigendecomposition per image serves all t. Writes JSON + CSV and a plot.
 
     python benchmarks/bench_t_sweep.py --backbones dinov2_vits14 efficientnet_lite0
+    python benchmarks/bench_t_sweep.py --data-kind fashion-mnist --max-per-class 150 --out benchmarks/results/t_sweep_fashion-mnist
 """
 from __future__ import annotations
 
@@ -45,11 +46,13 @@ def main() -> None:
                     help="spatial bandwidths tried with sigma_feat = median")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--n-region", type=int, default=12, help="test images for the deletion curves")
+    ap.add_argument("--data-kind", default="elpv", help="a data set carrot reads without a root: elpv or fashion-mnist")
+    ap.add_argument("--max-per-class", type=int, default=None, help="cap per class (fashion-mnist: in each split)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "t_sweep"))
     a = ap.parse_args()
     rows = []
     for name in a.backbones:
-        cfg = RunConfig().merged({"backbone.name": name})
+        cfg = RunConfig().merged({"backbone.name": name, "data.kind": a.data_kind, "data.max_per_class": a.max_per_class})
         stores, train, test = orchestration.extract_splits(cfg, progress=True)
         tokens = np.concatenate([np.asarray(s.tokens) for s in stores])
         labels = np.concatenate([s.labels for s in stores])

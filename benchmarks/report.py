@@ -94,12 +94,18 @@ def diffusion_section(d: dict) -> list[str]:
 
 def t_sweep_section(d: dict) -> list[str]:
     rows = [dict(r, acc=f"{r['accuracy_mean']:.3f} ± {r['accuracy_std']:.3f}") for r in d["rows"]]
-    lines = ["## Diffusion time t and graph bandwidths on ELPV (`bench_t_sweep.py`)", "",
-             "Accuracy: mean ± std over 3 stratified 75/25 splits of all 2,624 images (λ by exact LOO on each training split). "
+    kind = d["args"].get("data_kind", "elpv")
+    name = {"elpv": "ELPV", "fashion-mnist": "Fashion-MNIST"}.get(kind, kind)
+    cap = d["args"].get("max_per_class")
+    plot = Path(d["args"]["out"]).with_suffix(".png").name
+    lines = [f"## Diffusion time t and graph bandwidths on {name} (`bench_t_sweep.py`)", "",
+             f"Accuracy: mean ± std over {len(d['args']['seeds'])} stratified 75/25 splits of {rows[0]['n_images']:,} real images"
+             + (f" (at most {cap} per class{' and split' if kind == 'fashion-mnist' else ''})" if cap else "")
+             + " (λ by exact LOO on each training split). "
              "Concentration: share of the total |contribution| to the predicted logit held by the top-10 training images. "
              "Deletion AUC: logit while removing regions in order of their exact contribution (normalised: 1 = full logit "
              "throughout, 0 = prior); lower is a sharper region attribution; random order for reference. "
-             "Plot: `benchmarks/results/t_sweep.png`.", ""]
+             f"Plot: `benchmarks/results/{plot}`.", ""]
     return lines + _table(rows, [("backbone", "backbone"), ("sigma_space", "sigma_space"), ("sigma_feat", "sigma_feat"), ("t", "t"), ("accuracy", "acc"),
                                  ("λ (median)", "lam_median"), ("top-10 concentration", "top10_concentration"),
                                  ("deletion AUC", "deletion_auc_norm"), ("deletion AUC, random order", "deletion_auc_norm_random")]) + [""]
