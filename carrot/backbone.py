@@ -55,9 +55,10 @@ class TokenBackbone:
 
     @property
     def min_side(self) -> int:
-        """Smallest image side (px) that still covers one region."""
+        """Smallest accepted image side (px): one patch for a patch model; 16 px otherwise (the evaluation
+        transform upsamples every image, so a 28-px Fashion-MNIST photo is fine, a 4-px file is not)."""
         ps = self.patch_size
-        return max(ps) if ps else 32
+        return max(ps) if ps else 16
 
     def transform(self):
         """timm's evaluation transform for this model (PIL image -> (3, H, W) tensor)."""

@@ -118,3 +118,20 @@ def test_token_model_without_patch_size_needs_a_square_grid():
     bb = TokenBackbone(Tokens(15), "t", "t", "x", 32, torch.device("cpu"), {"input_size": (3, 32, 32)})
     with pytest.raises(CarrotError, match="15 tokens for a 32x32 input .* cannot lay them on a grid"):
         bb(torch.randn(1, 3, 32, 32))
+
+
+def test_small_real_images_pass_and_tiny_files_are_refused(tmp_path):
+    from PIL import Image
+
+    from carrot.data import load_image
+
+    conv = create_backbone("resnet18", img_size=64, pretrained=False, device="cpu")
+    vit = create_backbone("vit_tiny_patch16_224", img_size=32, pretrained=False, device="cpu")
+    assert (conv.min_side, vit.min_side) == (16, 16)
+    Image.new("L", (28, 28), 90).save(tmp_path / "fmnist.png")  # a Fashion-MNIST-sized photo
+    Image.new("RGB", (6, 6)).save(tmp_path / "tiny.png")
+    for bb in (conv, vit):
+        x = bb.transform()(load_image(tmp_path / "fmnist.png", bb.min_side))
+        assert bb(x[None])[0].shape[0] == 1
+        with pytest.raises(CarrotError, match="smaller than one 16-px patch"):
+            load_image(tmp_path / "tiny.png", bb.min_side)
