@@ -254,7 +254,12 @@ def _torchvision_boxes(kind: str, base: Path, split: str) -> dict[str, tuple[flo
     else:  # aircraft: data/images_box.txt, "<id> xmin ymin xmax ymax"
         rows = _read_table(base / "data" / "images_box.txt", 5, "FGVC-Aircraft")
         corners = {f"{r[0]}.jpg": tuple(float(v) for v in r[1:5]) for r in rows}
-    return {k: (x0 - 1, y0 - 1, x1 - x0 + 1, y1 - y0 + 1) for k, (x0, y0, x1, y1) in corners.items()}
+    return {k: corners_to_box(*c) for k, c in corners.items()}
+
+
+def corners_to_box(x0: float, y0: float, x1: float, y1: float) -> tuple[float, float, float, float]:
+    """1-based inclusive pixel corners (the Cars / Aircraft / Dogs annotations) -> 0-based (x, y, w, h)."""
+    return x0 - 1, y0 - 1, x1 - x0 + 1, y1 - y0 + 1
 
 
 def load_torchvision(kind: str, root: str | Path, bbox_crop: bool = False) -> tuple[ImageDataset, ImageDataset]:
@@ -304,9 +309,7 @@ def _dogs_box(xml: Path) -> tuple[float, float, float, float]:
         raise CarrotError(f"data.bbox_crop: cannot read the box in '{xml}' ({exc})") from None
     if not boxes:
         raise CarrotError(f"data.bbox_crop: no <bndbox> in '{xml}'")
-    x0, y0 = min(b[0] for b in boxes), min(b[1] for b in boxes)
-    x1, y1 = max(b[2] for b in boxes), max(b[3] for b in boxes)
-    return x0 - 1, y0 - 1, x1 - x0 + 1, y1 - y0 + 1
+    return corners_to_box(min(b[0] for b in boxes), min(b[1] for b in boxes), max(b[2] for b in boxes), max(b[3] for b in boxes))
 
 
 def load_stanford_dogs(root: str | Path, bbox_crop: bool = False) -> tuple[ImageDataset, ImageDataset]:
