@@ -4,6 +4,8 @@ per-class, CE sampled) vs none; RRO with and without the attribution-consistency
 debugging loop (drop the K images most harmful to validation vs K random); TracIn vs exact LOO.
 
     python benchmarks/bench_variants.py --seeds 0 1 2
+    python benchmarks/bench_variants.py --data-kind fashion-mnist --max-per-class 150 --backbone efficientnet_lite0 \
+        --out benchmarks/results/variants_fashion-mnist.json
 """
 from __future__ import annotations
 
@@ -34,9 +36,11 @@ def main() -> None:
     ap.add_argument("--backbone", default="dinov2_vits14")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--ce-lam", type=float, default=1e-3)
+    ap.add_argument("--data-kind", default="elpv", help="a data set carrot reads without a root: elpv or fashion-mnist")
+    ap.add_argument("--max-per-class", type=int, default=None, help="cap per class (fashion-mnist: in each split)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "variants.json"))
     a = ap.parse_args()
-    cfg = RunConfig().merged({"backbone.name": a.backbone})
+    cfg = RunConfig().merged({"backbone.name": a.backbone, "data.kind": a.data_kind, "data.max_per_class": a.max_per_class})
     stores, train, _ = orchestration.extract_splits(cfg, progress=True)
     model = Carrot(cfg)
     G_all = np.concatenate([model.embed_store(s) for s in stores])
@@ -83,7 +87,8 @@ def main() -> None:
                for k, v in res.items()}
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"backbone": a.backbone, "seeds": a.seeds, "n_images": int(len(y_all)), "results": summary}, indent=2))
+    out.write_text(json.dumps({"backbone": a.backbone, "data_kind": a.data_kind, "seeds": a.seeds, "n_images": int(len(y_all)),
+                               "results": summary}, indent=2))
     print(json.dumps({k: (round(v["mean"], 4), round(v["std"], 4)) for k, v in summary.items()}, indent=1))
 
 

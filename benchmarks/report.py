@@ -123,7 +123,8 @@ def share_section(d: dict) -> list[str]:
 
 def variants_section(d: dict) -> list[str]:
     r = d["results"]
-    lines = ["## The seeds' variants on ELPV (`bench_variants.py`)", "",
+    name = {"elpv": "ELPV", "fashion-mnist": "Fashion-MNIST"}.get(d.get("data_kind", "elpv"), d.get("data_kind"))
+    lines = [f"## The seeds' variants on {name} (`bench_variants.py`)", "",
              f"{d['backbone']}, {d['n_images']} images, seeds {d['seeds']} (mean ± std over stratified 75/25 splits).", "",
              "| quantity | value |", "|---|---|"]
     for k, v in r.items():
