@@ -309,7 +309,11 @@ def pointing(run_dir: str | Path, model: Carrot | None = None) -> dict[str, Any]
         pred = model.head_.decision_function(G.numpy()).argmax(1)
         for j, i in enumerate(idx):
             rec = test.records[i]
-            wh = (rec.bbox[2], rec.bbox[3]) if rec.bbox else Image.open(rec.path).size
+            if rec.bbox:
+                wh = (rec.bbox[2], rec.bbox[3])
+            else:
+                with Image.open(rec.path) as im:
+                    wh = im.size
             boxes = [to_input_coords(np.array([[x0, y0], [x1, y1]]), wh, geo).ravel() for x0, y0, x1, y1 in rec.parts]
             r = region_contributions(model.head_, H[j], w[j])[:, pred[j]].numpy().reshape(store.grid)
             hits.append(any(pointing_game(r, tuple(b), size) for b in boxes))

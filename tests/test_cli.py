@@ -74,7 +74,8 @@ def test_explain_folder_writes_exact_explanations(fitted, synthetic_root, tmp_pa
         assert abs(e["prior"] + e["region_sum"] - logit) <= 1e-6 * max(1, abs(logit))
         assert np.asarray(e["region_contributions"]).shape == tuple(e["grid"]) == (2, 2)
         png = Path(e["heatmap"])
-        assert png.is_file() and Image.open(png).format == "PNG"
+        with Image.open(png) as im:
+            assert im.format == "PNG"
     assert (tmp_path / "explanations.json").is_file()
 
 

@@ -206,7 +206,8 @@ def _write_idx(path: Path, arr: np.ndarray, gz: bool = True) -> None:
     import gzip
 
     header = bytes([0, 0, 0x08, arr.ndim]) + b"".join(int(s).to_bytes(4, "big") for s in arr.shape)
-    (gzip.open if gz else open)(path, "wb").write(header + arr.astype(np.uint8).tobytes())
+    with (gzip.open if gz else open)(path, "wb") as fh:
+        fh.write(header + arr.astype(np.uint8).tobytes())
 
 
 def test_idx_reader_and_fashion_mnist_layout(tmp_path, monkeypatch):

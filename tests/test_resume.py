@@ -23,7 +23,7 @@ def test_killed_fit_resumes_to_the_same_model(tmp_path):
     data = make_synthetic(tmp_path / "data", num_classes=3, per_class=20, size=32)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(fit_cmd(data, tmp_path / "a", tmp_path / "cache_a"), cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # never read: no pipe to fill or leak
     deadline, done = time.time() + 120, 0
     while time.time() < deadline and proc.poll() is None:
         prog = list((tmp_path / "cache_a").glob("*/progress.json"))
