@@ -190,11 +190,14 @@ def accuracy_over_seeds(G: np.ndarray, y: np.ndarray, G_test: np.ndarray, y_test
                         resplit: bool = False) -> dict:
     """Top-1 and per-class test accuracy, mean and std (ddof=1) over seeds. A seed draws the ``shots``
     training images per class (few-shot) and/or, with ``resplit``, a new stratified train/test split of
-    the pooled embeddings (same test share); with neither, every seed gives the same closed-form head."""
+    the pooled embeddings (same test share); with neither, every seed would give the same closed-form head,
+    so only the first is run."""
     from .data import stratified_indices
 
     if not seeds:
         raise CarrotError("seeds: expected at least one seed")
+    if shots is None and not resplit:
+        seeds = list(seeds)[:1]
     if shots is not None and (isinstance(shots, bool) or not isinstance(shots, int) or shots < 1):
         raise CarrotError(f"shots: expected a positive integer or None, got {shots!r}")
     C = len(classes)
@@ -239,9 +242,12 @@ def summary_lines(res: dict) -> list[str]:
     out = []
     if "accuracy" in res:
         a = res["accuracy"]
-        how = f"{a['shots']}-shot" if a.get("shots") else "full train"
-        out.append(f"accuracy ({how}{', re-split' if a.get('resplit') else ''}, {len(a['seeds'])} seeds): "
-                   f"{a['mean']:.4f} +- {a['std']:.4f}")
+        if not a.get("shots") and not a.get("resplit"):
+            out.append(f"accuracy (full training split; deterministic, one fit): {a['mean']:.4f}")
+        else:
+            how = f"{a['shots']}-shot" if a.get("shots") else "full train"
+            out.append(f"accuracy ({how}{', re-split' if a.get('resplit') else ''}, {len(a['seeds'])} seeds): "
+                       f"{a['mean']:.4f} +- {a['std']:.4f}")
     if "mislabel" in res:
         best = sorted(res["mislabel"]["results"].items(), key=lambda kv: -kv[1]["roc_auc"])
         out.append(f"mislabel detection ({res['mislabel']['flip_fraction']:.0%} flipped), ROC-AUC: "

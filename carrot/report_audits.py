@@ -23,6 +23,9 @@ def _accuracy(acc: dict) -> str:
     how = (f"{acc['shots']}-shot training subsets" if acc.get("shots") else "the full training split") + (
         ", re-split per seed" if acc.get("resplit") else "")
     per = [[c, v["mean"], v["std"]] for c, v in acc["per_class"].items()]
+    if len(acc["seeds"]) == 1:
+        return (f"<h3>Accuracy over seeds</h3><p>one fit on {how} (nothing is drawn at random): test accuracy "
+                f"<b>{acc['mean']:.4f}</b></p>" + _table(["class", "accuracy"], [r[:2] for r in per]))
     return (f"<h3>Accuracy over seeds</h3><p>{len(acc['seeds'])} seeds on {how}: test accuracy "
             f"<b>{acc['mean']:.4f} &plusmn; {acc['std']:.4f}</b> (std, ddof = 1)</p>"
             + _table(["class", "mean accuracy", "std"], per))

@@ -104,7 +104,7 @@ def test_accuracy_over_seeds_is_a_plain_refit_per_seed():
     # no subsample, no resplit: every seed is the same head, which is the one sklearn-style refit gives
     fixed = accuracy_over_seeds(G, y, Gt, yt, 2.0, classes, seeds=(0, 1, 2))
     ref = (RidgeHead(lam=2.0).fit(G, y).predict(Gt) == yt).mean()
-    assert fixed["mean"] == pytest.approx(ref) and fixed["std"] == 0.0
+    assert fixed["mean"] == pytest.approx(ref) and fixed["std"] == 0.0 and fixed["seeds"] == [0]  # one fit is enough
     # few-shot: seed s trains on the 3 images per class drawn by default_rng(s), in index order
     few = accuracy_over_seeds(G, y, Gt, yt, 2.0, classes, seeds=(0, 1, 2, 3), shots=3)
     accs = []
