@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TS = [0.25, 0.5, 1.0, 2.0, 5.0, 10.0]
 
 
-def child(method: str, n: int, batch: int, d: int) -> None:
+def child(method: str, n: int, batch: int, d: int, device: str = "cpu") -> None:
     import numpy as np
     import scipy.sparse.linalg
     import torch
@@ -34,24 +34,46 @@ def child(method: str, n: int, batch: int, d: int) -> None:
     side = int(round(n**0.5))
     P = torch.stack(torch.meshgrid(torch.linspace(-1, 1, side), torch.linspace(-1, 1, n // side), indexing="ij"), -1).reshape(-1, 2)
     H = torch.randn(batch, P.shape[0], d, generator=g, dtype=torch.float64)
-    L = normalized_laplacian(affinity(H, P.double()))
+    dev = torch.device(device if method != "scipy_expm_multiply" else "cpu")  # scipy runs on the CPU
+
+    def sync() -> None:
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
+    H, P = H.to(dev), P.double().to(dev)
+    if dev.type == "cuda":  # first use of the kernels outside the timing
+        normalized_laplacian(affinity(H[:1], P))
+        sync()
+    tg = time.perf_counter()
+    L = normalized_laplacian(affinity(H, P))
+    sync()
+    graph_seconds = time.perf_counter() - tg
     after_graph = peak_rss_mb()
-    ones = torch.ones(batch, L.shape[1], 1, dtype=torch.float64)
+    ones = torch.ones(batch, L.shape[1], 1, dtype=torch.float64, device=dev)
+
+    def run():
+        if method == "eigh":
+            return SpectralDiffusion.from_laplacian(L).readout_weights(TS)
+        if method == "chebyshev":
+            return torch.stack([chebyshev_expm_multiply(L, ones, tt)[..., 0] for tt in TS]) / L.shape[1]
+        if method == "chebyshev_all_t":
+            return diffusion_weights(L, TS, "chebyshev")
+        return torch.from_numpy(np.stack([np.stack([scipy.sparse.linalg.expm_multiply(-tt * L[b].numpy(), np.ones(L.shape[1]))
+                                                    for b in range(batch)]) for tt in TS]) / L.shape[1])
+
+    if dev.type == "cuda":
+        run()
+        sync()
     t = time.perf_counter()
-    if method == "eigh":
-        w = SpectralDiffusion.from_laplacian(L).readout_weights(TS)
-    elif method == "chebyshev":
-        w = torch.stack([chebyshev_expm_multiply(L, ones, tt)[..., 0] for tt in TS]) / L.shape[1]
-    elif method == "chebyshev_all_t":
-        w = diffusion_weights(L, TS, "chebyshev")
-    else:
-        w = torch.from_numpy(np.stack([np.stack([scipy.sparse.linalg.expm_multiply(-tt * L[b].numpy(), np.ones(L.shape[1]))
-                                                 for b in range(batch)]) for tt in TS]) / L.shape[1])
+    w = run()
+    sync()
     seconds = time.perf_counter() - t
+    w, L = w.cpu(), L.cpu()
     ref = SpectralDiffusion.from_laplacian(L).readout_weights(TS)
     err = float(((w - ref).abs().max() / ref.abs().max()))
     peak = peak_rss_mb()
-    print(json.dumps({"method": method, "N": int(L.shape[1]), "batch": batch, "n_t": len(TS), "seconds": seconds,
+    print(json.dumps({"method": method, "device": str(dev), "N": int(L.shape[1]), "batch": batch, "n_t": len(TS), "seconds": seconds,
+                      "graph_seconds_per_image": graph_seconds / batch,
                       "seconds_per_image": seconds / batch, "max_rel_error_vs_eigh": err,
                       "peak_rss_mb": peak, "rss_after_imports_mb": base, "peak_rss_graph_only_mb": after_graph,
                       "method_extra_peak_mb": peak - after_graph}))
@@ -63,15 +85,17 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--d", type=int, default=384)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "diffusion"))
+    ap.add_argument("--device", default="cpu", help="where the graph and the torch methods run (scipy always on the CPU)")
     ap.add_argument("--child", nargs=2, default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
-        child(a.child[0], int(a.child[1]), a.batch, a.d)
+        child(a.child[0], int(a.child[1]), a.batch, a.d, a.device)
         return
     rows = []
     for n in a.N:
         for method in ("eigh", "chebyshev", "chebyshev_all_t", "scipy_expm_multiply"):
-            r = subprocess.run([sys.executable, __file__, "--child", method, str(n), "--batch", str(a.batch), "--d", str(a.d)],
+            r = subprocess.run([sys.executable, __file__, "--child", method, str(n), "--batch", str(a.batch), "--d", str(a.d),
+                                "--device", a.device],
                                capture_output=True, text=True)
             if r.returncode != 0:
                 raise SystemExit(r.stderr)

@@ -83,13 +83,14 @@ def scale_section(d: dict) -> list[str]:
 
 
 def diffusion_section(d: dict) -> list[str]:
-    lines = ["## Diffusion cost vs number of regions N (`bench_diffusion.py`)", "",
+    dev = d["args"].get("device", "cpu")
+    lines = [f"## Diffusion cost vs number of regions N, {dev} (`bench_diffusion.py`)", "",
              f"Readout weights w(t) = exp(-tL)1/N for {len(d['t_values'])} values of t, batch of {d['args']['batch']} images; "
              "eigh decomposes once for all t; `chebyshev` runs one recurrence per t, `chebyshev_all_t` one recurrence shared by "
              "every t (the Chebyshev vectors do not depend on t; what `diffusion_weights` does); scipy's `expm_multiply` (the "
              "reference) runs once per t and per image. Error is relative to eigh.", ""]
     return lines + _table(d["rows"], [("N", "N"), ("method", "method"), ("s / image", "seconds_per_image"),
-                                      ("speedup vs scipy", "speedup_vs_scipy"), ("max rel. error", "max_rel_error_vs_eigh"),
+                                      ("speedup vs scipy", "speedup_vs_scipy"), ("graph s / image", "graph_seconds_per_image"), ("max rel. error", "max_rel_error_vs_eigh"),
                                       ("peak RSS MB", "peak_rss_mb"), ("extra peak of the method MB", "method_extra_peak_mb")]) + [""]
 
 
