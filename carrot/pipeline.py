@@ -13,7 +13,7 @@ from .attribution import centred_kernel, region_contributions, top_k
 from .backbone import TokenBackbone, create_backbone, patch_centres
 from .cache import TokenStore
 from .config import RunConfig
-from .data import ImageRecord, load_image
+from .data import ImageDataset, ImageRecord, load_image
 from .devices import resolve_device
 from .diffusion import diffusion_weights
 from .errors import CarrotError, check_is_fitted
@@ -82,7 +82,7 @@ class Carrot:
                 out[:, s : s + batch] = torch.einsum("bnd,tbn->tbd", H, self.region_weights(H, P, ts)).numpy()
         return out if ts is not None else out[0]
 
-    def embed_dataset(self, dataset, progress: bool = False) -> np.ndarray:
+    def embed_dataset(self, dataset: ImageDataset, progress: bool = False) -> np.ndarray:
         """Embeddings (n, D) float64 of a data set streamed straight from the images (no token cache);
         tokens are rounded to the cache dtype first, so with the same backbone batches the result equals the
         cached path's."""
