@@ -5,6 +5,7 @@ line; 1 an unexpected internal error (with traceback, please report it).
 """
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import sys
@@ -19,8 +20,12 @@ from carrot.errors import CarrotError
 EXIT_USER_ERROR = 2
 
 
+FILESYSTEM_ERRNOS = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT)
+
+
 def user_errors(fn: Callable) -> Callable:
-    """Turn :class:`CarrotError` into a one-line message and exit code 2."""
+    """Turn :class:`CarrotError` (and a file the user's setup forbids: permissions, read-only or full disk)
+    into a one-line message and exit code 2."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -28,6 +33,12 @@ def user_errors(fn: Callable) -> Callable:
             return fn(*args, **kwargs)
         except CarrotError as exc:
             click.echo(f"carrot-run: error: {exc}", err=True)
+            sys.exit(EXIT_USER_ERROR)
+        except OSError as exc:
+            if exc.errno not in FILESYSTEM_ERRNOS:
+                raise
+            where = f": '{exc.filename}'" if exc.filename else ""
+            click.echo(f"carrot-run: error: {exc.strerror}{where}", err=True)
             sys.exit(EXIT_USER_ERROR)
         except KeyboardInterrupt:
             click.echo("carrot-run: interrupted; cached work is kept and resumes on the next run", err=True)

@@ -223,6 +223,27 @@ def test_user_mistakes_give_one_line_errors(tmp_path, fitted, synthetic_root, ti
     bad(["fit", "--config", tiny_config, "--data", str(synthetic_root), "--out", str(tmp_path / "o"), "--device", "tpu"], "device")
 
 
+def test_unwritable_output_is_a_one_line_error(monkeypatch, tmp_path, synthetic_root, tiny_config):
+    import errno
+
+    import main as orchestration
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "o" / "head.safetensors"))
+
+    monkeypatch.setattr(orchestration, "fit", full_disk)
+    r = CliRunner().invoke(cli, ["fit", "--config", tiny_config, "--data", str(synthetic_root), "--out", str(tmp_path / "o")])
+    assert r.exit_code == 2 and r.output.strip().splitlines() == [
+        f"carrot-run: error: No space left on device: '{tmp_path / 'o' / 'head.safetensors'}'"]
+
+    def bug(*args, **kwargs):
+        raise OSError(errno.EBADF, "Bad file descriptor")
+
+    monkeypatch.setattr(orchestration, "fit", bug)  # anything else is an internal error, not hidden
+    r = CliRunner().invoke(cli, ["fit", "--config", tiny_config, "--data", str(synthetic_root), "--out", str(tmp_path / "o")])
+    assert r.exit_code == 1 and isinstance(r.exception, OSError)
+
+
 def test_explain_refuses_other_backbone_weights(tmp_path, fitted, synthetic_root):
     import shutil
 
