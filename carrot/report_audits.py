@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import html
+from pathlib import Path
 from typing import Any
 
-AUDIT_FILES = {"evaluation": "evaluation.json", "reweight": "reweight.json", "debug": "debug.json", "t_sweep": "t_sweep.json"}
+AUDIT_FILES = {"evaluation": "evaluation.json", "reweight": "reweight.json", "debug": "debug.json", "t_sweep": "t_sweep.json",
+               "compare": "compare.json"}
 
 
 def _f(v: Any, fmt: str = ".3f") -> str:
@@ -106,6 +108,17 @@ def _t_sweep(rows: list[dict]) -> str:
                      [[r["t"], r["lam"], r.get("loo_accuracy"), r["test_accuracy"]] for r in rows], ".4g"))
 
 
+def _compare(c: dict) -> str:
+    per = [[k, v["a"], v["b"], v["change"]] for k, v in c["per_class"].items()]
+    changed = [[Path(x["image"]).name, x["label"], x["a"], x["b"]] for x in c["changed"][:20]]
+    return (f"<h2>Comparison with another run</h2><p>A = {html.escape(c['runs']['a'])}, B = {html.escape(c['runs']['b'])}: "
+            f"test accuracy A <b>{c['accuracy_a']:.4f}</b>, B <b>{c['accuracy_b']:.4f}</b> on {c['n']} images; B fixes "
+            f"{c['fixed_by_b']} and breaks {c['broken_by_b']} predictions (McNemar exact p = {c['mcnemar_exact_p']:.3g})</p>"
+            + _table(["class", "accuracy A", "accuracy B", "change"], per)
+            + (f"<h3>Changed predictions ({len(c['changed'])}; first 20)</h3>"
+               + _table(["image", "label", "A", "B"], changed) if changed else ""))
+
+
 def audits_html(audits: dict[str, Any]) -> str:
     """Sections for whichever of evaluation / reweight / debug / t_sweep results a run has."""
     out = ""
@@ -123,4 +136,5 @@ def audits_html(audits: dict[str, Any]) -> str:
     out += _reweight(audits["reweight"]) if audits.get("reweight") else ""
     out += _debug(audits["debug"]) if audits.get("debug") else ""
     out += _t_sweep(audits["t_sweep"]) if audits.get("t_sweep") else ""
+    out += _compare(audits["compare"]) if audits.get("compare") else ""
     return out

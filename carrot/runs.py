@@ -129,6 +129,8 @@ def compare(run_a: str | Path, run_b: str | Path, out: str | Path | None = None)
     res["changed"] = [{"image": paths_a[i], "label": ma.classes_[y[i]], "a": ma.classes_[pa[i]], "b": ma.classes_[pb[i]]}
                       for i in np.flatnonzero(pa != pb)]
     write_json(Path(out) if out else Path(run_b) / "compare.json", res)
+    if out is None:
+        write_index(run_b, model=mb)
     return res
 
 

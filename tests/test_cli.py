@@ -151,6 +151,8 @@ def test_reweight_apply_writes_a_weighted_run(fitted, tmp_path, synthetic_root):
     cmp_ = json.loads((tmp_path / "cmp.json").read_text())
     assert cmp_["accuracy_b"] == pytest.approx(metrics["test_accuracy"]) and cmp_["n"] == 6
     assert cmp_["fixed_by_b"] + cmp_["broken_by_b"] <= len(cmp_["changed"])
+    assert run("compare", str(fitted), str(out)).exit_code == 0  # default: RUN_B/compare.json, shown on B's index
+    assert ">Comparison with another run" in (out / "index.html").read_text()
     assert all(c["a"] != c["b"] for c in cmp_["changed"])
 
     dbg = tmp_path / "debugged"
