@@ -17,7 +17,9 @@ from carrot.evaluate import per_class_accuracy
 from carrot.io import save_npy, user_cache_dir, write_json
 from carrot.pipeline import Carrot
 from carrot.report import write_explanation
-from carrot.runs import bench, clear_run, compare, debug, pointing, predict, reweight, run_embeddings, tracin, write_index
+from carrot.runs import (
+    bench, clear_run, compare, debug, pointing, predict, region_deletion, reweight, run_embeddings, tracin, write_index,
+)
 
 __all__ = ["bench", "compare", "debug", "demo", "evaluate", "explain", "extract_splits", "fit", "predict", "reweight", "tracin"]
 
@@ -127,18 +129,21 @@ def evaluate(run_dir: str | Path, what: Sequence[str], out: str | Path | None = 
     """Accuracy over seeds and attribution evaluations on a fitted run's cached embeddings; writes evaluation.json."""
     from carrot.evaluate import EVALUATIONS, accuracy_over_seeds, evaluate_embeddings
 
-    known = ("accuracy", *EVALUATIONS, "pointing")
+    regions = ("pointing", "deletion")  # evaluate the head as it is (weighted or not) on cached test tokens
+    known = ("accuracy", *EVALUATIONS, *regions)
     if not what or set(what) - set(known):
         raise CarrotError(f"--what: expected some of {', '.join(known)}, got {', '.join(what) or 'nothing'}")
     model, G, y, G_test, y_test = run_embeddings(run_dir)
-    if set(what) - {"pointing"}:
+    if set(what) - set(regions):
         model.require_unweighted("evaluate")
-    rest = [w for w in what if w not in ("pointing", "accuracy")]
+    rest = [w for w in what if w not in (*regions, "accuracy")]
     res = evaluate_embeddings(G, y, G_test, model.head_.lam_, rest, seed=model.config.seed, **kwargs) if rest else {}
     if "accuracy" in what:
         res["accuracy"] = accuracy_over_seeds(G, y, G_test, y_test, model.config.head.lam, model.classes_, seeds, shots, resplit)
     if "pointing" in what:
         res["pointing"] = pointing(run_dir, model)
+    if "deletion" in what:
+        res["deletion"] = region_deletion(run_dir, kwargs.get("n_test", 50), seed=model.config.seed, model=model)
     write_json(Path(out) if out else Path(run_dir) / "evaluation.json", res)
     if out is None:
         write_index(run_dir, model=model)

@@ -260,6 +260,10 @@ def summary_lines(res: dict) -> list[str]:
         out.append("LDS: " + ", ".join(f"{n} {v:.3f}" for n, v in res["lds"].items()))
     if "agreement_with_exact_loo" in res:
         out.append("Spearman with exact LOO: " + ", ".join(f"{n} {v['spearman']:.3f}" for n, v in res["agreement_with_exact_loo"].items()))
+    if "deletion" in res:
+        d = res["deletion"]
+        out.append(f"region deletion AUC ({d['n']} images, pooled; 1 = full logit, 0 = prior): exact order {d['deletion']:.3f}, "
+                   f"random {d['deletion_random']:.3f}; insertion AUC: exact {d['insertion']:.3f}, random {d['insertion_random']:.3f}")
     if "pointing" in res:
         p = res["pointing"]
         out.append(f"pointing game ({p['n']} images): hit rate {p['hit_rate']:.3f} (random region {p['random_region_hit_rate']:.3f})")

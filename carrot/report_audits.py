@@ -129,6 +129,14 @@ def audits_html(audits: dict[str, Any]) -> str:
         out += _mislabel(ev["mislabel"]) if "mislabel" in ev else ""
         out += _faithfulness(ev["faithfulness"]) if "faithfulness" in ev else ""
         out += _agreement(ev) if "lds" in ev or "agreement_with_exact_loo" in ev else ""
+        if "deletion" in ev:
+            d = ev["deletion"]
+            rows = [[f"{kind}, {order}", d[kind + suffix]]
+                    for kind in ("deletion", "insertion") for order, suffix in (("exact order", ""), ("random order", "_random"))]
+            out += (f"<h3>Region deletion and insertion</h3><p class='muted'>{d['n']} test images; regions removed (inserted) "
+                    "in the order of their exact contribution to the predicted logit, or at random; AUC pooled over the images, "
+                    "sum(AUC - prior) / sum(logit - prior) (1 = the full logit throughout, 0 = the prior): low deletion and high "
+                    "insertion AUC mean a sharp region attribution</p>" + _table(["curve", "normalised AUC"], rows))
         if "pointing" in ev:
             p = ev["pointing"]
             out += (f"<h3>Pointing game</h3><p>{p['n']} test images with known parts: hit rate <b>{p['hit_rate']:.3f}</b> "

@@ -276,6 +276,54 @@ def clear_run(run_dir: str | Path, overwrite: bool) -> None:
         shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
 
 
+def _test_store(run_dir: str | Path, model: Carrot):
+    """The run's test token cache, or a named error saying why it is not there."""
+    from .cache import open_store
+
+    caches = model.meta_.get("metrics", {}).get("token_caches", [])
+    if len(caches) != 2 or not Path(caches[1]).is_dir():
+        raise CarrotError(f"run '{run_dir}': no test token cache ({'gone' if caches else 'fitted with --no-cache-tokens or under torchrun'}); "
+                          "run carrot-run fit with the token cache to (re)build it")
+    return open_store(caches[1])
+
+
+def region_deletion(run_dir: str | Path, n_test: int = 20, steps: int = 8, seed: int = 0,
+                    model: Carrot | None = None) -> dict[str, Any]:
+    """Deletion / insertion curves of the predicted logit on ``n_test`` random test images (cached tokens):
+    regions removed (inserted) in the order of their exact contribution vs a random order. Each AUC is
+    pooled over the images, sum(AUC - prior) / sum(full logit - prior): 1 = the full logit throughout,
+    0 = the prior (pooling keeps images whose logit barely exceeds the prior from dominating)."""
+    import torch
+
+    from .attribution import region_contributions
+    from .backbone import patch_centres
+    from .region_attribution import deletion_insertion
+    from .regions import RegionSet
+
+    model = model or Carrot.load(run_dir)
+    store = _test_store(run_dir, model)
+    rng = np.random.default_rng(seed)
+    rows = np.sort(rng.choice(len(store), min(n_test, len(store)), replace=False))
+    P = patch_centres(store.grid, torch.float64)
+    g, d = model.config.graph, model.config.diffusion
+    out: dict[str, list[float]] = {k: [] for k in ("deletion", "deletion_random", "insertion", "insertion_random")}
+    spans = []
+    for i in rows.tolist():
+        H = torch.from_numpy(np.asarray(store.tokens[i], dtype=np.float64))
+        G, w = model.embed_regions(RegionSet(H[None], P, store.grid))
+        logits = model.head_.decision_function(G.numpy())[0]
+        c = int(logits.argmax())
+        prior = float(model.head_.prior_[c])
+        spans.append(logits[c] - prior)
+        r = region_contributions(model.head_, H, w[0])[:, c].numpy()
+        for name, order in (("", np.argsort(-r, kind="stable")), ("_random", rng.permutation(len(r)))):
+            dele, ins = deletion_insertion(model.head_, H, P, c, order, g, d, steps=steps)
+            out["deletion" + name].append(dele.auc - prior)
+            out["insertion" + name].append(ins.auc - prior)
+    return {"n": int(len(rows)), "steps": steps, "mean_logit_above_prior": float(np.mean(spans)),
+            **{k: float(np.sum(v) / np.sum(spans)) for k, v in out.items()}}
+
+
 def pointing(run_dir: str | Path, model: Carrot | None = None) -> dict[str, Any]:
     """Pointing game on a run's test split where part locations are known (CUB parts, parts.json):
     does the most positive region of the predicted class sit on a part? Uses the cached test tokens."""
@@ -284,17 +332,12 @@ def pointing(run_dir: str | Path, model: Carrot | None = None) -> dict[str, Any]
 
     from .attribution import region_contributions
     from .backbone import patch_centres
-    from .cache import open_store
     from .data import load_splits
     from .region_attribution import pointing_game, to_input_coords
     from .regions import RegionSet
 
     model = model or Carrot.load(run_dir)
-    caches = model.meta_.get("metrics", {}).get("token_caches", [])
-    if len(caches) != 2 or not Path(caches[1]).is_dir():
-        raise CarrotError(f"run '{run_dir}': no test token cache ({'gone' if caches else 'fitted with --no-cache-tokens or under torchrun'}); "
-                          "run carrot-run fit with the token cache to (re)build it")
-    store = open_store(caches[1])
+    store = _test_store(run_dir, model)
     _, test = load_splits(model.config)
     if len(test) != len(store):
         raise CarrotError(f"run '{run_dir}': the data set no longer matches the run's test split")

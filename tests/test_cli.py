@@ -356,6 +356,37 @@ def test_fit_refuses_to_overwrite_a_run_unless_asked(tmp_path, synthetic_root, t
     assert json.loads((out / "run.json").read_text())["config"]["head"]["lam"] == 2.0
 
 
+def test_evaluate_region_deletion(fitted, tmp_path):
+    import torch
+
+    from carrot.attribution import region_contributions
+    from carrot.backbone import patch_centres
+    from carrot.pipeline import Carrot
+    from carrot.region_attribution import deletion_insertion
+    from carrot.regions import RegionSet
+    from carrot.runs import _test_store, region_deletion
+
+    r = run("evaluate", str(fitted), "--what", "deletion", "--n-test", "6", "--out", str(tmp_path / "d.json"))
+    assert r.exit_code == 0 and "region deletion AUC (6 images" in r.output, r.output
+    d = json.loads((tmp_path / "d.json").read_text())["deletion"]
+    assert d["deletion"] < d["deletion_random"] and d["insertion"] > d["insertion_random"]  # the exact order is informative
+    # one image: the pooled value is that image's (AUC - prior) / (logit - prior), by hand
+    model = Carrot.load(fitted)
+    one = region_deletion(fitted, n_test=1, seed=3, model=model)
+    store = _test_store(fitted, model)
+    i = int(np.random.default_rng(3).choice(len(store), 1, replace=False)[0])
+    H = torch.from_numpy(np.asarray(store.tokens[i], dtype=np.float64))
+    P = patch_centres(store.grid, torch.float64)
+    G, w = model.embed_regions(RegionSet(H[None], P, store.grid))
+    logits = model.head_.decision_function(G.numpy())[0]
+    c = int(logits.argmax())
+    prior = float(model.head_.prior_[c])
+    order = np.argsort(-region_contributions(model.head_, H, w[0])[:, c].numpy(), kind="stable")
+    dele, ins = deletion_insertion(model.head_, H, P, c, order, model.config.graph, model.config.diffusion, steps=8)
+    assert one["deletion"] == pytest.approx((dele.auc - prior) / (logits[c] - prior), rel=1e-9)
+    assert one["insertion"] == pytest.approx((ins.auc - prior) / (logits[c] - prior), rel=1e-9)
+
+
 def test_evaluate_pointing_on_known_parts(fitted, tmp_path):
     r = run("evaluate", str(fitted), "--what", "pointing", "--out", str(tmp_path / "p.json"))
     assert r.exit_code == 0, r.output
