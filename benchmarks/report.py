@@ -105,8 +105,9 @@ def t_sweep_section(d: dict) -> list[str]:
              + (f" (at most {cap} per class{' and split' if kind == 'fashion-mnist' else ''})" if cap else "")
              + " (λ by exact LOO on each training split). "
              "Concentration: share of the total |contribution| to the predicted logit held by the top-10 training images. "
-             "Deletion AUC: logit while removing regions in order of their exact contribution (normalised: 1 = full logit "
-             "throughout, 0 = prior); lower is a sharper region attribution; random order for reference. "
+             "Deletion AUC: logit while removing regions in order of their exact contribution, pooled over the images as "
+             "sum(AUC - prior) / sum(logit - prior) (1 = full logit throughout, 0 = prior); lower is a sharper region "
+             "attribution; random order for reference. "
              f"Plot: `benchmarks/results/{plot}`.", ""]
     return lines + _table(rows, [("backbone", "backbone"), ("sigma_space", "sigma_space"), ("sigma_feat", "sigma_feat"), ("t", "t"), ("accuracy", "acc"),
                                  ("λ (median)", "lam_median"), ("top-10 concentration", "top10_concentration"),
