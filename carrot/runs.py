@@ -287,6 +287,26 @@ def _test_store(run_dir: str | Path, model: Carrot):
     return open_store(caches[1])
 
 
+def _predicted_regions(model: Carrot, store, rows: Sequence[int], batch: int = 64):
+    """For each cached test row: (row, tokens H (N, D) float64, predicted class c, logit of c, exact region
+    contributions to it (N,)), embedding ``batch`` rows at a time."""
+    import torch
+
+    from .attribution import region_contributions
+    from .backbone import patch_centres
+    from .regions import RegionSet
+
+    P = patch_centres(store.grid, torch.float64)
+    for s in range(0, len(rows), batch):
+        idx = list(rows[s : s + batch])
+        H = torch.from_numpy(np.asarray(store.tokens[idx], dtype=np.float64))
+        G, w = model.embed_regions(RegionSet(H, P, store.grid))
+        logits = model.head_.decision_function(G.numpy())
+        for j, i in enumerate(idx):
+            c = int(logits[j].argmax())
+            yield i, H[j], c, float(logits[j, c]), region_contributions(model.head_, H[j], w[j])[:, c].numpy()
+
+
 def region_deletion(run_dir: str | Path, n_test: int = 20, steps: int = 8, seed: int = 0,
                     model: Carrot | None = None) -> dict[str, Any]:
     """Deletion / insertion curves of the predicted logit on ``n_test`` random test images (cached tokens):
@@ -295,10 +315,8 @@ def region_deletion(run_dir: str | Path, n_test: int = 20, steps: int = 8, seed:
     0 = the prior (pooling keeps images whose logit barely exceeds the prior from dominating)."""
     import torch
 
-    from .attribution import region_contributions
     from .backbone import patch_centres
     from .region_attribution import deletion_insertion
-    from .regions import RegionSet
 
     model = model or Carrot.load(run_dir)
     store = _test_store(run_dir, model)
@@ -308,14 +326,9 @@ def region_deletion(run_dir: str | Path, n_test: int = 20, steps: int = 8, seed:
     g, d = model.config.graph, model.config.diffusion
     out: dict[str, list[float]] = {k: [] for k in ("deletion", "deletion_random", "insertion", "insertion_random")}
     spans = []
-    for i in rows.tolist():
-        H = torch.from_numpy(np.asarray(store.tokens[i], dtype=np.float64))
-        G, w = model.embed_regions(RegionSet(H[None], P, store.grid))
-        logits = model.head_.decision_function(G.numpy())[0]
-        c = int(logits.argmax())
+    for _, H, c, logit, r in _predicted_regions(model, store, rows.tolist()):
         prior = float(model.head_.prior_[c])
-        spans.append(logits[c] - prior)
-        r = region_contributions(model.head_, H, w[0])[:, c].numpy()
+        spans.append(logit - prior)
         for name, order in (("", np.argsort(-r, kind="stable")), ("_random", rng.permutation(len(r)))):
             dele, ins = deletion_insertion(model.head_, H, P, c, order, g, d, steps=steps)
             out["deletion" + name].append(dele.auc - prior)
@@ -327,14 +340,10 @@ def region_deletion(run_dir: str | Path, n_test: int = 20, steps: int = 8, seed:
 def pointing(run_dir: str | Path, model: Carrot | None = None) -> dict[str, Any]:
     """Pointing game on a run's test split where part locations are known (CUB parts, parts.json):
     does the most positive region of the predicted class sit on a part? Uses the cached test tokens."""
-    import torch
     from PIL import Image
 
-    from .attribution import region_contributions
-    from .backbone import patch_centres
     from .data import load_splits
     from .region_attribution import pointing_game, to_input_coords
-    from .regions import RegionSet
 
     model = model or Carrot.load(run_dir)
     store = _test_store(run_dir, model)
@@ -345,23 +354,17 @@ def pointing(run_dir: str | Path, model: Carrot | None = None) -> dict[str, Any]
     if not rows:
         raise CarrotError("pointing game: no part locations known for this data set (CUB parts/part_locs.txt or parts.json)")
     geo, size = model.backbone.display_transform(), model.backbone.data_config["input_size"][1:]
-    P = patch_centres(store.grid, torch.float64)
     hits, chance = [], []
-    for s in range(0, len(rows), 64):
-        idx = rows[s : s + 64]
-        H = torch.from_numpy(np.asarray(store.tokens[idx], dtype=np.float64))
-        G, w = model.embed_regions(RegionSet(H, P, store.grid))
-        pred = model.head_.decision_function(G.numpy()).argmax(1)
-        for j, i in enumerate(idx):
-            rec = test.records[i]
-            if rec.bbox:
-                wh = (rec.bbox[2], rec.bbox[3])
-            else:
-                with Image.open(rec.path) as im:
-                    wh = im.size
-            boxes = [to_input_coords(np.array([[x0, y0], [x1, y1]]), wh, geo).ravel() for x0, y0, x1, y1 in rec.parts]
-            r = region_contributions(model.head_, H[j], w[j])[:, pred[j]].numpy().reshape(store.grid)
-            hits.append(any(pointing_game(r, tuple(b), size) for b in boxes))
-            cells = np.eye(r.size).reshape(r.size, *r.shape)
-            chance.append(np.mean([any(pointing_game(c, tuple(b), size) for b in boxes) for c in cells]))
+    for i, _, _, _, r in _predicted_regions(model, store, rows):
+        rec = test.records[i]
+        if rec.bbox:
+            wh = (rec.bbox[2], rec.bbox[3])
+        else:
+            with Image.open(rec.path) as im:
+                wh = im.size
+        boxes = [to_input_coords(np.array([[x0, y0], [x1, y1]]), wh, geo).ravel() for x0, y0, x1, y1 in rec.parts]
+        r = r.reshape(store.grid)
+        hits.append(any(pointing_game(r, tuple(b), size) for b in boxes))
+        cells = np.eye(r.size).reshape(r.size, *r.shape)
+        chance.append(np.mean([any(pointing_game(c, tuple(b), size) for b in boxes) for c in cells]))
     return {"n": len(hits), "hit_rate": float(np.mean(hits)), "random_region_hit_rate": float(np.mean(chance))}
