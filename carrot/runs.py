@@ -184,15 +184,10 @@ def _apply_weights(model: Carrot, run_dir: str | Path, out: str | Path, weights:
 
 def bench(run_dir: str | Path, ts: Sequence[float], out: str | Path | None = None) -> list[dict[str, Any]]:
     """Diffusion-time sweep on a fitted run's token caches; writes t_sweep.json and .csv."""
-    from .cache import open_store
     from .sweep import t_sweep
 
     model = Carrot.load(run_dir)
-    caches = model.meta_.get("metrics", {}).get("token_caches", [])
-    if len(caches) != 2 or not all(Path(c).is_dir() for c in caches):
-        raise CarrotError(f"run '{run_dir}': no token caches ({caches or 'fitted with --no-cache-tokens or under torchrun'}"
-                          f"{'; gone' if caches else ''}); run carrot-run fit with the token cache to (re)build them")
-    train, test = (open_store(c) for c in caches)
+    train, test = _token_stores(run_dir, model, (0, 1))
     rows = t_sweep(train, test, ts, model.config.graph, model.config.head.lam)
     out = Path(out) if out else Path(run_dir) / "t_sweep.json"
     write_json(out, rows)
@@ -276,15 +271,20 @@ def clear_run(run_dir: str | Path, overwrite: bool) -> None:
         shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
 
 
-def _test_store(run_dir: str | Path, model: Carrot):
-    """The run's test token cache, or a named error saying why it is not there."""
+def _token_stores(run_dir: str | Path, model: Carrot, splits: Sequence[int]) -> list:
+    """The run's token caches of ``splits`` (0 train, 1 test), or a named error saying why they are not there."""
     from .cache import open_store
 
     caches = model.meta_.get("metrics", {}).get("token_caches", [])
-    if len(caches) != 2 or not Path(caches[1]).is_dir():
-        raise CarrotError(f"run '{run_dir}': no test token cache ({'gone' if caches else 'fitted with --no-cache-tokens or under torchrun'}); "
-                          "run carrot-run fit with the token cache to (re)build it")
-    return open_store(caches[1])
+    if len(caches) != 2 or not all(Path(caches[s]).is_dir() for s in splits):
+        raise CarrotError(f"run '{run_dir}': no token caches ({caches or 'fitted with --no-cache-tokens or under torchrun'}"
+                          f"{'; gone' if caches else ''}); run carrot-run fit with the token cache to (re)build them")
+    return [open_store(caches[s]) for s in splits]
+
+
+def _test_store(run_dir: str | Path, model: Carrot):
+    """The run's test token cache (see :func:`_token_stores`)."""
+    return _token_stores(run_dir, model, (1,))[0]
 
 
 def _predicted_regions(model: Carrot, store, rows: Sequence[int], batch: int = 64):
