@@ -6,10 +6,21 @@ import torch
 from .errors import CarrotError
 
 
+def symmetric_part(A: torch.Tensor) -> torch.Tensor:
+    """(A + A^T) / 2 over the last two dims: bitwise symmetric, since a + b == b + a in IEEE arithmetic."""
+    return 0.5 * (A + A.transpose(-1, -2))
+
+
 def pairwise_sq_dists(X: torch.Tensor) -> torch.Tensor:
-    """Squared Euclidean distances, (B, N, D) -> (B, N, N), clamped at 0, exact zero diagonal."""
-    sq = (X * X).sum(-1)
-    d2 = sq.unsqueeze(-1) + sq.unsqueeze(-2) - 2.0 * X @ X.transpose(-1, -2)
+    """Squared Euclidean distances, (B, N, D) -> (B, N, N): bitwise symmetric, >= 0, exact zero diagonal.
+
+    d2_ij = K_ii + K_jj - 2 K_ij from the Gram K = X X^T, made symmetric before use: a matmul
+    kernel need not return a bitwise-symmetric X X^T, and every later step (Gaussian, kNN mask,
+    Laplacian) keeps whatever symmetry d2 has.
+    """
+    K = symmetric_part(X @ X.transpose(-1, -2))
+    sq = K.diagonal(dim1=-2, dim2=-1)
+    d2 = (sq.unsqueeze(-1) + sq.unsqueeze(-2)) - 2.0 * K
     d2 = d2.clamp_min_(0.0)
     d2.diagonal(dim1=-2, dim2=-1).zero_()
     return d2
@@ -95,9 +106,10 @@ def affinity(
 
 def normalized_laplacian(W: torch.Tensor) -> torch.Tensor:
     """L = I - D^-1/2 W D^-1/2 (B, N, N); an isolated node (degree 0) gets L_ii = 1, never NaN."""
+    W = symmetric_part(W)  # a caller's W too; a no-op (bitwise) on affinity()'s output
     deg = W.sum(-1)
     inv_sqrt = torch.where(deg > 0, deg.clamp_min(torch.finfo(W.dtype).tiny).rsqrt(), torch.zeros_like(deg))
-    S = inv_sqrt.unsqueeze(-1) * W * inv_sqrt.unsqueeze(-2)
+    # the outer product d_i d_j is bitwise symmetric (a * b == b * a), so S and L are too
+    S = W * (inv_sqrt.unsqueeze(-1) * inv_sqrt.unsqueeze(-2))
     eye = torch.eye(W.shape[-1], dtype=W.dtype, device=W.device)
-    L = eye - S
-    return 0.5 * (L + L.transpose(-1, -2))
+    return eye - S

@@ -105,3 +105,39 @@ def test_scaled_median_bandwidth():
     for bad in ("median*0", "median*x", "mean"):
         with pytest.raises(CarrotError, match="median\\*k"):
             affinity(H, P, sigma_feat=bad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("b,n,d", [(1, 2, 1), (3, 17, 5), (2, 64, 384), (1, 257, 768)])
+def test_symmetry_holds_by_construction_at_every_stage(dtype, b, n, d):
+    # sizes up to a ViT's 257 tokens x 768 dims, where blocked matmul kernels need not return a
+    # bitwise-symmetric X X^T: d2, W (with and without the kNN mask) and L must be symmetric exactly
+    g = torch.Generator().manual_seed(n * 1000 + d)
+    H = torch.randn(b, n, d, generator=g, dtype=dtype)
+    P = torch.rand(b, n, 2, generator=g, dtype=dtype)
+    d2 = pairwise_sq_dists(H)
+    assert torch.equal(d2, d2.transpose(-1, -2))
+    assert (d2 >= 0).all() and (d2.diagonal(dim1=-2, dim2=-1) == 0).all()
+    ref = ((H.double()[:, :, None] - H.double()[:, None]) ** 2).sum(-1)
+    tol = 1e-10 if dtype == torch.float64 else 1e-4
+    assert torch.allclose(d2.double(), ref, rtol=tol, atol=tol * ref.max().item())
+    for knn in (None, 3):
+        W = affinity(H, P, knn=knn)
+        assert torch.equal(W, W.transpose(-1, -2))
+        L = normalized_laplacian(W)
+        assert torch.equal(L, L.transpose(-1, -2))
+
+
+def test_laplacian_of_a_nearly_symmetric_affinity_is_exactly_symmetric():
+    # a caller's W that is symmetric only to rounding still gives a bitwise-symmetric L
+    g = torch.Generator().manual_seed(7)
+    A = torch.rand(2, 30, 30, generator=g, dtype=torch.float64)
+    W = A + A.transpose(-1, -2)
+    W = W + 1e-15 * torch.rand(2, 30, 30, generator=g, dtype=torch.float64)
+    assert not torch.equal(W, W.transpose(-1, -2))
+    L = normalized_laplacian(W)
+    assert torch.equal(L, L.transpose(-1, -2))
+    Ws = 0.5 * (W + W.transpose(-1, -2))
+    d = Ws.sum(-1)
+    ref = torch.eye(30, dtype=torch.float64) - Ws / torch.sqrt(d.unsqueeze(-1) * d.unsqueeze(-2))
+    assert torch.allclose(L, ref, atol=1e-14)
