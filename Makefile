@@ -11,7 +11,7 @@ UV := $(VENV)/bin/uv
 export UV_PROJECT_ENVIRONMENT := $(VENV)
 export UV_PYTHON_DOWNLOADS := never
 
-.PHONY: install demo test lock lock-upgrade clean
+.PHONY: install demo test lock lock-upgrade test-lowest clean
 
 $(VENV)/.installed: uv.lock pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -41,5 +41,16 @@ lock-upgrade: install
 	touch $(VENV)/.installed
 	$(MAKE) test
 
+# the suite at the lower bounds pyproject.toml promises to library users (each direct dependency at
+# its lowest allowed version), in its own environment; uv.lock is left as it is
+LOWEST := .venv-lowest
+test-lowest: install
+	$(UV) pip compile -q pyproject.toml --group dev --resolution lowest-direct --python $(PY) -o $(LOWEST).txt
+	rm -rf $(LOWEST) && $(UV) venv -q --python $(PY) $(LOWEST)
+	$(UV) pip install -q --python $(LOWEST)/bin/python -r $(LOWEST).txt
+	$(UV) pip install -q --python $(LOWEST)/bin/python --no-deps -e .
+	$(LOWEST)/bin/python -c "import torch, torchvision, timm, numpy, scipy, sklearn; print('lowest:', *(m.__name__ + ' ' + m.__version__ for m in (torch, torchvision, timm, numpy, scipy, sklearn)))"
+	$(LOWEST)/bin/python -m pytest -q -p no:cacheprovider tests
+
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) $(LOWEST) $(LOWEST).txt runs

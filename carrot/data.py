@@ -223,11 +223,11 @@ def load_cub(root: str | Path, bbox_crop: bool = False, name: str = "CUB") -> tu
     return ImageDataset(train, classes, f"{name}/train"), ImageDataset(test, classes, f"{name}/test")
 
 
-# kind -> (torchvision class, folder it expects under root, (train splits), test split)
+# kind -> (torchvision class, folder it expects under root, (train splits), test split, number of classes)
 TORCHVISION_SETS = {
-    "cars": ("StanfordCars", "stanford_cars", ("train",), "test"),
-    "aircraft": ("FGVCAircraft", "fgvc-aircraft-2013b", ("trainval",), "test"),
-    "flowers102": ("Flowers102", "flowers-102", ("train", "val"), "test"),
+    "cars": ("StanfordCars", "stanford_cars", ("train",), "test", 196),
+    "aircraft": ("FGVCAircraft", "fgvc-aircraft-2013b", ("trainval",), "test", 100),
+    "flowers102": ("Flowers102", "flowers-102", ("train", "val"), "test", 102),
 }
 
 
@@ -270,7 +270,7 @@ def load_torchvision(kind: str, root: str | Path, bbox_crop: bool = False) -> tu
         raise CarrotError(f"data.kind: expected one of {sorted(TORCHVISION_SETS)}, got {kind!r}")
     import torchvision.datasets as tvd
 
-    cls_name, folder, train_splits, test_split = TORCHVISION_SETS[kind]
+    cls_name, folder, train_splits, test_split, n_classes = TORCHVISION_SETS[kind]
     root = Path(root)
     if root.name == folder:
         root = root.parent
@@ -291,7 +291,7 @@ def load_torchvision(kind: str, root: str | Path, bbox_crop: bool = False) -> tu
                 if bbox_crop and name not in boxes:
                     raise CarrotError(f"data.bbox_crop: no bounding box for '{name}' in the {cls_name} annotations")
                 records.append(ImageRecord(path, label, boxes.get(name)))
-            n_classes = 1 + max(r.label for r in records) if records else 0
+            # older torchvision (0.20) gives Flowers102 no class names: then the data set's own class count
             classes = [str(c) for c in getattr(ds, "classes", None) or range(n_classes)]
         splits.append(ImageDataset(records, classes, f"{kind}/{'+'.join(names)}"))
     return splits[0], splits[1]

@@ -8,7 +8,7 @@ from carrot.retrieval import KernelIndex, exact_top_k, recall_at_k
 faiss = pytest.importorskip("faiss")
 
 
-def setup(n=400, d=16, c=5, seed=0):
+def make_problem(n=400, d=16, c=5, seed=0):
     g = np.random.default_rng(seed)
     means = g.normal(size=(c, d)) * 2
     y = np.concatenate([np.arange(c), g.integers(0, c, n - c)])
@@ -19,7 +19,7 @@ def setup(n=400, d=16, c=5, seed=0):
 
 
 def test_flat_index_with_full_m_is_exact():
-    G, Gt, head, cls = setup()
+    G, Gt, head, cls = make_problem()
     idx = KernelIndex.build(head, G, "flat")
     got, vals = idx.top_k(Gt, cls, k=10, m=len(G))
     ref = exact_top_k(head, G, Gt, cls, 10)
@@ -29,7 +29,7 @@ def test_flat_index_with_full_m_is_exact():
 
 
 def test_recall_grows_with_m_and_ivf_works():
-    G, Gt, head, cls = setup(seed=1)
+    G, Gt, head, cls = make_problem(seed=1)
     ref = exact_top_k(head, G, Gt, cls, 10)
     flat = KernelIndex.build(head, G, "flat")
     recalls = [recall_at_k(flat.top_k(Gt, cls, 10, m)[0], ref) for m in (10, 50, 200)]
@@ -61,6 +61,6 @@ def test_returned_values_are_the_exact_float64_contributions():
 def test_gpu_index_request_without_a_gpu_is_named():
     if faiss.get_num_gpus() > 0:
         pytest.skip("this FAISS build sees a GPU")
-    G, _, head, _ = setup(n=50)
+    G, _, head, _ = make_problem(n=50)
     with pytest.raises(CarrotError, match="use_gpu: a GPU index was requested"):
         KernelIndex.build(head, G, "flat", use_gpu=True)
