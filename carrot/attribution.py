@@ -13,7 +13,8 @@ import numpy as np
 import torch
 
 from .errors import CarrotError, check_is_fitted
-from .head import RidgeHead, as_float64_matrix
+from .head import RidgeHead
+from .validation import as_float64_matrix, index_labels
 
 
 def centred_kernel(head: RidgeHead, G_train: torch.Tensor, G_test: torch.Tensor) -> torch.Tensor:
@@ -87,7 +88,7 @@ def class_summary(head: RidgeHead, G_train, y_train, G_test, chunk: int = 1024) 
     """
     G_test = torch.as_tensor(np.asarray(G_test), dtype=torch.float64)
     pred = torch.as_tensor(head.decision_function(G_test).argmax(1))
-    y_idx = torch.as_tensor(np.searchsorted(head.classes_, np.asarray(y_train)))
+    y_idx = torch.as_tensor(index_labels(head.classes_, y_train, "y_train"))
     C, n = len(head.classes_), len(y_idx)
     flow = torch.zeros(C, C, dtype=torch.float64)
     total = torch.zeros(n, dtype=torch.float64)

@@ -20,7 +20,8 @@ import numpy as np
 import torch
 
 from .errors import CarrotError, check_is_fitted
-from .head import ArrayLike, RidgeHead, _cholesky, as_float64_matrix, as_weights, encode_labels, one_hot
+from .head import RidgeHead, _cholesky
+from .validation import ArrayLike, as_float64_matrix, as_weights, encode_labels, one_hot
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from .errors import CarrotError
-from .head import ArrayLike, as_float64_matrix, as_weights, one_hot
+from .validation import ArrayLike, as_float64_matrix, as_weights, index_labels, one_hot
 
 
 def _labels(y: ArrayLike, classes: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -27,10 +27,7 @@ def _labels(y: ArrayLike, classes: np.ndarray | None = None) -> tuple[np.ndarray
         if len(classes) < 2:
             raise CarrotError(f"y: expected at least 2 classes, got {len(classes)}")
         return classes, idx
-    idx = np.searchsorted(classes, y)
-    if np.any(idx >= len(classes)) or np.any(classes[np.minimum(idx, len(classes) - 1)] != y):
-        raise CarrotError("y: contains labels unknown to the fitted head")
-    return classes, idx
+    return classes, index_labels(classes, y)
 
 
 class SoftmaxHead:

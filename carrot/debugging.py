@@ -11,6 +11,7 @@ import torch
 from .errors import CarrotError
 from .head import RidgeHead
 from .influence import RidgeSystem, loo_loss_change
+from .validation import index_labels
 
 
 def debug_loop(G: np.ndarray, y: np.ndarray, G_val: np.ndarray, y_val: np.ndarray, G_test: np.ndarray,
@@ -23,8 +24,8 @@ def debug_loop(G: np.ndarray, y: np.ndarray, G_val: np.ndarray, y_val: np.ndarra
         raise CarrotError(f"k: expected every K < n = {len(y)}, got {max(ks)}")
     head = RidgeHead(lam=lam).fit(G, y)
     system = RidgeSystem.from_head(head, G, y)
-    yv = np.searchsorted(head.classes_, y_val)
-    yt = np.searchsorted(head.classes_, y_test)
+    yv = index_labels(head.classes_, y_val, "y_val")
+    yt = index_labels(head.classes_, y_test, "y_test")
     harm = -loo_loss_change(system, G_val, yv).numpy()  # > 0: removing it lowers the validation loss
     order = np.argsort(-harm, kind="stable")
     rng = np.random.default_rng(seed)

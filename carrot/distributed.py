@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .head import ArrayLike, as_weights, one_hot
+from .validation import ArrayLike, as_weights, one_hot
 
 
 def world() -> tuple[int, int]:

@@ -2,12 +2,16 @@
 from __future__ import annotations
 
 
-class CarrotError(Exception):
-    """A mistake in the user's input or environment, with a message that says how to fix it."""
+class CarrotError(ValueError):
+    """A mistake in the user's input or environment, with a message that says how to fix it.
+
+    A ``ValueError``, so code that handles bad values generically (sklearn's model selection,
+    ``except ValueError``) handles carrot's too.
+    """
 
 
-class NotFittedError(CarrotError, ValueError):
-    """Raised when a fitted-only method is called before ``fit``."""
+class NotFittedError(CarrotError, AttributeError):
+    """Raised when a fitted-only method is called before ``fit`` (a ValueError and AttributeError, as sklearn's)."""
 
 
 class StaleCacheError(CarrotError):

@@ -13,7 +13,8 @@ from scipy.stats import kendalltau, spearmanr
 
 from .baselines import TracInHead
 from .errors import CarrotError
-from .head import RidgeHead, one_hot
+from .head import RidgeHead
+from .validation import index_labels, one_hot
 from .influence import RidgeSystem
 
 
@@ -34,7 +35,7 @@ def mislabel_scores(G: np.ndarray, y: np.ndarray, lam: float, tracin: dict | Non
     """Suspicion scores per training point (higher = more likely mislabelled)."""
     head = RidgeHead(lam=lam).fit(G, y)
     system = RidgeSystem.from_head(head, G, y)
-    y_idx = np.searchsorted(head.classes_, y)
+    y_idx = index_labels(head.classes_, y)
     Y = one_hot(y_idx, len(head.classes_))
     loo = system.loo_logits()
     fit = system.decision(G)

@@ -9,8 +9,6 @@ beta_i = a_i (y_i - f(g_i)) / lam, so f_c(x) = ybar_c + sum_i beta_ic <g_i - mu,
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
-
 import numpy as np
 import torch
 from sklearn.base import BaseEstimator, ClassifierMixin
@@ -18,49 +16,7 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from .devices import resolve_device
 from .errors import CarrotError, check_is_fitted
 from .io import atomic_path, read_json, write_json
-
-ArrayLike = Any
-
-
-def as_float64_matrix(G: ArrayLike, name: str = "G") -> torch.Tensor:
-    """(n, D) finite float64 CPU tensor from a numpy array or tensor, with a named error."""
-    t = torch.as_tensor(np.asarray(G) if not torch.is_tensor(G) else G).detach().cpu().to(torch.float64)
-    if t.dim() != 2:
-        raise CarrotError(f"{name}: expected a 2-D array (n_samples, n_features), got shape {tuple(t.shape)}")
-    if t.shape[0] == 0:
-        raise CarrotError(f"{name}: expected at least one sample, got 0 rows")
-    if not torch.isfinite(t).all():
-        bad = int((~torch.isfinite(t)).any(1).sum())
-        raise CarrotError(f"{name}: features must be finite, found NaN/Inf in {bad} row(s)")
-    return t
-
-
-def as_weights(sample_weight: ArrayLike | None, n: int) -> torch.Tensor:
-    """(n,) float64 weights, ones when None; finite, >= 0, positive sum, or a named error."""
-    if sample_weight is None:
-        return torch.ones(n, dtype=torch.float64)
-    a = torch.as_tensor(np.asarray(sample_weight.detach().cpu() if torch.is_tensor(sample_weight) else sample_weight,
-                                   dtype=np.float64))
-    if a.shape != (n,) or not torch.isfinite(a).all() or (a < 0).any() or a.sum() <= 0:
-        raise CarrotError(f"sample_weight: expected {n} finite weights >= 0 with a positive sum, got shape {tuple(a.shape)}")
-    return a
-
-
-def one_hot(y_idx: ArrayLike, c: int) -> torch.Tensor:
-    """(n, C) float64 one-hot targets from class indices."""
-    y_idx = torch.as_tensor(np.asarray(y_idx), dtype=torch.long)
-    Y = torch.zeros(len(y_idx), c, dtype=torch.float64)
-    Y[torch.arange(len(y_idx)), y_idx] = 1.0
-    return Y
-
-
-def encode_labels(y: ArrayLike, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """(classes, class indices) of labels y, which must have shape (n,)."""
-    y = np.asarray(y)
-    if y.shape != (n,):
-        raise CarrotError(f"y: expected shape ({n},) to match G, got {y.shape}")
-    return np.unique(y, return_inverse=True)
-
+from .validation import ArrayLike, as_float64_matrix, as_weights, encode_labels, index_labels, one_hot
 
 class RidgeHead(ClassifierMixin, BaseEstimator):
     """Multi-class ridge classifier in closed form, with exact representer attribution.
@@ -192,7 +148,7 @@ class RidgeHead(ClassifierMixin, BaseEstimator):
         """beta = a (Y - f(G)) / lam for rows G (n, D) with labels y: the representer values of those rows."""
         check_is_fitted(self)
         n = int(G.shape[0])
-        idx = np.searchsorted(self.classes_, np.asarray(y))
+        idx = index_labels(self.classes_, y)
         a = as_weights(sample_weight, n)
         out = torch.empty(n, len(self.classes_), dtype=torch.float64)
         for sl in self._chunks(n):

@@ -21,7 +21,8 @@ import torch
 
 from .devices import resolve_device
 from .errors import CarrotError, check_is_fitted
-from .head import ArrayLike, RidgeHead, as_float64_matrix, as_weights, one_hot
+from .head import RidgeHead
+from .validation import ArrayLike, as_float64_matrix, as_weights, index_labels, one_hot
 
 
 @dataclass
@@ -67,10 +68,7 @@ class RidgeSystem:
     def from_head(cls, head: RidgeHead, G: ArrayLike, y: ArrayLike, sample_weight: ArrayLike | None = None) -> "RidgeSystem":
         """The system behind a fitted :class:`RidgeHead` (same lam, intercept, classes, device)."""
         check_is_fitted(head)
-        y = np.asarray(y)
-        idx = np.searchsorted(head.classes_, y)
-        if np.any(idx >= len(head.classes_)) or np.any(head.classes_[np.minimum(idx, len(head.classes_) - 1)] != y):
-            raise CarrotError("y: contains labels the head was not fitted on")
+        idx = index_labels(head.classes_, y)
         return cls.fit(G, one_hot(idx, len(head.classes_)), sample_weight, head.lam_, head.fit_intercept, head.device,
                        head.chunk_size)
 

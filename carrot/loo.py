@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from .errors import CarrotError
-from .head import ArrayLike, as_float64_matrix, as_weights, encode_labels, one_hot
+from .validation import ArrayLike, as_float64_matrix, as_weights, encode_labels, one_hot
 
 DEFAULT_LAMBDAS = tuple(float(v) for v in np.logspace(-3, 4, 15))
 

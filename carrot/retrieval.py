@@ -14,7 +14,8 @@ import torch
 
 from .attribution import centred_kernel
 from .errors import CarrotError, check_is_fitted
-from .head import ArrayLike, RidgeHead, as_float64_matrix
+from .head import RidgeHead
+from .validation import ArrayLike, as_float64_matrix
 
 
 @dataclass

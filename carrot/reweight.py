@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from .errors import CarrotError
-from .head import ArrayLike, one_hot
+from .validation import ArrayLike, index_labels, one_hot
 from .influence import RidgeSystem
 
 
@@ -125,15 +125,13 @@ def rro(
     cfg = config or RROConfig()
     y, y_val = np.asarray(y), np.asarray(y_val)
     classes, y_idx = np.unique(y, return_inverse=True)
-    if not np.isin(y_val, classes).all():
-        raise CarrotError("y_val: contains classes absent from the training labels")
-    yv_idx = np.searchsorted(classes, y_val)
+    yv_idx = index_labels(classes, y_val, "y_val")
     G_val = np.asarray(G_val, dtype=np.float64)
     fit_rows, hold_rows = _holdout_split(yv_idx, cfg.holdout, cfg.seed)
     Gt = torch.as_tensor(np.asarray(G, dtype=np.float64))
     Gv_fit = torch.as_tensor(G_val[fit_rows])
     yv_fit = torch.as_tensor(yv_idx[fit_rows])
-    yt_idx = None if y_test is None else np.searchsorted(classes, np.asarray(y_test))
+    yt_idx = None if y_test is None else index_labels(classes, y_test, "y_test")
     C = len(classes)
     Y = one_hot(y_idx, C)
     yt = torch.as_tensor(y_idx)

@@ -13,6 +13,7 @@ from .attribution import class_summary
 from .errors import CarrotError
 from .influence import RidgeSystem, loo_loss_change
 from .io import atomic_path, read_json, save_npy, write_csv, write_json
+from .validation import index_labels
 from .pipeline import Carrot
 from .report import index_html
 from .report_audits import AUDIT_FILES
@@ -40,7 +41,7 @@ def run_summary(model: Carrot, G: np.ndarray, y: np.ndarray, G_test: np.ndarray,
     cm = np.zeros((C, C), dtype=int)
     np.add.at(cm, (y_test, pred), 1)
     system = RidgeSystem.from_head(head, G, y, model.sample_weight_)
-    total = -loo_loss_change(system, G_test, np.searchsorted(head.classes_, y_test)).numpy()  # > 0: removal helps
+    total = -loo_loss_change(system, G_test, index_labels(head.classes_, y_test, "y_test")).numpy()  # > 0: removal helps
 
     def rows(order, scores):
         return [{"index": int(i), "path": model.train_records_[i].path,

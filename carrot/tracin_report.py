@@ -12,7 +12,8 @@ import torch
 from scipy.stats import spearmanr
 
 from .baselines import TracInHead
-from .head import RidgeHead, one_hot
+from .head import RidgeHead
+from .validation import index_labels, one_hot
 from .influence import RidgeSystem
 
 QUANTILES = (0.25, 0.5, 0.75, 0.9)
@@ -46,7 +47,7 @@ def tracin_report(G: np.ndarray, y: np.ndarray, paths: Sequence[str], classes: S
     head = RidgeHead(lam=lam).fit(G, y)
     system = RidgeSystem.from_head(head, G, y)
     loo = system.loo_logits()
-    loo_loss = ((loo - one_hot(np.searchsorted(head.classes_, y), len(head.classes_))) ** 2).sum(1).numpy()
+    loo_loss = ((loo - one_hot(index_labels(head.classes_, y), len(head.classes_))) ** 2).sum(1).numpy()
     k = max(1, int(round(flag_fraction * len(y))))
     flag_tr = np.argsort(-self_inf, kind="stable")[:k]
     flag_loo = np.argsort(-loo_loss, kind="stable")[:k]

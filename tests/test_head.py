@@ -170,3 +170,33 @@ def test_is_a_scikit_learn_classifier():
     assert search.best_params_["lam"] in (0.01, 1.0, 100.0)
     pipe = make_pipeline(StandardScaler(), RidgeHead(lam=1.0)).fit(G, y)
     assert pipe.score(G, y) == pytest.approx((pipe.predict(G) == y).mean())
+
+
+def test_index_labels_refuses_unknown_labels_by_name():
+    from carrot.errors import CarrotError
+    from carrot.validation import index_labels
+
+    classes = np.array(["b", "a", "d"])  # not sorted: positions follow the given order
+    assert index_labels(classes, np.array(["d", "a", "b", "d"])).tolist() == [2, 1, 0, 2]
+    with pytest.raises(CarrotError, match=r"y_test: 2 label\(s\) not among the 3 known classes: 'c', 'e'"):
+        index_labels(classes, np.array(["a", "c", "e"]), "y_test")
+    with pytest.raises(ValueError, match="not among"):  # input errors are ValueErrors too
+        index_labels(np.array([0, 1, 2]), np.array([3]))
+    with pytest.raises(CarrotError, match="not among"):  # a label of another type is unknown, not a TypeError
+        index_labels(np.array([0, 1, 2]), np.array(["1"], dtype=object))
+    with pytest.raises(CarrotError, match="expected a 1-D"):
+        index_labels(classes, np.array([["a"]]))
+
+
+def test_dual_coef_and_ridge_system_refuse_a_label_the_head_never_saw():
+    from carrot.errors import CarrotError
+    from carrot.influence import RidgeSystem
+
+    g = np.random.default_rng(0)
+    G, y = g.normal(size=(20, 4)), np.repeat([0, 1, 3], [7, 7, 6])
+    head = RidgeHead(lam=1.0).fit(G, y)
+    y_bad = y.copy()
+    y_bad[0] = 2  # between known classes: searchsorted alone would map it onto class 3
+    for call in (lambda: head.dual_coef(G, y_bad), lambda: RidgeSystem.from_head(head, G, y_bad)):
+        with pytest.raises(CarrotError, match="y: 1 label\\(s\\) not among the 3 known classes: 2"):
+            call()

@@ -4,7 +4,7 @@ import torch
 
 from carrot.errors import CarrotError
 from carrot.head import RidgeHead
-from carrot.head import one_hot
+from carrot.validation import one_hot
 from carrot.influence import RidgeSystem
 
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from carrot.errors import CarrotError
-from carrot.head import one_hot
+from carrot.validation import one_hot
 from carrot.influence import RidgeSystem
 from carrot.reweight import RROConfig, class_normalised, ess_fraction, loss_and_grad, rro, weight_gradient
 
