@@ -18,6 +18,9 @@ from .errors import CarrotError, check_is_fitted
 from .io import atomic_path, read_json, write_json
 from .validation import ArrayLike, as_float64_matrix, as_weights, encode_labels, index_labels, one_hot
 
+HEAD_FORMAT_VERSION = 2  # 2: all constructor settings saved ("params"); 1: lam, fit_intercept, solver
+
+
 class RidgeHead(ClassifierMixin, BaseEstimator):
     """Multi-class ridge classifier in closed form, with exact representer attribution.
 
@@ -218,8 +221,12 @@ class RidgeHead(ClassifierMixin, BaseEstimator):
         }
         with atomic_path(path) as tmp:
             save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+        params = self.get_params()
+        if params["lam_grid"] is not None:
+            params["lam_grid"] = [float(v) for v in params["lam_grid"]]
         write_json(str(path) + ".json", {
-            "format": "carrot.RidgeHead", "version": 1, "lam": self.lam, "lam_": self.lam_, "lam_path_": self.lam_path_,
+            "format": "carrot.RidgeHead", "version": HEAD_FORMAT_VERSION, "params": params,
+            "lam": self.lam, "lam_": self.lam_, "lam_path_": self.lam_path_,
             "fit_intercept": self.fit_intercept,
             "solver": self.solver, "solver_": self.solver_, "classes": self.classes_.tolist(),
             "n_features": self.n_features_in_, "n_train": int(self.dual_coef_.shape[0]),
@@ -236,8 +243,18 @@ class RidgeHead(ClassifierMixin, BaseEstimator):
             raise CarrotError(f"'{path}.json' is not a carrot RidgeHead file")
         if not path.is_file():
             raise CarrotError(f"head weights not found: '{path}'")
+        version = meta.get("version")
+        if not isinstance(version, int) or not 1 <= version <= HEAD_FORMAT_VERSION:
+            raise CarrotError(f"'{path}.json': head format version {version!r} is not one this carrot reads "
+                              f"(1..{HEAD_FORMAT_VERSION}); a newer carrot wrote it, upgrade carrot to load it")
         t = load_file(str(path))
-        head = cls(lam=meta["lam"], fit_intercept=meta["fit_intercept"], solver=meta["solver"])
+        if version >= 2:  # every constructor setting, so clone(head) of a loaded head is the fitted head's clone
+            params = dict(meta["params"])
+            if params.get("lam_grid") is not None:
+                params["lam_grid"] = tuple(params["lam_grid"])
+            head = cls(**params)
+        else:
+            head = cls(lam=meta["lam"], fit_intercept=meta["fit_intercept"], solver=meta["solver"])
         head.classes_ = np.asarray(meta["classes"])
         head.coef_, head.intercept_ = t["coef"], t["intercept"]
         head.feature_mean_, head.prior_, head.dual_coef_ = t["feature_mean"], t["prior"], t["dual_coef"]

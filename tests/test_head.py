@@ -200,3 +200,30 @@ def test_dual_coef_and_ridge_system_refuse_a_label_the_head_never_saw():
     for call in (lambda: head.dual_coef(G, y_bad), lambda: RidgeSystem.from_head(head, G, y_bad)):
         with pytest.raises(CarrotError, match="y: 1 label\\(s\\) not among the 3 known classes: 2"):
             call()
+
+
+def test_loaded_head_keeps_every_setting_so_clone_refits_the_same_model(tmp_path):
+    import json
+
+    from sklearn.base import clone
+
+    G, y, a = problem(30, 6, 3, seed=5, weighted=True)
+    head = RidgeHead(lam="auto", lam_grid=(0.1, 1.0, 10.0), fit_intercept=False, solver="dual", device="cpu",
+                     chunk_size=7).fit(G, y, sample_weight=a)
+    head.save(tmp_path / "h.safetensors")
+    back = RidgeHead.load(tmp_path / "h.safetensors")
+    assert back.get_params() == head.get_params()
+    refit = clone(back).set_params(lam=back.lam_).fit(G, y, sample_weight=a)
+    np.testing.assert_allclose(refit.decision_function(G), head.decision_function(G), rtol=1e-10, atol=1e-12)
+    meta_path = tmp_path / "h.safetensors.json"
+    meta = json.loads(meta_path.read_text())
+    meta["version"] = 99
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(CarrotError, match="version 99 .*upgrade carrot"):
+        RidgeHead.load(tmp_path / "h.safetensors")
+    legacy = {k: v for k, v in json.loads(meta_path.read_text()).items() if k != "params"}
+    legacy["version"] = 1  # a head written before the settings were saved still loads
+    meta_path.write_text(json.dumps(legacy))
+    old = RidgeHead.load(tmp_path / "h.safetensors")
+    assert (old.lam, old.fit_intercept, old.solver) == ("auto", False, "dual")
+    np.testing.assert_array_equal(old.decision_function(G), head.decision_function(G))
