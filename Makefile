@@ -34,11 +34,10 @@ lock: install
 	$(UV) lock
 	$(MAKE) install
 
-# a deliberate upgrade: newest versions of everything, installed, then the whole suite on them
+# a deliberate upgrade: newest versions of everything, then the whole suite on them (`test` re-syncs
+# .venv, as uv.lock is now newer than it)
 lock-upgrade: install
 	$(UV) lock --upgrade
-	$(UV) sync --locked --python $(PY)
-	touch $(VENV)/.installed
 	$(MAKE) test
 
 # the suite at the lower bounds pyproject.toml promises to library users (each direct dependency at

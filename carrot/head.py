@@ -9,6 +9,7 @@ beta_i = a_i (y_i - f(g_i)) / lam, so f_c(x) = ybar_c + sum_i beta_ic <g_i - mu,
 from __future__ import annotations
 
 from pathlib import Path
+
 import numpy as np
 import torch
 from sklearn.base import BaseEstimator, ClassifierMixin
@@ -226,9 +227,7 @@ class RidgeHead(ClassifierMixin, BaseEstimator):
             params["lam_grid"] = [float(v) for v in params["lam_grid"]]
         write_json(str(path) + ".json", {
             "format": "carrot.RidgeHead", "version": HEAD_FORMAT_VERSION, "params": params,
-            "lam": self.lam, "lam_": self.lam_, "lam_path_": self.lam_path_,
-            "fit_intercept": self.fit_intercept,
-            "solver": self.solver, "solver_": self.solver_, "classes": self.classes_.tolist(),
+            "lam_": self.lam_, "lam_path_": self.lam_path_, "solver_": self.solver_, "classes": self.classes_.tolist(),
             "n_features": self.n_features_in_, "n_train": int(self.dual_coef_.shape[0]),
         })
 
@@ -244,17 +243,20 @@ class RidgeHead(ClassifierMixin, BaseEstimator):
         if not path.is_file():
             raise CarrotError(f"head weights not found: '{path}'")
         version = meta.get("version")
-        if not isinstance(version, int) or not 1 <= version <= HEAD_FORMAT_VERSION:
-            raise CarrotError(f"'{path}.json': head format version {version!r} is not one this carrot reads "
-                              f"(1..{HEAD_FORMAT_VERSION}); a newer carrot wrote it, upgrade carrot to load it")
+        if isinstance(version, int) and version > HEAD_FORMAT_VERSION:
+            raise CarrotError(f"'{path}.json': head format version {version} was written by a newer carrot "
+                              f"(this one reads 1..{HEAD_FORMAT_VERSION}); upgrade carrot to load it")
+        if version not in range(1, HEAD_FORMAT_VERSION + 1):
+            raise CarrotError(f"'{path}.json': expected a head format version 1..{HEAD_FORMAT_VERSION}, got {version!r}")
+        # version 2 saves every constructor setting, so a loaded head clones like the fitted one
+        raw = meta.get("params") if version >= 2 else {k: meta[k] for k in ("lam", "fit_intercept", "solver") if k in meta}
+        if not isinstance(raw, dict) or not set(raw) <= set(cls._get_param_names()):
+            raise CarrotError(f"'{path}.json': params must be RidgeHead settings {cls._get_param_names()}, got {raw!r}")
+        params = dict(raw)
+        if params.get("lam_grid") is not None:
+            params["lam_grid"] = tuple(params["lam_grid"])
         t = load_file(str(path))
-        if version >= 2:  # every constructor setting, so clone(head) of a loaded head is the fitted head's clone
-            params = dict(meta["params"])
-            if params.get("lam_grid") is not None:
-                params["lam_grid"] = tuple(params["lam_grid"])
-            head = cls(**params)
-        else:
-            head = cls(lam=meta["lam"], fit_intercept=meta["fit_intercept"], solver=meta["solver"])
+        head = cls(**params)
         head.classes_ = np.asarray(meta["classes"])
         head.coef_, head.intercept_ = t["coef"], t["intercept"]
         head.feature_mean_, head.prior_, head.dual_coef_ = t["feature_mean"], t["prior"], t["dual_coef"]

@@ -73,12 +73,13 @@ def index_labels(classes: ArrayLike, y: ArrayLike, name: str = "y") -> np.ndarra
     if classes.ndim != 1 or len(classes) == 0:
         raise CarrotError(f"classes: expected a non-empty 1-D array of labels, got shape {classes.shape}")
     order = np.argsort(classes, kind="stable")
+    ordered = classes[order]
     try:
-        pos = np.searchsorted(classes[order], y)
+        pos = np.searchsorted(ordered, y)
     except TypeError:  # labels of a type that does not compare with the classes' (e.g. str vs int)
         pos = np.full(len(y), len(classes))
     known = pos < len(classes)
-    known[known] = classes[order][pos[known]] == y[known]
+    known[known] = ordered[pos[known]] == y[known]
     if not known.all():
         unknown = list(dict.fromkeys(y[~known].tolist()))
         shown = ", ".join(repr(u) for u in unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")

@@ -219,10 +219,18 @@ def test_loaded_head_keeps_every_setting_so_clone_refits_the_same_model(tmp_path
     meta = json.loads(meta_path.read_text())
     meta["version"] = 99
     meta_path.write_text(json.dumps(meta))
-    with pytest.raises(CarrotError, match="version 99 .*upgrade carrot"):
+    with pytest.raises(CarrotError, match="version 99 was written by a newer carrot.*upgrade carrot"):
         RidgeHead.load(tmp_path / "h.safetensors")
-    legacy = {k: v for k, v in json.loads(meta_path.read_text()).items() if k != "params"}
-    legacy["version"] = 1  # a head written before the settings were saved still loads
+    for bad_version in (0, "2", None):
+        meta_path.write_text(json.dumps({**meta, "version": bad_version}))
+        with pytest.raises(CarrotError, match="expected a head format version 1..2"):
+            RidgeHead.load(tmp_path / "h.safetensors")
+    meta_path.write_text(json.dumps({**meta, "version": 2, "params": {**meta["params"], "alpha": 1.0}}))
+    with pytest.raises(CarrotError, match="params must be RidgeHead settings"):
+        RidgeHead.load(tmp_path / "h.safetensors")
+    # a head written before the settings were saved (version 1: lam, fit_intercept, solver at the top) still loads
+    legacy = {k: v for k, v in meta.items() if k != "params"}
+    legacy.update(version=1, lam="auto", fit_intercept=False, solver="dual")
     meta_path.write_text(json.dumps(legacy))
     old = RidgeHead.load(tmp_path / "h.safetensors")
     assert (old.lam, old.fit_intercept, old.solver) == ("auto", False, "dual")
