@@ -134,12 +134,10 @@ def evaluate(run_dir: str | Path, what: Sequence[str], out: str | Path | None = 
     if not what or set(what) - set(known):
         raise CarrotError(f"--what: expected some of {', '.join(known)}, got {', '.join(what) or 'nothing'}")
     model, G, y, G_test, y_test = run_embeddings(run_dir)
-    if set(what) - set(regions):
-        model.require_unweighted("evaluate")
     rest = [w for w in what if w not in (*regions, "accuracy")]
-    res = evaluate_embeddings(G, y, G_test, model.head_.lam_, rest, seed=model.config.seed, **kwargs) if rest else {}
+    res = evaluate_embeddings(G, y, G_test, model.head_, rest, seed=model.config.seed, **kwargs) if rest else {}
     if "accuracy" in what:
-        res["accuracy"] = accuracy_over_seeds(G, y, G_test, y_test, model.config.head.lam, model.classes_, seeds, shots, resplit)
+        res["accuracy"] = accuracy_over_seeds(G, y, G_test, y_test, model.head_, model.classes_, seeds, shots, resplit)
     if "pointing" in what:
         res["pointing"] = pointing(run_dir, model)
     if "deletion" in what:

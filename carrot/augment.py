@@ -20,8 +20,9 @@ import numpy as np
 import torch
 
 from .errors import CarrotError, check_is_fitted
-from .head import RidgeHead, _cholesky
-from .validation import ArrayLike, as_float64_matrix, as_weights, encode_labels, one_hot
+from .head import RidgeHead, as_head, frozen_clone
+from .ridge.core import CentredMoments, RidgeFactor
+from .validation import ArrayLike, as_float64_matrix, as_weights, encode_labels
 
 
 @dataclass(frozen=True)
@@ -106,38 +107,36 @@ def nuisance_plan(coef: torch.Tensor, intercept: torch.Tensor, G: ArrayLike, y_i
     return NuisancePlan([b for b in bases], alpha)
 
 
-def fit_augmented_ridge(G: ArrayLike, y: ArrayLike, lam: float, cfg: AugmentConfig = AugmentConfig(),
+def fit_augmented_ridge(G: ArrayLike, y: ArrayLike, head: RidgeHead | float, cfg: AugmentConfig = AugmentConfig(),
                         sample_weight: ArrayLike | None = None) -> tuple[RidgeHead, NuisancePlan]:
     """Ridge head under the expected augmentation: (Gc^T A Gc + lam I + sum a_i alpha_i P_i) W = Gc^T A Yc.
 
-    The plan (bases, alphas) comes from the plain ridge fit with the same lam.
+    ``head`` gives every setting (a fitted head: its chosen lam_; a number: RidgeHead(lam=number)).
+    The plan (bases, alphas) comes from the plain ridge fit with the same settings; the penalty enters
+    the ridge core's factorisation.
     """
-    base = RidgeHead(lam=lam).fit(G, y, sample_weight)
+    base = frozen_clone(as_head(head)).fit(G, y, sample_weight)
     Gt = as_float64_matrix(G, "G")
     n = Gt.shape[0]
     classes, y_idx = encode_labels(y, n)
     a = as_weights(sample_weight, n)
     plan = nuisance_plan(base.coef_, base.intercept_, Gt, y_idx, cfg)
-    mu, ybar = base.feature_mean_, base.prior_
-    Gc = Gt - mu
-    M = (Gc * a.unsqueeze(1)).T @ Gc + plan.penalty(a)
-    M.diagonal().add_(lam)
-    W = torch.cholesky_solve((Gc * a.unsqueeze(1)).T @ (one_hot(y_idx, len(classes)) - ybar), _cholesky(M))
-    head = RidgeHead(lam=lam)
-    head.classes_, head.coef_, head.feature_mean_, head.prior_ = classes, W, mu, ybar
-    head.intercept_ = ybar - W.T @ mu
-    head.lam_, head.lam_path_, head.solver_, head.n_features_in_ = float(lam), None, "augmented", Gt.shape[1]
-    head.dual_coef_ = None  # the anisotropic penalty breaks the plain representer form
-    return head, plan
+    m = CentredMoments.accumulate(Gt, y_idx, a, n_classes=len(classes), fit_intercept=base.fit_intercept)
+    factor = RidgeFactor.primal(m.M, base.lam_, penalty=plan.penalty(a))
+    out = frozen_clone(base)
+    out._set_solution(classes, factor.solve(m.B), m, factor, "augmented", Gt.shape[1], None if sample_weight is None else a)
+    out.lam_, out.lam_path_ = base.lam_, None
+    out.dual_coef_ = None  # the anisotropic penalty breaks the plain representer form
+    return out, plan
 
 
-def fit_sampled_ridge(G: ArrayLike, y: ArrayLike, lam: float, plan: NuisancePlan, m: int, seed: int = 0,
+def fit_sampled_ridge(G: ArrayLike, y: ArrayLike, head: RidgeHead | float, plan: NuisancePlan, m: int, seed: int = 0,
                       sample_weight: ArrayLike | None = None) -> RidgeHead:
     """Ridge head on m sampled nuisance-noise copies per image (weights a_i / m); tends to the analytic fit."""
     Gt = as_float64_matrix(G, "G")
     a = as_weights(sample_weight, Gt.shape[0])
     Ga = plan.sample(Gt, m, torch.Generator().manual_seed(seed))
-    return RidgeHead(lam=lam).fit(Ga, np.repeat(np.asarray(y), m), a.repeat_interleave(m) / m)
+    return frozen_clone(as_head(head)).fit(Ga, np.repeat(np.asarray(y), m), a.repeat_interleave(m) / m)
 
 
 def augmented_softmax(G: ArrayLike, y: ArrayLike, lam: float, cfg: AugmentConfig = AugmentConfig(), m: int = 4,

@@ -9,20 +9,24 @@ import numpy as np
 import torch
 
 from .errors import CarrotError
-from .head import RidgeHead
+from .head import RidgeHead, as_head, frozen_clone
 from .influence import RidgeSystem, loo_loss_change
 from .validation import index_labels
 
 
 def debug_loop(G: np.ndarray, y: np.ndarray, G_val: np.ndarray, y_val: np.ndarray, G_test: np.ndarray,
-               y_test: np.ndarray, lam: float, ks: Sequence[int] = (5, 10, 20, 50), downweight: float = 0.0,
-               n_random: int = 5, seed: int = 0) -> dict[str, Any]:
-    """Accuracy after removing (``downweight`` = 0) or downweighting the K most harmful images."""
+               y_test: np.ndarray, head: RidgeHead | float, ks: Sequence[int] = (5, 10, 20, 50), downweight: float = 0.0,
+               n_random: int = 5, seed: int = 0, sample_weight: np.ndarray | None = None) -> dict[str, Any]:
+    """Accuracy after removing (``downweight`` = 0) or downweighting the K most harmful images.
+
+    ``head`` gives every setting of the fit on (G, y) (a fitted head: its chosen lambda); ``sample_weight``
+    (n,): the run's weights of these rows (downweighting multiplies them).
+    """
     if not 0 <= downweight < 1:
         raise CarrotError(f"downweight: expected a weight in [0, 1), got {downweight!r}")
     if max(ks) >= len(y):
         raise CarrotError(f"k: expected every K < n = {len(y)}, got {max(ks)}")
-    head = RidgeHead(lam=lam).fit(G, y)
+    head = frozen_clone(as_head(head)).fit(G, y, sample_weight)
     system = RidgeSystem.from_head(head, G, y)
     yv = index_labels(head.classes_, y_val, "y_val")
     yt = index_labels(head.classes_, y_test, "y_test")

@@ -13,7 +13,7 @@ from scipy.stats import kendalltau, spearmanr
 
 from .baselines import TracInHead
 from .errors import CarrotError
-from .head import RidgeHead
+from .head import RidgeHead, as_head, frozen_clone
 from .validation import index_labels, one_hot
 from .influence import RidgeSystem
 
@@ -31,9 +31,11 @@ def flip_labels(y: np.ndarray, fraction: float, n_classes: int, seed: int = 0) -
     return y, mask
 
 
-def mislabel_scores(G: np.ndarray, y: np.ndarray, lam: float, tracin: dict | None = None) -> dict[str, np.ndarray]:
-    """Suspicion scores per training point (higher = more likely mislabelled)."""
-    head = RidgeHead(lam=lam).fit(G, y)
+def mislabel_scores(G: np.ndarray, y: np.ndarray, head: RidgeHead | float, tracin: dict | None = None) -> dict[str, np.ndarray]:
+    """Suspicion scores per training point (higher = more likely mislabelled); ``head`` is refitted on the
+    labels y with every setting and the weights it was fitted with (a bare lambda: the default head)."""
+    template = as_head(head)
+    head = frozen_clone(template).fit(G, y, getattr(template, "sample_weight_", None))
     system = RidgeSystem.from_head(head, G, y)
     y_idx = index_labels(head.classes_, y)
     Y = one_hot(y_idx, len(head.classes_))
@@ -106,8 +108,7 @@ def faithfulness(system: RidgeSystem, G_test: np.ndarray, attributions: np.ndarr
             keeps = {"keep_top": [order[:k]], "keep_random": [rng.choice(n, k, replace=False) for _ in range(n_random)]}
             for name, idx_list in keeps.items():
                 for idx in idx_list:
-                    sub = RidgeSystem.fit(system.G[idx], system.Y[idx], system.a[idx], system.lam, system.fit_intercept)
-                    f = X[x] @ sub.theta
+                    f = system.refit(idx).decision(G_test[x : x + 1])[0]
                     res[name].append((float(F[x, c] - f[c]), int(f.argmax()) != c))
         out[str(k)] = {s: {"logit_drop": float(np.mean([d for d, _ in v])), "flip_rate": float(np.mean([f for _, f in v]))}
                        for s, v in res.items()}
@@ -124,12 +125,10 @@ def lds(system: RidgeSystem, G_test: np.ndarray, classes: np.ndarray, estimators
     n = system.G.shape[0]
     masks = np.zeros((n_subsets, n), dtype=bool)
     actual = np.zeros((n_subsets, len(classes)))
-    X = system.augment(G_test)
     for j in range(n_subsets):
         idx = np.sort(rng.choice(n, int(round(fraction * n)), replace=False))
         masks[j, idx] = True
-        sub = RidgeSystem.fit(system.G[idx], system.Y[idx], system.a[idx], system.lam, system.fit_intercept)
-        actual[j] = (X @ sub.theta)[torch.arange(len(classes)), torch.as_tensor(classes)].numpy()
+        actual[j] = system.refit(idx).decision(G_test)[torch.arange(len(classes)), torch.as_tensor(classes)].numpy()
     out = {}
     for name, tau in estimators.items():
         pred = masks.astype(np.float64) @ tau.T  # (subsets, m)
@@ -186,13 +185,15 @@ def compare_predictions(pred_a: np.ndarray, pred_b: np.ndarray, y: np.ndarray, c
             "per_class": {c: {"a": a, "b": b, "change": None if a is None else b - a} for c, a, b in zip(classes, pa, pb)}}
 
 
-def accuracy_over_seeds(G: np.ndarray, y: np.ndarray, G_test: np.ndarray, y_test: np.ndarray, lam: float | str,
+def accuracy_over_seeds(G: np.ndarray, y: np.ndarray, G_test: np.ndarray, y_test: np.ndarray, head: RidgeHead | float,
                         classes: Sequence[str], seeds: Sequence[int] = (0, 1, 2, 3, 4), shots: int | None = None,
                         resplit: bool = False) -> dict:
     """Top-1 and per-class test accuracy, mean and std (ddof=1) over seeds. A seed draws the ``shots``
     training images per class (few-shot) and/or, with ``resplit``, a new stratified train/test split of
     the pooled embeddings (same test share); with neither, every seed would give the same closed-form head,
-    so only the first is run."""
+    so only the first is run. Each fit is ``head`` refitted with all its settings (its chosen lambda) and,
+    for a weighted head, the weights of the rows drawn (re-splitting a weighted run is refused: test rows
+    have no weights)."""
     from .data import stratified_indices
 
     if not seeds:
@@ -202,6 +203,12 @@ def accuracy_over_seeds(G: np.ndarray, y: np.ndarray, G_test: np.ndarray, y_test
     if shots is not None and (isinstance(shots, bool) or not isinstance(shots, int) or shots < 1):
         raise CarrotError(f"shots: expected a positive integer or None, got {shots!r}")
     C = len(classes)
+    template = as_head(head)
+    a = getattr(template, "sample_weight_", None)
+    a = None if a is None else np.asarray(a)
+    if resplit and a is not None:
+        raise CarrotError("resplit: this run's head is weighted and test images have no weights; "
+                          "evaluate accuracy without --resplit, or on the unweighted run it was derived from")
     pooled_G, pooled_y = np.concatenate([G, G_test]), np.concatenate([y, y_test])
     rows = []
     for seed in seeds:
@@ -210,6 +217,7 @@ def accuracy_over_seeds(G: np.ndarray, y: np.ndarray, G_test: np.ndarray, y_test
             Gtr, ytr, Gte, yte = pooled_G[tr], pooled_y[tr], pooled_G[te], pooled_y[te]
         else:
             Gtr, ytr, Gte, yte = G, y, G_test, y_test
+        atr = a
         if shots is not None:
             rng = np.random.default_rng(seed)
             counts = np.bincount(ytr, minlength=C)
@@ -219,7 +227,8 @@ def accuracy_over_seeds(G: np.ndarray, y: np.ndarray, G_test: np.ndarray, y_test
                                   f"training images), got {shots}")
             keep = np.sort(np.concatenate([rng.choice(np.flatnonzero(ytr == c), shots, replace=False) for c in range(C)]))
             Gtr, ytr = Gtr[keep], ytr[keep]
-        head = RidgeHead(lam=lam).fit(Gtr, ytr)
+            atr = None if a is None else a[keep]
+        head = frozen_clone(template).fit(Gtr, ytr, atr)
         pred = head.predict(Gte)
         per_class = [float("nan") if v is None else v for v in per_class_accuracy(pred, yte, C)]
         rows.append({"seed": int(seed), "accuracy": float((pred == yte).mean()), "lam": float(head.lam_),
@@ -275,11 +284,16 @@ EVALUATIONS = ("mislabel", "faithfulness", "lds", "agreement")
 
 
 def evaluate_embeddings(
-    G: np.ndarray, y: np.ndarray, G_test: np.ndarray, lam: float, what: Sequence[str] = EVALUATIONS,
+    G: np.ndarray, y: np.ndarray, G_test: np.ndarray, head: RidgeHead | float, what: Sequence[str] = EVALUATIONS,
     flip_fraction: float = 0.1, ks: Sequence[int] = (1, 5, 10, 20), n_test: int = 50, n_subsets: int = 50,
     seed: int = 0, tracin: dict | None = None, progress: Callable[[str], None] | None = None,
 ) -> dict:
-    """Run the chosen evaluations on fitted-run embeddings; returns a JSON-ready dict."""
+    """Run the chosen evaluations on fitted-run embeddings; returns a JSON-ready dict.
+
+    ``head``: the run's head fitted on (G, y) (with its weights, if any): the exact quantities are the
+    ones of that model, and refits (flipped labels, subsets) carry every one of its settings. A bare
+    lambda fits the default head on (G, y) first.
+    """
     unknown = sorted(set(what) - set(EVALUATIONS))
     if unknown:
         raise CarrotError(f"evaluations: unknown {unknown}; expected some of {list(EVALUATIONS)}")
@@ -288,16 +302,17 @@ def evaluate_embeddings(
     if "faithfulness" in what and (not ks or min(ks) < 1 or max(ks) >= len(y)):
         raise CarrotError(f"k: expected every K in 1..{len(y) - 1} (K < n = {len(y)} training images), got {list(ks)}")
     log = progress or (lambda _: None)
-    out: dict = {"lam": lam, "n_train": int(len(y)), "seed": seed}
+    if not isinstance(head, RidgeHead):
+        head = as_head(head).fit(G, y)
+    out: dict = {"lam": float(head.lam_), "n_train": int(len(y)), "seed": seed}
     rng = np.random.default_rng(seed)
     if "mislabel" in what:
         log("mislabel detection")
         yn, mask = flip_labels(y, flip_fraction, len(np.unique(y)), seed)
         out["mislabel"] = {"flip_fraction": flip_fraction,
-                           "results": mislabel_detection(mislabel_scores(G, yn, lam, tracin), mask)}
+                           "results": mislabel_detection(mislabel_scores(G, yn, head, tracin), mask)}
     rest = [w for w in what if w != "mislabel"]
     if rest:
-        head = RidgeHead(lam=lam).fit(G, y)
         system = RidgeSystem.from_head(head, G, y)
         rows = np.sort(rng.choice(len(G_test), min(n_test, len(G_test)), replace=False))
         Gt = G_test[rows]

@@ -17,9 +17,10 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from .devices import resolve_device
 from .errors import CarrotError, check_is_fitted
 from .io import atomic_path, read_json, write_json
-from .validation import ArrayLike, as_float64_matrix, as_weights, encode_labels, index_labels, one_hot
+from .ridge.core import CentredMoments, RidgeFactor, chunks, dual_solve_coef, spectrum
+from .validation import ArrayLike, as_float64_matrix, as_weights, encode_labels, float64_rows, index_labels, one_hot
 
-HEAD_FORMAT_VERSION = 2  # 2: all constructor settings saved ("params"); 1: lam, fit_intercept, solver
+HEAD_FORMAT_VERSION = 3  # 3: + the solve's factor, total and sample weights; 2: every setting ("params"); 1: lam, fit_intercept, solver
 
 
 class RidgeHead(ClassifierMixin, BaseEstimator):
@@ -68,7 +69,9 @@ class RidgeHead(ClassifierMixin, BaseEstimator):
         """Fit on embeddings G (n, D) and labels y (n,), optional weights (n,) >= 0.
 
         G may be a numpy memmap: the primal solve (and its 'auto' lambda) streams it in ``chunk_size``
-        rows with float64 accumulation, so only D x D, D x C and n x C arrays are held; the dual solve loads G.
+        rows with float64 accumulation (:class:`~carrot.ridge.core.CentredMoments`), so only D x D, D x C
+        and n x C arrays are held; the dual solve loads G. The factorisation of the solve is kept as
+        ``factor_`` (saved with the head), so exact LOO, removal and reweighting never refactorise.
         """
         self._check_settings()
         if not hasattr(G, "shape") or len(G.shape) != 2:
@@ -80,71 +83,66 @@ class RidgeHead(ClassifierMixin, BaseEstimator):
         C = len(classes)
         a = as_weights(sample_weight, n)
         dev = resolve_device(self.device)
-        y_t = torch.as_tensor(y_idx, dtype=torch.long)
+        dev = dev if dev.type != "mps" else torch.device("cpu")  # MPS has no float64
         solver = self.solver if self.solver != "auto" else ("primal" if n >= d else "dual")
         if solver == "dual":
             G = as_float64_matrix(G, "G")
-        if self.fit_intercept:
-            mu = sum(a[sl] @ self._rows(G, sl) for sl in self._chunks(n)) / a.sum()
-            ybar = torch.zeros(C, dtype=torch.float64).index_add(0, y_t, a) / a.sum()
-        else:
-            mu, ybar = torch.zeros(d, dtype=torch.float64), torch.zeros(C, dtype=torch.float64)
-        if solver == "primal":
-            M, B = self._gram(G, y_t, C, a, mu, ybar, dev)
+        m = CentredMoments.accumulate(G, y_idx, a, n_classes=C, fit_intercept=self.fit_intercept, chunk_size=self.chunk_size,
+                                      device=dev, second_moments=solver == "primal")
+        if solver == "dual":  # U = A^1/2 Gc (n, D), sY = A^1/2 Yc; B = U^T sY without the D x D Gram
+            U = (a.sqrt().unsqueeze(1) * (G - m.mu.cpu())).to(dev)
+            sY = a.sqrt().unsqueeze(1).to(dev) * (one_hot(y_idx, C).to(dev) - m.ybar)
+            m.B = U.T @ sY
         if self.lam == "auto":
-            from .loo import DEFAULT_LAMBDAS, ridge_loo_path, ridge_loo_scores
+            from .loo import DEFAULT_LAMBDAS, loo_path
 
-            grid = self.lam_grid or DEFAULT_LAMBDAS
-            if solver == "primal":
-                chunks = ((sl, (self._rows(G, sl) - mu).to(dev)) for sl in self._chunks(n))
-                path = ridge_loo_scores(M, B, chunks, y_idx, a, ybar, grid, self.fit_intercept)
-            else:
-                path = ridge_loo_path(G, y, grid, a, self.fit_intercept)
+            eig = spectrum(m, U if solver == "dual" else None)
+            rows = ((sl, float64_rows(G, sl).to(dev) - m.mu) for sl in chunks(n, self.chunk_size))
+            path = loo_path(m, eig, rows, y_idx, a, self.lam_grid or DEFAULT_LAMBDAS)
             self.lam_ = path.best_lambda
             self.lam_path_ = {"lambdas": path.lambdas.tolist(), "loo_accuracy": path.accuracy.tolist(),
                               "loo_mse": path.mse.tolist()}
         else:
             self.lam_, self.lam_path_ = float(self.lam), None
         if solver == "primal":
-            M.diagonal().add_(self.lam_)
-            W = torch.cholesky_solve(B, _cholesky(M)).cpu()
+            factor = RidgeFactor.primal(m.M, self.lam_)
+            W = factor.solve(m.B)
         else:
-            W = self._solve_dual(G, one_hot(y_idx, C), a, mu, ybar, dev)
-        self.classes_ = classes
-        self.coef_ = W
-        self.feature_mean_ = mu
-        self.prior_ = ybar
-        self.intercept_ = ybar - W.T @ mu
-        self.solver_ = solver
-        self.n_features_in_ = d
+            factor = RidgeFactor.dual(U, self.lam_)
+            W = dual_solve_coef(U, sY, factor)
+        m = m.to("cpu")
+        self._set_solution(classes, W.cpu(), m, factor.cpu(), solver, d, None if sample_weight is None else a)
         self.dual_coef_ = self.dual_coef(G, classes[y_idx], a)
         return self
 
-    def fit_moments(self, moments, classes: ArrayLike) -> "RidgeHead":
-        """Fit from summed Gram moments (see :class:`carrot.distributed.GramMoments`), e.g. after an
-        all_reduce across ranks: Gc^T A Gc = G^T A G - S mu mu^T. ``dual_coef_`` needs the rows and is
-        left unset; use :meth:`dual_coef` on each shard."""
+    def _set_solution(self, classes: np.ndarray, W: torch.Tensor, m: CentredMoments, factor: RidgeFactor | None,
+                      solver: str, d: int, sample_weight: torch.Tensor | None) -> None:
+        self.classes_ = np.asarray(classes)
+        self.coef_ = W
+        self.feature_mean_ = m.mu
+        self.prior_ = m.ybar
+        self.intercept_ = m.ybar - W.T @ m.mu
+        self.total_weight_ = float(m.S)
+        self.factor_ = factor
+        self.solver_ = solver
+        self.n_features_in_ = d
+        self.sample_weight_ = sample_weight
+
+    def fit_moments(self, moments: CentredMoments, classes: ArrayLike) -> "RidgeHead":
+        """Fit from centred moments (e.g. :meth:`CentredMoments.accumulate` with ``distributed=True``, which
+        all-reduces across ranks). ``dual_coef_`` needs the rows and is left unset; use :meth:`dual_coef`
+        on each shard."""
         self._check_settings()
         if self.lam == "auto":
             raise CarrotError("lam: 'auto' needs the training rows (exact LOO); give a number when fitting from moments")
-        m = moments
-        S = m.S.cpu()
-        d, C = m.GtAY.shape
-        if self.fit_intercept:
-            mu, ybar = m.s1.cpu() / S, m.sy.cpu() / S
-            M = m.GtAG.cpu() - S * torch.outer(mu, mu)
-            B = m.GtAY.cpu() - S * torch.outer(mu, ybar)
-        else:
-            mu, ybar = torch.zeros(d, dtype=torch.float64), torch.zeros(C, dtype=torch.float64)
-            M, B = m.GtAG.cpu().clone(), m.GtAY.cpu()
-        M = 0.5 * (M + M.T)
-        M.diagonal().add_(float(self.lam))
-        W = torch.cholesky_solve(B, _cholesky(M))
+        if moments.M is None:
+            raise CarrotError("moments: expected second moments (accumulate with second_moments=True)")
+        if moments.fit_intercept != self.fit_intercept:
+            raise CarrotError(f"moments: accumulated with fit_intercept={moments.fit_intercept}, the head has {self.fit_intercept}")
+        m = moments.to("cpu")
         self.lam_, self.lam_path_ = float(self.lam), None
-        self.classes_ = np.asarray(classes)
-        self.coef_, self.feature_mean_, self.prior_ = W, mu, ybar
-        self.intercept_ = ybar - W.T @ mu
-        self.solver_, self.n_features_in_ = "moments", d
+        factor = RidgeFactor.primal(m.M, self.lam_)
+        self._set_solution(classes, factor.solve(m.B), m, factor, "moments", m.M.shape[0], None)
         self.dual_coef_ = None
         return self
 
@@ -155,44 +153,9 @@ class RidgeHead(ClassifierMixin, BaseEstimator):
         idx = index_labels(self.classes_, y)
         a = as_weights(sample_weight, n)
         out = torch.empty(n, len(self.classes_), dtype=torch.float64)
-        for sl in self._chunks(n):
-            out[sl] = a[sl].unsqueeze(1) * (one_hot(idx[sl], len(self.classes_)) - self._decision(self._rows(G, sl))) / self.lam_
+        for sl in chunks(n, self.chunk_size):
+            out[sl] = a[sl].unsqueeze(1) * (one_hot(idx[sl], len(self.classes_)) - self._decision(float64_rows(G, sl))) / self.lam_
         return out
-
-    def _chunks(self, n: int):
-        for s in range(0, n, self.chunk_size):
-            yield slice(s, min(n, s + self.chunk_size))
-
-    @staticmethod
-    def _rows(G: ArrayLike, sl: slice) -> torch.Tensor:
-        """Rows ``sl`` of G as a finite float64 tensor (G: tensor, array or memmap)."""
-        block = G[sl]
-        block = block.to(torch.float64) if torch.is_tensor(block) else torch.from_numpy(np.array(block, dtype=np.float64))
-        if not torch.isfinite(block).all():
-            bad = int((~torch.isfinite(block)).any(1).sum())
-            raise CarrotError(f"G: features must be finite, found NaN/Inf in {bad} row(s)")
-        return block
-
-    def _gram(self, G, y_t, C, a, mu, ybar, dev) -> tuple[torch.Tensor, torch.Tensor]:
-        """Streamed Gc^T A Gc (D, D) and Gc^T A (Y - ybar) (D, C), float64 on ``dev``."""
-        d = G.shape[1]
-        M = torch.zeros(d, d, dtype=torch.float64, device=dev)
-        B = torch.zeros(d, C, dtype=torch.float64, device=dev)
-        for sl in self._chunks(G.shape[0]):
-            Gc = (self._rows(G, sl) - mu).to(dev)
-            aG = Gc * a[sl].to(dev).unsqueeze(1)
-            M += aG.T @ Gc
-            B += aG.T @ (one_hot(y_t[sl], C) - ybar).to(dev)
-        return M, B
-
-    def _solve_dual(self, G, Y, a, mu, ybar, dev) -> torch.Tensor:
-        Gc = (G - mu).to(dev)
-        s = a.sqrt().to(dev)
-        K = (s.unsqueeze(1) * Gc) @ (Gc.T * s.unsqueeze(0))
-        K.diagonal().add_(self.lam_)
-        Lc = _cholesky(K)
-        u = torch.cholesky_solve(s.unsqueeze(1) * (Y - ybar).to(dev), Lc)
-        return (Gc.T @ (s.unsqueeze(1) * u)).cpu()
 
     def _decision(self, G: torch.Tensor) -> torch.Tensor:
         return G @ self.coef_ + self.intercept_
@@ -220,6 +183,11 @@ class RidgeHead(ClassifierMixin, BaseEstimator):
             "coef": self.coef_, "intercept": self.intercept_, "feature_mean": self.feature_mean_,
             "prior": self.prior_, "dual_coef": self.dual_coef_,
         }
+        factor = getattr(self, "factor_", None)
+        if factor is not None:
+            tensors["factor"] = factor.chol
+        if getattr(self, "sample_weight_", None) is not None:
+            tensors["sample_weight"] = self.sample_weight_
         with atomic_path(path) as tmp:
             save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
         params = self.get_params()
@@ -229,6 +197,7 @@ class RidgeHead(ClassifierMixin, BaseEstimator):
             "format": "carrot.RidgeHead", "version": HEAD_FORMAT_VERSION, "params": params,
             "lam_": self.lam_, "lam_path_": self.lam_path_, "solver_": self.solver_, "classes": self.classes_.tolist(),
             "n_features": self.n_features_in_, "n_train": int(self.dual_coef_.shape[0]),
+            "factor_kind": None if factor is None else factor.kind, "total_weight": self.total_weight_,
         })
 
     @classmethod
@@ -263,13 +232,39 @@ class RidgeHead(ClassifierMixin, BaseEstimator):
         head.solver_, head.n_features_in_ = meta["solver_"], meta["n_features"]
         head.lam_, head.lam_path_ = meta["lam_"], meta.get("lam_path_")
         c, d, n = len(head.classes_), head.n_features_in_, meta["n_train"]
-        if head.coef_.shape != (d, c) or head.dual_coef_.shape != (n, c) or head.intercept_.shape != (c,):
+        # format 3 keeps the factorisation and the weights; older heads get them from their training rows
+        kind = meta.get("factor_kind") if version >= 3 else None
+        head.factor_ = RidgeFactor(kind, t["factor"], head.lam_) if kind is not None and "factor" in t else None
+        head.sample_weight_ = t.get("sample_weight")
+        head.total_weight_ = meta.get("total_weight", float(n) if head.sample_weight_ is None else float(head.sample_weight_.sum()))
+        p = {"primal": d, "dual": n}.get(kind)
+        if (head.coef_.shape != (d, c) or head.dual_coef_.shape != (n, c) or head.intercept_.shape != (c,)
+                or (head.factor_ is not None and head.factor_.chol.shape != (p, p))
+                or (head.sample_weight_ is not None and head.sample_weight_.shape != (n,))):
             raise CarrotError(f"head file '{path}' is inconsistent with its metadata (shapes differ)")
         return head
 
 
-def _cholesky(M: torch.Tensor) -> torch.Tensor:
-    Lc, info = torch.linalg.cholesky_ex(M)
-    if int(info) != 0:
-        raise CarrotError("ridge system is not positive definite (features overflow?); increase lam")
-    return Lc
+def frozen_clone(head: RidgeHead, **params) -> RidgeHead:
+    """An unfitted copy of ``head`` with every setting (``clone``), lam fixed to the fitted ``lam_`` when the
+    head is fitted (so an audit refits the model the run chose, not a new 'auto' search), then ``params``.
+
+    Parameters
+    ----------
+    head : a RidgeHead, fitted or not.
+    **params : settings to override, as for ``set_params``.
+
+    Returns
+    -------
+    RidgeHead, unfitted.
+    """
+    from sklearn.base import clone
+
+    lam = getattr(head, "lam_", None)
+    return clone(head).set_params(**{**({"lam": lam} if lam is not None else {}), **params})
+
+
+def as_head(head_or_lam: "RidgeHead | float") -> RidgeHead:
+    """A head template from a RidgeHead (kept whole) or a bare lambda (the defaults otherwise)."""
+    return head_or_lam if isinstance(head_or_lam, RidgeHead) else RidgeHead(lam=head_or_lam)
+

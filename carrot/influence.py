@@ -1,9 +1,10 @@
 """Exact removal / reweighting algebra for the weighted ridge head.
 
-The head is the augmented system  theta = M^-1 X^T A Y,  M = X^T A X + diag(0, lam I),
-X = [1, G] (the intercept column unpenalised; without intercept X = G, M = G^T A G + lam I).
-Changing the weights of k rows U by delta is a rank-k update handled by Woodbury
-(Hager 1989) on the Cholesky factor of M, O(k D^2 + k^3) instead of a refit:
+In centred coordinates x = [1, g - mu] (mu the fit's weighted mean, frozen; without intercept x = g)
+the head is theta = [ybar; W] = M^-1 X^T A Y with M = X^T A X + diag(0, lam I) = blockdiag(S, Gc^T A Gc + lam I):
+the head's own factorisation (:class:`carrot.ridge.core.RidgeFactor`) solves it, nothing is refactorised.
+Changing the weights of k rows U by delta is a rank-k update handled by Woodbury (Hager 1989),
+O(k D^2 + k^3) instead of a refit (exact for any change: freezing mu only reparametrises the intercept):
 
     theta' = theta1 - Z (I + diag(delta) U Z)^-1 diag(delta) U theta1,
     Z = M^-1 U^T,  theta1 = theta + Z diag(delta) Y_U.
@@ -22,63 +23,90 @@ import torch
 from .devices import resolve_device
 from .errors import CarrotError, check_is_fitted
 from .head import RidgeHead
+from .ridge.core import CentredMoments, RidgeFactor
 from .validation import ArrayLike, as_float64_matrix, as_weights, index_labels, one_hot
 
 
 @dataclass
 class RidgeSystem:
-    """Factorised augmented ridge system for one weighting; build with :meth:`fit`."""
+    """A ridge fit with its training rows, in centred coordinates; build with :meth:`fit` or :meth:`from_head`."""
 
     G: torch.Tensor  # (n, D) float64
     Y: torch.Tensor  # (n, C) targets
     a: torch.Tensor  # (n,) weights
     lam: float
     fit_intercept: bool
-    chol: torch.Tensor  # (p, p) lower Cholesky factor of M, p = D + fit_intercept
-    theta: torch.Tensor  # (p, C)
+    factor: RidgeFactor  # of Gc^T A Gc + lam I
+    mu: torch.Tensor  # (D,) frozen centre
+    S: float  # total weight, the intercept block of M
+    theta: torch.Tensor  # (p, C) = [ybar; W], p = D + fit_intercept
+    device: str = "cpu"
+    chunk_size: int = 65536
 
     @classmethod
     def fit(cls, G: ArrayLike, Y: torch.Tensor, a: ArrayLike | None, lam: float, fit_intercept: bool = True,
             device: str = "cpu", chunk_size: int = 65536) -> "RidgeSystem":
-        """Solve for weights ``a`` (n,) and targets Y (n, C); chunked float64 accumulation of M."""
+        """Solve for weights ``a`` (n,) and targets Y (n, C): the ridge core's centred moments and one Cholesky."""
         G = as_float64_matrix(G, "G")
-        n, d = G.shape
-        if not (isinstance(lam, (int, float)) and np.isfinite(lam) and lam > 0):
+        n = G.shape[0]
+        if isinstance(lam, bool) or not (isinstance(lam, (int, float)) and np.isfinite(lam) and lam > 0):
             raise CarrotError(f"lam: expected a finite number > 0, got {lam!r}")
         a = as_weights(a, n)
+        Y = torch.as_tensor(Y, dtype=torch.float64)
         if Y.shape[0] != n:
             raise CarrotError(f"Y: expected {n} rows to match G, got {Y.shape[0]}")
         dev = resolve_device(device)
-        p = d + int(fit_intercept)
-        M = torch.zeros(p, p, dtype=torch.float64, device=dev)
-        B = torch.zeros(p, Y.shape[1], dtype=torch.float64, device=dev)
-        for s in range(0, n, chunk_size):
-            X = _augment(G[s : s + chunk_size], fit_intercept).to(dev)
-            aX = X * a[s : s + chunk_size].to(dev).unsqueeze(1)
-            M += aX.T @ X
-            B += aX.T @ Y[s : s + chunk_size].to(dev)
-        M.diagonal()[int(fit_intercept):].add_(lam)
-        chol, info = torch.linalg.cholesky_ex(M)
-        if int(info) != 0:
-            raise CarrotError("ridge system is not positive definite; increase lam or give some weight to every class")
-        theta = torch.cholesky_solve(B, chol)
-        return cls(G, Y, a, float(lam), fit_intercept, chol.cpu(), theta.cpu())
+        m = CentredMoments.accumulate(G, Y, a, fit_intercept=fit_intercept, chunk_size=chunk_size, device=dev).to("cpu")
+        factor = RidgeFactor.primal(m.M, float(lam))
+        return cls._from_solution(G, Y, a, float(lam), fit_intercept, factor, m.mu, float(m.S), m.ybar, factor.solve(m.B),
+                                  str(device), chunk_size)
+
+    @classmethod
+    def _from_solution(cls, G, Y, a, lam, fit_intercept, factor, mu, S, ybar, W, device="cpu", chunk_size=65536) -> "RidgeSystem":
+        theta = torch.cat([ybar.unsqueeze(0), W]) if fit_intercept else W
+        return cls(G, Y, a, lam, fit_intercept, factor, mu, S, theta, device, chunk_size)
 
     @classmethod
     def from_head(cls, head: RidgeHead, G: ArrayLike, y: ArrayLike, sample_weight: ArrayLike | None = None) -> "RidgeSystem":
-        """The system behind a fitted :class:`RidgeHead` (same lam, intercept, classes, device)."""
+        """The system behind a fitted :class:`RidgeHead`, on its training rows G (n, D), y (n,).
+
+        Uses the head's own factorisation and weights (``factor_``, ``sample_weight_``): nothing is
+        re-accumulated. ``sample_weight``, if given, must be the head's weights.
+        """
         check_is_fitted(head)
+        G = as_float64_matrix(G, "G")
         idx = index_labels(head.classes_, y)
-        return cls.fit(G, one_hot(idx, len(head.classes_)), sample_weight, head.lam_, head.fit_intercept, head.device,
-                       head.chunk_size)
+        n = G.shape[0]
+        if head.dual_coef_ is not None and head.dual_coef_.shape[0] != n:
+            raise CarrotError(f"G: expected the {head.dual_coef_.shape[0]} training rows the head was fitted on, got {n}")
+        a = as_weights(getattr(head, "sample_weight_", None), n)
+        if sample_weight is not None and not torch.equal(as_weights(sample_weight, n), a):
+            raise CarrotError("sample_weight: differs from the weights the head was fitted with (head.sample_weight_)")
+        Y = one_hot(idx, len(head.classes_))
+        factor = getattr(head, "factor_", None)
+        if factor is None:  # a head from an older file, or fitted from moments: factorise once here
+            return cls.fit(G, Y, a, head.lam_, head.fit_intercept, head.device, head.chunk_size)
+        if factor.kind == "dual":
+            factor = RidgeFactor("dual", factor.chol, factor.lam).bind(a.sqrt().unsqueeze(1) * (G - head.feature_mean_))
+        return cls._from_solution(G, Y, a, float(head.lam_), head.fit_intercept, factor, head.feature_mean_,
+                                  float(a.sum()), head.prior_, head.coef_, str(head.device), head.chunk_size)
+
+    def refit(self, rows: ArrayLike | None = None, a: ArrayLike | None = None) -> "RidgeSystem":
+        """The same settings (lam, intercept, device) refitted on training rows ``rows`` and/or weights ``a``."""
+        idx = torch.arange(self.G.shape[0]) if rows is None else torch.as_tensor(np.asarray(rows), dtype=torch.long)
+        w = self.a[idx] if a is None else a
+        return RidgeSystem.fit(self.G[idx], self.Y[idx], w, self.lam, self.fit_intercept, self.device, self.chunk_size)
 
     # -- basic quantities -------------------------------------------------------------------
     def augment(self, G: ArrayLike) -> torch.Tensor:
-        return _augment(as_float64_matrix(G, "G"), self.fit_intercept)
+        """x = [1, g - mu] (or g without intercept) for rows G (m, D): (m, p)."""
+        return _augment(as_float64_matrix(G, "G"), self.mu, self.fit_intercept)
 
     def solve(self, B: torch.Tensor) -> torch.Tensor:
-        """M^-1 B by two triangular solves; B (p, k)."""
-        return torch.cholesky_solve(B, self.chol)
+        """M^-1 B for B (p, k): a division for the intercept block, the ridge factor for the rest."""
+        if not self.fit_intercept:
+            return self.factor.solve(B)
+        return torch.cat([B[:1] / self.S, self.factor.solve(B[1:])])
 
     @property
     def coef(self) -> torch.Tensor:
@@ -86,24 +114,27 @@ class RidgeSystem:
 
     @property
     def intercept(self) -> torch.Tensor:
-        return self.theta[0] if self.fit_intercept else torch.zeros(self.theta.shape[1], dtype=torch.float64)
+        """b of f(g) = W^T g + b."""
+        if not self.fit_intercept:
+            return torch.zeros(self.theta.shape[1], dtype=torch.float64)
+        return self.theta[0] - self.coef.T @ self.mu
 
     def decision(self, G: ArrayLike, theta: torch.Tensor | None = None) -> torch.Tensor:
         return self.augment(G) @ (self.theta if theta is None else theta)
 
     def residuals(self) -> torch.Tensor:
         """r_i = y_i - f(x_i), (n, C)."""
-        return self.Y - _augment(self.G, self.fit_intercept) @ self.theta
+        return self.Y - _augment(self.G, self.mu, self.fit_intercept) @ self.theta
 
     def hat_diag(self) -> torch.Tensor:
         """h_ii = a_i x_i^T M^-1 x_i, (n,)."""
-        X = _augment(self.G, self.fit_intercept)
+        X = _augment(self.G, self.mu, self.fit_intercept)
         return self.a * (X * self.solve(X.T).T).sum(1)
 
     # -- exact removal ----------------------------------------------------------------------
     def loo_logits(self) -> torch.Tensor:
         """f_-i(x_i) for every training row, (n, C)."""
-        X = _augment(self.G, self.fit_intercept)
+        X = _augment(self.G, self.mu, self.fit_intercept)
         f = X @ self.theta
         h = self.hat_diag().unsqueeze(1)
         return (f - h * self.Y) / (1 - h)
@@ -112,7 +143,7 @@ class RidgeSystem:
         """(Z, R) with Z = M^-1 X_i^T (p, k) and R_i = a_i r_i / (1 - h_ii) (k, C), so that removing
         row i changes the logits of any x by -(x^T Z_i) R_i."""
         idx = torch.arange(self.G.shape[0]) if idx is None else torch.as_tensor(np.asarray(idx), dtype=torch.long)
-        Xi = _augment(self.G[idx], self.fit_intercept)
+        Xi = _augment(self.G[idx], self.mu, self.fit_intercept)
         Z = self.solve(Xi.T)
         a = self.a[idx]
         h = a * (Xi * Z.T).sum(1)
@@ -143,7 +174,7 @@ class RidgeSystem:
             np.asarray(new_weights, dtype=np.float64).reshape(-1))
         if nw.shape != idx_t.shape or (nw < 0).any():
             raise CarrotError(f"new_weights: expected {len(idx_t)} weights >= 0, got {tuple(nw.shape)}")
-        U = [_augment(self.G[idx_t], self.fit_intercept)]
+        U = [_augment(self.G[idx_t], self.mu, self.fit_intercept)]
         delta = [nw - self.a[idx_t]]
         YU = [self.Y[idx_t]]
         if G_add is not None:
@@ -151,7 +182,7 @@ class RidgeSystem:
             if Y_add is None or Y_add.shape != (Ga.shape[0], self.Y.shape[1]):
                 raise CarrotError(f"Y_add: expected shape ({Ga.shape[0]}, {self.Y.shape[1]})")
             wa = torch.ones(Ga.shape[0], dtype=torch.float64) if w_add is None else torch.as_tensor(np.asarray(w_add, dtype=np.float64))
-            U.append(_augment(Ga, self.fit_intercept))
+            U.append(self.augment(Ga))
             delta.append(wa)
             YU.append(Y_add.to(torch.float64))
         U_, d_, Y_ = torch.cat(U), torch.cat(delta), torch.cat(YU)
@@ -163,10 +194,10 @@ class RidgeSystem:
         return theta1 - Z @ torch.linalg.solve(cap, d_.unsqueeze(1) * (U_ @ theta1))
 
 
-def _augment(G: torch.Tensor, fit_intercept: bool) -> torch.Tensor:
+def _augment(G: torch.Tensor, mu: torch.Tensor, fit_intercept: bool) -> torch.Tensor:
     if not fit_intercept:
         return G
-    return torch.cat([torch.ones(G.shape[0], 1, dtype=G.dtype, device=G.device), G], dim=1)
+    return torch.cat([torch.ones(G.shape[0], 1, dtype=G.dtype, device=G.device), G - mu], dim=1)
 
 
 def loo_loss_change(system: RidgeSystem, G_eval: ArrayLike, y_eval_idx: np.ndarray, chunk: int = 256) -> torch.Tensor:

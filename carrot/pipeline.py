@@ -318,14 +318,9 @@ class Carrot:
             self.sample_weight_ = np.load(run_dir / "train_weights.npy")
             if self.sample_weight_.shape != (len(self.train_records_),):
                 raise CarrotError(f"run '{run_dir}': train_weights.npy does not match the training records")
+            if self.head_.sample_weight_ is None:  # a head written before heads kept their weights
+                self.head_.sample_weight_ = torch.as_tensor(self.sample_weight_, dtype=torch.float64)
         return self
-
-    def require_unweighted(self, what: str) -> None:
-        """Refuse audits that refit the head without example weights on a run whose head has them."""
-        if getattr(self, "sample_weight_", None) is not None:
-            src = self.meta_.get("derived_from", {}).get("run", "the run it was derived from")
-            raise CarrotError(f"{what}: this run's head was fitted with example weights (reweight / debug --apply); "
-                              f"run {what} on {src} instead")
 
     def check_backbone(self) -> None:
         """Refuse to explain with a backbone whose weights differ from the ones the run was fitted with."""

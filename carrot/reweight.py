@@ -21,8 +21,10 @@ import numpy as np
 import torch
 
 from .errors import CarrotError
-from .validation import ArrayLike, index_labels, one_hot
+from .head import RidgeHead, as_head, frozen_clone
 from .influence import RidgeSystem
+from .ridge.core import CentredMoments, RidgeFactor
+from .validation import ArrayLike, as_float64_matrix, as_weights, index_labels, one_hot
 
 
 @dataclass(frozen=True)
@@ -115,20 +117,35 @@ def rro(
     y: ArrayLike,
     G_val: ArrayLike,
     y_val: ArrayLike,
-    lam: float,
+    head: RidgeHead | float,
     config: RROConfig | None = None,
     G_test: ArrayLike | None = None,
     y_test: ArrayLike | None = None,
-    fit_intercept: bool = True,
+    sample_weight: ArrayLike | None = None,
 ) -> RROResult:
-    """Optimise training weights for validation loss; history records val (and test) loss/accuracy."""
+    """Optimise training weights for validation loss; history records val (and test) loss/accuracy.
+
+    Parameters
+    ----------
+    G, y : (n, D) training embeddings and (n,) labels; G_val, y_val : the validation split.
+    head : the fitted head whose settings (its chosen lam_, fit_intercept) every step refits with, or a bare lambda.
+    sample_weight : (n,) base weights of the run (a weighted run); the learned weights multiply them.
+    G_test, y_test : optional test split, only reported.
+
+    Returns
+    -------
+    RROResult whose ``alpha`` (n,) are the effective weights (base weights times the learned ones).
+    """
     cfg = config or RROConfig()
+    template = frozen_clone(as_head(head))
+    lam, fit_intercept = float(template.lam), template.fit_intercept
     y, y_val = np.asarray(y), np.asarray(y_val)
     classes, y_idx = np.unique(y, return_inverse=True)
     yv_idx = index_labels(classes, y_val, "y_val")
     G_val = np.asarray(G_val, dtype=np.float64)
     fit_rows, hold_rows = _holdout_split(yv_idx, cfg.holdout, cfg.seed)
-    Gt = torch.as_tensor(np.asarray(G, dtype=np.float64))
+    Gt = as_float64_matrix(G, "G")
+    a0 = as_weights(sample_weight, len(y_idx))
     Gv_fit = torch.as_tensor(G_val[fit_rows])
     yv_fit = torch.as_tensor(yv_idx[fit_rows])
     yt_idx = None if y_test is None else index_labels(classes, y_test, "y_test")
@@ -141,19 +158,27 @@ def rro(
     best: tuple[float, int, torch.Tensor] | None = None
     for step in range(cfg.steps + 1):
         a = class_normalised(s, yt, C, cfg.classwise)
-        system = RidgeSystem.fit(G, Y, a.detach(), lam, fit_intercept)
+        profiles = cfg.consistency > 0 or step == 0 or step == cfg.steps
+        # one factorisation per step: differentiable in a when the consistency term needs it
+        m = CentredMoments.from_rows(Gt, Y, a0 * (a if profiles else a.detach()), fit_intercept)
+        factor = RidgeFactor.primal(m.M, lam)
+        W = factor.solve(m.B)
+        system = RidgeSystem._from_solution(Gt, Y, (a0 * a).detach(), lam, fit_intercept,
+                                            RidgeFactor("primal", factor.chol.detach(), lam), m.mu.detach(), float(m.S.detach()),
+                                            m.ybar.detach(), W.detach(), template.device, template.chunk_size)
         L, g_a = weight_gradient(system, G_val[fit_rows], yv_idx[fit_rows], cfg.loss, cfg.temperature)
+        g_a = g_a * a0  # d/da of the effective weights a0 * a
         ess = ess_fraction(a, yt, C)
         penalty = cfg.ess_penalty * torch.relu(cfg.ess_floor - ess).pow(2).sum()
         if cfg.entropy > 0:
             ent = _class_entropy(a, yt, C)
             penalty = penalty - cfg.entropy * ent
-        if cfg.consistency > 0 or step == 0 or step == cfg.steps:
-            cons = consistency_loss(support_profiles(Gt, Y, a, lam, Gv_fit, yv_fit), yv_fit)
+        if profiles:
+            cons = consistency_loss(_profiles(Gt, Y, a0 * a, m, W, lam, Gv_fit, yv_fit), yv_fit)
             if cfg.consistency > 0:
                 penalty = penalty + cfg.consistency * cons
         rec = {"step": step, "val_loss": L, "penalty": float(penalty.detach()),
-               "consistency": float(cons.detach()) if (cfg.consistency > 0 or step in (0, cfg.steps)) else None,
+               "consistency": float(cons.detach()) if profiles else None,
                "val_accuracy": _acc(system, G_val[fit_rows], yv_idx[fit_rows]), "min_ess": float(ess.detach().min())}
         if len(hold_rows):
             F = system.decision(G_val[hold_rows])
@@ -161,7 +186,7 @@ def rro(
             rec["holdout_accuracy"] = _acc(system, G_val[hold_rows], yv_idx[hold_rows])
         score = rec.get("holdout_loss", L)
         if best is None or score < best[0]:
-            best = (score, step, a.detach().clone())
+            best = (score, step, (a0 * a).detach().clone())
         if G_test is not None:
             rec["test_accuracy"] = _acc(system, G_test, yt_idx)
         history.append(rec)
@@ -171,7 +196,7 @@ def rro(
         (a * g_a).sum().add(penalty).backward()  # d/ds of L_val through a, plus the regularisers
         opt.step()
     _, best_step, a_best = best
-    ess = ess_fraction(a_best, yt, C)
+    ess = ess_fraction(a_best / a0.clamp_min(1e-300) * (a0 > 0), yt, C)
     return RROResult(a_best.numpy(), best_step, history, {str(c): float(e) for c, e in zip(classes, ess)})
 
 
@@ -190,16 +215,18 @@ def _holdout_split(y_idx: np.ndarray, share: float, seed: int) -> tuple[np.ndarr
 
 
 def support_profiles(G: torch.Tensor, Y: torch.Tensor, a: torch.Tensor, lam: float, G_val: torch.Tensor,
-                     yv_idx: torch.Tensor) -> torch.Tensor:
+                     yv_idx: torch.Tensor, fit_intercept: bool = True) -> torch.Tensor:
     """Exact contributions of every training image to each validation image's true-class logit, (m, n);
-    differentiable in the weights a (ridge solved with torch ops)."""
-    mu = (a @ G) / a.sum()
-    ybar = (a @ Y) / a.sum()
-    Gc = G - mu
-    M = (Gc * a.unsqueeze(1)).T @ Gc + lam * torch.eye(G.shape[1], dtype=G.dtype)
-    W = torch.linalg.solve(M, (Gc * a.unsqueeze(1)).T @ (Y - ybar))
-    beta = a.unsqueeze(1) * (Y - ybar - Gc @ W) / lam
-    return ((G_val - mu) @ Gc.T) * beta.T[yv_idx]
+    differentiable in the weights a (the ridge core's moments and Cholesky are torch ops)."""
+    m = CentredMoments.from_rows(G, Y, a, fit_intercept)
+    return _profiles(G, Y, a, m, RidgeFactor.primal(m.M, lam).solve(m.B), lam, G_val, yv_idx)
+
+
+def _profiles(G: torch.Tensor, Y: torch.Tensor, a: torch.Tensor, m: CentredMoments, W: torch.Tensor, lam: float,
+              G_val: torch.Tensor, yv_idx: torch.Tensor) -> torch.Tensor:
+    Gc = G - m.mu
+    beta = a.unsqueeze(1) * (Y - m.ybar - Gc @ W) / lam  # representer values at the optimum
+    return ((G_val - m.mu) @ Gc.T) * beta.T[yv_idx]
 
 
 def consistency_loss(profiles: torch.Tensor, yv_idx: torch.Tensor) -> torch.Tensor:

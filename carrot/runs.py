@@ -40,7 +40,7 @@ def run_summary(model: Carrot, G: np.ndarray, y: np.ndarray, G_test: np.ndarray,
     C = len(model.classes_)
     cm = np.zeros((C, C), dtype=int)
     np.add.at(cm, (y_test, pred), 1)
-    system = RidgeSystem.from_head(head, G, y, model.sample_weight_)
+    system = RidgeSystem.from_head(head, G, y)
     total = -loo_loss_change(system, G_test, index_labels(head.classes_, y_test, "y_test")).numpy()  # > 0: removal helps
 
     def rows(order, scores):
@@ -142,12 +142,12 @@ def reweight(run_dir: str | Path, val_fraction: float = 0.2, out: str | Path | N
     from .reweight import RROConfig, rro
 
     model, G, y, G_test, y_test = run_embeddings(run_dir)
-    model.require_unweighted("reweight")
+    a0 = _run_weights(model)
     if apply is not None:
         clear_run(apply, overwrite=False)
     cfg = RROConfig(**{k: v for k, v in rro_kwargs.items() if v is not None}, seed=model.config.seed)
     f_rows, v_rows = _fit_val_split(model, y, val_fraction)
-    res = rro(G[f_rows], y[f_rows], G[v_rows], y[v_rows], model.head_.lam_, cfg, G_test, y_test)
+    res = rro(G[f_rows], y[f_rows], G[v_rows], y[v_rows], model.head_, cfg, G_test, y_test, sample_weight=a0[f_rows])
     weights = np.zeros(len(y))
     weights[f_rows] = res.alpha
     summary = {"config": cfg.to_dict(), "val_fraction": val_fraction, "best_step": res.best_step,
@@ -189,7 +189,7 @@ def bench(run_dir: str | Path, ts: Sequence[float], out: str | Path | None = Non
 
     model = Carrot.load(run_dir)
     train, test = _token_stores(run_dir, model, (0, 1))
-    rows = t_sweep(train, test, ts, model.config.graph, model.config.head.lam)
+    rows = t_sweep(train, test, ts, model.config.graph, model.head_, model.sample_weight_)
     out = Path(out) if out else Path(run_dir) / "t_sweep.json"
     write_json(out, rows)
     fields = sorted({k for r in rows for k in r})
@@ -197,6 +197,12 @@ def bench(run_dir: str | Path, ts: Sequence[float], out: str | Path | None = Non
     if out == Path(run_dir) / "t_sweep.json":
         write_index(run_dir, model=model)
     return rows
+
+
+def _run_weights(model: Carrot) -> np.ndarray:
+    """The run's example weights (n,): ones for an unweighted run."""
+    n = len(model.train_records_)
+    return np.ones(n) if model.sample_weight_ is None else np.asarray(model.sample_weight_, dtype=np.float64)
 
 
 def _fit_val_split(model: Carrot, y: np.ndarray, val_fraction: float) -> tuple[np.ndarray, np.ndarray]:
@@ -211,9 +217,8 @@ def tracin(run_dir: str | Path, n_test: int = 20, flag_fraction: float = 0.02, *
     from .tracin_report import tracin_report
 
     model, G, y, G_test, y_test = run_embeddings(run_dir)
-    model.require_unweighted("tracin")
     rep = tracin_report(G, y, [r.path for r in model.train_records_], model.classes_, G_test, y_test,
-                        [p for p, _ in model.meta_["test_records"]], model.head_.lam_, n_test, flag_fraction,
+                        [p for p, _ in model.meta_["test_records"]], model.head_, n_test, flag_fraction,
                         {**{k: v for k, v in tracin_kwargs.items() if v is not None}, "seed": model.config.seed})
     out = Path(run_dir) / "tracin"
     for name, part in rep.items():
@@ -230,12 +235,12 @@ def debug(run_dir: str | Path, ks: Sequence[int], val_fraction: float = 0.2, dow
     from .debugging import debug_loop
 
     model, G, y, G_test, y_test = run_embeddings(run_dir)
-    model.require_unweighted("debug")
+    a0 = _run_weights(model)
     if apply is not None:
         clear_run(apply, overwrite=False)
     f_rows, v_rows = _fit_val_split(model, y, val_fraction)
-    res = debug_loop(G[f_rows], y[f_rows], G[v_rows], y[v_rows], G_test, y_test, model.head_.lam_, ks, downweight,
-                     seed=model.config.seed)
+    res = debug_loop(G[f_rows], y[f_rows], G[v_rows], y[v_rows], G_test, y_test, model.head_, ks, downweight,
+                     seed=model.config.seed, sample_weight=a0[f_rows])
     for r in res["rows"]:
         r["dropped"] = [{"index": int(f_rows[i]), "path": model.train_records_[f_rows[i]].path,
                          "label": model.classes_[int(y[f_rows[i]])]} for i in r["dropped"]]
@@ -246,8 +251,9 @@ def debug(run_dir: str | Path, ks: Sequence[int], val_fraction: float = 0.2, dow
     if apply is not None:
         best = max(res["rows"], key=lambda r: (r["val_accuracy"], -r["k"]))
         weights = np.zeros(len(y))
-        weights[f_rows] = 1.0
-        weights[[d["index"] for d in best["dropped"]]] = downweight
+        weights[f_rows] = a0[f_rows]
+        dropped = [d["index"] for d in best["dropped"]]
+        weights[dropped] = downweight * a0[dropped]
         _apply_weights(model, run_dir, apply, weights, y, G_test, y_test,
                        {"by": "debug", "k": best["k"], "downweight": downweight, "val_fraction": val_fraction,
                         "val_accuracy": best["val_accuracy"], "test_accuracy": best["test_accuracy"]})

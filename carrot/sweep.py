@@ -5,11 +5,12 @@ import time
 from typing import Sequence
 
 import numpy as np
+from sklearn.base import clone
 
 from .cache import TokenStore
 from .config import GraphConfig, RunConfig
 from .diffusion import _check_t
-from .head import RidgeHead
+from .head import RidgeHead, as_head
 from .pipeline import Carrot
 
 
@@ -20,18 +21,21 @@ def embeddings_over_t(store: TokenStore, ts: Sequence[float], graph: GraphConfig
 
 
 def t_sweep(train: TokenStore, test: TokenStore, ts: Sequence[float], graph: GraphConfig,
-            lam: float | str = "auto") -> list[dict]:
-    """Test accuracy (and the LOO-chosen lambda with its LOO accuracy) for each diffusion time t."""
+            head: RidgeHead | float | str = "auto", sample_weight: np.ndarray | None = None) -> list[dict]:
+    """Test accuracy (and the LOO-chosen lambda with its LOO accuracy) for each diffusion time t.
+
+    ``head``: the run's head (unfitted copies with every setting are fitted per t: lam 'auto' is chosen
+    again for each t's embeddings), or a bare lambda; ``sample_weight`` (n,): the run's weights."""
     t0 = time.perf_counter()
     Gtr, Gte = embeddings_over_t(train, ts, graph), embeddings_over_t(test, ts, graph)
     t_embed = time.perf_counter() - t0
     rows = []
     for i, t in enumerate(ts):
         t1 = time.perf_counter()
-        head = RidgeHead(lam=lam).fit(Gtr[i], train.labels)
-        row = {"t": float(t), "lam": head.lam_, "test_accuracy": float((head.predict(Gte[i]) == test.labels).mean()),
+        fitted = clone(as_head(head)).fit(Gtr[i], train.labels, sample_weight)
+        row = {"t": float(t), "lam": fitted.lam_, "test_accuracy": float((fitted.predict(Gte[i]) == test.labels).mean()),
                "seconds_fit": time.perf_counter() - t1, "seconds_embed_all_t": t_embed}
-        if head.lam_path_:
-            row["loo_accuracy"] = max(head.lam_path_["loo_accuracy"])
+        if fitted.lam_path_:
+            row["loo_accuracy"] = max(fitted.lam_path_["loo_accuracy"])
         rows.append(row)
     return rows

@@ -12,7 +12,7 @@ import torch
 from scipy.stats import spearmanr
 
 from .baselines import TracInHead
-from .head import RidgeHead
+from .head import RidgeHead, as_head
 from .validation import index_labels, one_hot
 from .influence import RidgeSystem
 
@@ -31,10 +31,11 @@ def _quantiles(v: np.ndarray) -> dict[str, float]:
 
 
 def tracin_report(G: np.ndarray, y: np.ndarray, paths: Sequence[str], classes: Sequence[str], G_test: np.ndarray,
-                  y_test: np.ndarray, test_paths: Sequence[str], lam: float, n_test: int = 20, flag_fraction: float = 0.02,
-                  tracin: dict | None = None) -> dict[str, Any]:
+                  y_test: np.ndarray, test_paths: Sequence[str], head: RidgeHead | float, n_test: int = 20,
+                  flag_fraction: float = 0.02, tracin: dict | None = None) -> dict[str, Any]:
     """Self-influence per training image (total and per checkpoint), influence on ``n_test`` test images,
-    summaries, flags and agreement with exact LOO; a JSON-ready dict of three parts."""
+    summaries, flags and agreement with exact LOO; a JSON-ready dict of three parts. ``head``: the run's
+    head fitted on (G, y), whose exact LOO is compared (a bare lambda fits the default head first)."""
     th = TracInHead.fit(G, y, **(tracin or {}))
     ids, test_ids = sample_ids(paths), sample_ids(test_paths)
     Gt = torch.as_tensor(G, dtype=torch.float64)
@@ -44,7 +45,7 @@ def tracin_report(G: np.ndarray, y: np.ndarray, paths: Sequence[str], classes: S
     self_inf = per_ckpt.sum(1).numpy()
     rows = np.arange(min(n_test, len(y_test)))
     infl = th.influence(G, y, G_test[rows], y_test[rows]).numpy()  # (m, n)
-    head = RidgeHead(lam=lam).fit(G, y)
+    head = head if isinstance(head, RidgeHead) else as_head(head).fit(G, y)
     system = RidgeSystem.from_head(head, G, y)
     loo = system.loo_logits()
     loo_loss = ((loo - one_hot(index_labels(head.classes_, y), len(head.classes_))) ** 2).sum(1).numpy()

@@ -24,6 +24,16 @@ def as_float64_matrix(G: ArrayLike, name: str = "G") -> torch.Tensor:
     return t
 
 
+def float64_rows(G: ArrayLike, sl: slice, name: str = "G") -> torch.Tensor:
+    """Rows ``sl`` of G (tensor, array or memmap) as a finite float64 CPU tensor, with a named error."""
+    block = G[sl]
+    block = block.detach().cpu().to(torch.float64) if torch.is_tensor(block) else torch.from_numpy(np.array(block, dtype=np.float64))
+    if not torch.isfinite(block).all():
+        bad = int((~torch.isfinite(block)).any(1).sum())
+        raise CarrotError(f"{name}: features must be finite, found NaN/Inf in {bad} row(s)")
+    return block
+
+
 def as_weights(sample_weight: ArrayLike | None, n: int) -> torch.Tensor:
     """(n,) float64 weights, ones when None; finite, >= 0, positive sum, or a named error."""
     if sample_weight is None:

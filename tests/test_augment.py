@@ -40,7 +40,7 @@ def test_noise_is_label_safe_for_the_confusing_classes():
 def test_analytic_expectation_matches_sampling_within_monte_carlo_error():
     G, y = blobs(n=60, d=6, c=4, seed=1)
     cfg = AugmentConfig(topk=1, alpha_max=4.0)
-    analytic, plan = fit_augmented_ridge(G, y, lam=2.0, cfg=cfg)
+    analytic, plan = fit_augmented_ridge(G, y, 2.0, cfg=cfg)
     errs = {}
     for m in (100, 1600):
         errs[m] = np.mean([float((fit_sampled_ridge(G, y, 2.0, plan, m=m, seed=s).coef_ - analytic.coef_).norm()

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from carrot.distributed import GramMoments
+from carrot.ridge.core import CentredMoments
 from carrot.errors import CarrotError
 from carrot.head import RidgeHead
 
@@ -32,7 +32,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world)
     G, y, a = data()
     rows = np.arange(rank, len(y), world)
-    m = GramMoments.accumulate(G[rows], y[rows], 5, a[rows], chunk_size=17).all_reduce()
+    m = CentredMoments.accumulate(G[rows], y[rows], a[rows], n_classes=5, chunk_size=17, distributed=True)
     head = RidgeHead(lam=0.8).fit_moments(m, np.arange(5))
     torch.save({"coef": head.coef_, "intercept": head.intercept_, "S": m.S}, f"{out}.{rank}")
     dist.destroy_process_group()
@@ -52,10 +52,10 @@ def test_two_process_gloo_moments_equal_single_process(tmp_path):
 
 def test_moments_single_process_and_shard_duals():
     G, y, a = data()
-    head = RidgeHead(lam=0.8).fit_moments(GramMoments.accumulate(G, y, 5, a), np.arange(5))
+    head = RidgeHead(lam=0.8).fit_moments(CentredMoments.accumulate(G, y, a, n_classes=5), np.arange(5))
     ref = RidgeHead(lam=0.8).fit(G, y, sample_weight=a)
     np.testing.assert_allclose(head.decision_function(G), ref.decision_function(G), rtol=1e-9, atol=1e-11)
     duals = torch.cat([head.dual_coef(G[:100], y[:100], a[:100]), head.dual_coef(G[100:], y[100:], a[100:])])
     np.testing.assert_allclose(duals.numpy(), ref.dual_coef_.numpy(), rtol=1e-8, atol=1e-10)
     with pytest.raises(CarrotError, match="lam: 'auto'"):
-        RidgeHead(lam="auto").fit_moments(GramMoments.accumulate(G, y, 5), np.arange(5))
+        RidgeHead(lam="auto").fit_moments(CentredMoments.accumulate(G, y, n_classes=5), np.arange(5))

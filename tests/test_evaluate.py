@@ -31,7 +31,7 @@ def test_flip_labels_flips_exactly():
 def test_mislabel_detection_finds_flips():
     G, y, _ = blobs(n=300, seed=1, sep=2.0)
     yn, mask = flip_labels(y, 0.1, 4, seed=0)
-    scores = mislabel_scores(G, yn, lam=1.0, tracin={"epochs": 10, "n_checkpoints": 3})
+    scores = mislabel_scores(G, yn, 1.0, tracin={"epochs": 10, "n_checkpoints": 3})
     res = mislabel_detection(scores, mask)
     assert set(res) >= {"carrot_loo_loss", "tracin_self_influence", "train_loss"}
     assert res["carrot_loo_loss"]["roc_auc"] > 0.85

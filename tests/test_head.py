@@ -223,7 +223,7 @@ def test_loaded_head_keeps_every_setting_so_clone_refits_the_same_model(tmp_path
         RidgeHead.load(tmp_path / "h.safetensors")
     for bad_version in (0, "2", None):
         meta_path.write_text(json.dumps({**meta, "version": bad_version}))
-        with pytest.raises(CarrotError, match="expected a head format version 1..2"):
+        with pytest.raises(CarrotError, match="expected a head format version 1..3"):
             RidgeHead.load(tmp_path / "h.safetensors")
     meta_path.write_text(json.dumps({**meta, "version": 2, "params": {**meta["params"], "alpha": 1.0}}))
     with pytest.raises(CarrotError, match="params must be RidgeHead settings"):

@@ -71,7 +71,8 @@ def test_auto_lambda_head_uses_the_loo_choice(tmp_path):
 def test_streamed_loo_scores_equal_the_in_memory_path(n, d, c, weighted, intercept, chunk):
     import torch
 
-    from carrot.loo import ridge_loo_scores
+    from carrot.loo import loo_path
+    from carrot.ridge.core import CentredMoments, chunks, spectrum
 
     g = np.random.default_rng(n + d)
     y = np.concatenate([np.arange(c), g.integers(0, c, n - c)])
@@ -79,14 +80,10 @@ def test_streamed_loo_scores_equal_the_in_memory_path(n, d, c, weighted, interce
     a = g.uniform(0.0, 2.0, n) if weighted else None
     lams = [0.01, 0.3, 3.0, 100.0]
     ref = ridge_loo_path(G, y, lams, sample_weight=a, fit_intercept=intercept)
-    head = RidgeHead(lam=1.0, fit_intercept=intercept, solver="primal", chunk_size=chunk)
     w = torch.ones(n, dtype=torch.float64) if a is None else torch.as_tensor(a)
-    Gt = torch.as_tensor(G)
-    mu = (w @ Gt) / w.sum() if intercept else torch.zeros(d, dtype=torch.float64)
-    ybar = (w @ torch.nn.functional.one_hot(torch.as_tensor(y), c).double()) / w.sum() if intercept else torch.zeros(c, dtype=torch.float64)
-    M, B = head._gram(G, torch.as_tensor(y), c, w, mu, ybar, torch.device("cpu"))
-    chunks = ((sl, torch.as_tensor(G[sl]) - mu) for sl in head._chunks(n))
-    got = ridge_loo_scores(M, B, chunks, y, w, ybar, lams, intercept)
+    m = CentredMoments.accumulate(G, y, w, n_classes=c, fit_intercept=intercept, chunk_size=chunk)
+    rows = ((sl, torch.as_tensor(G[sl]) - m.mu) for sl in chunks(n, chunk))
+    got = loo_path(m, spectrum(m), rows, y, w, lams)
     np.testing.assert_array_equal(got.accuracy, ref.accuracy)
     np.testing.assert_allclose(got.mse, ref.mse, rtol=1e-8)
     assert got.best_lambda == ref.best_lambda and got.loo_logits is None

@@ -15,7 +15,7 @@ def test_sweep_embeddings_equal_the_pipeline_at_each_t(tmp_path, synthetic_root,
     for i, t in enumerate(ts):
         model = Carrot(RunConfig(diffusion=DiffusionConfig(t=t)))
         np.testing.assert_allclose(G[i], model.embed_store(st), rtol=1e-9, atol=1e-10)
-    rows = t_sweep(st, se, ts, GraphConfig(), lam="auto")
+    rows = t_sweep(st, se, ts, GraphConfig(), "auto")
     assert [r["t"] for r in rows] == ts and all(0 <= r["test_accuracy"] <= 1 and "loo_accuracy" in r for r in rows)
 
 

@@ -21,11 +21,13 @@ def test_torchrun_two_processes_fit_equals_single(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    multi = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-                            *args, str(tmp_path / "c2"), "--out", str(tmp_path / "r2")], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert multi.returncode == 0, multi.stderr[-3000:]
-    # torchrun runs each worker with OMP_NUM_THREADS=1; the same thread count gives the same float32 tokens
+    # one thread everywhere (torchrun's default unless OMP_NUM_THREADS is set): the same thread count gives
+    # the same float32 tokens
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    multi = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+                            *args, str(tmp_path / "c2"), "--out", str(tmp_path / "r2")], cwd=ROOT, capture_output=True, text=True,
+                           timeout=300, env=env)
+    assert multi.returncode == 0, multi.stderr[-3000:]
     single = subprocess.run([sys.executable, *args, str(tmp_path / "c1"), "--out", str(tmp_path / "r1")], cwd=ROOT,
                             capture_output=True, text=True, timeout=300, env=env)
     assert single.returncode == 0, single.stderr[-3000:]
@@ -33,7 +35,7 @@ def test_torchrun_two_processes_fit_equals_single(tmp_path):
     assert not any((tmp_path / "r2" / ".shards").iterdir())  # embedding shards assembled and removed
     a, b = load_file(tmp_path / "r2" / "head.safetensors"), load_file(tmp_path / "r1" / "head.safetensors")
     for k in a:
-        np.testing.assert_allclose(a[k].numpy(), b[k].numpy(), rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(a[k].numpy(), b[k].numpy(), rtol=1e-9, atol=1e-12, err_msg=k)
     np.testing.assert_allclose(np.load(tmp_path / "r2" / "train_embeddings.npy"), np.load(tmp_path / "r1" / "train_embeddings.npy"),
                                rtol=1e-9, atol=1e-12)
     # the streamed path (no token cache) shards the same way and gives the same model
@@ -42,7 +44,7 @@ def test_torchrun_two_processes_fit_equals_single(tmp_path):
         port = s.getsockname()[1]
     streamed = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
                                *args, str(tmp_path / "c3"), "--out", str(tmp_path / "r3"), "--no-cache-tokens"],
-                              cwd=ROOT, capture_output=True, text=True, timeout=300)
+                              cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert streamed.returncode == 0, streamed.stderr[-3000:]
     assert not (tmp_path / "c3").exists()
     np.testing.assert_allclose(np.load(tmp_path / "r3" / "train_embeddings.npy"), np.load(tmp_path / "r1" / "train_embeddings.npy"),

@@ -25,7 +25,7 @@ def test_tracin_report_structure_and_flags():
     yn, mask = flip_labels(y, 0.1, 4, seed=0)
     Gt, yt = blobs(30, seed=2)
     paths = [f"img/{i:04d}.png" for i in range(200)]
-    rep = tracin_report(G, yn, paths, ["a", "b", "c", "d"], Gt, yt, [f"t/{i}.png" for i in range(30)], lam=1.0,
+    rep = tracin_report(G, yn, paths, ["a", "b", "c", "d"], Gt, yt, [f"t/{i}.png" for i in range(30)], 1.0,
                         n_test=5, flag_fraction=0.1, tracin={"epochs": 10, "n_checkpoints": 5})
     s = rep["summary"]
     assert set(rep["self_influence"]) == set(sample_ids(paths)) and s["n_checkpoints"] == 5
@@ -46,7 +46,7 @@ def test_debug_loop_removing_harmful_images_helps_validation():
     yn, flipped = flip_labels(y, 0.2, 4, seed=1)
     Gv, yv = blobs(150, seed=4)
     Gt, yt = blobs(1000, seed=5)
-    res = debug_loop(G, yn, Gv, yv, Gt, yt, lam=1.0, ks=(10, 40))
+    res = debug_loop(G, yn, Gv, yv, Gt, yt, 1.0, ks=(10, 40))
     r40 = res["rows"][1]
     assert r40["val_accuracy"] > res["baseline"]["val_accuracy"]
     assert r40["test_accuracy"] > r40["random_test_accuracy_mean"] + 0.01
@@ -56,4 +56,4 @@ def test_debug_loop_removing_harmful_images_helps_validation():
     ref = RidgeHead(lam=1.0).fit(G[keep], yn[keep])
     assert (ref.predict(Gt) == yt).mean() == pytest.approx(r40["test_accuracy"])
     with pytest.raises(CarrotError, match="downweight"):
-        debug_loop(G, yn, Gv, yv, Gt, yt, lam=1.0, downweight=1.0)
+        debug_loop(G, yn, Gv, yv, Gt, yt, 1.0, downweight=1.0)
