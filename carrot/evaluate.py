@@ -84,11 +84,14 @@ def faithfulness(system: RidgeSystem, G_test: np.ndarray, attributions: np.ndarr
 
     ``attributions`` (m, n) score the training images for each test image's predicted class. Strategies:
     remove top / random / bottom K, keep top / random K. Reports the mean drop of the predicted logit
-    and the rate at which the prediction changes.
+    and the rate at which the prediction changes. Only training images with weight > 0 (the ones in the
+    model) are removed, kept or drawn.
     """
-    m, n = attributions.shape
+    m, _ = attributions.shape
+    active = np.flatnonzero(system.a.numpy() > 0)
+    n = len(active)
     if max(ks) >= n:
-        raise CarrotError(f"k: expected every K < n = {n}, got {max(ks)}")
+        raise CarrotError(f"k: expected every K < n = {n} (training images with weight > 0), got {max(ks)}")
     rng = np.random.default_rng(seed)
     F = system.decision(G_test)
     pred = F.argmax(1)
@@ -97,15 +100,15 @@ def faithfulness(system: RidgeSystem, G_test: np.ndarray, attributions: np.ndarr
     for k in ks:
         res: dict[str, list[tuple[float, bool]]] = {s: [] for s in ("remove_top", "remove_random", "remove_bottom", "keep_top", "keep_random")}
         for x in range(m):
-            order = np.argsort(-attributions[x], kind="stable")
+            order = active[np.argsort(-attributions[x, active], kind="stable")]
             c = int(pred[x])
             sets = {"remove_top": [order[:k]], "remove_bottom": [order[-k:]],
-                    "remove_random": [rng.choice(n, k, replace=False) for _ in range(n_random)]}
+                    "remove_random": [rng.choice(active, k, replace=False) for _ in range(n_random)]}
             for name, idx_list in sets.items():
                 for idx in idx_list:
                     f = X[x] @ system.updated_theta(idx)
                     res[name].append((float(F[x, c] - f[c]), int(f.argmax()) != c))
-            keeps = {"keep_top": [order[:k]], "keep_random": [rng.choice(n, k, replace=False) for _ in range(n_random)]}
+            keeps = {"keep_top": [order[:k]], "keep_random": [rng.choice(active, k, replace=False) for _ in range(n_random)]}
             for name, idx_list in keeps.items():
                 for idx in idx_list:
                     f = system.refit(idx).decision(G_test[x : x + 1])[0]
@@ -118,15 +121,17 @@ def faithfulness(system: RidgeSystem, G_test: np.ndarray, attributions: np.ndarr
 def lds(system: RidgeSystem, G_test: np.ndarray, classes: np.ndarray, estimators: dict[str, np.ndarray],
         n_subsets: int = 50, fraction: float = 0.5, seed: int = 0) -> dict[str, float]:
     """Linear datamodeling score (TRAK protocol): Spearman over random subsets S between the predicted
-    sum_{i in S} tau_i(x) and the refitted logit f_S(x)_c, averaged over test images."""
+    sum_{i in S} tau_i(x) and the refitted logit f_S(x)_c, averaged over test images. Subsets are drawn
+    from the training images with weight > 0."""
     if n_subsets < 3:
         raise CarrotError(f"n_subsets: expected at least 3, got {n_subsets}")
     rng = np.random.default_rng(seed)
     n = system.G.shape[0]
+    active = np.flatnonzero(system.a.numpy() > 0)
     masks = np.zeros((n_subsets, n), dtype=bool)
     actual = np.zeros((n_subsets, len(classes)))
     for j in range(n_subsets):
-        idx = np.sort(rng.choice(n, int(round(fraction * n)), replace=False))
+        idx = np.sort(rng.choice(active, int(round(fraction * len(active))), replace=False))
         masks[j, idx] = True
         actual[j] = system.refit(idx).decision(G_test)[torch.arange(len(classes)), torch.as_tensor(classes)].numpy()
     out = {}
@@ -299,11 +304,14 @@ def evaluate_embeddings(
         raise CarrotError(f"evaluations: unknown {unknown}; expected some of {list(EVALUATIONS)}")
     if not isinstance(n_test, int) or n_test < 1:
         raise CarrotError(f"n_test: expected a positive integer, got {n_test!r}")
-    if "faithfulness" in what and (not ks or min(ks) < 1 or max(ks) >= len(y)):
-        raise CarrotError(f"k: expected every K in 1..{len(y) - 1} (K < n = {len(y)} training images), got {list(ks)}")
     log = progress or (lambda _: None)
     if not isinstance(head, RidgeHead):
         head = as_head(head).fit(G, y)
+    a = getattr(head, "sample_weight_", None)
+    n_in = len(y) if a is None else int((a > 0).sum())
+    if "faithfulness" in what and (not ks or min(ks) < 1 or max(ks) >= n_in):
+        raise CarrotError(f"k: expected every K in 1..{n_in - 1} (K < n = {n_in} training images"
+                          f"{' with weight > 0' if a is not None else ''}), got {list(ks)}")
     out: dict = {"lam": float(head.lam_), "n_train": int(len(y)), "seed": seed}
     rng = np.random.default_rng(seed)
     if "mislabel" in what:
