@@ -1,7 +1,6 @@
 """Thin orchestration of carrot runs: fit, explain, demo. The CLI in ``cli/`` calls these."""
 from __future__ import annotations
 
-import re
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -14,8 +13,9 @@ from carrot.distributed import barrier, init_from_env, world
 from carrot.data import ImageDataset, collect_images, load_splits
 from carrot.errors import CarrotError
 from carrot.evaluate import per_class_accuracy
-from carrot.io import save_npy, user_cache_dir, write_json
+from carrot.io import user_cache_dir, write_json
 from carrot.pipeline import Carrot
+from carrot.rundir import RunDir
 from carrot.report import write_explanation
 from carrot.runs import (
     bench, clear_run, compare, debug, pointing, predict, region_deletion, reweight, run_embeddings, tracin, write_index,
@@ -45,16 +45,16 @@ def _gather_rows(G_shard: np.ndarray, n: int, run_dir: Path, name: str) -> np.nd
     rank, size = world()
     if size == 1:
         return G_shard
-    shard_dir = run_dir / ".shards"
-    shard_dir.mkdir(parents=True, exist_ok=True)
-    np.save(shard_dir / f"{name}_{rank}.npy", G_shard)
+    rd = RunDir(run_dir)
+    rd.shards.mkdir(parents=True, exist_ok=True)
+    np.save(rd.shard(name, rank), G_shard)
     barrier()
     if rank != 0:
         return None
     G = np.empty((n, G_shard.shape[1]))
     for r in range(size):
-        G[r::size] = np.load(shard_dir / f"{name}_{r}.npy")
-        (shard_dir / f"{name}_{r}.npy").unlink()
+        G[r::size] = np.load(rd.shard(name, r))
+        rd.shard(name, r).unlink()
     return G
 
 
@@ -88,10 +88,9 @@ def fit(config: RunConfig, run_dir: str | Path, progress: bool = True, overwrite
         "token_caches": [str(s.path) for s in stores] if size == 1 else [],
         "world_size": size,
     }
-    model.save(run_dir, {"metrics": metrics, "test_records": [[r.path, r.label] for r in test.records]})
-    save_npy(Path(run_dir) / "test_embeddings.npy", G_test)
-    write_json(Path(run_dir) / "metrics.json", metrics)
-    write_index(run_dir, model=Carrot.load(run_dir, backbone=model.backbone))
+    model.record_test(G_test, test.records, metrics)
+    model.save(run_dir)
+    write_index(run_dir, model=model)
     return metrics
 
 
@@ -112,14 +111,14 @@ def explain(run_dir: str | Path, inputs: Sequence[str], out_dir: str | Path | No
 
         with Image.open(region_mask) as m:
             masks = {paths[0]: np.asarray(model.mask_transform()(m.convert("I")), dtype=np.int64)}
-    out_root = Path(out_dir) if out_dir else Path(run_dir) / "explanations"
+    rd = RunDir(run_dir)
+    out_root = Path(out_dir) if out_dir else rd.explanations
     results = []
     for s in range(0, len(paths), batch):
         for exp in model.explain(paths[s : s + batch], top_k, node_removal=node_removal, masks=masks):
-            stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(exp["image"]).stem)
-            results.append(write_explanation(exp, out_root / f"{len(results):04d}_{stem}"))
-    write_json(out_root / "explanations.json", results)
-    if out_root.resolve() == (Path(run_dir) / "explanations").resolve():
+            results.append(write_explanation(exp, RunDir.explanation_dir(out_root, len(results), exp["image"])))
+    write_json(RunDir.explanations_list(out_root), results)
+    if out_root.resolve() == rd.explanations.resolve():
         write_index(run_dir, results, model)
     return results
 
@@ -142,7 +141,7 @@ def evaluate(run_dir: str | Path, what: Sequence[str], out: str | Path | None = 
         res["pointing"] = pointing(run_dir, model)
     if "deletion" in what:
         res["deletion"] = region_deletion(run_dir, kwargs.get("n_test", 50), seed=model.config.seed, model=model)
-    write_json(Path(out) if out else Path(run_dir) / "evaluation.json", res)
+    write_json(out, res) if out else RunDir(run_dir).write_audit("evaluation", res)
     if out is None:
         write_index(run_dir, model=model)
     return res
@@ -158,16 +157,16 @@ def demo(config: RunConfig, run_dir: str | Path, explain_n: int = 3, progress: b
     metrics = fit(config, run_dir, progress, overwrite=True)  # a demo run is always rebuilt
     run_dir = Path(run_dir)
     model = Carrot.load(run_dir)
-    G_test = np.load(run_dir / "test_embeddings.npy")
-    y_test = np.array([lab for _, lab in model.meta_["test_records"]])
+    G_test = model.test_embeddings_
+    y_test = np.array([lab for _, lab in model.test_records_])
     y_train = np.array([r.label for r in model.train_records_])
     probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
     probe.fit(model.train_embeddings_, y_train)
     metrics["logreg_probe_test_accuracy"] = float(probe.score(G_test, y_test))
-    paths = [p for p, _ in model.meta_["test_records"][: max(0, explain_n)]]
+    paths = [p for p, _ in model.test_records_[: max(0, explain_n)]]
     results = explain(run_dir, paths) if paths else []
     metrics["explained"] = [{"image": r["image"], "predicted": r["predicted"], "heatmap": r["heatmap"]} for r in results]
     metrics["seconds_demo"] = time.perf_counter() - t0
-    write_json(run_dir / "metrics.json", metrics)
+    write_json(RunDir(run_dir).metrics, metrics)
     return {k: metrics[k] for k in ("n_train", "n_test", "classes", "test_accuracy", "logreg_probe_test_accuracy",
                                      "seconds_extract", "seconds_demo", "explained")}

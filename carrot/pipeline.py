@@ -19,19 +19,16 @@ from .diffusion import diffusion_weights
 from .errors import CarrotError, check_is_fitted
 from .graph import affinity, normalized_laplacian
 from .head import RidgeHead
-from .io import read_json, save_npy, write_json
+from .io import save_npy, write_json
 from .readout import weighted_readout
 from .regions import RegionSet
-
-RUN_FORMAT = "carrot.run"
-
 
 class Carrot:
     """The whole pipeline for one configuration. Fit on a cached training split, then explain."""
 
-    def __init__(self, config: RunConfig | None = None) -> None:
+    def __init__(self, config: RunConfig | None = None, backbone: TokenBackbone | None = None) -> None:
         self.config = config or RunConfig()
-        self._backbone: TokenBackbone | None = None
+        self._backbone: TokenBackbone | None = backbone
         self.head_: RidgeHead | None = None
 
     @property
@@ -116,6 +113,7 @@ class Carrot:
         self.train_embeddings_ = np.asarray(G, dtype=np.float64)
         self.train_records_ = list(records)
         self.classes_ = list(classes)
+        self.test_embeddings_, self.test_records_, self.metrics_, self.derived_from_ = None, None, {}, None
         return self
 
     def score(self, G: np.ndarray, y: np.ndarray) -> float:
@@ -152,7 +150,7 @@ class Carrot:
             from .cache import open_store
 
             store = None
-            caches = getattr(self, "meta_", {}).get("metrics", {}).get("token_caches", [])
+            caches = getattr(self, "metrics_", {}).get("token_caches", [])
             if caches and Path(caches[0]).is_dir():
                 try:
                     store = open_store(caches[0])
@@ -271,60 +269,91 @@ class Carrot:
         return transforms.Compose(steps)
 
     # -- persistence -------------------------------------------------------------------------
-    def save(self, run_dir: str | Path, extra: dict[str, Any] | None = None) -> None:
-        """Write head, training embeddings and run.json (config, backbone, classes, records) atomically."""
+    def record_test(self, G_test: np.ndarray, test_records: Sequence[Any], metrics: dict[str, Any] | None = None,
+                    derived_from: dict[str, Any] | None = None) -> "Carrot":
+        """Keep the test split's embeddings (m, D) and records ([path, label] or ImageRecord), the fit's metrics and,
+        for a run derived from another (reweight / debug --apply), where it came from: what a saved run holds."""
+        self.test_embeddings_ = np.asarray(G_test, dtype=np.float64)
+        self.test_records_ = [[r.path, r.label] if isinstance(r, ImageRecord) else [r[0], r[1]] for r in test_records]
+        if len(self.test_records_) != len(self.test_embeddings_):
+            raise CarrotError(f"test_records: expected {len(self.test_embeddings_)} records, one per test embedding, "
+                              f"got {len(self.test_records_)}")
+        self.metrics_ = dict(metrics or {})
+        self.derived_from_ = derived_from
+        return self
+
+    @property
+    def meta_(self) -> dict[str, Any]:
+        """What run.json holds for this model (the same after fit + record_test as after load)."""
         check_is_fitted(self, ("head_",))
-        run_dir = Path(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        self.head_.save(run_dir / "head.safetensors")
-        for name, arr in (("train_embeddings.npy", self.train_embeddings_), ("train_weights.npy", self.sample_weight_)):
-            if arr is not None:
-                save_npy(run_dir / name, arr)
-        write_json(run_dir / "run.json", {
-            "format": RUN_FORMAT,
-            "carrot_version": __version__,
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "config": self.config.to_dict(),
-            "backbone": self.backbone.describe(),
-            "classes": self.classes_,
+        meta = {
+            "carrot_version": __version__, "python": platform.python_version(), "torch": torch.__version__,
+            "config": self.config.to_dict(), "backbone": self.backbone_info_, "classes": self.classes_,
             "train_records": [[r.path, r.label, r.bbox] for r in self.train_records_],
             "weighted": self.sample_weight_ is not None,
-            **(extra or {}),
-        })
+            "metrics": getattr(self, "metrics_", {}), "test_records": getattr(self, "test_records_", None),
+        }
+        if getattr(self, "derived_from_", None):
+            meta["derived_from"] = self.derived_from_
+        return meta
+
+    @property
+    def backbone_info_(self) -> dict[str, Any]:
+        """The backbone's description (name, weights id, grid...) as recorded in run.json."""
+        if getattr(self, "_backbone_info", None) is None:
+            self._backbone_info = self.backbone.describe()
+        return self._backbone_info
+
+    def save(self, run_dir: str | Path) -> None:
+        """Write the run directory (:class:`carrot.rundir.RunDir`): head, embeddings, weights, metrics, and
+        run.json last, so a run directory with a run.json is complete."""
+        from .rundir import RunDir
+
+        check_is_fitted(self, ("head_",))
+        rd = RunDir(run_dir)
+        rd.path.mkdir(parents=True, exist_ok=True)
+        self.head_.save(rd.head)
+        save_npy(rd.train_embeddings, self.train_embeddings_)
+        if self.sample_weight_ is not None:
+            save_npy(rd.train_weights, self.sample_weight_)
+        if getattr(self, "test_embeddings_", None) is not None:
+            save_npy(rd.test_embeddings, self.test_embeddings_)
+        write_json(rd.metrics, getattr(self, "metrics_", {}))
+        rd.write_meta(self.meta_)
 
     @classmethod
     def load(cls, run_dir: str | Path, backbone: TokenBackbone | None = None) -> "Carrot":
         """Load a run directory written by :meth:`save` (``backbone``: an already built one to reuse)."""
-        run_dir = Path(run_dir)
-        if not run_dir.is_dir():
-            raise CarrotError(f"run directory not found: '{run_dir}'")
-        meta = read_json(run_dir / "run.json", "run metadata")
-        if meta.get("format") != RUN_FORMAT:
-            raise CarrotError(f"'{run_dir}' is not a carrot run directory (run.json has no format {RUN_FORMAT!r})")
-        self = cls(RunConfig.from_dict(meta["config"]))
-        self._backbone = backbone
-        self.head_ = RidgeHead.load(run_dir / "head.safetensors")
-        self.train_embeddings_ = np.load(run_dir / "train_embeddings.npy")
+        from .rundir import RunDir
+
+        rd = RunDir(run_dir)
+        meta = rd.read_meta()
+        self = cls(RunConfig.from_dict(meta["config"]), backbone)
+        self._backbone_info = meta.get("backbone")
+        self.head_ = RidgeHead.load(rd.head)
+        self.train_embeddings_ = np.load(rd.train_embeddings)
         self.train_records_ = [ImageRecord(p, int(lab), tuple(b) if b else None) for p, lab, b in meta["train_records"]]
         self.classes_ = list(meta["classes"])
-        self.meta_ = meta
         if self.train_embeddings_.shape != (len(self.train_records_), self.head_.n_features_in_):
-            raise CarrotError(f"run '{run_dir}': train_embeddings.npy does not match run.json and the head")
+            raise CarrotError(f"run '{run_dir}': {rd.TRAIN_EMBEDDINGS} does not match run.json and the head")
         self.sample_weight_ = None
         if meta.get("weighted"):
-            if not (run_dir / "train_weights.npy").is_file():
-                raise CarrotError(f"run '{run_dir}': run.json says the head is weighted but train_weights.npy is missing")
-            self.sample_weight_ = np.load(run_dir / "train_weights.npy")
+            if not rd.train_weights.is_file():
+                raise CarrotError(f"run '{run_dir}': run.json says the head is weighted but {rd.TRAIN_WEIGHTS} is missing")
+            self.sample_weight_ = np.load(rd.train_weights)
             if self.sample_weight_.shape != (len(self.train_records_),):
-                raise CarrotError(f"run '{run_dir}': train_weights.npy does not match the training records")
+                raise CarrotError(f"run '{run_dir}': {rd.TRAIN_WEIGHTS} does not match the training records")
             if self.head_.sample_weight_ is None:  # a head written before heads kept their weights
                 self.head_.sample_weight_ = torch.as_tensor(self.sample_weight_, dtype=torch.float64)
+        self.metrics_ = meta.get("metrics", {})
+        self.test_records_ = meta.get("test_records")
+        self.derived_from_ = meta.get("derived_from")
+        self.test_embeddings_ = np.load(rd.test_embeddings) if rd.test_embeddings.is_file() else None
         return self
 
     def check_backbone(self) -> None:
         """Refuse to explain with a backbone whose weights differ from the ones the run was fitted with."""
-        want = self.meta_["backbone"]["weights_id"]
+        want = self.backbone_info_["weights_id"]
         if self.backbone.weights_id != want:
             raise CarrotError(
                 f"backbone '{self.backbone.name}' weights ({self.backbone.weights_id[:12]}) differ from the run's "

@@ -13,7 +13,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .io import atomic_path, write_json
-from .report_audits import audits_html
+from .report_audits import audits_html, figure_uri
 
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px;color:#222;max-width:1200px}
@@ -99,18 +99,6 @@ def _curve_png(exp: dict[str, Any]) -> str:
     ax.set_xlabel("share of regions removed / inserted")
     ax.set_ylabel(f"logit {exp['predicted']}")
     return figure_uri(fig)
-
-
-def figure_uri(fig) -> str:
-    """A matplotlib figure (legend, tight layout) as an inline PNG data URI; the figure is closed."""
-    import matplotlib.pyplot as plt
-
-    fig.axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
 def _page(title: str, body: str) -> str:
@@ -245,25 +233,6 @@ def index_html(summary: dict[str, Any], thumbs: dict[int, Any], pages: Sequence[
             f"<span class='muted'>{html.escape(Path(r['path']).name)}</span></div>" for r in rows)
         return f"<div class='row'>{cards}</div>"
 
-    tracin = ""
-    if "tracin" in summary:
-        t = summary["tracin"]
-        q = t["self_influence_quantiles"]
-        qi = t["influence_quantiles"]
-        cmp_ = t["comparison_with_carrot"]
-        per = "".join(f"<tr><td style='text-align:left'>{html.escape(c)}</td><td>{v['n']}</td><td>{v['self_influence_mean']:.4g}</td>"
-                      f"<td>{v['self_influence_median']:.4g}</td><td>{v['influence_mean']:+.3g}</td></tr>" for c, v in t["per_class"].items())
-        flagged = "".join(f"<tr><td style='text-align:left'>{html.escape(f['id'])}</td><td style='text-align:left'>{html.escape(f['label'])}</td>"
-                          f"<td>{f['tracin_self_influence']:.4g}</td><td>{f['carrot_loo_loss']:.4g}</td></tr>" for f in t["flagged_for_review"][:20])
-        tracin = (
-            f"<h2>TracIn analysis</h2><p>{t['n_checkpoints']} checkpoints; self-influence quantiles "
-            + ", ".join(f"{k} {v:.4g}" for k, v in q.items()) + "; influence quantiles "
-            + ", ".join(f"{k} {v:+.3g}" for k, v in qi.items())
-            + f". Spearman with carrot's exact LOO loss {cmp_['spearman_self_influence_vs_exact_loo_loss']:.3f}; "
-            f"overlap of the flagged sets {cmp_['flag_overlap_with_exact_loo']:.2f}.</p>"
-            f"<table><tr><th>class</th><th>n</th><th>self-infl. mean</th><th>median</th><th>influence mean</th></tr>{per}</table>"
-            f"<h3>Highest self-influence (label review)</h3><table><tr><th>id</th><th>label</th><th>TracIn self-influence</th>"
-            f"<th>exact LOO loss</th></tr>{flagged}</table>")
     links = "".join(f"<li><a href='{html.escape(p['href'])}'>{html.escape(Path(p['image']).name)}</a> &rarr; "
                     f"{html.escape(p['predicted'])}</li>" for p in pages)
     body = (
@@ -279,7 +248,7 @@ def index_html(summary: dict[str, Any], thumbs: dict[int, Any], pages: Sequence[
         + review(summary["harmful"], "removal gain") +
         "<h2>Most helpful training images</h2><p class='muted'>removing the image raises the test loss by this much (shown negative)</p>"
         + review(summary["helpful"], "removal loss") + _class_flow(summary, review) +
-        tracin + audits_html(summary.get("audits", {})) + f"<h2>Explained images</h2><ul>{links or '<li>none yet: carrot-run explain RUN IMAGES</li>'}</ul>")
+        audits_html(summary.get("audits", {})) + f"<h2>Explained images</h2><ul>{links or '<li>none yet: carrot-run explain RUN IMAGES</li>'}</ul>")
     return _page(f"carrot run {summary['name']}", _with_contents(body))
 
 

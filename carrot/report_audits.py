@@ -1,13 +1,28 @@
-"""Index-page sections for a run's audits: the JSON written by ``carrot-run evaluate``, ``reweight``,
-``debug`` and ``bench`` rendered as tables (and the RRO curves as an inline PNG)."""
+"""Index-page sections for a run's audits (the registry in :mod:`carrot.audits` names them): the JSON
+written by ``carrot-run evaluate``, ``tracin``, ``reweight``, ``debug``, ``bench`` and ``compare`` rendered
+as tables (and the RRO curves as an inline PNG)."""
 from __future__ import annotations
 
+import base64
 import html
+import io
 from pathlib import Path
 from typing import Any
 
-AUDIT_FILES = {"evaluation": "evaluation.json", "reweight": "reweight.json", "debug": "debug.json", "t_sweep": "t_sweep.json",
-               "compare": "compare.json"}
+
+def figure_uri(fig) -> str:
+    """A matplotlib figure (legend, tight layout) as an inline PNG data URI; the figure is closed."""
+    import matplotlib.pyplot as plt
+
+    fig.axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+
 
 
 def _f(v: Any, fmt: str = ".3f") -> str:
@@ -64,13 +79,31 @@ def _agreement(ev: dict) -> str:
             + _table(["estimator", "LDS (Spearman)", "Spearman with exact LOO", "Kendall with exact LOO"], rows))
 
 
+def tracin_html(t: dict) -> str:
+    """The TracIn analysis (RUN/tracin/summary.json)."""
+    q = t["self_influence_quantiles"]
+    qi = t["influence_quantiles"]
+    cmp_ = t["comparison_with_carrot"]
+    per = "".join(f"<tr><td style='text-align:left'>{html.escape(c)}</td><td>{v['n']}</td><td>{v['self_influence_mean']:.4g}</td>"
+                  f"<td>{v['self_influence_median']:.4g}</td><td>{v['influence_mean']:+.3g}</td></tr>" for c, v in t["per_class"].items())
+    flagged = "".join(f"<tr><td style='text-align:left'>{html.escape(f['id'])}</td><td style='text-align:left'>{html.escape(f['label'])}</td>"
+                      f"<td>{f['tracin_self_influence']:.4g}</td><td>{f['carrot_loo_loss']:.4g}</td></tr>" for f in t["flagged_for_review"][:20])
+    return (
+        f"<h2>TracIn analysis</h2><p>{t['n_checkpoints']} checkpoints; self-influence quantiles "
+        + ", ".join(f"{k} {v:.4g}" for k, v in q.items()) + "; influence quantiles "
+        + ", ".join(f"{k} {v:+.3g}" for k, v in qi.items())
+        + f". Spearman with carrot's exact LOO loss {cmp_['spearman_self_influence_vs_exact_loo_loss']:.3f}; "
+        f"overlap of the flagged sets {cmp_['flag_overlap_with_exact_loo']:.2f}.</p>"
+        f"<table><tr><th>class</th><th>n</th><th>self-infl. mean</th><th>median</th><th>influence mean</th></tr>{per}</table>"
+        f"<h3>Highest self-influence (label review)</h3><table><tr><th>id</th><th>label</th><th>TracIn self-influence</th>"
+        f"<th>exact LOO loss</th></tr>{flagged}</table>")
+
+
 def _rro_curve(history: list[dict]) -> str:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from .report import figure_uri  # report imports this module at load time
 
     steps = [h["step"] for h in history]
     fig, ax = plt.subplots(figsize=(5, 2.8), dpi=100)
@@ -82,7 +115,7 @@ def _rro_curve(history: list[dict]) -> str:
     return figure_uri(fig)
 
 
-def _reweight(r: dict) -> str:
+def reweight_html(r: dict) -> str:
     ess = [[c, v] for c, v in r["ess_per_class"].items()]
     return ("<h2>Reweighting (RRO)</h2>"
             f"<p>uniform weights: test accuracy <b>{r['uniform_test_accuracy']:.4f}</b>; reweighted (step {r['best_step']}, "
@@ -92,7 +125,7 @@ def _reweight(r: dict) -> str:
             + _table(["class", "effective sample size / class size"], ess))
 
 
-def _debug(d: dict) -> str:
+def debug_html(d: dict) -> str:
     b = d["baseline"]
     rows = [["none (baseline)", b["val_accuracy"], b["test_accuracy"], None]] + [
         [f"{r['k']} most harmful", r["val_accuracy"], r["test_accuracy"], r.get("random_test_accuracy_mean")] for r in d["rows"]]
@@ -102,13 +135,13 @@ def _debug(d: dict) -> str:
             + _table(["images removed", "validation accuracy", "test accuracy", "test accuracy, as many random"], rows, ".4f"))
 
 
-def _t_sweep(rows: list[dict]) -> str:
+def t_sweep_html(rows: list[dict]) -> str:
     return ("<h2>Diffusion time sweep</h2>"
             + _table(["t", "λ", "LOO accuracy (train)", "test accuracy"],
                      [[r["t"], r["lam"], r.get("loo_accuracy"), r["test_accuracy"]] for r in rows], ".4g"))
 
 
-def _compare(c: dict) -> str:
+def compare_html(c: dict) -> str:
     per = [[k, v["a"], v["b"], v["change"]] for k, v in c["per_class"].items()]
     changed = [[Path(x["image"]).name, x["label"], x["a"], x["b"]] for x in c["changed"][:20]]
     return (f"<h2>Comparison with another run</h2><p>A = {html.escape(c['runs']['a'])}, B = {html.escape(c['runs']['b'])}: "
@@ -119,30 +152,30 @@ def _compare(c: dict) -> str:
                + _table(["image", "label", "A", "B"], changed) if changed else ""))
 
 
-def audits_html(audits: dict[str, Any]) -> str:
-    """Sections for whichever of evaluation / reweight / debug / t_sweep results a run has."""
-    out = ""
-    ev = audits.get("evaluation")
-    if ev:
-        out += "<h2>Evaluations</h2>"
-        out += _accuracy(ev["accuracy"]) if "accuracy" in ev else ""
-        out += _mislabel(ev["mislabel"]) if "mislabel" in ev else ""
-        out += _faithfulness(ev["faithfulness"]) if "faithfulness" in ev else ""
-        out += _agreement(ev) if "lds" in ev or "agreement_with_exact_loo" in ev else ""
-        if "deletion" in ev:
-            d = ev["deletion"]
-            rows = [[f"{kind}, {order}", d[kind + suffix]]
-                    for kind in ("deletion", "insertion") for order, suffix in (("exact order", ""), ("random order", "_random"))]
-            out += (f"<h3>Region deletion and insertion</h3><p class='muted'>{d['n']} test images; regions removed (inserted) "
-                    "in the order of their exact contribution to the predicted logit, or at random; AUC pooled over the images, "
-                    "sum(AUC - prior) / sum(logit - prior) (1 = the full logit throughout, 0 = the prior): low deletion and high "
-                    "insertion AUC mean a sharp region attribution</p>" + _table(["curve", "normalised AUC"], rows))
-        if "pointing" in ev:
-            p = ev["pointing"]
-            out += (f"<h3>Pointing game</h3><p>{p['n']} test images with known parts: hit rate <b>{p['hit_rate']:.3f}</b> "
-                    f"(a random region: {p['random_region_hit_rate']:.3f})</p>")
-    out += _reweight(audits["reweight"]) if audits.get("reweight") else ""
-    out += _debug(audits["debug"]) if audits.get("debug") else ""
-    out += _t_sweep(audits["t_sweep"]) if audits.get("t_sweep") else ""
-    out += _compare(audits["compare"]) if audits.get("compare") else ""
+def evaluation_html(ev: dict) -> str:
+    """The results of ``carrot-run evaluate`` (evaluation.json)."""
+    out = "<h2>Evaluations</h2>"
+    out += _accuracy(ev["accuracy"]) if "accuracy" in ev else ""
+    out += _mislabel(ev["mislabel"]) if "mislabel" in ev else ""
+    out += _faithfulness(ev["faithfulness"]) if "faithfulness" in ev else ""
+    out += _agreement(ev) if "lds" in ev or "agreement_with_exact_loo" in ev else ""
+    if "deletion" in ev:
+        d = ev["deletion"]
+        rows = [[f"{kind}, {order}", d[kind + suffix]]
+                for kind in ("deletion", "insertion") for order, suffix in (("exact order", ""), ("random order", "_random"))]
+        out += (f"<h3>Region deletion and insertion</h3><p class='muted'>{d['n']} test images; regions removed (inserted) "
+                "in the order of their exact contribution to the predicted logit, or at random; AUC pooled over the images, "
+                "sum(AUC - prior) / sum(logit - prior) (1 = the full logit throughout, 0 = the prior): low deletion and high "
+                "insertion AUC mean a sharp region attribution</p>" + _table(["curve", "normalised AUC"], rows))
+    if "pointing" in ev:
+        p = ev["pointing"]
+        out += (f"<h3>Pointing game</h3><p>{p['n']} test images with known parts: hit rate <b>{p['hit_rate']:.3f}</b> "
+                f"(a random region: {p['random_region_hit_rate']:.3f})</p>")
     return out
+
+
+def audits_html(audits: dict[str, Any]) -> str:
+    """Sections, in registry order, for whichever registered audits the run has (name -> result)."""
+    from .audits import AUDITS
+
+    return "".join(a.section(audits[a.name]) for a in AUDITS.values() if audits.get(a.name))

@@ -10,25 +10,25 @@ import numpy as np
 from .data import load_image
 from .distributed import world
 from .attribution import class_summary
+from .audits import AUDITS
 from .errors import CarrotError
 from .influence import RidgeSystem, loo_loss_change
-from .io import atomic_path, read_json, save_npy, write_csv, write_json
+from .io import atomic_path, read_json, write_csv, write_json
 from .validation import index_labels
 from .pipeline import Carrot
 from .report import index_html
-from .report_audits import AUDIT_FILES
+from .rundir import RunDir
 
 
 def run_embeddings(run_dir: str | Path, model: Carrot | None = None) -> tuple[Carrot, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(model, G_train, y_train, G_test, y_test) of a fitted run, from its saved embeddings
     (``model``: the run already loaded, to reuse its backbone)."""
     model = model or Carrot.load(run_dir)
-    test_path = Path(run_dir) / "test_embeddings.npy"
-    if not test_path.is_file():
-        raise CarrotError(f"run '{run_dir}' has no test_embeddings.npy; refit it with carrot-run fit")
-    y_test = np.array([lab for _, lab in model.meta_["test_records"]])
+    if getattr(model, "test_embeddings_", None) is None or model.test_records_ is None:
+        raise CarrotError(f"run '{run_dir}' has no {RunDir.TEST_EMBEDDINGS}; refit it with carrot-run fit")
+    y_test = np.array([lab for _, lab in model.test_records_])
     y_train = np.array([r.label for r in model.train_records_])
-    return model, model.train_embeddings_, y_train, np.load(test_path), y_test
+    return model, model.train_embeddings_, y_train, model.test_embeddings_, y_test
 
 
 def run_summary(model: Carrot, G: np.ndarray, y: np.ndarray, G_test: np.ndarray, y_test: np.ndarray,
@@ -66,24 +66,21 @@ def run_summary(model: Carrot, G: np.ndarray, y: np.ndarray, G_test: np.ndarray,
 
 def write_index(run_dir: str | Path, explained: Sequence[dict[str, Any]] = (), model: Carrot | None = None) -> Path:
     """(Re)write RUN_DIR/index.html, linking the explanation pages listed in RUN_DIR/explanations."""
-    run_dir = Path(run_dir)
+    rd = RunDir(run_dir)
     model, G, y, G_test, y_test = run_embeddings(run_dir, model)
     summary = run_summary(model, G, y, G_test, y_test)
-    summary["name"] = run_dir.resolve().name
-    listed = run_dir / "explanations" / "explanations.json"
+    summary["name"] = rd.path.resolve().name
+    listed = RunDir.explanations_list(rd.explanations)
     pages = list(explained) or (read_json(listed, "explanations list") if listed.is_file() else [])
     geo = model.backbone.display_transform() if summary["harmful"] else None
     thumbs = {r["index"]: geo(load_image(model.train_records_[r["index"]]))
               for r in summary["harmful"] + summary["helpful"] + summary["carriers"]}
-    links = [{"href": os.path.relpath(p["page"], run_dir), "image": p["image"], "predicted": p["predicted"]}
+    links = [{"href": os.path.relpath(p["page"], rd.path), "image": p["image"], "predicted": p["predicted"]}
              for p in pages if "page" in p]
-    tracin_path = run_dir / "tracin" / "summary.json"
-    if tracin_path.is_file():
-        summary["tracin"] = read_json(tracin_path, "TracIn summary")
-    summary["audits"] = {k: read_json(run_dir / f, f) for k, f in AUDIT_FILES.items() if (run_dir / f).is_file()}
-    with atomic_path(run_dir / "index.html") as tmp:
+    summary["audits"] = {name: rd.read_audit(name) for name in AUDITS}
+    with atomic_path(rd.index) as tmp:
         tmp.write_text(index_html(summary, thumbs, links))
-    return run_dir / "index.html"
+    return rd.index
 
 
 def predict(run_dir: str | Path, inputs: Sequence[str], out: str | Path | None = None, batch: int = 32,
@@ -108,7 +105,7 @@ def predict(run_dir: str | Path, inputs: Sequence[str], out: str | Path | None =
                          "runner_up": model.classes_[second] if second is not None else None,
                          "margin": float(scores[first] - scores[second]) if second is not None else None,
                          "scores": {c: float(v) for c, v in zip(model.classes_, scores)}})
-    out = Path(out) if out else Path(run_dir) / "predictions.json"
+    out = Path(out) if out else RunDir(run_dir).predictions
     write_json(out, rows)
     write_csv(out.with_suffix(".csv"), ["image", "predicted", "score", "runner_up", "margin", *model.classes_],
               ([r["image"], r["predicted"], r["score"], r["runner_up"], r["margin"], *r["scores"].values()] for r in rows))
@@ -121,7 +118,7 @@ def compare(run_a: str | Path, run_b: str | Path, out: str | Path | None = None)
     from .evaluate import compare_predictions
 
     (ma, _, _, Ga, y), (mb, _, _, Gb, yb) = run_embeddings(run_a), run_embeddings(run_b)
-    paths_a, paths_b = [p for p, _ in ma.meta_["test_records"]], [p for p, _ in mb.meta_["test_records"]]
+    paths_a, paths_b = [p for p, _ in ma.test_records_], [p for p, _ in mb.test_records_]
     if paths_a != paths_b or not np.array_equal(y, yb) or ma.classes_ != mb.classes_:
         raise CarrotError(f"compare: runs '{run_a}' and '{run_b}' have different test images, labels or classes")
     pa, pb = ma.head_.predict(Ga), mb.head_.predict(Gb)
@@ -129,7 +126,7 @@ def compare(run_a: str | Path, run_b: str | Path, out: str | Path | None = None)
     res["runs"] = {"a": str(run_a), "b": str(run_b)}
     res["changed"] = [{"image": paths_a[i], "label": ma.classes_[y[i]], "a": ma.classes_[pa[i]], "b": ma.classes_[pb[i]]}
                       for i in np.flatnonzero(pa != pb)]
-    write_json(Path(out) if out else Path(run_b) / "compare.json", res)
+    write_json(out, res) if out else RunDir(run_b).write_audit("compare", res)
     if out is None:
         write_index(run_b, model=mb)
     return res
@@ -155,7 +152,7 @@ def reweight(run_dir: str | Path, val_fraction: float = 0.2, out: str | Path | N
                "reweighted_test_accuracy": res.history[res.best_step]["test_accuracy"],
                "ess_per_class": {model.classes_[int(c)]: v for c, v in res.ess.items()}, "history": res.history,
                "weights": weights.tolist()}
-    write_json(Path(out) if out else Path(run_dir) / "reweight.json", summary)
+    write_json(out, summary) if out else RunDir(run_dir).write_audit("reweight", summary)
     if out is None:
         write_index(run_dir, model=model)
     if apply is not None:
@@ -169,18 +166,15 @@ def _apply_weights(model: Carrot, run_dir: str | Path, out: str | Path, weights:
     """A new run in ``out``: the parent's data, config and lambda, its head refitted with example ``weights``."""
     from .evaluate import per_class_accuracy
 
-    derived = Carrot(model.config.merged({"head.lam": model.head_.lam_}))
-    derived._backbone = model.backbone
+    derived = Carrot(model.config.merged({"head.lam": model.head_.lam_}), backbone=model.backbone)
     derived.fit(model.train_embeddings_, y, model.train_records_, model.classes_, sample_weight=weights)
     pred = derived.head_.predict(G_test)
-    metrics = {**model.meta_.get("metrics", {}), "lam": derived.head_.lam_, "lam_path": None,
+    metrics = {**model.metrics_, "lam": derived.head_.lam_, "lam_path": None,
                "train_accuracy": derived.score(model.train_embeddings_, y), "test_accuracy": float((pred == y_test).mean()),
                "per_class_test_accuracy": dict(zip(model.classes_, per_class_accuracy(pred, y_test, len(model.classes_))))}
-    derived.save(out, {"metrics": metrics, "test_records": model.meta_["test_records"],
-                       "derived_from": {"run": str(Path(run_dir).resolve()), **how}})
-    save_npy(Path(out) / "test_embeddings.npy", G_test)
-    write_json(Path(out) / "metrics.json", metrics)
-    write_index(out, model=Carrot.load(out, backbone=model.backbone))
+    derived.record_test(G_test, model.test_records_, metrics, {"run": str(Path(run_dir).resolve()), **how})
+    derived.save(out)
+    write_index(out, model=derived)
 
 
 def bench(run_dir: str | Path, ts: Sequence[float], out: str | Path | None = None) -> list[dict[str, Any]]:
@@ -190,11 +184,11 @@ def bench(run_dir: str | Path, ts: Sequence[float], out: str | Path | None = Non
     model = Carrot.load(run_dir)
     train, test = _token_stores(run_dir, model, (0, 1))
     rows = t_sweep(train, test, ts, model.config.graph, model.head_, model.sample_weight_)
-    out = Path(out) if out else Path(run_dir) / "t_sweep.json"
+    out = Path(out) if out else RunDir(run_dir).audit("t_sweep")
     write_json(out, rows)
     fields = sorted({k for r in rows for k in r})
     write_csv(out.with_suffix(".csv"), fields, ([r.get(k) for k in fields] for r in rows))
-    if out == Path(run_dir) / "t_sweep.json":
+    if out == RunDir(run_dir).audit("t_sweep"):
         write_index(run_dir, model=model)
     return rows
 
@@ -218,12 +212,12 @@ def tracin(run_dir: str | Path, n_test: int = 20, flag_fraction: float = 0.02, *
 
     model, G, y, G_test, y_test = run_embeddings(run_dir)
     rep = tracin_report(G, y, [r.path for r in model.train_records_], model.classes_, G_test, y_test,
-                        [p for p, _ in model.meta_["test_records"]], model.head_, n_test, flag_fraction,
+                        [p for p, _ in model.test_records_], model.head_, n_test, flag_fraction,
                         {**{k: v for k, v in tracin_kwargs.items() if v is not None}, "seed": model.config.seed})
-    out = Path(run_dir) / "tracin"
-    for name, part in rep.items():
-        write_json(out / f"{name}.json", part)
-    write_index(run_dir)
+    summary = RunDir(run_dir).write_audit("tracin", rep["summary"])
+    for name, part in rep.items():  # the per-image parts beside the summary
+        write_json(summary.parent / f"{name}.json", part)
+    write_index(run_dir, model=model)
     return rep["summary"]
 
 
@@ -246,7 +240,7 @@ def debug(run_dir: str | Path, ks: Sequence[int], val_fraction: float = 0.2, dow
                          "label": model.classes_[int(y[f_rows[i]])]} for i in r["dropped"]]
     res.pop("harm_scores")
     res["val_fraction"] = val_fraction
-    write_json(Path(run_dir) / "debug.json", res)
+    RunDir(run_dir).write_audit("debug", res)
     write_index(run_dir, model=model)
     if apply is not None:
         best = max(res["rows"], key=lambda r: (r["val_accuracy"], -r["k"]))
@@ -260,29 +254,17 @@ def debug(run_dir: str | Path, ks: Sequence[int], val_fraction: float = 0.2, dow
     return res
 
 
-DERIVED = ("explanations", "tracin", ".shards", "train_weights.npy", "predictions.json", "predictions.csv", "compare.json", "evaluation.json", "reweight.json", "debug.json", "t_sweep.json",
-           "t_sweep.csv", "index.html")
-
-
 def clear_run(run_dir: str | Path, overwrite: bool) -> None:
-    """Refuse to fit over an existing run unless ``overwrite``; then drop what the old model produced."""
-    run_dir = Path(run_dir)
-    if not (run_dir / "run.json").is_file() or world()[0] != 0:
-        return
-    if not overwrite:
-        raise CarrotError(f"run directory '{run_dir}' already holds a fitted run; pass --overwrite to replace it")
-    import shutil
-
-    for name in DERIVED:
-        p = run_dir / name
-        shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+    """Refuse to fit over an existing run unless ``overwrite``; then drop what the old model produced (rank 0 only)."""
+    if world()[0] == 0:
+        RunDir(run_dir).clear(overwrite)
 
 
 def _token_stores(run_dir: str | Path, model: Carrot, splits: Sequence[int]) -> list:
     """The run's token caches of ``splits`` (0 train, 1 test), or a named error saying why they are not there."""
     from .cache import open_store
 
-    caches = model.meta_.get("metrics", {}).get("token_caches", [])
+    caches = model.metrics_.get("token_caches", [])
     if len(caches) != 2 or not all(Path(caches[s]).is_dir() for s in splits):
         raise CarrotError(f"run '{run_dir}': no token caches ({caches or 'fitted with --no-cache-tokens or under torchrun'}"
                           f"{'; gone' if caches else ''}); run carrot-run fit with the token cache to (re)build them")

@@ -99,6 +99,13 @@ def _numbers(name: str, text: str, kind: type = int, minimum: int = 1) -> list:
     return values
 
 
+def _echo_audit(name: str, result: Any) -> None:
+    """Print an audit's summary lines, as its registry entry (:mod:`carrot.audits`) writes them."""
+    from carrot.audits import get
+
+    click.echo("\n".join(get(name).summary(result)))
+
+
 def build_config(config_path: str | None = None, **o: Any):
     from carrot.config import load_config
 
@@ -184,7 +191,7 @@ def bench(run_dir: str, ts: str, out_path: str | None) -> None:
     t): test accuracy, LOO-chosen lambda and LOO accuracy per t."""
     import main as orchestration
 
-    click.echo(json.dumps(orchestration.bench(run_dir, _numbers("t", ts, float), out_path), indent=2))
+    _echo_audit("t_sweep", orchestration.bench(run_dir, _numbers("t", ts, float), out_path))
 
 
 @cli.command()
@@ -264,9 +271,10 @@ def evaluate(run_dir: str, what: str, seeds: str, shots: int | None, resplit: bo
     if as_json:
         click.echo(json.dumps(res, indent=2))
         return
-    from carrot.evaluate import summary_lines
+    from carrot.rundir import RunDir
 
-    click.echo("\n".join(summary_lines(res) + [f"-> {out_path or Path(run_dir) / 'evaluation.json'}"]))
+    _echo_audit("evaluation", res)
+    click.echo(f"-> {out_path or RunDir(run_dir).audit('evaluation')}")
 
 
 @cli.command()
@@ -280,8 +288,7 @@ def compare(run_a: str, run_b: str, out_path: str | None) -> None:
     import main as orchestration
 
     res = orchestration.compare(run_a, run_b, out_path)
-    click.echo(f"A {res['accuracy_a']:.4f}  B {res['accuracy_b']:.4f}  on {res['n']} test images; B fixes {res['fixed_by_b']}, "
-               f"breaks {res['broken_by_b']} (McNemar exact p = {res['mcnemar_exact_p']:.3g})")
+    _echo_audit("compare", res)
 
 
 @cli.command()
@@ -302,7 +309,7 @@ def reweight(run_dir: str, val_fraction: float, out_path: str | None, apply_to: 
     import main as orchestration
 
     res = orchestration.reweight(run_dir, val_fraction, out_path, apply_to, **rro)
-    click.echo(json.dumps({k: v for k, v in res.items() if k not in ("history", "weights")}, indent=2))
+    _echo_audit("reweight", res)
 
 
 @cli.command()
@@ -319,7 +326,7 @@ def tracin(run_dir: str, n_test: int, flag_fraction: float, epochs: int | None, 
 
     if not 0 < flag_fraction < 1:
         raise CarrotError(f"--flag-fraction: expected a number in (0, 1), got {flag_fraction}")
-    click.echo(json.dumps(orchestration.tracin(run_dir, n_test, flag_fraction, epochs=epochs, n_checkpoints=n_checkpoints), indent=2))
+    _echo_audit("tracin", orchestration.tracin(run_dir, n_test, flag_fraction, epochs=epochs, n_checkpoints=n_checkpoints))
 
 
 @cli.command()
@@ -335,7 +342,7 @@ def debug(run_dir: str, ks: str, val_fraction: float, downweight: float, apply_t
     import main as orchestration
 
     res = orchestration.debug(run_dir, _numbers("drop", ks), val_fraction, downweight, apply_to)
-    click.echo(json.dumps({k: v for k, v in res.items() if k != "rows"} | {"rows": [{k: v for k, v in r.items() if k != "dropped"} for r in res["rows"]]}, indent=2))
+    _echo_audit("debug", res)
 
 
 @cli.command()

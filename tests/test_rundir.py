@@ -1,0 +1,101 @@
+"""The run directory object: every file name, a versioned run.json, the same Carrot after fit and load."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+
+from carrot.audits import AUDITS, Audit, register
+from carrot.errors import CarrotError
+from carrot.pipeline import Carrot
+from carrot.report_audits import audits_html
+from carrot.rundir import RUN_FORMAT_VERSION, RunDir
+from cli.main import cli
+
+TINY = {"backbone": {"name": "vit_tiny_patch16_224", "img_size": 32, "pretrained": False, "batch_size": 8}, "head": {"lam": 0.5}}
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory, synthetic_root):
+    root = tmp_path_factory.mktemp("rundir")
+    (root / "tiny.yaml").write_text(yaml.safe_dump(TINY))
+    r = CliRunner().invoke(cli, ["fit", "--config", str(root / "tiny.yaml"), "--data", str(synthetic_root), "--out",
+                                 str(root / "run"), "--quiet"], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    return root / "run"
+
+
+FITTED_STATE = ("classes_", "train_embeddings_", "sample_weight_", "test_embeddings_", "test_records_", "metrics_", "derived_from_")
+
+
+def same_state(a: Carrot, b: Carrot) -> None:
+    assert a.config == b.config and a.train_records_ == b.train_records_
+    for name in FITTED_STATE:
+        va, vb = getattr(a, name), getattr(b, name)
+        assert (np.array_equal(va, vb) if isinstance(va, np.ndarray) else va == vb), name
+    for name in ("coef_", "intercept_", "feature_mean_", "prior_", "dual_coef_"):
+        assert torch.equal(getattr(a.head_, name), getattr(b.head_, name)), name
+    assert torch.equal(a.head_.factor_.chol, b.head_.factor_.chol)
+    assert a.head_.get_params() == b.head_.get_params()
+    skip = ("carrot_version", "python", "torch")
+    assert {k: v for k, v in a.meta_.items() if k not in skip} == {k: v for k, v in b.meta_.items() if k not in skip}
+
+
+def test_a_fitted_model_equals_the_saved_and_loaded_one(fitted, tmp_path):
+    run = Carrot.load(fitted)
+    y = np.array([r.label for r in run.train_records_])
+    model = Carrot(run.config, backbone=run.backbone).fit(run.train_embeddings_, y, run.train_records_, run.classes_)
+    model.record_test(run.test_embeddings_, run.test_records_, run.metrics_)
+    same_state(model, run)
+    model.save(tmp_path / "again")
+    same_state(model, Carrot.load(tmp_path / "again"))
+    meta = json.loads((tmp_path / "again" / "run.json").read_text())
+    assert meta["format"] == "carrot.run" and meta["version"] == RUN_FORMAT_VERSION
+
+
+def test_run_json_versions(fitted, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(fitted, run)
+    meta = json.loads((run / "run.json").read_text())
+    for version, match in ((RUN_FORMAT_VERSION + 1, "written by a newer carrot.*upgrade carrot"),
+                           (0, "expected a run.json format version"), ("2", "expected a run.json format version"),
+                           (True, "expected a run.json format version")):
+        (run / "run.json").write_text(json.dumps({**meta, "version": version}))
+        with pytest.raises(CarrotError, match=match):
+            Carrot.load(run)
+    (run / "run.json").write_text(json.dumps({k: v for k, v in meta.items() if k not in ("version", "classes")}))
+    with pytest.raises(CarrotError, match="run.json lacks classes"):
+        Carrot.load(run)
+    legacy = {k: v for k, v in meta.items() if k != "version"}  # format 1 runs (no version key) still load
+    (run / "run.json").write_text(json.dumps(legacy))
+    assert Carrot.load(run).classes_ == meta["classes"]
+
+
+def test_every_audit_file_is_derived_and_cleared_and_a_new_audit_is_one_registration(fitted, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(fitted, run)
+    rd = RunDir(run)
+    derived = {p.relative_to(run).as_posix() for p in rd.derived()}
+    assert {a.file for a in AUDITS.values()} <= derived and {"explanations", "index.html", "train_weights.npy"} <= derived
+    audit = register(Audit("toy", "toy.json", lambda r: f"<h2>Toy {r['x']}</h2>", lambda r: [f"toy {r['x']}"]))
+    try:
+        rd.write_audit("toy", {"x": 7})
+        assert rd.read_audit("toy") == {"x": 7} and "<h2>Toy 7</h2>" in audits_html({"toy": {"x": 7}})
+        assert run / "toy.json" in rd.derived()
+        (run / "explanations").rmdir() if (run / "explanations").is_dir() else None
+        outside = tmp_path / "elsewhere"
+        outside.mkdir()
+        (outside / "keep.txt").write_text("mine")
+        (run / "explanations").symlink_to(outside)  # a symlinked output folder: the link goes, its target stays
+        with pytest.raises(CarrotError, match="already holds a fitted run; pass --overwrite"):
+            rd.clear(overwrite=False)
+        rd.clear(overwrite=True)
+        assert not (run / "toy.json").exists() and not (run / "explanations").exists() and (outside / "keep.txt").is_file()
+        assert rd.exists() and rd.head.is_file() and rd.train_embeddings.is_file()  # the fit itself stays until refit
+    finally:
+        del AUDITS[audit.name]
+    with pytest.raises(KeyError, match="unknown audit 'nope'; registered: evaluation"):
+        rd.audit("nope")
