@@ -32,8 +32,8 @@ def main() -> None:
     from carrot.attribution import centred_kernel, region_contributions
     from carrot.config import DiffusionConfig, GraphConfig, RunConfig
     from carrot.data import stratified_indices
+    from carrot.embedder import Embedder
     from carrot.head import RidgeHead
-    from carrot.pipeline import Carrot
     from carrot.region_attribution import deletion_insertion
     from carrot.regions import RegionSet
     from carrot.sweep import embeddings_over_t
@@ -84,19 +84,19 @@ def main() -> None:
                         contrib = (K * head.dual_coef_.T[pred]).abs()
                         conc = (contrib.topk(10, dim=1).values.sum(1) / contrib.sum(1)).numpy()
                         dcfg = DiffusionConfig(t=t)
-                        pipe = Carrot(RunConfig(graph=graph, diffusion=dcfg))
+                        pipe = Embedder(graph, dcfg, "cpu")
                         del_auc, rnd_auc, spans = [], [], []
                         rng = np.random.default_rng(0)
                         for x in ite[: a.n_region]:
                             H = torch.from_numpy(tokens[x].astype(np.float64))
                             g = G_all[ti][x]
                             c = int(head.decision_function(g[None]).argmax())
-                            wx = pipe.embed_regions(RegionSet(H[None], P, grid))[1][0]
+                            wx = pipe.embed(RegionSet(H[None], P, grid))[1][0]
                             r = region_contributions(head, H, wx)[:, c].numpy()
                             full = float(head.decision_function(g[None])[0, c])
                             prior = float(head.prior_[c])
-                            d1, _ = deletion_insertion(head, H, P, c, np.argsort(-r, kind="stable"), graph, dcfg, steps=8)
-                            d2, _ = deletion_insertion(head, H, P, c, rng.permutation(len(r)), graph, dcfg, steps=8)
+                            d1, _ = deletion_insertion(head, H, P, c, np.argsort(-r, kind="stable"), pipe, steps=8)
+                            d2, _ = deletion_insertion(head, H, P, c, rng.permutation(len(r)), pipe, steps=8)
                             del_auc.append(d1.auc - prior)
                             rnd_auc.append(d2.auc - prior)
                             spans.append(full - prior)

@@ -14,13 +14,10 @@ from .backbone import TokenBackbone, create_backbone, patch_centres
 from .cache import TokenStore
 from .config import RunConfig
 from .data import ImageDataset, ImageRecord, load_image
-from .devices import resolve_device
-from .diffusion import diffusion_weights
+from .embedder import Embedder
 from .errors import CarrotError, check_is_fitted
-from .graph import affinity, normalized_laplacian
 from .head import RidgeHead
 from .io import save_npy, write_json
-from .readout import weighted_readout
 from .regions import RegionSet
 
 class Carrot:
@@ -41,43 +38,23 @@ class Carrot:
             )
         return self._backbone
 
+    @property
+    def embedder(self) -> Embedder:
+        """The configured tokens -> graph -> diffusion -> readout chain (graph, diffusion, device)."""
+        return Embedder.from_config(self.config)
+
     def embed_regions(self, regions: RegionSet) -> tuple[torch.Tensor, torch.Tensor]:
         """RegionSet -> g = H^T exp(-tL) 1 / N (B, D) and w (B, N), float64; t = 0 is mean pooling."""
-        H = regions.H.to(torch.float64)
-        if self.config.diffusion.t == 0:
-            w = torch.full(H.shape[:2], 1.0 / H.shape[1], dtype=torch.float64)
-        else:
-            w = self.region_weights(H, regions.P, [self.config.diffusion.t])[0]
-        return weighted_readout(H, w), w
+        return self.embedder.embed(regions)
 
     def region_weights(self, H: torch.Tensor, P: torch.Tensor, ts: Sequence[float]) -> torch.Tensor:
-        """Readout weights w(t) = exp(-tL) 1 / N of the configured graph for every t: (T, B, N) float64 on
-        the CPU; the graph and diffusion run on the configured device when it is a CUDA GPU."""
-        g = self.config.graph
-        dev = resolve_device(self.config.device)
-        dev = dev if dev.type == "cuda" else torch.device("cpu")  # MPS has no float64
-        H, P = H.to(dev, torch.float64), P.to(dev, torch.float64)
-        L = normalized_laplacian(affinity(H, P, g.sigma_space, g.sigma_feat, g.knn))
-        return diffusion_weights(L, ts, self.config.diffusion.method).cpu()
+        """Readout weights w(t) (T, B, N) float64 on the CPU (see :meth:`Embedder.weights`)."""
+        return self.embedder.weights(H, P, ts)
 
     def embed_store(self, store: TokenStore, batch: int | None = None, progress: bool = False,
                     graph_bytes: int = 1 << 30, ts: Sequence[float] | None = None) -> np.ndarray:
-        """Embeddings (n, D) float64 for every image of a cached split, streamed in batches; with ``ts``,
-        (T, n, D) for every diffusion time from one graph per image. The default batch keeps the float64
-        (B, N, N) graph arrays (about six alive at once) within ``graph_bytes``."""
-        from tqdm.auto import tqdm
-
-        n_regions = store.tokens.shape[1]
-        batch = batch or int(max(1, min(64, graph_bytes // (6 * 8 * n_regions * n_regions))))
-        P = store.positions.to(torch.float64)
-        out = np.empty((len(ts) if ts is not None else 1, len(store), store.tokens.shape[-1]), dtype=np.float64)
-        for s in tqdm(range(0, len(store), batch), desc="diffuse", disable=not progress, unit="batch"):
-            H = torch.from_numpy(np.asarray(store.tokens[s : s + batch], dtype=np.float64))
-            if ts is None:
-                out[0, s : s + batch] = self.embed_regions(RegionSet(H, P, store.grid))[0].numpy()
-            else:
-                out[:, s : s + batch] = torch.einsum("bnd,tbn->tbd", H, self.region_weights(H, P, ts)).numpy()
-        return out if ts is not None else out[0]
+        """Embeddings of a cached split (see :meth:`Embedder.embed_store`)."""
+        return self.embedder.embed_store(store, batch, progress, graph_bytes, ts)
 
     def embed_dataset(self, dataset: ImageDataset, progress: bool = False) -> np.ndarray:
         """Embeddings (n, D) float64 of a data set streamed straight from the images (no token cache);
@@ -241,10 +218,10 @@ class Carrot:
                 "region_contributions": regions.reshape(grid).tolist(),
                 "_image": imgs[i],
             }
-            gcfg, dcfg = self.config.graph, self.config.diffusion
+            emb = self.embedder
             if node_removal:
-                drops = removal(self.head_, H[i], P, c, gcfg, dcfg)
-                dele, ins = deletion_insertion(self.head_, H[i], P, c, np.argsort(-regions.numpy(), kind="stable"), gcfg, dcfg)
+                drops = removal(self.head_, H[i], P, c, emb)
+                dele, ins = deletion_insertion(self.head_, H[i], P, c, np.argsort(-regions.numpy(), kind="stable"), emb)
                 exp["node_removal"] = [drops[j] for j in range(len(drops))]
                 exp["deletion"] = {"fractions": dele.fractions.tolist(), "logits": dele.logits.tolist(), "auc": dele.auc}
                 exp["insertion"] = {"fractions": ins.fractions.tolist(), "logits": ins.logits.tolist(), "auc": ins.auc}
@@ -252,7 +229,7 @@ class Carrot:
                 seg = mask_to_grid(masks[str(path)], grid)
                 exp["segments"] = {str(s_): v for s_, v in segment_sum(regions.numpy(), seg).items()}
                 if node_removal:
-                    exp["segment_removal"] = {str(s_): v for s_, v in removal(self.head_, H[i], P, c, gcfg, dcfg, seg).items()}
+                    exp["segment_removal"] = {str(s_): v for s_, v in removal(self.head_, H[i], P, c, emb, seg).items()}
             out.append(exp)
         return out
 

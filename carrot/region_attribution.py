@@ -13,34 +13,9 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .config import DiffusionConfig, GraphConfig
-from .diffusion import diffusion_weights
+from .embedder import Embedder
 from .errors import CarrotError
-from .graph import affinity, normalized_laplacian, pairwise_sq_dists, resolve_bandwidth
 from .head import RidgeHead
-from .readout import weighted_readout
-
-
-def bandwidths(H: torch.Tensor, P: torch.Tensor, graph: GraphConfig) -> tuple[float, float]:
-    """The (sigma_space, sigma_feat) the full graph of one image (N, D), (N, 2) uses."""
-    def pick(v, X, name):
-        return float(resolve_bandwidth(v, pairwise_sq_dists(X.to(torch.float64).unsqueeze(0)), name)[0])
-
-    return pick(graph.sigma_space, P, "sigma_space"), pick(graph.sigma_feat, H, "sigma_feat")
-
-
-def embed_kept(H: torch.Tensor, P: torch.Tensor, keep: torch.Tensor, graph: GraphConfig, diffusion: DiffusionConfig,
-               sigmas: tuple[float, float]) -> torch.Tensor:
-    """Embedding g (D,) of the graph restricted to the nodes where ``keep`` (N,) is True."""
-    Hk, Pk = H[keep].to(torch.float64), P[keep].to(torch.float64)
-    if Hk.shape[0] == 0:
-        raise CarrotError("region removal: at least one region must remain")
-    if diffusion.t == 0 or Hk.shape[0] == 1:
-        return Hk.mean(0)
-    knn = graph.knn if graph.knn is None or graph.knn < Hk.shape[0] - 1 else None
-    L = normalized_laplacian(affinity(Hk.unsqueeze(0), Pk, sigmas[0], sigmas[1], knn))
-    w = diffusion_weights(L, [diffusion.t], diffusion.method)[0]
-    return weighted_readout(Hk.unsqueeze(0), w)[0]
 
 
 def mask_to_grid(mask: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
@@ -69,20 +44,20 @@ def segment_sum(contributions: np.ndarray, segments: np.ndarray) -> dict[int, fl
     return {int(s): float(contributions[segments == s].sum()) for s in np.unique(segments)}
 
 
-def node_removal(head: RidgeHead, H: torch.Tensor, P: torch.Tensor, c: int, graph: GraphConfig,
-                 diffusion: DiffusionConfig, groups: np.ndarray | None = None) -> dict[int, float]:
+def node_removal(head: RidgeHead, H: torch.Tensor, P: torch.Tensor, c: int, embedder: Embedder,
+                 groups: np.ndarray | None = None) -> dict[int, float]:
     """Logit drop f_c(full) - f_c(without group) for every group (default: every single region)."""
     n = H.shape[0]
     groups = np.arange(n) if groups is None else np.asarray(groups)
     if groups.shape != (n,):
         raise CarrotError(f"groups: expected one id per region ({n}), got shape {groups.shape}")
-    sig = bandwidths(H, P, graph)
-    full = _logit(head, embed_kept(H, P, torch.ones(n, dtype=torch.bool), graph, diffusion, sig), c)
-    out = {}
-    for gid in np.unique(groups):
-        keep = torch.as_tensor(groups != gid)
-        out[int(gid)] = full - _logit(head, embed_kept(H, P, keep, graph, diffusion, sig), c) if keep.any() else float("nan")
-    return out
+    ids = np.unique(groups)
+    keep = torch.as_tensor(np.stack([np.ones(n, dtype=bool)] + [groups != g for g in ids]))
+    nonempty = keep.any(1)
+    G = torch.zeros(len(keep), H.shape[1], dtype=torch.float64)
+    G[nonempty] = embedder.embed_kept(H, P, keep[nonempty])
+    logits = _logits(head, G, c)
+    return {int(g): float(logits[0] - logits[1 + j]) if nonempty[1 + j] else float("nan") for j, g in enumerate(ids)}
 
 
 @dataclass
@@ -93,31 +68,31 @@ class Curve:
 
 
 def deletion_insertion(head: RidgeHead, H: torch.Tensor, P: torch.Tensor, c: int, order: Sequence[int],
-                       graph: GraphConfig, diffusion: DiffusionConfig, steps: int = 16) -> tuple[Curve, Curve]:
+                       embedder: Embedder, steps: int = 16) -> tuple[Curve, Curve]:
     """Deletion (remove regions in ``order``, most important first) and insertion (add them in that
     order) curves of logit c, each at ``steps`` + 1 evenly spaced fractions."""
     n = H.shape[0]
     order = np.asarray(order)
     if sorted(order.tolist()) != list(range(n)):
         raise CarrotError(f"order: expected a permutation of the {n} regions")
-    sig = bandwidths(H, P, graph)
     ks = np.unique(np.linspace(0, n, steps + 1).round().astype(int))
-    dele, ins = [], []
-    for k in ks:
-        keep = torch.ones(n, dtype=torch.bool)
-        keep[torch.as_tensor(order[:k])] = False
-        dele.append(_logit(head, embed_kept(H, P, keep, graph, diffusion, sig), c) if keep.any() else np.nan)
-        kin = ~keep
-        ins.append(_logit(head, embed_kept(H, P, kin, graph, diffusion, sig), c) if kin.any() else np.nan)
-    frac = ks / n
+    removed = torch.zeros(len(ks), n, dtype=torch.bool)
+    for r, k in enumerate(ks):
+        removed[r, torch.as_tensor(order[:k], dtype=torch.long)] = True
     # the empty graph has no embedding: its logit is the prior (the prediction from no evidence)
     prior = float(head.prior_[c])
-    d, i = np.nan_to_num(np.array(dele), nan=prior), np.nan_to_num(np.array(ins), nan=prior)
-    return Curve(frac, d, float(np.trapezoid(d, frac))), Curve(frac, i, float(np.trapezoid(i, frac)))
+    curves = []
+    for keep in (~removed, removed):
+        vals = np.full(len(ks), prior)
+        some = keep.any(1)
+        vals[some.numpy()] = _logits(head, embedder.embed_kept(H, P, keep[some]), c)
+        curves.append(vals)
+    frac = ks / n
+    return tuple(Curve(frac, v, float(np.trapezoid(v, frac))) for v in curves)
 
 
-def _logit(head: RidgeHead, g: torch.Tensor, c: int) -> float:
-    return float(head.decision_function(g.unsqueeze(0).numpy())[0, c])
+def _logits(head: RidgeHead, G: torch.Tensor, c: int) -> np.ndarray:
+    return head.decision_function(G.numpy())[:, c]
 
 
 def to_input_coords(points: np.ndarray, image_size: tuple[int, int], transform) -> np.ndarray:

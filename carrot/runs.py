@@ -183,7 +183,7 @@ def bench(run_dir: str | Path, ts: Sequence[float], out: str | Path | None = Non
 
     model = Carrot.load(run_dir)
     train, test = _token_stores(run_dir, model, (0, 1))
-    rows = t_sweep(train, test, ts, model.config.graph, model.head_, model.sample_weight_)
+    rows = t_sweep(train, test, ts, model.embedder, model.head_, model.sample_weight_)
     out = Path(out) if out else RunDir(run_dir).audit("t_sweep")
     write_json(out, rows)
     fields = sorted({k for r in rows for k in r})
@@ -312,14 +312,14 @@ def region_deletion(run_dir: str | Path, n_test: int = 20, steps: int = 8, seed:
     rng = np.random.default_rng(seed)
     rows = np.sort(rng.choice(len(store), min(n_test, len(store)), replace=False))
     P = patch_centres(store.grid, torch.float64)
-    g, d = model.config.graph, model.config.diffusion
+    emb = model.embedder
     out: dict[str, list[float]] = {k: [] for k in ("deletion", "deletion_random", "insertion", "insertion_random")}
     spans = []
     for _, H, c, logit, r in _predicted_regions(model, store, rows.tolist()):
         prior = float(model.head_.prior_[c])
         spans.append(logit - prior)
         for name, order in (("", np.argsort(-r, kind="stable")), ("_random", rng.permutation(len(r)))):
-            dele, ins = deletion_insertion(model.head_, H, P, c, order, g, d, steps=steps)
+            dele, ins = deletion_insertion(model.head_, H, P, c, order, emb, steps=steps)
             out["deletion" + name].append(dele.auc - prior)
             out["insertion" + name].append(ins.auc - prior)
     return {"n": int(len(rows)), "steps": steps, "mean_logit_above_prior": float(np.mean(spans)),

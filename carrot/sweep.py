@@ -8,26 +8,28 @@ import numpy as np
 from sklearn.base import clone
 
 from .cache import TokenStore
-from .config import GraphConfig, RunConfig
-from .diffusion import _check_t
+from .config import GraphConfig
+from .embedder import Embedder
 from .head import RidgeHead, as_head
-from .pipeline import Carrot
 
 
-def embeddings_over_t(store: TokenStore, ts: Sequence[float], graph: GraphConfig, device: str = "cpu") -> np.ndarray:
+def embeddings_over_t(store: TokenStore, ts: Sequence[float], embedder: Embedder | GraphConfig) -> np.ndarray:
     """Embeddings for every t: (T, n, D) float64, one graph per image and one diffusion for all t
-    (``diffusion.method='auto'``: one eigendecomposition on small graphs, else one Chebyshev recurrence)."""
-    return Carrot(RunConfig(graph=graph, device=device)).embed_store(store, ts=_check_t(ts))
+    (``diffusion.method='auto'``: one eigendecomposition on small graphs, else one Chebyshev recurrence),
+    on the embedder's device and method (a bare GraphConfig: the default diffusion, on the CPU)."""
+    if isinstance(embedder, GraphConfig):
+        embedder = Embedder(embedder, device="cpu")
+    return embedder.embed_store(store, ts=ts)
 
 
-def t_sweep(train: TokenStore, test: TokenStore, ts: Sequence[float], graph: GraphConfig,
+def t_sweep(train: TokenStore, test: TokenStore, ts: Sequence[float], embedder: Embedder | GraphConfig,
             head: RidgeHead | float | str = "auto", sample_weight: np.ndarray | None = None) -> list[dict]:
     """Test accuracy (and the LOO-chosen lambda with its LOO accuracy) for each diffusion time t.
 
     ``head``: the run's head (unfitted copies with every setting are fitted per t: lam 'auto' is chosen
     again for each t's embeddings), or a bare lambda; ``sample_weight`` (n,): the run's weights."""
     t0 = time.perf_counter()
-    Gtr, Gte = embeddings_over_t(train, ts, graph), embeddings_over_t(test, ts, graph)
+    Gtr, Gte = embeddings_over_t(train, ts, embedder), embeddings_over_t(test, ts, embedder)
     t_embed = time.perf_counter() - t0
     rows = []
     for i, t in enumerate(ts):

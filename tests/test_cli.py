@@ -381,7 +381,7 @@ def test_evaluate_region_deletion(fitted, tmp_path):
     c = int(logits.argmax())
     prior = float(model.head_.prior_[c])
     order = np.argsort(-region_contributions(model.head_, H, w[0])[:, c].numpy(), kind="stable")
-    dele, ins = deletion_insertion(model.head_, H, P, c, order, model.config.graph, model.config.diffusion, steps=8)
+    dele, ins = deletion_insertion(model.head_, H, P, c, order, model.embedder, steps=8)
     assert one["deletion"] == pytest.approx((dele.auc - prior) / (logits[c] - prior), rel=1e-9)
     assert one["insertion"] == pytest.approx((ins.auc - prior) / (logits[c] - prior), rel=1e-9)
 

@@ -7,6 +7,7 @@ import torch
 
 from carrot.backbone import patch_centres
 from carrot.config import DiffusionConfig, GraphConfig
+from carrot.embedder import Embedder
 from carrot.errors import CarrotError
 from carrot.graph import affinity, normalized_laplacian
 from carrot.head import RidgeHead
@@ -24,7 +25,7 @@ def setup():
 
 def test_node_removal_at_t0_is_mean_without_the_node(setup):
     head, H, P = setup
-    drops = node_removal(head, H, P, 1, GraphConfig(), DiffusionConfig(t=0.0))
+    drops = node_removal(head, H, P, 1, Embedder(GraphConfig(), DiffusionConfig(t=0.0), 'cpu'))
     full = head.decision_function(H.mean(0, keepdim=True).numpy())[0, 1]
     for j in (0, 5, 11):
         keep = np.arange(12) != j
@@ -36,7 +37,7 @@ def test_node_removal_with_diffusion_matches_scipy(setup):
     head, H, P = setup
     gc = GraphConfig(sigma_space=0.8, sigma_feat=2.0)
     dc = DiffusionConfig(t=1.5)
-    drops = node_removal(head, H, P, 2, gc, dc, groups=np.repeat([0, 1, 2], 4))
+    drops = node_removal(head, H, P, 2, Embedder(gc, dc, 'cpu'), groups=np.repeat([0, 1, 2], 4))
 
     def logit(keep):
         W = affinity(H[keep][None], P[keep], 0.8, 2.0)
@@ -54,14 +55,37 @@ def test_deletion_insertion_endpoints(setup):
     head, H, P = setup
     order = np.random.default_rng(1).permutation(12)
     dc = DiffusionConfig(t=1.0)
-    dele, ins = deletion_insertion(head, H, P, 0, order, GraphConfig(), dc, steps=4)
+    dele, ins = deletion_insertion(head, H, P, 0, order, Embedder(GraphConfig(), dc, 'cpu'), steps=4)
     full = dele.logits[0]
     assert ins.logits[-1] == pytest.approx(full, rel=1e-12)
     assert dele.logits[-1] == ins.logits[0] == pytest.approx(head.prior_[0].item())
     assert dele.fractions[0] == 0 and dele.fractions[-1] == 1 and len(dele.fractions) == 5
     assert dele.auc == pytest.approx(np.trapezoid(dele.logits, dele.fractions))
     with pytest.raises(CarrotError, match="permutation"):
-        deletion_insertion(head, H, P, 0, [0, 1], GraphConfig(), dc)
+        deletion_insertion(head, H, P, 0, [0, 1], Embedder(GraphConfig(), dc, 'cpu'))
+
+
+@pytest.mark.parametrize("t,knn,method", [(0.0, None, "auto"), (0.7, None, "eigh"), (2.0, 3, "chebyshev"), (1.0, 20, "auto")])
+def test_batched_kept_graphs_equal_one_graph_at_a_time(setup, t, knn, method):
+    """embed_kept batches kept sets of equal size; each row equals its own graph built alone (scipy expm oracle)."""
+    _, H, P = setup
+    emb = Embedder(GraphConfig(knn=knn), DiffusionConfig(t=t, method=method), "cpu")
+    g = np.random.default_rng(3)
+    keep = torch.as_tensor(np.stack([g.random(12) < 0.6 for _ in range(9)] + [np.eye(12, dtype=bool)[4]]))
+    keep[keep.sum(1) == 0, 0] = True
+    sig = emb.bandwidths(H, P)
+    got = emb.embed_kept(H, P, keep, sig)
+    for r in range(len(keep)):
+        Hk, Pk = H[keep[r]], P[keep[r]]
+        if t == 0 or len(Hk) == 1:
+            ref = Hk.mean(0).numpy()
+        else:
+            k = knn if knn is not None and knn < len(Hk) - 1 else None
+            L = normalized_laplacian(affinity(Hk[None], Pk, sig[0], sig[1], k))[0].numpy()
+            ref = (scipy.linalg.expm(-t * L) @ Hk.numpy()).mean(0)
+        np.testing.assert_allclose(got[r].numpy(), ref, rtol=1e-9, atol=1e-11)
+    with pytest.raises(CarrotError, match="at least one region must remain"):
+        emb.embed_kept(H, P, torch.zeros(12, dtype=torch.bool))
 
 
 def test_mask_to_grid_and_segment_sums():
@@ -80,10 +104,8 @@ def test_mask_to_grid_and_segment_sums():
 
 def test_bandwidths_follow_the_graph_rule(setup):
     from carrot.graph import median_bandwidth, pairwise_sq_dists
-    from carrot.region_attribution import bandwidths
-
     _, H, P = setup
-    ss, sf = bandwidths(H, P, GraphConfig(sigma_space=0.3, sigma_feat="median*2"))
+    ss, sf = Embedder(GraphConfig(sigma_space=0.3, sigma_feat="median*2")).bandwidths(H, P)
     assert ss == 0.3
     assert sf == pytest.approx(2 * float(median_bandwidth(pairwise_sq_dists(H[None]))[0]))
 
