@@ -26,8 +26,8 @@ def child(method: str, n: int, batch: int, d: int, device: str = "cpu") -> None:
     import torch
 
     sys.path.insert(0, str(ROOT))
-    from carrot.diffusion import SpectralDiffusion, chebyshev_expm_multiply, diffusion_weights
-    from carrot.graph import affinity, normalized_laplacian
+    from carrot.embed.diffusion import SpectralDiffusion, chebyshev_expm_multiply, diffusion_weights
+    from carrot.embed.graph import affinity, normalized_laplacian
 
     base = peak_rss_mb()  # after imports, before any graph is built
     g = torch.Generator().manual_seed(0)

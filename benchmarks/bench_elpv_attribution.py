@@ -20,10 +20,10 @@ DATA_NAMES = {"elpv": "ELPV (elpv-dataset)", "fashion-mnist": "Fashion-MNIST (De
 
 
 def main() -> None:
-    import main as orchestration
+    from carrot.run import commands as orchestration
     from carrot.config import RunConfig
-    from carrot.evaluate import evaluate_embeddings
-    from carrot.runs import run_embeddings
+    from carrot.audit.evaluate import evaluate_embeddings
+    from carrot.run.operations import run_embeddings
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run", default="runs/demo")

@@ -43,10 +43,10 @@ def synthetic(n: int, d: int, c: int, seed: int = 0):
 def bench(n: int, d: int, c: int, lam: float, max_refits: int, seed: int, device: str = "cpu") -> list[dict]:
     from sklearn.linear_model import LogisticRegression, RidgeClassifier
 
-    from carrot.attribution import centred_kernel
-    from carrot.baselines import TracInHead
-    from carrot.head import RidgeHead
-    from carrot.influence import RidgeSystem
+    from carrot.attribution.representer import centred_kernel
+    from carrot.ridge.baselines import TracInHead
+    from carrot.ridge.head import RidgeHead
+    from carrot.ridge.removal import RidgeSystem
 
     G, y, Gt, yt = synthetic(n, d, c, seed)
     rows = []

@@ -21,13 +21,13 @@ sys.path.insert(0, str(ROOT))
 
 
 def main() -> None:
-    from carrot.attribution import centred_kernel
-    from carrot.backbone import patch_centres
+    from carrot.attribution.representer import centred_kernel
+    from carrot.features.backbone import patch_centres
     from carrot.config import RunConfig
     from carrot.data import load_elpv, load_image
-    from carrot.head import RidgeHead
-    from carrot.pipeline import Carrot
-    from carrot.regions import RegionSet
+    from carrot.ridge.head import RidgeHead
+    from carrot.run.pipeline import Carrot
+    from carrot.features.regions import RegionSet
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--backbones", nargs="+", default=["dinov2_vits14", "efficientnet_lite0"])

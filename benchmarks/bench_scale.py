@@ -41,7 +41,7 @@ def child(path: str, lam: float | str, chunk: int, device: str) -> None:
     import torch
 
     sys.path.insert(0, str(ROOT))
-    from carrot.head import RidgeHead
+    from carrot.ridge.head import RidgeHead
 
     base = peak_rss_mb() / 1024
     G = np.load(path, mmap_mode="r")

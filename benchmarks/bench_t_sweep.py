@@ -28,15 +28,15 @@ sys.path.insert(0, str(ROOT))
 
 
 def main() -> None:
-    import main as orchestration
-    from carrot.attribution import centred_kernel, region_contributions
+    from carrot.run import commands as orchestration
+    from carrot.attribution.representer import centred_kernel, region_contributions
     from carrot.config import DiffusionConfig, GraphConfig, RunConfig
     from carrot.data import stratified_indices
-    from carrot.embedder import Embedder
-    from carrot.head import RidgeHead
-    from carrot.region_attribution import deletion_insertion
-    from carrot.regions import RegionSet
-    from carrot.sweep import embeddings_over_t
+    from carrot.embed.embedder import Embedder
+    from carrot.ridge.head import RidgeHead
+    from carrot.attribution.regions import deletion_insertion
+    from carrot.features.regions import RegionSet
+    from carrot.audit.sweep import embeddings_over_t
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--backbones", nargs="+", default=["dinov2_vits14", "efficientnet_lite0"])

@@ -21,16 +21,16 @@ sys.path.insert(0, str(ROOT))
 
 
 def main() -> None:
-    import main as orchestration
-    from carrot.augment import AugmentConfig, augmented_softmax, fit_augmented_ridge
-    from carrot.baselines import SoftmaxHead
+    from carrot.run import commands as orchestration
+    from carrot.ridge.augment import AugmentConfig, augmented_softmax, fit_augmented_ridge
+    from carrot.ridge.baselines import SoftmaxHead
     from carrot.config import RunConfig
     from carrot.data import stratified_indices
-    from carrot.debugging import debug_loop
-    from carrot.head import RidgeHead
-    from carrot.pipeline import Carrot
-    from carrot.reweight import RROConfig, rro
-    from carrot.tracin_report import tracin_report
+    from carrot.audit.debugging import debug_loop
+    from carrot.ridge.head import RidgeHead
+    from carrot.run.pipeline import Carrot
+    from carrot.audit.reweight import RROConfig, rro
+    from carrot.audit.tracin import tracin_report
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--backbone", default="dinov2_vits14")

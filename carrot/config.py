@@ -6,11 +6,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import CarrotError
+from carrot.errors import CarrotError
 
 
 def _positive_or_median(name: str, v: Any) -> None:
-    from .graph import median_factor
+    from carrot.embed.graph import median_factor
 
     if median_factor(v, name) is not None:
         return

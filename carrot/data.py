@@ -14,7 +14,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .errors import CarrotError
+from carrot.errors import CarrotError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
@@ -404,7 +404,7 @@ def load_fashion_mnist(root: str | Path | None = None, max_per_class: int | None
     user cache directory (keyed by the IDX files' contents) so the rest of carrot sees image files."""
     from PIL import Image
 
-    from .io import atomic_path, sha256_file, user_cache_dir
+    from carrot.io import atomic_path, sha256_file, user_cache_dir
 
     root = Path(root or FASHION_MNIST_DEBIAN)
     if not root.is_dir():
@@ -497,7 +497,7 @@ def load_splits(config) -> tuple[ImageDataset, ImageDataset]:
     if d.kind in TORCHVISION_SETS:
         return load_torchvision(d.kind, d.root, d.bbox_crop)
     if d.kind == "synthetic":
-        from .io import user_cache_dir
+        from carrot.io import user_cache_dir
 
         root = Path(d.root or user_cache_dir() / "synthetic")
         if not root.is_dir():

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .errors import CarrotError
+from carrot.errors import CarrotError
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:

@@ -11,7 +11,7 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 
-from .errors import CarrotError
+from carrot.errors import CarrotError
 
 
 def user_cache_dir() -> Path:

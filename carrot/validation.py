@@ -6,7 +6,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import CarrotError
+from carrot.errors import CarrotError
 
 ArrayLike = Any
 

@@ -23,7 +23,7 @@ def synthetic_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_vit():
     """A randomly initialised tiny ViT with 4 register tokens at 32 px (no download)."""
-    from carrot.backbone import create_backbone
+    from carrot.features.backbone import create_backbone
 
     return create_backbone("vit_tiny_patch16_224", img_size=32, pretrained=False, device="cpu")
 

@@ -10,10 +10,10 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from carrot.head import RidgeHead, frozen_clone
-from carrot.influence import RidgeSystem
-from carrot.pipeline import Carrot
-from cli.main import cli
+from carrot.ridge.head import RidgeHead, frozen_clone
+from carrot.ridge.removal import RidgeSystem
+from carrot.run.pipeline import Carrot
+from carrot.cli import cli
 
 TINY = {"backbone": {"name": "vit_tiny_patch16_224", "img_size": 32, "pretrained": False, "batch_size": 8}}
 AUDITS = [
@@ -105,7 +105,7 @@ def test_every_audit_refits_the_fitted_model(runs, kind, audit, fits, tmp_path):
         assert ev["accuracy"]["mean"] == pytest.approx(metrics["test_accuracy"])  # the run's own head, refitted
         assert ev["lam"] == head.lam_
     elif audit[0] == "tracin":
-        from carrot.tracin_report import sample_ids
+        from carrot.audit.tracin import sample_ids
 
         got = json.loads((run_dir / "tracin" / "self_influence.json").read_text())
         loo = np.array([got[i]["carrot_loo_loss"] for i in sample_ids([r.path for r in model.train_records_])])

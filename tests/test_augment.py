@@ -2,9 +2,9 @@ import numpy as np
 import pytest
 import torch
 
-from carrot.augment import AugmentConfig, augmented_softmax, fit_augmented_ridge, fit_sampled_ridge, nuisance_plan
+from carrot.ridge.augment import AugmentConfig, augmented_softmax, fit_augmented_ridge, fit_sampled_ridge, nuisance_plan
 from carrot.errors import CarrotError
-from carrot.head import RidgeHead
+from carrot.ridge.head import RidgeHead
 
 
 def blobs(n=120, d=8, c=5, seed=0):

@@ -2,7 +2,7 @@ import pytest
 import timm
 import torch
 
-from carrot.backbone import TokenBackbone, create_backbone, patch_centres
+from carrot.features.backbone import TokenBackbone, create_backbone, patch_centres
 from carrot.errors import CarrotError
 
 

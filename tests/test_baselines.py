@@ -3,7 +3,7 @@ import pytest
 import torch
 from sklearn.linear_model import LogisticRegression
 
-from carrot.baselines import SoftmaxHead, TracInHead
+from carrot.ridge.baselines import SoftmaxHead, TracInHead
 from carrot.errors import CarrotError
 
 

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from carrot.cache import extract, open_store
+from carrot.features.cache import extract, open_store
 from carrot.data import load_imagefolder
 from carrot.errors import CarrotError, StaleCacheError
 from carrot.io import read_json, write_json

@@ -10,7 +10,7 @@ from PIL import Image
 
 from carrot.config import RunConfig, load_config
 from carrot.errors import CarrotError
-from cli.main import cli
+from carrot.cli import cli
 
 TINY = {"backbone": {"name": "vit_tiny_patch16_224", "img_size": 32, "pretrained": False, "batch_size": 8}}
 
@@ -50,7 +50,7 @@ def test_fit_writes_a_complete_run(fitted):
 
 
 def test_run_summary_class_flow_rows_sum_to_the_mean_predicted_logit(fitted):
-    from carrot.runs import run_embeddings, run_summary
+    from carrot.run.operations import run_embeddings, run_summary
 
     model, G, y, G_test, y_test = run_embeddings(fitted)
     s = run_summary(model, G, y, G_test, y_test)
@@ -82,7 +82,7 @@ def test_explain_folder_writes_exact_explanations(fitted, synthetic_root, tmp_pa
 def test_predict_matches_the_fitted_test_scores(fitted, tmp_path):
     import csv
 
-    from carrot.pipeline import Carrot
+    from carrot.run.pipeline import Carrot
 
     model = Carrot.load(fitted)
     test_paths = [p for p, _ in model.meta_["test_records"]]
@@ -122,8 +122,8 @@ def test_fit_without_token_cache_streams_and_explains(tmp_path, synthetic_root, 
 
 
 def test_reweight_apply_writes_a_weighted_run(fitted, tmp_path, synthetic_root):
-    from carrot.head import RidgeHead
-    from carrot.pipeline import Carrot
+    from carrot.ridge.head import RidgeHead
+    from carrot.run.pipeline import Carrot
 
     out = tmp_path / "reweighted"
     r = run("reweight", str(fitted), "--steps", "4", "--val-fraction", "0.3", "--out", str(tmp_path / "rw.json"), "--apply", str(out))
@@ -227,7 +227,7 @@ def test_user_mistakes_give_one_line_errors(tmp_path, fitted, synthetic_root, ti
 def test_unwritable_output_is_a_one_line_error(monkeypatch, tmp_path, synthetic_root, tiny_config):
     import errno
 
-    import main as orchestration
+    from carrot.run import commands as orchestration
 
     def full_disk(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "o" / "head.safetensors"))
@@ -358,12 +358,12 @@ def test_fit_refuses_to_overwrite_a_run_unless_asked(tmp_path, synthetic_root, t
 def test_evaluate_region_deletion(fitted, tmp_path):
     import torch
 
-    from carrot.attribution import region_contributions
-    from carrot.backbone import patch_centres
-    from carrot.pipeline import Carrot
-    from carrot.region_attribution import deletion_insertion
-    from carrot.regions import RegionSet
-    from carrot.runs import _test_store, region_deletion
+    from carrot.attribution.representer import region_contributions
+    from carrot.features.backbone import patch_centres
+    from carrot.run.pipeline import Carrot
+    from carrot.attribution.regions import deletion_insertion
+    from carrot.features.regions import RegionSet
+    from carrot.run.operations import _test_store, region_deletion
 
     r = run("evaluate", str(fitted), "--what", "deletion", "--n-test", "6", "--out", str(tmp_path / "d.json"))
     assert r.exit_code == 0 and "region deletion AUC (6 images" in r.output, r.output

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from carrot.head import RidgeHead
-from carrot.influence import RidgeSystem
+from carrot.ridge.head import RidgeHead
+from carrot.ridge.removal import RidgeSystem
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible to torch")
 
@@ -54,10 +54,10 @@ def test_ridge_system_on_cuda_gives_the_same_loo_and_woodbury():
 
 
 def test_backbone_and_pipeline_on_cuda(synthetic_root):
-    from carrot.backbone import create_backbone
+    from carrot.features.backbone import create_backbone
     from carrot.config import RunConfig
     from carrot.data import load_imagefolder, load_image
-    from carrot.pipeline import Carrot
+    from carrot.run.pipeline import Carrot
 
     cpu_bb = create_backbone("vit_tiny_patch16_224", img_size=32, pretrained=False, device="cpu")
     gpu_bb = create_backbone("vit_tiny_patch16_224", img_size=32, pretrained=False, device="cuda")
@@ -82,7 +82,7 @@ def test_faiss_gpu_index_equals_flat_cpu():
     faiss = pytest.importorskip("faiss")
     if not hasattr(faiss, "get_num_gpus") or faiss.get_num_gpus() == 0:
         pytest.skip("this FAISS build has no GPU support (faiss-cpu)")
-    from carrot.retrieval import KernelIndex
+    from carrot.attribution.retrieval import KernelIndex
 
     G, y = _blobs(3000, 32, 8, seed=4)
     Gt, _ = _blobs(20, 32, 8, seed=5)
@@ -95,9 +95,9 @@ def test_faiss_gpu_index_equals_flat_cpu():
 
 @pytest.mark.parametrize("ts", [[0.7], [0.0, 1.0, 4.0]])
 def test_graph_and_diffusion_on_cuda_equal_cpu(ts):
-    from carrot.backbone import patch_centres
+    from carrot.features.backbone import patch_centres
     from carrot.config import RunConfig
-    from carrot.pipeline import Carrot
+    from carrot.run.pipeline import Carrot
 
     H = torch.randn(3, 50, 16, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     P = patch_centres((5, 10), torch.float64)

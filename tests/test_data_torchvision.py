@@ -170,7 +170,7 @@ def test_cli_fits_an_aircraft_copy_with_box_crop(tmp_path):
     import yaml
     from click.testing import CliRunner
 
-    from cli.main import cli
+    from carrot.cli import cli
 
     _make_aircraft(tmp_path / "air", np.random.default_rng(5))
     cfg = tmp_path / "tiny.yaml"

@@ -5,10 +5,10 @@ import scipy.sparse.linalg
 import torch
 from hypothesis import given, settings, strategies as st
 
-from carrot.diffusion import SpectralDiffusion, chebyshev_expm_multiply, diffusion_weights
+from carrot.embed.diffusion import SpectralDiffusion, chebyshev_expm_multiply, diffusion_weights
 from carrot.errors import CarrotError
-from carrot.graph import affinity, normalized_laplacian
-from carrot.readout import mean_readout, weighted_readout
+from carrot.embed.graph import affinity, normalized_laplacian
+from carrot.embed.readout import mean_readout, weighted_readout
 
 
 def laplacians(b: int, n: int, d: int, seed: int, dtype=torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,7 +80,7 @@ def test_heat_operator_is_symmetric_contraction(n, t, seed):
 
 
 def test_auto_method_picks_by_number_of_t_and_size_and_agrees_with_both():
-    from carrot.diffusion import resolve_method
+    from carrot.embed.diffusion import resolve_method
 
     assert resolve_method("auto", 1, 64) == "chebyshev" and resolve_method("auto", 6, 64) == "eigh"
     assert resolve_method("auto", 6, 1024) == "chebyshev" and resolve_method("eigh", 1, 4096) == "eigh"

@@ -9,7 +9,7 @@ import torch.multiprocessing as mp
 
 from carrot.ridge.core import CentredMoments
 from carrot.errors import CarrotError
-from carrot.head import RidgeHead
+from carrot.ridge.head import RidgeHead
 
 
 def data():

@@ -2,14 +2,14 @@ import numpy as np
 import pytest
 import torch
 
-from carrot.attribution import class_summary, region_pairs
-from carrot.baselines import TracInHead
+from carrot.attribution.representer import class_summary, region_pairs
+from carrot.ridge.baselines import TracInHead
 from carrot.errors import CarrotError
-from carrot.evaluate import (
+from carrot.audit.evaluate import (
     accuracy_over_seeds, compare_predictions, estimator_scores, faithfulness, flip_labels, lds, mislabel_detection, mislabel_scores, rank_agreement,
 )
-from carrot.head import RidgeHead
-from carrot.influence import RidgeSystem
+from carrot.ridge.head import RidgeHead
+from carrot.ridge.removal import RidgeSystem
 
 
 def blobs(n=150, d=10, c=4, seed=0, sep=1.2):

@@ -4,7 +4,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from carrot.errors import CarrotError
-from carrot.graph import affinity, median_bandwidth, normalized_laplacian, pairwise_sq_dists
+from carrot.embed.graph import affinity, median_bandwidth, normalized_laplacian, pairwise_sq_dists
 
 
 def brute_affinity(H: np.ndarray, P: np.ndarray, ss: float, sf: float) -> np.ndarray:

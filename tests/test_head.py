@@ -4,9 +4,9 @@ import torch
 from hypothesis import given, settings, strategies as st
 from sklearn.linear_model import Ridge
 
-from carrot.attribution import centred_kernel, region_contributions, representer_contributions, top_k
+from carrot.attribution.representer import centred_kernel, region_contributions, representer_contributions, top_k
 from carrot.errors import CarrotError, NotFittedError
-from carrot.head import RidgeHead
+from carrot.ridge.head import RidgeHead
 
 
 def problem(n: int, d: int, c: int, seed: int, weighted: bool):
@@ -190,7 +190,7 @@ def test_index_labels_refuses_unknown_labels_by_name():
 
 def test_dual_coef_and_ridge_system_refuse_a_label_the_head_never_saw():
     from carrot.errors import CarrotError
-    from carrot.influence import RidgeSystem
+    from carrot.ridge.removal import RidgeSystem
 
     g = np.random.default_rng(0)
     G, y = g.normal(size=(20, 4)), np.repeat([0, 1, 3], [7, 7, 6])

@@ -3,9 +3,9 @@ import pytest
 import torch
 
 from carrot.errors import CarrotError
-from carrot.head import RidgeHead
+from carrot.ridge.head import RidgeHead
 from carrot.validation import one_hot
-from carrot.influence import RidgeSystem
+from carrot.ridge.removal import RidgeSystem
 
 
 def problem(n, d, c, seed, weighted=True):
@@ -78,7 +78,7 @@ def test_woodbury_bad_input():
 
 
 def test_loo_loss_change_matches_refits():
-    from carrot.influence import loo_loss_change
+    from carrot.ridge.removal import loo_loss_change
 
     G, y, a = problem(40, 6, 3, seed=9)
     Gt = np.random.default_rng(1).normal(size=(13, 6))

@@ -4,8 +4,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from carrot.errors import CarrotError
-from carrot.head import RidgeHead
-from carrot.loo import ridge_loo_path
+from carrot.ridge.head import RidgeHead
+from carrot.ridge.loo import ridge_loo_path
 
 
 @pytest.mark.parametrize("n,d,c,weighted,intercept", [
@@ -71,7 +71,7 @@ def test_auto_lambda_head_uses_the_loo_choice(tmp_path):
 def test_streamed_loo_scores_equal_the_in_memory_path(n, d, c, weighted, intercept, chunk):
     import torch
 
-    from carrot.loo import loo_path
+    from carrot.ridge.loo import loo_path
     from carrot.ridge.core import CentredMoments, chunks, spectrum
 
     g = np.random.default_rng(n + d)

@@ -3,12 +3,12 @@ import pytest
 import scipy.linalg
 import torch
 
-from carrot.backbone import patch_centres
+from carrot.features.backbone import patch_centres
 from carrot.config import DiffusionConfig, GraphConfig, RunConfig
 from carrot.errors import CarrotError, NotFittedError
-from carrot.graph import affinity, normalized_laplacian
-from carrot.pipeline import Carrot
-from carrot.regions import RegionSet
+from carrot.embed.graph import affinity, normalized_laplacian
+from carrot.run.pipeline import Carrot
+from carrot.features.regions import RegionSet
 
 
 def regions(b=3, grid=(4, 5), d=6, seed=0) -> RegionSet:

@@ -5,13 +5,13 @@ import pytest
 import scipy.linalg
 import torch
 
-from carrot.backbone import patch_centres
+from carrot.features.backbone import patch_centres
 from carrot.config import DiffusionConfig, GraphConfig
-from carrot.embedder import Embedder
+from carrot.embed.embedder import Embedder
 from carrot.errors import CarrotError
-from carrot.graph import affinity, normalized_laplacian
-from carrot.head import RidgeHead
-from carrot.region_attribution import deletion_insertion, mask_to_grid, node_removal, segment_sum
+from carrot.embed.graph import affinity, normalized_laplacian
+from carrot.ridge.head import RidgeHead
+from carrot.attribution.regions import deletion_insertion, mask_to_grid, node_removal, segment_sum
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +103,7 @@ def test_mask_to_grid_and_segment_sums():
 
 
 def test_bandwidths_follow_the_graph_rule(setup):
-    from carrot.graph import median_bandwidth, pairwise_sq_dists
+    from carrot.embed.graph import median_bandwidth, pairwise_sq_dists
     _, H, P = setup
     ss, sf = Embedder(GraphConfig(sigma_space=0.3, sigma_feat="median*2")).bandwidths(H, P)
     assert ss == 0.3
@@ -113,7 +113,7 @@ def test_bandwidths_follow_the_graph_rule(setup):
 def test_boxed_outlines_the_right_cell():
     from PIL import Image
 
-    from carrot.report import boxed
+    from carrot.report.pages import boxed
 
     img = boxed(Image.new("RGB", (40, 30), (0, 0, 0)), (3, 4), cell=6)  # row 1, column 2
     a = np.asarray(img)
@@ -124,7 +124,7 @@ def test_boxed_outlines_the_right_cell():
 def test_input_coordinates_follow_resize_and_center_crop():
     from torchvision import transforms as T
 
-    from carrot.region_attribution import to_input_coords
+    from carrot.attribution.regions import to_input_coords
 
     tf = T.Compose([T.Resize(256), T.CenterCrop((224, 224))])
     # a 400 x 200 image: resized to 512 x 256, cropped 144 px from the left and 16 px from the top
@@ -133,7 +133,7 @@ def test_input_coordinates_follow_resize_and_center_crop():
 
 
 def test_pointing_game_hits_and_misses():
-    from carrot.region_attribution import pointing_game
+    from carrot.attribution.regions import pointing_game
 
     r = np.zeros((4, 4))
     r[1, 2] = 1.0  # cell centre (70, 42) on a 112 x 112 input
@@ -148,8 +148,8 @@ def test_pointing_game_on_the_generated_parts_with_a_real_backbone(tmp_path):
 
     from carrot.config import RunConfig
     from carrot.data import load_imagefolder, make_synthetic
-    from carrot.pipeline import Carrot
-    from carrot.region_attribution import pointing_game, to_input_coords
+    from carrot.run.pipeline import Carrot
+    from carrot.attribution.regions import pointing_game, to_input_coords
 
     root = make_synthetic(tmp_path / "toy", num_classes=3, per_class=12, size=64, seed=1)
     parts = json.loads((root / "parts.json").read_text())

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from cli.main import cli
+from carrot.cli import cli
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium is not installed (apt-get install chromium)")
@@ -37,7 +37,7 @@ def render(page: Path, profile: Path, screenshot: Path | None = None) -> tuple[s
 
 
 def test_detector_sees_console_errors_and_broken_images(tmp_path):
-    from carrot.report import _page
+    from carrot.report.pages import _page
 
     bad = tmp_path / "bad.html"
     bad.write_text(_page("bad", "<img src='missing.png'><script>undefined_function();</script>"))

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def fit_cmd(data: Path, out: Path, cache: Path) -> list[str]:
-    return [sys.executable, "-m", "cli.main", "fit", "--data", str(data), "--backbone", "efficientnet_lite0",
+    return [sys.executable, "-m", "carrot.cli", "fit", "--data", str(data), "--backbone", "efficientnet_lite0",
             "--batch-size", "2", "--out", str(out), "--cache-dir", str(cache), "--quiet", "--lam", "1.0"]
 
 

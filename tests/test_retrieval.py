@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 
 from carrot.errors import CarrotError
-from carrot.head import RidgeHead
-from carrot.retrieval import KernelIndex, exact_top_k, recall_at_k
+from carrot.ridge.head import RidgeHead
+from carrot.attribution.retrieval import KernelIndex, exact_top_k, recall_at_k
 
 faiss = pytest.importorskip("faiss")
 
@@ -45,7 +45,7 @@ def test_recall_grows_with_m_and_ivf_works():
 def test_returned_values_are_the_exact_float64_contributions():
     import torch
 
-    from carrot.attribution import centred_kernel
+    from carrot.attribution.representer import centred_kernel
 
     g = np.random.default_rng(7)
     y = g.integers(0, 3, 200)

@@ -4,8 +4,8 @@ import torch
 
 from carrot.errors import CarrotError
 from carrot.validation import one_hot
-from carrot.influence import RidgeSystem
-from carrot.reweight import RROConfig, class_normalised, ess_fraction, loss_and_grad, rro, weight_gradient
+from carrot.ridge.removal import RidgeSystem
+from carrot.audit.reweight import RROConfig, class_normalised, ess_fraction, loss_and_grad, rro, weight_gradient
 
 
 def problem(n, d, c, seed):
@@ -100,9 +100,9 @@ def test_rro_config_checks():
 
 
 def test_support_profiles_are_the_exact_contributions_and_differentiable():
-    from carrot.attribution import centred_kernel
-    from carrot.head import RidgeHead
-    from carrot.reweight import consistency_loss, support_profiles
+    from carrot.attribution.representer import centred_kernel
+    from carrot.ridge.head import RidgeHead
+    from carrot.audit.reweight import consistency_loss, support_profiles
 
     G, y, a, Gv, yv = problem(40, 6, 3, seed=5)
     head = RidgeHead(lam=0.5).fit(G, y, a)

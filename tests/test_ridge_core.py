@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from carrot.errors import CarrotError
-from carrot.head import RidgeHead
-from carrot.influence import RidgeSystem
+from carrot.ridge.head import RidgeHead
+from carrot.ridge.removal import RidgeSystem
 from carrot.ridge.core import CentredMoments, RidgeFactor, spectrum
 from carrot.validation import one_hot
 

@@ -8,12 +8,12 @@ import torch
 import yaml
 from click.testing import CliRunner
 
-from carrot.audits import AUDITS, Audit, register
+from carrot.audit.registry import AUDITS, Audit, register
 from carrot.errors import CarrotError
-from carrot.pipeline import Carrot
-from carrot.report_audits import audits_html
-from carrot.rundir import RUN_FORMAT_VERSION, RunDir
-from cli.main import cli
+from carrot.run.pipeline import Carrot
+from carrot.report.audits import audits_html
+from carrot.run.rundir import RUN_FORMAT_VERSION, RunDir
+from carrot.cli import cli
 
 TINY = {"backbone": {"name": "vit_tiny_patch16_224", "img_size": 32, "pretrained": False, "batch_size": 8}, "head": {"lam": 0.5}}
 

@@ -1,10 +1,10 @@
 import numpy as np
 
-from carrot.cache import extract
+from carrot.features.cache import extract
 from carrot.config import DiffusionConfig, GraphConfig, RunConfig
 from carrot.data import load_imagefolder
-from carrot.pipeline import Carrot
-from carrot.sweep import embeddings_over_t, t_sweep
+from carrot.run.pipeline import Carrot
+from carrot.audit.sweep import embeddings_over_t, t_sweep
 
 
 def test_sweep_embeddings_equal_the_pipeline_at_each_t(tmp_path, synthetic_root, tiny_vit):

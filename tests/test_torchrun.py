@@ -17,7 +17,7 @@ def test_torchrun_two_processes_fit_equals_single(tmp_path):
     data = make_synthetic(tmp_path / "data", num_classes=3, per_class=5, size=32)
     cfg = tmp_path / "tiny.yaml"
     cfg.write_text("backbone: {name: vit_tiny_patch16_224, img_size: 32, pretrained: false, batch_size: 1}  # same batches on every rank: identical tokens\nhead: {lam: 0.5}\n")
-    args = ["-m", "cli.main", "fit", "--config", str(cfg), "--data", str(data), "--quiet", "--cache-dir"]
+    args = ["-m", "carrot.cli", "fit", "--config", str(cfg), "--data", str(data), "--quiet", "--cache-dir"]
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

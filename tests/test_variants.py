@@ -1,11 +1,11 @@
 import numpy as np
 import pytest
 
-from carrot.debugging import debug_loop
+from carrot.audit.debugging import debug_loop
 from carrot.errors import CarrotError
-from carrot.evaluate import flip_labels
-from carrot.head import RidgeHead
-from carrot.tracin_report import sample_ids, tracin_report
+from carrot.audit.evaluate import flip_labels
+from carrot.ridge.head import RidgeHead
+from carrot.audit.tracin import sample_ids, tracin_report
 
 
 def blobs(n, d=10, c=4, seed=0):

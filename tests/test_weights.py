@@ -4,7 +4,7 @@ import pytest
 import timm
 import torch
 
-from carrot.weights import BUILTINS, builtin_state_dict, package_file
+from carrot.features.weights import BUILTINS, builtin_state_dict, package_file
 
 pytestmark = pytest.mark.slow
 

@@ -17,8 +17,8 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from ..errors import CarrotError
-from ..validation import ArrayLike, as_weights, float64_rows, one_hot
+from carrot.errors import CarrotError
+from carrot.validation import ArrayLike, as_weights, float64_rows, one_hot
 
 
 def chunks(n: int, size: int) -> Iterator[slice]:

@@ -1,0 +1,369 @@
+"""``carrot-run``: thin click commands over ``main.py``.
+
+Exit codes: 0 success; 2 a user mistake (bad path, option, config or input), reported on one
+line; 1 an unexpected internal error (with traceback, please report it).
+"""
+from __future__ import annotations
+
+import errno
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+
+from carrot.config import DATA_KINDS
+from carrot.errors import CarrotError
+
+EXIT_USER_ERROR = 2
+
+
+FILESYSTEM_ERRNOS = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT)
+
+
+def user_errors(fn: Callable) -> Callable:
+    """Turn :class:`CarrotError` (and a file the user's setup forbids: permissions, read-only or full disk)
+    into a one-line message and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except CarrotError as exc:
+            click.echo(f"carrot-run: error: {exc}", err=True)
+            sys.exit(EXIT_USER_ERROR)
+        except OSError as exc:
+            if exc.errno not in FILESYSTEM_ERRNOS:
+                raise
+            where = f": '{exc.filename}'" if exc.filename else ""
+            click.echo(f"carrot-run: error: {exc.strerror}{where}", err=True)
+            sys.exit(EXIT_USER_ERROR)
+        except KeyboardInterrupt:
+            click.echo("carrot-run: interrupted; cached work is kept and resumes on the next run", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+def run_options(fn: Callable) -> Callable:
+    """Options shared by every command that builds a run configuration."""
+    opts = [
+        click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False), help="YAML config merged into the defaults; flags override it."),
+        click.option("--data", "data_root", type=click.Path(exists=True, file_okay=False), help="Data set root: an ImageFolder tree, a CUB-200-2011 / NABirds / Stanford Dogs folder, or the folder holding a local Stanford Cars / FGVC-Aircraft / Flowers-102 copy."),
+        click.option("--data-kind", type=click.Choice(DATA_KINDS), help="Data set layout (default: elpv, or imagefolder when --data is given); cars, aircraft and flowers102 are read by torchvision's loaders."),
+        click.option("--bbox-crop/--no-bbox-crop", default=None, help="cub, nabirds, cars, aircraft, dogs: crop each image to its annotated bounding box."),
+        click.option("--test-fraction", type=float, help="Held-out fraction when the data has no test split."),
+        click.option("--max-per-class", type=int, help="Use at most this many images per class (elpv: before the split; fashion-mnist: in each split)."),
+        click.option("--backbone", help="Built-in 'dinov2_vits14' (default) or 'efficientnet_lite0', or any timm model name."),
+        click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False), help="Local weights file (.pth/.safetensors) for the backbone."),
+        click.option("--img-size", type=int, help="Input image side in pixels (default: the backbone's)."),
+        click.option("--batch-size", type=int, help="Images per backbone batch."),
+        click.option("--cache-tokens/--no-cache-tokens", default=None, help="Keep backbone tokens in the on-disk cache (default), or stream images straight to embeddings (no cache; for data sets whose tokens do not fit on disk)."),
+        click.option("--t", "t", type=float, help="Diffusion time t >= 0 (0 = plain mean pooling)."),
+        click.option("--diffusion-method", type=click.Choice(["auto", "eigh", "chebyshev"]), help="exp(-tL) solver: eigh (eigendecomposition), chebyshev (series, exact to ~1e-14), auto (chebyshev for one t)."),
+        click.option("--sigma-space", help="Spatial kernel bandwidth: a number, 'median' or 'median*k'."),
+        click.option("--sigma-feat", help="Feature kernel bandwidth: a number, 'median' or 'median*k'."),
+        click.option("--knn", type=int, help="Keep each region's k strongest edges (symmetrised)."),
+        click.option("--lam", help="Ridge strength lambda > 0, or 'auto' (best exact leave-one-out accuracy)."),
+        click.option("--device", help="auto (CUDA > MPS > CPU), cpu, cuda, cuda:N or mps."),
+        click.option("--seed", type=int, help="Seed for splits and sampling (same seed, same results)."),
+        click.option("--cache-dir", type=click.Path(file_okay=False), help="Token cache root (default: the user cache dir)."),
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
+def _num_or(word: str, name: str, v: str | None) -> float | str | None:
+    """A flag that takes a number or one keyword (``median``/``median*k``, ``auto``)."""
+    if v is None or v == word or (word == "median" and v.startswith("median*")):
+        return v
+    try:
+        return float(v)
+    except ValueError:
+        raise CarrotError(f"--{name}: expected a number or '{word}', got {v!r}") from None
+
+
+def _numbers(name: str, text: str, kind: type = int, minimum: int = 1) -> list:
+    """A comma-separated list flag (``--k 1,5,10``) parsed as ``kind`` (integers >= ``minimum``), or a one-line error."""
+    try:
+        values = [kind(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise CarrotError(f"--{name}: expected comma-separated {'integers' if kind is int else 'numbers'}, got {text!r}") from None
+    if not values:
+        raise CarrotError(f"--{name}: expected at least one value")
+    if kind is int and min(values) < minimum:
+        raise CarrotError(f"--{name}: expected integers >= {minimum}, got {text!r}")
+    return values
+
+
+def _echo_audit(name: str, result: Any) -> None:
+    """Print an audit's summary lines, as its registry entry (:mod:`carrot.audit.registry`) writes them."""
+    from carrot.audit.registry import get
+
+    click.echo("\n".join(get(name).summary(result)))
+
+
+def build_config(config_path: str | None = None, **o: Any):
+    from carrot.config import load_config
+
+    cfg = load_config(config_path)
+    kind = o.get("data_kind") or ("imagefolder" if o.get("data_root") and cfg.data.kind == "elpv" else None)
+    return cfg.merged({
+        "data.kind": kind, "data.root": o.get("data_root"), "data.bbox_crop": o.get("bbox_crop"),
+        "data.test_fraction": o.get("test_fraction"), "data.max_per_class": o.get("max_per_class"),
+        "data.split_seed": o.get("seed"),
+        "backbone.name": o.get("backbone"), "backbone.checkpoint": o.get("checkpoint"),
+        "backbone.img_size": o.get("img_size"), "backbone.batch_size": o.get("batch_size"),
+        "backbone.cache_tokens": o.get("cache_tokens"),
+        "diffusion.t": o.get("t"), "diffusion.method": o.get("diffusion_method"),
+        "graph.sigma_space": _num_or("median", "sigma-space", o.get("sigma_space")),
+        "graph.sigma_feat": _num_or("median", "sigma-feat", o.get("sigma_feat")),
+        "graph.knn": o.get("knn"), "head.lam": _num_or("auto", "lam", o.get("lam")),
+        "device": o.get("device"), "seed": o.get("seed"), "cache_dir": o.get("cache_dir"),
+    })
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="carrot")
+def cli() -> None:
+    """carrot: fine-grained image classification whose predictions decompose exactly into
+    training images and image regions.
+
+    \b
+    Typical use:
+      carrot-run demo                                  # offline, built-in data and backbone
+      carrot-run fit --data DATA_ROOT --out runs/a     # ImageFolder tree (other layouts: --data-kind)
+      carrot-run explain runs/a IMAGE_OR_FOLDER --top-k 5
+
+    Exit codes: 0 ok, 2 user error (one-line message), 1 internal error, 130 interrupted (cached
+    extraction resumes on the next run).
+    """
+
+
+@cli.command()
+@run_options
+@click.option("--out", "run_dir", required=True, type=click.Path(file_okay=False), help="Run directory to write.")
+@click.option("--overwrite", is_flag=True, help="Replace a run already in --out (its explanations and reports go too).")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+@click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON on stdout.")
+@user_errors
+def fit(run_dir: str, overwrite: bool, quiet: bool, as_json: bool, **opts: Any) -> None:
+    """Extract (cached) backbone tokens, fit the closed-form head, save a run directory."""
+    from carrot.run import commands as orchestration
+
+    cfg = build_config(**opts)
+    metrics = orchestration.fit(cfg, run_dir, progress=not quiet, overwrite=overwrite)
+    if metrics.get("rank", 0) != 0:  # torchrun worker: rank 0 reports
+        return
+    if as_json:
+        click.echo(json.dumps(metrics, indent=2))
+    else:
+        click.echo(
+            f"fitted {metrics['n_train']} images, {metrics['classes']} classes: "
+            f"test accuracy {metrics['test_accuracy']:.4f} on {metrics['n_test']} images -> {run_dir}"
+        )
+
+
+@cli.command()
+@run_options
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+@user_errors
+def extract(quiet: bool, **opts: Any) -> None:
+    """Extract (or resume, or reuse) the backbone tokens of the train and test splits into the token
+    cache, without fitting; prints the cache folders as JSON."""
+    from carrot.run import commands as orchestration
+
+    stores, _, _ = orchestration.extract_splits(build_config(**opts), progress=not quiet)
+    click.echo(json.dumps({"train": str(stores[0].path), "test": str(stores[1].path),
+                           "n": [len(s) for s in stores], "grid": list(stores[0].grid)}, indent=2))
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--t", "ts", default="0,0.25,0.5,1,2,5,10", show_default=True, help="Comma-separated diffusion times to compare.")
+@click.option("--out", "out_path", type=click.Path(dir_okay=False), help="JSON file to write (default: RUN_DIR/t_sweep.json, plus .csv).")
+@user_errors
+def bench(run_dir: str, ts: str, out_path: str | None) -> None:
+    """Compare diffusion times t on the run's cached tokens (one eigendecomposition per image for all
+    t): test accuracy, LOO-chosen lambda and LOO accuracy per t."""
+    from carrot.run import commands as orchestration
+
+    _echo_audit("t_sweep", orchestration.bench(run_dir, _numbers("t", ts, float), out_path))
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.argument("images", nargs=-1, required=True, type=click.Path(exists=True))
+@click.option("--top-k", type=int, default=5, show_default=True, help="Supporting and inhibiting training images to list.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), help="Where to write explanations (default: RUN_DIR/explanations).")
+@click.option("--device", help="auto, cpu, cuda, cuda:N or mps.")
+@click.option("--node-removal", is_flag=True, help="Also remove each region from the graph (logit drops) and draw deletion/insertion curves.")
+@click.option("--region-mask", type=click.Path(exists=True, dir_okay=False), help="Integer mask image (same size as the one IMAGE): exact contribution of each of your segments.")
+@click.option("--json", "as_json", is_flag=True, help="Print the explanations as JSON on stdout.")
+@user_errors
+def explain(run_dir: str, images: tuple[str, ...], top_k: int, out_dir: str | None, device: str | None,
+            node_removal: bool, region_mask: str | None, as_json: bool) -> None:
+    """Explain IMAGES (files or folders) with the run in RUN_DIR: class, exact top-K training
+    images for and against it (with their own region maps and matched region pairs), region
+    heatmap PNG, an HTML page per image and the run's index.html."""
+    from carrot.run import commands as orchestration
+
+    results = orchestration.explain(run_dir, images, out_dir, top_k, device, node_removal=node_removal,
+                                    region_mask=region_mask)
+    if as_json:
+        click.echo(json.dumps(results, indent=2))
+        return
+    for r in results:
+        sup = ", ".join(f"{Path(s['path']).name}({s['score']:+.3f})" for s in r["supporting"][:3])
+        click.echo(f"{r['image']}: {r['predicted']}  [support: {sup}]  page: {r['page']}")
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.argument("images", nargs=-1, required=True, type=click.Path(exists=True))
+@click.option("--out", "out_path", type=click.Path(dir_okay=False), help="JSON file to write, with a .csv beside it (default: RUN_DIR/predictions.json).")
+@click.option("--batch-size", type=int, default=32, show_default=True, help="Images per backbone batch.")
+@click.option("--device", help="auto, cpu, cuda, cuda:N or mps.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@user_errors
+def predict(run_dir: str, images: tuple[str, ...], out_path: str | None, batch_size: int, device: str | None, quiet: bool) -> None:
+    """Classify IMAGES (files or folders) with the run in RUN_DIR, without explanations: one row per
+    image (predicted class, score, runner-up, margin, every class score) in a CSV and a JSON file."""
+    from carrot.run import commands as orchestration
+
+    if batch_size < 1:
+        raise CarrotError(f"--batch-size: expected a positive integer, got {batch_size}")
+    rows = orchestration.predict(run_dir, images, out_path, batch_size, device, progress=not quiet)
+    for r in rows:
+        click.echo(f"{r['image']}\t{r['predicted']}\t{r['score']:.4f}")
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--what", default="accuracy,mislabel,faithfulness,lds,agreement", show_default=True,
+              help="Comma-separated evaluations: accuracy (mean/std over seeds), mislabel, faithfulness, lds, agreement, deletion (region deletion/insertion AUC), pointing (needs part locations).")
+@click.option("--seeds", default="0,1,2,3,4", show_default=True, help="Accuracy: comma-separated seeds (each draws the --shots subsample and/or the --resplit split).")
+@click.option("--shots", type=int, help="Accuracy: train on this many images per class (few-shot), drawn per seed.")
+@click.option("--resplit", is_flag=True, help="Accuracy: pool train+test and draw a new stratified split per seed (for data sets without an official split).")
+@click.option("--flip-fraction", type=float, default=0.1, show_default=True, help="Share of training labels flipped for mislabel detection.")
+@click.option("--k", "ks", default="1,5,10,20", show_default=True, help="Comma-separated K for faithfulness (remove/keep K images).")
+@click.option("--n-test", type=int, default=50, show_default=True, help="Test images evaluated (random subset; also for deletion).")
+@click.option("--subsets", type=int, default=50, show_default=True, help="Random 50% training subsets for LDS.")
+@click.option("--out", "out_path", type=click.Path(dir_okay=False), help="JSON file to write (default: RUN_DIR/evaluation.json).")
+@click.option("--json", "as_json", is_flag=True, help="Print the whole result as JSON on stdout (default: one line per evaluation).")
+@user_errors
+def evaluate(run_dir: str, what: str, seeds: str, shots: int | None, resplit: bool, flip_fraction: float, ks: str,
+             n_test: int, subsets: int, out_path: str | None, as_json: bool) -> None:
+    """Evaluate the run in RUN_DIR: test accuracy mean/std over seeds (few-shot or re-split), and its exact
+    attributions against exact LOO, TracIn and baselines: mislabel detection, faithfulness, linear
+    datamodeling score, rank agreement; pointing game where part locations are known."""
+    from carrot.run import commands as orchestration
+
+    k_list = _numbers("k", ks)
+    seed_list = _numbers("seeds", seeds, minimum=0)
+    res = orchestration.evaluate(run_dir, [w.strip() for w in what.split(",") if w.strip()], out_path,
+                                 seeds=seed_list, shots=shots, resplit=resplit,
+                                 flip_fraction=flip_fraction, ks=k_list, n_test=n_test, n_subsets=subsets,
+                                 progress=lambda msg: click.echo(f"... {msg}", err=True))
+    if as_json:
+        click.echo(json.dumps(res, indent=2))
+        return
+    from carrot.run.rundir import RunDir
+
+    _echo_audit("evaluation", res)
+    click.echo(f"-> {out_path or RunDir(run_dir).audit('evaluation')}")
+
+
+@cli.command()
+@click.argument("run_a", type=click.Path(exists=True, file_okay=False))
+@click.argument("run_b", type=click.Path(exists=True, file_okay=False))
+@click.option("--out", "out_path", type=click.Path(dir_okay=False), help="JSON file to write (default: RUN_B/compare.json).")
+@user_errors
+def compare(run_a: str, run_b: str, out_path: str | None) -> None:
+    """Compare two runs on the same test images (a run and its reweighted child, two backbones, two t):
+    accuracies, per-class change, McNemar's exact test and the images whose prediction changed."""
+    from carrot.run import commands as orchestration
+
+    res = orchestration.compare(run_a, run_b, out_path)
+    _echo_audit("compare", res)
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--val-fraction", type=float, default=0.2, show_default=True, help="Share of the training set held out as validation.")
+@click.option("--steps", type=int, help="Adam steps on the weights.")
+@click.option("--lr", type=float, help="Adam learning rate.")
+@click.option("--loss", type=click.Choice(["mse", "ce"]), help="Validation loss.")
+@click.option("--ess-floor", type=float, help="Minimum effective sample size per class, as a fraction of its size.")
+@click.option("--entropy", type=float, help="Weight of the per-class entropy bonus.")
+@click.option("--consistency", type=float, help="Weight of the attribution-consistency term (same-class validation images share supporters).")
+@click.option("--out", "out_path", type=click.Path(dir_okay=False), help="JSON file to write (default: RUN_DIR/reweight.json).")
+@click.option("--apply", "apply_to", type=click.Path(file_okay=False), help="Also write a new run here whose head is fitted with the learned weights (explain, predict and evaluate --what pointing work on it).")
+@user_errors
+def reweight(run_dir: str, val_fraction: float, out_path: str | None, apply_to: str | None, **rro: Any) -> None:
+    """Reweight the training images of RUN_DIR by the exact validation-loss gradient (RRO) and report
+    test accuracy against uniform weights, per-class effective sample sizes and the curves."""
+    from carrot.run import commands as orchestration
+
+    res = orchestration.reweight(run_dir, val_fraction, out_path, apply_to, **rro)
+    _echo_audit("reweight", res)
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--n-test", type=int, default=20, show_default=True, help="Test images whose influence is written out.")
+@click.option("--flag-fraction", type=float, default=0.02, show_default=True, help="Share of training images flagged for label review.")
+@click.option("--epochs", type=int, help="SGD epochs of the TracIn head.")
+@click.option("--checkpoints", "n_checkpoints", type=int, help="Checkpoints kept along the SGD run.")
+@user_errors
+def tracin(run_dir: str, n_test: int, flag_fraction: float, epochs: int | None, n_checkpoints: int | None) -> None:
+    """TracIn analysis of RUN_DIR (influence and self-influence over checkpoints, keyed by sample ids,
+    quantiles, per-class summaries, label-review flags, comparison with exact LOO); shown in index.html."""
+    from carrot.run import commands as orchestration
+
+    if not 0 < flag_fraction < 1:
+        raise CarrotError(f"--flag-fraction: expected a number in (0, 1), got {flag_fraction}")
+    _echo_audit("tracin", orchestration.tracin(run_dir, n_test, flag_fraction, epochs=epochs, n_checkpoints=n_checkpoints))
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--drop", "ks", default="5,10,20,50", show_default=True, help="Comma-separated numbers of harmful images to drop.")
+@click.option("--val-fraction", type=float, default=0.2, show_default=True, help="Share of the training set held out as validation.")
+@click.option("--downweight", type=float, default=0.0, show_default=True, help="Weight given to the harmful images (0 drops them).")
+@click.option("--apply", "apply_to", type=click.Path(file_okay=False), help="Also write a new run here with the drop of best validation accuracy applied.")
+@user_errors
+def debug(run_dir: str, ks: str, val_fraction: float, downweight: float, apply_to: str | None) -> None:
+    """Dataset debugging loop: find the training images most harmful to a validation split (exact LOO),
+    drop or downweight them without refitting (Woodbury), report validation/test accuracy vs random drops."""
+    from carrot.run import commands as orchestration
+
+    res = orchestration.debug(run_dir, _numbers("drop", ks), val_fraction, downweight, apply_to)
+    _echo_audit("debug", res)
+
+
+@cli.command()
+@run_options
+@click.option("--out", "run_dir", default="runs/demo", show_default=True, type=click.Path(file_okay=False), help="Run directory to write.")
+@click.option("--explain-n", type=int, default=3, show_default=True, help="Test images to explain.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+@user_errors
+def demo(run_dir: str, explain_n: int, quiet: bool, **opts: Any) -> None:
+    """Offline demo: ELPV solar-cell images + built-in DINOv2 ViT-S/14; fit, compare with a
+    logistic-regression probe on the same features, explain a few test images."""
+    from carrot.run import commands as orchestration
+
+    cfg = build_config(**opts)
+    summary = orchestration.demo(cfg, run_dir, explain_n=explain_n, progress=not quiet)
+    click.echo(json.dumps(summary, indent=2))
+
+
+def main() -> None:
+    cli(prog_name="carrot-run")
+
+
+if __name__ == "__main__":
+    main()

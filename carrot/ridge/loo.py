@@ -1,0 +1,118 @@
+"""Exact leave-one-out for the weighted ridge head, for a whole path of lambdas at once.
+
+With weighted centring the intercept is unpenalised, so the hat diagonal is
+h_ii = a_i (1 / sum(a) + gc_i^T (Gc^T A Gc + lam I)^-1 gc_i) and the leave-one-out prediction
+is f_-i(x_i) = (f(x_i) - h_ii y_i) / (1 - h_ii) (Sherman-Morrison, as in sklearn's _RidgeGCV).
+One spectral decomposition of Gc^T A Gc (:func:`carrot.ridge.core.spectrum`) serves every lambda.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+
+from carrot.errors import CarrotError
+from carrot.ridge.core import CentredMoments, spectrum
+from carrot.validation import ArrayLike, as_float64_matrix, as_weights, encode_labels
+
+DEFAULT_LAMBDAS = tuple(float(v) for v in np.logspace(-3, 4, 15))
+
+
+@dataclass
+class LooPath:
+    """Accuracy and mean squared error of the LOO predictions per lambda; LOO logits (L, n, C) and hat
+    diagonals (L, n) when asked for (``keep=True``), else None."""
+
+    lambdas: np.ndarray
+    loo_logits: np.ndarray | None
+    hat_diag: np.ndarray | None
+    accuracy: np.ndarray
+    mse: np.ndarray
+
+    @property
+    def best_lambda(self) -> float:
+        """Highest LOO accuracy; ties broken by lower LOO squared error, then by larger lambda."""
+        order = np.lexsort((-self.lambdas, self.mse, -self.accuracy))
+        return float(self.lambdas[order[0]])
+
+
+def check_lambdas(lambdas: Sequence[float]) -> np.ndarray:
+    lams = np.asarray(lambdas, dtype=np.float64)
+    if lams.ndim != 1 or len(lams) == 0 or not np.all(np.isfinite(lams)) or np.any(lams <= 0):
+        raise CarrotError(f"lambdas: expected a non-empty list of finite numbers > 0, got {lambdas!r}")
+    return lams
+
+
+def loo_path(m: CentredMoments, eig: tuple[torch.Tensor, torch.Tensor], centred_rows: Iterable[tuple[slice, torch.Tensor]],
+             y_idx: np.ndarray, a: torch.Tensor, lambdas: Sequence[float], keep: bool = False) -> LooPath:
+    """Exact LOO accuracy and squared error per lambda from one spectral decomposition.
+
+    Parameters
+    ----------
+    m : the fit's centred moments (B = Gc^T A Yc (D, C) and ybar are used).
+    eig : (s2 (r,), V (D, r)) from :func:`carrot.ridge.core.spectrum`: every row with a_i > 0 lies in
+        span(V), so f and h_ii need only the coordinates z_i = V^T gc_i (rows with a_i = 0 have h_ii = 0).
+    centred_rows : (row slice, Gc[rows] (k, D)) chunks covering the n rows in order, on M's device.
+    y_idx : (n,) class indices; a : (n,) weights.
+    keep : also return the LOO logits (L, n, C) and hat diagonals (L, n) (memory L n C).
+
+    Returns
+    -------
+    LooPath with accuracy (L,) and mse (L,) (mean over rows of the summed squared error).
+    """
+    lams = check_lambdas(lambdas)
+    s2, V = eig
+    dev = V.device
+    VtB = V.T @ m.B.to(dev)
+    a_dev, ybar = a.to(dev), m.ybar.to(dev)
+    base = 1.0 / float(m.S) if m.fit_intercept else 0.0
+    inv = 1.0 / (s2.unsqueeze(0) + torch.as_tensor(lams, dtype=torch.float64, device=dev).unsqueeze(1))  # (L, r)
+    correct = torch.zeros(len(lams), dtype=torch.float64, device=dev)
+    sq = torch.zeros(len(lams), dtype=torch.float64, device=dev)
+    logits, hats, n = [], [], 0
+    for sl, Gc in centred_rows:
+        Z = Gc @ V
+        y_t = torch.as_tensor(y_idx[sl], dtype=torch.long, device=dev)
+        Y = torch.nn.functional.one_hot(y_t, VtB.shape[1]).to(torch.float64)
+        Z2 = Z * Z
+        f_rows, h_rows = [], []
+        for li in range(len(lams)):
+            f = ybar + Z @ (inv[li].unsqueeze(1) * VtB)
+            h = a_dev[sl] * (base + Z2 @ inv[li])
+            f_loo = (f - h.unsqueeze(1) * Y) / (1 - h).unsqueeze(1)
+            correct[li] += (f_loo.argmax(1) == y_t).sum()
+            sq[li] += ((f_loo - Y) ** 2).sum()
+            if keep:
+                f_rows.append(f_loo.cpu())
+                h_rows.append(h.cpu())
+        if keep:
+            logits.append(torch.stack(f_rows))
+            hats.append(torch.stack(h_rows))
+        n += len(y_t)
+    return LooPath(lams, torch.cat(logits, 1).numpy() if keep else None, torch.cat(hats, 1).numpy() if keep else None,
+                   (correct / n).cpu().numpy(), (sq / n).cpu().numpy())
+
+
+def ridge_loo_path(G: ArrayLike, y: ArrayLike, lambdas: Sequence[float] = DEFAULT_LAMBDAS,
+                   sample_weight: ArrayLike | None = None, fit_intercept: bool = True) -> LooPath:
+    """Exact LOO predictions of :class:`~carrot.ridge.head.RidgeHead` for every lambda, in memory.
+
+    Parameters
+    ----------
+    G : (n, D) embeddings; y : (n,) labels; sample_weight : (n,) or None.
+
+    Returns
+    -------
+    LooPath with loo_logits (L, n, C) and hat_diag (L, n).
+    """
+    G = as_float64_matrix(G, "G")
+    n, d = G.shape
+    classes, y_idx = encode_labels(y, n)
+    check_lambdas(lambdas)
+    a = as_weights(sample_weight, n)
+    m = CentredMoments.accumulate(G, y_idx, a, n_classes=len(classes), fit_intercept=fit_intercept, chunk_size=n)
+    Gc = G - m.mu
+    eig = spectrum(m, a.sqrt().unsqueeze(1) * Gc if n < d else None)
+    return loo_path(m, eig, [(slice(0, n), Gc)], y_idx, a, lambdas, keep=True)

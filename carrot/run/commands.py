@@ -1,0 +1,172 @@
+"""Thin orchestration of carrot runs: fit, explain, demo. The CLI in ``cli/`` calls these."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from carrot.features.cache import extract
+from carrot.config import RunConfig
+from carrot.distributed import barrier, init_from_env, world
+from carrot.data import ImageDataset, collect_images, load_splits
+from carrot.errors import CarrotError
+from carrot.audit.evaluate import per_class_accuracy
+from carrot.io import user_cache_dir, write_json
+from carrot.run.pipeline import Carrot
+from carrot.run.rundir import RunDir
+from carrot.report.pages import write_explanation
+from carrot.run.operations import (
+    bench, clear_run, compare, debug, pointing, predict, region_deletion, reweight, run_embeddings, tracin, write_index,
+)
+
+__all__ = ["bench", "compare", "debug", "demo", "evaluate", "explain", "extract_splits", "fit", "predict", "reweight", "tracin"]
+
+
+def extract_splits(config: RunConfig, model: Carrot | None = None, progress: bool = True) -> tuple[list, ImageDataset, ImageDataset]:
+    """Token caches of the train and test splits (extracted, resumed or reused). Under torchrun each
+    rank extracts rows rank, rank + world, ... of each split into a cache of its own."""
+    if not config.backbone.cache_tokens:
+        raise CarrotError("backbone.cache_tokens is false (--no-cache-tokens): there is no token cache to extract into")
+    train, test = load_splits(config)
+    model = model or Carrot(config)
+    cache_root = Path(config.cache_dir) if config.cache_dir else user_cache_dir() / "tokens"
+    b = config.backbone
+    rank, size = world()
+    stores = [extract(model.backbone, split.subset(range(rank, len(split), size)) if size > 1 else split, cache_root,
+                      dtype=b.cache_dtype, batch_size=b.batch_size, num_workers=b.num_workers, progress=progress and rank == 0)
+              for split in (train, test)]
+    return stores, train, test
+
+
+def _gather_rows(G_shard: np.ndarray, n: int, run_dir: Path, name: str) -> np.ndarray | None:
+    """Assemble per-rank row shards (rows rank::world) on rank 0 through files in RUN_DIR/.shards."""
+    rank, size = world()
+    if size == 1:
+        return G_shard
+    rd = RunDir(run_dir)
+    rd.shards.mkdir(parents=True, exist_ok=True)
+    np.save(rd.shard(name, rank), G_shard)
+    barrier()
+    if rank != 0:
+        return None
+    G = np.empty((n, G_shard.shape[1]))
+    for r in range(size):
+        G[r::size] = np.load(rd.shard(name, r))
+        rd.shard(name, r).unlink()
+    return G
+
+
+def fit(config: RunConfig, run_dir: str | Path, progress: bool = True, overwrite: bool = False) -> dict[str, Any]:
+    """Extract (cached) tokens for both splits, fit the head, evaluate, save the run directory."""
+    t0 = time.perf_counter()
+    clear_run(run_dir, overwrite)
+    init_from_env()
+    model = Carrot(config)
+    rank, size = world()
+    if config.backbone.cache_tokens:
+        stores, train, test = extract_splits(config, model, progress)
+        shards = [model.embed_store(s, progress=progress and rank == 0) for s in stores]
+    else:  # stream images -> embeddings; this rank's rows rank, rank + world, ...
+        (train, test), stores = load_splits(config), []
+        shards = [model.embed_dataset(split.subset(range(rank, len(split), size)) if size > 1 else split, progress and rank == 0)
+                  for split in (train, test)]
+    t_extract = time.perf_counter() - t0
+    run_dir = Path(run_dir)
+    G_train, G_test = (_gather_rows(G, len(split), run_dir, name) for G, split, name in zip(shards, (train, test), ("train", "test")))
+    if rank != 0:
+        return {"rank": rank, "token_caches": [str(s.path) for s in stores]}
+    model.fit(G_train, train.labels, train.records, train.classes)
+    metrics = {
+        "n_train": len(train), "n_test": len(test), "classes": len(train.classes),
+        "lam": model.head_.lam_, "lam_path": model.head_.lam_path_,
+        "train_accuracy": model.score(G_train, train.labels),
+        "test_accuracy": model.score(G_test, test.labels),
+        "per_class_test_accuracy": dict(zip(train.classes, per_class_accuracy(model.head_.predict(G_test), test.labels, len(train.classes)))),
+        "seconds_extract": t_extract, "seconds_total": time.perf_counter() - t0,
+        "token_caches": [str(s.path) for s in stores] if size == 1 else [],
+        "world_size": size,
+    }
+    model.record_test(G_test, test.records, metrics)
+    model.save(run_dir)
+    write_index(run_dir, model=model)
+    return metrics
+
+
+def explain(run_dir: str | Path, inputs: Sequence[str], out_dir: str | Path | None = None, top_k: int = 5,
+            device: str | None = None, batch: int = 16, node_removal: bool = False,
+            region_mask: str | None = None) -> list[dict[str, Any]]:
+    """Explain each image with a fitted run: heatmap.png, explanation.html/.json per image, index.html."""
+    model = Carrot.load(run_dir)
+    if device:
+        model.config = model.config.merged({"device": device})
+    model.check_backbone()
+    paths = collect_images(inputs)
+    masks = None
+    if region_mask:
+        if len(paths) != 1:
+            raise CarrotError(f"--region-mask: expected exactly one image to explain, got {len(paths)}")
+        from PIL import Image
+
+        with Image.open(region_mask) as m:
+            masks = {paths[0]: np.asarray(model.mask_transform()(m.convert("I")), dtype=np.int64)}
+    rd = RunDir(run_dir)
+    out_root = Path(out_dir) if out_dir else rd.explanations
+    results = []
+    for s in range(0, len(paths), batch):
+        for exp in model.explain(paths[s : s + batch], top_k, node_removal=node_removal, masks=masks):
+            results.append(write_explanation(exp, RunDir.explanation_dir(out_root, len(results), exp["image"])))
+    write_json(RunDir.explanations_list(out_root), results)
+    if out_root.resolve() == rd.explanations.resolve():
+        write_index(run_dir, results, model)
+    return results
+
+
+def evaluate(run_dir: str | Path, what: Sequence[str], out: str | Path | None = None, seeds: Sequence[int] = (0, 1, 2, 3, 4),
+             shots: int | None = None, resplit: bool = False, **kwargs: Any) -> dict[str, Any]:
+    """Accuracy over seeds and attribution evaluations on a fitted run's cached embeddings; writes evaluation.json."""
+    from carrot.audit.evaluate import EVALUATIONS, accuracy_over_seeds, evaluate_embeddings
+
+    regions = ("pointing", "deletion")  # evaluate the head as it is (weighted or not) on cached test tokens
+    known = ("accuracy", *EVALUATIONS, *regions)
+    if not what or set(what) - set(known):
+        raise CarrotError(f"--what: expected some of {', '.join(known)}, got {', '.join(what) or 'nothing'}")
+    model, G, y, G_test, y_test = run_embeddings(run_dir)
+    rest = [w for w in what if w not in (*regions, "accuracy")]
+    res = evaluate_embeddings(G, y, G_test, model.head_, rest, seed=model.config.seed, **kwargs) if rest else {}
+    if "accuracy" in what:
+        res["accuracy"] = accuracy_over_seeds(G, y, G_test, y_test, model.head_, model.classes_, seeds, shots, resplit)
+    if "pointing" in what:
+        res["pointing"] = pointing(run_dir, model)
+    if "deletion" in what:
+        res["deletion"] = region_deletion(run_dir, kwargs.get("n_test", 50), seed=model.config.seed, model=model)
+    write_json(out, res) if out else RunDir(run_dir).write_audit("evaluation", res)
+    if out is None:
+        write_index(run_dir, model=model)
+    return res
+
+
+def demo(config: RunConfig, run_dir: str | Path, explain_n: int = 3, progress: bool = True) -> dict[str, Any]:
+    """Fit on the configured data (ELPV by default), add a LogisticRegression probe, explain a few."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    t0 = time.perf_counter()
+    metrics = fit(config, run_dir, progress, overwrite=True)  # a demo run is always rebuilt
+    run_dir = Path(run_dir)
+    model = Carrot.load(run_dir)
+    G_test = model.test_embeddings_
+    y_test = np.array([lab for _, lab in model.test_records_])
+    y_train = np.array([r.label for r in model.train_records_])
+    probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
+    probe.fit(model.train_embeddings_, y_train)
+    metrics["logreg_probe_test_accuracy"] = float(probe.score(G_test, y_test))
+    paths = [p for p, _ in model.test_records_[: max(0, explain_n)]]
+    results = explain(run_dir, paths) if paths else []
+    metrics["explained"] = [{"image": r["image"], "predicted": r["predicted"], "heatmap": r["heatmap"]} for r in results]
+    metrics["seconds_demo"] = time.perf_counter() - t0
+    write_json(RunDir(run_dir).metrics, metrics)
+    return {k: metrics[k] for k in ("n_train", "n_test", "classes", "test_accuracy", "logreg_probe_test_accuracy",
+                                     "seconds_extract", "seconds_demo", "explained")}

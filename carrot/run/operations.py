@@ -1,0 +1,359 @@
+"""Run-directory level work: cached embeddings of a fitted run, its summary, its index page."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from carrot.data import load_image
+from carrot.distributed import world
+from carrot.attribution.representer import class_summary
+from carrot.audit.registry import AUDITS
+from carrot.errors import CarrotError
+from carrot.ridge.removal import RidgeSystem, loo_loss_change
+from carrot.io import atomic_path, read_json, write_csv, write_json
+from carrot.validation import index_labels
+from carrot.run.pipeline import Carrot
+from carrot.report.pages import index_html
+from carrot.run.rundir import RunDir
+
+
+def run_embeddings(run_dir: str | Path, model: Carrot | None = None) -> tuple[Carrot, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(model, G_train, y_train, G_test, y_test) of a fitted run, from its saved embeddings
+    (``model``: the run already loaded, to reuse its backbone)."""
+    model = model or Carrot.load(run_dir)
+    if getattr(model, "test_embeddings_", None) is None or model.test_records_ is None:
+        raise CarrotError(f"run '{run_dir}' has no {RunDir.TEST_EMBEDDINGS}; refit it with carrot-run fit")
+    y_test = np.array([lab for _, lab in model.test_records_])
+    y_train = np.array([r.label for r in model.train_records_])
+    return model, model.train_embeddings_, y_train, model.test_embeddings_, y_test
+
+
+def run_summary(model: Carrot, G: np.ndarray, y: np.ndarray, G_test: np.ndarray, y_test: np.ndarray,
+                n_review: int = 8) -> dict[str, Any]:
+    """Accuracy, per-class table, confusion matrix and the most harmful / helpful training images
+    by the exact leave-one-out change of the test loss."""
+    head = model.head_
+    pred = head.decision_function(G_test).argmax(1)
+    C = len(model.classes_)
+    cm = np.zeros((C, C), dtype=int)
+    np.add.at(cm, (y_test, pred), 1)
+    system = RidgeSystem.from_head(head, G, y)
+    total = -loo_loss_change(system, G_test, index_labels(head.classes_, y_test, "y_test")).numpy()  # > 0: removal helps
+
+    def rows(order, scores):
+        return [{"index": int(i), "path": model.train_records_[i].path,
+                 "label": model.classes_[model.train_records_[i].label], "score": float(scores[i])} for i in order]
+
+    k = min(n_review, len(total))
+    flow = class_summary(head, G, y, G_test) if len(y_test) else None
+    carry = flow["total_contribution"] if flow is not None else np.zeros(len(y))
+    return {
+        "classes": model.classes_, "confusion": cm.tolist(),
+        "test_accuracy": float((pred == y_test).mean()) if len(y_test) else float("nan"),
+        "per_class": {c: {"n_test": int(cm[i].sum()), "accuracy": float(cm[i, i] / max(1, cm[i].sum()))}
+                      for i, c in enumerate(model.classes_)},
+        "harmful": rows(np.argsort(-total, kind="stable")[:k], total),
+        "helpful": rows(np.argsort(total, kind="stable")[:k], total),
+        "carriers": rows(np.argsort(-carry, kind="stable")[:k], carry) if flow is not None else [],
+        "class_flow": flow["class_flow"].tolist() if flow is not None else None,
+        "n_train": int(len(y)), "n_test": int(len(y_test)), "lam": float(head.lam_),
+        "t": model.config.diffusion.t, "backbone": model.config.backbone.name,
+    }
+
+
+def write_index(run_dir: str | Path, explained: Sequence[dict[str, Any]] = (), model: Carrot | None = None) -> Path:
+    """(Re)write RUN_DIR/index.html, linking the explanation pages listed in RUN_DIR/explanations."""
+    rd = RunDir(run_dir)
+    model, G, y, G_test, y_test = run_embeddings(run_dir, model)
+    summary = run_summary(model, G, y, G_test, y_test)
+    summary["name"] = rd.path.resolve().name
+    listed = RunDir.explanations_list(rd.explanations)
+    pages = list(explained) or (read_json(listed, "explanations list") if listed.is_file() else [])
+    geo = model.backbone.display_transform() if summary["harmful"] else None
+    thumbs = {r["index"]: geo(load_image(model.train_records_[r["index"]]))
+              for r in summary["harmful"] + summary["helpful"] + summary["carriers"]}
+    links = [{"href": os.path.relpath(p["page"], rd.path), "image": p["image"], "predicted": p["predicted"]}
+             for p in pages if "page" in p]
+    summary["audits"] = {name: rd.read_audit(name) for name in AUDITS}
+    with atomic_path(rd.index) as tmp:
+        tmp.write_text(index_html(summary, thumbs, links))
+    return rd.index
+
+
+def predict(run_dir: str | Path, inputs: Sequence[str], out: str | Path | None = None, batch: int = 32,
+            device: str | None = None, progress: bool = True) -> list[dict[str, Any]]:
+    """Classify image files / folders with a fitted run (no explanations): RUN/predictions.csv and .json,
+    one row per image with the predicted class, its score, the runner-up, the margin and every class score."""
+    from tqdm.auto import tqdm
+
+    from carrot.data import collect_images
+
+    model = Carrot.load(run_dir)
+    if device:
+        model.config = model.config.merged({"device": device})
+    model.check_backbone()
+    paths = collect_images(inputs)
+    rows: list[dict[str, Any]] = []
+    for s in tqdm(range(0, len(paths), batch), desc="predict", unit="batch", disable=not progress):
+        G = model.embed_images(paths[s : s + batch])[0]
+        for path, scores in zip(paths[s : s + batch], model.head_.decision_function(G)):
+            first, second = (np.argsort(-scores, kind="stable").tolist() + [None])[:2]
+            rows.append({"image": path, "predicted": model.classes_[first], "score": float(scores[first]),
+                         "runner_up": model.classes_[second] if second is not None else None,
+                         "margin": float(scores[first] - scores[second]) if second is not None else None,
+                         "scores": {c: float(v) for c, v in zip(model.classes_, scores)}})
+    out = Path(out) if out else RunDir(run_dir).predictions
+    write_json(out, rows)
+    write_csv(out.with_suffix(".csv"), ["image", "predicted", "score", "runner_up", "margin", *model.classes_],
+              ([r["image"], r["predicted"], r["score"], r["runner_up"], r["margin"], *r["scores"].values()] for r in rows))
+    return rows
+
+
+def compare(run_a: str | Path, run_b: str | Path, out: str | Path | None = None) -> dict[str, Any]:
+    """Two runs on the same test images (e.g. a run and its reweighted / debugged child, or two backbones):
+    accuracies, per-class change, McNemar's exact test, and the test images whose prediction changed."""
+    from carrot.audit.evaluate import compare_predictions
+
+    (ma, _, _, Ga, y), (mb, _, _, Gb, yb) = run_embeddings(run_a), run_embeddings(run_b)
+    paths_a, paths_b = [p for p, _ in ma.test_records_], [p for p, _ in mb.test_records_]
+    if paths_a != paths_b or not np.array_equal(y, yb) or ma.classes_ != mb.classes_:
+        raise CarrotError(f"compare: runs '{run_a}' and '{run_b}' have different test images, labels or classes")
+    pa, pb = ma.head_.predict(Ga), mb.head_.predict(Gb)
+    res = compare_predictions(pa, pb, y, ma.classes_)
+    res["runs"] = {"a": str(run_a), "b": str(run_b)}
+    res["changed"] = [{"image": paths_a[i], "label": ma.classes_[y[i]], "a": ma.classes_[pa[i]], "b": ma.classes_[pb[i]]}
+                      for i in np.flatnonzero(pa != pb)]
+    write_json(out, res) if out else RunDir(run_b).write_audit("compare", res)
+    if out is None:
+        write_index(run_b, model=mb)
+    return res
+
+
+def reweight(run_dir: str | Path, val_fraction: float = 0.2, out: str | Path | None = None, apply: str | Path | None = None,
+             **rro_kwargs: Any) -> dict[str, Any]:
+    """RRO on a fitted run: split train into fit/validation, reweight, compare test accuracy with uniform;
+    ``apply``: also write a run there whose head is fitted with the learned weights (validation rows weigh 0)."""
+    from carrot.audit.reweight import RROConfig, rro
+
+    model, G, y, G_test, y_test = run_embeddings(run_dir)
+    a0 = _run_weights(model)
+    if apply is not None:
+        clear_run(apply, overwrite=False)
+    cfg = RROConfig(**{k: v for k, v in rro_kwargs.items() if v is not None}, seed=model.config.seed)
+    f_rows, v_rows = _fit_val_split(model, y, val_fraction)
+    res = rro(G[f_rows], y[f_rows], G[v_rows], y[v_rows], model.head_, cfg, G_test, y_test, sample_weight=a0[f_rows])
+    weights = np.zeros(len(y))
+    weights[f_rows] = res.alpha
+    summary = {"config": cfg.to_dict(), "val_fraction": val_fraction, "best_step": res.best_step,
+               "uniform_test_accuracy": res.history[0]["test_accuracy"],
+               "reweighted_test_accuracy": res.history[res.best_step]["test_accuracy"],
+               "ess_per_class": {model.classes_[int(c)]: v for c, v in res.ess.items()}, "history": res.history,
+               "weights": weights.tolist()}
+    write_json(out, summary) if out else RunDir(run_dir).write_audit("reweight", summary)
+    if out is None:
+        write_index(run_dir, model=model)
+    if apply is not None:
+        _apply_weights(model, run_dir, apply, weights, y, G_test, y_test,
+                       {"by": "reweight", **{k: v for k, v in summary.items() if k not in ("weights", "history")}})
+    return summary
+
+
+def _apply_weights(model: Carrot, run_dir: str | Path, out: str | Path, weights: np.ndarray, y: np.ndarray,
+                   G_test: np.ndarray, y_test: np.ndarray, how: dict[str, Any]) -> None:
+    """A new run in ``out``: the parent's data, config and lambda, its head refitted with example ``weights``."""
+    from carrot.audit.evaluate import per_class_accuracy
+
+    derived = Carrot(model.config.merged({"head.lam": model.head_.lam_}), backbone=model.backbone)
+    derived.fit(model.train_embeddings_, y, model.train_records_, model.classes_, sample_weight=weights)
+    pred = derived.head_.predict(G_test)
+    metrics = {**model.metrics_, "lam": derived.head_.lam_, "lam_path": None,
+               "train_accuracy": derived.score(model.train_embeddings_, y), "test_accuracy": float((pred == y_test).mean()),
+               "per_class_test_accuracy": dict(zip(model.classes_, per_class_accuracy(pred, y_test, len(model.classes_))))}
+    derived.record_test(G_test, model.test_records_, metrics, {"run": str(Path(run_dir).resolve()), **how})
+    derived.save(out)
+    write_index(out, model=derived)
+
+
+def bench(run_dir: str | Path, ts: Sequence[float], out: str | Path | None = None) -> list[dict[str, Any]]:
+    """Diffusion-time sweep on a fitted run's token caches; writes t_sweep.json and .csv."""
+    from carrot.audit.sweep import t_sweep
+
+    model = Carrot.load(run_dir)
+    train, test = _token_stores(run_dir, model, (0, 1))
+    rows = t_sweep(train, test, ts, model.embedder, model.head_, model.sample_weight_)
+    out = Path(out) if out else RunDir(run_dir).audit("t_sweep")
+    write_json(out, rows)
+    fields = sorted({k for r in rows for k in r})
+    write_csv(out.with_suffix(".csv"), fields, ([r.get(k) for k in fields] for r in rows))
+    if out == RunDir(run_dir).audit("t_sweep"):
+        write_index(run_dir, model=model)
+    return rows
+
+
+def _run_weights(model: Carrot) -> np.ndarray:
+    """The run's example weights (n,): ones for an unweighted run."""
+    n = len(model.train_records_)
+    return np.ones(n) if model.sample_weight_ is None else np.asarray(model.sample_weight_, dtype=np.float64)
+
+
+def _fit_val_split(model: Carrot, y: np.ndarray, val_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """Stratified (fit rows, validation rows) of the training set, seeded by the run's seed."""
+    from carrot.data import stratified_indices
+
+    return stratified_indices(y, model.classes_, val_fraction, model.config.seed, "train")
+
+
+def tracin(run_dir: str | Path, n_test: int = 20, flag_fraction: float = 0.02, **tracin_kwargs: Any) -> dict[str, Any]:
+    """TracIn analysis of a run: RUN/tracin/{summary,self_influence,influence}.json; index.html shows it."""
+    from carrot.audit.tracin import tracin_report
+
+    model, G, y, G_test, y_test = run_embeddings(run_dir)
+    rep = tracin_report(G, y, [r.path for r in model.train_records_], model.classes_, G_test, y_test,
+                        [p for p, _ in model.test_records_], model.head_, n_test, flag_fraction,
+                        {**{k: v for k, v in tracin_kwargs.items() if v is not None}, "seed": model.config.seed})
+    summary = RunDir(run_dir).write_audit("tracin", rep["summary"])
+    for name, part in rep.items():  # the per-image parts beside the summary
+        write_json(summary.parent / f"{name}.json", part)
+    write_index(run_dir, model=model)
+    return rep["summary"]
+
+
+def debug(run_dir: str | Path, ks: Sequence[int], val_fraction: float = 0.2, downweight: float = 0.0,
+          apply: str | Path | None = None) -> dict[str, Any]:
+    """Dataset debugging loop on a run: drop / downweight the images most harmful to a validation split;
+    ``apply``: also write a run there with the K of best validation accuracy applied (validation rows weigh 0,
+    as in the loop's numbers)."""
+    from carrot.audit.debugging import debug_loop
+
+    model, G, y, G_test, y_test = run_embeddings(run_dir)
+    a0 = _run_weights(model)
+    if apply is not None:
+        clear_run(apply, overwrite=False)
+    f_rows, v_rows = _fit_val_split(model, y, val_fraction)
+    res = debug_loop(G[f_rows], y[f_rows], G[v_rows], y[v_rows], G_test, y_test, model.head_, ks, downweight,
+                     seed=model.config.seed, sample_weight=a0[f_rows])
+    for r in res["rows"]:
+        r["dropped"] = [{"index": int(f_rows[i]), "path": model.train_records_[f_rows[i]].path,
+                         "label": model.classes_[int(y[f_rows[i]])]} for i in r["dropped"]]
+    res.pop("harm_scores")
+    res["val_fraction"] = val_fraction
+    RunDir(run_dir).write_audit("debug", res)
+    write_index(run_dir, model=model)
+    if apply is not None:
+        best = max(res["rows"], key=lambda r: (r["val_accuracy"], -r["k"]))
+        weights = np.zeros(len(y))
+        weights[f_rows] = a0[f_rows]
+        dropped = [d["index"] for d in best["dropped"]]
+        weights[dropped] = downweight * a0[dropped]
+        _apply_weights(model, run_dir, apply, weights, y, G_test, y_test,
+                       {"by": "debug", "k": best["k"], "downweight": downweight, "val_fraction": val_fraction,
+                        "val_accuracy": best["val_accuracy"], "test_accuracy": best["test_accuracy"]})
+    return res
+
+
+def clear_run(run_dir: str | Path, overwrite: bool) -> None:
+    """Refuse to fit over an existing run unless ``overwrite``; then drop what the old model produced (rank 0 only)."""
+    if world()[0] == 0:
+        RunDir(run_dir).clear(overwrite)
+
+
+def _token_stores(run_dir: str | Path, model: Carrot, splits: Sequence[int]) -> list:
+    """The run's token caches of ``splits`` (0 train, 1 test), or a named error saying why they are not there."""
+    from carrot.features.cache import open_store
+
+    caches = model.metrics_.get("token_caches", [])
+    if len(caches) != 2 or not all(Path(caches[s]).is_dir() for s in splits):
+        raise CarrotError(f"run '{run_dir}': no token caches ({caches or 'fitted with --no-cache-tokens or under torchrun'}"
+                          f"{'; gone' if caches else ''}); run carrot-run fit with the token cache to (re)build them")
+    return [open_store(caches[s]) for s in splits]
+
+
+def _test_store(run_dir: str | Path, model: Carrot):
+    """The run's test token cache (see :func:`_token_stores`)."""
+    return _token_stores(run_dir, model, (1,))[0]
+
+
+def _predicted_regions(model: Carrot, store, rows: Sequence[int], batch: int = 64):
+    """For each cached test row: (row, tokens H (N, D) float64, predicted class c, logit of c, exact region
+    contributions to it (N,)), embedding ``batch`` rows at a time."""
+    import torch
+
+    from carrot.attribution.representer import region_contributions
+    from carrot.features.backbone import patch_centres
+    from carrot.features.regions import RegionSet
+
+    P = patch_centres(store.grid, torch.float64)
+    for s in range(0, len(rows), batch):
+        idx = list(rows[s : s + batch])
+        H = torch.from_numpy(np.asarray(store.tokens[idx], dtype=np.float64))
+        G, w = model.embed_regions(RegionSet(H, P, store.grid))
+        logits = model.head_.decision_function(G.numpy())
+        for j, i in enumerate(idx):
+            c = int(logits[j].argmax())
+            yield i, H[j], c, float(logits[j, c]), region_contributions(model.head_, H[j], w[j])[:, c].numpy()
+
+
+def region_deletion(run_dir: str | Path, n_test: int = 20, steps: int = 8, seed: int = 0,
+                    model: Carrot | None = None) -> dict[str, Any]:
+    """Deletion / insertion curves of the predicted logit on ``n_test`` random test images (cached tokens):
+    regions removed (inserted) in the order of their exact contribution vs a random order. Each AUC is
+    pooled over the images, sum(AUC - prior) / sum(full logit - prior): 1 = the full logit throughout,
+    0 = the prior (pooling keeps images whose logit barely exceeds the prior from dominating)."""
+    import torch
+
+    from carrot.features.backbone import patch_centres
+    from carrot.attribution.regions import deletion_insertion
+
+    model = model or Carrot.load(run_dir)
+    store = _test_store(run_dir, model)
+    rng = np.random.default_rng(seed)
+    rows = np.sort(rng.choice(len(store), min(n_test, len(store)), replace=False))
+    P = patch_centres(store.grid, torch.float64)
+    emb = model.embedder
+    out: dict[str, list[float]] = {k: [] for k in ("deletion", "deletion_random", "insertion", "insertion_random")}
+    spans = []
+    for _, H, c, logit, r in _predicted_regions(model, store, rows.tolist()):
+        prior = float(model.head_.prior_[c])
+        spans.append(logit - prior)
+        for name, order in (("", np.argsort(-r, kind="stable")), ("_random", rng.permutation(len(r)))):
+            dele, ins = deletion_insertion(model.head_, H, P, c, order, emb, steps=steps)
+            out["deletion" + name].append(dele.auc - prior)
+            out["insertion" + name].append(ins.auc - prior)
+    return {"n": int(len(rows)), "steps": steps, "mean_logit_above_prior": float(np.mean(spans)),
+            **{k: float(np.sum(v) / np.sum(spans)) for k, v in out.items()}}
+
+
+def pointing(run_dir: str | Path, model: Carrot | None = None) -> dict[str, Any]:
+    """Pointing game on a run's test split where part locations are known (CUB parts, parts.json):
+    does the most positive region of the predicted class sit on a part? Uses the cached test tokens."""
+    from PIL import Image
+
+    from carrot.data import load_splits
+    from carrot.attribution.regions import pointing_game, to_input_coords
+
+    model = model or Carrot.load(run_dir)
+    store = _test_store(run_dir, model)
+    _, test = load_splits(model.config)
+    if len(test) != len(store):
+        raise CarrotError(f"run '{run_dir}': the data set no longer matches the run's test split")
+    rows = [i for i, rec in enumerate(test.records) if rec.parts]
+    if not rows:
+        raise CarrotError("pointing game: no part locations known for this data set (CUB parts/part_locs.txt or parts.json)")
+    geo, size = model.backbone.display_transform(), model.backbone.data_config["input_size"][1:]
+    hits, chance = [], []
+    for i, _, _, _, r in _predicted_regions(model, store, rows):
+        rec = test.records[i]
+        if rec.bbox:
+            wh = (rec.bbox[2], rec.bbox[3])
+        else:
+            with Image.open(rec.path) as im:
+                wh = im.size
+        boxes = [to_input_coords(np.array([[x0, y0], [x1, y1]]), wh, geo).ravel() for x0, y0, x1, y1 in rec.parts]
+        r = r.reshape(store.grid)
+        hits.append(any(pointing_game(r, tuple(b), size) for b in boxes))
+        cells = np.eye(r.size).reshape(r.size, *r.shape)
+        chance.append(np.mean([any(pointing_game(c, tuple(b), size) for b in boxes) for c in cells]))
+    return {"n": len(hits), "hit_rate": float(np.mean(hits)), "random_region_hit_rate": float(np.mean(chance))}

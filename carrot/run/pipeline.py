@@ -1,0 +1,337 @@
+"""``Carrot``: backbone tokens -> graph -> diffusion -> readout -> ridge head, with exact explanations."""
+from __future__ import annotations
+
+import platform
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from carrot import __version__
+from carrot.attribution.representer import centred_kernel, region_contributions, top_k
+from carrot.features.backbone import TokenBackbone, create_backbone, patch_centres
+from carrot.features.cache import TokenStore
+from carrot.config import RunConfig
+from carrot.data import ImageDataset, ImageRecord, load_image
+from carrot.embed.embedder import Embedder
+from carrot.errors import CarrotError, check_is_fitted
+from carrot.ridge.head import RidgeHead, head_from_config
+from carrot.io import save_npy, write_json
+from carrot.features.regions import RegionSet
+
+class Carrot:
+    """The whole pipeline for one configuration. Fit on a cached training split, then explain."""
+
+    def __init__(self, config: RunConfig | None = None, backbone: TokenBackbone | None = None) -> None:
+        self.config = config or RunConfig()
+        self._backbone: TokenBackbone | None = backbone
+        self.head_: RidgeHead | None = None
+
+    @property
+    def backbone(self) -> TokenBackbone:
+        if self._backbone is None:
+            b = self.config.backbone
+            self._backbone = create_backbone(
+                b.name, img_size=b.img_size, checkpoint=b.checkpoint, pretrained=b.pretrained, device=self.config.device,
+                seed=self.config.seed,
+            )
+        return self._backbone
+
+    @property
+    def embedder(self) -> Embedder:
+        """The configured tokens -> graph -> diffusion -> readout chain (graph, diffusion, device)."""
+        return Embedder.from_config(self.config)
+
+    def embed_regions(self, regions: RegionSet) -> tuple[torch.Tensor, torch.Tensor]:
+        """RegionSet -> g = H^T exp(-tL) 1 / N (B, D) and w (B, N), float64; t = 0 is mean pooling."""
+        return self.embedder.embed(regions)
+
+    def region_weights(self, H: torch.Tensor, P: torch.Tensor, ts: Sequence[float]) -> torch.Tensor:
+        """Readout weights w(t) (T, B, N) float64 on the CPU (see :meth:`Embedder.weights`)."""
+        return self.embedder.weights(H, P, ts)
+
+    def embed_store(self, store: TokenStore, batch: int | None = None, progress: bool = False,
+                    graph_bytes: int = 1 << 30, ts: Sequence[float] | None = None) -> np.ndarray:
+        """Embeddings of a cached split (see :meth:`Embedder.embed_store`)."""
+        return self.embedder.embed_store(store, batch, progress, graph_bytes, ts)
+
+    def embed_dataset(self, dataset: ImageDataset, progress: bool = False) -> np.ndarray:
+        """Embeddings (n, D) float64 of a data set streamed straight from the images (no token cache);
+        tokens are rounded to the cache dtype first, so with the same backbone batches the result equals the
+        cached path's."""
+        from torch.utils.data import DataLoader
+        from tqdm.auto import tqdm
+
+        from carrot.features.cache import RecordImages, worker_errors
+
+        bb, b = self.backbone, self.config.backbone
+        loader = DataLoader(RecordImages(dataset, bb.transform(), bb.min_side), batch_size=b.batch_size,
+                            num_workers=b.num_workers, shuffle=False)
+        out, done = None, 0
+        with worker_errors(), tqdm(total=len(dataset), desc=f"embed {dataset.name}", unit="img", disable=not progress) as bar:
+            for x in loader:
+                H, grid = bb(x)
+                H = self._as_cached(H, f"{dataset.name} rows {done}..{done + len(x)}")
+                G = self.embed_regions(RegionSet(H, patch_centres(grid, torch.float64), grid))[0].numpy()
+                out = np.empty((len(dataset), G.shape[1])) if out is None else out
+                out[done : done + len(x)] = G
+                done += len(x)
+                bar.update(len(x))
+        return out
+
+    def fit(self, G: np.ndarray, y: np.ndarray, records: Sequence[ImageRecord], classes: Sequence[str],
+            sample_weight: np.ndarray | None = None) -> "Carrot":
+        """Fit the head on training embeddings G (n, D), labels y (n,), optional example weights (n,) (e.g.
+        learned by RRO); keep what explanations need."""
+        self.head_ = head_from_config(self.config).fit(G, y, sample_weight)
+        self.sample_weight_ = None if sample_weight is None else np.asarray(sample_weight, dtype=np.float64)
+        self.train_embeddings_ = np.asarray(G, dtype=np.float64)
+        self.train_records_ = list(records)
+        self.classes_ = list(classes)
+        self.test_embeddings_, self.test_records_, self.metrics_, self.derived_from_ = None, None, {}, None
+        return self
+
+    def score(self, G: np.ndarray, y: np.ndarray) -> float:
+        check_is_fitted(self, ("head_",))
+        return float((self.head_.predict(G) == np.asarray(y)).mean())
+
+    def embed_images(self, paths: Sequence[str]) -> tuple[np.ndarray, torch.Tensor, torch.Tensor, tuple[int, int], list]:
+        """Run the backbone on image files: embeddings (m, D), tokens (m, N, D), w (m, N), grid, PIL images."""
+        bb = self.backbone
+        tf = bb.transform()
+        imgs = [load_image(p, bb.min_side) for p in paths]
+        x = torch.stack([tf(im) for im in imgs])
+        geo = bb.display_transform()
+        imgs = [geo(im) for im in imgs]
+        H, grid = bb(x)
+        H = self._as_cached(H, "the images to explain")
+        G, w = self.embed_regions(RegionSet(H, patch_centres(grid, torch.float64), grid))
+        return G.numpy(), H, w, grid, imgs
+
+    def _as_cached(self, H: torch.Tensor, where: str) -> torch.Tensor:
+        """Backbone tokens rounded to the cache dtype, as float64 on the CPU: what the token cache would give."""
+        H = H.cpu().to(torch.float16 if self.cache_dtype == "float16" else torch.float32).to(torch.float64)
+        if not torch.isfinite(H).all():
+            raise CarrotError(f"backbone produced NaN/Inf tokens (dtype {self.cache_dtype} overflow?) for {where}")
+        return H
+
+    @property
+    def cache_dtype(self) -> str:
+        return self.config.backbone.cache_dtype
+
+    def _train_store(self):
+        """The run's training token cache if it is still there and matches the backbone (looked up once)."""
+        if not hasattr(self, "_train_store_cache"):
+            from carrot.features.cache import open_store
+
+            store = None
+            caches = getattr(self, "metrics_", {}).get("token_caches", [])
+            if caches and Path(caches[0]).is_dir():
+                try:
+                    store = open_store(caches[0])
+                except CarrotError:
+                    store = None
+            if store is not None and (store.manifest["weights_id"] != self.backbone.weights_id
+                                      or len(store) != len(self.train_records_)):
+                store = None
+            self._train_store_cache = store
+        return self._train_store_cache
+
+    def train_regions(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int], list]:
+        """Tokens (k, N, D), readout weights (k, N), grid and display images of training images.
+
+        Tokens come from the run's token cache when it is still there and matches the backbone,
+        else from the backbone (same numbers up to the cache dtype's rounding).
+        """
+        raw = [load_image(self.train_records_[i], self.backbone.min_side) for i in indices]
+        geo = self.backbone.display_transform()
+        imgs = [geo(im) for im in raw]
+        store = self._train_store()
+        if store is not None:
+            H = torch.from_numpy(np.asarray(store.tokens[np.asarray(indices)], dtype=np.float32))
+            grid = store.grid
+        else:
+            tf = self.backbone.transform()
+            H, grid = self.backbone(torch.stack([tf(im) for im in raw]))
+            H = H.cpu()
+        _, w = self.embed_regions(RegionSet(H.to(torch.float64), patch_centres(grid, torch.float64), grid))
+        return H, w, grid, imgs
+
+    def explain(self, paths: Sequence[str], k: int = 5, pairs: int = 3, node_removal: bool = False,
+                masks: dict[str, np.ndarray] | None = None) -> list[dict[str, Any]]:
+        """Per image: prediction, class scores, exact top-k supporting/inhibiting training images (each
+        with its own region map and the strongest (test region, training region) pairs), region map;
+        optionally node-removal drops, deletion/insertion curves and per-segment sums of user masks."""
+        from carrot.attribution.representer import region_pairs
+        from carrot.attribution.regions import deletion_insertion, mask_to_grid, node_removal as removal, segment_sum
+
+        check_is_fitted(self, ("head_",))
+        n = len(self.train_records_)
+        if not isinstance(k, int) or not 1 <= k <= n:
+            raise CarrotError(f"top_k: expected 1 <= k <= {n} (the training set size), got {k!r}")
+        G, H, w, grid, imgs = self.embed_images(paths)
+        logits = self.head_.decision_function(G)
+        K = centred_kernel(self.head_, self.train_embeddings_, G)  # (m, n)
+        P = patch_centres(grid, torch.float64)
+        out = []
+        for i, path in enumerate(paths):
+            c = int(logits[i].argmax())
+            contrib = K[i] * self.head_.dual_coef_[:, c]
+            tk = top_k(contrib, k)
+            regions = region_contributions(self.head_, H[i], w[i])[:, c]
+            prior = float(self.head_.prior_[c])
+            idx = np.concatenate([tk.support_idx, tk.inhibit_idx])
+            Ht, wt, tgrid, timgs = self.train_regions(idx.tolist())
+            rows = []
+            for r, (j, v) in enumerate(zip(idx, np.concatenate([tk.support_val, tk.inhibit_val]))):
+                pm = region_pairs(self.head_, H[i], w[i], Ht[r], wt[r], float(self.head_.dual_coef_[j, c]))
+                flat = torch.topk(pm.flatten().abs(), min(pairs, pm.numel())).indices
+                rows.append({
+                    "index": int(j), "path": self.train_records_[j].path,
+                    "label": self.classes_[self.train_records_[j].label], "score": float(v),
+                    **({"weight": float(self.sample_weight_[j])} if getattr(self, "sample_weight_", None) is not None else {}),
+                    "pair_sum_error": abs(float(pm.sum()) - float(v)),
+                    "test_regions": pm.sum(1).reshape(grid).tolist(),
+                    "train_regions": pm.sum(0).reshape(tgrid).tolist(),
+                    "pairs": [{"test_region": int(f // pm.shape[1]), "train_region": int(f % pm.shape[1]),
+                               "value": float(pm.flatten()[f])} for f in flat.tolist()],
+                    "_image": timgs[r],
+                })
+            exp: dict[str, Any] = {
+                "image": str(path),
+                "predicted": self.classes_[c],
+                "predicted_index": c,
+                "logits": {name: float(v) for name, v in zip(self.classes_, logits[i])},
+                "prior": prior,
+                "data_sum": float(contrib.sum()),
+                "region_sum": float(regions.sum()),
+                "identity_error": {
+                    "data": abs(prior + float(contrib.sum()) - float(logits[i, c])),
+                    "regions": abs(prior + float(regions.sum()) - float(logits[i, c])),
+                },
+                "supporting": rows[:k],
+                "inhibiting": rows[k:],
+                "grid": list(grid),
+                "train_grid": list(tgrid),
+                "region_contributions": regions.reshape(grid).tolist(),
+                "_image": imgs[i],
+            }
+            emb = self.embedder
+            if node_removal:
+                drops = removal(self.head_, H[i], P, c, emb)
+                dele, ins = deletion_insertion(self.head_, H[i], P, c, np.argsort(-regions.numpy(), kind="stable"), emb)
+                exp["node_removal"] = [drops[j] for j in range(len(drops))]
+                exp["deletion"] = {"fractions": dele.fractions.tolist(), "logits": dele.logits.tolist(), "auc": dele.auc}
+                exp["insertion"] = {"fractions": ins.fractions.tolist(), "logits": ins.logits.tolist(), "auc": ins.auc}
+            if masks and str(path) in masks:
+                seg = mask_to_grid(masks[str(path)], grid)
+                exp["segments"] = {str(s_): v for s_, v in segment_sum(regions.numpy(), seg).items()}
+                if node_removal:
+                    exp["segment_removal"] = {str(s_): v for s_, v in removal(self.head_, H[i], P, c, emb, seg).items()}
+            out.append(exp)
+        return out
+
+    def mask_transform(self):
+        """The display geometry for integer masks (nearest-neighbour resize, same crop)."""
+        from torchvision import transforms
+
+        steps = []
+        for st in self.backbone.display_transform().transforms:
+            if isinstance(st, transforms.Resize):
+                steps.append(transforms.Resize(st.size, interpolation=transforms.InterpolationMode.NEAREST))
+            else:
+                steps.append(st)
+        return transforms.Compose(steps)
+
+    # -- persistence -------------------------------------------------------------------------
+    def record_test(self, G_test: np.ndarray, test_records: Sequence[Any], metrics: dict[str, Any] | None = None,
+                    derived_from: dict[str, Any] | None = None) -> "Carrot":
+        """Keep the test split's embeddings (m, D) and records ([path, label] or ImageRecord), the fit's metrics and,
+        for a run derived from another (reweight / debug --apply), where it came from: what a saved run holds."""
+        self.test_embeddings_ = np.asarray(G_test, dtype=np.float64)
+        self.test_records_ = [[r.path, r.label] if isinstance(r, ImageRecord) else [r[0], r[1]] for r in test_records]
+        if len(self.test_records_) != len(self.test_embeddings_):
+            raise CarrotError(f"test_records: expected {len(self.test_embeddings_)} records, one per test embedding, "
+                              f"got {len(self.test_records_)}")
+        self.metrics_ = dict(metrics or {})
+        self.derived_from_ = derived_from
+        return self
+
+    @property
+    def meta_(self) -> dict[str, Any]:
+        """What run.json holds for this model (the same after fit + record_test as after load)."""
+        check_is_fitted(self, ("head_",))
+        meta = {
+            "carrot_version": __version__, "python": platform.python_version(), "torch": torch.__version__,
+            "config": self.config.to_dict(), "backbone": self.backbone_info_, "classes": self.classes_,
+            "train_records": [[r.path, r.label, r.bbox] for r in self.train_records_],
+            "weighted": self.sample_weight_ is not None,
+            "metrics": getattr(self, "metrics_", {}), "test_records": getattr(self, "test_records_", None),
+        }
+        if getattr(self, "derived_from_", None):
+            meta["derived_from"] = self.derived_from_
+        return meta
+
+    @property
+    def backbone_info_(self) -> dict[str, Any]:
+        """The backbone's description (name, weights id, grid...) as recorded in run.json."""
+        if getattr(self, "_backbone_info", None) is None:
+            self._backbone_info = self.backbone.describe()
+        return self._backbone_info
+
+    def save(self, run_dir: str | Path) -> None:
+        """Write the run directory (:class:`carrot.run.rundir.RunDir`): head, embeddings, weights, metrics, and
+        run.json last, so a run directory with a run.json is complete."""
+        from carrot.run.rundir import RunDir
+
+        check_is_fitted(self, ("head_",))
+        rd = RunDir(run_dir)
+        rd.path.mkdir(parents=True, exist_ok=True)
+        self.head_.save(rd.head)
+        save_npy(rd.train_embeddings, self.train_embeddings_)
+        if self.sample_weight_ is not None:
+            save_npy(rd.train_weights, self.sample_weight_)
+        if getattr(self, "test_embeddings_", None) is not None:
+            save_npy(rd.test_embeddings, self.test_embeddings_)
+        write_json(rd.metrics, getattr(self, "metrics_", {}))
+        rd.write_meta(self.meta_)
+
+    @classmethod
+    def load(cls, run_dir: str | Path, backbone: TokenBackbone | None = None) -> "Carrot":
+        """Load a run directory written by :meth:`save` (``backbone``: an already built one to reuse)."""
+        from carrot.run.rundir import RunDir
+
+        rd = RunDir(run_dir)
+        meta = rd.read_meta()
+        self = cls(RunConfig.from_dict(meta["config"]), backbone)
+        self._backbone_info = meta.get("backbone")
+        self.head_ = RidgeHead.load(rd.head)
+        self.train_embeddings_ = np.load(rd.train_embeddings)
+        self.train_records_ = [ImageRecord(p, int(lab), tuple(b) if b else None) for p, lab, b in meta["train_records"]]
+        self.classes_ = list(meta["classes"])
+        if self.train_embeddings_.shape != (len(self.train_records_), self.head_.n_features_in_):
+            raise CarrotError(f"run '{run_dir}': {rd.TRAIN_EMBEDDINGS} does not match run.json and the head")
+        self.sample_weight_ = None
+        if meta.get("weighted"):
+            if not rd.train_weights.is_file():
+                raise CarrotError(f"run '{run_dir}': run.json says the head is weighted but {rd.TRAIN_WEIGHTS} is missing")
+            self.sample_weight_ = np.load(rd.train_weights)
+            if self.sample_weight_.shape != (len(self.train_records_),):
+                raise CarrotError(f"run '{run_dir}': {rd.TRAIN_WEIGHTS} does not match the training records")
+            if self.head_.sample_weight_ is None:  # a head written before heads kept their weights
+                self.head_.sample_weight_ = torch.as_tensor(self.sample_weight_, dtype=torch.float64)
+        self.metrics_ = meta.get("metrics", {})
+        self.test_records_ = meta.get("test_records")
+        self.derived_from_ = meta.get("derived_from")
+        self.test_embeddings_ = np.load(rd.test_embeddings) if rd.test_embeddings.is_file() else None
+        return self
+
+    def check_backbone(self) -> None:
+        """Refuse to explain with a backbone whose weights differ from the ones the run was fitted with."""
+        want = self.backbone_info_["weights_id"]
+        if self.backbone.weights_id != want:
+            raise CarrotError(
+                f"backbone '{self.backbone.name}' weights ({self.backbone.weights_id[:12]}) differ from the run's "
+                f"({want[:12]}); explain with the same weights the run was fitted with"
+            )
