@@ -18,7 +18,17 @@ from carrot.validation import as_float64_matrix, index_labels
 
 
 def centred_kernel(head: RidgeHead, G_train: torch.Tensor, G_test: torch.Tensor) -> torch.Tensor:
-    """k(i, x) = <g_i - mu, g_x - mu>; (n, D), (m, D) -> (m, n) float64."""
+    """The head's centred linear kernel k(i, x) = <g_i - mu, g_x - mu>.
+
+    Parameters
+    ----------
+    head : fitted RidgeHead (mu = ``feature_mean_``).
+    G_train : (n, D) its training embeddings; G_test : (m, D).
+
+    Returns
+    -------
+    tensor (m, n) float64.
+    """
     check_is_fitted(head)
     Gtr = as_float64_matrix(G_train, "G_train") - head.feature_mean_
     Gte = as_float64_matrix(G_test, "G_test") - head.feature_mean_
@@ -28,7 +38,16 @@ def centred_kernel(head: RidgeHead, G_train: torch.Tensor, G_test: torch.Tensor)
 
 
 def representer_contributions(head: RidgeHead, G_train, G_test) -> torch.Tensor:
-    """Per-training-image contributions (m, n, C): sum over n plus ``head.prior_`` is the logit."""
+    """Exact representer split of every logit over the training images.
+
+    Parameters
+    ----------
+    head : fitted RidgeHead; G_train : (n, D) its training embeddings; G_test : (m, D).
+
+    Returns
+    -------
+    tensor (m, n, C): beta_ic k(i, x); summed over n plus ``head.prior_`` it is ``decision_function(G_test)``.
+    """
     K = centred_kernel(head, G_train, G_test)
     return K.unsqueeze(-1) * head.dual_coef_.unsqueeze(0)
 
@@ -54,7 +73,16 @@ def top_k(contrib: torch.Tensor, k: int) -> TopK:
 
 
 def region_contributions(head: RidgeHead, H: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """r (N, C) with r.sum(0) + prior_ equal to the logits of g = H^T w; H (N, D), w (N,)."""
+    """Exact split of one image's logits over its regions.
+
+    Parameters
+    ----------
+    head : fitted RidgeHead; H : (N, D) region tokens; w : (N,) readout weights (g = H^T w).
+
+    Returns
+    -------
+    tensor (N, C) r with r_jc = W_c . (w_j h_j - mu / N); r.sum(0) + ``head.prior_`` are the logits of g.
+    """
     check_is_fitted(head)
     H = H.to(torch.float64)
     w = w.to(torch.float64)

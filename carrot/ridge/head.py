@@ -70,12 +70,23 @@ class RidgeHead(ClassifierMixin, BaseEstimator):
             raise CarrotError(f"chunk_size: expected a positive integer, got {self.chunk_size!r}")
 
     def fit(self, G: ArrayLike, y: ArrayLike, sample_weight: ArrayLike | None = None) -> "RidgeHead":
-        """Fit on embeddings G (n, D) and labels y (n,), optional weights (n,) >= 0.
+        """Fit the head in closed form.
 
         G may be a numpy memmap: the primal solve (and its 'auto' lambda) streams it in ``chunk_size``
         rows with float64 accumulation (:class:`~carrot.ridge.core.CentredMoments`), so only D x D, D x C
         and n x C arrays are held; the dual solve loads G. The factorisation of the solve is kept as
         ``factor_`` (saved with the head), so exact LOO, removal and reweighting never refactorise.
+
+        Parameters
+        ----------
+        G : array, tensor or memmap (n, D), finite.
+        y : array (n,) of labels (at least two classes).
+        sample_weight : array (n,) of weights >= 0 with a positive sum, or None for ones; kept as
+            ``sample_weight_``.
+
+        Returns
+        -------
+        self
         """
         self._check_settings()
         if not hasattr(G, "shape") or len(G.shape) != 2:
@@ -151,7 +162,18 @@ class RidgeHead(ClassifierMixin, BaseEstimator):
         return self
 
     def dual_coef(self, G: ArrayLike, y: ArrayLike, sample_weight: ArrayLike | None = None) -> torch.Tensor:
-        """beta = a (Y - f(G)) / lam for rows G (n, D) with labels y: the representer values of those rows."""
+        """Representer values beta = a (Y - f(G)) / lam of training rows (sum_i beta_i (g_i - mu) = W at the optimum).
+
+        Parameters
+        ----------
+        G : array (n, D) rows (a shard of the training set, or all of it).
+        y : array (n,) their labels (refused by name if the head never saw one).
+        sample_weight : array (n,) their weights, or None for ones.
+
+        Returns
+        -------
+        tensor (n, C) float64.
+        """
         check_is_fitted(self)
         n = int(G.shape[0])
         idx = index_labels(self.classes_, y)
@@ -165,7 +187,16 @@ class RidgeHead(ClassifierMixin, BaseEstimator):
         return G @ self.coef_ + self.intercept_
 
     def decision_function(self, G: ArrayLike) -> np.ndarray:
-        """Logits (m, C) for embeddings G (m, D)."""
+        """Logits of the classes ``classes_``.
+
+        Parameters
+        ----------
+        G : array (m, D).
+
+        Returns
+        -------
+        ndarray (m, C) float64: G W + b.
+        """
         check_is_fitted(self)
         G = as_float64_matrix(G, "G")
         if G.shape[1] != self.n_features_in_:
@@ -173,7 +204,16 @@ class RidgeHead(ClassifierMixin, BaseEstimator):
         return self._decision(G).numpy()
 
     def predict(self, G: ArrayLike) -> np.ndarray:
-        """Predicted class labels (m,)."""
+        """Predicted labels.
+
+        Parameters
+        ----------
+        G : array (m, D).
+
+        Returns
+        -------
+        ndarray (m,) of labels from ``classes_``.
+        """
         check_is_fitted(self)
         return self.classes_[self.decision_function(G).argmax(1)]
 

@@ -133,7 +133,12 @@ class RidgeSystem:
 
     # -- exact removal ----------------------------------------------------------------------
     def loo_logits(self) -> torch.Tensor:
-        """f_-i(x_i) for every training row, (n, C)."""
+        """Exact leave-one-out logits of every training row.
+
+        Returns
+        -------
+        tensor (n, C): f_-i(x_i) = (f(x_i) - h_ii y_i) / (1 - h_ii).
+        """
         X = _augment(self.G, self.mu, self.fit_intercept)
         f = X @ self.theta
         h = self.hat_diag().unsqueeze(1)
@@ -150,7 +155,17 @@ class RidgeSystem:
         return Z, (self.Y[idx] - Xi @ self.theta) * (a / (1 - h)).unsqueeze(1)
 
     def loo_effect(self, G_test: ArrayLike, idx: Sequence[int] | None = None) -> torch.Tensor:
-        """f_-i(x) - f(x) for test rows x and training rows i: (m, k, C) (k = len(idx) or n)."""
+        """Exact change of the logits of test rows when one training row is removed (no refit).
+
+        Parameters
+        ----------
+        G_test : array (m, D).
+        idx : training rows to remove one at a time (k of them), or None for all n.
+
+        Returns
+        -------
+        tensor (m, k, C): f_-i(x) - f(x).
+        """
         Z, R = self.removal_terms(idx)
         Q = self.augment(G_test) @ Z  # (m, k)
         return -Q.unsqueeze(-1) * R.unsqueeze(0)
@@ -164,7 +179,18 @@ class RidgeSystem:
         Y_add: torch.Tensor | None = None,
         w_add: ArrayLike | None = None,
     ) -> torch.Tensor:
-        """theta after setting rows ``idx`` to ``new_weights`` (0 removes) and adding rows (G_add, Y_add, w_add)."""
+        """Coefficients after a weight change, by one Woodbury update of the head's factor (no refit).
+
+        Parameters
+        ----------
+        idx : k distinct training rows whose weights change.
+        new_weights : (k,) their new weights >= 0 (None: 0, i.e. remove them).
+        G_add, Y_add, w_add : rows (q, D), targets (q, C) and weights (q,) to add, or None.
+
+        Returns
+        -------
+        tensor (p, C) theta' in this system's coordinates: ``decision(G, theta')`` gives the new logits.
+        """
         idx_t = torch.as_tensor(np.asarray(idx, dtype=np.int64).reshape(-1))
         if len(idx_t) and (idx_t.min() < 0 or idx_t.max() >= self.G.shape[0]):
             raise CarrotError(f"idx: expected training row indices in [0, {self.G.shape[0]}), got {idx_t.tolist()[:5]}...")

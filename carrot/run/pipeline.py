@@ -82,8 +82,18 @@ class Carrot:
 
     def fit(self, G: np.ndarray, y: np.ndarray, records: Sequence[ImageRecord], classes: Sequence[str],
             sample_weight: np.ndarray | None = None) -> "Carrot":
-        """Fit the head on training embeddings G (n, D), labels y (n,), optional example weights (n,) (e.g.
-        learned by RRO); keep what explanations need."""
+        """Fit the configured head and keep what explanations need.
+
+        Parameters
+        ----------
+        G : (n, D) training embeddings (e.g. :meth:`embed_store` of the training cache).
+        y : (n,) class indices into ``classes``; records : the n training ImageRecords; classes : C class names.
+        sample_weight : (n,) example weights >= 0 (e.g. learned by RRO), or None.
+
+        Returns
+        -------
+        self, with ``head_``, ``train_embeddings_``, ``train_records_``, ``classes_``, ``sample_weight_``.
+        """
         self.head_ = head_from_config(self.config).fit(G, y, sample_weight)
         self.sample_weight_ = None if sample_weight is None else np.asarray(sample_weight, dtype=np.float64)
         self.train_embeddings_ = np.asarray(G, dtype=np.float64)
@@ -160,9 +170,21 @@ class Carrot:
 
     def explain(self, paths: Sequence[str], k: int = 5, pairs: int = 3, node_removal: bool = False,
                 masks: dict[str, np.ndarray] | None = None) -> list[dict[str, Any]]:
-        """Per image: prediction, class scores, exact top-k supporting/inhibiting training images (each
-        with its own region map and the strongest (test region, training region) pairs), region map;
-        optionally node-removal drops, deletion/insertion curves and per-segment sums of user masks."""
+        """Explain image files with the fitted run.
+
+        Parameters
+        ----------
+        paths : m image files.
+        k : supporting and inhibiting training images listed per image (1 <= k <= n).
+        pairs : strongest (test region, training region) pairs listed per training image.
+        node_removal : also the logit drop of removing each region from the graph, and deletion / insertion curves.
+        masks : {path: integer segment mask in the model's input geometry}: per-segment exact sums.
+
+        Returns
+        -------
+        list of m dicts: prediction, class logits, prior, the exact top-k training images (each with its own
+        region map and region pairs), the region map (grid), and the identity errors of both exact splits.
+        """
         from carrot.attribution.representer import region_pairs
         from carrot.attribution.regions import deletion_insertion, mask_to_grid, node_removal as removal, segment_sum
 
