@@ -1,0 +1,158 @@
+"""Three exact views of a logit through the training images, and the counterfactual certificate.
+
+For the ridge head f_c(x) = ybar_c + (g_x - mu)^T W_c, W = (Gc^T A Gc + lam I)^-1 Gc^T A Yc:
+
+* representer:        f_c(x) = ybar_c + sum_i beta_ic <g_i - mu, g_x - mu>,   beta = A (Y - F) / lam
+* equivalent kernel:  f_c(x) = ybar_c + sum_i s_i(x) (y_ic - ybar_c),          s_i(x) = a_i gc_i^T M^-1 (g_x - mu)
+  (the hat-matrix row of x: the weight the fit gives to each training label, Hastie et al. 2009, 5.4.1)
+* removal (exact LOO): f_-i(x)_c - f_c(x) = -(x~^T M~^-1 x~_i) a_i r_ic / (1 - h_ii)   (Sherman-Morrison)
+
+The first two sum to the logit exactly; the third is what removing image i would change, checked
+against refits. The certificate is the smallest set found (greedily, on exact effects, each step an exact
+Woodbury downdate) whose removal changes the predicted class, verified by one refit.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from carrot.errors import CarrotError
+from carrot.ridge.removal import RidgeSystem
+from carrot.validation import ArrayLike, as_float64_matrix
+
+VIEWS = ("removal", "equivalent_kernel", "representer")
+VIEW_MEANING = {
+    "removal": "exact change of this logit if the image were removed from training (refit-exact, no sum identity)",
+    "equivalent_kernel": "weight of the image's label in this prediction (hat-matrix term); the terms sum to logit - prior",
+    "representer": "beta * kernel similarity (representer form); the terms sum to logit - prior, large ones cancel",
+}
+
+
+def training_terms(system: RidgeSystem, G_test: ArrayLike, classes: ArrayLike | None = None) -> dict[str, torch.Tensor]:
+    """Per test image and training image, the three exact terms for one class of each test image.
+
+    Parameters
+    ----------
+    system : the head's :class:`RidgeSystem` (``RidgeSystem.from_head``: its factor, no refit).
+    G_test : (m, D) test embeddings.
+    classes : (m,) class index per test image (default: the predicted class).
+
+    Returns
+    -------
+    dict of tensors (m, n): ``removal`` (f_-i(x)_c - f(x)_c), ``equivalent_kernel`` (s_i(x) (y_ic - ybar_c)),
+    ``representer`` (beta_ic k(i, x)); plus ``logit`` (m,) and ``prior`` (m,) of the class.
+    """
+    Gt = as_float64_matrix(G_test, "G_test")
+    F = system.decision(Gt)
+    c = F.argmax(1) if classes is None else torch.as_tensor(np.asarray(classes), dtype=torch.long)
+    if c.shape != (Gt.shape[0],):
+        raise CarrotError(f"classes: expected one class per test image ({Gt.shape[0]}), got shape {tuple(c.shape)}")
+    rows = torch.arange(Gt.shape[0])
+    theta = system.theta
+    fi = int(system.fit_intercept)
+    ybar = theta[0] if fi else torch.zeros(theta.shape[1], dtype=torch.float64)
+    Gc = system.G - system.mu  # (n, D)
+    V = system.factor.solve((Gt - system.mu).T)  # M^-1 (g_x - mu), (D, m)
+    S = system.a.unsqueeze(1) * (Gc @ V)  # s_i(x), (n, m)
+    ek = S.T * (system.Y - ybar).T[c]  # (m, n)
+    R = system.Y - system.augment(system.G) @ theta  # residuals (n, C)
+    beta = system.a.unsqueeze(1) * R / system.lam
+    rep = ((Gt - system.mu) @ Gc.T) * beta.T[c]
+    Z, Rm = system.removal_terms()  # Z = M~^-1 x~_i (p, n), Rm = a_i r_i / (1 - h_ii) (n, C)
+    removal = -(system.augment(Gt) @ Z) * Rm.T[c]
+    return {"removal": removal, "equivalent_kernel": ek, "representer": rep,
+            "logit": F[rows, c], "prior": ybar[c]}
+
+
+@dataclass
+class Certificate:
+    """The training images whose removal changes a prediction, found greedily on exact effects."""
+
+    indices: list[int]  # in removal order; empty when none of up to ``limit`` images changes it
+    found: bool
+    new_class: int | None  # predicted class after removing ``indices`` (by refit)
+    margin: float | None  # its logit minus the original class's, after the refit (> 0: it changed)
+    limit: int
+    seconds: float
+    refit_max_abs_diff: float | None = None  # Woodbury vs refit logits of x after the removal
+    path: list[float] = field(default_factory=list)  # original-class margin after each removal (Woodbury)
+
+
+def certificate(system: RidgeSystem, g_x: ArrayLike, limit: int = 50) -> Certificate:
+    """Smallest set (greedy) of training images whose removal changes the predicted class of one image.
+
+    Each step removes the image with the largest exact drop of the margin f_c - f_k (c the original class,
+    k the current runner-up) given the images already removed: the drop is the exact leave-one-out effect in
+    the downdated system, M_S^-1 = M^-1 + M^-1 X_S^T (A_S^-1 - X_S M^-1 X_S^T)^-1 X_S M^-1 (Woodbury). The
+    set is checked by one refit.
+
+    Parameters
+    ----------
+    system : the head's RidgeSystem.
+    g_x : (D,) embedding of the image.
+    limit : the most images removed before answering "no set of up to ``limit`` changes it".
+
+    Returns
+    -------
+    Certificate.
+    """
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise CarrotError(f"limit: expected a positive integer, got {limit!r}")
+    t0 = time.perf_counter()
+    x = system.augment(as_float64_matrix(np.asarray(g_x).reshape(1, -1), "g_x"))[0]  # (p,)
+    X = system.augment(system.G)  # (n, p)
+    a, Y, theta = system.a, system.Y, system.theta
+    f0 = x @ theta
+    c = int(f0.argmax())
+    Z = system.solve(X.T)  # M^-1 x_i, (p, n)
+    qx0 = x @ Z  # x^T M^-1 x_i, (n,)
+    h0 = (X * Z.T).sum(1)  # x_i^T M^-1 x_i (unweighted), (n,)
+    active = a > 0
+    S: list[int] = []
+    path: list[float] = []
+    limit = min(limit, int(active.sum()) - 1)
+    th = theta
+    for _ in range(limit):
+        f = x @ th
+        other = f.clone()
+        other[c] = -torch.inf
+        k = int(other.argmax())
+        if S:
+            idx = torch.as_tensor(S)
+            Bs = X[idx] @ Z  # X_S M^-1 X^T, (s, n)
+            Cap = torch.diag(1.0 / a[idx]) - Bs[:, idx]  # A_S^-1 - X_S M^-1 X_S^T
+            Ci = torch.linalg.solve(Cap, torch.eye(len(S), dtype=torch.float64))
+            qx = qx0 + (x @ Z[:, idx]) @ Ci @ Bs
+            h = h0 + (Bs * (Ci @ Bs)).sum(0)
+        else:
+            qx, h = qx0, h0
+        r = Y[:, [c, k]] - X @ th[:, [c, k]]  # residuals under the current fit, (n, 2)
+        denom = 1 - a * h
+        drop = qx * a * (r[:, 0] - r[:, 1]) / denom.clamp_min(1e-12)  # exact drop of f_c - f_k on removing i
+        drop[~active | (denom <= 1e-12)] = -torch.inf
+        if S:
+            drop[torch.as_tensor(S)] = -torch.inf
+        i = int(drop.argmax())
+        if not torch.isfinite(drop[i]):
+            break
+        S.append(i)
+        th = system.updated_theta(S)
+        f = x @ th
+        path.append(float(f[c] - torch.cat([f[:c], f[c + 1:]]).max()))
+        if int(f.argmax()) != c:
+            break
+    changed = bool(S) and path[-1] < 0
+    new_class = margin = err = None
+    if changed:
+        keep = np.setdiff1d(np.arange(len(a)), S)
+        ref = system.refit(keep)
+        fr = ref.decision(system.G.new_tensor(np.asarray(g_x, dtype=np.float64)).reshape(1, -1))[0]
+        new_class = int(fr.argmax())
+        margin = float(fr[new_class] - fr[c])
+        err = float((fr - x @ th).abs().max())
+        changed = new_class != c
+    return Certificate(S if changed else [], changed, new_class if changed else None, margin if changed else None,
+                       limit, time.perf_counter() - t0, err, path)
