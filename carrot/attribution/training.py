@@ -156,3 +156,28 @@ def certificate(system: RidgeSystem, g_x: ArrayLike, limit: int = 50) -> Certifi
         changed = new_class != c
     return Certificate(S if changed else [], changed, new_class if changed else None, margin if changed else None,
                        limit, time.perf_counter() - t0, err, path)
+
+
+def removal_pairs(system: RidgeSystem, H_x: torch.Tensor, w_x: torch.Tensor, H_i: torch.Tensor, w_i: torch.Tensor,
+                  i: int, c: int) -> tuple[torch.Tensor, float]:
+    """Split training image i's support f_c(x) - f_-i(x)_c over (test region j, training region k).
+
+    With x~^T M~^-1 x~_i = [1 / S] + (g_x - mu)^T M^-1 (g_i - mu), g - mu = sum_j (w_j h_j - mu / N) and
+    R_ic = a_i r_ic / (1 - h_ii), the support is R_ic / S + sum_jk R_ic u_j^T M^-1 v_k.
+
+    Parameters
+    ----------
+    system : the head's RidgeSystem; H_x (N, D), w_x (N,) : the test image's tokens and readout weights;
+    H_i (N', D), w_i (N',) : training image i's; i : its row; c : the class.
+
+    Returns
+    -------
+    (pairs (N, N'), intercept part): pairs.sum() + intercept part = the support of image i for class c.
+    """
+    mu = system.mu
+    U = w_x.to(torch.float64).unsqueeze(1) * H_x.to(torch.float64) - mu / H_x.shape[0]  # (N, D)
+    V = w_i.to(torch.float64).unsqueeze(1) * H_i.to(torch.float64) - mu / H_i.shape[0]  # (N', D)
+    _, R = system.removal_terms([i])
+    Ric = float(R[0, c])
+    pairs = Ric * (U @ system.factor.solve(V.T))
+    return pairs, (Ric / system.S if system.fit_intercept else 0.0)

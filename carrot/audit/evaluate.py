@@ -157,10 +157,14 @@ def estimator_scores(head: RidgeHead, system: RidgeSystem, G: np.ndarray, y: np.
     """For each test image's predicted class: the exact LOO support (f - f_-i) and each estimator (m, n)."""
     from carrot.attribution.representer import centred_kernel
 
+    from carrot.attribution.training import training_terms
+
     pred = head.decision_function(G_test).argmax(1)
     loo_support = -removal_effects(system, G_test, pred)
     K = centred_kernel(head, G, G_test)
-    est = {"carrot_representer": (K * head.dual_coef_.T[torch.as_tensor(pred)]).numpy()}
+    terms = training_terms(system, G_test, pred)
+    est = {"carrot_representer": (K * head.dual_coef_.T[torch.as_tensor(pred)]).numpy(),
+           "carrot_equivalent_kernel": terms["equivalent_kernel"].numpy()}
     if tracin is not None:
         est["tracin"] = tracin.influence(G, y, G_test, head.classes_[pred]).numpy()
     est["kernel_similarity"] = K.numpy()

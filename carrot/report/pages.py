@@ -140,10 +140,37 @@ def _train_cards(rows: list[dict[str, Any]], grid: tuple[int, int], tgrid: tuple
         cards.append(
             f"<div class='card'><div class='row'><img alt='training image' src='{data_uri(img, 'JPEG', 160)}'>"
             f"<img alt='its regions' src='{data_uri(overlay(img, np.asarray(r['train_regions'])), 'JPEG', 160)}'></div>"
-            f"<b>{html.escape(r['label'])}</b> #{r['index']} &nbsp; score <span class='{'pos' if r['score'] > 0 else 'neg'}'>"
-            f"{r['score']:+.4f}</span>" + (f" &nbsp; weight {r['weight']:.3g}" if "weight" in r else "")
+            f"<b>{html.escape(r['label'])}</b> #{r['index']} &nbsp; removal <span class='{'pos' if r['score'] > 0 else 'neg'}'>"
+            f"{-r['score']:+.4f}</span>" + (f" &nbsp; weight {r['weight']:.3g}" if "weight" in r else "")
+            + (f"<br><span class='muted'>label weight {r['equivalent_kernel']:+.4f} &nbsp; representer {r['representer']:+.3g}</span>"
+               if "equivalent_kernel" in r else "")
             + f"<br><span class='muted'>{html.escape(Path(r['path']).name)}</span><br>{pairs}{match}</div>")
     return "<div class='row'>" + "".join(cards) + "</div>"
+
+
+def _meaning(exp: dict[str, Any]) -> str:
+    """One line per number on a training-image card, saying what it is exact for."""
+    if "meaning" not in exp:
+        return ("<p class='muted'>score: beta * kernel similarity (representer form); the scores sum to logit - prior</p>")
+    m = exp["meaning"]
+    return ("<p class='muted'><b>removal</b>: the exact change of this logit if the image is removed from training "
+            "(equal to refitting without it; images ranked by it; regions and pairs split it).<br>"
+            f"<b>label weight</b>: {html.escape(m['equivalent_kernel'])}.<br>"
+            f"<b>representer</b>: {html.escape(m['representer'])}.</p>")
+
+
+def _certificate(exp: dict[str, Any]) -> str:
+    cert = exp.get("certificate")
+    if not cert:
+        return ""
+    if not cert["found"]:
+        return (f"<p><b>Certificate:</b> no set of up to {cert['limit']} training images changes this prediction when removed "
+                f"(greedy on exact effects; {cert['seconds'] * 1e3:.0f} ms).</p>")
+    names = ", ".join(f"#{c['index']} ({html.escape(c['label'])})" for c in cert["images"])
+    return (f"<p><b>Certificate:</b> this prediction rests on {len(cert['images'])} training image"
+            f"{'s' if len(cert['images']) != 1 else ''}: without {names} it becomes "
+            f"<b>{html.escape(str(cert['new_class']))}</b> (margin {cert['margin']:+.4f}, checked by a refit; "
+            f"{cert['seconds'] * 1e3:.0f} ms).</p>")
 
 
 def explanation_html(exp: dict[str, Any], image) -> str:
@@ -161,9 +188,12 @@ def explanation_html(exp: dict[str, Any], image) -> str:
         f"<figcaption>regions &rarr; {html.escape(exp['predicted'])}: red raises the logit, blue lowers it "
         f"(sum {exp['region_sum']:+.4f})</figcaption></figure>",
         f"<div><table><tr><th>class</th><th>logit</th></tr>{scores}</table>"
-        f"<p class='muted'>logit = prior {exp['prior']:+.4f} + training images {exp['data_sum']:+.4f}"
-        f" (identity error {exp['identity_error']['data']:.1e})</p></div></div>",
+        f"<p class='muted'>logit = prior {exp['prior']:+.4f} + training images "
+        f"{exp.get('equivalent_kernel_sum', exp['data_sum']):+.4f}"
+        f" (identity error {exp['identity_error'].get('equivalent_kernel', exp['identity_error']['data']):.1e})</p></div></div>",
+        _certificate(exp),
         "<h2>Supporting training images</h2>",
+        _meaning(exp),
         _train_cards(exp["supporting"], grid, tgrid, image),
         "<h2>Inhibiting training images</h2>",
         _train_cards(exp["inhibiting"], grid, tgrid, image),

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from carrot import __version__
-from carrot.attribution.representer import centred_kernel, region_contributions, top_k
+from carrot.attribution.representer import region_contributions, top_k
 from carrot.features.backbone import TokenBackbone, create_backbone, patch_centres
 from carrot.features.cache import TokenStore
 from carrot.config import RunConfig
@@ -168,8 +168,17 @@ class Carrot:
         _, w = self.embed_regions(RegionSet(H.to(torch.float64), patch_centres(grid, torch.float64), grid))
         return H, w, grid, imgs
 
+    def training_system(self):
+        """The head's :class:`~carrot.ridge.removal.RidgeSystem` on the training rows (its own factor), built once."""
+        if getattr(self, "_system", None) is None or self._system_head is not self.head_:
+            from carrot.ridge.removal import RidgeSystem
+
+            labels = np.array([r.label for r in self.train_records_])
+            self._system, self._system_head = RidgeSystem.from_head(self.head_, self.train_embeddings_, labels), self.head_
+        return self._system
+
     def explain(self, paths: Sequence[str], k: int = 5, pairs: int = 3, node_removal: bool = False,
-                masks: dict[str, np.ndarray] | None = None) -> list[dict[str, Any]]:
+                masks: dict[str, np.ndarray] | None = None, certificate_limit: int = 50) -> list[dict[str, Any]]:
         """Explain image files with the fitted run.
 
         Parameters
@@ -179,57 +188,79 @@ class Carrot:
         pairs : strongest (test region, training region) pairs listed per training image.
         node_removal : also the logit drop of removing each region from the graph, and deletion / insertion curves.
         masks : {path: integer segment mask in the model's input geometry}: per-segment exact sums.
+        certificate_limit : the most training images the counterfactual certificate removes (0: none).
 
         Returns
         -------
-        list of m dicts: prediction, class logits, prior, the exact top-k training images (each with its own
-        region map and region pairs), the region map (grid), and the identity errors of both exact splits.
+        list of m dicts: prediction, class logits, prior, the top-k training images for and against the
+        prediction ranked by their exact removal effect (each with its removal effect, equivalent-kernel and
+        representer terms, its own region map and region pairs in the removal metric), the certificate, the
+        region map (grid), and the identity errors of the exact sums.
         """
-        from carrot.attribution.representer import region_pairs
         from carrot.attribution.regions import deletion_insertion, mask_to_grid, node_removal as removal, segment_sum
 
         check_is_fitted(self, ("head_",))
+        from carrot.attribution.training import VIEW_MEANING, certificate, removal_pairs, training_terms
+
         n = len(self.train_records_)
         if not isinstance(k, int) or not 1 <= k <= n:
             raise CarrotError(f"top_k: expected 1 <= k <= {n} (the training set size), got {k!r}")
+        if isinstance(certificate_limit, bool) or not isinstance(certificate_limit, int) or certificate_limit < 0:
+            raise CarrotError(f"certificate_limit: expected an integer >= 0, got {certificate_limit!r}")
         G, H, w, grid, imgs = self.embed_images(paths)
         logits = self.head_.decision_function(G)
-        K = centred_kernel(self.head_, self.train_embeddings_, G)  # (m, n)
+        system = self.training_system()
+        pred = logits.argmax(1)
+        terms = training_terms(system, G, pred)
         P = patch_centres(grid, torch.float64)
+        weights = self.sample_weight_
         out = []
         for i, path in enumerate(paths):
-            c = int(logits[i].argmax())
-            contrib = K[i] * self.head_.dual_coef_[:, c]
-            tk = top_k(contrib, k)
+            c = int(pred[i])
+            support = -terms["removal"][i]  # f(x) - f_-i(x): > 0, the image raises this logit
+            if weights is not None:  # images outside the model (weight 0) are neither for nor against
+                support = torch.where(torch.as_tensor(weights > 0), support, torch.nan)
+            tk = top_k(torch.nan_to_num(support, nan=0.0), k)
             regions = region_contributions(self.head_, H[i], w[i])[:, c]
             prior = float(self.head_.prior_[c])
             idx = np.concatenate([tk.support_idx, tk.inhibit_idx])
             Ht, wt, tgrid, timgs = self.train_regions(idx.tolist())
             rows = []
-            for r, (j, v) in enumerate(zip(idx, np.concatenate([tk.support_val, tk.inhibit_val]))):
-                pm = region_pairs(self.head_, H[i], w[i], Ht[r], wt[r], float(self.head_.dual_coef_[j, c]))
+            for r, j in enumerate(idx):
+                pm, base = removal_pairs(system, H[i], w[i], Ht[r], wt[r], int(j), c)
                 flat = torch.topk(pm.flatten().abs(), min(pairs, pm.numel())).indices
                 rows.append({
                     "index": int(j), "path": self.train_records_[j].path,
-                    "label": self.classes_[self.train_records_[j].label], "score": float(v),
-                    **({"weight": float(self.sample_weight_[j])} if getattr(self, "sample_weight_", None) is not None else {}),
-                    "pair_sum_error": abs(float(pm.sum()) - float(v)),
+                    "label": self.classes_[self.train_records_[j].label], "score": float(support[j]),
+                    "removal_effect": float(terms["removal"][i, j]),
+                    "equivalent_kernel": float(terms["equivalent_kernel"][i, j]),
+                    "representer": float(terms["representer"][i, j]),
+                    **({"weight": float(weights[j])} if weights is not None else {}),
+                    "pair_intercept": base,
+                    "pair_sum_error": abs(float(pm.sum()) + base - float(support[j])),
                     "test_regions": pm.sum(1).reshape(grid).tolist(),
                     "train_regions": pm.sum(0).reshape(tgrid).tolist(),
                     "pairs": [{"test_region": int(f // pm.shape[1]), "train_region": int(f % pm.shape[1]),
                                "value": float(pm.flatten()[f])} for f in flat.tolist()],
                     "_image": timgs[r],
                 })
+            cert = certificate(system, G[i], certificate_limit) if certificate_limit else None
+            ek_sum, rep_sum = float(terms["equivalent_kernel"][i].sum()), float(terms["representer"][i].sum())
             exp: dict[str, Any] = {
                 "image": str(path),
                 "predicted": self.classes_[c],
                 "predicted_index": c,
                 "logits": {name: float(v) for name, v in zip(self.classes_, logits[i])},
                 "prior": prior,
-                "data_sum": float(contrib.sum()),
+                "ranking": "removal",
+                "meaning": {"score": "f(x) - f_-i(x): how much this logit drops if the image is removed from training "
+                                     "(exact, equal to a refit); the images are ranked by it", **VIEW_MEANING},
+                "data_sum": rep_sum,
+                "equivalent_kernel_sum": ek_sum,
                 "region_sum": float(regions.sum()),
                 "identity_error": {
-                    "data": abs(prior + float(contrib.sum()) - float(logits[i, c])),
+                    "data": abs(prior + rep_sum - float(logits[i, c])),
+                    "equivalent_kernel": abs(prior + ek_sum - float(logits[i, c])),
                     "regions": abs(prior + float(regions.sum()) - float(logits[i, c])),
                 },
                 "supporting": rows[:k],
@@ -239,6 +270,14 @@ class Carrot:
                 "region_contributions": regions.reshape(grid).tolist(),
                 "_image": imgs[i],
             }
+            if cert is not None:
+                exp["certificate"] = {
+                    "found": cert.found, "limit": cert.limit, "seconds": cert.seconds,
+                    "images": [{"index": j, "path": self.train_records_[j].path,
+                                "label": self.classes_[self.train_records_[j].label]} for j in cert.indices],
+                    "new_class": None if cert.new_class is None else self.classes_[int(self.head_.classes_[cert.new_class])],
+                    "margin": cert.margin, "refit_max_abs_diff": cert.refit_max_abs_diff,
+                }
             emb = self.embedder
             if node_removal:
                 drops = removal(self.head_, H[i], P, c, emb)
