@@ -244,7 +244,8 @@ def predict(run_dir: str, images: tuple[str, ...], out_path: str | None, batch_s
 @cli.command()
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--what", default="accuracy,mislabel,faithfulness,lds,agreement", show_default=True,
-              help="Comma-separated evaluations: accuracy (mean/std over seeds), mislabel, faithfulness, lds, agreement, deletion (region deletion/insertion AUC), pointing (needs part locations).")
+              help="Comma-separated evaluations: accuracy (mean/std over seeds), mislabel, faithfulness, lds, agreement, deletion (region deletion/insertion AUC), pointing (needs part locations), certificates (the fewest training images whose removal changes each of --n-test predictions; up to --certificate-limit).")
+@click.option("--certificate-limit", type=click.IntRange(min=1), default=50, show_default=True, help="Certificates: the most training images removed per prediction.")
 @click.option("--seeds", default="0,1,2,3,4", show_default=True, help="Accuracy: comma-separated seeds (each draws the --shots subsample and/or the --resplit split).")
 @click.option("--shots", type=int, help="Accuracy: train on this many images per class (few-shot), drawn per seed.")
 @click.option("--resplit", is_flag=True, help="Accuracy: pool train+test and draw a new stratified split per seed (for data sets without an official split).")
@@ -255,17 +256,18 @@ def predict(run_dir: str, images: tuple[str, ...], out_path: str | None, batch_s
 @click.option("--out", "out_path", type=click.Path(dir_okay=False), help="JSON file to write (default: RUN_DIR/evaluation.json).")
 @click.option("--json", "as_json", is_flag=True, help="Print the whole result as JSON on stdout (default: one line per evaluation).")
 @user_errors
-def evaluate(run_dir: str, what: str, seeds: str, shots: int | None, resplit: bool, flip_fraction: float, ks: str,
-             n_test: int, subsets: int, out_path: str | None, as_json: bool) -> None:
+def evaluate(run_dir: str, what: str, certificate_limit: int, seeds: str, shots: int | None, resplit: bool,
+             flip_fraction: float, ks: str, n_test: int, subsets: int, out_path: str | None, as_json: bool) -> None:
     """Evaluate the run in RUN_DIR: test accuracy mean/std over seeds (few-shot or re-split), and its exact
     attributions against exact LOO, TracIn and baselines: mislabel detection, faithfulness, linear
-    datamodeling score, rank agreement; pointing game where part locations are known."""
+    datamodeling score, rank agreement; pointing game where part locations are known; counterfactual
+    certificates (how few training images each prediction rests on)."""
     from carrot.run import commands as orchestration
 
     k_list = _numbers("k", ks)
     seed_list = _numbers("seeds", seeds, minimum=0)
     res = orchestration.evaluate(run_dir, [w.strip() for w in what.split(",") if w.strip()], out_path,
-                                 seeds=seed_list, shots=shots, resplit=resplit,
+                                 seeds=seed_list, shots=shots, resplit=resplit, certificate_limit=certificate_limit,
                                  flip_fraction=flip_fraction, ks=k_list, n_test=n_test, n_subsets=subsets,
                                  progress=lambda msg: click.echo(f"... {msg}", err=True))
     if as_json:

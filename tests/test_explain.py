@@ -69,3 +69,21 @@ def test_cli_json_has_the_python_api_fields_and_the_page_says_what_each_number_m
     assert set(api_exp["supporting"][0]) == set(cli_exp["supporting"][0])
     page = (tmp_path / "x").glob("*/explanation.html").__next__().read_text()
     assert "the exact change of this logit if the image is removed" in page and "Certificate:" in page
+
+
+def test_certificate_audit_on_the_index(fitted, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(fitted, run)
+    r = CliRunner().invoke(cli, ["evaluate", str(run), "--what", "certificates", "--n-test", "4", "--certificate-limit", "5"],
+                           catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    assert r.output.startswith("certificates (4 predictions, up to 5 removals): ")
+    c = json.loads((run / "evaluation.json").read_text())["certificates"]
+    assert sum(c["histogram"].values()) == c["n"] == len(c["sizes"]) == 4
+    assert c["found"] == sum(s is not None for s in c["sizes"]) and len(c["smallest"]) == c["found"]
+    assert all(s["size"] == len(s["training_images"]) <= 5 and s["new_class"] != s["predicted"] for s in c["smallest"])
+    assert "Counterfactual certificates" in (run / "index.html").read_text()
+    r = CliRunner().invoke(cli, ["evaluate", str(run), "--what", "certificates", "--certificate-limit", "0"])
+    assert r.exit_code == 2 and "--certificate-limit" in r.output

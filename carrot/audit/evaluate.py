@@ -283,6 +283,11 @@ def summary_lines(res: dict) -> list[str]:
         d = res["deletion"]
         out.append(f"region deletion AUC ({d['n']} images, pooled; 1 = full logit, 0 = prior): exact order {d['deletion']:.3f}, "
                    f"random {d['deletion_random']:.3f}; insertion AUC: exact {d['insertion']:.3f}, random {d['insertion_random']:.3f}")
+    if "certificates" in res:
+        c = res["certificates"]
+        med = "" if c["median_size"] is None else f", median {c['median_size']:g} images"
+        out.append(f"certificates ({c['n']} predictions, up to {c['limit']} removals): {c['found']} change{med}; "
+                   f"{c['seconds_per_image_median'] * 1e3:.0f} ms per image")
     if "pointing" in res:
         p = res["pointing"]
         out.append(f"pointing game ({p['n']} images): hit rate {p['hit_rate']:.3f} (random region {p['random_region_hit_rate']:.3f})")

@@ -152,6 +152,27 @@ def compare_html(c: dict) -> str:
                + _table(["image", "label", "A", "B"], changed) if changed else ""))
 
 
+def _certificates(c: dict) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 2.6), dpi=100)
+    ax.bar(range(len(c["histogram"])), list(c["histogram"].values()), label="test predictions")
+    ax.set_xticks(range(len(c["histogram"])), list(c["histogram"]), rotation=30, fontsize=7)
+    ax.set_xlabel("training images whose removal changes the prediction")
+    rows = [[Path(s["image"]).name, s["label"], s["predicted"], s["size"], s["new_class"],
+             ", ".join(f"#{t['index']} ({t['label']})" for t in s["training_images"][:8])] for s in c["smallest"]]
+    med = "" if c["median_size"] is None else f", median size {c['median_size']:g}"
+    return (f"<h3>Counterfactual certificates</h3><p>{c['n']} test predictions: {c['found']} change when at most "
+            f"{c['limit']} training images are removed{med} (greedy on exact removal effects, each set checked by a refit; "
+            f"{c['seconds_per_image_median'] * 1e3:.0f} ms per image)</p>"
+            f"<img alt='certificate sizes' src='{figure_uri(fig)}'>"
+            "<p class='muted'>the predictions that rest on the fewest training images (most exposed to a few wrong labels)</p>"
+            + _table(["test image", "label", "predicted", "images", "becomes", "training images removed"], rows, ".0f"))
+
+
 def evaluation_html(ev: dict) -> str:
     """The results of ``carrot-run evaluate`` (evaluation.json)."""
     out = "<h2>Evaluations</h2>"
@@ -167,6 +188,8 @@ def evaluation_html(ev: dict) -> str:
                 "in the order of their exact contribution to the predicted logit, or at random; AUC pooled over the images, "
                 "sum(AUC - prior) / sum(logit - prior) (1 = the full logit throughout, 0 = the prior): low deletion and high "
                 "insertion AUC mean a sharp region attribution</p>" + _table(["curve", "normalised AUC"], rows))
+    if "certificates" in ev:
+        out += _certificates(ev["certificates"])
     if "pointing" in ev:
         p = ev["pointing"]
         out += (f"<h3>Pointing game</h3><p>{p['n']} test images with known parts: hit rate <b>{p['hit_rate']:.3f}</b> "

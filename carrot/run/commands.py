@@ -18,7 +18,7 @@ from carrot.run.pipeline import Carrot
 from carrot.run.rundir import RunDir
 from carrot.report.pages import write_explanation
 from carrot.run.operations import (
-    bench, clear_run, compare, debug, pointing, predict, region_deletion, reweight, run_embeddings, tracin, write_index,
+    bench, certificates, clear_run, compare, debug, pointing, predict, region_deletion, reweight, run_embeddings, tracin, write_index,
 )
 
 __all__ = ["bench", "compare", "debug", "demo", "evaluate", "explain", "extract_splits", "fit", "predict", "reweight", "tracin"]
@@ -124,11 +124,11 @@ def explain(run_dir: str | Path, inputs: Sequence[str], out_dir: str | Path | No
 
 
 def evaluate(run_dir: str | Path, what: Sequence[str], out: str | Path | None = None, seeds: Sequence[int] = (0, 1, 2, 3, 4),
-             shots: int | None = None, resplit: bool = False, **kwargs: Any) -> dict[str, Any]:
+             shots: int | None = None, resplit: bool = False, certificate_limit: int = 50, **kwargs: Any) -> dict[str, Any]:
     """Accuracy over seeds and attribution evaluations on a fitted run's cached embeddings; writes evaluation.json."""
     from carrot.audit.evaluate import EVALUATIONS, accuracy_over_seeds, evaluate_embeddings
 
-    regions = ("pointing", "deletion")  # evaluate the head as it is (weighted or not) on cached test tokens
+    regions = ("pointing", "deletion", "certificates")  # the head as it is, on the run's test images
     known = ("accuracy", *EVALUATIONS, *regions)
     if not what or set(what) - set(known):
         raise CarrotError(f"--what: expected some of {', '.join(known)}, got {', '.join(what) or 'nothing'}")
@@ -141,6 +141,8 @@ def evaluate(run_dir: str | Path, what: Sequence[str], out: str | Path | None = 
         res["pointing"] = pointing(run_dir, model)
     if "deletion" in what:
         res["deletion"] = region_deletion(run_dir, kwargs.get("n_test", 50), seed=model.config.seed, model=model)
+    if "certificates" in what:
+        res["certificates"] = certificates(model, kwargs.get("n_test", 50), certificate_limit, seed=model.config.seed)
     write_json(out, res) if out else RunDir(run_dir).write_audit("evaluation", res)
     if out is None:
         write_index(run_dir, model=model)

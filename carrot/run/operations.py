@@ -357,3 +357,46 @@ def pointing(run_dir: str | Path, model: Carrot | None = None) -> dict[str, Any]
         cells = np.eye(r.size).reshape(r.size, *r.shape)
         chance.append(np.mean([any(pointing_game(c, tuple(b), size) for b in boxes) for c in cells]))
     return {"n": len(hits), "hit_rate": float(np.mean(hits)), "random_region_hit_rate": float(np.mean(chance))}
+
+
+def certificates(model: Carrot, n_test: int = 50, limit: int = 50, seed: int = 0, n_show: int = 10) -> dict[str, Any]:
+    """Counterfactual certificates of ``n_test`` random test predictions (all when n_test >= m): for each, the
+    fewest training images found (greedy on exact effects, checked by a refit) whose removal changes it.
+
+    Returns
+    -------
+    dict: ``sizes`` (per image, None when no set of up to ``limit`` changes it), ``histogram``, the ``smallest``
+    sets (the predictions most exposed to a few possibly wrong labels) and the cost per image.
+    """
+    from carrot.attribution.training import certificate
+
+    if isinstance(n_test, bool) or not isinstance(n_test, int) or n_test < 1:
+        raise CarrotError(f"n_test: expected a positive integer, got {n_test!r}")
+    _, _, _, G_test, y_test = run_embeddings(None, model)
+    system = model.training_system()
+    rng = np.random.default_rng(seed)
+    rows = np.sort(rng.choice(len(G_test), min(n_test, len(G_test)), replace=False))
+    found, seconds = [], []
+    for i in rows.tolist():
+        c = certificate(system, G_test[i], limit)
+        seconds.append(c.seconds)
+        found.append((i, c))
+    sizes = [len(c.indices) if c.found else None for _, c in found]
+    edges = [1, 2, 3, 5, 10, 20, 50, 100, 200, 500, 1000]
+    edges = [e for e in edges if e <= limit] + [limit + 1]
+    hist = {f"{lo}-{hi - 1}" if hi - 1 > lo else str(lo): sum(1 for s in sizes if s is not None and lo <= s < hi)
+            for lo, hi in zip(edges[:-1], edges[1:])}
+    hist[f"none up to {limit}"] = sum(1 for s in sizes if s is None)
+    pred = model.head_.decision_function(G_test[rows]).argmax(1)
+    order = sorted((j for j, s in enumerate(sizes) if s is not None), key=lambda j: sizes[j])[:n_show]
+    smallest = [{"image": model.test_records_[rows[j]][0], "label": model.classes_[int(y_test[rows[j]])],
+                 "predicted": model.classes_[int(pred[j])], "size": sizes[j],
+                 "new_class": model.classes_[int(model.head_.classes_[found[j][1].new_class])],
+                 "margin": found[j][1].margin,
+                 "training_images": [{"index": t, "path": model.train_records_[t].path,
+                                      "label": model.classes_[model.train_records_[t].label]} for t in found[j][1].indices]}
+                for j in order]
+    known = [s for s in sizes if s is not None]
+    return {"n": int(len(rows)), "limit": limit, "found": len(known), "median_size": float(np.median(known)) if known else None,
+            "sizes": sizes, "histogram": hist, "smallest": smallest,
+            "seconds_per_image_median": float(np.median(seconds)), "seconds_per_image_max": float(np.max(seconds))}
