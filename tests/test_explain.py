@@ -81,7 +81,8 @@ def test_certificate_audit_on_the_index(fitted, tmp_path):
     assert r.exit_code == 0, r.output
     assert r.output.startswith("certificates (4 predictions, up to 5 removals): ")
     c = json.loads((run / "evaluation.json").read_text())["certificates"]
-    assert sum(c["histogram"].values()) == c["n"] == len(c["sizes"]) == 4
+    assert sum(n for _, n in c["histogram"]) == c["n"] == len(c["sizes"]) == 4
+    assert [b for b, _ in c["histogram"]] == ["1", "2", "3-4", "5", "none up to 5"]
     assert c["found"] == sum(s is not None for s in c["sizes"]) and len(c["smallest"]) == c["found"]
     assert all(s["size"] == len(s["training_images"]) <= 5 and s["new_class"] != s["predicted"] for s in c["smallest"])
     assert "Counterfactual certificates" in (run / "index.html").read_text()

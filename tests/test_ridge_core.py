@@ -79,3 +79,13 @@ def test_moments_refuse_bad_input():
         CentredMoments.accumulate(G, y[:5], n_classes=2)
     with pytest.raises(CarrotError, match="sample_weight"):
         CentredMoments.accumulate(G, y, np.zeros(10), n_classes=2)
+
+
+def test_a_head_without_a_saved_factor_is_factorised_once_on_its_rows():
+    """Heads written before format 3 (and heads fitted from moments) carry no factor: from_head fits the system."""
+    G, y, a = problem(30, 6, 3, seed=8)
+    head = RidgeHead(lam=0.5).fit(G, y, a)
+    ref = RidgeSystem.from_head(head, G, y)
+    head.factor_ = None
+    legacy = RidgeSystem.from_head(head, G, y)
+    np.testing.assert_allclose(legacy.loo_logits().numpy(), ref.loo_logits().numpy(), rtol=1e-9, atol=1e-12)

@@ -159,8 +159,8 @@ def _certificates(c: dict) -> str:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5, 2.6), dpi=100)
-    ax.bar(range(len(c["histogram"])), list(c["histogram"].values()), label="test predictions")
-    ax.set_xticks(range(len(c["histogram"])), list(c["histogram"]), rotation=30, fontsize=7)
+    ax.bar(range(len(c["histogram"])), [n for _, n in c["histogram"]], label="test predictions")
+    ax.set_xticks(range(len(c["histogram"])), [b for b, _ in c["histogram"]], rotation=30, fontsize=7)
     ax.set_xlabel("training images whose removal changes the prediction")
     rows = [[Path(s["image"]).name, s["label"], s["predicted"], s["size"], s["new_class"],
              ", ".join(f"#{t['index']} ({t['label']})" for t in s["training_images"][:8])] for s in c["smallest"]]

@@ -384,9 +384,9 @@ def certificates(model: Carrot, n_test: int = 50, limit: int = 50, seed: int = 0
     sizes = [len(c.indices) if c.found else None for _, c in found]
     edges = [1, 2, 3, 5, 10, 20, 50, 100, 200, 500, 1000]
     edges = [e for e in edges if e <= limit] + [limit + 1]
-    hist = {f"{lo}-{hi - 1}" if hi - 1 > lo else str(lo): sum(1 for s in sizes if s is not None and lo <= s < hi)
-            for lo, hi in zip(edges[:-1], edges[1:])}
-    hist[f"none up to {limit}"] = sum(1 for s in sizes if s is None)
+    hist = [[f"{lo}-{hi - 1}" if hi - 1 > lo else str(lo), sum(1 for s in sizes if s is not None and lo <= s < hi)]
+            for lo, hi in zip(edges[:-1], edges[1:])]  # [bin, count] pairs: JSON keeps their order
+    hist.append([f"none up to {limit}", sum(1 for s in sizes if s is None)])
     pred = model.head_.decision_function(G_test[rows]).argmax(1)
     order = sorted((j for j, s in enumerate(sizes) if s is not None), key=lambda j: sizes[j])[:n_show]
     smallest = [{"image": model.test_records_[rows[j]][0], "label": model.classes_[int(y_test[rows[j]])],
