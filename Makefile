@@ -11,7 +11,7 @@ UV := $(VENV)/bin/uv
 export UV_PROJECT_ENVIRONMENT := $(VENV)
 export UV_PYTHON_DOWNLOADS := never
 
-.PHONY: install demo test lock lock-upgrade test-lowest clean
+.PHONY: install bench-env demo test lock lock-upgrade test-lowest clean
 
 $(VENV)/.installed: uv.lock pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,10 @@ $(VENV)/.installed: uv.lock pyproject.toml
 	touch $@
 
 install: $(VENV)/.installed
+
+# the locked environment plus the peers' libraries the benchmarks compare with (traker, dattri, captum)
+bench-env: install
+	$(UV) sync --locked --group bench --python $(PY)
 
 demo: install
 	$(VENV)/bin/carrot-run demo --out runs/demo
