@@ -238,6 +238,79 @@ def run_seed(G, y, Gt_all, head, seed: int, n_test: int, n_subsets: int, n_flip:
     return results
 
 
+def mislabel_rows(G, y, head, seed: int, fraction: float = 0.1) -> list[dict]:
+    """Label review: flip ``fraction`` of the training labels; ROC-AUC of each score at finding them."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+    from sklearn.preprocessing import StandardScaler
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from carrot.audit.evaluate import flip_labels
+    from carrot.ridge.head import frozen_clone
+    from carrot.ridge.removal import RidgeSystem
+
+    C = len(head.classes_)
+    yn, flipped = flip_labels(y, fraction, C, seed)
+    rows = []
+
+    def add(method, library, score, seconds):
+        rows.append({"seed": seed, "method": method, "library": library, "roc_auc": float(roc_auc_score(flipped, score)),
+                     "seconds": seconds})
+
+    t0 = time.perf_counter()
+    system = RidgeSystem.from_head(frozen_clone(head).fit(G, yn), G, yn)
+    ce, _ = system.loo_cross_entropy()
+    t = time.perf_counter() - t0
+    add("carrot exact LOO cross-entropy, calibrated (label review)", "carrot", ce.numpy(), t)
+    loo = system.loo_logits()
+    add("carrot exact LOO squared loss", "carrot", ((loo - system.Y) ** 2).sum(1).numpy(), t)
+    Xs_np = StandardScaler().fit_transform(G)
+    for Cr in (0.1, 1.0):
+        t0 = time.perf_counter()
+        lr = LogisticRegression(C=Cr, max_iter=3000).fit(Xs_np, yn)
+        p = lr.predict_proba(Xs_np)[np.arange(len(yn)), np.searchsorted(lr.classes_, yn)]
+        add(f"plain loss, sklearn LogisticRegression (C = {Cr:g})", "sklearn", -np.log(p), time.perf_counter() - t0)
+    Xs = torch.as_tensor(Xs_np, dtype=torch.float32)
+    yt = torch.as_tensor(np.searchsorted(head.classes_, yn))
+    model, ckpts = train_softmax(Xs, yt, C, seed=seed)
+    from captum.influence import TracInCP
+
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = []
+        for j, ck in enumerate(ckpts):
+            paths.append(str(Path(tmp) / f"ck{j}.pt"))
+            torch.save(ck, paths[-1])
+
+        def load(m, path):
+            m.load_state_dict(torch.load(path, weights_only=True))
+            return 0.05
+
+        tc = TracInCP(Softmax(Xs.shape[1], C), TensorDataset(Xs, yt), checkpoints=paths, checkpoints_load_func=load,
+                      loss_fn=torch.nn.CrossEntropyLoss(reduction="sum"), batch_size=256, sample_wise_grads_per_batch=True)
+        add("Captum TracInCP self-influence", "Captum", tc.self_influence(show_progress=False).detach().numpy(),
+            time.perf_counter() - t0)
+    from dattri.algorithm.influence_function import IFAttributorExplicit
+    from dattri.task import AttributionTask
+
+    fmodel = Softmax(Xs.shape[1], C)
+
+    def loss_func(params, data):
+        x, t_ = data
+        z = torch.func.functional_call(fmodel, params, x.reshape(-1, x.shape[-1]))
+        return torch.nn.functional.cross_entropy(z, t_.reshape(-1))
+
+    t0 = time.perf_counter()
+    att = IFAttributorExplicit(task=AttributionTask(loss_func=loss_func, model=fmodel, checkpoints=model.state_dict()),
+                               regularization=1e-3)
+    loader = DataLoader(TensorDataset(Xs, yt), batch_size=len(yt), shuffle=False)
+    att.cache(loader)
+    add("dattri IF explicit self-influence", "dattri", att.self_attribute(loader).detach().numpy(), time.perf_counter() - t0)
+    for r in rows:
+        print(r, file=sys.stderr)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run", default="runs/demo", help="a fitted run directory")
@@ -247,21 +320,24 @@ def main() -> None:
     ap.add_argument("--n-flip", type=int, default=20, help="test images whose top-K removal is retrained")
     ap.add_argument("--certificate-limit", type=int, default=50)
     ap.add_argument("--proj-dims", type=int, nargs="+", default=[64, 512])
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "explanations"))
+    ap.add_argument("--skip-attribution", action="store_true", help="only the label-review part")
+    ap.add_argument("--out", default=None, help="default: results/explanations_<data>_<backbone>")
     a = ap.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     from carrot.run.pipeline import Carrot
 
     model = Carrot.load(a.run)
     y = np.array([r.label for r in model.train_records_])
-    rows = []
+    a.out = a.out or str(Path(__file__).parent / "results" / f"explanations_{model.config.data.kind}_{model.config.backbone.name}")
+    rows, label_rows = [], []
     for seed in a.seeds:
-        rows += run_seed(model.train_embeddings_, y, model.test_embeddings_, model.head_, seed, a.n_test, a.subsets,
+        label_rows += mislabel_rows(model.train_embeddings_, y, model.head_, seed)
+        rows += [] if a.skip_attribution else run_seed(model.train_embeddings_, y, model.test_embeddings_, model.head_, seed, a.n_test, a.subsets,
                          a.n_flip, a.certificate_limit, tuple(a.proj_dims))
     meta = {"run": str(Path(a.run).resolve()), "backbone": model.config.backbone.name, "data": model.config.data.kind,
             "n_train": len(y), "lam": model.head_.lam_, "machine": platform.platform(), "torch": torch.__version__,
             "args": vars(a)}
-    print(write_results(a.out, rows, meta=meta))
+    print(write_results(a.out, rows, meta=meta, label_review=label_rows))
 
 
 if __name__ == "__main__":

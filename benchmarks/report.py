@@ -170,6 +170,14 @@ def explanations_section(d: dict) -> list[str]:
     for m in methods:
         rows = [r for r in d["rows"] if r["method"] == m]
         lines.append(f"| {m} | {rows[0]['library']} | " + " | ".join(ms([r.get(k) for r in rows]) for k in keys) + " |")
+    labels = d.get("label_review", [])
+    if labels:
+        lines += ["", "Label review (the score ordering the index page's label-review list): 10% of the training labels "
+                  "flipped at random per seed; ROC-AUC of each score at finding them, mean ± std over seeds.", "",
+                  "| score | library | ROC-AUC | seconds |", "|---|---|---|---|"]
+        for m in dict.fromkeys(r["method"] for r in labels):
+            rs = [r for r in labels if r["method"] == m]
+            lines.append(f"| {m} | {rs[0]['library']} | {ms([r['roc_auc'] for r in rs])} | {ms([r['seconds'] for r in rs])} |")
     cert = [r for r in d["rows"] if r.get("certificate_n")]
     if cert:
         lines += ["", "Counterfactual certificates (carrot, up to 50 removals): "

@@ -89,3 +89,18 @@ def test_a_head_without_a_saved_factor_is_factorised_once_on_its_rows():
     head.factor_ = None
     legacy = RidgeSystem.from_head(head, G, y)
     np.testing.assert_allclose(legacy.loo_logits().numpy(), ref.loo_logits().numpy(), rtol=1e-9, atol=1e-12)
+
+
+def test_loo_cross_entropy_is_the_refit_label_loss_at_a_fitted_temperature():
+    G, y, a = problem(25, 4, 3, seed=11)
+    head = RidgeHead(lam=0.4).fit(G, y, a)
+    scores, T = RidgeSystem.from_head(head, G, y).loo_cross_entropy()
+    loo = np.stack([RidgeHead(lam=0.4).fit(np.delete(G, i, 0), np.delete(y, i), np.delete(a, i)).decision_function(G[i : i + 1])[0]
+                    for i in range(len(y))])
+
+    def ce(t):
+        z = torch.log_softmax(torch.as_tensor(loo) / t, 1)
+        return -z[torch.arange(len(y)), torch.as_tensor(y)]
+
+    np.testing.assert_allclose(scores.numpy(), ce(T).numpy(), rtol=1e-7, atol=1e-9)
+    assert ce(T).mean() <= min(ce(T * 1.05).mean(), ce(T / 1.05).mean()) + 1e-9  # a minimum over T

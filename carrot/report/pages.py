@@ -256,6 +256,14 @@ def index_html(summary: dict[str, Any], thumbs: dict[int, Any], pages: Sequence[
         f"<tr><td style='text-align:left'>{html.escape(c)}</td><td>{summary['per_class'][c]['n_test']}</td>"
         f"<td>{summary['per_class'][c]['accuracy']:.3f}</td></tr>" for c in classes)
 
+    def review_with_prediction(rows):
+        cards = "".join(
+            f"<div class='card'><img alt='label review' src='{data_uri(thumbs[r['index']], 'JPEG', 160)}'><br>"
+            f"<b>{html.escape(r['label'])}</b> #{r['index']} &rarr; {html.escape(r['loo_predicted'])}<br>"
+            f"LOO cross-entropy {r['score']:.3f}<br>"
+            f"<span class='muted'>{html.escape(Path(r['path']).name)}</span></div>" for r in rows)
+        return f"<div class='row'>{cards}</div>"
+
     def review(rows, what):
         cards = "".join(
             f"<div class='card'><img alt='{what}' src='{data_uri(thumbs[r['index']], 'JPEG', 160)}'><br>"
@@ -273,7 +281,12 @@ def index_html(summary: dict[str, Any], thumbs: dict[int, Any], pages: Sequence[
         f"<h2>Per class</h2><table><tr><th>class</th><th>test images</th><th>accuracy</th></tr>{per_class}</table>"
         f"<h2>Confusion matrix</h2><p class='muted'>rows: true class, columns: predicted</p>"
         f"<table><tr><th></th>{head}</tr>{cm_rows}</table>"
-        "<h2>Most harmful training images (label review candidates)</h2>"
+        "<h2>Label review</h2><p class='muted'>training images whose label the rest of the data disagrees with most: "
+        "exact leave-one-out cross-entropy of the label (softmax of the logits refitted without the image, temperature "
+        f"{summary.get('label_review_temperature', float('nan')):.3g} fitted on the training labels); the card says what the "
+        "model predicts for the image without it</p>"
+        + review_with_prediction(summary.get("label_review", [])) +
+        "<h2>Most harmful training images</h2>"
         "<p class='muted'>exact leave-one-out: removing the image lowers the summed squared loss on the test images by this much</p>"
         + review(summary["harmful"], "removal gain") +
         "<h2>Most helpful training images</h2><p class='muted'>removing the image raises the test loss by this much (shown negative)</p>"

@@ -31,10 +31,16 @@ def run_embeddings(run_dir: str | Path, model: Carrot | None = None) -> tuple[Ca
     return model, model.train_embeddings_, y_train, model.test_embeddings_, y_test
 
 
+def torch_where_active(scores: np.ndarray, a: np.ndarray) -> np.ndarray:
+    """Scores of images outside the model (weight 0) set to -inf, so no list ranks them."""
+    return np.where(a > 0, scores, -np.inf)
+
+
 def run_summary(model: Carrot, G: np.ndarray, y: np.ndarray, G_test: np.ndarray, y_test: np.ndarray,
                 n_review: int = 8) -> dict[str, Any]:
-    """Accuracy, per-class table, confusion matrix and the most harmful / helpful training images
-    by the exact leave-one-out change of the test loss."""
+    """Accuracy, per-class table, confusion matrix, the most harmful / helpful training images by the exact
+    leave-one-out change of the test loss, and the label-review list: the training labels the rest of the
+    data disagrees with most (exact LOO cross-entropy, temperature calibrated on the training labels)."""
     head = model.head_
     pred = head.decision_function(G_test).argmax(1)
     C = len(model.classes_)
@@ -48,6 +54,9 @@ def run_summary(model: Carrot, G: np.ndarray, y: np.ndarray, G_test: np.ndarray,
                  "label": model.classes_[model.train_records_[i].label], "score": float(scores[i])} for i in order]
 
     k = min(n_review, len(total))
+    review, temperature = system.loo_cross_entropy()
+    review = torch_where_active(review.numpy(), system.a.numpy())
+    loo_pred = system.loo_logits().argmax(1).numpy()
     flow = class_summary(head, G, y, G_test) if len(y_test) else None
     carry = flow["total_contribution"] if flow is not None else np.zeros(len(y))
     return {
@@ -58,6 +67,9 @@ def run_summary(model: Carrot, G: np.ndarray, y: np.ndarray, G_test: np.ndarray,
         "harmful": rows(np.argsort(-total, kind="stable")[:k], total),
         "helpful": rows(np.argsort(total, kind="stable")[:k], total),
         "carriers": rows(np.argsort(-carry, kind="stable")[:k], carry) if flow is not None else [],
+        "label_review": [{**r, "loo_predicted": model.classes_[int(head.classes_[loo_pred[r["index"]]])]}
+                         for r in rows(np.argsort(-review, kind="stable")[:k], review)],
+        "label_review_temperature": temperature,
         "class_flow": flow["class_flow"].tolist() if flow is not None else None,
         "n_train": int(len(y)), "n_test": int(len(y_test)), "lam": float(head.lam_),
         "t": model.config.diffusion.t, "backbone": model.config.backbone.name,
@@ -74,7 +86,7 @@ def write_index(run_dir: str | Path, explained: Sequence[dict[str, Any]] = (), m
     pages = list(explained) or (read_json(listed, "explanations list") if listed.is_file() else [])
     geo = model.backbone.display_transform() if summary["harmful"] else None
     thumbs = {r["index"]: geo(load_image(model.train_records_[r["index"]]))
-              for r in summary["harmful"] + summary["helpful"] + summary["carriers"]}
+              for r in summary["harmful"] + summary["helpful"] + summary["carriers"] + summary["label_review"]}
     links = [{"href": os.path.relpath(p["page"], rd.path), "image": p["image"], "predicted": p["predicted"]}
              for p in pages if "page" in p]
     summary["audits"] = {name: rd.read_audit(name) for name in AUDITS}
