@@ -1,7 +1,6 @@
 """Exact training-image views of a logit (representer, equivalent kernel, removal) and the certificate."""
 import numpy as np
 import pytest
-import torch
 
 from carrot.attribution.training import certificate, training_terms
 from carrot.ridge.head import RidgeHead, frozen_clone
