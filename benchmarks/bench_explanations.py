@@ -259,10 +259,10 @@ def mislabel_rows(G, y, head, seed: int, fraction: float = 0.1) -> list[dict]:
 
     t0 = time.perf_counter()
     system = RidgeSystem.from_head(frozen_clone(head).fit(G, yn), G, yn)
-    ce, _ = system.loo_cross_entropy()
+    loo = system.loo_logits()
+    ce, _ = system.loo_cross_entropy(loo)
     t = time.perf_counter() - t0
     add("carrot exact LOO cross-entropy, calibrated (label review)", "carrot", ce.numpy(), t)
-    loo = system.loo_logits()
     add("carrot exact LOO squared loss", "carrot", ((loo - system.Y) ** 2).sum(1).numpy(), t)
     Xs_np = StandardScaler().fit_transform(G)
     for Cr in (0.1, 1.0):

@@ -46,7 +46,7 @@ def mislabel_scores(G: np.ndarray, y: np.ndarray, head: RidgeHead | float, traci
     other = loo.clone()
     other[rows, y_idx] = -torch.inf
     scores = {
-        "carrot_loo_ce_calibrated": system.loo_cross_entropy()[0],
+        "carrot_loo_ce_calibrated": system.loo_cross_entropy(loo)[0],
         "carrot_loo_loss": ((loo - Y) ** 2).sum(1),
         "carrot_loo_margin": other.max(1).values - own,
         "carrot_self_representer": head.dual_coef_[rows, y_idx],

@@ -186,7 +186,7 @@ def rro(
             rec["holdout_accuracy"] = _acc(system, G_val[hold_rows], yv_idx[hold_rows])
         score = rec.get("holdout_loss", L)
         if best is None or score < best[0]:
-            best = (score, step, (a0 * a).detach().clone())
+            best = (score, step, a.detach().clone())
         if G_test is not None:
             rec["test_accuracy"] = _acc(system, G_test, yt_idx)
         history.append(rec)
@@ -196,8 +196,8 @@ def rro(
         (a * g_a).sum().add(penalty).backward()  # d/ds of L_val through a, plus the regularisers
         opt.step()
     _, best_step, a_best = best
-    ess = ess_fraction(a_best / a0.clamp_min(1e-300) * (a0 > 0), yt, C)
-    return RROResult(a_best.numpy(), best_step, history, {str(c): float(e) for c, e in zip(classes, ess)})
+    ess = ess_fraction(a_best * (a0 > 0), yt, C)  # rows outside the run (base weight 0) carry no weight
+    return RROResult((a0 * a_best).numpy(), best_step, history, {str(c): float(e) for c, e in zip(classes, ess)})
 
 
 def _holdout_split(y_idx: np.ndarray, share: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

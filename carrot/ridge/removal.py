@@ -15,6 +15,7 @@ Removing one row i (delta = -a_i) gives the exact leave-one-out effect on any in
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Sequence
 
 import numpy as np
@@ -126,10 +127,15 @@ class RidgeSystem:
         """r_i = y_i - f(x_i), (n, C)."""
         return self.Y - _augment(self.G, self.mu, self.fit_intercept) @ self.theta
 
+    @cached_property
+    def solved_rows(self) -> torch.Tensor:
+        """M^-1 x_i for every training row, (p, n): computed once per system (hat diagonal, removal terms, certificates)."""
+        return self.solve(_augment(self.G, self.mu, self.fit_intercept).T)
+
     def hat_diag(self) -> torch.Tensor:
         """h_ii = a_i x_i^T M^-1 x_i, (n,)."""
         X = _augment(self.G, self.mu, self.fit_intercept)
-        return self.a * (X * self.solve(X.T).T).sum(1)
+        return self.a * (X * self.solved_rows.T).sum(1)
 
     # -- exact removal ----------------------------------------------------------------------
     def loo_logits(self) -> torch.Tensor:
@@ -144,12 +150,16 @@ class RidgeSystem:
         h = self.hat_diag().unsqueeze(1)
         return (f - h * self.Y) / (1 - h)
 
-    def loo_cross_entropy(self) -> tuple[torch.Tensor, float]:
+    def loo_cross_entropy(self, loo: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
         """Exact leave-one-out cross-entropy of every training label under a calibrated softmax of the LOO logits.
 
         The temperature T minimises the mean LOO cross-entropy on the training labels themselves (one bounded
         1-D search; no held-out labels): a label-review score (high: the rest of the data disagrees with this
         label), scale-free unlike the squared LOO loss.
+
+        Parameters
+        ----------
+        loo : (n, C) :meth:`loo_logits`, when the caller already has them.
 
         Returns
         -------
@@ -157,7 +167,7 @@ class RidgeSystem:
         """
         from scipy.optimize import minimize_scalar
 
-        loo = self.loo_logits()
+        loo = self.loo_logits() if loo is None else loo
         y = self.Y.argmax(1)
         rows = torch.arange(len(y))
 
@@ -174,7 +184,7 @@ class RidgeSystem:
         row i changes the logits of any x by -(x^T Z_i) R_i."""
         idx = torch.arange(self.G.shape[0]) if idx is None else torch.as_tensor(np.asarray(idx), dtype=torch.long)
         Xi = _augment(self.G[idx], self.mu, self.fit_intercept)
-        Z = self.solve(Xi.T)
+        Z = self.solved_rows[:, idx]
         a = self.a[idx]
         h = a * (Xi * Z.T).sum(1)
         return Z, (self.Y[idx] - Xi @ self.theta) * (a / (1 - h)).unsqueeze(1)

@@ -12,7 +12,7 @@ from carrot.distributed import world
 from carrot.attribution.representer import class_summary
 from carrot.audit.registry import AUDITS
 from carrot.errors import CarrotError
-from carrot.ridge.removal import RidgeSystem, loo_loss_change
+from carrot.ridge.removal import loo_loss_change
 from carrot.io import atomic_path, read_json, write_csv, write_json
 from carrot.validation import index_labels
 from carrot.run.pipeline import Carrot
@@ -31,11 +31,6 @@ def run_embeddings(run_dir: str | Path, model: Carrot | None = None) -> tuple[Ca
     return model, model.train_embeddings_, y_train, model.test_embeddings_, y_test
 
 
-def torch_where_active(scores: np.ndarray, a: np.ndarray) -> np.ndarray:
-    """Scores of images outside the model (weight 0) set to -inf, so no list ranks them."""
-    return np.where(a > 0, scores, -np.inf)
-
-
 def run_summary(model: Carrot, G: np.ndarray, y: np.ndarray, G_test: np.ndarray, y_test: np.ndarray,
                 n_review: int = 8) -> dict[str, Any]:
     """Accuracy, per-class table, confusion matrix, the most harmful / helpful training images by the exact
@@ -46,7 +41,7 @@ def run_summary(model: Carrot, G: np.ndarray, y: np.ndarray, G_test: np.ndarray,
     C = len(model.classes_)
     cm = np.zeros((C, C), dtype=int)
     np.add.at(cm, (y_test, pred), 1)
-    system = RidgeSystem.from_head(head, G, y)
+    system = model.training_system()  # the head's own factor, shared with explain and certificates
     total = -loo_loss_change(system, G_test, index_labels(head.classes_, y_test, "y_test")).numpy()  # > 0: removal helps
 
     def rows(order, scores):
@@ -54,9 +49,10 @@ def run_summary(model: Carrot, G: np.ndarray, y: np.ndarray, G_test: np.ndarray,
                  "label": model.classes_[model.train_records_[i].label], "score": float(scores[i])} for i in order]
 
     k = min(n_review, len(total))
-    review, temperature = system.loo_cross_entropy()
-    review = torch_where_active(review.numpy(), system.a.numpy())
-    loo_pred = system.loo_logits().argmax(1).numpy()
+    loo = system.loo_logits()
+    review, temperature = system.loo_cross_entropy(loo)
+    review = np.where(system.a.numpy() > 0, review.numpy(), -np.inf)  # images outside the model are not reviewed
+    loo_pred = loo.argmax(1).numpy()
     flow = class_summary(head, G, y, G_test) if len(y_test) else None
     carry = flow["total_contribution"] if flow is not None else np.zeros(len(y))
     return {

@@ -217,10 +217,8 @@ class Carrot:
         out = []
         for i, path in enumerate(paths):
             c = int(pred[i])
-            support = -terms["removal"][i]  # f(x) - f_-i(x): > 0, the image raises this logit
-            if weights is not None:  # images outside the model (weight 0) are neither for nor against
-                support = torch.where(torch.as_tensor(weights > 0), support, torch.nan)
-            tk = top_k(torch.nan_to_num(support, nan=0.0), k)
+            support = -terms["removal"][i]  # f(x) - f_-i(x): > 0, the image raises this logit (0 for weight 0)
+            tk = top_k(support, k)
             regions = region_contributions(self.head_, H[i], w[i])[:, c]
             prior = float(self.head_.prior_[c])
             idx = np.concatenate([tk.support_idx, tk.inhibit_idx])
