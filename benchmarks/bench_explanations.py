@@ -19,12 +19,14 @@ import platform
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
 from common import write_results
 from scipy.stats import spearmanr
+from torch.utils.data import TensorDataset
 
 KS = (1, 5, 10, 50)
 
@@ -54,7 +56,10 @@ class Softmax(torch.nn.Module):
         return self.linear(x)
 
 
-def train_softmax(X: torch.Tensor, y: torch.Tensor, c: int, steps: int = 150, lr: float = 0.05, wd: float = 1e-3,
+LR = 0.05  # the peers' Adam learning rate, also TracIn's checkpoint weight
+
+
+def train_softmax(X: torch.Tensor, y: torch.Tensor, c: int, steps: int = 150, lr: float = LR, wd: float = 1e-3,
                   n_ckpt: int = 5, seed: int = 0):
     torch.manual_seed(seed)
     model = Softmax(X.shape[1], c)
@@ -80,10 +85,43 @@ def margin(model: torch.nn.Module, X: torch.Tensor, c: torch.Tensor) -> np.ndarr
     return (zc - torch.logsumexp(others, 1)).numpy()
 
 
+@contextmanager
+def captum_tracincp(X: torch.Tensor, y: torch.Tensor, ckpts: list, c: int):
+    """Captum's TracInCP over the saved training checkpoints (files live while the context is open)."""
+    from captum.influence import TracInCP
+
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = []
+        for j, ck in enumerate(ckpts):
+            paths.append(str(Path(tmp) / f"ck{j}.pt"))
+            torch.save(ck, paths[-1])
+
+        def load(m, path):
+            m.load_state_dict(torch.load(path, weights_only=True))
+            return LR
+
+        yield TracInCP(Softmax(X.shape[1], c), TensorDataset(X, y), checkpoints=paths, checkpoints_load_func=load,
+                       loss_fn=torch.nn.CrossEntropyLoss(reduction="sum"), batch_size=256, sample_wise_grads_per_batch=True)
+
+
+def dattri_task(d: int, c: int, checkpoints):
+    """dattri's AttributionTask for the softmax regression's cross-entropy, torch.func style."""
+    from dattri.task import AttributionTask
+
+    fmodel = Softmax(d, c)
+
+    def loss_func(params, data):
+        x, t = data  # one row (vmapped per-sample gradients) or a batch (the Hessian)
+        z = torch.func.functional_call(fmodel, params, x.reshape(-1, x.shape[-1]))
+        return torch.nn.functional.cross_entropy(z, t.reshape(-1))
+
+    return AttributionTask(loss_func=loss_func, model=fmodel, checkpoints=checkpoints)
+
+
 def peer_scores(X: torch.Tensor, y: torch.Tensor, Xt: torch.Tensor, ct: torch.Tensor, model, ckpts, c: int,
                 proj_dims: tuple[int, ...]) -> dict[str, tuple[np.ndarray, float]]:
     """(m, n) scores (positive: the training image supports the test output) and seconds, per peer library."""
-    from torch.utils.data import DataLoader, TensorDataset
+    from torch.utils.data import DataLoader
 
     out: dict[str, tuple[np.ndarray, float]] = {}
     n = len(y)
@@ -113,48 +151,24 @@ def peer_scores(X: torch.Tensor, y: torch.Tensor, Xt: torch.Tensor, ct: torch.Te
     # dattri: explicit influence function and TracIn (learning-rate weighted checkpoints)
     from dattri.algorithm.influence_function import IFAttributorExplicit
     from dattri.algorithm.tracin import TracInAttributor
-    from dattri.task import AttributionTask
-
-    fmodel = Softmax(X.shape[1], c)
-
-    def loss_func(params, data):
-        x, t = data  # one row (vmapped per-sample gradients) or a batch (the Hessian)
-        z = torch.func.functional_call(fmodel, params, x.reshape(-1, x.shape[-1]))
-        return torch.nn.functional.cross_entropy(z, t.reshape(-1))
 
     train_loader = DataLoader(TensorDataset(X, y), batch_size=n, shuffle=False)
     test_loader = DataLoader(TensorDataset(Xt, ct), batch_size=len(ct), shuffle=False)
     for reg in (1e-3,):
         t0 = time.perf_counter()
-        task = AttributionTask(loss_func=loss_func, model=fmodel, checkpoints=model.state_dict())
-        att = IFAttributorExplicit(task=task, regularization=reg)
+        att = IFAttributorExplicit(task=dattri_task(X.shape[1], c, model.state_dict()), regularization=reg)
         att.cache(train_loader)
         s = att.attribute(train_loader, test_loader)
         out[f"dattri IF explicit (reg {reg:g})"] = (s.detach().numpy().T, time.perf_counter() - t0)
     t0 = time.perf_counter()
-    task = AttributionTask(loss_func=loss_func, model=fmodel, checkpoints=ckpts)
-    att = TracInAttributor(task=task, weight_list=torch.full((len(ckpts),), 0.05), normalized_grad=False,
+    att = TracInAttributor(task=dattri_task(X.shape[1], c, ckpts), weight_list=torch.full((len(ckpts),), LR), normalized_grad=False,
                            projector_kwargs={"proj_dim": 512, "device": "cpu"})
     s = att.attribute(DataLoader(TensorDataset(X, y), batch_size=256, shuffle=False), test_loader)
     out["dattri TracIn"] = (s.detach().numpy().T, time.perf_counter() - t0)
 
     # Captum TracInCP over the saved checkpoints
-    from captum.influence import TracInCP
-
     t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
-        paths = []
-        for j, ck in enumerate(ckpts):
-            paths.append(str(Path(tmp) / f"ck{j}.pt"))
-            torch.save(ck, paths[-1])
-        cmodel = Softmax(X.shape[1], c)
-
-        def load(m, path):
-            m.load_state_dict(torch.load(path, weights_only=True))
-            return 0.05
-
-        tc = TracInCP(cmodel, TensorDataset(X, y), checkpoints=paths, checkpoints_load_func=load,
-                      loss_fn=torch.nn.CrossEntropyLoss(reduction="sum"), batch_size=256, sample_wise_grads_per_batch=True)
+    with captum_tracincp(X, y, ckpts, c) as tc:
         s = tc.influence((Xt, ct), show_progress=False)
     out["Captum TracInCP"] = (s.detach().numpy(), time.perf_counter() - t0)
     return out
@@ -243,7 +257,7 @@ def mislabel_rows(G, y, head, seed: int, fraction: float = 0.1) -> list[dict]:
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import roc_auc_score
     from sklearn.preprocessing import StandardScaler
-    from torch.utils.data import DataLoader, TensorDataset
+    from torch.utils.data import DataLoader
 
     from carrot.audit.evaluate import flip_labels
     from carrot.ridge.head import frozen_clone
@@ -273,36 +287,14 @@ def mislabel_rows(G, y, head, seed: int, fraction: float = 0.1) -> list[dict]:
     Xs = torch.as_tensor(Xs_np, dtype=torch.float32)
     yt = torch.as_tensor(np.searchsorted(head.classes_, yn))
     model, ckpts = train_softmax(Xs, yt, C, seed=seed)
-    from captum.influence import TracInCP
-
     t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
-        paths = []
-        for j, ck in enumerate(ckpts):
-            paths.append(str(Path(tmp) / f"ck{j}.pt"))
-            torch.save(ck, paths[-1])
-
-        def load(m, path):
-            m.load_state_dict(torch.load(path, weights_only=True))
-            return 0.05
-
-        tc = TracInCP(Softmax(Xs.shape[1], C), TensorDataset(Xs, yt), checkpoints=paths, checkpoints_load_func=load,
-                      loss_fn=torch.nn.CrossEntropyLoss(reduction="sum"), batch_size=256, sample_wise_grads_per_batch=True)
+    with captum_tracincp(Xs, yt, ckpts, C) as tc:
         add("Captum TracInCP self-influence", "Captum", tc.self_influence(show_progress=False).detach().numpy(),
             time.perf_counter() - t0)
     from dattri.algorithm.influence_function import IFAttributorExplicit
-    from dattri.task import AttributionTask
-
-    fmodel = Softmax(Xs.shape[1], C)
-
-    def loss_func(params, data):
-        x, t_ = data
-        z = torch.func.functional_call(fmodel, params, x.reshape(-1, x.shape[-1]))
-        return torch.nn.functional.cross_entropy(z, t_.reshape(-1))
 
     t0 = time.perf_counter()
-    att = IFAttributorExplicit(task=AttributionTask(loss_func=loss_func, model=fmodel, checkpoints=model.state_dict()),
-                               regularization=1e-3)
+    att = IFAttributorExplicit(task=dattri_task(Xs.shape[1], C, model.state_dict()), regularization=1e-3)
     loader = DataLoader(TensorDataset(Xs, yt), batch_size=len(yt), shuffle=False)
     att.cache(loader)
     add("dattri IF explicit self-influence", "dattri", att.self_attribute(loader).detach().numpy(), time.perf_counter() - t0)
