@@ -30,3 +30,25 @@ def tiny_vit():
 
 def rng(seed: int) -> np.random.Generator:
     return np.random.default_rng(seed)
+
+
+TINY_BACKBONE = {"name": "vit_tiny_patch16_224", "img_size": 32, "pretrained": False, "batch_size": 8}
+
+
+@pytest.fixture(scope="session")
+def fit_tiny(synthetic_root):
+    """fit_tiny(out, **config sections) -> out: `carrot-run fit` on the synthetic set with a random-init tiny ViT."""
+    import yaml
+    from click.testing import CliRunner
+
+    from carrot.cli import cli
+
+    def fit(out: Path, **sections) -> Path:
+        cfg = out.parent / f"{out.name}.yaml"
+        cfg.write_text(yaml.safe_dump({"backbone": TINY_BACKBONE, **sections}))
+        r = CliRunner().invoke(cli, ["fit", "--config", str(cfg), "--data", str(synthetic_root), "--out", str(out), "--quiet"],
+                               catch_exceptions=False)
+        assert r.exit_code == 0, r.output
+        return out
+
+    return fit

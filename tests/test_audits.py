@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 from click.testing import CliRunner
 
 from carrot.ridge.head import RidgeHead, frozen_clone
@@ -15,7 +14,6 @@ from carrot.ridge.removal import RidgeSystem
 from carrot.run.pipeline import Carrot
 from carrot.cli import cli
 
-TINY = {"backbone": {"name": "vit_tiny_patch16_224", "img_size": 32, "pretrained": False, "batch_size": 8}}
 AUDITS = [
     ["evaluate", "--what", "accuracy,mislabel,faithfulness,lds,agreement,deletion", "--k", "1,2", "--n-test", "3",
      "--subsets", "4", "--flip-fraction", "0.25"],
@@ -33,14 +31,10 @@ def run(*args: str):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, synthetic_root) -> dict[str, Path]:
+def runs(tmp_path_factory, fit_tiny) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("audit-runs")
-    cfg = root / "no_intercept.yaml"
-    cfg.write_text(yaml.safe_dump({**TINY, "head": {"fit_intercept": False, "lam": 0.5}}))
-    run("fit", "--config", cfg, "--data", synthetic_root, "--out", root / "no_intercept", "--quiet")
-    cfg = root / "tiny.yaml"
-    cfg.write_text(yaml.safe_dump({**TINY, "head": {"lam": 0.7}}))
-    run("fit", "--config", cfg, "--data", synthetic_root, "--out", root / "parent", "--quiet")
+    fit_tiny(root / "no_intercept", head={"fit_intercept": False, "lam": 0.5})
+    fit_tiny(root / "parent", head={"lam": 0.7})
     run("reweight", root / "parent", "--steps", "3", "--val-fraction", "0.34", "--apply", root / "weighted")
     return {"no_intercept": root / "no_intercept", "weighted": root / "weighted"}
 

@@ -4,24 +4,17 @@ import json
 
 import numpy as np
 import pytest
-import yaml
 from click.testing import CliRunner
 
 from carrot.ridge.head import frozen_clone
 from carrot.run.pipeline import Carrot
 from cli.main import cli
 
-TINY = {"backbone": {"name": "vit_tiny_patch16_224", "img_size": 32, "pretrained": False, "batch_size": 8}, "head": {"lam": 0.3}}
 
 
 @pytest.fixture(scope="module")
-def fitted(tmp_path_factory, synthetic_root):
-    root = tmp_path_factory.mktemp("explain")
-    (root / "tiny.yaml").write_text(yaml.safe_dump(TINY))
-    r = CliRunner().invoke(cli, ["fit", "--config", str(root / "tiny.yaml"), "--data", str(synthetic_root), "--out",
-                                 str(root / "run"), "--quiet"], catch_exceptions=False)
-    assert r.exit_code == 0, r.output
-    return root / "run"
+def fitted(tmp_path_factory, fit_tiny):
+    return fit_tiny(tmp_path_factory.mktemp("explain") / "run", head={"lam": 0.3})
 
 
 def test_listed_numbers_are_exact_and_ranked_by_removal(fitted, synthetic_root):

@@ -5,27 +5,18 @@ import shutil
 import numpy as np
 import pytest
 import torch
-import yaml
-from click.testing import CliRunner
 
 from carrot.audit.registry import AUDITS, Audit, register
 from carrot.errors import CarrotError
 from carrot.run.pipeline import Carrot
 from carrot.report.audits import audits_html
 from carrot.run.rundir import RUN_FORMAT_VERSION, RunDir
-from carrot.cli import cli
 
-TINY = {"backbone": {"name": "vit_tiny_patch16_224", "img_size": 32, "pretrained": False, "batch_size": 8}, "head": {"lam": 0.5}}
 
 
 @pytest.fixture(scope="module")
-def fitted(tmp_path_factory, synthetic_root):
-    root = tmp_path_factory.mktemp("rundir")
-    (root / "tiny.yaml").write_text(yaml.safe_dump(TINY))
-    r = CliRunner().invoke(cli, ["fit", "--config", str(root / "tiny.yaml"), "--data", str(synthetic_root), "--out",
-                                 str(root / "run"), "--quiet"], catch_exceptions=False)
-    assert r.exit_code == 0, r.output
-    return root / "run"
+def fitted(tmp_path_factory, fit_tiny):
+    return fit_tiny(tmp_path_factory.mktemp("rundir") / "run", head={"lam": 0.5})
 
 
 FITTED_STATE = ("classes_", "train_embeddings_", "sample_weight_", "test_embeddings_", "test_records_", "metrics_", "derived_from_")
