@@ -1,7 +1,8 @@
-"""``carrot-run``: thin click commands over ``main.py``.
+"""``carrot-run``: thin click commands over :mod:`carrot.run.commands`.
 
-Exit codes: 0 success; 2 a user mistake (bad path, option, config or input), reported on one
-line; 1 an unexpected internal error (with traceback, please report it).
+Exit codes: 0 success; 2 a user mistake (bad path, option, config or input) or an environment that
+refuses the work (permissions, full disk, too little memory), reported on one line; 1 an unexpected
+internal error (with traceback, please report it); 130 interrupted (cached work resumes).
 """
 from __future__ import annotations
 
@@ -20,31 +21,77 @@ from carrot.errors import CarrotError
 EXIT_USER_ERROR = 2
 
 
-FILESYSTEM_ERRNOS = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT)
+# what the user's file system refuses (permissions, read-only or full disk, names, links, quotas, I/O)
+FILESYSTEM_ERRNOS = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENAMETOOLONG,
+                     errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.ELOOP, errno.EFBIG, errno.EIO, errno.EMFILE,
+                     errno.ENFILE, errno.ENOTEMPTY, errno.EBUSY, errno.ETXTBSY, errno.ENOENT)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
 
 
 def user_errors(fn: Callable) -> Callable:
-    """Turn :class:`CarrotError` (and a file the user's setup forbids: permissions, read-only or full disk)
-    into a one-line message and exit code 2."""
+    """Turn :class:`CarrotError`, what the file system refuses (permissions, full disk, long names...) and
+    running out of memory into a one-line message and exit code 2; an interrupt into exit code 130."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        import warnings
+
+        from carrot.errors import CarrotWarning
+
+        def show(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001 - warnings' signature
+            if issubclass(category, CarrotWarning):
+                click.echo(f"carrot-run: warning: {_one_line(message)}", err=True)
+            else:
+                _default_show(message, category, filename, lineno, file, line)
+
+        _default_show = warnings.showwarning
+        warnings.showwarning = show
         try:
             return fn(*args, **kwargs)
         except CarrotError as exc:
-            click.echo(f"carrot-run: error: {exc}", err=True)
-            sys.exit(EXIT_USER_ERROR)
+            _fail(str(exc))
         except OSError as exc:
             if exc.errno not in FILESYSTEM_ERRNOS:
                 raise
             where = f": '{exc.filename}'" if exc.filename else ""
-            click.echo(f"carrot-run: error: {exc.strerror}{where}", err=True)
-            sys.exit(EXIT_USER_ERROR)
+            _fail(f"{exc.strerror or exc}{where}")
+        except MemoryError:
+            _fail("out of memory; lower backbone.batch_size or backbone.img_size, or use a machine with more memory")
         except KeyboardInterrupt:
             click.echo("carrot-run: interrupted; cached work is kept and resumes on the next run", err=True)
             sys.exit(130)
+        finally:
+            warnings.showwarning = _default_show
 
     return wrapper
+
+
+def _fail(message: str) -> None:
+    click.echo(f"carrot-run: error: {_one_line(message)}", err=True)
+    sys.exit(EXIT_USER_ERROR)
+
+
+class CarrotGroup(click.Group):
+    """click's group with its usage errors (bad option, missing argument, wrong type) on one line, as
+    carrot's own errors are, exit code 2."""
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        kwargs.pop("standalone_mode", None)
+        try:
+            rv = super().main(*args, standalone_mode=False, **kwargs)
+        except click.exceptions.UsageError as exc:
+            cmd = exc.ctx.command_path if exc.ctx is not None else "carrot-run"
+            hint = f" (see '{cmd} --help')"
+            _fail(f"{exc.format_message()}{hint}")
+        except click.exceptions.ClickException as exc:
+            _fail(exc.format_message())
+        except click.exceptions.Abort:
+            click.echo("carrot-run: interrupted", err=True)
+            sys.exit(130)
+        sys.exit(rv if isinstance(rv, int) else 0)
 
 
 def run_options(fn: Callable) -> Callable:
@@ -126,7 +173,7 @@ def build_config(config_path: str | None = None, **o: Any):
     })
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(cls=CarrotGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="carrot")
 def cli() -> None:
     """carrot: fine-grained image classification whose predictions decompose exactly into

@@ -1,23 +1,64 @@
-"""Frozen, range-checked run configuration; YAML/dict in, ``to_dict()`` out."""
+"""Frozen, range-checked run configuration; YAML/dict in, ``to_dict()`` out.
+
+Every key is checked for its type and range when the config is built, before any work starts, so a
+mistake is a one-line :class:`CarrotError` naming the key, what it expects and what it got. Settings
+that decide memory or time are bounded by what a workstation can do, and the bound is in the message.
+"""
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from carrot.errors import CarrotError
 
+MAX_IMG_SIZE = 2048  # px; beyond it a ViT's region graph (N = (side / patch)^2 nodes) outgrows a workstation
+MAX_BATCH_SIZE = 4096
+MAX_SEED = 2**32 - 1
+MAX_CHEBYSHEV_TERMS = 20_000  # Chebyshev terms for exp(-tL); above it eigh (exact for any t) is the method
+DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def check_int(name: str, v: Any, lo: int, hi: int | None = None, null: bool = False, why: str = "") -> None:
+    """``v`` is an integer in [lo, hi] (or None when ``null``), else a one-line error naming ``name``."""
+    if v is None and null:
+        return
+    if not _is_int(v) or v < lo or (hi is not None and v > hi):
+        want = f"an integer >= {lo}" if hi is None else f"an integer in [{lo}, {hi}]"
+        raise CarrotError(f"{name}: expected {want}{' or null' if null else ''}{why}, got {v!r}")
+
+
+def check_bool(name: str, v: Any) -> None:
+    if not isinstance(v, bool):
+        raise CarrotError(f"{name}: expected true or false, got {v!r}")
+
+
+def check_str(name: str, v: Any, null: bool = False) -> None:
+    if v is None and null:
+        return
+    if not isinstance(v, str) or not v.strip() or "\x00" in v:
+        raise CarrotError(f"{name}: expected a non-empty string{' or null' if null else ''}, got {v!r}")
+
 
 def _positive_or_median(name: str, v: Any) -> None:
     from carrot.embed.graph import median_factor
 
-    if median_factor(v, name) is not None:
+    if isinstance(v, str) and median_factor(v, name) is not None:
         return
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
-        raise CarrotError(f"{name}: expected 'median', 'median*k' (k > 0) or a number > 0, got {v!r}")
-
-
+    if not _is_number(v) or not v > 0:
+        raise CarrotError(f"{name}: expected 'median', 'median*k' (k > 0) or a finite number > 0, got {v!r}")
 DATA_KINDS = ("elpv", "imagefolder", "cub", "nabirds", "cars", "aircraft", "flowers102", "dogs", "fashion-mnist", "synthetic")
 
 
@@ -33,10 +74,12 @@ class DataConfig:
     def __post_init__(self) -> None:
         if self.kind not in DATA_KINDS:
             raise CarrotError(f"data.kind: expected one of {', '.join(DATA_KINDS)}, got {self.kind!r}")
-        if not 0 < float(self.test_fraction) < 1:
+        check_str("data.root", self.root, null=True)
+        if not _is_number(self.test_fraction) or not 0 < self.test_fraction < 1:
             raise CarrotError(f"data.test_fraction: expected a number in (0, 1), got {self.test_fraction!r}")
-        if self.max_per_class is not None and (not isinstance(self.max_per_class, int) or self.max_per_class < 2):
-            raise CarrotError(f"data.max_per_class: expected an integer >= 2 or null, got {self.max_per_class!r}")
+        check_int("data.split_seed", self.split_seed, 0, MAX_SEED)
+        check_bool("data.bbox_crop", self.bbox_crop)
+        check_int("data.max_per_class", self.max_per_class, 2, null=True)
 
 
 @dataclass(frozen=True)
@@ -51,14 +94,17 @@ class BackboneConfig:
     cache_tokens: bool = True
 
     def __post_init__(self) -> None:
-        if self.img_size is not None and (not isinstance(self.img_size, int) or self.img_size < 1):
-            raise CarrotError(f"backbone.img_size: expected a positive integer or null, got {self.img_size!r}")
-        if not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise CarrotError(f"backbone.batch_size: expected a positive integer, got {self.batch_size!r}")
-        if not isinstance(self.cache_tokens, bool):
-            raise CarrotError(f"backbone.cache_tokens: expected true or false, got {self.cache_tokens!r}")
+        check_str("backbone.name", self.name)
+        check_int("backbone.img_size", self.img_size, 8, MAX_IMG_SIZE, null=True,
+                  why=" (larger inputs make region graphs beyond a workstation's memory)")
+        check_str("backbone.checkpoint", self.checkpoint, null=True)
+        check_bool("backbone.pretrained", self.pretrained)
+        check_int("backbone.batch_size", self.batch_size, 1, MAX_BATCH_SIZE)
+        workers = 4 * (os.cpu_count() or 1)
+        check_int("backbone.num_workers", self.num_workers, 0, workers, why=" (4 per CPU core of this machine)")
         if self.cache_dtype not in ("float16", "float32"):
             raise CarrotError(f"backbone.cache_dtype: expected float16 or float32, got {self.cache_dtype!r}")
+        check_bool("backbone.cache_tokens", self.cache_tokens)
 
 
 @dataclass(frozen=True)
@@ -70,8 +116,7 @@ class GraphConfig:
     def __post_init__(self) -> None:
         _positive_or_median("graph.sigma_space", self.sigma_space)
         _positive_or_median("graph.sigma_feat", self.sigma_feat)
-        if self.knn is not None and (isinstance(self.knn, bool) or not isinstance(self.knn, int) or self.knn < 1):
-            raise CarrotError(f"graph.knn: expected a positive integer or null, got {self.knn!r}")
+        check_int("graph.knn", self.knn, 1, null=True)
 
 
 @dataclass(frozen=True)
@@ -80,10 +125,15 @@ class DiffusionConfig:
     method: str = "auto"
 
     def __post_init__(self) -> None:
-        if isinstance(self.t, bool) or not isinstance(self.t, (int, float)) or not self.t >= 0:
-            raise CarrotError(f"diffusion.t: expected a number >= 0, got {self.t!r}")
+        from carrot.embed.diffusion import chebyshev_order
+
+        if not _is_number(self.t) or not self.t >= 0:
+            raise CarrotError(f"diffusion.t: expected a finite number >= 0, got {self.t!r}")
         if self.method not in ("auto", "eigh", "chebyshev"):
             raise CarrotError(f"diffusion.method: expected 'auto', 'eigh' or 'chebyshev', got {self.method!r}")
+        if self.method == "chebyshev" and chebyshev_order(self.t) > MAX_CHEBYSHEV_TERMS:
+            raise CarrotError(f"diffusion.t: t = {self.t:g} needs {chebyshev_order(self.t)} Chebyshev terms (at most "
+                              f"{MAX_CHEBYSHEV_TERMS}); use method eigh or auto, exact for any t")
 
 
 @dataclass(frozen=True)
@@ -93,8 +143,9 @@ class HeadConfig:
     solver: str = "auto"
 
     def __post_init__(self) -> None:
-        if self.lam != "auto" and (isinstance(self.lam, bool) or not isinstance(self.lam, (int, float)) or not self.lam > 0):
-            raise CarrotError(f"head.lam: expected 'auto' or a number > 0, got {self.lam!r}")
+        if self.lam != "auto" and (not _is_number(self.lam) or not self.lam > 0):
+            raise CarrotError(f"head.lam: expected 'auto' or a finite number > 0, got {self.lam!r}")
+        check_bool("head.fit_intercept", self.fit_intercept)
         if self.solver not in ("auto", "primal", "dual"):
             raise CarrotError(f"head.solver: expected auto, primal or dual, got {self.solver!r}")
 
@@ -109,6 +160,12 @@ class RunConfig:
     device: str = "auto"
     seed: int = 0
     cache_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.device, str) or not DEVICE_PATTERN.fullmatch(self.device):
+            raise CarrotError(f"device: expected auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
+        check_int("seed", self.seed, 0, MAX_SEED)
+        check_str("cache_dir", self.cache_dir, null=True)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -12,11 +12,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from struct import error as struct_error
+
 import numpy as np
 
-from carrot.errors import CarrotError
+from carrot.errors import CarrotError, warn
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jfif", ".png", ".ppm", ".pgm", ".pbm", ".pnm", ".bmp", ".tif", ".tiff", ".webp", ".gif")
 
 
 @dataclass(frozen=True)
@@ -47,43 +49,106 @@ class ImageDataset:
     def paths(self) -> list[str]:
         return [r.path for r in self.records]
 
+    def digests(self) -> list[bytes]:
+        """SHA-256 of each record's file contents (read once per file version: path, size and mtime)."""
+        return [file_digest(r.path) for r in self.records]
+
     def fingerprint(self) -> str:
         """SHA-256 over class names and, per record, label, bbox, file name and file contents."""
         h = hashlib.sha256()
         h.update(repr(self.classes).encode())
-        for r in self.records:
+        for r, digest in zip(self.records, self.digests()):
             h.update(f"{os.path.basename(r.path)}|{r.label}|{r.bbox}|".encode())
-            with open(r.path, "rb") as fh:
-                h.update(hashlib.sha256(fh.read()).digest())
+            h.update(digest)
         return h.hexdigest()
 
     def subset(self, idx: Sequence[int], name: str | None = None) -> "ImageDataset":
         return ImageDataset([self.records[i] for i in idx], self.classes, name or self.name, dict(self.meta))
 
 
+MAX_IMAGE_PIXELS = 100_000_000  # larger files are refused before decoding (decompression bombs); CARROT_MAX_IMAGE_PIXELS
+
+
+def max_image_pixels() -> int:
+    """The largest image (width x height) carrot decodes: ``$CARROT_MAX_IMAGE_PIXELS`` or 100 megapixels."""
+    env = os.environ.get("CARROT_MAX_IMAGE_PIXELS")
+    if env is None:
+        return MAX_IMAGE_PIXELS
+    if not env.isdigit() or int(env) < 1:
+        raise CarrotError(f"CARROT_MAX_IMAGE_PIXELS: expected a positive integer, got {env!r}")
+    return int(env)
+
+
+def _to_rgb(im, path: Path):
+    """A decoded PIL image of any mode as 8-bit RGB: alpha composited on white, 16-bit integers scaled from
+    their full range (v / 257), floats from [0, 1] (or [0, 255]); modes without a faithful RGB form refused."""
+    from PIL import Image
+
+    mode = im.mode
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(bg, rgba).convert("RGB")
+    if mode.startswith("I;16") or mode == "I":
+        arr = np.asarray(im, dtype=np.float64)
+        lo, hi = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 0.0)
+        if lo < 0 or hi > 65535:
+            raise CarrotError(f"image '{path}': {mode} pixel values span [{lo:g}, {hi:g}], outside the 16-bit range "
+                              "[0, 65535] carrot reads integer images in; save it as 8- or 16-bit")
+        return Image.fromarray(np.round(arr / 257.0).astype(np.uint8)).convert("RGB")
+    if mode == "F":
+        arr = np.asarray(im, dtype=np.float64)
+        if not np.isfinite(arr).all():
+            raise CarrotError(f"image '{path}': float pixels include NaN or Inf")
+        lo, hi = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 0.0)
+        if lo >= 0 and hi <= 1:
+            arr = arr * 255.0
+        elif not (lo >= 0 and hi <= 255):
+            raise CarrotError(f"image '{path}': float pixel values span [{lo:g}, {hi:g}]; carrot reads float images "
+                              "in [0, 1] (or [0, 255]); rescale it or save it as 8- or 16-bit")
+        return Image.fromarray(np.round(arr).astype(np.uint8)).convert("RGB")
+    if mode in ("RGB", "L", "P", "1", "CMYK", "YCbCr"):
+        return im.convert("RGB")
+    raise CarrotError(f"image '{path}': pixel mode {mode} ({im.format}) is not supported; save it as RGB or grayscale")
+
+
 def load_image(record: ImageRecord | str, min_side: int = 1):
-    """Open an image as RGB (grayscale, palette, RGBA are converted; bbox cropped); named errors."""
-    from PIL import Image, UnidentifiedImageError
+    """Open an image as 8-bit RGB, or raise a one-line :class:`CarrotError` naming the file and the problem.
+
+    The EXIF orientation is applied (a phone photo is upright, as viewers show it); the first frame of an
+    animated or multi-page file is used; images above :func:`max_image_pixels` are refused before decoding;
+    alpha, 16-bit and float modes are converted as :func:`_to_rgb` says; ``record.bbox`` is cropped.
+    """
+    import warnings
+
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     rec = record if isinstance(record, ImageRecord) else ImageRecord(str(record), -1)
     path = Path(rec.path)
     if not path.is_file():
         raise CarrotError(f"image not found: '{path}'")
+    limit = max_image_pixels()
     try:
-        with Image.open(path) as im:
-            im.load()
-            if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-                rgba = im.convert("RGBA")
-                bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-                img = Image.alpha_composite(bg, rgba).convert("RGB")
-            elif im.mode in ("I;16", "I;16B", "I;16L", "I"):
-                arr = np.asarray(im, dtype=np.float64)
-                arr = (arr - arr.min()) / max(np.ptp(arr), 1e-12) * 255
-                img = Image.fromarray(arr.astype(np.uint8)).convert("RGB")
-            else:
-                img = im.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise CarrotError(f"cannot read image '{path}': not an image or corrupt ({exc})") from None
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            old, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, limit // 2  # PIL errors above 2x its limit
+            try:
+                with Image.open(path) as im:
+                    if im.size[0] * im.size[1] > limit:
+                        raise CarrotError(f"image '{path}' is {im.size[0]}x{im.size[1]} px, more than the "
+                                          f"{limit:,} px carrot decodes (set CARROT_MAX_IMAGE_PIXELS to allow it)")
+                    im.seek(0)
+                    im.load()
+                    img = _to_rgb(ImageOps.exif_transpose(im) if im.getexif() else im, path)
+            finally:
+                Image.MAX_IMAGE_PIXELS = old
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise CarrotError(f"image '{path}' is larger than the {limit:,} px carrot decodes (a decompression bomb?); "
+                          "set CARROT_MAX_IMAGE_PIXELS to allow it") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, IndexError, struct_error) as exc:
+        if isinstance(exc, CarrotError):
+            raise
+        raise CarrotError(f"cannot read image '{path}': not an image or corrupt ({_first_line(exc)})") from None
     if rec.bbox is not None:
         x, y, w, h = rec.bbox
         img = img.crop((int(x), int(y), int(round(x + w)), int(round(y + h))))
@@ -92,6 +157,41 @@ def load_image(record: ImageRecord | str, min_side: int = 1):
             f"image '{path}' is {img.size[0]}x{img.size[1]} px, smaller than one {min_side}-px patch of the backbone"
         )
     return img
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+_DIGESTS: dict[tuple[str, int, int], bytes] = {}
+
+
+def file_digest(path: str | os.PathLike[str]) -> bytes:
+    """SHA-256 of a file's bytes, remembered for this process while its size and mtime stay the same."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise CarrotError(f"image not found: '{path}' (moved or deleted while carrot runs?)") from None
+    key = (os.fspath(path), st.st_size, st.st_mtime_ns)
+    if key not in _DIGESTS:
+        h = hashlib.sha256()
+        with open(path, "rb") as fh:
+            while block := fh.read(1 << 20):
+                h.update(block)
+        _DIGESTS[key] = h.digest()
+    return _DIGESTS[key]
+
+
+def report_duplicates(train: ImageDataset, test: ImageDataset) -> int:
+    """Warn about test images whose file contents equal a training image's (the test accuracy would count
+    memorised images); returns how many test images have a copy in train."""
+    seen = set(train.digests())
+    dup = [r.path for r, d in zip(test.records, test.digests()) if d in seen]
+    if dup:
+        warn(f"{len(dup)} test image(s) have a byte-identical copy in the training split (e.g. '{dup[0]}'); "
+             "the test accuracy counts them")
+    return len(dup)
 
 
 def _class_dirs(root: Path) -> list[Path]:
@@ -103,14 +203,25 @@ def _scan_imagefolder(root: Path, classes: list[str] | None = None) -> ImageData
     if not dirs:
         raise CarrotError(f"ImageFolder '{root}': expected one sub-folder per class, found none")
     names = [d.name for d in dirs]
+    if classes is None and len(names) < 2:
+        if names[0].lower() in ("train", "test", "val", "valid", "validation"):
+            raise CarrotError(f"ImageFolder '{root}': only a '{names[0]}' folder; expected root/train/<class> with "
+                              "root/test/<class> (or val) beside it, or root/<class> folders")
+        raise CarrotError(f"ImageFolder '{root}': expected at least 2 class folders, found 1 ('{names[0]}')")
     if classes is not None and names != classes:
         raise CarrotError(f"ImageFolder '{root}': class folders {names} differ from the training classes {classes}")
-    records = []
+    records, skipped = [], []
     for label, d in enumerate(dirs):
-        files = sorted(p for p in d.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-        if not files:
+        files = sorted(p for p in d.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(d).parts))
+        images = [p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS]
+        skipped += [p for p in files if p.suffix.lower() not in IMAGE_EXTENSIONS]
+        if not images:
             raise CarrotError(f"ImageFolder '{root}': class folder '{d.name}' has no images ({', '.join(IMAGE_EXTENSIONS)})")
-        records += [ImageRecord(str(f), label) for f in files]
+        records += [ImageRecord(str(f), label) for f in images]
+    if skipped:
+        kinds = sorted({p.suffix.lower() or "(no extension)" for p in skipped})
+        warn(f"ImageFolder '{root}': skipped {len(skipped)} file(s) that are not images by their extension "
+             f"({', '.join(kinds[:5])}), e.g. '{skipped[0]}'")
     return ImageDataset(records, names, root.name)
 
 
@@ -142,8 +253,10 @@ def stratified_split(ds: ImageDataset, test_fraction: float, seed: int) -> tuple
     return ds.subset(train.tolist(), f"{ds.name}/train"), ds.subset(test.tolist(), f"{ds.name}/test")
 
 
-def load_imagefolder(root: str | Path, test_fraction: float = 0.25, seed: int = 0) -> tuple[ImageDataset, ImageDataset]:
-    """``root/train/<class>/*`` + ``root/test|val/<class>/*``, or ``root/<class>/*`` split stratified."""
+def load_imagefolder(root: str | Path, test_fraction: float = 0.25, seed: int = 0,
+                     max_per_class: int | None = None) -> tuple[ImageDataset, ImageDataset]:
+    """``root/train/<class>/*`` + ``root/test|val/<class>/*`` (``max_per_class``: in each split), or
+    ``root/<class>/*`` (``max_per_class``: before the split) split stratified."""
     root = Path(root)
     if not root.is_dir():
         raise CarrotError(f"data root: expected a directory, got '{root}'")
@@ -152,8 +265,16 @@ def load_imagefolder(root: str | Path, test_fraction: float = 0.25, seed: int = 
         train = _scan_imagefolder(root / "train")
         test = _scan_imagefolder(test_dir, train.classes)
         train.name, test.name = f"{root.name}/train", f"{root.name}/{test_dir.name}"
-        return train, test
-    return stratified_split(_with_parts(_scan_imagefolder(root), root), test_fraction, seed)
+        return cap_split(train, max_per_class, seed), cap_split(test, max_per_class, seed)
+    ds = _with_parts(_scan_imagefolder(root), root)
+    return stratified_split(cap_split(ds, max_per_class, seed), test_fraction, seed)
+
+
+def cap_split(ds: ImageDataset, max_per_class: int | None, seed: int) -> ImageDataset:
+    """At most ``max_per_class`` random records of each class (seeded); the split itself when None."""
+    if max_per_class is None:
+        return ds
+    return ds.subset(cap_per_class(ds.labels, len(ds.classes), max_per_class, seed).tolist())
 
 
 def _with_parts(ds: ImageDataset, root: Path) -> ImageDataset:
@@ -470,9 +591,12 @@ def collect_images(inputs: Sequence[str]) -> list[str]:
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            found = sorted(str(f) for f in p.rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file())
+            files = sorted(f for f in p.rglob("*") if f.is_file() and not any(s.startswith(".") for s in f.relative_to(p).parts))
+            found = [str(f) for f in files if f.suffix.lower() in IMAGE_EXTENSIONS]
             if not found:
                 raise CarrotError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in folder '{p}'")
+            if len(found) < len(files):
+                warn(f"'{p}': skipped {len(files) - len(found)} file(s) that are not images by their extension")
             paths += found
         elif p.is_file():
             paths.append(str(p))
@@ -486,21 +610,25 @@ def load_splits(config) -> tuple[ImageDataset, ImageDataset]:
     d = config.data
     if d.kind not in ("elpv", "synthetic", "fashion-mnist") and not d.root:
         raise CarrotError(f"data.root: a {d.kind} data set needs a root directory (--data PATH)")
+    if d.root is not None and not Path(d.root).is_dir() and d.kind != "synthetic":
+        raise CarrotError(f"data.root: expected a directory, got '{d.root}'")
     if d.kind == "elpv":
         return load_elpv(d.test_fraction, d.split_seed, d.max_per_class)
-    if d.kind in ("cub", "nabirds"):
-        return load_cub(d.root, d.bbox_crop, "CUB" if d.kind == "cub" else "NABirds")
     if d.kind == "fashion-mnist":
         return load_fashion_mnist(d.root, d.max_per_class, d.split_seed)
-    if d.kind == "dogs":
-        return load_stanford_dogs(d.root, d.bbox_crop)
-    if d.kind in TORCHVISION_SETS:
-        return load_torchvision(d.kind, d.root, d.bbox_crop)
-    if d.kind == "synthetic":
-        from carrot.io import user_cache_dir
+    if d.kind in ("imagefolder", "synthetic"):
+        root = d.root
+        if d.kind == "synthetic":
+            from carrot.io import user_cache_dir
 
-        root = Path(d.root or user_cache_dir() / "synthetic")
-        if not root.is_dir():
-            make_synthetic(root, seed=d.split_seed)
-        return load_imagefolder(root, d.test_fraction, d.split_seed)
-    return load_imagefolder(d.root, d.test_fraction, d.split_seed)
+            root = Path(d.root or user_cache_dir() / "synthetic")
+            if not root.is_dir():
+                make_synthetic(root, seed=d.split_seed)
+        return load_imagefolder(root, d.test_fraction, d.split_seed, d.max_per_class)
+    if d.kind in ("cub", "nabirds"):
+        splits = load_cub(d.root, d.bbox_crop, "CUB" if d.kind == "cub" else "NABirds")
+    elif d.kind == "dogs":
+        splits = load_stanford_dogs(d.root, d.bbox_crop)
+    else:
+        splits = load_torchvision(d.kind, d.root, d.bbox_crop)
+    return tuple(cap_split(s, d.max_per_class, d.split_seed) for s in splits)  # type: ignore[return-value]

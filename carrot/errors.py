@@ -14,6 +14,18 @@ class NotFittedError(CarrotError, AttributeError):
     """Raised when a fitted-only method is called before ``fit`` (a ValueError and AttributeError, as sklearn's)."""
 
 
+class CarrotWarning(UserWarning):
+    """Something the user should know that does not stop the work (skipped files, duplicates, a cache rebuilt);
+    ``carrot-run`` prints it on one line."""
+
+
+def warn(message: str) -> None:
+    """Issue a :class:`CarrotWarning` (one line on the command line; filterable in Python)."""
+    import warnings
+
+    warnings.warn(message, CarrotWarning, stacklevel=2)
+
+
 class StaleCacheError(CarrotError):
     """A cache on disk does not match what the current run would write."""
 

@@ -196,7 +196,7 @@ def bad(args, match):
 
 def test_user_mistakes_give_one_line_errors(tmp_path, fitted, synthetic_root, tiny_config):
     bad(["fit", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "o")], "does not exist")
-    bad(["fit", "--config", tiny_config, "--data", str(synthetic_root), "--out", str(tmp_path / "o"), "--lam", "0"], "head.lam: expected 'auto' or a number > 0")
+    bad(["fit", "--config", tiny_config, "--data", str(synthetic_root), "--out", str(tmp_path / "o"), "--lam", "0"], "head.lam: expected 'auto' or a finite number > 0")
     bad(["fit", "--config", tiny_config, "--data", str(synthetic_root), "--out", str(tmp_path / "o"), "--t", "-1"], "diffusion.t")
     cfg = tmp_path / "typo.yaml"
     cfg.write_text("head:\n  lamda: 2\n")
@@ -205,7 +205,7 @@ def test_user_mistakes_give_one_line_errors(tmp_path, fitted, synthetic_root, ti
     (one / "only").mkdir(parents=True)
     for i in range(3):
         Image.new("RGB", (32, 32), (i, 0, 0)).save(one / "only" / f"{i}.png")
-    bad(["fit", "--config", tiny_config, "--data", str(one), "--out", str(tmp_path / "o")], "at least 2 classes")
+    bad(["fit", "--config", tiny_config, "--data", str(one), "--out", str(tmp_path / "o")], "at least 2 class folders")
     empty = tmp_path / "empty"
     (empty / "a").mkdir(parents=True)
     (empty / "b").mkdir()

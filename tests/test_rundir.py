@@ -58,7 +58,7 @@ def test_run_json_versions(fitted, tmp_path):
         with pytest.raises(CarrotError, match=match):
             Carrot.load(run)
     (run / "run.json").write_text(json.dumps({k: v for k, v in meta.items() if k not in ("version", "classes")}))
-    with pytest.raises(CarrotError, match="run.json lacks classes"):
+    with pytest.raises(CarrotError, match="run.json lacks 'classes'"):
         Carrot.load(run)
     legacy = {k: v for k, v in meta.items() if k != "version"}  # format 1 runs (no version key) still load
     (run / "run.json").write_text(json.dumps(legacy))
@@ -82,10 +82,13 @@ def test_every_audit_file_is_derived_and_cleared_and_a_new_audit_is_one_registra
         (outside / "keep.txt").write_text("mine")
         (run / "explanations").symlink_to(outside)  # a symlinked output folder: the link goes, its target stays
         with pytest.raises(CarrotError, match="already holds a fitted run; pass --overwrite"):
-            rd.clear(overwrite=False)
-        rd.clear(overwrite=True)
+            rd.check_target(overwrite=False)
+        rd.check_target(overwrite=True)  # checks only: the old run stays whole until the new one replaces it
+        assert (run / "toy.json").is_file() and rd.exists()
+        Carrot.load(run).save(run)  # the refit run replaces the folder whole: derived files go, a link's target stays
         assert not (run / "toy.json").exists() and not (run / "explanations").exists() and (outside / "keep.txt").is_file()
-        assert rd.exists() and rd.head.is_file() and rd.train_embeddings.is_file()  # the fit itself stays until refit
+        assert rd.exists() and rd.head.is_file() and rd.train_embeddings.is_file()
+        assert not [p for p in run.parent.iterdir() if p.name.startswith(".")]  # no staging or old folder left
     finally:
         del AUDITS[audit.name]
     with pytest.raises(KeyError, match="unknown audit 'nope'; registered: evaluation"):

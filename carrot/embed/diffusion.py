@@ -70,7 +70,8 @@ def chebyshev_expm_multiply(L: torch.Tensor, X: torch.Tensor, t: float, order: i
     return _chebyshev_series(L, X, _check_t([t]), order)[0]
 
 
-def _chebyshev_order(t: float) -> int:
+def chebyshev_order(t: float) -> int:
+    """Terms of the Chebyshev series of exp(-tL) that reach double precision (the error decays past k ~ t)."""
     return int(np.ceil(t + 12 * np.sqrt(t + 1) + 10))
 
 
@@ -80,7 +81,7 @@ def _chebyshev_series(L: torch.Tensor, X: torch.Tensor, ts: list[float], order: 
 
     if X.dim() != 3 or X.shape[:2] != L.shape[:2]:
         raise CarrotError(f"X: expected ({L.shape[0]}, {L.shape[1]}, K) to match L, got {tuple(X.shape)}")
-    order = max(_chebyshev_order(t) for t in ts) if order is None else order
+    order = max(chebyshev_order(t) for t in ts) if order is None else order
     k = np.arange(order + 1)
     # ive(k, t) = I_k(t) e^{-t}: the e^{-t} factor is already folded in, with no overflow
     c = ive(k[None, :], np.asarray(ts, dtype=np.float64)[:, None]) * 2.0 * (-1.0) ** k
@@ -97,12 +98,13 @@ def _chebyshev_series(L: torch.Tensor, X: torch.Tensor, ts: list[float], order: 
     return out
 
 
-def resolve_method(method: str, n_t: int, N: int) -> str:
-    """'auto' -> 'eigh' where one eigendecomposition serves several t on a small graph (N <= 256),
-    else 'chebyshev' (faster for a single t at every N, and for any number of t beyond N = 256;
-    ``benchmarks/bench_diffusion.py``); 'eigh' and 'chebyshev' pass through."""
+def resolve_method(method: str, n_t: int, N: int, t_max: float = 0.0) -> str:
+    """'auto' -> 'eigh' where one eigendecomposition serves several t on a small graph (N <= 256), or where
+    the Chebyshev series of the largest t needs more terms than the graph has nodes (its cost grows with t,
+    eigh's does not); else 'chebyshev' (faster for a single t at every N, and for any number of t beyond
+    N = 256; ``benchmarks/bench_diffusion.py``). 'eigh' and 'chebyshev' pass through."""
     if method == "auto":
-        return "eigh" if n_t > 1 and N <= 256 else "chebyshev"
+        return "eigh" if (n_t > 1 and N <= 256) or chebyshev_order(t_max) > max(N, 64) else "chebyshev"
     if method not in ("eigh", "chebyshev"):
         raise CarrotError(f"diffusion method: expected 'auto', 'eigh' or 'chebyshev', got {method!r}")
     return method
@@ -111,7 +113,7 @@ def resolve_method(method: str, n_t: int, N: int) -> str:
 def diffusion_weights(L: torch.Tensor, ts: Sequence[float], method: str = "auto") -> torch.Tensor:
     """Readout weights w(t) = exp(-tL) 1 / N for all t: L (B, N, N) -> (T, B, N)."""
     ts = _check_t(ts)
-    method = resolve_method(method, len(ts), L.shape[-1])
+    method = resolve_method(method, len(ts), L.shape[-1], max(ts))
     if method == "eigh":
         return SpectralDiffusion.from_laplacian(L).readout_weights(ts)
     ones = torch.ones(L.shape[0], L.shape[1], 1, dtype=L.dtype, device=L.device)

@@ -47,7 +47,7 @@ def median_factor(value: object, name: str) -> float | None:
         k = float(value[len("median*"):])
     except ValueError:
         k = float("nan")
-    if not k > 0:
+    if not (k > 0 and k != float("inf")):
         raise CarrotError(f"{name}: expected 'median', 'median*k' with k > 0, or a positive number, got {value!r}")
     return k
 

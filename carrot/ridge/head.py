@@ -251,7 +251,7 @@ class RidgeHead(ClassifierMixin, BaseEstimator):
 
         path = Path(path)
         meta = read_json(str(path) + ".json", "head metadata")
-        if meta.get("format") != "carrot.RidgeHead":
+        if not isinstance(meta, dict) or meta.get("format") != "carrot.RidgeHead":
             raise CarrotError(f"'{path}.json' is not a carrot RidgeHead file")
         if not path.is_file():
             raise CarrotError(f"head weights not found: '{path}'")
@@ -268,8 +268,20 @@ class RidgeHead(ClassifierMixin, BaseEstimator):
         params = dict(raw)
         if params.get("lam_grid") is not None:
             params["lam_grid"] = tuple(params["lam_grid"])
-        t = load_file(str(path))
-        head = cls(**params)
+        try:
+            return cls._from_parts(cls(**params), meta, load_file(str(path)), path, version)
+        except CarrotError:
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise CarrotError(f"head file '{path}' is unreadable or incomplete ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0] if str(exc) else 'no detail'}); refit the run") from None
+        except Exception as exc:  # noqa: BLE001 - safetensors' own error type for a corrupt file
+            if type(exc).__name__ != "SafetensorError":
+                raise
+            raise CarrotError(f"head file '{path}' is corrupt ({str(exc).splitlines()[0]}); refit the run") from None
+
+    @classmethod
+    def _from_parts(cls, head: "RidgeHead", meta: dict, t: dict, path: Path, version: int) -> "RidgeHead":
         head.classes_ = np.asarray(meta["classes"])
         head.coef_, head.intercept_ = t["coef"], t["intercept"]
         head.feature_mean_, head.prior_, head.dual_coef_ = t["feature_mean"], t["prior"], t["dual_coef"]
@@ -285,7 +297,9 @@ class RidgeHead(ClassifierMixin, BaseEstimator):
         if (head.coef_.shape != (d, c) or head.dual_coef_.shape != (n, c) or head.intercept_.shape != (c,)
                 or (head.factor_ is not None and head.factor_.chol.shape != (p, p))
                 or (head.sample_weight_ is not None and head.sample_weight_.shape != (n,))):
-            raise CarrotError(f"head file '{path}' is inconsistent with its metadata (shapes differ)")
+            raise CarrotError(f"head file '{path}' is inconsistent with its metadata (shapes differ); refit the run")
+        if not all(torch.isfinite(v).all() for v in t.values() if torch.is_tensor(v) and v.is_floating_point()):
+            raise CarrotError(f"head file '{path}' holds NaN or Inf values; refit the run")
         return head
 
 

@@ -89,8 +89,7 @@ def fit(config: RunConfig, run_dir: str | Path, progress: bool = True, overwrite
         "world_size": size,
     }
     model.record_test(G_test, test.records, metrics)
-    model.save(run_dir)
-    write_index(run_dir, model=model)
+    model.save(run_dir, finish=lambda staging: write_index(staging, model=model, name=run_dir.resolve().name))
     return metrics
 
 

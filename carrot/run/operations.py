@@ -72,12 +72,14 @@ def run_summary(model: Carrot, G: np.ndarray, y: np.ndarray, G_test: np.ndarray,
     }
 
 
-def write_index(run_dir: str | Path, explained: Sequence[dict[str, Any]] = (), model: Carrot | None = None) -> Path:
-    """(Re)write RUN_DIR/index.html, linking the explanation pages listed in RUN_DIR/explanations."""
+def write_index(run_dir: str | Path, explained: Sequence[dict[str, Any]] = (), model: Carrot | None = None,
+                name: str | None = None) -> Path:
+    """(Re)write RUN_DIR/index.html, linking the explanation pages listed in RUN_DIR/explanations (``name``: the
+    run's name on the page, when RUN_DIR is the staging folder of a run being written)."""
     rd = RunDir(run_dir)
     model, G, y, G_test, y_test = run_embeddings(run_dir, model)
     summary = run_summary(model, G, y, G_test, y_test)
-    summary["name"] = rd.path.resolve().name
+    summary["name"] = name or rd.path.resolve().name
     listed = RunDir.explanations_list(rd.explanations)
     pages = list(explained) or (read_json(listed, "explanations list") if listed.is_file() else [])
     geo = model.backbone.display_transform() if summary["harmful"] else None
@@ -149,7 +151,7 @@ def reweight(run_dir: str | Path, val_fraction: float = 0.2, out: str | Path | N
     model, G, y, G_test, y_test = run_embeddings(run_dir)
     a0 = _run_weights(model)
     if apply is not None:
-        clear_run(apply, overwrite=False)
+        clear_run(apply, overwrite=False, flag="--apply")
     cfg = RROConfig(**{k: v for k, v in rro_kwargs.items() if v is not None}, seed=model.config.seed)
     f_rows, v_rows = _fit_val_split(model, y, val_fraction)
     res = rro(G[f_rows], y[f_rows], G[v_rows], y[v_rows], model.head_, cfg, G_test, y_test, sample_weight=a0[f_rows])
@@ -181,8 +183,7 @@ def _apply_weights(model: Carrot, run_dir: str | Path, out: str | Path, weights:
                "train_accuracy": derived.score(model.train_embeddings_, y), "test_accuracy": float((pred == y_test).mean()),
                "per_class_test_accuracy": dict(zip(model.classes_, per_class_accuracy(pred, y_test, len(model.classes_))))}
     derived.record_test(G_test, model.test_records_, metrics, {"run": str(Path(run_dir).resolve()), **how})
-    derived.save(out)
-    write_index(out, model=derived)
+    derived.save(out, finish=lambda staging: write_index(staging, model=derived, name=Path(out).resolve().name))
 
 
 def bench(run_dir: str | Path, ts: Sequence[float], out: str | Path | None = None) -> list[dict[str, Any]]:
@@ -239,7 +240,7 @@ def debug(run_dir: str | Path, ks: Sequence[int], val_fraction: float = 0.2, dow
     model, G, y, G_test, y_test = run_embeddings(run_dir)
     a0 = _run_weights(model)
     if apply is not None:
-        clear_run(apply, overwrite=False)
+        clear_run(apply, overwrite=False, flag="--apply")
     f_rows, v_rows = _fit_val_split(model, y, val_fraction)
     res = debug_loop(G[f_rows], y[f_rows], G[v_rows], y[v_rows], G_test, y_test, model.head_, ks, downweight,
                      seed=model.config.seed, sample_weight=a0[f_rows])
@@ -262,10 +263,11 @@ def debug(run_dir: str | Path, ks: Sequence[int], val_fraction: float = 0.2, dow
     return res
 
 
-def clear_run(run_dir: str | Path, overwrite: bool) -> None:
-    """Refuse to fit over an existing run unless ``overwrite``; then drop what the old model produced (rank 0 only)."""
+def clear_run(run_dir: str | Path, overwrite: bool, flag: str = "--out") -> None:
+    """Before any work: refuse to write a run over an existing one unless ``overwrite``, or into a file or a
+    folder of other things (rank 0 only). The old run stays until the new one replaces it whole."""
     if world()[0] == 0:
-        RunDir(run_dir).clear(overwrite)
+        RunDir(run_dir).check_target(overwrite, flag)
 
 
 def _token_stores(run_dir: str | Path, model: Carrot, splits: Sequence[int]) -> list:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import platform
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -339,43 +339,58 @@ class Carrot:
             self._backbone_info = self.backbone.describe()
         return self._backbone_info
 
-    def save(self, run_dir: str | Path) -> None:
-        """Write the run directory (:class:`carrot.run.rundir.RunDir`): head, embeddings, weights, metrics, and
-        run.json last, so a run directory with a run.json is complete."""
+    def save(self, run_dir: str | Path, finish: Callable[[Path], None] | None = None) -> None:
+        """Write the run directory (:class:`carrot.run.rundir.RunDir`) as a whole: head, embeddings, weights,
+        metrics and run.json (with the files' SHA-256) go into a staging folder that replaces ``run_dir`` only
+        once complete; ``finish(staging_path)`` adds more (the index page) before that swap."""
         from carrot.run.rundir import RunDir
 
         check_is_fitted(self, ("head_",))
-        rd = RunDir(run_dir)
-        rd.path.mkdir(parents=True, exist_ok=True)
-        self.head_.save(rd.head)
-        save_npy(rd.train_embeddings, self.train_embeddings_)
-        if self.sample_weight_ is not None:
-            save_npy(rd.train_weights, self.sample_weight_)
-        if getattr(self, "test_embeddings_", None) is not None:
-            save_npy(rd.test_embeddings, self.test_embeddings_)
-        write_json(rd.metrics, getattr(self, "metrics_", {}))
-        rd.write_meta(self.meta_)
+        with RunDir(run_dir).replacing() as rd:
+            self.head_.save(rd.head)
+            save_npy(rd.train_embeddings, self.train_embeddings_)
+            if self.sample_weight_ is not None:
+                save_npy(rd.train_weights, self.sample_weight_)
+            if getattr(self, "test_embeddings_", None) is not None:
+                save_npy(rd.test_embeddings, self.test_embeddings_)
+            write_json(rd.metrics, getattr(self, "metrics_", {}))
+            rd.write_meta(self.meta_)
+            if finish is not None:
+                finish(rd.path)
 
     @classmethod
     def load(cls, run_dir: str | Path, backbone: TokenBackbone | None = None) -> "Carrot":
         """Load a run directory written by :meth:`save` (``backbone``: an already built one to reuse)."""
         from carrot.run.rundir import RunDir
 
+        from carrot.run.rundir import REFIT
+
         rd = RunDir(run_dir)
         meta = rd.read_meta()
-        self = cls(RunConfig.from_dict(meta["config"]), backbone)
-        self._backbone_info = meta.get("backbone")
+        try:
+            config = RunConfig.from_dict(meta["config"])
+        except CarrotError as exc:
+            raise CarrotError(f"run '{run_dir}': run.json config is invalid ({exc}); {REFIT}") from None
+        self = cls(config, backbone)
+        self._backbone_info = meta["backbone"]
         self.head_ = RidgeHead.load(rd.head)
-        self.train_embeddings_ = np.load(rd.train_embeddings)
-        self.train_records_ = [ImageRecord(p, int(lab), tuple(b) if b else None) for p, lab, b in meta["train_records"]]
+        self.train_embeddings_ = _load_array(rd.train_embeddings, run_dir)
+        self.train_records_ = [ImageRecord(r[0], int(r[1]), tuple(r[2]) if len(r) > 2 and r[2] else None)
+                               for r in meta["train_records"]]
         self.classes_ = list(meta["classes"])
         if self.train_embeddings_.shape != (len(self.train_records_), self.head_.n_features_in_):
-            raise CarrotError(f"run '{run_dir}': {rd.TRAIN_EMBEDDINGS} does not match run.json and the head")
+            raise CarrotError(f"run '{run_dir}': {rd.TRAIN_EMBEDDINGS} {self.train_embeddings_.shape} does not match "
+                              f"the {len(self.train_records_)} training records of run.json and the head's "
+                              f"{self.head_.n_features_in_} features; {REFIT}")
+        head_classes = np.asarray(self.head_.classes_)
+        if head_classes.ndim != 1 or len(head_classes) != len(self.classes_) or not np.array_equal(head_classes, np.arange(len(self.classes_))):
+            raise CarrotError(f"run '{run_dir}': run.json lists {len(self.classes_)} classes, the head has "
+                              f"{len(head_classes)}; {REFIT}")
         self.sample_weight_ = None
         if meta.get("weighted"):
             if not rd.train_weights.is_file():
                 raise CarrotError(f"run '{run_dir}': run.json says the head is weighted but {rd.TRAIN_WEIGHTS} is missing")
-            self.sample_weight_ = np.load(rd.train_weights)
+            self.sample_weight_ = _load_array(rd.train_weights, run_dir)
             if self.sample_weight_.shape != (len(self.train_records_),):
                 raise CarrotError(f"run '{run_dir}': {rd.TRAIN_WEIGHTS} does not match the training records")
             if self.head_.sample_weight_ is None:  # a head written before heads kept their weights
@@ -383,7 +398,10 @@ class Carrot:
         self.metrics_ = meta.get("metrics", {})
         self.test_records_ = meta.get("test_records")
         self.derived_from_ = meta.get("derived_from")
-        self.test_embeddings_ = np.load(rd.test_embeddings) if rd.test_embeddings.is_file() else None
+        self.test_embeddings_ = _load_array(rd.test_embeddings, run_dir) if rd.test_embeddings.is_file() else None
+        if self.test_embeddings_ is not None and (self.test_records_ is None or self.test_embeddings_.shape
+                                                  != (len(self.test_records_), self.head_.n_features_in_)):
+            raise CarrotError(f"run '{run_dir}': {rd.TEST_EMBEDDINGS} does not match the test records of run.json; {REFIT}")
         return self
 
     def check_backbone(self) -> None:
@@ -394,3 +412,16 @@ class Carrot:
                 f"backbone '{self.backbone.name}' weights ({self.backbone.weights_id[:12]}) differ from the run's "
                 f"({want[:12]}); explain with the same weights the run was fitted with"
             )
+
+
+def _load_array(path: Path, run_dir: str | Path) -> np.ndarray:
+    """A run's .npy file as a finite float64 array, or a one-line error saying how to recover."""
+    from carrot.run.rundir import REFIT
+
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise CarrotError(f"run '{run_dir}': cannot read {path.name} ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); {REFIT}") from None
+    if arr.dtype.kind != "f" or not np.isfinite(arr).all():
+        raise CarrotError(f"run '{run_dir}': {path.name} holds {arr.dtype} values that are not all finite numbers; {REFIT}")
+    return arr.astype(np.float64, copy=False)

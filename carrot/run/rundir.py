@@ -1,8 +1,9 @@
 """The run directory: one object owns its layout (TRAK's savers style); nothing else writes its file names.
 
-Layout (format version 2)::
+Layout (format version 3)::
 
-    run.json                 config, backbone, classes, records, metrics, provenance; written last
+    run.json                 config, backbone, classes, records, metrics, provenance, the SHA-256 of every
+                             array file; written last
     head.safetensors(.json)  the fitted head with its factorisation and weights
     train_embeddings.npy     (n, D) float64
     train_weights.npy        (n,) example weights, weighted runs only
@@ -16,17 +17,23 @@ Layout (format version 2)::
 """
 from __future__ import annotations
 
+import hashlib
+import os
 import re
 import shutil
+import tempfile
+import uuid
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from carrot.audit.registry import AUDITS
 from carrot.errors import CarrotError
-from carrot.io import read_json, write_json
+from carrot.io import read_json, sha256_file, write_json
 
 RUN_FORMAT = "carrot.run"
-RUN_FORMAT_VERSION = 2  # 2: "version" key, weights kept in the head; 1: no version key
+RUN_FORMAT_VERSION = 3  # 3: SHA-256 of the array files; 2: "version" key, weights kept in the head; 1: no version key
+REFIT = "refit it with carrot-run fit --overwrite (the token cache makes that quick)"
 
 
 class RunDir:
@@ -104,8 +111,11 @@ class RunDir:
 
     @staticmethod
     def explanation_dir(root: str | Path, number: int, image: str | Path) -> Path:
-        """NNNN_<stem>/ for the ``number``-th explained image, its stem made file-name safe."""
-        stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(image).stem)
+        """NNNN_<stem>/ for the ``number``-th explained image, its stem made file-name safe and short (a long
+        stem keeps 48 characters and a hash of the rest, so any file name gives a legal folder name)."""
+        stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(image).stem).lstrip(".") or "image"
+        if len(stem) > 64:
+            stem = f"{stem[:48]}-{hashlib.sha256(stem.encode()).hexdigest()[:12]}"
         return Path(root) / f"{number:04d}_{stem}"
 
     def audit(self, name: str) -> Path:
@@ -120,7 +130,9 @@ class RunDir:
         return self.run_json.is_file()
 
     def read_meta(self) -> dict[str, Any]:
-        """run.json, validated: a carrot run of a format version this carrot reads."""
+        """run.json, validated: a carrot run of a format version this carrot reads, every key of the type and
+        size the rest of the run needs (records against classes), and (format 3) the array files unchanged
+        since the fit (their SHA-256)."""
         if not self.path.is_dir():
             raise CarrotError(f"run directory not found: '{self.path}'")
         meta = read_json(self.run_json, "run metadata")
@@ -132,13 +144,59 @@ class RunDir:
                               f"(this one reads 1..{RUN_FORMAT_VERSION}); upgrade carrot to use it")
         if version not in range(1, RUN_FORMAT_VERSION + 1) or isinstance(version, bool):
             raise CarrotError(f"run '{self.path}': expected a run.json format version 1..{RUN_FORMAT_VERSION}, got {version!r}")
-        missing = [k for k in ("config", "classes", "train_records") if k not in meta]
-        if missing:
-            raise CarrotError(f"run '{self.path}': run.json lacks {', '.join(missing)}; refit the run")
+        self._check_meta(meta)
+        if version >= 3:
+            self.verify_files(meta["files"])
         return meta
 
+    def _check_meta(self, meta: dict[str, Any]) -> None:
+        def bad(what: str) -> CarrotError:
+            return CarrotError(f"run '{self.path}': run.json {what}; {REFIT}")
+
+        required = {"config": dict, "classes": list, "train_records": list, "backbone": dict}
+        if meta.get("version", 1) >= 3:
+            required["files"] = dict
+        for key, kind in required.items():
+            if key not in meta:
+                raise bad(f"lacks '{key}'")
+            if not isinstance(meta[key], kind):
+                raise bad(f"'{key}' is a {type(meta[key]).__name__}, expected a {kind.__name__}")
+        classes = meta["classes"]
+        if len(classes) < 2 or not all(isinstance(c, str) for c in classes) or len(set(classes)) != len(classes):
+            raise bad(f"'classes' must be at least 2 distinct names, got {len(classes)}")
+        if not isinstance(meta["backbone"].get("weights_id"), str):
+            raise bad("'backbone' has no weights_id")
+        for key in ("train_records", "test_records"):
+            records = meta.get(key)
+            if records is None and key == "test_records":
+                continue
+            if not isinstance(records, list) or not records:
+                raise bad(f"'{key}' must be a non-empty list")
+            for i, r in enumerate(records):
+                if (not isinstance(r, list) or len(r) < 2 or not isinstance(r[0], str) or isinstance(r[1], bool)
+                        or not isinstance(r[1], int) or not 0 <= r[1] < len(classes)):
+                    raise bad(f"'{key}' row {i} is {str(r)[:80]}; expected [path, label index < {len(classes)}, ...]")
+        if not isinstance(meta.get("metrics", {}), dict):
+            raise bad("'metrics' is not a mapping")
+
+    def verify_files(self, files: dict[str, Any]) -> None:
+        """Refuse a run whose array files differ from the SHA-256 recorded in run.json (edited, truncated,
+        swapped for another run's)."""
+        for name, digest in files.items():
+            p = self.path / name
+            if not isinstance(digest, str) or "/" in name or name.startswith("."):
+                raise CarrotError(f"run '{self.path}': run.json 'files' entry {name!r} is malformed; {REFIT}")
+            if not p.is_file():
+                raise CarrotError(f"run '{self.path}': {name} is missing; {REFIT}")
+            if sha256_file(p) != digest:
+                raise CarrotError(f"run '{self.path}': {name} was changed or truncated since the fit (its SHA-256 "
+                                  f"differs from run.json); {REFIT}")
+
     def write_meta(self, meta: dict[str, Any]) -> None:
-        write_json(self.run_json, {"format": RUN_FORMAT, "version": RUN_FORMAT_VERSION, **meta})
+        """Write run.json last, with the SHA-256 of every array file already in the folder."""
+        names = [self.HEAD, self.HEAD + ".json", self.TRAIN_EMBEDDINGS, self.TRAIN_WEIGHTS, self.TEST_EMBEDDINGS]
+        files = {n: sha256_file(self.path / n) for n in names if (self.path / n).is_file()}
+        write_json(self.run_json, {"format": RUN_FORMAT, "version": RUN_FORMAT_VERSION, **meta, "files": files})
 
     # -- lifecycle --------------------------------------------------------------------------------
     def derived(self) -> list[Path]:
@@ -149,17 +207,50 @@ class RunDir:
             names += [a.file, *a.extra]
         return [self.path / n for n in dict.fromkeys(names)]
 
-    def clear(self, overwrite: bool) -> None:
-        """Refuse to fit over an existing run unless ``overwrite``; then drop what the old model produced."""
-        if not self.exists():
+    def known(self) -> set[str]:
+        """Every name carrot writes at the top of a run directory."""
+        return {self.RUN_JSON, self.HEAD, self.HEAD + ".json", self.TRAIN_EMBEDDINGS, self.TEST_EMBEDDINGS,
+                self.METRICS, *(p.name for p in self.derived())}
+
+    def check_target(self, overwrite: bool, flag: str = "--out") -> None:
+        """Before any work: refuse a target that is a file, a folder of other things, or (unless ``overwrite``)
+        an existing run. Nothing is removed here; :meth:`replacing` swaps the new run in when it is complete."""
+        if self.path.exists() and not self.path.is_dir():
+            raise CarrotError(f"{flag}: '{self.path}' is a file; expected a run directory to write")
+        if self.exists():
+            if not overwrite:
+                raise CarrotError(f"run directory '{self.path}' already holds a fitted run; pass --overwrite to replace it")
             return
-        if not overwrite:
-            raise CarrotError(f"run directory '{self.path}' already holds a fitted run; pass --overwrite to replace it")
-        for p in self.derived():
-            if p.is_symlink() or p.is_file():
-                p.unlink()
-            elif p.is_dir():
-                shutil.rmtree(p)
+        if self.path.is_dir():
+            other = sorted(p.name for p in self.path.iterdir() if p.name not in self.known() and not p.name.startswith("."))
+            if other:
+                raise CarrotError(f"{flag}: '{self.path}' holds other files ({', '.join(other[:3])}) and no carrot run; "
+                                  "choose a new or empty folder")
+
+    @contextmanager
+    def replacing(self) -> Iterator["RunDir"]:
+        """Write a whole run into a staging folder beside this one; when the block succeeds it replaces this
+        folder (two renames on one file system), so a run directory is always the old run or the complete new
+        one. On failure (disk full, interrupt) the staging folder is removed and the old run is untouched."""
+        target = self.path.resolve() if self.path.is_symlink() else self.path
+        parent = target.parent
+        parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(staging, 0o777 & ~umask)
+        try:
+            yield RunDir(staging)
+            old = None
+            if target.exists():
+                old = parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+                os.rename(target, old)
+            os.rename(staging, target)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+        finally:
+            if staging.exists():
+                shutil.rmtree(staging, ignore_errors=True)
 
     def read_audit(self, name: str) -> Any | None:
         p = self.audit(name)
