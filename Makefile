@@ -27,7 +27,7 @@ bench-env: install
 	$(UV) sync --locked --group bench --python $(PY)
 
 demo: install
-	$(VENV)/bin/carrot-run demo --out runs/demo
+	$(VENV)/bin/carrot-run demo --out runs/demo --overwrite
 
 test: install
 	$(PY) -m pyflakes carrot cli main.py tests benchmarks

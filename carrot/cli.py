@@ -101,14 +101,14 @@ def run_options(fn: Callable) -> Callable:
         click.option("--data", "data_root", type=click.Path(exists=True, file_okay=False), help="Data set root: an ImageFolder tree, a CUB-200-2011 / NABirds / Stanford Dogs folder, or the folder holding a local Stanford Cars / FGVC-Aircraft / Flowers-102 copy."),
         click.option("--data-kind", type=click.Choice(DATA_KINDS), help="Data set layout (default: elpv, or imagefolder when --data is given); cars, aircraft and flowers102 are read by torchvision's loaders."),
         click.option("--bbox-crop/--no-bbox-crop", default=None, help="cub, nabirds, cars, aircraft, dogs: crop each image to its annotated bounding box."),
-        click.option("--test-fraction", type=float, help="Held-out fraction when the data has no test split."),
-        click.option("--max-per-class", type=int, help="Use at most this many images per class (elpv: before the split; fashion-mnist: in each split)."),
+        click.option("--test-fraction", type=FRACTION, help="Held-out fraction when the data has no test split."),
+        click.option("--max-per-class", type=int, help="Use at most this many images per class (elpv and root/<class> folders: before the split; data with its own split: in each split)."),
         click.option("--backbone", help="Built-in 'dinov2_vits14' (default) or 'efficientnet_lite0', or any timm model name."),
         click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False), help="Local weights file (.pth/.safetensors) for the backbone."),
         click.option("--img-size", type=int, help="Input image side in pixels (default: the backbone's)."),
         click.option("--batch-size", type=int, help="Images per backbone batch."),
         click.option("--cache-tokens/--no-cache-tokens", default=None, help="Keep backbone tokens in the on-disk cache (default), or stream images straight to embeddings (no cache; for data sets whose tokens do not fit on disk)."),
-        click.option("--t", "t", type=float, help="Diffusion time t >= 0 (0 = plain mean pooling)."),
+        click.option("--t", "t", type=FiniteRange(min=0), help="Diffusion time t >= 0 (0 = plain mean pooling)."),
         click.option("--diffusion-method", type=click.Choice(["auto", "eigh", "chebyshev"]), help="exp(-tL) solver: eigh (eigendecomposition), chebyshev (series, exact to ~1e-14), auto (chebyshev for one t)."),
         click.option("--sigma-space", help="Spatial kernel bandwidth: a number, 'median' or 'median*k'."),
         click.option("--sigma-feat", help="Feature kernel bandwidth: a number, 'median' or 'median*k'."),
@@ -121,6 +121,21 @@ def run_options(fn: Callable) -> Callable:
     for opt in reversed(opts):
         fn = opt(fn)
     return fn
+
+
+class FiniteRange(click.FloatRange):
+    """click's FloatRange that also refuses NaN and infinities (which compare False with every bound)."""
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> Any:
+        import math
+
+        rv = super().convert(value, param, ctx)
+        if not math.isfinite(rv):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return rv
+
+
+FRACTION = FiniteRange(0, 1, min_open=True, max_open=True)
 
 
 def _num_or(word: str, name: str, v: str | None) -> float | str | None:
@@ -244,7 +259,7 @@ def bench(run_dir: str, ts: str, out_path: str | None) -> None:
 @cli.command()
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
 @click.argument("images", nargs=-1, required=True, type=click.Path(exists=True))
-@click.option("--top-k", type=int, default=5, show_default=True, help="Supporting and inhibiting training images to list.")
+@click.option("--top-k", type=click.IntRange(min=1), default=5, show_default=True, help="Supporting and inhibiting training images to list.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), help="Where to write explanations (default: RUN_DIR/explanations).")
 @click.option("--device", help="auto, cpu, cuda, cuda:N or mps.")
 @click.option("--node-removal", is_flag=True, help="Also remove each region from the graph (logit drops) and draw deletion/insertion curves.")
@@ -272,7 +287,7 @@ def explain(run_dir: str, images: tuple[str, ...], top_k: int, out_dir: str | No
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
 @click.argument("images", nargs=-1, required=True, type=click.Path(exists=True))
 @click.option("--out", "out_path", type=click.Path(dir_okay=False), help="JSON file to write, with a .csv beside it (default: RUN_DIR/predictions.json).")
-@click.option("--batch-size", type=int, default=32, show_default=True, help="Images per backbone batch.")
+@click.option("--batch-size", type=click.IntRange(1, 4096), default=32, show_default=True, help="Images per backbone batch.")
 @click.option("--device", help="auto, cpu, cuda, cuda:N or mps.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @user_errors
@@ -281,8 +296,6 @@ def predict(run_dir: str, images: tuple[str, ...], out_path: str | None, batch_s
     image (predicted class, score, runner-up, margin, every class score) in a CSV and a JSON file."""
     from carrot.run import commands as orchestration
 
-    if batch_size < 1:
-        raise CarrotError(f"--batch-size: expected a positive integer, got {batch_size}")
     rows = orchestration.predict(run_dir, images, out_path, batch_size, device, progress=not quiet)
     for r in rows:
         click.echo(f"{r['image']}\t{r['predicted']}\t{r['score']:.4f}")
@@ -294,12 +307,12 @@ def predict(run_dir: str, images: tuple[str, ...], out_path: str | None, batch_s
               help="Comma-separated evaluations: accuracy (mean/std over seeds), mislabel, faithfulness, lds, agreement, deletion (region deletion/insertion AUC), pointing (needs part locations), certificates (the fewest training images whose removal changes each of --n-test predictions; up to --certificate-limit).")
 @click.option("--certificate-limit", type=click.IntRange(min=1), default=50, show_default=True, help="Certificates: the most training images removed per prediction.")
 @click.option("--seeds", default="0,1,2,3,4", show_default=True, help="Accuracy: comma-separated seeds (each draws the --shots subsample and/or the --resplit split).")
-@click.option("--shots", type=int, help="Accuracy: train on this many images per class (few-shot), drawn per seed.")
+@click.option("--shots", type=click.IntRange(min=1), help="Accuracy: train on this many images per class (few-shot), drawn per seed.")
 @click.option("--resplit", is_flag=True, help="Accuracy: pool train+test and draw a new stratified split per seed (for data sets without an official split).")
-@click.option("--flip-fraction", type=float, default=0.1, show_default=True, help="Share of training labels flipped for mislabel detection.")
+@click.option("--flip-fraction", type=FRACTION, default=0.1, show_default=True, help="Share of training labels flipped for mislabel detection.")
 @click.option("--k", "ks", default="1,5,10,20", show_default=True, help="Comma-separated K for faithfulness (remove/keep K images).")
-@click.option("--n-test", type=int, default=50, show_default=True, help="Test images evaluated (random subset; also for deletion).")
-@click.option("--subsets", type=int, default=50, show_default=True, help="Random 50% training subsets for LDS.")
+@click.option("--n-test", type=click.IntRange(min=1), default=50, show_default=True, help="Test images evaluated (random subset; also for deletion).")
+@click.option("--subsets", type=click.IntRange(min=2), default=50, show_default=True, help="Random 50% training subsets for LDS.")
 @click.option("--out", "out_path", type=click.Path(dir_okay=False), help="JSON file to write (default: RUN_DIR/evaluation.json).")
 @click.option("--json", "as_json", is_flag=True, help="Print the whole result as JSON on stdout (default: one line per evaluation).")
 @user_errors
@@ -342,13 +355,13 @@ def compare(run_a: str, run_b: str, out_path: str | None) -> None:
 
 @cli.command()
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
-@click.option("--val-fraction", type=float, default=0.2, show_default=True, help="Share of the training set held out as validation.")
-@click.option("--steps", type=int, help="Adam steps on the weights.")
-@click.option("--lr", type=float, help="Adam learning rate.")
+@click.option("--val-fraction", type=FRACTION, default=0.2, show_default=True, help="Share of the training set held out as validation.")
+@click.option("--steps", type=click.IntRange(min=1), help="Adam steps on the weights.")
+@click.option("--lr", type=FiniteRange(min=0, min_open=True), help="Adam learning rate.")
 @click.option("--loss", type=click.Choice(["mse", "ce"]), help="Validation loss.")
-@click.option("--ess-floor", type=float, help="Minimum effective sample size per class, as a fraction of its size.")
-@click.option("--entropy", type=float, help="Weight of the per-class entropy bonus.")
-@click.option("--consistency", type=float, help="Weight of the attribution-consistency term (same-class validation images share supporters).")
+@click.option("--ess-floor", type=FiniteRange(0, 1), help="Minimum effective sample size per class, as a fraction of its size.")
+@click.option("--entropy", type=FiniteRange(min=0), help="Weight of the per-class entropy bonus.")
+@click.option("--consistency", type=FiniteRange(min=0), help="Weight of the attribution-consistency term (same-class validation images share supporters).")
 @click.option("--out", "out_path", type=click.Path(dir_okay=False), help="JSON file to write (default: RUN_DIR/reweight.json).")
 @click.option("--apply", "apply_to", type=click.Path(file_okay=False), help="Also write a new run here whose head is fitted with the learned weights (explain, predict and evaluate --what pointing work on it).")
 @user_errors
@@ -363,26 +376,24 @@ def reweight(run_dir: str, val_fraction: float, out_path: str | None, apply_to: 
 
 @cli.command()
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
-@click.option("--n-test", type=int, default=20, show_default=True, help="Test images whose influence is written out.")
-@click.option("--flag-fraction", type=float, default=0.02, show_default=True, help="Share of training images flagged for label review.")
-@click.option("--epochs", type=int, help="SGD epochs of the TracIn head.")
-@click.option("--checkpoints", "n_checkpoints", type=int, help="Checkpoints kept along the SGD run.")
+@click.option("--n-test", type=click.IntRange(min=1), default=20, show_default=True, help="Test images whose influence is written out.")
+@click.option("--flag-fraction", type=FRACTION, default=0.02, show_default=True, help="Share of training images flagged for label review.")
+@click.option("--epochs", type=click.IntRange(min=1), help="SGD epochs of the TracIn head.")
+@click.option("--checkpoints", "n_checkpoints", type=click.IntRange(min=1), help="Checkpoints kept along the SGD run.")
 @user_errors
 def tracin(run_dir: str, n_test: int, flag_fraction: float, epochs: int | None, n_checkpoints: int | None) -> None:
     """TracIn analysis of RUN_DIR (influence and self-influence over checkpoints, keyed by sample ids,
     quantiles, per-class summaries, label-review flags, comparison with exact LOO); shown in index.html."""
     from carrot.run import commands as orchestration
 
-    if not 0 < flag_fraction < 1:
-        raise CarrotError(f"--flag-fraction: expected a number in (0, 1), got {flag_fraction}")
     _echo_audit("tracin", orchestration.tracin(run_dir, n_test, flag_fraction, epochs=epochs, n_checkpoints=n_checkpoints))
 
 
 @cli.command()
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--drop", "ks", default="5,10,20,50", show_default=True, help="Comma-separated numbers of harmful images to drop.")
-@click.option("--val-fraction", type=float, default=0.2, show_default=True, help="Share of the training set held out as validation.")
-@click.option("--downweight", type=float, default=0.0, show_default=True, help="Weight given to the harmful images (0 drops them).")
+@click.option("--val-fraction", type=FRACTION, default=0.2, show_default=True, help="Share of the training set held out as validation.")
+@click.option("--downweight", type=FiniteRange(0, 1, max_open=True), default=0.0, show_default=True, help="Weight given to the harmful images (0 drops them).")
 @click.option("--apply", "apply_to", type=click.Path(file_okay=False), help="Also write a new run here with the drop of best validation accuracy applied.")
 @user_errors
 def debug(run_dir: str, ks: str, val_fraction: float, downweight: float, apply_to: str | None) -> None:
@@ -397,16 +408,17 @@ def debug(run_dir: str, ks: str, val_fraction: float, downweight: float, apply_t
 @cli.command()
 @run_options
 @click.option("--out", "run_dir", default="runs/demo", show_default=True, type=click.Path(file_okay=False), help="Run directory to write.")
-@click.option("--explain-n", type=int, default=3, show_default=True, help="Test images to explain.")
+@click.option("--explain-n", type=click.IntRange(min=0), default=3, show_default=True, help="Test images to explain.")
+@click.option("--overwrite", is_flag=True, help="Replace a run already in --out.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @user_errors
-def demo(run_dir: str, explain_n: int, quiet: bool, **opts: Any) -> None:
+def demo(run_dir: str, explain_n: int, overwrite: bool, quiet: bool, **opts: Any) -> None:
     """Offline demo: ELPV solar-cell images + built-in DINOv2 ViT-S/14; fit, compare with a
     logistic-regression probe on the same features, explain a few test images."""
     from carrot.run import commands as orchestration
 
     cfg = build_config(**opts)
-    summary = orchestration.demo(cfg, run_dir, explain_n=explain_n, progress=not quiet)
+    summary = orchestration.demo(cfg, run_dir, explain_n=explain_n, progress=not quiet, overwrite=overwrite)
     click.echo(json.dumps(summary, indent=2))
 
 

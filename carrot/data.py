@@ -183,11 +183,16 @@ def file_digest(path: str | os.PathLike[str]) -> bytes:
     return _DIGESTS[key]
 
 
+def duplicate_test_images(train: ImageDataset, test: ImageDataset) -> list[str]:
+    """Test images whose file contents equal a training image's."""
+    seen = set(train.digests())
+    return [r.path for r, d in zip(test.records, test.digests()) if d in seen]
+
+
 def report_duplicates(train: ImageDataset, test: ImageDataset) -> int:
     """Warn about test images whose file contents equal a training image's (the test accuracy would count
     memorised images); returns how many test images have a copy in train."""
-    seen = set(train.digests())
-    dup = [r.path for r, d in zip(test.records, test.digests()) if d in seen]
+    dup = duplicate_test_images(train, test)
     if dup:
         warn(f"{len(dup)} test image(s) have a byte-identical copy in the training split (e.g. '{dup[0]}'); "
              "the test accuracy counts them")

@@ -15,13 +15,24 @@ from carrot.errors import CarrotError
 
 
 def user_cache_dir() -> Path:
-    """``$CARROT_CACHE_DIR``, else ``$XDG_CACHE_HOME/carrot``, else ``~/.cache/carrot``."""
+    """``$CARROT_CACHE_DIR``, else ``$XDG_CACHE_HOME/carrot``, else ``~/.cache/carrot``; an error naming the
+    variable when that path exists and is not a folder."""
     env = os.environ.get("CARROT_CACHE_DIR")
     if env:
-        return Path(env).expanduser()
+        return check_dir(Path(env).expanduser(), "CARROT_CACHE_DIR")
     xdg = os.environ.get("XDG_CACHE_HOME")
     base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
-    return base / "carrot"
+    return check_dir(base / "carrot", "XDG_CACHE_HOME" if xdg else "the user cache folder")
+
+
+def check_dir(path: Path, name: str) -> Path:
+    """``path`` if it is a folder or does not exist yet (no part of it a file); else a one-line error naming ``name``."""
+    for p in (path, *path.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise CarrotError(f"{name}: expected a folder, but '{p}' is a file")
+            break
+    return path
 
 
 @contextmanager

@@ -141,13 +141,34 @@ def _load_checkpoint(path: str) -> dict[str, torch.Tensor]:
         else:
             state = torch.load(str(p), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any reader failure is a bad user file
-        raise CarrotError(f"checkpoint: cannot read '{path}' ({type(exc).__name__}: {exc})") from None
+        import pickle
+
+        if isinstance(exc, pickle.UnpicklingError) and "weights_only" in str(exc):
+            raise CarrotError(f"checkpoint: refused '{path}': it holds Python objects besides tensors, which could run "
+                              "code when loaded; save a plain state dict (torch.save(model.state_dict(), f)) or "
+                              ".safetensors") from None
+        text = (str(exc).strip().splitlines() or [""])[0]
+        raise CarrotError(f"checkpoint: cannot read '{path}' ({type(exc).__name__}: {text[:200]})") from None
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
-    if not isinstance(state, dict):
-        raise CarrotError(f"checkpoint: '{path}' does not hold a state dict")
+    if not isinstance(state, dict) or not state or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
+        raise CarrotError(f"checkpoint: '{path}' does not hold a state dict (parameter names -> tensors)")
     return state
+
+
+def _mismatch(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> str:
+    """What differs between a model's state dict and a checkpoint's, by name, on one line."""
+    def few(names: list[str]) -> str:
+        return ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in state and state[k].shape != own[k].shape]
+    parts = [f"{len(missing)} missing ({few(missing)})" if missing else "",
+             f"{len(unexpected)} unexpected ({few(unexpected)})" if unexpected else "",
+             f"{len(shapes)} of another shape ({few(shapes)})" if shapes else ""]
+    return "; ".join(p for p in parts if p)
 
 
 def create_backbone(
@@ -209,10 +230,10 @@ def create_backbone(
     if state is not None:
         own = model.state_dict()
         state = {k: v for k, v in state.items() if k in own or not k.startswith(("head.", "fc.", "classifier."))}
-        try:
-            model.load_state_dict(state, strict=True)
-        except RuntimeError as exc:
-            raise CarrotError(f"checkpoint does not fit timm model '{timm_name}': {str(exc).splitlines()[0]}") from None
+        diff = _mismatch(own, state)
+        if diff:
+            raise CarrotError(f"checkpoint does not fit timm model '{timm_name}' (is it another architecture?): {diff}")
+        model.load_state_dict(state, strict=True)
     data_config = timm.data.resolve_model_data_config(model)
     if size is None:
         size = int(data_config["input_size"][-1])

@@ -2,12 +2,18 @@
 
 The manifest names backbone, weights hash, image size, grid, dtype and dataset fingerprint; a
 cache whose manifest differs from the current request is refused (:class:`StaleCacheError`).
-Extraction writes rows into a preallocated memmap and records progress atomically after each
-flushed batch, so an interrupted run resumes where it stopped.
+Extraction reserves the whole file on disk first (a full disk is an error at the start, not a
+SIGBUS mid-way), writes rows into the memmap and records progress atomically after each flushed
+batch, so an interrupted run resumes where it stopped. One process at a time extracts a cache
+(a lock file beside it); a second waits and then reuses the result. A complete cache records the
+SHA-256 of its tokens; a damaged cache is extracted again (with a warning) when a run needs it.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
+import os
+import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,8 +24,8 @@ import torch
 
 from carrot.features.backbone import TokenBackbone, patch_centres
 from carrot.data import ImageDataset, load_image
-from carrot.errors import CarrotError, StaleCacheError
-from carrot.io import read_json, write_json
+from carrot.errors import CarrotError, StaleCacheError, warn
+from carrot.io import read_json, sha256_file, write_json
 
 CACHE_VERSION = 1
 DTYPES = {"float16": np.float16, "float32": np.float32}
@@ -85,19 +91,98 @@ def _compare(found: dict[str, Any], expected: dict[str, Any], where: Path) -> No
         )
 
 
-def open_store(path: str | Path, expected: dict[str, Any] | None = None) -> TokenStore:
-    """Open a complete cache folder, validating its manifest (and against ``expected`` if given)."""
+def open_store(path: str | Path, expected: dict[str, Any] | None = None, verify: bool = False) -> TokenStore:
+    """Open a complete cache folder, validating its manifest (and against ``expected`` if given), the tokens'
+    shape and dtype, and with ``verify`` their SHA-256; a damaged cache is refused saying how to rebuild it."""
     path = Path(path)
-    manifest = read_json(path / "manifest.json", "token cache manifest")
+    rebuild = "delete that folder and run carrot-run extract (or fit) with the run's settings to rebuild it"
+    try:
+        manifest = read_json(path / "manifest.json", "token cache manifest")
+    except CarrotError as exc:
+        raise StaleCacheError(f"token cache '{path}' is damaged ({exc}); {rebuild}") from None
+    if not isinstance(manifest, dict) or not _manifest_ok(manifest):
+        raise StaleCacheError(f"token cache '{path}': manifest.json lacks fields or has wrong types; {rebuild}")
     if expected is not None:
         _compare(manifest, expected, path)
     if not manifest.get("complete"):
         raise CarrotError(f"token cache '{path}' is incomplete; run the extraction again to resume it")
-    tokens = np.load(path / "tokens.npy", mmap_mode="r")
     shape = (manifest["n"], manifest["grid"][0] * manifest["grid"][1], manifest["dim"])
+    try:
+        tokens = np.load(path / "tokens.npy", mmap_mode="r")
+    except (ValueError, OSError, EOFError) as exc:
+        raise StaleCacheError(f"token cache '{path}': tokens.npy is unreadable or truncated ({_first(exc)}); {rebuild}") from None
     if tokens.shape != shape or tokens.dtype != DTYPES[manifest["dtype"]]:
-        raise StaleCacheError(f"token cache '{path}': tokens.npy {tokens.shape} {tokens.dtype} does not match its manifest {shape}")
+        raise StaleCacheError(f"token cache '{path}': tokens.npy {tokens.shape} {tokens.dtype} does not match its manifest "
+                              f"{shape}; {rebuild}")
+    if verify and manifest.get("sha256") is not None and sha256_file(path / "tokens.npy") != manifest["sha256"]:
+        raise StaleCacheError(f"token cache '{path}': tokens.npy changed since extraction (SHA-256 differs); {rebuild}")
     return TokenStore(path, manifest, tokens, np.asarray(manifest["labels"], dtype=np.int64))
+
+
+def _manifest_ok(m: dict[str, Any]) -> bool:
+    ints = all(isinstance(m.get(k), int) and not isinstance(m.get(k), bool) and m[k] >= 0 for k in ("n", "dim"))
+    grid = isinstance(m.get("grid"), list) and len(m["grid"]) == 2 and all(isinstance(g, int) and g > 0 for g in m["grid"])
+    labels = isinstance(m.get("labels"), list) and ints and len(m["labels"]) == m["n"]
+    return ints and grid and labels and m.get("dtype") in DTYPES
+
+
+def _first(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+@contextmanager
+def _locked(lock_path: Path, what: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``lock_path`` (POSIX flock); a second process waits for the first."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no flock; concurrent extraction of one cache is then the user's to avoid
+        yield
+        return
+    with open(lock_path, "a+") as fh:
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"carrot: waiting for another process extracting '{what}'", file=sys.stderr, flush=True)
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+def _resume_point(path: Path, expected: dict[str, Any], shape: tuple[int, int, int]) -> int | None:
+    """None when a complete, valid cache is there; else the row to resume from (0: start afresh, after a
+    warning when what was there is damaged). A manifest of another request at this key is refused."""
+    man_path, tok_path, prog_path = path / "manifest.json", path / "tokens.npy", path / "progress.json"
+    if not man_path.is_file():
+        return 0
+    try:
+        found = read_json(man_path, "token cache manifest")
+    except CarrotError:
+        found = None
+    if not isinstance(found, dict):
+        warn(f"token cache '{path}': manifest.json is unreadable; extracting the tokens again")
+        return 0
+    _compare(found, expected, path)
+    if found.get("complete"):
+        try:
+            open_store(path, expected, verify=True)
+            return None
+        except StaleCacheError as exc:
+            warn(f"{exc}; extracting the tokens again".replace(
+                "; delete that folder and run carrot-run extract (or fit) with the run's settings to rebuild it", ""))
+            return 0
+    try:
+        done = read_json(prog_path, "token cache progress").get("done") if prog_path.is_file() else 0
+        tokens = np.load(tok_path, mmap_mode="r") if tok_path.is_file() else None
+    except (CarrotError, AttributeError, ValueError, OSError, EOFError):
+        done, tokens = None, None
+    valid = isinstance(done, int) and not isinstance(done, bool) and 0 <= done <= shape[0]
+    if not valid or tokens is None or tokens.shape != shape:
+        if done != 0 or tokens is not None:
+            warn(f"token cache '{path}': the partial extraction is damaged (progress {done!r}); starting it again")
+        return 0
+    return done
 
 
 def extract(
@@ -112,36 +197,36 @@ def extract(
     fingerprint: str | None = None,
 ) -> TokenStore:
     """Extract (or resume, or reuse) the tokens of ``dataset`` under ``cache_root/<key>/``."""
-    from torch.utils.data import DataLoader
-    from tqdm.auto import tqdm
-
     if dtype not in DTYPES:
         raise CarrotError(f"cache dtype: expected one of {sorted(DTYPES)}, got {dtype!r}")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise CarrotError(f"batch_size: expected a positive integer, got {batch_size!r}")
     expected = expected_manifest(backbone, dataset, dtype, fingerprint)
     path = Path(cache_root) / cache_key(expected)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _locked(path.parent / f".{path.name}.lock", path):
+        return _extract_locked(backbone, dataset, path, expected, dtype, batch_size, num_workers, progress)
+
+
+def _extract_locked(backbone: TokenBackbone, dataset: ImageDataset, path: Path, expected: dict[str, Any], dtype: str,
+                    batch_size: int, num_workers: int, progress: bool) -> TokenStore:
+    from torch.utils.data import DataLoader
+    from tqdm.auto import tqdm
+
     man_path, tok_path, prog_path = path / "manifest.json", path / "tokens.npy", path / "progress.json"
     n = len(dataset)
     shape = (n, expected["grid"][0] * expected["grid"][1], expected["dim"])
-    done = 0
-    if man_path.is_file():
-        found = read_json(man_path, "token cache manifest")
-        _compare(found, expected, path)
-        if found.get("complete"):
-            return open_store(path, expected)
-        if tok_path.is_file() and prog_path.is_file():
-            done = int(read_json(prog_path, "token cache progress").get("done", 0))
-    if done == 0 or not tok_path.is_file():
+    done = _resume_point(path, expected, shape)
+    if done is None:
+        return open_store(path, expected)
+    if done == 0:
         path.mkdir(parents=True, exist_ok=True)
         write_json(man_path, {**expected, "complete": False})
-        tokens = np.lib.format.open_memmap(tok_path, mode="w+", dtype=DTYPES[dtype], shape=shape)
         write_json(prog_path, {"done": 0})
-        done = 0
+        tokens = np.lib.format.open_memmap(tok_path, mode="w+", dtype=DTYPES[dtype], shape=shape)
+        _reserve(tok_path)
     else:
         tokens = np.load(tok_path, mmap_mode="r+")
-        if tokens.shape != shape:
-            raise StaleCacheError(f"token cache '{path}': partial tokens.npy has shape {tokens.shape}, expected {shape}")
     if done < n:
         todo = RecordImages(dataset, backbone.transform(), backbone.min_side, start=done)
         loader = DataLoader(todo, batch_size=batch_size, num_workers=num_workers, shuffle=False)
@@ -157,8 +242,28 @@ def extract(
                 write_json(prog_path, {"done": done})
                 bar.update(len(x))
     del tokens
-    write_json(man_path, {**expected, "complete": True})
+    write_json(man_path, {**expected, "complete": True, "sha256": sha256_file(tok_path)})
     return open_store(path, expected)
+
+
+def _reserve(path: Path) -> None:
+    """Allocate the memmap's blocks now: a disk too small for the cache is a clear error here, not a SIGBUS
+    when a page is first written (the file is sparse until then)."""
+    size = path.stat().st_size
+    if not hasattr(os, "posix_fallocate"):
+        return
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL):  # file systems without fallocate
+                return
+            raise
+        raise CarrotError(f"token cache: cannot reserve {size / 2**30:.2f} GiB for '{path}' ({exc.strerror}); free disk "
+                          "space, set --cache-dir to a larger disk, or fit with --no-cache-tokens") from None
+    finally:
+        os.close(fd)
 
 
 @contextmanager

@@ -10,18 +10,61 @@ import numpy as np
 from carrot.features.cache import extract
 from carrot.config import RunConfig
 from carrot.distributed import barrier, init_from_env, world
-from carrot.data import ImageDataset, collect_images, load_splits
+from carrot.data import ImageDataset, collect_images, duplicate_test_images, load_splits, report_duplicates
 from carrot.errors import CarrotError
 from carrot.audit.evaluate import per_class_accuracy
-from carrot.io import user_cache_dir, write_json
+from carrot.io import check_dir, user_cache_dir, write_json
 from carrot.run.pipeline import Carrot
 from carrot.run.rundir import RunDir
 from carrot.report.pages import write_explanation
 from carrot.run.operations import (
-    bench, certificates, clear_run, compare, debug, pointing, predict, region_deletion, reweight, run_embeddings, tracin, write_index,
+    bench, certificates, check_outside_data, clear_run, compare, debug, pointing, predict, region_deletion, reweight, run_embeddings, tracin, write_index,
 )
 
 __all__ = ["bench", "compare", "debug", "demo", "evaluate", "explain", "extract_splits", "fit", "predict", "reweight", "tracin"]
+
+
+def cache_root(config: RunConfig) -> Path:
+    """The token cache root: ``cache_dir`` or the user cache folder's ``tokens/`` (checked to be a folder)."""
+    if config.cache_dir:
+        return check_dir(Path(config.cache_dir).expanduser(), "cache_dir")
+    return user_cache_dir() / "tokens"
+
+
+def check_resources(model: Carrot, n_images: int, root: Path | None) -> None:
+    """Before extraction: the region graph of one image must fit in memory, and the token cache on its disk
+    (limits and sizes in the message)."""
+    from carrot.features.cache import DTYPES, _probe_grid
+
+    grid, dim = _probe_grid(model.backbone)
+    N = grid[0] * grid[1]
+    graph = 6 * 8 * N * N  # W, L, distances and the solver's work, float64 N x N
+    mem = _physical_memory()
+    if mem and graph > mem // 2:
+        raise CarrotError(f"backbone.img_size: {model.backbone.img_size} px gives {N} regions per image, whose graph needs "
+                          f"about {graph / 2**30:.1f} GiB, more than half this machine's {mem / 2**30:.1f} GiB; "
+                          "lower img_size")
+    if root is None:
+        return
+    need = n_images * N * dim * np.dtype(DTYPES[model.config.backbone.cache_dtype]).itemsize
+    probe = next((p for p in (root, *root.parents) if p.exists()), None)
+    if probe is not None:
+        import shutil
+
+        free = shutil.disk_usage(probe).free
+        if need > free:
+            raise CarrotError(f"token cache: {n_images} images need {need / 2**30:.2f} GiB at '{root}', only "
+                              f"{free / 2**30:.2f} GiB free; free space, set --cache-dir to a larger disk, or fit "
+                              "with --no-cache-tokens")
+
+
+def _physical_memory() -> int | None:
+    import os
+
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 def extract_splits(config: RunConfig, model: Carrot | None = None, progress: bool = True) -> tuple[list, ImageDataset, ImageDataset]:
@@ -29,12 +72,14 @@ def extract_splits(config: RunConfig, model: Carrot | None = None, progress: boo
     rank extracts rows rank, rank + world, ... of each split into a cache of its own."""
     if not config.backbone.cache_tokens:
         raise CarrotError("backbone.cache_tokens is false (--no-cache-tokens): there is no token cache to extract into")
+    root = cache_root(config)
     train, test = load_splits(config)
+    report_duplicates(train, test)
     model = model or Carrot(config)
-    cache_root = Path(config.cache_dir) if config.cache_dir else user_cache_dir() / "tokens"
+    check_resources(model, len(train) + len(test), root)
     b = config.backbone
     rank, size = world()
-    stores = [extract(model.backbone, split.subset(range(rank, len(split), size)) if size > 1 else split, cache_root,
+    stores = [extract(model.backbone, split.subset(range(rank, len(split), size)) if size > 1 else split, root,
                       dtype=b.cache_dtype, batch_size=b.batch_size, num_workers=b.num_workers, progress=progress and rank == 0)
               for split in (train, test)]
     return stores, train, test
@@ -61,6 +106,7 @@ def _gather_rows(G_shard: np.ndarray, n: int, run_dir: Path, name: str) -> np.nd
 def fit(config: RunConfig, run_dir: str | Path, progress: bool = True, overwrite: bool = False) -> dict[str, Any]:
     """Extract (cached) tokens for both splits, fit the head, evaluate, save the run directory."""
     t0 = time.perf_counter()
+    check_outside_data(config, run_dir, "--out")
     clear_run(run_dir, overwrite)
     init_from_env()
     model = Carrot(config)
@@ -70,6 +116,8 @@ def fit(config: RunConfig, run_dir: str | Path, progress: bool = True, overwrite
         shards = [model.embed_store(s, progress=progress and rank == 0) for s in stores]
     else:  # stream images -> embeddings; this rank's rows rank, rank + world, ...
         (train, test), stores = load_splits(config), []
+        report_duplicates(train, test)
+        check_resources(model, len(train) + len(test), None)
         shards = [model.embed_dataset(split.subset(range(rank, len(split), size)) if size > 1 else split, progress and rank == 0)
                   for split in (train, test)]
     t_extract = time.perf_counter() - t0
@@ -87,6 +135,7 @@ def fit(config: RunConfig, run_dir: str | Path, progress: bool = True, overwrite
         "seconds_extract": t_extract, "seconds_total": time.perf_counter() - t0,
         "token_caches": [str(s.path) for s in stores] if size == 1 else [],
         "world_size": size,
+        "duplicate_test_images": len(duplicate_test_images(train, test)),
     }
     model.record_test(G_test, test.records, metrics)
     model.save(run_dir, finish=lambda staging: write_index(staging, model=model, name=run_dir.resolve().name))
@@ -100,26 +149,73 @@ def explain(run_dir: str | Path, inputs: Sequence[str], out_dir: str | Path | No
     model = Carrot.load(run_dir)
     if device:
         model.config = model.config.merged({"device": device})
+    rd = RunDir(run_dir)
+    out_root = Path(out_dir) if out_dir else rd.explanations
+    check_outside_data(model.config, out_root, "--out")
+    if out_root.exists() and not out_root.is_dir():
+        raise CarrotError(f"--out: '{out_root}' is a file; expected a folder for the explanations")
     model.check_backbone()
     paths = collect_images(inputs)
     masks = None
     if region_mask:
         if len(paths) != 1:
             raise CarrotError(f"--region-mask: expected exactly one image to explain, got {len(paths)}")
-        from PIL import Image
-
-        with Image.open(region_mask) as m:
-            masks = {paths[0]: np.asarray(model.mask_transform()(m.convert("I")), dtype=np.int64)}
-    rd = RunDir(run_dir)
-    out_root = Path(out_dir) if out_dir else rd.explanations
+        masks = {paths[0]: model.mask_transform()(read_mask(region_mask))}
+        masks[paths[0]] = np.asarray(masks[paths[0]], dtype=np.int64)
+    earlier = _explained_before(out_root)
+    numbers = {_key(e["image"]): int(Path(e["page"]).parent.name.split("_", 1)[0]) for e in earlier}
     results = []
     for s in range(0, len(paths), batch):
         for exp in model.explain(paths[s : s + batch], top_k, node_removal=node_removal, masks=masks):
-            results.append(write_explanation(exp, RunDir.explanation_dir(out_root, len(results), exp["image"])))
-    write_json(RunDir.explanations_list(out_root), results)
+            number = numbers.setdefault(_key(exp["image"]), max(numbers.values(), default=-1) + 1)
+            results.append(write_explanation(exp, RunDir.explanation_dir(out_root, number, exp["image"])))
+    listed = [e for e in earlier if _key(e["image"]) not in {_key(r["image"]) for r in results}] + results
+    write_json(RunDir.explanations_list(out_root), listed)
     if out_root.resolve() == rd.explanations.resolve():
-        write_index(run_dir, results, model)
+        write_index(run_dir, listed, model)
     return results
+
+
+def _key(image: str) -> str:
+    return str(Path(image).resolve())
+
+
+def _explained_before(root: Path) -> list[dict[str, Any]]:
+    """The explanations an earlier ``explain`` listed in ``root`` whose pages are still there (a damaged list
+    is set aside with a warning: the pages it named stay, the index lists the new ones)."""
+    from carrot.errors import warn
+    from carrot.io import read_json
+
+    listed = RunDir.explanations_list(root)
+    if not listed.is_file():
+        return []
+    try:
+        entries = read_json(listed, "explanations list")
+        ok = isinstance(entries, list) and all(isinstance(e, dict) and isinstance(e.get("image"), str)
+                                               and isinstance(e.get("page"), str) for e in entries)
+    except CarrotError:
+        ok = False
+    if not ok:
+        warn(f"'{listed}' is damaged; the index lists only the images explained now")
+        return []
+    return [e for e in entries if Path(e["page"]).is_file() and Path(e["page"]).parent.name[:4].isdigit()]
+
+
+def read_mask(path: str | Path):
+    """An integer segment mask image (one label per pixel), or a one-line error naming --region-mask."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as m:
+            m.load()
+            if m.mode not in ("1", "L", "P", "I", "I;16", "I;16B", "I;16L"):
+                raise CarrotError(f"--region-mask: expected a single-channel integer image (mode L, P, I or I;16), "
+                                  f"got mode {m.mode} in '{path}'")
+            return m.convert("I")
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        if isinstance(exc, CarrotError):
+            raise
+        raise CarrotError(f"--region-mask: '{path}' is not an image ({type(exc).__name__})") from None
 
 
 def evaluate(run_dir: str | Path, what: Sequence[str], out: str | Path | None = None, seeds: Sequence[int] = (0, 1, 2, 3, 4),
@@ -148,14 +244,16 @@ def evaluate(run_dir: str | Path, what: Sequence[str], out: str | Path | None = 
     return res
 
 
-def demo(config: RunConfig, run_dir: str | Path, explain_n: int = 3, progress: bool = True) -> dict[str, Any]:
-    """Fit on the configured data (ELPV by default), add a LogisticRegression probe, explain a few."""
+def demo(config: RunConfig, run_dir: str | Path, explain_n: int = 3, progress: bool = True,
+         overwrite: bool = False) -> dict[str, Any]:
+    """Fit on the configured data (ELPV by default), add a LogisticRegression probe, explain a few; an
+    existing run in ``run_dir`` is replaced only with ``overwrite``."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
     t0 = time.perf_counter()
-    metrics = fit(config, run_dir, progress, overwrite=True)  # a demo run is always rebuilt
+    metrics = fit(config, run_dir, progress, overwrite=overwrite)
     run_dir = Path(run_dir)
     model = Carrot.load(run_dir)
     G_test = model.test_embeddings_

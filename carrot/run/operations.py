@@ -104,6 +104,7 @@ def predict(run_dir: str | Path, inputs: Sequence[str], out: str | Path | None =
     model = Carrot.load(run_dir)
     if device:
         model.config = model.config.merged({"device": device})
+    check_outside_data(model.config, out, "--out")
     model.check_backbone()
     paths = collect_images(inputs)
     rows: list[dict[str, Any]] = []
@@ -151,6 +152,7 @@ def reweight(run_dir: str | Path, val_fraction: float = 0.2, out: str | Path | N
     model, G, y, G_test, y_test = run_embeddings(run_dir)
     a0 = _run_weights(model)
     if apply is not None:
+        check_outside_data(model.config, apply, "--apply")
         clear_run(apply, overwrite=False, flag="--apply")
     cfg = RROConfig(**{k: v for k, v in rro_kwargs.items() if v is not None}, seed=model.config.seed)
     f_rows, v_rows = _fit_val_split(model, y, val_fraction)
@@ -240,6 +242,7 @@ def debug(run_dir: str | Path, ks: Sequence[int], val_fraction: float = 0.2, dow
     model, G, y, G_test, y_test = run_embeddings(run_dir)
     a0 = _run_weights(model)
     if apply is not None:
+        check_outside_data(model.config, apply, "--apply")
         clear_run(apply, overwrite=False, flag="--apply")
     f_rows, v_rows = _fit_val_split(model, y, val_fraction)
     res = debug_loop(G[f_rows], y[f_rows], G[v_rows], y[v_rows], G_test, y_test, model.head_, ks, downweight,
@@ -261,6 +264,16 @@ def debug(run_dir: str | Path, ks: Sequence[int], val_fraction: float = 0.2, dow
                        {"by": "debug", "k": best["k"], "downweight": downweight, "val_fraction": val_fraction,
                         "val_accuracy": best["val_accuracy"], "test_accuracy": best["test_accuracy"]})
     return res
+
+
+def check_outside_data(config: Any, out: str | Path | None, flag: str) -> None:
+    """Refuse an output folder inside the data folder: the next fit would read its pages and heatmaps as images."""
+    if out is None or not config.data.root:
+        return
+    data, target = Path(config.data.root).resolve(), Path(out).resolve()
+    if target == data or data in target.parents:
+        raise CarrotError(f"{flag}: '{out}' is inside the data folder '{config.data.root}'; the next fit would read "
+                          "its files as training images; write it outside the data folder")
 
 
 def clear_run(run_dir: str | Path, overwrite: bool, flag: str = "--out") -> None:
