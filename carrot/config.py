@@ -225,7 +225,9 @@ def load_config(path: str | Path | None) -> RunConfig:
     if not p.is_file():
         raise CarrotError(f"config: file not found: '{p}'")
     try:
-        d = yaml.safe_load(p.read_text()) or {}
+        d = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError:
+        raise CarrotError(f"config: '{p}' is not a UTF-8 text file") from None
     except yaml.YAMLError as exc:
         raise CarrotError(f"config: '{p}' is not valid YAML ({str(exc).splitlines()[0]})") from None
     return RunConfig.from_dict(d)

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 from struct import error as struct_error
 
@@ -119,9 +120,7 @@ def load_image(record: ImageRecord | str, min_side: int = 1):
     animated or multi-page file is used; images above :func:`max_image_pixels` are refused before decoding;
     alpha, 16-bit and float modes are converted as :func:`_to_rgb` says; ``record.bbox`` is cropped.
     """
-    import warnings
-
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    from PIL import ImageOps, UnidentifiedImageError
 
     rec = record if isinstance(record, ImageRecord) else ImageRecord(str(record), -1)
     path = Path(rec.path)
@@ -129,22 +128,10 @@ def load_image(record: ImageRecord | str, min_side: int = 1):
         raise CarrotError(f"image not found: '{path}'")
     limit = max_image_pixels()
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            old, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, limit // 2  # PIL errors above 2x its limit
-            try:
-                with Image.open(path) as im:
-                    if im.size[0] * im.size[1] > limit:
-                        raise CarrotError(f"image '{path}' is {im.size[0]}x{im.size[1]} px, more than the "
-                                          f"{limit:,} px carrot decodes (set CARROT_MAX_IMAGE_PIXELS to allow it)")
-                    im.seek(0)
-                    im.load()
-                    img = _to_rgb(ImageOps.exif_transpose(im) if im.getexif() else im, path)
-            finally:
-                Image.MAX_IMAGE_PIXELS = old
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise CarrotError(f"image '{path}' is larger than the {limit:,} px carrot decodes (a decompression bomb?); "
-                          "set CARROT_MAX_IMAGE_PIXELS to allow it") from None
+        with open_image(path, limit) as im:
+            im.seek(0)
+            im.load()
+            img = _to_rgb(ImageOps.exif_transpose(im) if im.getexif() else im, path)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, IndexError, struct_error) as exc:
         if isinstance(exc, CarrotError):
             raise
@@ -157,6 +144,41 @@ def load_image(record: ImageRecord | str, min_side: int = 1):
             f"image '{path}' is {img.size[0]}x{img.size[1]} px, smaller than one {min_side}-px patch of the backbone"
         )
     return img
+
+
+@contextmanager
+def open_image(path: Path, limit: int) -> Iterator:
+    """``PIL.Image.open`` (header only) with carrot's own size limit, checked before any pixel is decoded."""
+    from PIL import Image
+
+    old, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # carrot's check below replaces PIL's
+    try:
+        with Image.open(path) as im:
+            if im.size[0] * im.size[1] > limit:
+                raise CarrotError(f"image '{path}' is {im.size[0]}x{im.size[1]} px, more than the {limit:,} px carrot "
+                                  "decodes (a decompression bomb?); set CARROT_MAX_IMAGE_PIXELS to allow it")
+            yield im
+    finally:
+        Image.MAX_IMAGE_PIXELS = old
+
+
+def check_headers(datasets: Sequence["ImageDataset"], min_side: int = 1) -> None:
+    """Before any extraction: every image opens (its header), is within the size limit and at least
+    ``min_side`` px on each side, so a bad file is a one-line error before work starts, not after hours."""
+    from PIL import UnidentifiedImageError
+
+    limit = max_image_pixels()
+    for ds in datasets:
+        for r in ds.records:
+            try:
+                with open_image(Path(r.path), limit) as im:
+                    w, h = im.size
+            except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, IndexError, struct_error) as exc:
+                if isinstance(exc, CarrotError):
+                    raise
+                raise CarrotError(f"cannot read image '{r.path}': not an image or corrupt ({_first_line(exc)})") from None
+            if r.bbox is None and min(w, h) < min_side:
+                raise CarrotError(f"image '{r.path}' is {w}x{h} px, smaller than one {min_side}-px patch of the backbone")
 
 
 def _first_line(exc: BaseException) -> str:

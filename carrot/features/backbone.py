@@ -139,14 +139,18 @@ def _load_checkpoint(path: str) -> dict[str, torch.Tensor]:
 
             state = load_file(str(p))
         else:
-            state = torch.load(str(p), map_location="cpu", weights_only=True)
+            import warnings
+
+            with warnings.catch_warnings():  # torch's pickle-protocol notes; the refusal below says what matters
+                warnings.simplefilter("ignore")
+                state = torch.load(str(p), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any reader failure is a bad user file
         import pickle
 
-        if isinstance(exc, pickle.UnpicklingError) and "weights_only" in str(exc):
-            raise CarrotError(f"checkpoint: refused '{path}': it holds Python objects besides tensors, which could run "
-                              "code when loaded; save a plain state dict (torch.save(model.state_dict(), f)) or "
-                              ".safetensors") from None
+        if isinstance(exc, pickle.UnpicklingError):
+            raise CarrotError(f"checkpoint: refused '{path}': it is not a plain tensor state dict (Python objects, which "
+                              "could run code when loaded, or not a torch checkpoint at all); save "
+                              "torch.save(model.state_dict(), f) or .safetensors") from None
         text = (str(exc).strip().splitlines() or [""])[0]
         raise CarrotError(f"checkpoint: cannot read '{path}' ({type(exc).__name__}: {text[:200]})") from None
     for key in ("state_dict", "model", "model_state_dict"):
@@ -237,6 +241,11 @@ def create_backbone(
     data_config = timm.data.resolve_model_data_config(model)
     if size is None:
         size = int(data_config["input_size"][-1])
+    patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
+    patch = max(patch) if isinstance(patch, (tuple, list)) else patch
+    if size < (patch or 32):  # a ConvNet needs at least its 32-px output stride
+        raise CarrotError(f"backbone.img_size: {size} px is smaller than one {patch or 32}-px "
+                          f"{'patch' if patch else 'cell'} of '{name}'; expected img_size >= {patch or 32}")
     data_config["input_size"] = (3, size, size)
     weights_id = sha256_tensors(model.state_dict())
     return TokenBackbone(model, name, timm_name, weights_id, size, dev, data_config)

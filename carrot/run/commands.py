@@ -10,7 +10,7 @@ import numpy as np
 from carrot.features.cache import extract
 from carrot.config import RunConfig
 from carrot.distributed import barrier, init_from_env, world
-from carrot.data import ImageDataset, collect_images, duplicate_test_images, load_splits, report_duplicates
+from carrot.data import ImageDataset, check_headers, collect_images, duplicate_test_images, load_splits, report_duplicates
 from carrot.errors import CarrotError
 from carrot.audit.evaluate import per_class_accuracy
 from carrot.io import check_dir, user_cache_dir, write_json
@@ -74,8 +74,9 @@ def extract_splits(config: RunConfig, model: Carrot | None = None, progress: boo
         raise CarrotError("backbone.cache_tokens is false (--no-cache-tokens): there is no token cache to extract into")
     root = cache_root(config)
     train, test = load_splits(config)
-    report_duplicates(train, test)
     model = model or Carrot(config)
+    check_headers((train, test), model.backbone.min_side)
+    report_duplicates(train, test)
     check_resources(model, len(train) + len(test), root)
     b = config.backbone
     rank, size = world()
@@ -116,6 +117,7 @@ def fit(config: RunConfig, run_dir: str | Path, progress: bool = True, overwrite
         shards = [model.embed_store(s, progress=progress and rank == 0) for s in stores]
     else:  # stream images -> embeddings; this rank's rows rank, rank + world, ...
         (train, test), stores = load_splits(config), []
+        check_headers((train, test), model.backbone.min_side)
         report_duplicates(train, test)
         check_resources(model, len(train) + len(test), None)
         shards = [model.embed_dataset(split.subset(range(rank, len(split), size)) if size > 1 else split, progress and rank == 0)
