@@ -102,7 +102,7 @@ def test_predict_matches_the_fitted_test_scores(fitted, tmp_path):
     assert table[0] == ["image", "predicted", "score", "runner_up", "margin", *model.classes_]
     assert len(table) == 1 + len(rows) and table[1][1] == rows[0]["predicted"]
     assert len(r.output.strip().splitlines()) == len(rows)
-    bad(["predict", str(fitted), test_paths[0], "--batch-size", "0"], "--batch-size: expected a positive integer")
+    bad(["predict", str(fitted), test_paths[0], "--batch-size", "0"], "'--batch-size': 0 is not in the range")
 
 
 def test_fit_without_token_cache_streams_and_explains(tmp_path, synthetic_root, tiny_config, fitted):
@@ -197,7 +197,7 @@ def bad(args, match):
 def test_user_mistakes_give_one_line_errors(tmp_path, fitted, synthetic_root, tiny_config):
     bad(["fit", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "o")], "does not exist")
     bad(["fit", "--config", tiny_config, "--data", str(synthetic_root), "--out", str(tmp_path / "o"), "--lam", "0"], "head.lam: expected 'auto' or a finite number > 0")
-    bad(["fit", "--config", tiny_config, "--data", str(synthetic_root), "--out", str(tmp_path / "o"), "--t", "-1"], "diffusion.t")
+    bad(["fit", "--config", tiny_config, "--data", str(synthetic_root), "--out", str(tmp_path / "o"), "--t", "-1"], "'--t': -1.0 is not in the range x>=0")
     cfg = tmp_path / "typo.yaml"
     cfg.write_text("head:\n  lamda: 2\n")
     bad(["fit", "--config", str(cfg), "--out", str(tmp_path / "o")], "unknown key(s) ['lamda']")
@@ -292,7 +292,7 @@ def test_evaluate_and_reweight_commands(fitted, tmp_path):
     bad(["evaluate", str(fitted), "--seeds", "-1"], "--seeds: expected integers >= 0")
     bad(["evaluate", str(fitted), "--k", "a,b"], "--k: expected comma-separated integers")
     bad(["evaluate", str(fitted), "--k", "100"], "K < n = 12")
-    bad(["reweight", str(fitted), "--steps", "0"], "rro.steps")
+    bad(["reweight", str(fitted), "--steps", "0"], "'--steps': 0 is not in the range x>=1")
 
 
 def test_extract_and_bench_commands(fitted, tmp_path, synthetic_root, tiny_config):

@@ -866,6 +866,21 @@ def test_an_interrupted_extraction_resumes_to_the_same_tokens(workspace, monkeyp
     assert len(resumed) == len(clean) == 2 and all(np.array_equal(a, b) for a, b in zip(resumed, clean))
 
 
+def test_a_folder_that_refuses_writes_is_one_line_and_leaves_no_page(workspace, monkeypatch):
+    """EACCES when the explanation page is written (a read-only folder, as root would not see it): one line, exit 2,
+    the run untouched, no half-written page folder."""
+    workspace.config()
+    before = snapshot(workspace.run)
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", kwargs.get("dir") or args[-1] if args else None)
+
+    monkeypatch.setattr("carrot.io.tempfile.mkstemp", refuse)
+    r = invoke(workspace, "explain {run} {img}")
+    assert_one_line_error(r, r"Permission denied")
+    assert snapshot(workspace.run) == before
+
+
 @pytest.mark.skipif(os.geteuid() == 0 if hasattr(os, "geteuid") else True, reason="root ignores file permissions")
 def test_a_read_only_run_is_one_line(workspace):
     os.chmod(workspace.run, 0o555)

@@ -5,7 +5,7 @@ cache whose manifest differs from the current request is refused (:class:`StaleC
 Extraction reserves the whole file on disk first (a full disk is an error at the start, not a
 SIGBUS mid-way), writes rows into the memmap and records progress atomically after each flushed
 batch, so an interrupted run resumes where it stopped. One process at a time extracts a cache
-(a lock file beside it); a second waits and then reuses the result. A complete cache records the
+(a lock file in its folder); a second waits and then reuses the result. A complete cache records the
 SHA-256 of its tokens; a damaged cache is extracted again (with a warning) when a run needs it.
 """
 from __future__ import annotations
@@ -203,8 +203,8 @@ def extract(
         raise CarrotError(f"batch_size: expected a positive integer, got {batch_size!r}")
     expected = expected_manifest(backbone, dataset, dtype, fingerprint)
     path = Path(cache_root) / cache_key(expected)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with _locked(path.parent / f".{path.name}.lock", path):
+    path.mkdir(parents=True, exist_ok=True)
+    with _locked(path / ".lock", path):
         return _extract_locked(backbone, dataset, path, expected, dtype, batch_size, num_workers, progress)
 
 

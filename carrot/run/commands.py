@@ -1,6 +1,7 @@
 """Thin orchestration of carrot runs: fit, explain, demo. The CLI in ``cli/`` calls these."""
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -44,6 +45,11 @@ def check_resources(model: Carrot, n_images: int, root: Path | None) -> None:
         raise CarrotError(f"backbone.img_size: {model.backbone.img_size} px gives {N} regions per image, whose graph needs "
                           f"about {graph / 2**30:.1f} GiB, more than half this machine's {mem / 2**30:.1f} GiB; "
                           "lower img_size")
+    batch = model.config.backbone.batch_size
+    activations = 16 * 4 * batch * N * dim  # float32 tokens through a block (MLP 4x, attention, residuals)
+    if mem and activations > mem // 2:
+        raise CarrotError(f"backbone.batch_size: {batch} images of {N} regions need about {activations / 2**30:.1f} GiB "
+                          f"of activations, more than half this machine's {mem / 2**30:.1f} GiB; lower batch_size")
     if root is None:
         return
     need = n_images * N * dim * np.dtype(DTYPES[model.config.backbone.cache_dtype]).itemsize
@@ -166,13 +172,26 @@ def explain(run_dir: str | Path, inputs: Sequence[str], out_dir: str | Path | No
         masks[paths[0]] = np.asarray(masks[paths[0]], dtype=np.int64)
     earlier = _explained_before(out_root)
     numbers = {_key(e["image"]): int(Path(e["page"]).parent.name.split("_", 1)[0]) for e in earlier}
-    results = []
-    for s in range(0, len(paths), batch):
-        for exp in model.explain(paths[s : s + batch], top_k, node_removal=node_removal, masks=masks):
-            number = numbers.setdefault(_key(exp["image"]), max(numbers.values(), default=-1) + 1)
-            results.append(write_explanation(exp, RunDir.explanation_dir(out_root, number, exp["image"])))
-    listed = [e for e in earlier if _key(e["image"]) not in {_key(r["image"]) for r in results}] + results
-    write_json(RunDir.explanations_list(out_root), listed)
+    results: list[dict[str, Any]] = []
+    root_fresh = not out_root.exists()
+    try:
+        for s in range(0, len(paths), batch):
+            for exp in model.explain(paths[s : s + batch], top_k, node_removal=node_removal, masks=masks):
+                number = numbers.setdefault(_key(exp["image"]), max(numbers.values(), default=-1) + 1)
+                target = RunDir.explanation_dir(out_root, number, exp["image"])
+                fresh = not target.exists()
+                try:
+                    results.append(write_explanation(exp, target))
+                except BaseException:
+                    if fresh:  # no half-written page folder
+                        shutil.rmtree(target, ignore_errors=True)
+                    raise
+    finally:  # the pages written so far are complete: list them, even when a later one failed
+        listed = [e for e in earlier if _key(e["image"]) not in {_key(r["image"]) for r in results}] + results
+        if results:
+            write_json(RunDir.explanations_list(out_root), listed)
+        elif root_fresh and out_root.is_dir() and not any(out_root.iterdir()):
+            out_root.rmdir()
     if out_root.resolve() == rd.explanations.resolve():
         write_index(run_dir, listed, model)
     return results

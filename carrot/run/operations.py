@@ -291,7 +291,7 @@ def _token_stores(run_dir: str | Path, model: Carrot, splits: Sequence[int]) -> 
     if len(caches) != 2 or not all(Path(caches[s]).is_dir() for s in splits):
         raise CarrotError(f"run '{run_dir}': no token caches ({caches or 'fitted with --no-cache-tokens or under torchrun'}"
                           f"{'; gone' if caches else ''}); run carrot-run fit with the token cache to (re)build them")
-    return [open_store(caches[s]) for s in splits]
+    return [open_store(caches[s], verify=True) for s in splits]
 
 
 def _test_store(run_dir: str | Path, model: Carrot):

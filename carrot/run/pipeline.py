@@ -139,7 +139,7 @@ class Carrot:
             caches = getattr(self, "metrics_", {}).get("token_caches", [])
             if caches and Path(caches[0]).is_dir():
                 try:
-                    store = open_store(caches[0])
+                    store = open_store(caches[0], verify=True)
                 except CarrotError:
                     store = None
             if store is not None and (store.manifest["weights_id"] != self.backbone.weights_id
