@@ -82,6 +82,9 @@ class CarrotGroup(click.Group):
         kwargs.pop("standalone_mode", None)
         try:
             rv = super().main(*args, standalone_mode=False, **kwargs)
+        except click.exceptions.NoArgsIsHelpError as exc:  # bare `carrot-run`: the help, as click prints it
+            click.echo(exc.ctx.get_help() if exc.ctx is not None else str(exc), err=True)
+            sys.exit(EXIT_USER_ERROR)
         except click.exceptions.UsageError as exc:
             cmd = exc.ctx.command_path if exc.ctx is not None else "carrot-run"
             hint = f" (see '{cmd} --help')"

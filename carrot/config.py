@@ -18,6 +18,7 @@ from carrot.errors import CarrotError
 
 MAX_IMG_SIZE = 2048  # px; beyond it a ViT's region graph (N = (side / patch)^2 nodes) outgrows a workstation
 MAX_BATCH_SIZE = 4096
+MAX_WORKERS = 256  # DataLoader processes; a bound that does not depend on the machine, so a run loads anywhere
 MAX_SEED = 2**32 - 1
 MAX_CHEBYSHEV_TERMS = 20_000  # Chebyshev terms for exp(-tL); above it eigh (exact for any t) is the method
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
@@ -48,8 +49,17 @@ def check_bool(name: str, v: Any) -> None:
 def check_str(name: str, v: Any, null: bool = False) -> None:
     if v is None and null:
         return
+    if isinstance(v, os.PathLike):
+        v = os.fspath(v)
     if not isinstance(v, str) or not v.strip() or "\x00" in v:
         raise CarrotError(f"{name}: expected a non-empty string{' or null' if null else ''}, got {v!r}")
+
+
+def _fspath(obj: Any, name: str) -> None:
+    """A path given as ``os.PathLike`` (``pathlib.Path``) is kept as its string, as YAML and run.json hold it."""
+    v = getattr(obj, name)
+    if isinstance(v, os.PathLike):
+        object.__setattr__(obj, name, os.fspath(v))
 
 
 def _positive_or_median(name: str, v: Any) -> None:
@@ -74,6 +84,7 @@ class DataConfig:
     def __post_init__(self) -> None:
         if self.kind not in DATA_KINDS:
             raise CarrotError(f"data.kind: expected one of {', '.join(DATA_KINDS)}, got {self.kind!r}")
+        _fspath(self, "root")
         check_str("data.root", self.root, null=True)
         if not _is_number(self.test_fraction) or not 0 < self.test_fraction < 1:
             raise CarrotError(f"data.test_fraction: expected a number in (0, 1), got {self.test_fraction!r}")
@@ -97,11 +108,11 @@ class BackboneConfig:
         check_str("backbone.name", self.name)
         check_int("backbone.img_size", self.img_size, 8, MAX_IMG_SIZE, null=True,
                   why=" (larger inputs make region graphs beyond a workstation's memory)")
+        _fspath(self, "checkpoint")
         check_str("backbone.checkpoint", self.checkpoint, null=True)
         check_bool("backbone.pretrained", self.pretrained)
         check_int("backbone.batch_size", self.batch_size, 1, MAX_BATCH_SIZE)
-        workers = 4 * (os.cpu_count() or 1)
-        check_int("backbone.num_workers", self.num_workers, 0, workers, why=" (4 per CPU core of this machine)")
+        check_int("backbone.num_workers", self.num_workers, 0, MAX_WORKERS)
         if self.cache_dtype not in ("float16", "float32"):
             raise CarrotError(f"backbone.cache_dtype: expected float16 or float32, got {self.cache_dtype!r}")
         check_bool("backbone.cache_tokens", self.cache_tokens)
@@ -165,6 +176,7 @@ class RunConfig:
         if not isinstance(self.device, str) or not DEVICE_PATTERN.fullmatch(self.device):
             raise CarrotError(f"device: expected auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
         check_int("seed", self.seed, 0, MAX_SEED)
+        _fspath(self, "cache_dir")
         check_str("cache_dir", self.cache_dir, null=True)
 
     def to_dict(self) -> dict[str, Any]:

@@ -108,7 +108,7 @@ def _to_rgb(im, path: Path):
             raise CarrotError(f"image '{path}': float pixel values span [{lo:g}, {hi:g}]; carrot reads float images "
                               "in [0, 1] (or [0, 255]); rescale it or save it as 8- or 16-bit")
         return Image.fromarray(np.round(arr).astype(np.uint8)).convert("RGB")
-    if mode in ("RGB", "L", "P", "1", "CMYK", "YCbCr"):
+    if mode in ("RGB", "RGBX", "L", "P", "1", "CMYK", "YCbCr"):
         return im.convert("RGB")
     raise CarrotError(f"image '{path}': pixel mode {mode} ({im.format}) is not supported; save it as RGB or grayscale")
 

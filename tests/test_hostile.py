@@ -75,6 +75,7 @@ class Case:
     changes: bool = False  # a refusal that comes after complete, resumable work may change the workspace
     env: dict = field(default_factory=dict)
     check: Callable[[W, object], None] | None = None  # extra assertions on success
+    cwd: str | None = None  # run from this folder ({placeholders} allowed)
 
     @property
     def code(self) -> int:
@@ -362,6 +363,27 @@ def symlinked_explanations(w: W) -> None:
     w.config()
 
 
+def user_file_in_run(w: W) -> None:
+    (w.run / "thesis.tex").write_text("do not delete")
+    w.config()
+
+
+def two_explains_elsewhere(w: W) -> None:
+    """The first explain from the run's parent folder with relative paths, the second (the case) from elsewhere."""
+    d1 = w.tmp / "x" / "a"
+    d1.mkdir(parents=True)
+    noise(seed=1)().save(d1 / "cat.png")
+    (w.tmp / "x" / "b").mkdir()
+    noise(seed=2)().save(w.tmp / "x" / "b" / "cat.png")
+    old = os.getcwd()
+    os.chdir(w.tmp)
+    try:
+        r = CliRunner().invoke(cli, ["explain", "run", "x/a/cat.png"])
+    finally:
+        os.chdir(old)
+    assert r.exit_code == 0, r.output
+
+
 def nonempty_out(w: W) -> None:
     (w.tmp / "new").mkdir()
     (w.tmp / "new" / "thesis.tex").write_text("do not delete")
@@ -479,7 +501,7 @@ CASES: list[Case] = [
     Case("backbone.batch_size 0", FIT, r"backbone\.batch_size: expected an integer in \[1, 4096\]", cfg(backbone__batch_size=0)),
     Case("backbone.batch_size huge", FIT, r"backbone\.batch_size", cfg(backbone__batch_size=10**7)),
     Case("backbone.batch_size '32'", FIT, r"backbone\.batch_size", cfg(backbone__batch_size="32")),
-    Case("backbone.num_workers -1", FIT, r"backbone\.num_workers: expected an integer in \[0, \d+\] \(4 per CPU core", cfg(backbone__num_workers=-1)),
+    Case("backbone.num_workers -1", FIT, r"backbone\.num_workers: expected an integer in \[0, 256\]", cfg(backbone__num_workers=-1)),
     Case("backbone.num_workers 10000", FIT, r"backbone\.num_workers", cfg(backbone__num_workers=10000)),
     Case("backbone.cache_dtype float64", FIT, r"backbone\.cache_dtype: expected float16 or float32", cfg(backbone__cache_dtype="float64")),
     Case("backbone.cache_tokens 'yes'", FIT, r"backbone\.cache_tokens: expected true or false", cfg(backbone__cache_tokens="yes")),
@@ -587,8 +609,17 @@ CASES: list[Case] = [
     Case("fit --out is the data folder", "fit --config {cfg} --data {data} --out {data} --quiet", r"--out: .* is inside the data folder", cfg()),
     Case("fit --out a file", "fit --config {cfg} --data {data} --out {img}.txt --quiet", r"--out.*is a file",
          lambda w: (w.config(), Path(w.fmt("{img}.txt")).write_text("x")) and None),
-    Case("fit --out a folder of other files", FIT, r"--out: .* holds other files \(thesis\.tex\) and no carrot run", nonempty_out),
+    Case("fit --out a folder of other files", FIT, r"--out: .* holds other files and no carrot run \(thesis\.tex\)", nonempty_out),
     Case("fit over a run without --overwrite", "fit --config {cfg} --data {data} --out {run} --quiet", r"already holds a fitted run; pass --overwrite", cfg()),
+    Case("fit --overwrite over a run holding user files", "fit --config {cfg} --data {data} --out {run} --quiet --overwrite",
+         r"holds a fitted run and files carrot did not write \(thesis\.tex\)", user_file_in_run),
+    Case("fit --out the current folder", "fit --config {cfg} --data {data} --out . --quiet", r"is \(or holds\) the current folder", cfg(), cwd="{tmp}"),
+    Case("fit --out a parent of the current folder", "fit --config {cfg} --data {data} --out {tmp} --quiet", r"is \(or holds\) the current folder", cfg(), cwd="{data}"),
+    Case("fit --cache-dir inside --out", "fit --config {cfg} --data {data} --out {tmp}/new --cache-dir {tmp}/new/cache --quiet",
+         r"holds the token cache .* which replacing the run folder would delete", cfg()),
+    Case("fit --data inside --out", "fit --config {cfg} --data {data} --out {tmp} --quiet", r"holds the data folder|holds other files|current folder", cfg()),
+    Case("explain from another folder keeps earlier pages", "explain {run} {tmp}/x/b/cat.png", None, two_explains_elsewhere, check=check_two_explains),
+    Case("an unknown global flag", "--nonsense-global-flag", r"No such option"),
     Case("demo over a run without --overwrite", "demo --out {run} --quiet", r"already holds a fitted run; pass --overwrite"),
     Case("fit --overwrite with symlinked explanations", "fit --config {cfg} --data {data} --out {run} --quiet --overwrite", None,
          symlinked_explanations, check=check_overwrite),
@@ -772,12 +803,14 @@ def test_the_catalogue_is_large_and_its_names_unique():
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
-def test_hostile(case: Case, workspace: W) -> None:
+def test_hostile(case: Case, workspace: W, monkeypatch) -> None:
     if case.setup is not None:
         case.setup(workspace)
     if not workspace.cfg.exists():
         workspace.config()
     before = snapshot(workspace.tmp)
+    if case.cwd is not None:
+        monkeypatch.chdir(workspace.fmt(case.cwd))
     r = invoke(workspace, case.argv, case.env)
     if case.match is None:
         assert r.exit_code == 0, (r.output, r.exception)
@@ -788,6 +821,39 @@ def test_hostile(case: Case, workspace: W) -> None:
     if not case.changes:
         after = snapshot(workspace.tmp)
         assert after == before, sorted(set(after.items()) ^ set(before.items()))[:6]
+
+
+def test_bare_carrot_run_prints_the_help_and_exits_2():
+    r = CliRunner().invoke(cli, [])
+    assert r.exit_code == 2 and "Commands:" in r.stderr and "fit" in r.stderr
+
+
+def test_a_config_does_not_depend_on_the_machine_and_takes_paths():
+    from carrot.config import RunConfig
+
+    cfg = RunConfig.from_dict({"backbone": {"num_workers": 64}, "cache_dir": Path("/tmp/c"), "data": {"root": Path("/d")}})
+    assert cfg.cache_dir == "/tmp/c" and cfg.data.root == "/d" and cfg.backbone.num_workers == 64
+
+
+def test_the_python_api_never_replaces_a_folder_of_other_files(fitted_run, tmp_path):
+    from carrot.errors import CarrotError
+    from carrot.run.pipeline import Carrot
+
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "notes.md").write_text("mine")
+    with pytest.raises(CarrotError, match="holds other files and no carrot run"):
+        Carrot.load(fitted_run).save(tmp_path / "results")
+    assert (tmp_path / "results" / "notes.md").read_text() == "mine"
+
+
+def test_a_complete_cache_needs_no_free_disk(workspace, monkeypatch):
+    import collections
+
+    workspace.config()
+    assert invoke(workspace, "fit --config {cfg} --data {data} --out {tmp}/a --quiet").exit_code == 0
+    monkeypatch.setattr("shutil.disk_usage", lambda p: collections.namedtuple("u", "total used free")(10, 10, 0))
+    r = invoke(workspace, "fit --config {cfg} --data {data} --out {tmp}/b --quiet")
+    assert r.exit_code == 0, r.output
 
 
 # -- faults the table cannot express in one line: a disk that fills, an interrupt, two processes ---------------

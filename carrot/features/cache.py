@@ -27,7 +27,7 @@ from carrot.data import ImageDataset, load_image
 from carrot.errors import CarrotError, StaleCacheError, warn
 from carrot.io import read_json, sha256_file, write_json
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: EXIF orientation applied, 16-bit / float images scaled by their range
 DTYPES = {"float16": np.float16, "float32": np.float32}
 
 
@@ -75,6 +75,19 @@ def expected_manifest(backbone: TokenBackbone, dataset: ImageDataset, dtype: str
         "labels": dataset.labels.tolist(),
         "classes": list(dataset.classes),
     }
+
+
+def missing_bytes(backbone: TokenBackbone, dataset: ImageDataset, cache_root: str | Path, dtype: str) -> int:
+    """Bytes the token cache of ``dataset`` still needs on disk: 0 when it is complete, else its full size."""
+    expected = expected_manifest(backbone, dataset, dtype)
+    path = Path(cache_root) / cache_key(expected)
+    try:
+        if read_json(path / "manifest.json", "token cache manifest").get("complete"):
+            return 0
+    except (CarrotError, AttributeError):
+        pass
+    n_regions = expected["grid"][0] * expected["grid"][1]
+    return len(dataset) * n_regions * expected["dim"] * np.dtype(DTYPES[dtype]).itemsize
 
 
 def cache_key(manifest: dict[str, Any]) -> str:
@@ -174,13 +187,17 @@ def _resume_point(path: Path, expected: dict[str, Any], shape: tuple[int, int, i
             return 0
     try:
         done = read_json(prog_path, "token cache progress").get("done") if prog_path.is_file() else 0
+    except (CarrotError, AttributeError):
+        done = "unreadable"
+    try:
         tokens = np.load(tok_path, mmap_mode="r") if tok_path.is_file() else None
-    except (CarrotError, AttributeError, ValueError, OSError, EOFError):
-        done, tokens = None, None
+    except (ValueError, OSError, EOFError):
+        tokens = "unreadable"
     valid = isinstance(done, int) and not isinstance(done, bool) and 0 <= done <= shape[0]
-    if not valid or tokens is None or tokens.shape != shape:
+    if not valid or tokens is None or isinstance(tokens, str) or tokens.shape != shape:
         if done != 0 or tokens is not None:
-            warn(f"token cache '{path}': the partial extraction is damaged (progress {done!r}); starting it again")
+            what = f"progress {done!r}" if not valid else "tokens.npy unreadable or of another shape"
+            warn(f"token cache '{path}': the partial extraction is damaged ({what}); starting it again")
         return 0
     return done
 
@@ -224,9 +241,9 @@ def _extract_locked(backbone: TokenBackbone, dataset: ImageDataset, path: Path, 
         write_json(man_path, {**expected, "complete": False})
         write_json(prog_path, {"done": 0})
         tokens = np.lib.format.open_memmap(tok_path, mode="w+", dtype=DTYPES[dtype], shape=shape)
-        _reserve(tok_path)
     else:
         tokens = np.load(tok_path, mmap_mode="r+")
+    _reserve(tok_path)  # also on resume: a sparse file left by an older carrot or a crash
     if done < n:
         todo = RecordImages(dataset, backbone.transform(), backbone.min_side, start=done)
         loader = DataLoader(todo, batch_size=batch_size, num_workers=num_workers, shuffle=False)
@@ -260,10 +277,14 @@ def _reserve(path: Path) -> None:
             if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL):  # file systems without fallocate
                 return
             raise
+        os.close(fd)
+        fd = -1
+        path.unlink(missing_ok=True)  # give back what was allocated; the next run starts this split afresh
         raise CarrotError(f"token cache: cannot reserve {size / 2**30:.2f} GiB for '{path}' ({exc.strerror}); free disk "
                           "space, set --cache-dir to a larger disk, or fit with --no-cache-tokens") from None
     finally:
-        os.close(fd)
+        if fd >= 0:
+            os.close(fd)
 
 
 @contextmanager

@@ -32,10 +32,10 @@ def cache_root(config: RunConfig) -> Path:
     return user_cache_dir() / "tokens"
 
 
-def check_resources(model: Carrot, n_images: int, root: Path | None) -> None:
-    """Before extraction: the region graph of one image must fit in memory, and the token cache on its disk
-    (limits and sizes in the message)."""
-    from carrot.features.cache import DTYPES, _probe_grid
+def check_resources(model: Carrot, datasets: Sequence[ImageDataset], root: Path | None) -> None:
+    """Before extraction: the region graph of one image and a batch of backbone activations must fit in memory,
+    and the missing token caches on their disk (limits and sizes in the message)."""
+    from carrot.features.cache import _probe_grid, missing_bytes
 
     grid, dim = _probe_grid(model.backbone)
     N = grid[0] * grid[1]
@@ -52,16 +52,16 @@ def check_resources(model: Carrot, n_images: int, root: Path | None) -> None:
                           f"of activations, more than half this machine's {mem / 2**30:.1f} GiB; lower batch_size")
     if root is None:
         return
-    need = n_images * N * dim * np.dtype(DTYPES[model.config.backbone.cache_dtype]).itemsize
+    need = sum(missing_bytes(model.backbone, ds, root, model.config.backbone.cache_dtype) for ds in datasets)
     probe = next((p for p in (root, *root.parents) if p.exists()), None)
-    if probe is not None:
+    if need and probe is not None:
         import shutil
 
         free = shutil.disk_usage(probe).free
         if need > free:
-            raise CarrotError(f"token cache: {n_images} images need {need / 2**30:.2f} GiB at '{root}', only "
-                              f"{free / 2**30:.2f} GiB free; free space, set --cache-dir to a larger disk, or fit "
-                              "with --no-cache-tokens")
+            raise CarrotError(f"token cache: {sum(len(d) for d in datasets)} images need {need / 2**30:.2f} GiB at "
+                              f"'{root}', only {free / 2**30:.2f} GiB free; free space, set --cache-dir to a larger "
+                              "disk, or fit with --no-cache-tokens")
 
 
 def _physical_memory() -> int | None:
@@ -83,12 +83,13 @@ def extract_splits(config: RunConfig, model: Carrot | None = None, progress: boo
     model = model or Carrot(config)
     check_headers((train, test), model.backbone.min_side)
     report_duplicates(train, test)
-    check_resources(model, len(train) + len(test), root)
     b = config.backbone
     rank, size = world()
-    stores = [extract(model.backbone, split.subset(range(rank, len(split), size)) if size > 1 else split, root,
+    parts = [split.subset(range(rank, len(split), size)) if size > 1 else split for split in (train, test)]
+    check_resources(model, parts, root)
+    stores = [extract(model.backbone, split, root,
                       dtype=b.cache_dtype, batch_size=b.batch_size, num_workers=b.num_workers, progress=progress and rank == 0)
-              for split in (train, test)]
+              for split in parts]
     return stores, train, test
 
 
@@ -114,7 +115,7 @@ def fit(config: RunConfig, run_dir: str | Path, progress: bool = True, overwrite
     """Extract (cached) tokens for both splits, fit the head, evaluate, save the run directory."""
     t0 = time.perf_counter()
     check_outside_data(config, run_dir, "--out")
-    clear_run(run_dir, overwrite)
+    clear_run(run_dir, overwrite, config=config)
     init_from_env()
     model = Carrot(config)
     rank, size = world()
@@ -125,7 +126,7 @@ def fit(config: RunConfig, run_dir: str | Path, progress: bool = True, overwrite
         (train, test), stores = load_splits(config), []
         check_headers((train, test), model.backbone.min_side)
         report_duplicates(train, test)
-        check_resources(model, len(train) + len(test), None)
+        check_resources(model, (train, test), None)
         shards = [model.embed_dataset(split.subset(range(rank, len(split), size)) if size > 1 else split, progress and rank == 0)
                   for split in (train, test)]
     t_extract = time.perf_counter() - t0
@@ -158,7 +159,7 @@ def explain(run_dir: str | Path, inputs: Sequence[str], out_dir: str | Path | No
     if device:
         model.config = model.config.merged({"device": device})
     rd = RunDir(run_dir)
-    out_root = Path(out_dir) if out_dir else rd.explanations
+    out_root = (Path(out_dir) if out_dir else rd.explanations).resolve()
     check_outside_data(model.config, out_root, "--out")
     if out_root.exists() and not out_root.is_dir():
         raise CarrotError(f"--out: '{out_root}' is a file; expected a folder for the explanations")
@@ -172,12 +173,17 @@ def explain(run_dir: str | Path, inputs: Sequence[str], out_dir: str | Path | No
         masks[paths[0]] = np.asarray(masks[paths[0]], dtype=np.int64)
     earlier = _explained_before(out_root)
     numbers = {_key(e["image"]): int(Path(e["page"]).parent.name.split("_", 1)[0]) for e in earlier}
+    taken = [int(p.name[:4]) for p in out_root.glob("[0-9][0-9][0-9][0-9]_*")] if out_root.is_dir() else []
+    next_free = max(taken + list(numbers.values()), default=-1) + 1  # never reuse a folder of another image
     results: list[dict[str, Any]] = []
     root_fresh = not out_root.exists()
     try:
         for s in range(0, len(paths), batch):
             for exp in model.explain(paths[s : s + batch], top_k, node_removal=node_removal, masks=masks):
-                number = numbers.setdefault(_key(exp["image"]), max(numbers.values(), default=-1) + 1)
+                key = _key(exp["image"])
+                if key not in numbers:
+                    numbers[key], next_free = next_free, next_free + 1
+                number = numbers[key]
                 target = RunDir.explanation_dir(out_root, number, exp["image"])
                 fresh = not target.exists()
                 try:

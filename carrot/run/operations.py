@@ -153,7 +153,7 @@ def reweight(run_dir: str | Path, val_fraction: float = 0.2, out: str | Path | N
     a0 = _run_weights(model)
     if apply is not None:
         check_outside_data(model.config, apply, "--apply")
-        clear_run(apply, overwrite=False, flag="--apply")
+        clear_run(apply, overwrite=False, flag="--apply", config=model.config)
     cfg = RROConfig(**{k: v for k, v in rro_kwargs.items() if v is not None}, seed=model.config.seed)
     f_rows, v_rows = _fit_val_split(model, y, val_fraction)
     res = rro(G[f_rows], y[f_rows], G[v_rows], y[v_rows], model.head_, cfg, G_test, y_test, sample_weight=a0[f_rows])
@@ -243,7 +243,7 @@ def debug(run_dir: str | Path, ks: Sequence[int], val_fraction: float = 0.2, dow
     a0 = _run_weights(model)
     if apply is not None:
         check_outside_data(model.config, apply, "--apply")
-        clear_run(apply, overwrite=False, flag="--apply")
+        clear_run(apply, overwrite=False, flag="--apply", config=model.config)
     f_rows, v_rows = _fit_val_split(model, y, val_fraction)
     res = debug_loop(G[f_rows], y[f_rows], G[v_rows], y[v_rows], G_test, y_test, model.head_, ks, downweight,
                      seed=model.config.seed, sample_weight=a0[f_rows])
@@ -276,11 +276,13 @@ def check_outside_data(config: Any, out: str | Path | None, flag: str) -> None:
                           "its files as training images; write it outside the data folder")
 
 
-def clear_run(run_dir: str | Path, overwrite: bool, flag: str = "--out") -> None:
+def clear_run(run_dir: str | Path, overwrite: bool, flag: str = "--out", config: Any = None) -> None:
     """Before any work: refuse to write a run over an existing one unless ``overwrite``, or into a file or a
-    folder of other things (rank 0 only). The old run stays until the new one replaces it whole."""
+    folder of other things, or around the data or the token cache (rank 0 only). The old run stays until the
+    new one replaces it whole."""
     if world()[0] == 0:
-        RunDir(run_dir).check_target(overwrite, flag)
+        inside = {"the data folder": config.data.root, "the token cache": config.cache_dir} if config is not None else None
+        RunDir(run_dir).check_target(overwrite, flag, inside)
 
 
 def _token_stores(run_dir: str | Path, model: Carrot, splits: Sequence[int]) -> list:

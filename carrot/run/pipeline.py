@@ -346,6 +346,7 @@ class Carrot:
         from carrot.run.rundir import RunDir
 
         check_is_fitted(self, ("head_",))
+        RunDir(run_dir).check_target(overwrite=True, flag="run_dir")  # never replaces a folder of other files
         with RunDir(run_dir).replacing() as rd:
             self.head_.save(rd.head)
             save_npy(rd.train_embeddings, self.train_embeddings_)

@@ -212,27 +212,46 @@ class RunDir:
         return {self.RUN_JSON, self.HEAD, self.HEAD + ".json", self.TRAIN_EMBEDDINGS, self.TEST_EMBEDDINGS,
                 self.METRICS, *(p.name for p in self.derived())}
 
-    def check_target(self, overwrite: bool, flag: str = "--out") -> None:
-        """Before any work: refuse a target that is a file, a folder of other things, or (unless ``overwrite``)
-        an existing run. Nothing is removed here; :meth:`replacing` swaps the new run in when it is complete."""
-        if self.path.exists() and not self.path.is_dir():
+    def check_target(self, overwrite: bool, flag: str = "--out", inside: dict[str, str | Path | None] | None = None) -> None:
+        """Before any work: refuse a target that is a file, the current folder, a mount point, in a folder carrot
+        cannot write, a folder holding anything carrot did not write, or (unless ``overwrite``) an existing run;
+        and one that holds ``inside`` paths ({flag: path}, e.g. the data or the token cache), which the swap
+        would delete. Nothing is removed here; :meth:`replacing` swaps the new run in when it is complete."""
+        target = self.path.resolve()
+        if target.exists() and not target.is_dir():
             raise CarrotError(f"{flag}: '{self.path}' is a file; expected a run directory to write")
-        if self.exists():
-            if not overwrite:
-                raise CarrotError(f"run directory '{self.path}' already holds a fitted run; pass --overwrite to replace it")
-            return
-        if self.path.is_dir():
-            other = sorted(p.name for p in self.path.iterdir() if p.name not in self.known() and not p.name.startswith("."))
+        cwd = Path.cwd().resolve()
+        if target == cwd or target in cwd.parents:
+            raise CarrotError(f"{flag}: '{self.path}' is (or holds) the current folder; carrot replaces a run folder "
+                              "whole, so choose a sub-folder")
+        if target.is_dir() and os.path.ismount(target):
+            raise CarrotError(f"{flag}: '{self.path}' is a mount point; carrot replaces a run folder whole by renaming "
+                              "it, so choose a folder inside it")
+        parent = next((p for p in target.parents if p.exists()), None)
+        if parent is not None and not os.access(parent, os.W_OK):
+            raise CarrotError(f"{flag}: cannot write in '{parent}' (permission denied)")
+        for name, path in (inside or {}).items():
+            if path is not None:
+                p = Path(path).resolve()
+                if p == target or target in p.parents:
+                    raise CarrotError(f"{flag}: '{self.path}' holds {name} '{path}', which replacing the run folder "
+                                      "would delete; write the run elsewhere")
+        if self.exists() and not overwrite:
+            raise CarrotError(f"run directory '{self.path}' already holds a fitted run; pass --overwrite to replace it")
+        if target.is_dir():
+            other = sorted(p.name for p in target.iterdir() if p.name not in self.known())
             if other:
-                raise CarrotError(f"{flag}: '{self.path}' holds other files ({', '.join(other[:3])}) and no carrot run; "
-                                  "choose a new or empty folder")
+                what = "a fitted run and files carrot did not write" if self.exists() else "other files and no carrot run"
+                raise CarrotError(f"{flag}: '{self.path}' holds {what} ({', '.join(other[:3])}); move them or choose "
+                                  "another folder (carrot replaces a run folder whole)")
 
     @contextmanager
     def replacing(self) -> Iterator["RunDir"]:
         """Write a whole run into a staging folder beside this one; when the block succeeds it replaces this
-        folder (two renames on one file system), so a run directory is always the old run or the complete new
-        one. On failure (disk full, interrupt) the staging folder is removed and the old run is untouched."""
-        target = self.path.resolve() if self.path.is_symlink() else self.path
+        folder (two renames on one file system, with interrupts held back between them and the old folder put
+        back if the second fails), so a run directory is always the old run or the complete new one. On failure
+        (disk full, interrupt) the staging folder is removed and the old run is untouched."""
+        target = self.path.resolve()
         parent = target.parent
         parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=parent))
@@ -241,11 +260,16 @@ class RunDir:
         os.chmod(staging, 0o777 & ~umask)
         try:
             yield RunDir(staging)
-            old = None
-            if target.exists():
-                old = parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
-                os.rename(target, old)
-            os.rename(staging, target)
+            old = parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}" if target.exists() else None
+            with _no_interrupts():
+                if old is not None:
+                    os.rename(target, old)
+                try:
+                    os.rename(staging, target)
+                except BaseException:
+                    if old is not None:
+                        os.rename(old, target)
+                    raise
             if old is not None:
                 shutil.rmtree(old, ignore_errors=True)
         finally:
@@ -260,3 +284,20 @@ class RunDir:
         p = self.audit(name)
         write_json(p, result)
         return p
+
+
+@contextmanager
+def _no_interrupts() -> Iterator[None]:
+    """Hold SIGINT / SIGTERM back for the duration (main thread, POSIX); they are delivered afterwards."""
+    import signal
+    import threading
+
+    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held = {signal.SIGINT, signal.SIGTERM}
+    signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, held)
