@@ -266,18 +266,19 @@ def bench(run_dir: str, ts: str, out_path: str | None) -> None:
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), help="Where to write explanations (default: RUN_DIR/explanations).")
 @click.option("--device", help="auto, cpu, cuda, cuda:N or mps.")
 @click.option("--node-removal", is_flag=True, help="Also remove each region from the graph (logit drops) and draw deletion/insertion curves.")
+@click.option("--pixel-map/--no-pixel-map", default=True, show_default=True, help="The exact cell occlusion map (the logit drop when each cell's pixels are blurred; N + 1 runs of the whole model per image), the page's default map.")
 @click.option("--region-mask", type=click.Path(exists=True, dir_okay=False), help="Integer mask image (same size as the one IMAGE): exact contribution of each of your segments.")
 @click.option("--json", "as_json", is_flag=True, help="Print the explanations as JSON on stdout.")
 @user_errors
 def explain(run_dir: str, images: tuple[str, ...], top_k: int, out_dir: str | None, device: str | None,
-            node_removal: bool, region_mask: str | None, as_json: bool) -> None:
+            node_removal: bool, pixel_map: bool, region_mask: str | None, as_json: bool) -> None:
     """Explain IMAGES (files or folders) with the run in RUN_DIR: class, exact top-K training
     images for and against it (with their own region maps and matched region pairs), region
     heatmap PNG, an HTML page per image and the run's index.html."""
     from carrot.run import commands as orchestration
 
     results = orchestration.explain(run_dir, images, out_dir, top_k, device, node_removal=node_removal,
-                                    region_mask=region_mask)
+                                    region_mask=region_mask, pixel_map=pixel_map)
     if as_json:
         click.echo(json.dumps(results, indent=2))
         return
@@ -307,7 +308,7 @@ def predict(run_dir: str, images: tuple[str, ...], out_path: str | None, batch_s
 @cli.command()
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--what", default="accuracy,mislabel,faithfulness,lds,agreement", show_default=True,
-              help="Comma-separated evaluations: accuracy (mean/std over seeds), mislabel, faithfulness, lds, agreement, deletion (region deletion/insertion AUC), pointing (needs part locations), certificates (the fewest training images whose removal changes each of --n-test predictions; up to --certificate-limit).")
+              help="Comma-separated evaluations: accuracy (mean/std over seeds), mislabel, faithfulness, lds, agreement, deletion (region deletion/insertion AUC on the graph), pixel-deletion (the pixel protocol: cells blurred / revealed in the order of the pixel, token and random maps, whole model re-run), pointing (needs part locations), certificates (the fewest training images whose removal changes each of --n-test predictions; up to --certificate-limit).")
 @click.option("--certificate-limit", type=click.IntRange(min=1), default=50, show_default=True, help="Certificates: the most training images removed per prediction.")
 @click.option("--seeds", default="0,1,2,3,4", show_default=True, help="Accuracy: comma-separated seeds (each draws the --shots subsample and/or the --resplit split).")
 @click.option("--shots", type=click.IntRange(min=1), help="Accuracy: train on this many images per class (few-shot), drawn per seed.")

@@ -284,6 +284,10 @@ def summary_lines(res: dict) -> list[str]:
         d = res["deletion"]
         out.append(f"region deletion AUC ({d['n']} images, pooled; 1 = full logit, 0 = prior): exact order {d['deletion']:.3f}, "
                    f"random {d['deletion_random']:.3f}; insertion AUC: exact {d['insertion']:.3f}, random {d['insertion_random']:.3f}")
+    if "pixel_deletion" in res:
+        p = res["pixel_deletion"]
+        out.append(f"pixel deletion / insertion AUC ({p['n']} images, image = 1, blurred = 0): " + ", ".join(
+            f"{m} {v['deletion']['mean']:.3f} / {v['insertion']['mean']:.3f}" for m, v in p["maps"].items()))
     if "certificates" in res:
         c = res["certificates"]
         med = "" if c["median_size"] is None else f", median {c['median_size']:g} images"

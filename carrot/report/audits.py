@@ -188,6 +188,17 @@ def evaluation_html(ev: dict) -> str:
                 "in the order of their exact contribution to the predicted logit, or at random; AUC pooled over the images, "
                 "sum(AUC - prior) / sum(logit - prior) (1 = the full logit throughout, 0 = the prior): low deletion and high "
                 "insertion AUC mean a sharp region attribution</p>" + _table(["curve", "normalised AUC"], rows))
+    if "pixel_deletion" in ev:
+        p = ev["pixel_deletion"]
+        names = {"pixel": "pixel map (exact cell occlusion)", "token": "token map (exact token split)", "random": "random order"}
+        rows = [[names.get(m, m), v["deletion"]["mean"], v["deletion"]["sem"], v["insertion"]["mean"], v["insertion"]["sem"],
+                 v["seconds_per_image"]] for m, v in p["maps"].items()]
+        out += (f"<h3>Pixel deletion and insertion</h3><p class='muted'>{p['n']} test images; the cells of the "
+                f"{p['grid'][0]}x{p['grid'][1]} grid blurred (revealed onto the blurred image) in map order over {p['steps']} "
+                "steps, the whole model re-run at each; AUC of the predicted logit scaled to 1 at the image and 0 at the "
+                "blurred image, mean and s.e.m. over images: low deletion and high insertion mean a map faithful to the "
+                "pixels (random order: about 0.5)</p>"
+                + _table(["map", "deletion AUC", "s.e.m.", "insertion AUC", "s.e.m.", "seconds per image"], rows))
     if "certificates" in ev:
         out += _certificates(ev["certificates"])
     if "pointing" in ev:

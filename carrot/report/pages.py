@@ -156,7 +156,9 @@ def _meaning(exp: dict[str, Any]) -> str:
     return ("<p class='muted'><b>removal</b>: the exact change of this logit if the image is removed from training "
             "(equal to refitting without it; images ranked by it; regions and pairs split it).<br>"
             f"<b>label weight</b>: {html.escape(m['equivalent_kernel'])}.<br>"
-            f"<b>representer</b>: {html.escape(m['representer'])}.</p>")
+            f"<b>representer</b>: {html.escape(m['representer'])}."
+            + (f"<br><b>pixel map</b>: {html.escape(m['pixel_map'])}.<br><b>token map</b>: "
+               f"{html.escape(m['region_contributions'])}." if "pixel_map" in m else "") + "</p>")
 
 
 def _certificate(exp: dict[str, Any]) -> str:
@@ -184,9 +186,12 @@ def explanation_html(exp: dict[str, Any], image) -> str:
         f"<h1>{html.escape(Path(exp['image']).name)} &rarr; {html.escape(exp['predicted'])}</h1>",
         "<div class='row'>",
         f"<figure class='big'><img alt='test image' src='{data_uri(image, 'JPEG', 320)}'><figcaption>input (as the model sees it)</figcaption></figure>",
+        *([f"<figure class='big'><img alt='pixel map' src='{data_uri(overlay(image, np.asarray(exp['pixel_map'])), 'JPEG', 320)}'>"
+           f"<figcaption>pixels &rarr; {html.escape(exp['predicted'])}: red cells lower the logit when blurred "
+           f"(exact, whole model re-run; {exp['pixel_map_seconds']:.1f} s)</figcaption></figure>"] if "pixel_map" in exp else []),
         f"<figure class='big'><img alt='region heatmap' src='{data_uri(overlay(image, r), 'JPEG', 320)}'>"
-        f"<figcaption>regions &rarr; {html.escape(exp['predicted'])}: red raises the logit, blue lowers it "
-        f"(sum {exp['region_sum']:+.4f})</figcaption></figure>",
+        f"<figcaption>tokens &rarr; {html.escape(exp['predicted'])}: red raises the logit, blue lowers it "
+        f"(exact split, sum {exp['region_sum']:+.4f})</figcaption></figure>",
         f"<div><table><tr><th>class</th><th>logit</th></tr>{scores}</table>"
         f"<p class='muted'>logit = prior {exp['prior']:+.4f} + training images "
         f"{exp.get('equivalent_kernel_sum', exp['data_sum']):+.4f}"
@@ -211,8 +216,9 @@ def write_explanation(exp: dict[str, Any], out_dir: str | Path) -> dict[str, Any
     """Write heatmap.png, explanation.html and explanation.json for one explained image."""
     out_dir = Path(out_dir)
     image = exp.pop("_image")
-    png = heatmap_png(image, np.asarray(exp["region_contributions"]), out_dir / "heatmap.png",
-                      title=f"regions -> {exp['predicted']}")
+    pixels = "pixel_map" in exp
+    png = heatmap_png(image, np.asarray(exp["pixel_map" if pixels else "region_contributions"]), out_dir / "heatmap.png",
+                      title=f"{'pixels (blur drop)' if pixels else 'tokens'} -> {exp['predicted']}")
     page = explanation_html(exp, image)  # consumes the training images' "_image" entries
     with atomic_path(out_dir / "explanation.html") as tmp:
         tmp.write_text(page)

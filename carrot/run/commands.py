@@ -19,7 +19,7 @@ from carrot.run.pipeline import Carrot
 from carrot.run.rundir import RunDir
 from carrot.report.pages import write_explanation
 from carrot.run.operations import (
-    bench, certificates, check_outside_data, clear_run, compare, debug, pointing, predict, region_deletion, reweight, run_embeddings, tracin, write_index,
+    bench, certificates, check_outside_data, pixel_deletion, clear_run, compare, debug, pointing, predict, region_deletion, reweight, run_embeddings, tracin, write_index,
 )
 
 __all__ = ["bench", "compare", "debug", "demo", "evaluate", "explain", "extract_splits", "fit", "predict", "reweight", "tracin"]
@@ -153,7 +153,7 @@ def fit(config: RunConfig, run_dir: str | Path, progress: bool = True, overwrite
 
 def explain(run_dir: str | Path, inputs: Sequence[str], out_dir: str | Path | None = None, top_k: int = 5,
             device: str | None = None, batch: int = 16, node_removal: bool = False,
-            region_mask: str | None = None) -> list[dict[str, Any]]:
+            region_mask: str | None = None, pixel_map: bool = True) -> list[dict[str, Any]]:
     """Explain each image with a fitted run: heatmap.png, explanation.html/.json per image, index.html."""
     model = Carrot.load(run_dir)
     if device:
@@ -179,7 +179,8 @@ def explain(run_dir: str | Path, inputs: Sequence[str], out_dir: str | Path | No
     root_fresh = not out_root.exists()
     try:
         for s in range(0, len(paths), batch):
-            for exp in model.explain(paths[s : s + batch], top_k, node_removal=node_removal, masks=masks):
+            for exp in model.explain(paths[s : s + batch], top_k, node_removal=node_removal, masks=masks,
+                                     pixel_map=pixel_map):
                 key = _key(exp["image"])
                 if key not in numbers:
                     numbers[key], next_free = next_free, next_free + 1
@@ -250,7 +251,7 @@ def evaluate(run_dir: str | Path, what: Sequence[str], out: str | Path | None = 
     """Accuracy over seeds and attribution evaluations on a fitted run's cached embeddings; writes evaluation.json."""
     from carrot.audit.evaluate import EVALUATIONS, accuracy_over_seeds, evaluate_embeddings
 
-    regions = ("pointing", "deletion", "certificates")  # the head as it is, on the run's test images
+    regions = ("pointing", "deletion", "pixel-deletion", "certificates")  # the head as it is, on the run's test images
     known = ("accuracy", *EVALUATIONS, *regions)
     if not what or set(what) - set(known):
         raise CarrotError(f"--what: expected some of {', '.join(known)}, got {', '.join(what) or 'nothing'}")
@@ -263,6 +264,8 @@ def evaluate(run_dir: str | Path, what: Sequence[str], out: str | Path | None = 
         res["pointing"] = pointing(run_dir, model)
     if "deletion" in what:
         res["deletion"] = region_deletion(run_dir, kwargs.get("n_test", 50), seed=model.config.seed, model=model)
+    if "pixel-deletion" in what:
+        res["pixel_deletion"] = pixel_deletion(model, kwargs.get("n_test", 50), seed=model.config.seed)
     if "certificates" in what:
         res["certificates"] = certificates(model, kwargs.get("n_test", 50), certificate_limit, seed=model.config.seed)
     write_json(out, res) if out else RunDir(run_dir).write_audit("evaluation", res)

@@ -106,6 +106,22 @@ class Carrot:
         check_is_fitted(self, ("head_",))
         return float((self.head_.predict(G) == np.asarray(y)).mean())
 
+    def inputs(self, paths: Sequence[str]) -> torch.Tensor:
+        """Image files as model inputs (m, 3, H, W): decoded, resized, cropped and normalised as the backbone expects."""
+        bb = self.backbone
+        tf = bb.transform()
+        return torch.stack([tf(load_image(p, bb.min_side)) for p in paths])
+
+    @torch.no_grad()
+    def pixel_logits(self, x: torch.Tensor) -> np.ndarray:
+        """The whole fitted model on model inputs (B, 3, H, W): backbone, tokens rounded as the cache rounds
+        them, graph, diffusion, readout, head; (B, C) float64 logits (what the pixel maps and protocol re-run)."""
+        check_is_fitted(self, ("head_",))
+        H, grid = self.backbone(x)
+        H = self._as_cached(H, "model inputs")
+        G = self.embed_regions(RegionSet(H, patch_centres(grid, torch.float64), grid))[0]
+        return self.head_.decision_function(G.numpy())
+
     def embed_images(self, paths: Sequence[str]) -> tuple[np.ndarray, torch.Tensor, torch.Tensor, tuple[int, int], list]:
         """Run the backbone on image files: embeddings (m, D), tokens (m, N, D), w (m, N), grid, PIL images."""
         bb = self.backbone
@@ -178,7 +194,8 @@ class Carrot:
         return self._system
 
     def explain(self, paths: Sequence[str], k: int = 5, pairs: int = 3, node_removal: bool = False,
-                masks: dict[str, np.ndarray] | None = None, certificate_limit: int = 50) -> list[dict[str, Any]]:
+                masks: dict[str, np.ndarray] | None = None, certificate_limit: int = 50,
+                pixel_map: bool = True) -> list[dict[str, Any]]:
         """Explain image files with the fitted run.
 
         Parameters
@@ -189,6 +206,8 @@ class Carrot:
         node_removal : also the logit drop of removing each region from the graph, and deletion / insertion curves.
         masks : {path: integer segment mask in the model's input geometry}: per-segment exact sums.
         certificate_limit : the most training images the counterfactual certificate removes (0: none).
+        pixel_map : also the exact cell occlusion map (N + 1 runs of the whole model per image): the logit drop
+            when each cell's pixels alone are blurred, the default map of the page.
 
         Returns
         -------
@@ -200,6 +219,7 @@ class Carrot:
         from carrot.attribution.regions import deletion_insertion, mask_to_grid, node_removal as removal, segment_sum
 
         check_is_fitted(self, ("head_",))
+        from carrot.attribution.pixels import REGION_MEANING
         from carrot.attribution.training import VIEW_MEANING, certificate, removal_pairs, training_terms
 
         n = len(self.train_records_)
@@ -252,7 +272,8 @@ class Carrot:
                 "prior": prior,
                 "ranking": "removal",
                 "meaning": {"score": "f(x) - f_-i(x): how much this logit drops if the image is removed from training "
-                                     "(exact, equal to a refit); the images are ranked by it", **VIEW_MEANING},
+                                     "(exact, equal to a refit); the images are ranked by it", **VIEW_MEANING,
+                            **REGION_MEANING},
                 "data_sum": rep_sum,
                 "equivalent_kernel_sum": ek_sum,
                 "region_sum": float(regions.sum()),
@@ -276,6 +297,15 @@ class Carrot:
                     "new_class": None if cert.new_class is None else self.classes_[int(self.head_.classes_[cert.new_class])],
                     "margin": cert.margin, "refit_max_abs_diff": cert.refit_max_abs_diff,
                 }
+            if pixel_map:
+                import time
+
+                from carrot.attribution.pixels import occlusion_map
+
+                t0 = time.perf_counter()
+                x = self.inputs([path])[0]
+                exp["pixel_map"] = occlusion_map(self.pixel_logits, x, c, grid).tolist()
+                exp["pixel_map_seconds"] = time.perf_counter() - t0
             emb = self.embedder
             if node_removal:
                 drops = removal(self.head_, H[i], P, c, emb)

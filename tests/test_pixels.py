@@ -1,0 +1,173 @@
+"""Pixel-faithful region maps: exact cell occlusion and the pixel deletion / insertion protocol, against
+brute-force re-runs of the model."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from carrot.attribution.pixels import blur, cell_boxes, default_sigma, occlusion_map, pixel_curves, summarise
+from carrot.cli import cli
+from carrot.errors import CarrotError
+
+
+@pytest.mark.parametrize("grid,size", [((16, 16), (224, 224)), ((7, 7), (224, 224)), ((3, 5), (30, 50)), ((1, 1), (9, 9)),
+                                       ((4, 4), (30, 30))])
+def test_cells_tile_the_input_once_in_token_order(grid, size):
+    boxes = cell_boxes(grid, size)
+    cover = np.zeros(size, dtype=int)
+    for y0, y1, x0, x1 in boxes:
+        cover[y0:y1, x0:x1] += 1
+    assert len(boxes) == grid[0] * grid[1] and (cover == 1).all()
+    assert len(boxes) == 1 or boxes[1][2] > boxes[0][2] or grid[1] == 1  # row-major: the second cell is to the right of the first
+
+
+def test_cells_refuse_a_grid_finer_than_the_pixels():
+    with pytest.raises(CarrotError, match="grid: expected"):
+        cell_boxes((40, 4), (30, 30))
+
+
+def test_blur_keeps_constants_and_is_linear():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(2, 3, 20, 24, generator=g)
+    const = torch.full((3, 20, 24), 0.7)
+    assert torch.allclose(blur(const, 3.0), const, atol=1e-6)
+    assert torch.allclose(blur(2 * a + b, 3.0), 2 * blur(a, 3.0) + blur(b, 3.0), atol=1e-5)
+
+
+def linear_model(seed: int, shape=(3, 12, 16), classes: int = 3):
+    """logits = flatten(x) A: additive over pixels, so every protocol number has a closed form."""
+    A = torch.randn(int(np.prod(shape)), classes, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+    def logits(x: torch.Tensor) -> np.ndarray:
+        return (x.reshape(len(x), -1).to(torch.float64) @ A).numpy()
+
+    return logits
+
+
+@pytest.mark.parametrize("seed,grid", [(0, (3, 4)), (1, (4, 4)), (2, (2, 8)), (3, (1, 1))])
+def test_occlusion_equals_a_rerun_with_each_cell_blurred(seed, grid):
+    logits = linear_model(seed)
+    x = torch.randn(3, 12, 16, generator=torch.Generator().manual_seed(seed + 10))
+    sigma = default_sigma(grid, (12, 16))
+    xb = blur(x[None], sigma)[0]
+    occ = occlusion_map(logits, x, 1, grid, batch=5)
+    full = logits(x[None])[0, 1]
+    for j, (y0, y1, x0, x1) in enumerate(cell_boxes(grid, (12, 16))):
+        xj = x.clone()
+        xj[:, y0:y1, x0:x1] = xb[:, y0:y1, x0:x1]
+        assert occ.ravel()[j] == pytest.approx(full - logits(xj[None])[0, 1], abs=1e-9)
+
+
+@pytest.mark.parametrize("seed,steps", [(0, 4), (1, 16), (2, 3)])
+def test_curves_equal_reruns_and_end_at_the_image_and_the_blur(seed, steps):
+    logits = linear_model(seed)
+    grid, size = (3, 4), (12, 16)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(3, *size, generator=g)
+    order = np.random.default_rng(seed).permutation(12)
+    cur = pixel_curves(logits, x, 2, grid, order, steps=steps, batch=7)
+    xb = blur(x[None], default_sigma(grid, size))[0]
+    boxes = cell_boxes(grid, size)
+    for f, d, ins in zip(cur.fractions, cur.deletion, cur.insertion):
+        k = int(round(f * 12))
+        xd, xi = x.clone(), xb.clone()
+        for j in order[:k]:
+            y0, y1, x0, x1 = boxes[j]
+            xd[:, y0:y1, x0:x1] = xb[:, y0:y1, x0:x1]
+            xi[:, y0:y1, x0:x1] = x[:, y0:y1, x0:x1]
+        assert d == pytest.approx(logits(xd[None])[0, 2], abs=1e-9)
+        assert ins == pytest.approx(logits(xi[None])[0, 2], abs=1e-9)
+    assert cur.fractions[0] == 0 and cur.fractions[-1] == 1
+    assert cur.deletion[0] == pytest.approx(cur.full) and cur.deletion[-1] == pytest.approx(cur.blurred)
+    assert cur.insertion[0] == pytest.approx(cur.blurred) and cur.insertion[-1] == pytest.approx(cur.full)
+    v = (cur.deletion - cur.blurred) / (cur.full - cur.blurred)
+    if cur.full > cur.blurred:
+        assert cur.auc("deletion") == pytest.approx(float(np.trapezoid(v, cur.fractions)))
+    else:
+        assert np.isnan(cur.auc("deletion"))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_for_an_additive_model_the_occlusion_order_deletes_best(seed):
+    """When blurring cells adds up (a linear model), the occlusion order is the best deletion order at every
+    step, so its AUC is at most that of any other order, and its insertion AUC at least."""
+    logits = linear_model(seed)
+    x = torch.randn(3, 12, 16, generator=torch.Generator().manual_seed(seed))
+    c, grid = 0, (3, 4)
+    occ = occlusion_map(logits, x, c, grid).ravel()
+    best = pixel_curves(logits, x, c, grid, np.argsort(-occ, kind="stable"), steps=12)
+    rng = np.random.default_rng(seed)
+    for _ in range(10):
+        other = pixel_curves(logits, x, c, grid, rng.permutation(12), steps=12)
+        assert (best.deletion <= other.deletion + 1e-9).all() and (best.insertion >= other.insertion - 1e-9).all()
+        if best.full > best.blurred:
+            assert best.auc("deletion") <= other.auc("deletion") + 1e-9
+            assert best.auc("insertion") >= other.auc("insertion") - 1e-9
+        else:  # the blurred image scores the class higher: nothing to delete, left out of the means
+            assert np.isnan(best.auc("deletion")) and np.isnan(other.auc("insertion"))
+
+
+def test_curves_refuse_a_bad_order_and_steps():
+    logits = linear_model(0)
+    x = torch.zeros(3, 12, 16)
+    with pytest.raises(CarrotError, match="order: expected a permutation of the 12 cells"):
+        pixel_curves(logits, x, 0, (3, 4), [0, 1, 2])
+    with pytest.raises(CarrotError, match="steps: expected an integer >= 1"):
+        pixel_curves(logits, x, 0, (3, 4), range(12), steps=0)
+
+
+def test_summary_leaves_out_images_whose_blur_changes_nothing():
+    s = summarise([0.2, 0.4, float("nan")])
+    assert s["n"] == 2 and s["left_out"] == 1 and s["mean"] == pytest.approx(0.3) and s["sem"] == pytest.approx(0.1)
+
+
+# -- the fitted model: the pixel path is the model, the page's default map is exact for the pixels ---------
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, fit_tiny):
+    return fit_tiny(tmp_path_factory.mktemp("pixels") / "run", backbone={"name": "vit_tiny_patch16_224", "img_size": 64,
+                                                                          "pretrained": False, "batch_size": 8})
+
+
+def test_pixel_logits_are_the_models_logits(run):
+    from carrot.run.pipeline import Carrot
+
+    model = Carrot.load(run)
+    paths = [p for p, _ in model.test_records_[:3]]
+    G = model.embed_images(paths)[0]
+    assert np.allclose(model.pixel_logits(model.inputs(paths)), model.head_.decision_function(G), atol=1e-12)
+
+
+def test_explain_gives_the_exact_pixel_map_beside_the_token_map(run, tmp_path):
+    from carrot.run.pipeline import Carrot
+
+    model = Carrot.load(run)
+    path = model.test_records_[0][0]
+    r = CliRunner().invoke(cli, ["explain", str(run), path, "--top-k", "2", "--out", str(tmp_path), "--json"])
+    assert r.exit_code == 0, r.output
+    exp = json.loads(r.output)[0]
+    pm = np.asarray(exp["pixel_map"])
+    assert pm.shape == tuple(exp["grid"]) == (4, 4)
+    assert "pixel_map" in exp["meaning"] and "region_contributions" in exp["meaning"]
+    x = model.inputs([path])[0]
+    c = exp["predicted_index"]
+    xb = blur(x[None], default_sigma((4, 4), tuple(x.shape[-2:])))[0]
+    full = model.pixel_logits(x[None])[0, c]
+    for j in (0, 5, 15):  # brute force: blur one cell, re-run everything
+        y0, y1, x0, x1 = cell_boxes((4, 4), tuple(x.shape[-2:]))[j]
+        xj = x.clone()
+        xj[:, y0:y1, x0:x1] = xb[:, y0:y1, x0:x1]
+        assert pm.ravel()[j] == pytest.approx(full - model.pixel_logits(xj[None])[0, c], abs=1e-9)
+    html = next(tmp_path.glob("0000_*/explanation.html")).read_text()
+    assert "pixels &rarr;" in html and "tokens &rarr;" in html
+
+
+def test_evaluate_pixel_deletion_reports_each_map(run):
+    r = CliRunner().invoke(cli, ["evaluate", str(run), "--what", "pixel-deletion", "--n-test", "3", "--json"])
+    assert r.exit_code == 0, r.output
+    p = json.loads(r.output)["pixel_deletion"]
+    assert p["n"] == 3 and p["grid"] == [4, 4] and set(p["maps"]) == {"pixel", "token", "random"}
+    for v in p["maps"].values():
+        assert v["seconds_per_image"] >= 0 and v["deletion"]["n"] <= 3
+    assert "Pixel deletion and insertion" in (run / "index.html").read_text()
