@@ -76,6 +76,10 @@ class TokenBackbone:
     @torch.no_grad()
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """Images (B, 3, H, W) -> tokens (B, N, D) float32 on the backbone device, and grid (h, w)."""
+        return self.tokens(x)
+
+    def tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """:meth:`__call__` with autograd left as the caller has it (gradient maps of the whole model)."""
         if x.dim() != 4 or x.shape[1] != 3:
             raise CarrotError(f"images: expected a (B, 3, H, W) tensor, got shape {tuple(x.shape)}")
         y = self.model.forward_features(x.to(self.device, non_blocking=True))
