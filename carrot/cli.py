@@ -250,13 +250,14 @@ def extract(quiet: bool, **opts: Any) -> None:
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--t", "ts", default="0,0.25,0.5,1,2,5,10", show_default=True, help="Comma-separated diffusion times to compare.")
 @click.option("--out", "out_path", type=click.Path(dir_okay=False), help="JSON file to write (default: RUN_DIR/t_sweep.json, plus .csv).")
+@click.option("--pixel-images", type=click.IntRange(min=0), default=0, show_default=True, help="Also measure each t's pixel and token maps by the pixel deletion / insertion protocol on this many test images (whole model re-run).")
 @user_errors
-def bench(run_dir: str, ts: str, out_path: str | None) -> None:
+def bench(run_dir: str, ts: str, out_path: str | None, pixel_images: int) -> None:
     """Compare diffusion times t on the run's cached tokens (one eigendecomposition per image for all
     t): test accuracy, LOO-chosen lambda and LOO accuracy per t."""
     from carrot.run import commands as orchestration
 
-    _echo_audit("t_sweep", orchestration.bench(run_dir, _numbers("t", ts, float), out_path))
+    _echo_audit("t_sweep", orchestration.bench(run_dir, _numbers("t", ts, float), out_path, pixel_images))
 
 
 @cli.command()

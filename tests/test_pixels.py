@@ -171,3 +171,39 @@ def test_evaluate_pixel_deletion_reports_each_map(run):
     for v in p["maps"].values():
         assert v["seconds_per_image"] >= 0 and v["deletion"]["n"] <= 3
     assert "Pixel deletion and insertion" in (run / "index.html").read_text()
+
+
+def test_the_t_sweep_and_the_pointing_game_report_the_pixel_protocol(run):
+    r = CliRunner().invoke(cli, ["bench", str(run), "--t", "0,1", "--pixel-images", "2"])
+    assert r.exit_code == 0, r.output
+    rows = json.loads((run / "t_sweep.json").read_text())
+    assert [row["t"] for row in rows] == [0.0, 1.0]
+    for row in rows:
+        for key in ("pixel_deletion_pixel", "pixel_insertion_pixel", "pixel_deletion_token", "pixel_insertion_token"):
+            assert key in row
+    assert "pixel map deletion" in (run / "index.html").read_text()
+    r = CliRunner().invoke(cli, ["evaluate", str(run), "--what", "pointing", "--n-test", "2", "--json"])
+    assert r.exit_code == 0, r.output
+    p = json.loads(r.output)["pointing"]
+    assert p["n_pixel"] == 2 and 0 <= p["pixel_hit_rate"] <= 1 and 0 <= p["token_hit_rate_same_images"] <= 1
+
+
+@pytest.mark.parametrize("name,size", [("swin_tiny_patch4_window7_224", 224), ("efficientnet_b0", 64)])
+def test_the_pixel_map_follows_the_backbones_grid(name, size, synthetic_root, tmp_path):
+    """Hierarchical and convolutional backbones: the cells are the backbone's own grid over the input."""
+    from carrot.data import load_imagefolder
+    from carrot.features.backbone import create_backbone
+    from carrot.run.pipeline import Carrot
+
+    bb = create_backbone(name, img_size=size, pretrained=False, device="cpu")
+    train, _ = load_imagefolder(synthetic_root)
+    model = Carrot(backbone=bb)
+    G = model.embed_images(train.paths)[0]
+    model.fit(G, train.labels, train.records, train.classes)
+    x = model.inputs(train.paths[:1])[0]
+    with torch.no_grad():
+        _, grid = bb(x[None])
+    occ = occlusion_map(model.pixel_logits, x, 0, grid)
+    assert occ.shape == grid and np.isfinite(occ).all()
+    cur = pixel_curves(model.pixel_logits, x, 0, grid, np.argsort(-occ.ravel()), steps=4)
+    assert cur.deletion[0] == pytest.approx(cur.full) and cur.deletion[-1] == pytest.approx(cur.blurred)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import time
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 from sklearn.base import clone
@@ -23,11 +23,13 @@ def embeddings_over_t(store: TokenStore, ts: Sequence[float], embedder: Embedder
 
 
 def t_sweep(train: TokenStore, test: TokenStore, ts: Sequence[float], embedder: Embedder | GraphConfig,
-            head: RidgeHead | float | str = "auto", sample_weight: np.ndarray | None = None) -> list[dict]:
+            head: RidgeHead | float | str = "auto", sample_weight: np.ndarray | None = None,
+            on_fit: Callable[[float, RidgeHead], dict] | None = None) -> list[dict]:
     """Test accuracy (and the LOO-chosen lambda with its LOO accuracy) for each diffusion time t.
 
     ``head``: the run's head (unfitted copies with every setting are fitted per t: lam 'auto' is chosen
-    again for each t's embeddings), or a bare lambda; ``sample_weight`` (n,): the run's weights."""
+    again for each t's embeddings), or a bare lambda; ``sample_weight`` (n,): the run's weights;
+    ``on_fit(t, head)``: more columns for t's row from t's fitted head (the pixel protocol)."""
     t0 = time.perf_counter()
     Gtr, Gte = embeddings_over_t(train, ts, embedder), embeddings_over_t(test, ts, embedder)
     t_embed = time.perf_counter() - t0
@@ -39,5 +41,7 @@ def t_sweep(train: TokenStore, test: TokenStore, ts: Sequence[float], embedder: 
                "seconds_fit": time.perf_counter() - t1, "seconds_embed_all_t": t_embed}
         if fitted.lam_path_:
             row["loo_accuracy"] = max(fitted.lam_path_["loo_accuracy"])
+        if on_fit is not None:
+            row.update(on_fit(float(t), fitted))
         rows.append(row)
     return rows

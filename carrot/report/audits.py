@@ -136,9 +136,17 @@ def debug_html(d: dict) -> str:
 
 
 def t_sweep_html(rows: list[dict]) -> str:
-    return ("<h2>Diffusion time sweep</h2>"
-            + _table(["t", "λ", "LOO accuracy (train)", "test accuracy"],
-                     [[r["t"], r["lam"], r.get("loo_accuracy"), r["test_accuracy"]] for r in rows], ".4g"))
+    pixels = any("pixel_deletion_pixel" in r for r in rows)
+    head = ["t", "λ", "LOO accuracy (train)", "test accuracy"]
+    if pixels:
+        head += ["pixel map deletion", "pixel map insertion", "token map deletion", "token map insertion"]
+    body = [[r["t"], r["lam"], r.get("loo_accuracy"), r["test_accuracy"]]
+            + ([r.get("pixel_deletion_pixel"), r.get("pixel_insertion_pixel"), r.get("pixel_deletion_token"),
+                r.get("pixel_insertion_token")] if pixels else []) for r in rows]
+    note = ("<p class='muted'>pixel protocol per t: cells blurred / revealed in map order, the whole model at that t "
+            "re-run; AUC scaled to 1 at the image and 0 at the blurred image (lower deletion, higher insertion: more "
+            "faithful to the pixels)</p>" if pixels else "")
+    return "<h2>Diffusion time sweep</h2>" + note + _table(head, body, ".4g")
 
 
 def compare_html(c: dict) -> str:
@@ -203,8 +211,11 @@ def evaluation_html(ev: dict) -> str:
         out += _certificates(ev["certificates"])
     if "pointing" in ev:
         p = ev["pointing"]
-        out += (f"<h3>Pointing game</h3><p>{p['n']} test images with known parts: hit rate <b>{p['hit_rate']:.3f}</b> "
-                f"(a random region: {p['random_region_hit_rate']:.3f})</p>")
+        out += (f"<h3>Pointing game</h3><p>{p['n']} test images with known parts: token map hit rate <b>{p['hit_rate']:.3f}</b> "
+                f"(a random region: {p['random_region_hit_rate']:.3f})"
+                + (f"; pixel map (exact cell occlusion) on {p['n_pixel']} of them: <b>{p['pixel_hit_rate']:.3f}</b> "
+                   f"(token map on the same images: {p['token_hit_rate_same_images']:.3f})" if "pixel_hit_rate" in p else "")
+                + "</p>")
     return out
 
 

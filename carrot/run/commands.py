@@ -261,10 +261,10 @@ def evaluate(run_dir: str | Path, what: Sequence[str], out: str | Path | None = 
     if "accuracy" in what:
         res["accuracy"] = accuracy_over_seeds(G, y, G_test, y_test, model.head_, model.classes_, seeds, shots, resplit)
     if "pointing" in what:
-        res["pointing"] = pointing(run_dir, model)
+        res["pointing"] = pointing(run_dir, model, n_pixel=kwargs.get("n_test", 50), seed=model.config.seed)
     if "deletion" in what:
         res["deletion"] = region_deletion(run_dir, kwargs.get("n_test", 50), seed=model.config.seed, model=model)
-    if "pixel-deletion" in what:
+    if "pixel-deletion" in what or "deletion" in what:  # the pixel protocol beside the graph-side one
         res["pixel_deletion"] = pixel_deletion(model, kwargs.get("n_test", 50), seed=model.config.seed)
     if "certificates" in what:
         res["certificates"] = certificates(model, kwargs.get("n_test", 50), certificate_limit, seed=model.config.seed)

@@ -188,13 +188,24 @@ def _apply_weights(model: Carrot, run_dir: str | Path, out: str | Path, weights:
     derived.save(out, finish=lambda staging: write_index(staging, model=derived, name=Path(out).resolve().name))
 
 
-def bench(run_dir: str | Path, ts: Sequence[float], out: str | Path | None = None) -> list[dict[str, Any]]:
-    """Diffusion-time sweep on a fitted run's token caches; writes t_sweep.json and .csv."""
+def bench(run_dir: str | Path, ts: Sequence[float], out: str | Path | None = None,
+          pixel_images: int = 0) -> list[dict[str, Any]]:
+    """Diffusion-time sweep on a fitted run's token caches; writes t_sweep.json and .csv. With ``pixel_images``
+    > 0, each t's model is also measured by the pixel protocol on that many test images (its pixel and token
+    maps' deletion / insertion AUC): does diffusion make the maps more or less faithful to the pixels?"""
     from carrot.audit.sweep import t_sweep
 
     model = Carrot.load(run_dir)
     train, test = _token_stores(run_dir, model, (0, 1))
-    rows = t_sweep(train, test, ts, model.embedder, model.head_, model.sample_weight_)
+
+    def pixels_at(t: float, head) -> dict[str, float]:
+        at_t = Carrot(model.config.merged({"diffusion.t": t}), backbone=model.backbone)
+        at_t.head_, at_t.test_records_ = head, model.test_records_
+        res = pixel_deletion(at_t, pixel_images, seed=model.config.seed, maps=("pixel", "token"))
+        return {f"pixel_{kind}_{m}": v[kind]["mean"] for m, v in res["maps"].items() for kind in ("deletion", "insertion")}
+
+    rows = t_sweep(train, test, ts, model.embedder, model.head_, model.sample_weight_,
+                   on_fit=pixels_at if pixel_images > 0 else None)
     out = Path(out) if out else RunDir(run_dir).audit("t_sweep")
     write_json(out, rows)
     fields = sorted({k for r in rows for k in r})
@@ -400,9 +411,10 @@ def pixel_deletion(model: Carrot, n_test: int = 20, steps: int = 16, seed: int =
                          "seconds_per_image": float(np.mean(seconds[m]))} for m in maps}}
 
 
-def pointing(run_dir: str | Path, model: Carrot | None = None) -> dict[str, Any]:
+def pointing(run_dir: str | Path, model: Carrot | None = None, n_pixel: int = 0, seed: int = 0) -> dict[str, Any]:
     """Pointing game on a run's test split where part locations are known (CUB parts, parts.json):
-    does the most positive region of the predicted class sit on a part? Uses the cached test tokens."""
+    does the most positive region of the predicted class sit on a part? The token map on every such image
+    (cached tokens); with ``n_pixel`` > 0 also the pixel map (exact cell occlusion) on that many of them."""
     from PIL import Image
 
     from carrot.data import load_splits
@@ -417,7 +429,7 @@ def pointing(run_dir: str | Path, model: Carrot | None = None) -> dict[str, Any]
     if not rows:
         raise CarrotError("pointing game: no part locations known for this data set (CUB parts/part_locs.txt or parts.json)")
     geo, size = model.backbone.display_transform(), model.backbone.data_config["input_size"][1:]
-    hits, chance = [], []
+    hits, chance, part_boxes = [], [], {}
     for i, _, _, _, r in _predicted_regions(model, store, rows):
         rec = test.records[i]
         if rec.bbox:
@@ -430,7 +442,22 @@ def pointing(run_dir: str | Path, model: Carrot | None = None) -> dict[str, Any]
         hits.append(any(pointing_game(r, tuple(b), size) for b in boxes))
         cells = np.eye(r.size).reshape(r.size, *r.shape)
         chance.append(np.mean([any(pointing_game(c, tuple(b), size) for b in boxes) for c in cells]))
-    return {"n": len(hits), "hit_rate": float(np.mean(hits)), "random_region_hit_rate": float(np.mean(chance))}
+        part_boxes[i] = boxes
+    out = {"n": len(hits), "hit_rate": float(np.mean(hits)), "random_region_hit_rate": float(np.mean(chance))}
+    if n_pixel > 0:
+        from carrot.attribution.pixels import occlusion_map
+
+        chosen = np.random.default_rng(seed).permutation(rows)[:n_pixel]
+        pix, tok = [], []
+        for i in sorted(chosen.tolist()):
+            x = model.inputs([test.records[i].path])[0]
+            c = int(model.pixel_logits(x[None])[0].argmax())
+            occ = occlusion_map(model.pixel_logits, x, c, store.grid)
+            pix.append(any(pointing_game(occ, tuple(b), size) for b in part_boxes[i]))
+            tok.append(hits[rows.index(i)])
+        out.update({"n_pixel": len(pix), "pixel_hit_rate": float(np.mean(pix)),
+                    "token_hit_rate_same_images": float(np.mean(tok))})
+    return out
 
 
 def certificates(model: Carrot, n_test: int = 50, limit: int = 50, seed: int = 0, n_show: int = 10) -> dict[str, Any]:
