@@ -7,7 +7,9 @@ EfficientNet-Lite0) and scored by carrot's pixel protocol (:mod:`carrot.attribut
 each step, the AUC of the logit scaled to 1 at the image and 0 at the blurred image; mean and s.e.m. over images.
 
 Maps, all of the same model (backbone, graph, diffusion, readout, ridge head), for logit c:
-- carrot pixel map (the default of ``explain``): exact cell occlusion, f_c(x) - f_c(x with cell j blurred);
+- carrot pixel map (the default of ``explain``): the pixel split, each cell's share of f_c(x) - f_c(blurred x)
+  (the whole model's gradient integrated from the blurred image, 16 Gauss-Legendre nodes);
+- carrot occlusion map (``explain --occlusion``): f_c(x) - f_c(x with cell j blurred), exact re-runs;
 - carrot token map: the exact split of the logit over the tokens;
 - random order;
 - Captum ``IntegratedGradients`` (blurred image as baseline, 32 steps), pixel attributions summed per cell;
@@ -34,7 +36,7 @@ from common import device_name, write_results
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from carrot.attribution.pixels import blur, cell_boxes, default_sigma, occlusion_map, pixel_curves, summarise  # noqa: E402
+from carrot.attribution.pixels import blur, cell_boxes, default_sigma, occlusion_map, path_split, pixel_curves, pooled  # noqa: E402
 from carrot.attribution.representer import region_contributions  # noqa: E402
 from carrot.features.backbone import patch_centres  # noqa: E402
 from carrot.features.regions import RegionSet  # noqa: E402
@@ -67,9 +69,9 @@ def per_cell(a: np.ndarray, boxes, how: str) -> np.ndarray:
 
 def cam_target_layer(module: WholeModel):
     bb = module.backbone
-    if hasattr(bb, "blocks"):
+    if hasattr(bb, "blocks") and hasattr(bb.blocks[-1], "norm1"):  # ViT: the last block's input norm
         return [bb.blocks[-1].norm1]
-    for name in ("conv_head", "bn2", "stages", "layer4"):
+    for name in ("bn2", "conv_head", "stages", "layer4"):  # ConvNets: the layer the tokens come from
         if hasattr(bb, name):
             layer = getattr(bb, name)
             return [layer[-1] if isinstance(layer, torch.nn.Sequential) else layer]
@@ -95,10 +97,14 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--ig-steps", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--maps", nargs="+", default=["carrot_pixel", "carrot_token", "random", "captum_ig", "captum_occlusion",
+    ap.add_argument("--maps", nargs="+", default=["carrot_pixel", "carrot_occlusion", "carrot_token", "random", "captum_ig",
+                                                   "captum_occlusion",
                                                    "gradcam", "gradcam_pp", "eigencam"])
     ap.add_argument("--out", default=None, help="default: results/pixels_<data>_<backbone>")
+    ap.add_argument("--respan", default=None, help="only re-pool this result file (adds the images' spans)")
     args = ap.parse_args()
+    if args.respan:
+        return respan(args.respan)
 
     from captum.attr import IntegratedGradients, Occlusion
     from pytorch_grad_cam import EigenCAM, GradCAM, GradCAMPlusPlus
@@ -111,6 +117,7 @@ def main() -> None:
     rows_idx = np.sort(rng.choice(len(model.test_records_), min(args.n_test, len(model.test_records_)), replace=False))
     auc = {m: {"deletion": [], "insertion": []} for m in args.maps}
     secs = {m: [] for m in args.maps}
+    spans: list[float] = []
     grid = None
     t_all = time.perf_counter()
     for done, i in enumerate(rows_idx.tolist()):
@@ -128,6 +135,8 @@ def main() -> None:
         for m in args.maps:
             t0 = time.perf_counter()
             if m == "carrot_pixel":
+                s = path_split(model.torch_logits, x, c, grid)[0].ravel()
+            elif m == "carrot_occlusion":
                 s = occlusion_map(model.pixel_logits, x, c, grid).ravel()
             elif m == "carrot_token":
                 s = region_contributions(model.head_, H[0], w[0])[:, c].numpy()
@@ -144,19 +153,37 @@ def main() -> None:
                 s = per_cell(a[0].sum(0).numpy(), boxes, "mean")
             else:
                 cls = {"gradcam": GradCAM, "gradcam_pp": GradCAMPlusPlus, "eigencam": EigenCAM}[m]
-                reshape = vit_reshape(model, grid) if hasattr(module.backbone, "blocks") else None
+                reshape = vit_reshape(model, grid) if hasattr(module.backbone, "patch_embed") else None
                 with cls(model=module, target_layers=cam_target_layer(module), reshape_transform=reshape) as cam:
-                    a = cam(input_tensor=x[None].to(torch.float32), targets=[ClassifierOutputTarget(c)])
+                    a = cam(input_tensor=x[None].to(torch.float32).requires_grad_(), targets=[ClassifierOutputTarget(c)])
                 s = per_cell(np.asarray(a[0]), boxes, "mean")
             secs[m].append(time.perf_counter() - t0)
             cur = pixel_curves(model.pixel_logits, x, c, grid, np.argsort(-s, kind="stable"), args.steps)
             auc[m]["deletion"].append(cur.auc("deletion"))
             auc[m]["insertion"].append(cur.auc("insertion"))
+        spans.append(cur.span)
         print(f"[{done + 1}/{len(rows_idx)}] {time.perf_counter() - t_all:.0f} s: " + ", ".join(
-            f"{m} {np.nanmean(auc[m]['deletion']):.3f}/{np.nanmean(auc[m]['insertion']):.3f}" for m in args.maps), flush=True)
-    rows = [{"map": m, **{f"deletion_{k}": v for k, v in summarise(auc[m]["deletion"]).items()},
-             **{f"insertion_{k}": v for k, v in summarise(auc[m]["insertion"]).items()},
-             "seconds_per_image": float(np.mean(secs[m]))} for m in args.maps]
+            f"{m} {pooled(auc[m]['deletion'], spans)['mean']:.3f}/{pooled(auc[m]['insertion'], spans)['mean']:.3f}"
+            for m in args.maps), flush=True)
+    write(args, model, rows_idx, grid, auc, secs, spans, time.perf_counter() - t_all)
+
+
+def summary_rows(maps, auc, secs, spans, seed: int) -> list[dict]:
+    rows = []
+    for m in maps:
+        base = {"map": m, **{f"deletion_{k}": v for k, v in pooled(auc[m]["deletion"], spans, seed).items()},
+                **{f"insertion_{k}": v for k, v in pooled(auc[m]["insertion"], spans, seed).items()},
+                "seconds_per_image": float(np.mean(secs[m]))}
+        if "carrot_pixel" in auc and m != "carrot_pixel":  # paired with carrot's default map, image by image
+            d = np.asarray(auc[m]["deletion"]) - np.asarray(auc["carrot_pixel"]["deletion"])
+            paired = pooled(d, spans, seed)
+            base["deletion_minus_carrot_pixel"], base["deletion_minus_carrot_pixel_sem"] = paired["mean"], paired["sem"]
+        rows.append(base)
+    return rows
+
+
+def write(args, model, rows_idx, grid, auc, secs, spans, seconds_total: float) -> None:
+    rows = summary_rows(args.maps, auc, secs, spans, args.seed)
     meta = json.loads((Path(args.run) / "run.json").read_text())
     data, backbone = meta["config"]["data"]["kind"], meta["config"]["backbone"]["name"]
     out = args.out or Path(__file__).parent / "results" / f"pixels_{data}_{backbone}"
@@ -168,7 +195,30 @@ def main() -> None:
                          seed=args.seed, device=device_name("cpu"), python=platform.python_version(),
                          torch=torch.__version__, captum=captum.__version__,
                          grad_cam=getattr(pytorch_grad_cam, "__version__", "1.5.7"),
-                         per_image={m: auc[m] for m in args.maps}, seconds_total=time.perf_counter() - t_all)
+                         per_image={m: auc[m] for m in args.maps}, spans=spans,
+                         seconds_per_image={m: secs[m] for m in args.maps}, seconds_total=seconds_total)
+    print(path)
+
+
+def respan(path: str) -> None:
+    """Add the images' spans to a result file written before they were saved (same run, rows and seed), and
+    re-pool its summary: two runs of the model per image."""
+    d = json.loads(Path(path).read_text())
+    model = Carrot.load(d["run"])
+    rng = np.random.default_rng(d["seed"])
+    rows_idx = np.sort(rng.choice(len(model.test_records_), min(d["n_test"], len(model.test_records_)), replace=False))
+    spans = []
+    for i in rows_idx.tolist():
+        x = model.inputs([model.test_records_[i][0]])[0]
+        f = model.pixel_logits(x[None])[0]
+        c = int(f.argmax())
+        xb = blur(x[None], default_sigma(tuple(d["grid"]), tuple(x.shape[-2:])))
+        spans.append(float(f[c] - model.pixel_logits(xb)[0, c]))
+    maps = [r["map"] for r in d["rows"]]
+    secs = {r["map"]: [r["seconds_per_image"]] for r in d["rows"]}
+    d["rows"] = summary_rows(maps, d["per_image"], secs, spans, d["seed"])
+    d["spans"] = spans
+    Path(path).write_text(json.dumps(d, indent=2))
     print(path)
 
 

@@ -3,18 +3,20 @@ deletion / insertion protocol every map is measured by.
 
 A *cell* is one region of the backbone's grid in input pixels: a ViT patch (14 x 14 px for DINOv2 at
 224), a ConvNet's feature cell (32 x 32 px for EfficientNet-Lite0). Occluding a set of cells replaces
-their pixels by those of the Gaussian-blurred image. The occlusion map of cell j is
+their pixels by those of the Gaussian-blurred image. Two maps are exact for the pixels:
 
-    f_c(x) - f_c(x with cell j blurred),
-
-each an exact re-run of the whole model, backbone included: the number is what blurring that cell does to
-the logit. The token split (:func:`carrot.attribution.representer.region_contributions`) is exact for the
+- the *pixel split* (:func:`path_split`, the default): the cells' shares of f_c(x) - f_c(blurred x), the whole
+  model's gradient integrated along the path from the blurred image to the image (they sum to that difference
+  up to a quadrature error that is reported);
+- *occlusion* (:func:`occlusion_map`): f_c(x) - f_c(x with cell j blurred), each an exact re-run of the whole
+  model, backbone included. The token split (:func:`carrot.attribution.representer.region_contributions`) is exact for the
 tokens, but a ViT token is computed from the whole image, so it does not say which pixels matter.
 
 The protocol (deletion / insertion, Petsiuk et al. 2018, "RISE"): cells are blurred (deletion) or revealed
 onto the blurred image (insertion) in map order over ``steps`` steps, the model re-run at each step; the
 curve of the logit, scaled so that the image is 1 and the blurred image 0, is integrated over the share
-of cells (images whose blurred version scores the class at least as high are left out and counted). Lower deletion and higher insertion AUC mean a map more faithful to the pixels; a random order
+of cells, and pooled over images weighted by how much blurring changes each one's logit (:func:`pooled`;
+images whose blurred version scores the class at least as high are left out and counted). Lower deletion and higher insertion AUC mean a map more faithful to the pixels; a random order
 gives about 0.5 for both.
 """
 from __future__ import annotations
@@ -29,8 +31,11 @@ import torch
 from carrot.errors import CarrotError
 
 REGION_MEANING = {
-    "pixel_map": "f(x) - f(x with this cell blurred): the logit drop when only this cell's pixels are blurred, the "
-                 "whole model re-run (exact for the pixels; the cells' drops do not add up to the logit)",
+    "pixel_map": "this cell's share of f(x) - f(blurred x): the whole model's gradient integrated along the path from "
+                 "the blurred image to the image, times the pixel change, summed over the cell (exact for the pixels: "
+                 "the shares sum to f(x) - f(blurred x), up to pixel_map_completeness_error)",
+    "pixel_occlusion": "f(x) - f(x with this cell blurred): the logit drop when only this cell's pixels are blurred, "
+                       "the whole model re-run (an exact counterfactual per cell; the drops do not add up)",
     "region_contributions": "w_j W_c (h_j - mu/N): the exact split of the logit over the backbone's tokens (they sum "
                             "to logit - prior); a ViT token sees the whole image, so it says which tokens matter, "
                             "not which pixels",
@@ -105,6 +110,45 @@ def occlusion_map(logits: Logits, x: torch.Tensor, c: int, grid: tuple[int, int]
     return (out[0] - out[1:]).reshape(grid)
 
 
+def path_split(logits: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, c: int, grid: tuple[int, int],
+               sigma: float | None = None, nodes: int = 16, batch: int = 8) -> tuple[np.ndarray, dict[str, float]]:
+    """Split f_c(x) - f_c(blurred x) over the cells: the gradient of the whole model integrated along the straight
+    path from the blurred image to the image (Gauss-Legendre quadrature, ``nodes`` nodes), times the pixel change,
+    summed per cell (path-integrated gradients, Sundararajan et al. 2017; the blurred image as baseline).
+
+    Parameters
+    ----------
+    logits : the whole model with autograd, (B, 3, H, W) input -> (B, C) float64 tensor.
+    x : (3, H, W) one model input; c : the class; grid : (gh, gw) the backbone's cell grid.
+    sigma : blur standard deviation in px (default: one cell's side); nodes : quadrature nodes; batch : per pass.
+
+    Returns
+    -------
+    (gh, gw) float64 cell shares, which sum to f_c(x) - f_c(blurred x) up to the quadrature error; and
+    {"full", "blurred", "completeness_error"} (|sum of the shares - (f_c(x) - f_c(blurred x))|).
+    """
+    size = tuple(x.shape[-2:])
+    sigma = sigma if sigma is not None else default_sigma(grid, size)
+    xb = blur(x[None], sigma)[0]
+    d = (x - xb).to(torch.float32)
+    a, wts = np.polynomial.legendre.leggauss(int(nodes))
+    a, wts = (a + 1) / 2, wts / 2
+    grad = torch.zeros_like(x, dtype=torch.float64)
+    for s in range(0, len(a), batch):
+        alpha = torch.as_tensor(a[s : s + batch], dtype=torch.float32).view(-1, 1, 1, 1)
+        inp = (xb[None] + alpha * d[None]).detach().requires_grad_(True)
+        out = logits(inp)[:, c]
+        g = torch.autograd.grad(out.sum(), inp)[0].to(torch.float64)
+        grad += (torch.as_tensor(wts[s : s + batch]).view(-1, 1, 1, 1) * g).sum(0)
+    share = (grad * d.to(torch.float64)).sum(0).numpy()
+    cells = np.array([share[y0:y1, x0:x1].sum() for y0, y1, x0, x1 in cell_boxes(grid, size)])
+    with torch.no_grad():
+        ends = logits(torch.stack([x, xb]))[:, c].detach().cpu().numpy()
+    info = {"full": float(ends[0]), "blurred": float(ends[1]),
+            "completeness_error": float(abs(cells.sum() - (ends[0] - ends[1])))}
+    return cells.reshape(grid), info
+
+
 def default_sigma(grid: tuple[int, int], size: tuple[int, int]) -> float:
     """The protocol's blur: one cell's side (px), so a blurred cell keeps none of its own detail."""
     return float(max(size[0] / grid[0], size[1] / grid[1]))
@@ -119,6 +163,11 @@ class PixelCurves:
     insertion: np.ndarray  # (S,)
     full: float  # f_c(x)
     blurred: float  # f_c(blurred x)
+
+    @property
+    def span(self) -> float:
+        """f_c(x) - f_c(blurred x): how much blurring the whole image changes the logit (the pooling weight)."""
+        return self.full - self.blurred
 
     def auc(self, which: str) -> float:
         """Area under the curve scaled to 1 at the image and 0 at the blurred image; nan where the blurred image
@@ -150,6 +199,22 @@ def pixel_curves(logits: Logits, x: torch.Tensor, c: int, grid: tuple[int, int],
     out = _batched(logits, torch.cat([deleted, inserted]), batch)[:, c]
     k = len(counts)
     return PixelCurves(counts / len(boxes), out[:k], out[k:], float(out[0]), float(out[k]))
+
+
+def pooled(values: Sequence[float], spans: Sequence[float], seed: int = 0, resamples: int = 2000) -> dict[str, float]:
+    """The protocol's number over images: sum_i span_i auc_i / sum_i span_i, span_i = f_c(x_i) - f_c(blurred x_i),
+    so each image weighs by how much blurring changes its logit (an image whose logit barely moves would
+    otherwise dominate with a huge scaled curve; the graph-side deletion audit pools the same way); its standard
+    error from ``resamples`` bootstrap resamples of the images. Images with span <= 0 are left out and counted."""
+    v, w = np.asarray(values, dtype=np.float64), np.asarray(spans, dtype=np.float64)
+    keep = np.isfinite(v) & (w > 0)
+    v, w = v[keep], w[keep]
+    if not len(v):
+        return {"mean": float("nan"), "sem": float("nan"), "n": 0, "left_out": int((~keep).sum())}
+    idx = np.random.default_rng(seed).integers(0, len(v), size=(resamples, len(v)))
+    boot = (w[idx] * v[idx]).sum(1) / w[idx].sum(1)
+    return {"mean": float((w * v).sum() / w.sum()), "sem": float(boot.std(ddof=1)) if len(v) > 1 else float("nan"),
+            "n": int(len(v)), "left_out": int((~keep).sum())}
 
 
 def summarise(values: Sequence[float]) -> dict[str, float]:

@@ -91,7 +91,8 @@ def affinity(
     ss = resolve_bandwidth(sigma_space, ds2, "sigma_space").view(-1, 1, 1)
     sf = resolve_bandwidth(sigma_feat, df2, "sigma_feat").view(-1, 1, 1)
     W = torch.exp(-ds2 / (2 * ss * ss) - df2 / (2 * sf * sf))
-    W.diagonal(dim1=-2, dim2=-1).zero_()
+    eye = torch.eye(W.shape[-1], dtype=torch.bool, device=W.device)
+    W = W.masked_fill(eye, 0.0)  # out of place, so gradients reach the pixels (the pixel maps' peers)
     if knn is not None:
         n = W.shape[-1]
         if not isinstance(knn, int) or knn < 1:

@@ -198,14 +198,15 @@ def evaluation_html(ev: dict) -> str:
                 "insertion AUC mean a sharp region attribution</p>" + _table(["curve", "normalised AUC"], rows))
     if "pixel_deletion" in ev:
         p = ev["pixel_deletion"]
-        names = {"pixel": "pixel map (exact cell occlusion)", "token": "token map (exact token split)", "random": "random order"}
+        names = {"pixel": "pixel map (pixel split; the default)", "occlusion": "occlusion map (exact per cell)",
+                 "token": "token map (exact token split)", "random": "random order"}
         rows = [[names.get(m, m), v["deletion"]["mean"], v["deletion"]["sem"], v["insertion"]["mean"], v["insertion"]["sem"],
                  v["seconds_per_image"]] for m, v in p["maps"].items()]
         out += (f"<h3>Pixel deletion and insertion</h3><p class='muted'>{p['n']} test images; the cells of the "
                 f"{p['grid'][0]}x{p['grid'][1]} grid blurred (revealed onto the blurred image) in map order over {p['steps']} "
                 "steps, the whole model re-run at each; AUC of the predicted logit scaled to 1 at the image and 0 at the "
-                "blurred image, mean and s.e.m. over images: low deletion and high insertion mean a map faithful to the "
-                "pixels (random order: about 0.5)</p>"
+                "blurred image, pooled over images weighted by how much blurring changes each logit (bootstrap s.e.): "
+                "low deletion and high insertion mean a map faithful to the pixels (random order: about 0.5)</p>"
                 + _table(["map", "deletion AUC", "s.e.m.", "insertion AUC", "s.e.m.", "seconds per image"], rows))
     if "certificates" in ev:
         out += _certificates(ev["certificates"])
@@ -213,7 +214,7 @@ def evaluation_html(ev: dict) -> str:
         p = ev["pointing"]
         out += (f"<h3>Pointing game</h3><p>{p['n']} test images with known parts: token map hit rate <b>{p['hit_rate']:.3f}</b> "
                 f"(a random region: {p['random_region_hit_rate']:.3f})"
-                + (f"; pixel map (exact cell occlusion) on {p['n_pixel']} of them: <b>{p['pixel_hit_rate']:.3f}</b> "
+                + (f"; pixel map (pixel split) on {p['n_pixel']} of them: <b>{p['pixel_hit_rate']:.3f}</b> "
                    f"(token map on the same images: {p['token_hit_rate_same_images']:.3f})" if "pixel_hit_rate" in p else "")
                 + "</p>")
     return out

@@ -157,8 +157,9 @@ def _meaning(exp: dict[str, Any]) -> str:
             "(equal to refitting without it; images ranked by it; regions and pairs split it).<br>"
             f"<b>label weight</b>: {html.escape(m['equivalent_kernel'])}.<br>"
             f"<b>representer</b>: {html.escape(m['representer'])}."
-            + (f"<br><b>pixel map</b>: {html.escape(m['pixel_map'])}.<br><b>token map</b>: "
-               f"{html.escape(m['region_contributions'])}." if "pixel_map" in m else "") + "</p>")
+            + "".join(f"<br><b>{label}</b>: {html.escape(m[key])}." for key, label in
+                      (("pixel_map", "pixel map"), ("pixel_occlusion", "occlusion map"), ("region_contributions", "token map"))
+                      if key in m and (key in exp or key == "region_contributions")) + "</p>")
 
 
 def _certificate(exp: dict[str, Any]) -> str:
@@ -187,8 +188,13 @@ def explanation_html(exp: dict[str, Any], image) -> str:
         "<div class='row'>",
         f"<figure class='big'><img alt='test image' src='{data_uri(image, 'JPEG', 320)}'><figcaption>input (as the model sees it)</figcaption></figure>",
         *([f"<figure class='big'><img alt='pixel map' src='{data_uri(overlay(image, np.asarray(exp['pixel_map'])), 'JPEG', 320)}'>"
-           f"<figcaption>pixels &rarr; {html.escape(exp['predicted'])}: red cells lower the logit when blurred "
-           f"(exact, whole model re-run; {exp['pixel_map_seconds']:.1f} s)</figcaption></figure>"] if "pixel_map" in exp else []),
+           f"<figcaption>pixels &rarr; {html.escape(exp['predicted'])}: each cell's share of logit(image) &minus; "
+           f"logit(blurred image) = {sum(map(sum, exp['pixel_map'])):+.4f} (red raises it; completeness error "
+           f"{exp['pixel_map_completeness_error']:.1e}; {exp['pixel_map_seconds']:.1f} s)</figcaption></figure>"]
+          if "pixel_map" in exp else []),
+        *([f"<figure class='big'><img alt='occlusion map' src='{data_uri(overlay(image, np.asarray(exp['pixel_occlusion'])), 'JPEG', 320)}'>"
+           f"<figcaption>occlusion &rarr; {html.escape(exp['predicted'])}: the logit drop when each cell alone is blurred "
+           f"(exact re-runs; {exp['pixel_occlusion_seconds']:.1f} s)</figcaption></figure>"] if "pixel_occlusion" in exp else []),
         f"<figure class='big'><img alt='region heatmap' src='{data_uri(overlay(image, r), 'JPEG', 320)}'>"
         f"<figcaption>tokens &rarr; {html.escape(exp['predicted'])}: red raises the logit, blue lowers it "
         f"(exact split, sum {exp['region_sum']:+.4f})</figcaption></figure>",

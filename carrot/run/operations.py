@@ -363,7 +363,7 @@ def region_deletion(run_dir: str | Path, n_test: int = 20, steps: int = 8, seed:
 
 
 def pixel_deletion(model: Carrot, n_test: int = 20, steps: int = 16, seed: int = 0,
-                   maps: Sequence[str] = ("pixel", "token", "random")) -> dict[str, Any]:
+                   maps: Sequence[str] = ("pixel", "occlusion", "token", "random")) -> dict[str, Any]:
     """The pixel protocol on ``n_test`` random test images of a run (:mod:`carrot.attribution.pixels`): cells
     blurred (revealed onto the blurred image) in the order of each map for the predicted class, the whole model
     re-run at each of ``steps`` steps; per map the deletion and insertion AUC (image = 1, blurred image = 0),
@@ -372,12 +372,12 @@ def pixel_deletion(model: Carrot, n_test: int = 20, steps: int = 16, seed: int =
 
     import torch
 
-    from carrot.attribution.pixels import occlusion_map, pixel_curves, summarise
+    from carrot.attribution.pixels import occlusion_map, path_split, pixel_curves, pooled
     from carrot.attribution.representer import region_contributions
     from carrot.features.backbone import patch_centres
     from carrot.features.regions import RegionSet
 
-    known = ("pixel", "token", "random")
+    known = ("pixel", "occlusion", "token", "random")
     if not maps or set(maps) - set(known):
         raise CarrotError(f"maps: expected some of {', '.join(known)}, got {list(maps)}")
     if not model.test_records_:
@@ -386,6 +386,7 @@ def pixel_deletion(model: Carrot, n_test: int = 20, steps: int = 16, seed: int =
     rows = np.sort(rng.choice(len(model.test_records_), min(n_test, len(model.test_records_)), replace=False))
     auc: dict[str, dict[str, list[float]]] = {m: {"deletion": [], "insertion": []} for m in maps}
     seconds: dict[str, list[float]] = {m: [] for m in maps}
+    spans: list[float] = []
     grid = None
     for i in rows.tolist():
         x = model.inputs([model.test_records_[i][0]])[0]
@@ -397,6 +398,8 @@ def pixel_deletion(model: Carrot, n_test: int = 20, steps: int = 16, seed: int =
         for m in maps:
             t0 = time.perf_counter()
             if m == "pixel":
+                scores = path_split(model.torch_logits, x, c, grid)[0].ravel()
+            elif m == "occlusion":
                 scores = occlusion_map(model.pixel_logits, x, c, grid).ravel()
             elif m == "token":
                 scores = region_contributions(model.head_, H[0], w[0])[:, c].numpy()
@@ -406,8 +409,10 @@ def pixel_deletion(model: Carrot, n_test: int = 20, steps: int = 16, seed: int =
             curves = pixel_curves(model.pixel_logits, x, c, grid, np.argsort(-scores, kind="stable"), steps)
             auc[m]["deletion"].append(curves.auc("deletion"))
             auc[m]["insertion"].append(curves.auc("insertion"))
+        spans.append(curves.span)
     return {"n": int(len(rows)), "steps": steps, "grid": list(grid) if grid else None,
-            "maps": {m: {"deletion": summarise(auc[m]["deletion"]), "insertion": summarise(auc[m]["insertion"]),
+            "maps": {m: {"deletion": pooled(auc[m]["deletion"], spans, seed),
+                         "insertion": pooled(auc[m]["insertion"], spans, seed),
                          "seconds_per_image": float(np.mean(seconds[m]))} for m in maps}}
 
 
@@ -445,15 +450,15 @@ def pointing(run_dir: str | Path, model: Carrot | None = None, n_pixel: int = 0,
         part_boxes[i] = boxes
     out = {"n": len(hits), "hit_rate": float(np.mean(hits)), "random_region_hit_rate": float(np.mean(chance))}
     if n_pixel > 0:
-        from carrot.attribution.pixels import occlusion_map
+        from carrot.attribution.pixels import path_split
 
         chosen = np.random.default_rng(seed).permutation(rows)[:n_pixel]
         pix, tok = [], []
         for i in sorted(chosen.tolist()):
             x = model.inputs([test.records[i].path])[0]
             c = int(model.pixel_logits(x[None])[0].argmax())
-            occ = occlusion_map(model.pixel_logits, x, c, store.grid)
-            pix.append(any(pointing_game(occ, tuple(b), size) for b in part_boxes[i]))
+            split = path_split(model.torch_logits, x, c, store.grid)[0]
+            pix.append(any(pointing_game(split, tuple(b), size) for b in part_boxes[i]))
             tok.append(hits[rows.index(i)])
         out.update({"n_pixel": len(pix), "pixel_hit_rate": float(np.mean(pix)),
                     "token_hit_rate_same_images": float(np.mean(tok))})
