@@ -8,7 +8,7 @@ each step, the AUC of the logit scaled to 1 at the image and 0 at the blurred im
 
 Maps, all of the same model (backbone, graph, diffusion, readout, ridge head), for logit c:
 - carrot pixel map (the default of ``explain``): the pixel split, each cell's share of f_c(x) - f_c(blurred x)
-  (the whole model's gradient integrated from the blurred image, 16 Gauss-Legendre nodes);
+  (the whole model's gradient integrated from the blurred image, 32 Gauss-Legendre nodes);
 - carrot occlusion map (``explain --occlusion``): f_c(x) - f_c(x with cell j blurred), exact re-runs;
 - carrot token map: the exact split of the logit over the tokens;
 - random order;
@@ -44,21 +44,16 @@ from carrot.run.pipeline import Carrot  # noqa: E402
 
 
 class WholeModel(torch.nn.Module):
-    """The fitted run as one differentiable module: model input (B, 3, H, W) -> logits (B, C) float64."""
+    """The fitted run as one differentiable module for the peers' libraries: model input (B, 3, H, W) -> logits
+    (B, C) float64 (:meth:`Carrot.torch_logits`, the function carrot's pixel split integrates)."""
 
     def __init__(self, model: Carrot) -> None:
         super().__init__()
         self.model = model
         self.backbone = model.backbone.model  # registered, so hooks and gradients reach its layers
-        self.coef = model.head_.coef_.to(torch.float64)
-        self.intercept = model.head_.intercept_.to(torch.float64)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        H, grid = self.model.backbone.tokens(x)
-        H = H.to(torch.float64)
-        w = self.model.embedder.weights(H, patch_centres(grid, torch.float64))[0]
-        G = torch.einsum("bnd,bn->bd", H, w)
-        return G @ self.coef + self.intercept
+        return self.model.torch_logits(x)
 
 
 def per_cell(a: np.ndarray, boxes, how: str) -> np.ndarray:
@@ -102,6 +97,7 @@ def main() -> None:
                                                    "gradcam", "gradcam_pp", "eigencam"])
     ap.add_argument("--out", default=None, help="default: results/pixels_<data>_<backbone>")
     ap.add_argument("--respan", default=None, help="only re-pool this result file (adds the images' spans)")
+    ap.add_argument("--merge-into", default=None, help="replace --maps in this earlier result file of the same images")
     args = ap.parse_args()
     if args.respan:
         return respan(args.respan)
@@ -165,7 +161,25 @@ def main() -> None:
         print(f"[{done + 1}/{len(rows_idx)}] {time.perf_counter() - t_all:.0f} s: " + ", ".join(
             f"{m} {pooled(auc[m]['deletion'], spans)['mean']:.3f}/{pooled(auc[m]['insertion'], spans)['mean']:.3f}"
             for m in args.maps), flush=True)
+    if args.merge_into:
+        return merge(args.merge_into, auc, secs, spans)
     write(args, model, rows_idx, grid, auc, secs, spans, time.perf_counter() - t_all)
+
+
+def merge(path: str, auc: dict, secs: dict, spans: list[float]) -> None:
+    """Replace these maps' per-image results in an earlier result file of the same run, images and seed (a map
+    re-measured after a change), and re-pool its summary."""
+    d = json.loads(Path(path).read_text())
+    if not np.allclose(d["spans"], spans, rtol=1e-3, atol=1e-4):  # batch-dependent float32 rounding only
+        raise SystemExit(f"{path}: other images or another model (spans differ); re-run the whole benchmark")
+    d.setdefault("seconds_per_image", {r["map"]: [r["seconds_per_image"]] for r in d["rows"]})  # older files: means
+    for m in auc:
+        d["per_image"][m], d["seconds_per_image"][m] = auc[m], secs[m]
+    maps = [r["map"] for r in d["rows"]] + [m for m in auc if m not in {r["map"] for r in d["rows"]}]
+    d["rows"] = summary_rows(maps, d["per_image"], d["seconds_per_image"], spans, d["seed"])
+    d.setdefault("merged", []).append({"maps": sorted(auc), "torch": torch.__version__})
+    Path(path).write_text(json.dumps(d, indent=2))
+    print(path)
 
 
 def summary_rows(maps, auc, secs, spans, seed: int) -> list[dict]:

@@ -267,7 +267,7 @@ def bench(run_dir: str, ts: str, out_path: str | None, pixel_images: int) -> Non
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), help="Where to write explanations (default: RUN_DIR/explanations).")
 @click.option("--device", help="auto, cpu, cuda, cuda:N or mps.")
 @click.option("--node-removal", is_flag=True, help="Also remove each region from the graph (logit drops) and draw deletion/insertion curves.")
-@click.option("--pixel-map/--no-pixel-map", default=True, show_default=True, help="The pixel split, the page's default map: each cell's share of logit(image) - logit(blurred image), the whole model's gradient integrated from the blurred image (16 forward + backward passes).")
+@click.option("--pixel-map/--no-pixel-map", default=True, show_default=True, help="The pixel split, the page's default map: each cell's share of logit(image) - logit(blurred image), the whole model's gradient integrated from the blurred image (32 forward + backward passes, batched).")
 @click.option("--occlusion", is_flag=True, help="Also the exact cell occlusion map: the logit drop when each cell alone is blurred (N + 1 runs of the whole model).")
 @click.option("--region-mask", type=click.Path(exists=True, dir_okay=False), help="Integer mask image (same size as the one IMAGE): exact contribution of each of your segments.")
 @click.option("--json", "as_json", is_flag=True, help="Print the explanations as JSON on stdout.")

@@ -39,6 +39,16 @@ REGION_MEANING = {
     "region_contributions": "w_j W_c (h_j - mu/N): the exact split of the logit over the backbone's tokens (they sum "
                             "to logit - prior); a ViT token sees the whole image, so it says which tokens matter, "
                             "not which pixels",
+    "prior": "the logit without evidence (the head's intercept part): logit = prior + the training images' terms = "
+             "prior + the token map's sum",
+    "identity_error": "|prior + sum of the terms - logit| for each additive view: the floating-point error of exact identities",
+    "pairs": "(test token, training token) pairs of a training image: with pair_intercept they split its removal effect "
+             "exactly (the head refit, in tokens)",
+    "certificate": "the fewest training images found whose removal changes this prediction (exact Woodbury downdates, "
+                   "the set checked by one refit)",
+    "node_removal": "the logit drop when a token's node is removed from the graph (graph side: the other tokens stay as "
+                    "computed from the full image, so it is exact for the graph, not for the pixels)",
+    "segments": "the token map summed over each segment of the mask (exact for the tokens)",
 }
 
 Logits = Callable[[torch.Tensor], np.ndarray]  # (B, 3, H, W) model input -> (B, C) float64 logits
@@ -111,7 +121,7 @@ def occlusion_map(logits: Logits, x: torch.Tensor, c: int, grid: tuple[int, int]
 
 
 def path_split(logits: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, c: int, grid: tuple[int, int],
-               sigma: float | None = None, nodes: int = 16, batch: int = 8) -> tuple[np.ndarray, dict[str, float]]:
+               sigma: float | None = None, nodes: int = 32, batch: int = 8) -> tuple[np.ndarray, dict[str, float]]:
     """Split f_c(x) - f_c(blurred x) over the cells: the gradient of the whole model integrated along the straight
     path from the blurred image to the image (Gauss-Legendre quadrature, ``nodes`` nodes), times the pixel change,
     summed per cell (path-integrated gradients, Sundararajan et al. 2017; the blurred image as baseline).

@@ -217,7 +217,7 @@ class Carrot:
         masks : {path: integer segment mask in the model's input geometry}: per-segment exact sums.
         certificate_limit : the most training images the counterfactual certificate removes (0: none).
         pixel_map : also the pixel split (the page's default map): each cell's share of f(x) - f(blurred x), the
-            whole model's gradient integrated from the blurred image (16 Gauss-Legendre nodes, forward + backward).
+            whole model's gradient integrated from the blurred image (32 Gauss-Legendre nodes, forward + backward).
         occlusion : also the exact cell occlusion map (N + 1 runs of the whole model per image).
 
         Returns
