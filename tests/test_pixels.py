@@ -73,8 +73,9 @@ def test_the_pixel_split_of_a_linear_model_is_its_closed_form(seed, grid):
     xb = blur(x[None], default_sigma(grid, (12, 16)))[0]
     contrib = ((x - xb).reshape(-1).to(torch.float64) * A[:, 1]).reshape(3, 12, 16).sum(0).numpy()
     for j, (y0, y1, x0, x1) in enumerate(cell_boxes(grid, (12, 16))):
-        assert split.ravel()[j] == pytest.approx(contrib[y0:y1, x0:x1].sum(), abs=1e-9)
-    assert info["completeness_error"] < 1e-9
+        # float32 inputs: the gradient reaches the pixels in float32 (relative rounding ~1e-7)
+        assert split.ravel()[j] == pytest.approx(contrib[y0:y1, x0:x1].sum(), rel=1e-6, abs=1e-6)
+    assert info["completeness_error"] < 1e-6 * max(1.0, abs(info["full"]))
 
 
 @pytest.mark.parametrize("seed", range(3))
@@ -91,7 +92,7 @@ def test_the_pixel_split_sums_to_the_logit_change_for_a_nonlinear_model(seed):
     x = torch.randn(3, 12, 16, generator=g)
     grid = (3, 4)
     split, info = path_split(f, x, 2, grid, nodes=16)
-    assert info["completeness_error"] < 1e-8
+    assert info["completeness_error"] < 1e-6 * max(1.0, abs(info["full"]))  # float32 inputs
     xb = blur(x[None], default_sigma(grid, (12, 16)))[0]
     m = 4096
     alphas = (torch.arange(m, dtype=torch.float32) + 0.5) / m
@@ -205,8 +206,14 @@ def test_explain_gives_the_exact_pixel_map_beside_the_token_map(run, tmp_path):
     assert split.shape == tuple(exp["grid"]) == (4, 4)
     assert {"pixel_map", "pixel_occlusion", "region_contributions"} <= set(exp["meaning"])
     full = exp["logits"][exp["predicted"]]  # the split sums to logit(image) - logit(blurred image)
-    assert abs(split.sum() - (full - exp["pixel_map_blurred_logit"])) <= exp["pixel_map_completeness_error"] + 1e-3 * abs(full)
-    assert exp["pixel_map_completeness_error"] < 1e-4 * max(1.0, abs(full))
+    x = model.inputs([path])[0]
+    xb = blur(x[None], default_sigma((4, 4), tuple(x.shape[-2:])))[0]
+    with torch.no_grad():  # the unrounded model the split integrates, recomputed independently
+        ends = model.torch_logits(torch.stack([x, xb]))[:, exp["predicted_index"]].numpy()
+    assert exp["pixel_map_blurred_logit"] == pytest.approx(ends[1], abs=1e-9)
+    assert abs(split.sum() - (ends[0] - ends[1])) == pytest.approx(exp["pixel_map_completeness_error"], abs=1e-9)
+    assert exp["pixel_map_completeness_error"] < 1e-2 * abs(ends[0] - ends[1])  # 32 nodes on a random-init ViT
+    assert abs(ends[0] - full) < 1e-2 * max(1.0, abs(full))  # unrounded vs cache-rounded tokens
     pm = np.asarray(exp["pixel_occlusion"])
     x = model.inputs([path])[0]
     c = exp["predicted_index"]
