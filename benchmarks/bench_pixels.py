@@ -36,10 +36,8 @@ from common import device_name, write_results
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from carrot.attribution.pixels import blur, cell_boxes, default_sigma, occlusion_map, path_split, pixel_curves, pooled  # noqa: E402
-from carrot.attribution.representer import region_contributions  # noqa: E402
-from carrot.features.backbone import patch_centres  # noqa: E402
-from carrot.features.regions import RegionSet  # noqa: E402
+from carrot.attribution.pixels import blur, cell_boxes, default_sigma, pixel_curves, pooled  # noqa: E402
+from carrot.run.operations import REGION_MAPS, image_regions, region_scores  # noqa: E402
 from carrot.run.pipeline import Carrot  # noqa: E402
 
 
@@ -117,12 +115,7 @@ def main() -> None:
     grid = None
     t_all = time.perf_counter()
     for done, i in enumerate(rows_idx.tolist()):
-        x = model.inputs([model.test_records_[i][0]])[0]
-        with torch.no_grad():
-            H, grid = model.backbone(x[None])
-        H = model._as_cached(H, "a test image")
-        G, w = model.embed_regions(RegionSet(H, patch_centres(grid, torch.float64), grid))
-        c = int(model.head_.decision_function(G.numpy())[0].argmax())
+        x, H, w, grid, c = image_regions(model, model.test_records_[i][0])
         size = tuple(x.shape[-2:])
         boxes = cell_boxes(grid, size)
         sigma = default_sigma(grid, size)
@@ -130,14 +123,8 @@ def main() -> None:
         ph, pw = size[0] // grid[0], size[1] // grid[1]
         for m in args.maps:
             t0 = time.perf_counter()
-            if m == "carrot_pixel":
-                s = path_split(model.torch_logits, x, c, grid)[0].ravel()
-            elif m == "carrot_occlusion":
-                s = occlusion_map(model.pixel_logits, x, c, grid).ravel()
-            elif m == "carrot_token":
-                s = region_contributions(model.head_, H[0], w[0])[:, c].numpy()
-            elif m == "random":
-                s = rng.permutation(len(boxes)).astype(float)
+            if m.removeprefix("carrot_") in REGION_MAPS:  # carrot's own maps, as evaluate --what pixel-deletion
+                s = region_scores(model, m.removeprefix("carrot_"), x, H, w, c, grid, rng)
             elif m == "captum_ig":
                 a = IntegratedGradients(module).attribute(x[None].requires_grad_(), baselines=xb, target=c,
                                                           n_steps=args.ig_steps, internal_batch_size=8)

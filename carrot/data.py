@@ -17,7 +17,7 @@ from struct import error as struct_error
 
 import numpy as np
 
-from carrot.errors import CarrotError, warn
+from carrot.errors import CarrotError, first_line, warn
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jfif", ".png", ".ppm", ".pgm", ".pbm", ".pnm", ".bmp", ".tif", ".tiff", ".webp", ".gif")
 
@@ -67,6 +67,8 @@ class ImageDataset:
         return ImageDataset([self.records[i] for i in idx], self.classes, name or self.name, dict(self.meta))
 
 
+# what PIL's decoders raise for a file that is not an image or is damaged (UnidentifiedImageError is an OSError)
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, struct_error)
 MAX_IMAGE_PIXELS = 100_000_000  # larger files are refused before decoding (decompression bombs); CARROT_MAX_IMAGE_PIXELS
 
 
@@ -120,7 +122,7 @@ def load_image(record: ImageRecord | str, min_side: int = 1):
     animated or multi-page file is used; images above :func:`max_image_pixels` are refused before decoding;
     alpha, 16-bit and float modes are converted as :func:`_to_rgb` says; ``record.bbox`` is cropped.
     """
-    from PIL import ImageOps, UnidentifiedImageError
+    from PIL import ImageOps
 
     rec = record if isinstance(record, ImageRecord) else ImageRecord(str(record), -1)
     path = Path(rec.path)
@@ -132,10 +134,10 @@ def load_image(record: ImageRecord | str, min_side: int = 1):
             im.seek(0)
             im.load()
             img = _to_rgb(ImageOps.exif_transpose(im) if im.getexif() else im, path)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, IndexError, struct_error) as exc:
+    except DECODE_ERRORS as exc:
         if isinstance(exc, CarrotError):
             raise
-        raise CarrotError(f"cannot read image '{path}': not an image or corrupt ({_first_line(exc)})") from None
+        raise CarrotError(f"cannot read image '{path}': not an image or corrupt ({first_line(exc, with_type=True)})") from None
     if rec.bbox is not None:
         x, y, w, h = rec.bbox
         img = img.crop((int(x), int(y), int(round(x + w)), int(round(y + h))))
@@ -165,25 +167,18 @@ def open_image(path: Path, limit: int) -> Iterator:
 def check_headers(datasets: Sequence["ImageDataset"], min_side: int = 1) -> None:
     """Before any extraction: every image opens (its header), is within the size limit and at least
     ``min_side`` px on each side, so a bad file is a one-line error before work starts, not after hours."""
-    from PIL import UnidentifiedImageError
-
     limit = max_image_pixels()
     for ds in datasets:
         for r in ds.records:
             try:
                 with open_image(Path(r.path), limit) as im:
                     w, h = im.size
-            except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, IndexError, struct_error) as exc:
+            except DECODE_ERRORS as exc:
                 if isinstance(exc, CarrotError):
                     raise
-                raise CarrotError(f"cannot read image '{r.path}': not an image or corrupt ({_first_line(exc)})") from None
+                raise CarrotError(f"cannot read image '{r.path}': not an image or corrupt ({first_line(exc, with_type=True)})") from None
             if r.bbox is None and min(w, h) < min_side:
                 raise CarrotError(f"image '{r.path}' is {w}x{h} px, smaller than one {min_side}-px patch of the backbone")
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
 _DIGESTS: dict[tuple[str, int, int], bytes] = {}

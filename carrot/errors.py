@@ -30,6 +30,15 @@ class StaleCacheError(CarrotError):
     """A cache on disk does not match what the current run would write."""
 
 
+def first_line(exc: BaseException, with_type: bool = False) -> str:
+    """The first line of an exception's message for a one-line error (its type's name when it has none);
+    ``with_type``: prefixed with the type's name."""
+    text = (str(exc).strip().splitlines() or [""])[0]
+    if with_type:
+        return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return text or type(exc).__name__
+
+
 def check_is_fitted(obj: object, attrs: tuple[str, ...] = ("coef_",)) -> None:
     """Raise :class:`NotFittedError` unless every attribute in ``attrs`` is set (sklearn-style)."""
     if not all(getattr(obj, a, None) is not None for a in attrs):

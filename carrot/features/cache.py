@@ -24,7 +24,7 @@ import torch
 
 from carrot.features.backbone import TokenBackbone, patch_centres
 from carrot.data import ImageDataset, load_image
-from carrot.errors import CarrotError, StaleCacheError, warn
+from carrot.errors import CarrotError, StaleCacheError, first_line, warn
 from carrot.io import read_json, sha256_file, write_json
 
 CACHE_VERSION = 2  # 2: EXIF orientation applied, 16-bit / float images scaled by their range
@@ -123,7 +123,7 @@ def open_store(path: str | Path, expected: dict[str, Any] | None = None, verify:
     try:
         tokens = np.load(path / "tokens.npy", mmap_mode="r")
     except (ValueError, OSError, EOFError) as exc:
-        raise StaleCacheError(f"token cache '{path}': tokens.npy is unreadable or truncated ({_first(exc)}); {rebuild}") from None
+        raise StaleCacheError(f"token cache '{path}': tokens.npy is unreadable or truncated ({first_line(exc)}); {rebuild}") from None
     if tokens.shape != shape or tokens.dtype != DTYPES[manifest["dtype"]]:
         raise StaleCacheError(f"token cache '{path}': tokens.npy {tokens.shape} {tokens.dtype} does not match its manifest "
                               f"{shape}; {rebuild}")
@@ -137,10 +137,6 @@ def _manifest_ok(m: dict[str, Any]) -> bool:
     grid = isinstance(m.get("grid"), list) and len(m["grid"]) == 2 and all(isinstance(g, int) and g > 0 for g in m["grid"])
     labels = isinstance(m.get("labels"), list) and ints and len(m["labels"]) == m["n"]
     return ints and grid and labels and m.get("dtype") in DTYPES
-
-
-def _first(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 @contextmanager

@@ -362,24 +362,55 @@ def region_deletion(run_dir: str | Path, n_test: int = 20, steps: int = 8, seed:
             **{k: float(np.sum(v) / np.sum(spans)) for k, v in out.items()}}
 
 
+REGION_MAPS = ("pixel", "occlusion", "token", "random")  # the maps of one image that region_scores computes
+
+
+def image_regions(model: Carrot, path: str) -> tuple[Any, Any, Any, tuple[int, int], int]:
+    """One image as the region maps need it: model input x (3, H, W), tokens H (1, N, D) rounded as the cache
+    rounds them, readout weights w (1, N), the grid, and the predicted class c."""
+    import torch
+
+    from carrot.features.backbone import patch_centres
+    from carrot.features.regions import RegionSet
+
+    x = model.inputs([path])[0]
+    with torch.no_grad():
+        H, grid = model.backbone(x[None])
+    H = model._as_cached(H, "a test image")
+    G, w = model.embed_regions(RegionSet(H, patch_centres(grid, torch.float64), grid))
+    return x, H, w, grid, int(model.head_.decision_function(G.numpy())[0].argmax())
+
+
+def region_scores(model: Carrot, name: str, x: Any, H: Any, w: Any, c: int, grid: tuple[int, int],
+                  rng: np.random.Generator) -> np.ndarray:
+    """Scores (N,) of one of carrot's :data:`REGION_MAPS` for class c of an image (:func:`image_regions`): the
+    pixel split, exact cell occlusion, the token split, or a random order."""
+    from carrot.attribution.pixels import occlusion_map, path_split
+    from carrot.attribution.representer import region_contributions
+
+    if name == "pixel":
+        return path_split(model.torch_logits, x, c, grid)[0].ravel()
+    if name == "occlusion":
+        return occlusion_map(model.pixel_logits, x, c, grid).ravel()
+    if name == "token":
+        return region_contributions(model.head_, H[0], w[0])[:, c].numpy()
+    if name == "random":
+        return rng.permutation(grid[0] * grid[1]).astype(float)
+    raise CarrotError(f"maps: expected one of {', '.join(REGION_MAPS)}, got {name!r}")
+
+
 def pixel_deletion(model: Carrot, n_test: int = 20, steps: int = 16, seed: int = 0,
-                   maps: Sequence[str] = ("pixel", "occlusion", "token", "random")) -> dict[str, Any]:
+                   maps: Sequence[str] = REGION_MAPS) -> dict[str, Any]:
     """The pixel protocol on ``n_test`` random test images of a run (:mod:`carrot.attribution.pixels`): cells
     blurred (revealed onto the blurred image) in the order of each map for the predicted class, the whole model
     re-run at each of ``steps`` steps; per map the deletion and insertion AUC (image = 1, blurred image = 0),
     mean and s.e.m. over images, and the seconds each map costs per image."""
     import time
 
-    import torch
+    from carrot.attribution.pixels import pixel_curves, pooled
 
-    from carrot.attribution.pixels import occlusion_map, path_split, pixel_curves, pooled
-    from carrot.attribution.representer import region_contributions
-    from carrot.features.backbone import patch_centres
-    from carrot.features.regions import RegionSet
-
-    known = ("pixel", "occlusion", "token", "random")
-    if not maps or set(maps) - set(known):
-        raise CarrotError(f"maps: expected some of {', '.join(known)}, got {list(maps)}")
+    if not maps or set(maps) - set(REGION_MAPS):
+        raise CarrotError(f"maps: expected some of {', '.join(REGION_MAPS)}, got {list(maps)}")
     if not model.test_records_:
         raise CarrotError("pixel-deletion: the run has no test images")
     rng = np.random.default_rng(seed)
@@ -389,22 +420,10 @@ def pixel_deletion(model: Carrot, n_test: int = 20, steps: int = 16, seed: int =
     spans: list[float] = []
     grid = None
     for i in rows.tolist():
-        x = model.inputs([model.test_records_[i][0]])[0]
-        with torch.no_grad():
-            H, grid = model.backbone(x[None])
-        H = model._as_cached(H, "a test image")
-        G, w = model.embed_regions(RegionSet(H, patch_centres(grid, torch.float64), grid))
-        c = int(model.head_.decision_function(G.numpy())[0].argmax())
+        x, H, w, grid, c = image_regions(model, model.test_records_[i][0])
         for m in maps:
             t0 = time.perf_counter()
-            if m == "pixel":
-                scores = path_split(model.torch_logits, x, c, grid)[0].ravel()
-            elif m == "occlusion":
-                scores = occlusion_map(model.pixel_logits, x, c, grid).ravel()
-            elif m == "token":
-                scores = region_contributions(model.head_, H[0], w[0])[:, c].numpy()
-            else:
-                scores = rng.permutation(grid[0] * grid[1]).astype(float)
+            scores = region_scores(model, m, x, H, w, c, grid, rng)
             seconds[m].append(time.perf_counter() - t0)
             curves = pixel_curves(model.pixel_logits, x, c, grid, np.argsort(-scores, kind="stable"), steps)
             auc[m]["deletion"].append(curves.auc("deletion"))

@@ -15,7 +15,7 @@ from carrot.features.cache import TokenStore
 from carrot.config import RunConfig
 from carrot.data import ImageDataset, ImageRecord, load_image
 from carrot.embed.embedder import Embedder
-from carrot.errors import CarrotError, check_is_fitted
+from carrot.errors import CarrotError, check_is_fitted, first_line
 from carrot.ridge.head import RidgeHead, head_from_config
 from carrot.io import save_npy, write_json
 from carrot.features.regions import RegionSet
@@ -471,7 +471,7 @@ def _load_array(path: Path, run_dir: str | Path) -> np.ndarray:
     try:
         arr = np.load(path, allow_pickle=False)
     except (ValueError, OSError, EOFError) as exc:
-        raise CarrotError(f"run '{run_dir}': cannot read {path.name} ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); {REFIT}") from None
+        raise CarrotError(f"run '{run_dir}': cannot read {path.name} ({first_line(exc)}); {REFIT}") from None
     if arr.dtype.kind != "f" or not np.isfinite(arr).all():
         raise CarrotError(f"run '{run_dir}': {path.name} holds {arr.dtype} values that are not all finite numbers; {REFIT}")
     return arr.astype(np.float64, copy=False)
