@@ -4,11 +4,15 @@ For ``--n-test`` random test images of a fitted run and the predicted class c of
 turned into a cell order (the backbone's grid: 16x16 cells of 14 px for DINOv2 at 224, 7x7 cells of 32 px for
 EfficientNet-Lite0) and scored by carrot's pixel protocol (:mod:`carrot.attribution.pixels`): cells blurred
 (deletion) or revealed onto the blurred image (insertion) in map order over 16 steps, the whole model re-run at
-each step, the AUC of the logit scaled to 1 at the image and 0 at the blurred image; mean and s.e.m. over images.
+each step, the AUC of the logit scaled to 1 at the image and 0 at the blurred image, pooled over the images
+weighted by how much blurring changes each one's logit. Images whose blurred version scores the class at least
+as high are left out of the pooled numbers (nothing to delete), so no map is computed for them.
 
 Maps, all of the same model (backbone, graph, diffusion, readout, ridge head), for logit c:
-- carrot pixel map (the default of ``explain``): the pixel split, each cell's share of f_c(x) - f_c(blurred x)
-  (the whole model's gradient integrated from the blurred image, 32 Gauss-Legendre nodes);
+- carrot Shapley map (the default of ``explain``): each cell's Shapley value in the game "blur a set of cells",
+  4 random orders in antithetic pairs (the values sum exactly to f_c(x) - f_c(blurred x));
+- carrot pixel split (``explain --pixel-map split``): each cell's share of f_c(x) - f_c(blurred x), the whole
+  model's gradient integrated from the blurred image (32 Gauss-Legendre nodes: Captum IG's integral and quadrature);
 - carrot occlusion map (``explain --occlusion``): f_c(x) - f_c(x with cell j blurred), exact re-runs;
 - carrot token map: the exact split of the logit over the tokens;
 - random order;
@@ -90,15 +94,19 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--ig-steps", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--maps", nargs="+", default=["carrot_pixel", "carrot_occlusion", "carrot_token", "random", "captum_ig",
+    ap.add_argument("--maps", nargs="+", default=["carrot_shapley", "carrot_split", "carrot_occlusion", "carrot_token", "random",
+                                                   "captum_ig",
                                                    "captum_occlusion",
                                                    "gradcam", "gradcam_pp", "eigencam"])
     ap.add_argument("--out", default=None, help="default: results/pixels_<data>_<backbone>")
     ap.add_argument("--respan", default=None, help="only re-pool this result file (adds the images' spans)")
+    ap.add_argument("--repool", default=None, help="only recompute this result file's summary rows from its per-image AUCs")
     ap.add_argument("--merge-into", default=None, help="replace --maps in this earlier result file of the same images")
     args = ap.parse_args()
     if args.respan:
         return respan(args.respan)
+    if args.repool:
+        return repool(args.repool)
 
     from captum.attr import IntegratedGradients, Occlusion
     from pytorch_grad_cam import EigenCAM, GradCAM, GradCAMPlusPlus
@@ -121,6 +129,13 @@ def main() -> None:
         sigma = default_sigma(grid, size)
         xb = blur(x[None], sigma)
         ph, pw = size[0] // grid[0], size[1] // grid[1]
+        ends = model.pixel_logits(torch.cat([x[None], xb]))[:, c]
+        if not ends[0] - ends[1] > 1e-9 * max(1.0, abs(ends[0])):  # left out of every pooled number: skip its maps
+            for m in args.maps:
+                auc[m]["deletion"].append(float("nan"))
+                auc[m]["insertion"].append(float("nan"))
+            spans.append(float(ends[0] - ends[1]))
+            continue
         for m in args.maps:
             t0 = time.perf_counter()
             if m.removeprefix("carrot_") in REGION_MAPS:  # carrot's own maps, as evaluate --what pixel-deletion
@@ -169,16 +184,31 @@ def merge(path: str, auc: dict, secs: dict, spans: list[float]) -> None:
     print(path)
 
 
+DEFAULT = "carrot_shapley"  # explain's default pixel map, the paired column's reference
+
+
+def repool(path: str) -> None:
+    """Recompute a result file's summary rows from its per-image AUCs and spans (after a change of the pooling or
+    of the paired reference); the maps' order puts carrot's default first."""
+    d = json.loads(Path(path).read_text())
+    maps = sorted(d["per_image"], key=lambda m: (m != DEFAULT, [r["map"] for r in d["rows"]].index(m)
+                                                  if m in [r["map"] for r in d["rows"]] else 99))
+    secs = d.get("seconds_per_image") or {r["map"]: [r["seconds_per_image"]] for r in d["rows"]}
+    d["rows"] = summary_rows(maps, d["per_image"], secs, d["spans"], d["seed"])
+    Path(path).write_text(json.dumps(d, indent=2))
+    print(path)
+
+
 def summary_rows(maps, auc, secs, spans, seed: int) -> list[dict]:
     rows = []
     for m in maps:
         base = {"map": m, **{f"deletion_{k}": v for k, v in pooled(auc[m]["deletion"], spans, seed).items()},
                 **{f"insertion_{k}": v for k, v in pooled(auc[m]["insertion"], spans, seed).items()},
-                "seconds_per_image": float(np.mean(secs[m]))}
-        if "carrot_pixel" in auc and m != "carrot_pixel":  # paired with carrot's default map, image by image
-            d = np.asarray(auc[m]["deletion"]) - np.asarray(auc["carrot_pixel"]["deletion"])
+                "seconds_per_image": float(np.mean(secs[m])) if len(secs[m]) else float("nan")}
+        if DEFAULT in auc and m != DEFAULT:  # paired with carrot's default map, image by image
+            d = np.asarray(auc[m]["deletion"]) - np.asarray(auc[DEFAULT]["deletion"])
             paired = pooled(d, spans, seed)
-            base["deletion_minus_carrot_pixel"], base["deletion_minus_carrot_pixel_sem"] = paired["mean"], paired["sem"]
+            base["deletion_minus_default"], base["deletion_minus_default_sem"] = paired["mean"], paired["sem"]
         rows.append(base)
     return rows
 

@@ -188,7 +188,8 @@ def explanations_section(d: dict) -> list[str]:
 
 
 PIXEL_MAPS = {
-    "carrot_pixel": "carrot pixel split (`explain` default)",
+    "carrot_shapley": "**carrot Shapley map** (`explain` default; 4 orders)",
+    "carrot_split": "carrot pixel split (`--pixel-map split`)",
     "carrot_occlusion": "carrot occlusion map (exact per cell; `explain --occlusion`)",
     "carrot_token": "carrot token map (exact token split)",
     "random": "random cell order",
@@ -213,12 +214,12 @@ def pixels_section(d: dict) -> list[str]:
              "weighted by how much blurring changes each one's logit (bootstrap s.e.; images whose blurred version scores "
              "the class at least as high are left out). Lower deletion and higher insertion are more faithful to the "
              "pixels. The peers run through their own libraries on the same model. The last column is the deletion "
-             "AUC minus carrot's pixel split on the same images (> 0: carrot's default deletes better).", "",
-             "| map | deletion AUC | insertion AUC | seconds per image | deletion − carrot pixel split (paired) |",
+             "AUC minus carrot's default map (Shapley) on the same images (> 0: carrot's default deletes better).", "",
+             "| map | deletion AUC | insertion AUC | seconds per image | deletion − carrot default (paired) |",
              "|---|---|---|---|---|"]
     for r in d["rows"]:
-        paired = (f"{r['deletion_minus_carrot_pixel']:+.3f} ± {r['deletion_minus_carrot_pixel_sem']:.3f}"
-                  if "deletion_minus_carrot_pixel" in r else "")
+        paired = (f"{r['deletion_minus_default']:+.3f} ± {r['deletion_minus_default_sem']:.3f}"
+                  if "deletion_minus_default" in r else "")
         lines.append(f"| {PIXEL_MAPS.get(r['map'], r['map'])} | {pm(r, 'deletion')} | {pm(r, 'insertion')} | "
                      f"{r['seconds_per_image']:.2f} | {paired} |")
     return lines + [""]

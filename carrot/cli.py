@@ -267,20 +267,23 @@ def bench(run_dir: str, ts: str, out_path: str | None, pixel_images: int) -> Non
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), help="Where to write explanations (default: RUN_DIR/explanations).")
 @click.option("--device", help="auto, cpu, cuda, cuda:N or mps.")
 @click.option("--node-removal", is_flag=True, help="Also remove each region from the graph (logit drops) and draw deletion/insertion curves.")
-@click.option("--pixel-map/--no-pixel-map", default=True, show_default=True, help="The pixel split, the page's default map: each cell's share of logit(image) - logit(blurred image), the whole model's gradient integrated from the blurred image (32 forward + backward passes, batched).")
+@click.option("--pixel-map", type=click.Choice(["shapley", "split", "none"]), default="shapley", show_default=True, help="The page's pixel map. shapley: each cell's Shapley value in the game 'blur a set of cells' (sampled orders; the values sum exactly to logit(image) - logit(blurred image); --permutations x (cells - 1) runs of the whole model, batched). split: the whole model's gradient integrated from the blurred image (path-integrated gradients; 32 forward + backward passes). none: no pixel map.")
+@click.option("--permutations", type=click.IntRange(min=2, max=1000), default=4, show_default=True, help="Random orders the Shapley map samples (even: each order with its reverse); its standard error falls as 1/sqrt of this.")
 @click.option("--occlusion", is_flag=True, help="Also the exact cell occlusion map: the logit drop when each cell alone is blurred (N + 1 runs of the whole model).")
 @click.option("--region-mask", type=click.Path(exists=True, dir_okay=False), help="Integer mask image (same size as the one IMAGE): exact contribution of each of your segments.")
 @click.option("--json", "as_json", is_flag=True, help="Print the explanations as JSON on stdout.")
 @user_errors
 def explain(run_dir: str, images: tuple[str, ...], top_k: int, out_dir: str | None, device: str | None,
-            node_removal: bool, pixel_map: bool, occlusion: bool, region_mask: str | None, as_json: bool) -> None:
+            node_removal: bool, pixel_map: str, permutations: int, occlusion: bool, region_mask: str | None,
+            as_json: bool) -> None:
     """Explain IMAGES (files or folders) with the run in RUN_DIR: class, exact top-K training
     images for and against it (with their own region maps and matched region pairs), region
     heatmap PNG, an HTML page per image and the run's index.html."""
     from carrot.run import commands as orchestration
 
     results = orchestration.explain(run_dir, images, out_dir, top_k, device, node_removal=node_removal,
-                                    region_mask=region_mask, pixel_map=pixel_map, occlusion=occlusion)
+                                    region_mask=region_mask, pixel_map=None if pixel_map == "none" else pixel_map,
+                                    permutations=permutations, occlusion=occlusion)
     if as_json:
         click.echo(json.dumps(results, indent=2))
         return

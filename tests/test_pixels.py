@@ -7,7 +7,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from carrot.attribution.pixels import blur, cell_boxes, default_sigma, occlusion_map, path_split, pixel_curves, summarise
+from carrot.attribution.pixels import (blur, cell_boxes, default_sigma, occlusion_map, path_split, pixel_curves, shapley_map,
+                                      summarise)
 from carrot.cli import cli
 from carrot.errors import CarrotError
 
@@ -58,6 +59,94 @@ def test_occlusion_equals_a_rerun_with_each_cell_blurred(seed, grid):
         xj = x.clone()
         xj[:, y0:y1, x0:x1] = xb[:, y0:y1, x0:x1]
         assert occ.ravel()[j] == pytest.approx(full - logits(xj[None])[0, 1], abs=1e-9)
+
+
+def nonlinear_model(seed: int, shape=(3, 12, 16)):
+    """Logits with interactions between cells (products and saturation), so Shapley values differ from occlusion."""
+    g = torch.Generator().manual_seed(seed)
+    A = torch.randn(int(np.prod(shape)), 4, generator=g, dtype=torch.float64) / 10
+
+    def logits(x: torch.Tensor) -> np.ndarray:
+        z = x.reshape(len(x), -1).to(torch.float64) @ A
+        return torch.stack([torch.tanh(z[:, 0]) * z[:, 1] + z[:, 2] ** 2, z[:, 3] * z[:, 0]], 1).numpy()
+
+    return logits
+
+
+def exact_shapley(logits, x: torch.Tensor, c: int, grid) -> np.ndarray:
+    """Shapley values of the blur game by enumerating every subset of cells: phi_j = sum over S not holding j of
+    |S|! (N - |S| - 1)! / N! (v(S + j) - v(S)), v(S) = f(x) - f(x with S blurred)."""
+    from itertools import combinations
+    from math import factorial
+
+    size = tuple(x.shape[-2:])
+    boxes = cell_boxes(grid, size)
+    n = len(boxes)
+    xb = blur(x[None], default_sigma(grid, size))[0]
+
+    def f(S) -> float:
+        y = x.clone()
+        for j in S:
+            y0, y1, x0, x1 = boxes[j]
+            y[:, y0:y1, x0:x1] = xb[:, y0:y1, x0:x1]
+        return float(logits(y[None])[0, c])
+
+    value = {S: f(S) for k in range(n + 1) for S in combinations(range(n), k)}
+    phi = np.zeros(n)
+    for S, fS in value.items():
+        for j in set(range(n)) - set(S):
+            weight = factorial(len(S)) * factorial(n - len(S) - 1) / factorial(n)
+            phi[j] += weight * (fS - value[tuple(sorted(S + (j,)))])
+    return phi.reshape(grid)
+
+
+@pytest.mark.parametrize("seed,grid,K", [(0, (2, 2), 2), (1, (2, 2), 6), (2, (2, 3), 4), (3, (1, 1), 2), (4, (3, 4), 8),
+                                         (5, (4, 4), 2)])
+def test_the_shapley_map_sums_exactly_for_any_number_of_orders(seed, grid, K):
+    logits = nonlinear_model(seed)
+    x = torch.randn(3, 12, 16, generator=torch.Generator().manual_seed(seed + 20))
+    phi, info = shapley_map(logits, x, 0, grid, permutations=K, batch=7, seed=seed)
+    xb = blur(x[None], default_sigma(grid, (12, 16)))[0]
+    ends = logits(torch.stack([x, xb]))[:, 0]
+    assert phi.shape == info["sem"].shape == grid and info["permutations"] == K
+    assert phi.sum() == pytest.approx(ends[0] - ends[1], rel=1e-12, abs=1e-12)
+    assert info["completeness_error"] < 1e-12 * max(1.0, abs(ends[0] - ends[1]))
+    assert np.isnan(info["sem"]).all() == (K == 2)
+
+
+@pytest.mark.parametrize("seed,grid", [(0, (2, 2)), (1, (2, 3)), (2, (1, 5))])
+def test_the_shapley_map_converges_to_the_exact_shapley_values(seed, grid):
+    """Against subset enumeration: the sampled values lie within a few of their own standard errors."""
+    logits = nonlinear_model(seed)
+    x = torch.randn(3, 12, 16, generator=torch.Generator().manual_seed(seed + 30))
+    exact = exact_shapley(logits, x, 0, grid)
+    phi, info = shapley_map(logits, x, 0, grid, permutations=400, batch=64, seed=seed)
+    assert np.all(np.abs(phi - exact) <= 5 * info["sem"] + 1e-10), (phi, exact, info["sem"])
+    assert not np.allclose(exact, occlusion_map(logits, x, 0, grid), atol=1e-3)  # the game has interactions
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_two_cells_need_one_antithetic_pair(seed):
+    """With two cells an order and its reverse are every order: the estimate is the exact Shapley value."""
+    logits = nonlinear_model(seed)
+    x = torch.randn(3, 12, 16, generator=torch.Generator().manual_seed(seed))
+    phi, _ = shapley_map(logits, x, 1, (1, 2), permutations=2, seed=seed)
+    assert np.allclose(phi, exact_shapley(logits, x, 1, (1, 2)), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("seed,grid", [(0, (3, 4)), (1, (2, 8))])
+def test_the_shapley_map_of_an_additive_model_is_occlusion(seed, grid):
+    logits = linear_model(seed)
+    x = torch.randn(3, 12, 16, generator=torch.Generator().manual_seed(seed + 40))
+    phi, info = shapley_map(logits, x, 2, grid, permutations=4, seed=seed)
+    assert np.allclose(phi, occlusion_map(logits, x, 2, grid), rtol=1e-9, atol=1e-9)
+    assert np.allclose(info["sem"], 0, atol=1e-9)
+
+
+@pytest.mark.parametrize("bad", [0, 1, 3, -2, 2.0, True, "4"])
+def test_the_shapley_map_refuses_an_odd_number_of_orders(bad):
+    with pytest.raises(CarrotError, match="permutations: expected an even integer >= 2"):
+        shapley_map(linear_model(0), torch.zeros(3, 12, 16), 0, (2, 2), permutations=bad)
 
 
 @pytest.mark.parametrize("seed,grid", [(0, (3, 4)), (1, (2, 8)), (2, (1, 1))])
@@ -199,9 +288,11 @@ def test_explain_gives_the_exact_pixel_map_beside_the_token_map(run, tmp_path):
 
     model = Carrot.load(run)
     path = model.test_records_[0][0]
-    r = CliRunner().invoke(cli, ["explain", str(run), path, "--top-k", "2", "--out", str(tmp_path), "--json", "--occlusion"])
+    r = CliRunner().invoke(cli, ["explain", str(run), path, "--top-k", "2", "--out", str(tmp_path), "--json", "--occlusion",
+                                 "--pixel-map", "split"])
     assert r.exit_code == 0, r.output
     exp = json.loads(r.output)[0]
+    assert exp["pixel_map_method"] == "split" and "path" in exp["meaning"]["pixel_map"]
     split = np.asarray(exp["pixel_map"])
     assert split.shape == tuple(exp["grid"]) == (4, 4)
     assert {"pixel_map", "pixel_occlusion", "region_contributions"} <= set(exp["meaning"])
@@ -228,11 +319,39 @@ def test_explain_gives_the_exact_pixel_map_beside_the_token_map(run, tmp_path):
     assert "pixels &rarr;" in html and "tokens &rarr;" in html and "occlusion &rarr;" in html
 
 
+def test_explain_defaults_to_the_shapley_map_which_sums_exactly(run, tmp_path):
+    """The default pixel map: its values sum to f(x) - f(blurred x) of the model explain re-runs (recomputed here
+    independently), each cell has a standard error, and the page says what the map is."""
+    from carrot.run.pipeline import Carrot
+
+    model = Carrot.load(run)
+    path = model.test_records_[1][0]
+    r = CliRunner().invoke(cli, ["explain", str(run), path, "--top-k", "2", "--out", str(tmp_path), "--json"])
+    assert r.exit_code == 0, r.output
+    exp = json.loads(r.output)[0]
+    assert exp["pixel_map_method"] == "shapley" and exp["pixel_map_permutations"] == 4
+    assert "Shapley" in exp["meaning"]["pixel_map"] and "pixel_occlusion" not in exp
+    phi, sem = np.asarray(exp["pixel_map"]), np.asarray(exp["pixel_map_sem"], dtype=float)
+    assert phi.shape == sem.shape == (4, 4) and (sem >= 0).all()
+    x = model.inputs([path])[0]
+    xb = blur(x[None], default_sigma((4, 4), tuple(x.shape[-2:])))[0]
+    ends = model.pixel_logits(torch.stack([x, xb]))[:, exp["predicted_index"]]
+    assert ends[0] == pytest.approx(exp["logits"][exp["predicted"]], abs=1e-9)
+    assert phi.sum() == pytest.approx(ends[0] - ends[1], rel=1e-12, abs=1e-12)
+    assert exp["pixel_map_completeness_error"] < 1e-12 * max(1.0, abs(ends[0] - ends[1]))
+    page = next(tmp_path.glob("0000_*/explanation.html")).read_text()
+    assert "Shapley value" in page and "4 random orders" in page
+    r = CliRunner().invoke(cli, ["explain", str(run), path, "--out", str(tmp_path / "b"), "--json", "--permutations", "3"])
+    assert r.exit_code != 0 and "permutations: expected an even integer" in r.output
+    r = CliRunner().invoke(cli, ["explain", str(run), path, "--out", str(tmp_path / "c"), "--json", "--pixel-map", "none"])
+    assert r.exit_code == 0 and "pixel_map" not in json.loads(r.output)[0]
+
+
 def test_evaluate_pixel_deletion_reports_each_map(run):
     r = CliRunner().invoke(cli, ["evaluate", str(run), "--what", "pixel-deletion", "--n-test", "3", "--json"])
     assert r.exit_code == 0, r.output
     p = json.loads(r.output)["pixel_deletion"]
-    assert p["n"] == 3 and p["grid"] == [4, 4] and set(p["maps"]) == {"pixel", "occlusion", "token", "random"}
+    assert p["n"] == 3 and p["grid"] == [4, 4] and set(p["maps"]) == {"shapley", "split", "occlusion", "token", "random"}
     for v in p["maps"].values():
         assert v["seconds_per_image"] >= 0 and v["deletion"]["n"] <= 3
     assert "Pixel deletion and insertion" in (run / "index.html").read_text()
@@ -244,9 +363,9 @@ def test_the_t_sweep_and_the_pointing_game_report_the_pixel_protocol(run):
     rows = json.loads((run / "t_sweep.json").read_text())
     assert [row["t"] for row in rows] == [0.0, 1.0]
     for row in rows:
-        for key in ("pixel_deletion_pixel", "pixel_insertion_pixel", "pixel_deletion_token", "pixel_insertion_token"):
+        for key in ("pixel_deletion_shapley", "pixel_insertion_shapley", "pixel_deletion_token", "pixel_insertion_token"):
             assert key in row
-    assert "pixel map deletion" in (run / "index.html").read_text()
+    assert "Shapley map deletion" in (run / "index.html").read_text()
     r = CliRunner().invoke(cli, ["evaluate", str(run), "--what", "pointing", "--n-test", "2", "--json"])
     assert r.exit_code == 0, r.output
     p = json.loads(r.output)["pointing"]

@@ -3,14 +3,19 @@ deletion / insertion protocol every map is measured by.
 
 A *cell* is one region of the backbone's grid in input pixels: a ViT patch (14 x 14 px for DINOv2 at
 224), a ConvNet's feature cell (32 x 32 px for EfficientNet-Lite0). Occluding a set of cells replaces
-their pixels by those of the Gaussian-blurred image. Two maps are exact for the pixels:
+their pixels by those of the Gaussian-blurred image. Three maps are exact for the pixels:
 
-- the *pixel split* (:func:`path_split`, the default): the cells' shares of f_c(x) - f_c(blurred x), the whole
-  model's gradient integrated along the path from the blurred image to the image (they sum to that difference
-  up to a quadrature error that is reported);
+- *Shapley* (:func:`shapley_map`, the default): each cell's Shapley value in the game "blur a set of cells",
+  sampled over random orders in antithetic pairs; the values sum to f_c(x) - f_c(blurred x) exactly for any
+  number of orders, and each cell's standard error is reported;
+- the *pixel split* (:func:`path_split`): the cells' shares of f_c(x) - f_c(blurred x), the whole model's gradient
+  integrated along the path from the blurred image (equal to Captum's IntegratedGradients with that baseline;
+  they sum to the difference up to a reported quadrature error);
 - *occlusion* (:func:`occlusion_map`): f_c(x) - f_c(x with cell j blurred), each an exact re-run of the whole
-  model, backbone included. The token split (:func:`carrot.attribution.representer.region_contributions`) is exact for the
-tokens, but a ViT token is computed from the whole image, so it does not say which pixels matter.
+  model, backbone included (a counterfactual per cell; the drops do not add up).
+
+The token split (:func:`carrot.attribution.representer.region_contributions`) is exact for the tokens, but a ViT
+token is computed from the whole image, so it does not say which pixels matter.
 
 The protocol (deletion / insertion, Petsiuk et al. 2018, "RISE"): cells are blurred (deletion) or revealed
 onto the blurred image (insertion) in map order over ``steps`` steps, the model re-run at each step; the
@@ -23,17 +28,25 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 
 from carrot.errors import CarrotError
 
+PIXEL_MAPS = {  # the pixel maps explain can draw (Carrot.pixel_map), and what each is exact for
+    "shapley": "this cell's Shapley value in the game 'blur a set of cells', sampled over random orders in antithetic "
+               "pairs (pixel_map_permutations; pixel_map_sem is each cell's standard error): the cells' average logit "
+               "drop when blurred after a random set of the others. Exact for the pixels: the values sum to "
+               "f(x) - f(blurred x) to floating point (pixel_map_completeness_error), for any number of orders",
+    "split": "this cell's share of f(x) - f(blurred x): the whole model's gradient integrated along the path from the "
+             "blurred image to the image, times the pixel change, summed over the cell (path-integrated gradients; "
+             "the shares sum to f(x) - f(blurred x) up to the quadrature error pixel_map_completeness_error)",
+}
+
 REGION_MEANING = {
-    "pixel_map": "this cell's share of f(x) - f(blurred x): the whole model's gradient integrated along the path from "
-                 "the blurred image to the image, times the pixel change, summed over the cell (exact for the pixels: "
-                 "the shares sum to f(x) - f(blurred x), up to pixel_map_completeness_error)",
+    "pixel_map": PIXEL_MAPS["shapley"],
     "pixel_occlusion": "f(x) - f(x with this cell blurred): the logit drop when only this cell's pixels are blurred, "
                        "the whole model re-run (an exact counterfactual per cell; the drops do not add up)",
     "region_contributions": "w_j W_c (h_j - mu/N): the exact split of the logit over the backbone's tokens (they sum "
@@ -118,6 +131,65 @@ def occlusion_map(logits: Logits, x: torch.Tensor, c: int, grid: tuple[int, int]
     inputs = torch.cat([x[None], x[None] * (1 - masks) + xb[None] * masks])
     out = _batched(logits, inputs, batch)[:, c]
     return (out[0] - out[1:]).reshape(grid)
+
+
+def shapley_map(logits: Logits, x: torch.Tensor, c: int, grid: tuple[int, int], permutations: int = 4,
+                sigma: float | None = None, batch: int = 32, seed: int = 0) -> tuple[np.ndarray, dict[str, Any]]:
+    """Shapley values of the cells in the deletion game v(S) = f_c(x) - f_c(x with the cells S blurred), sampled
+    over ``permutations`` random orders in antithetic pairs (each order and its reverse; Castro et al. 2009,
+    Mitchell et al. 2022). Each order's marginal drops telescope to f_c(x) - f_c(blurred x), so the map sums to it
+    exactly for any number of orders (efficiency); for a model additive over the cells it equals occlusion.
+
+    Parameters
+    ----------
+    logits : the whole model, (B, 3, H, W) input -> (B, C) logits.
+    x : (3, H, W) one model input; c : the class; grid : (gh, gw) the backbone's cell grid.
+    permutations : even number of sampled orders (K); cost K (N - 1) + 2 forward passes for N cells.
+    sigma : blur standard deviation in px (default: one cell's side); batch : images per pass; seed : the orders.
+
+    Returns
+    -------
+    (gh, gw) float64 Shapley estimates summing to f_c(x) - f_c(blurred x); and {"full", "blurred",
+    "completeness_error" (|sum - (f_c(x) - f_c(blurred x))|, floating point only), "permutations", "sem" ((gh, gw)
+    standard error of each cell's estimate over the K / 2 antithetic pairs; nan for one pair)}.
+    """
+    if isinstance(permutations, bool) or not isinstance(permutations, int) or permutations < 2 or permutations % 2:
+        raise CarrotError(f"permutations: expected an even integer >= 2 (antithetic pairs), got {permutations!r}")
+    size = tuple(x.shape[-2:])
+    boxes = cell_boxes(grid, size)
+    n = len(boxes)
+    sigma = sigma if sigma is not None else default_sigma(grid, size)
+    xb = blur(x[None], sigma)[0]
+    cell = torch.empty(size, dtype=torch.long)
+    for j, (y0, y1, x0, x1) in enumerate(boxes):
+        cell[y0:y1, x0:x1] = j
+    rng = np.random.default_rng(seed)
+    orders = []
+    for _ in range(permutations // 2):
+        p = rng.permutation(n)
+        orders += [p, p[::-1].copy()]
+    ranks = torch.empty(permutations, n, dtype=torch.long)
+    for k, p in enumerate(orders):
+        ranks[k, torch.as_tensor(p)] = torch.arange(n)
+    ends = np.asarray(logits(torch.stack([x, xb])), dtype=np.float64)[:, c]
+    vals = np.empty((permutations, n + 1))  # vals[k, r]: logit with the first r cells of order k blurred
+    vals[:, 0], vals[:, n] = ends
+    jobs = [(k, r) for k in range(permutations) for r in range(1, n)]
+    for s in range(0, len(jobs), batch):
+        chunk = jobs[s : s + batch]
+        m = torch.stack([ranks[k][cell] < r for k, r in chunk])[:, None].to(x.dtype)
+        out = np.asarray(logits(x[None] * (1 - m) + xb[None] * m), dtype=np.float64)[:, c]
+        for (k, r), v in zip(chunk, out):
+            vals[k, r] = v
+    phi = np.empty((permutations, n))
+    for k, p in enumerate(orders):
+        phi[k, p] = vals[k, :-1] - vals[k, 1:]
+    pairs = (phi[0::2] + phi[1::2]) / 2
+    est = pairs.mean(0)
+    sem = pairs.std(0, ddof=1) / np.sqrt(len(pairs)) if len(pairs) > 1 else np.full(n, np.nan)
+    info = {"full": float(ends[0]), "blurred": float(ends[1]), "permutations": permutations,
+            "completeness_error": float(abs(est.sum() - (ends[0] - ends[1]))), "sem": sem.reshape(grid)}
+    return est.reshape(grid), info
 
 
 def path_split(logits: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, c: int, grid: tuple[int, int],

@@ -136,12 +136,12 @@ def debug_html(d: dict) -> str:
 
 
 def t_sweep_html(rows: list[dict]) -> str:
-    pixels = any("pixel_deletion_pixel" in r for r in rows)
+    pixels = any("pixel_deletion_shapley" in r for r in rows)
     head = ["t", "λ", "LOO accuracy (train)", "test accuracy"]
     if pixels:
-        head += ["pixel map deletion", "pixel map insertion", "token map deletion", "token map insertion"]
+        head += ["Shapley map deletion", "Shapley map insertion", "token map deletion", "token map insertion"]
     body = [[r["t"], r["lam"], r.get("loo_accuracy"), r["test_accuracy"]]
-            + ([r.get("pixel_deletion_pixel"), r.get("pixel_insertion_pixel"), r.get("pixel_deletion_token"),
+            + ([r.get("pixel_deletion_shapley"), r.get("pixel_insertion_shapley"), r.get("pixel_deletion_token"),
                 r.get("pixel_insertion_token")] if pixels else []) for r in rows]
     note = ("<p class='muted'>pixel protocol per t: cells blurred / revealed in map order, the whole model at that t "
             "re-run; AUC scaled to 1 at the image and 0 at the blurred image (lower deletion, higher insertion: more "
@@ -198,7 +198,8 @@ def evaluation_html(ev: dict) -> str:
                 "insertion AUC mean a sharp region attribution</p>" + _table(["curve", "normalised AUC"], rows))
     if "pixel_deletion" in ev:
         p = ev["pixel_deletion"]
-        names = {"pixel": "pixel map (pixel split; the default)", "occlusion": "occlusion map (exact per cell)",
+        names = {"shapley": "Shapley map (the default; 4 orders)", "split": "pixel split (path-integrated gradients)",
+                 "occlusion": "occlusion map (exact per cell)",
                  "token": "token map (exact token split)", "random": "random order"}
         rows = [[names.get(m, m), v["deletion"]["mean"], v["deletion"]["sem"], v["insertion"]["mean"], v["insertion"]["sem"],
                  v["seconds_per_image"]] for m, v in p["maps"].items()]
@@ -214,7 +215,7 @@ def evaluation_html(ev: dict) -> str:
         p = ev["pointing"]
         out += (f"<h3>Pointing game</h3><p>{p['n']} test images with known parts: token map hit rate <b>{p['hit_rate']:.3f}</b> "
                 f"(a random region: {p['random_region_hit_rate']:.3f})"
-                + (f"; pixel map (pixel split) on {p['n_pixel']} of them: <b>{p['pixel_hit_rate']:.3f}</b> "
+                + (f"; Shapley pixel map on {p['n_pixel']} of them: <b>{p['pixel_hit_rate']:.3f}</b> "
                    f"(token map on the same images: {p['token_hit_rate_same_images']:.3f})" if "pixel_hit_rate" in p else "")
                 + "</p>")
     return out

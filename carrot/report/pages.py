@@ -176,6 +176,22 @@ def _certificate(exp: dict[str, Any]) -> str:
             f"{cert['seconds'] * 1e3:.0f} ms).</p>")
 
 
+def _pixel_figure(exp: dict[str, Any], image) -> str:
+    """The pixel map beside the image, captioned with what it is and what it sums to."""
+    total = sum(map(sum, exp["pixel_map"]))
+    method = exp.get("pixel_map_method", "split")
+    if method == "shapley":
+        sem = [v for row in exp.get("pixel_map_sem", []) for v in row if v is not None]
+        what = (f"each cell's Shapley value in 'blur a set of cells' ({exp['pixel_map_permutations']} random orders"
+                + (f"; typical s.e. {np.sqrt(np.mean(np.square(sem))):.2g}" if sem else "") + ")")
+    else:
+        what = "each cell's share of the path-integrated gradient from the blurred image"
+    return (f"<figure class='big'><img alt='pixel map' src='{data_uri(overlay(image, np.asarray(exp['pixel_map'])), 'JPEG', 320)}'>"
+            f"<figcaption>pixels &rarr; {html.escape(exp['predicted'])}: {what}; they sum to logit(image) &minus; "
+            f"logit(blurred image) = {total:+.4f} (red raises it; sum error {exp['pixel_map_completeness_error']:.1e}; "
+            f"{exp['pixel_map_seconds']:.1f} s)</figcaption></figure>")
+
+
 def explanation_html(exp: dict[str, Any], image) -> str:
     """One explained image: picture, heatmap, class scores, supporting/inhibiting training images."""
     grid, tgrid = tuple(exp["grid"]), tuple(exp.get("train_grid", exp["grid"]))
@@ -187,11 +203,7 @@ def explanation_html(exp: dict[str, Any], image) -> str:
         f"<h1>{html.escape(Path(exp['image']).name)} &rarr; {html.escape(exp['predicted'])}</h1>",
         "<div class='row'>",
         f"<figure class='big'><img alt='test image' src='{data_uri(image, 'JPEG', 320)}'><figcaption>input (as the model sees it)</figcaption></figure>",
-        *([f"<figure class='big'><img alt='pixel map' src='{data_uri(overlay(image, np.asarray(exp['pixel_map'])), 'JPEG', 320)}'>"
-           f"<figcaption>pixels &rarr; {html.escape(exp['predicted'])}: each cell's share of logit(image) &minus; "
-           f"logit(blurred image) = {sum(map(sum, exp['pixel_map'])):+.4f} (red raises it; completeness error "
-           f"{exp['pixel_map_completeness_error']:.1e}; {exp['pixel_map_seconds']:.1f} s)</figcaption></figure>"]
-          if "pixel_map" in exp else []),
+        *([_pixel_figure(exp, image)] if "pixel_map" in exp else []),
         *([f"<figure class='big'><img alt='occlusion map' src='{data_uri(overlay(image, np.asarray(exp['pixel_occlusion'])), 'JPEG', 320)}'>"
            f"<figcaption>occlusion &rarr; {html.escape(exp['predicted'])}: the logit drop when each cell alone is blurred "
            f"(exact re-runs; {exp['pixel_occlusion_seconds']:.1f} s)</figcaption></figure>"] if "pixel_occlusion" in exp else []),
@@ -224,7 +236,7 @@ def write_explanation(exp: dict[str, Any], out_dir: str | Path) -> dict[str, Any
     image = exp.pop("_image")
     pixels = "pixel_map" in exp
     png = heatmap_png(image, np.asarray(exp["pixel_map" if pixels else "region_contributions"]), out_dir / "heatmap.png",
-                      title=f"{'pixels (blur drop)' if pixels else 'tokens'} -> {exp['predicted']}")
+                      title=f"{'pixels (' + exp.get('pixel_map_method', 'split') + ')' if pixels else 'tokens'} -> {exp['predicted']}")
     page = explanation_html(exp, image)  # consumes the training images' "_image" entries
     with atomic_path(out_dir / "explanation.html") as tmp:
         tmp.write_text(page)

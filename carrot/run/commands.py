@@ -153,7 +153,8 @@ def fit(config: RunConfig, run_dir: str | Path, progress: bool = True, overwrite
 
 def explain(run_dir: str | Path, inputs: Sequence[str], out_dir: str | Path | None = None, top_k: int = 5,
             device: str | None = None, batch: int = 16, node_removal: bool = False,
-            region_mask: str | None = None, pixel_map: bool = True, occlusion: bool = False) -> list[dict[str, Any]]:
+            region_mask: str | None = None, pixel_map: str | None = "shapley", permutations: int = 4,
+            occlusion: bool = False) -> list[dict[str, Any]]:
     """Explain each image with a fitted run: heatmap.png, explanation.html/.json per image, index.html."""
     model = Carrot.load(run_dir)
     if device:
@@ -180,7 +181,7 @@ def explain(run_dir: str | Path, inputs: Sequence[str], out_dir: str | Path | No
     try:
         for s in range(0, len(paths), batch):
             for exp in model.explain(paths[s : s + batch], top_k, node_removal=node_removal, masks=masks,
-                                     pixel_map=pixel_map, occlusion=occlusion):
+                                     pixel_map=pixel_map, permutations=permutations, occlusion=occlusion):
                 key = _key(exp["image"])
                 if key not in numbers:
                     numbers[key], next_free = next_free, next_free + 1

@@ -201,7 +201,7 @@ def bench(run_dir: str | Path, ts: Sequence[float], out: str | Path | None = Non
     def pixels_at(t: float, head) -> dict[str, float]:
         at_t = Carrot(model.config.merged({"diffusion.t": t}), backbone=model.backbone)
         at_t.head_, at_t.test_records_ = head, model.test_records_
-        res = pixel_deletion(at_t, pixel_images, seed=model.config.seed, maps=("pixel", "token"))
+        res = pixel_deletion(at_t, pixel_images, seed=model.config.seed, maps=("shapley", "token"))
         return {f"pixel_{kind}_{m}": v[kind]["mean"] for m, v in res["maps"].items() for kind in ("deletion", "insertion")}
 
     rows = t_sweep(train, test, ts, model.embedder, model.head_, model.sample_weight_,
@@ -362,7 +362,7 @@ def region_deletion(run_dir: str | Path, n_test: int = 20, steps: int = 8, seed:
             **{k: float(np.sum(v) / np.sum(spans)) for k, v in out.items()}}
 
 
-REGION_MAPS = ("pixel", "occlusion", "token", "random")  # the maps of one image that region_scores computes
+REGION_MAPS = ("shapley", "split", "occlusion", "token", "random")  # the maps of one image that region_scores computes
 
 
 def image_regions(model: Carrot, path: str) -> tuple[Any, Any, Any, tuple[int, int], int]:
@@ -384,14 +384,11 @@ def image_regions(model: Carrot, path: str) -> tuple[Any, Any, Any, tuple[int, i
 def region_scores(model: Carrot, name: str, x: Any, H: Any, w: Any, c: int, grid: tuple[int, int],
                   rng: np.random.Generator) -> np.ndarray:
     """Scores (N,) of one of carrot's :data:`REGION_MAPS` for class c of an image (:func:`image_regions`): the
-    pixel split, exact cell occlusion, the token split, or a random order."""
-    from carrot.attribution.pixels import occlusion_map, path_split
+    Shapley map (explain's default), the pixel split, exact cell occlusion, the token split, or a random order."""
     from carrot.attribution.representer import region_contributions
 
-    if name == "pixel":
-        return path_split(model.torch_logits, x, c, grid)[0].ravel()
-    if name == "occlusion":
-        return occlusion_map(model.pixel_logits, x, c, grid).ravel()
+    if name in ("shapley", "split", "occlusion"):
+        return model.pixel_map(x, c, grid, name)[0].ravel()
     if name == "token":
         return region_contributions(model.head_, H[0], w[0])[:, c].numpy()
     if name == "random":
@@ -438,7 +435,7 @@ def pixel_deletion(model: Carrot, n_test: int = 20, steps: int = 16, seed: int =
 def pointing(run_dir: str | Path, model: Carrot | None = None, n_pixel: int = 0, seed: int = 0) -> dict[str, Any]:
     """Pointing game on a run's test split where part locations are known (CUB parts, parts.json):
     does the most positive region of the predicted class sit on a part? The token map on every such image
-    (cached tokens); with ``n_pixel`` > 0 also the pixel map (exact cell occlusion) on that many of them."""
+    (cached tokens); with ``n_pixel`` > 0 also the pixel map (explain's default, Shapley) on that many of them."""
     from PIL import Image
 
     from carrot.data import load_splits
@@ -469,15 +466,13 @@ def pointing(run_dir: str | Path, model: Carrot | None = None, n_pixel: int = 0,
         part_boxes[i] = boxes
     out = {"n": len(hits), "hit_rate": float(np.mean(hits)), "random_region_hit_rate": float(np.mean(chance))}
     if n_pixel > 0:
-        from carrot.attribution.pixels import path_split
-
         chosen = np.random.default_rng(seed).permutation(rows)[:n_pixel]
         pix, tok = [], []
         for i in sorted(chosen.tolist()):
             x = model.inputs([test.records[i].path])[0]
             c = int(model.pixel_logits(x[None])[0].argmax())
-            split = path_split(model.torch_logits, x, c, store.grid)[0]
-            pix.append(any(pointing_game(split, tuple(b), size) for b in part_boxes[i]))
+            values = model.pixel_map(x, c, store.grid)[0]
+            pix.append(any(pointing_game(values, tuple(b), size) for b in part_boxes[i]))
             tok.append(hits[rows.index(i)])
         out.update({"n_pixel": len(pix), "pixel_hit_rate": float(np.mean(pix)),
                     "token_hit_rate_same_images": float(np.mean(tok))})

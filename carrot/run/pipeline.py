@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import platform
+import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -132,6 +133,21 @@ class Carrot:
         G = torch.einsum("bnd,bn->bd", H, w)
         return G @ self.head_.coef_.to(torch.float64) + self.head_.intercept_.to(torch.float64)
 
+    def pixel_map(self, x: torch.Tensor, c: int, grid: tuple[int, int], method: str = "shapley",
+                  permutations: int = 4) -> tuple[np.ndarray, dict[str, Any]]:
+        """One pixel map of a model input x (3, H, W) for class c over the backbone's ``grid`` of cells: "shapley"
+        (:func:`~carrot.attribution.pixels.shapley_map`), "split" (:func:`~carrot.attribution.pixels.path_split`) or
+        "occlusion" (:func:`~carrot.attribution.pixels.occlusion_map`); (gh, gw) float64 values and their info."""
+        from carrot.attribution.pixels import occlusion_map, path_split, shapley_map
+
+        if method == "shapley":
+            return shapley_map(self.pixel_logits, x, c, grid, permutations, seed=self.config.seed)
+        if method == "split":
+            return path_split(self.torch_logits, x, c, grid)
+        if method == "occlusion":
+            return occlusion_map(self.pixel_logits, x, c, grid), {}
+        raise CarrotError(f"pixel map: expected shapley, split or occlusion, got {method!r}")
+
     def embed_images(self, paths: Sequence[str]) -> tuple[np.ndarray, torch.Tensor, torch.Tensor, tuple[int, int], list]:
         """Run the backbone on image files: embeddings (m, D), tokens (m, N, D), w (m, N), grid, PIL images."""
         bb = self.backbone
@@ -205,7 +221,7 @@ class Carrot:
 
     def explain(self, paths: Sequence[str], k: int = 5, pairs: int = 3, node_removal: bool = False,
                 masks: dict[str, np.ndarray] | None = None, certificate_limit: int = 50,
-                pixel_map: bool = True, occlusion: bool = False) -> list[dict[str, Any]]:
+                pixel_map: str | None = "shapley", permutations: int = 4, occlusion: bool = False) -> list[dict[str, Any]]:
         """Explain image files with the fitted run.
 
         Parameters
@@ -216,8 +232,10 @@ class Carrot:
         node_removal : also the logit drop of removing each region from the graph, and deletion / insertion curves.
         masks : {path: integer segment mask in the model's input geometry}: per-segment exact sums.
         certificate_limit : the most training images the counterfactual certificate removes (0: none).
-        pixel_map : also the pixel split (the page's default map): each cell's share of f(x) - f(blurred x), the
-            whole model's gradient integrated from the blurred image (32 Gauss-Legendre nodes, forward + backward).
+        pixel_map : the page's pixel map, one of :data:`~carrot.attribution.pixels.PIXEL_MAPS` or None: "shapley"
+            (sampled Shapley values of the cells, sum exactly f(x) - f(blurred x); ``permutations`` (N - 1) + 2 runs of
+            the whole model) or "split" (path-integrated gradients from the blurred image, 32 forward + backward).
+        permutations : the even number of random orders the Shapley map samples.
         occlusion : also the exact cell occlusion map (N + 1 runs of the whole model per image).
 
         Returns
@@ -230,7 +248,7 @@ class Carrot:
         from carrot.attribution.regions import deletion_insertion, mask_to_grid, node_removal as removal, segment_sum
 
         check_is_fitted(self, ("head_",))
-        from carrot.attribution.pixels import REGION_MEANING
+        from carrot.attribution.pixels import PIXEL_MAPS, REGION_MEANING
         from carrot.attribution.training import VIEW_MEANING, certificate, removal_pairs, training_terms
 
         n = len(self.train_records_)
@@ -238,6 +256,10 @@ class Carrot:
             raise CarrotError(f"top_k: expected 1 <= k <= {n} (the training set size), got {k!r}")
         if isinstance(certificate_limit, bool) or not isinstance(certificate_limit, int) or certificate_limit < 0:
             raise CarrotError(f"certificate_limit: expected an integer >= 0, got {certificate_limit!r}")
+        if pixel_map is not None and pixel_map not in PIXEL_MAPS:
+            raise CarrotError(f"pixel_map: expected one of {', '.join(PIXEL_MAPS)} or None, got {pixel_map!r}")
+        if isinstance(permutations, bool) or not isinstance(permutations, int) or permutations < 2 or permutations % 2:
+            raise CarrotError(f"permutations: expected an even integer >= 2 (antithetic pairs), got {permutations!r}")
         G, H, w, grid, imgs = self.embed_images(paths)
         logits = self.head_.decision_function(G)
         system = self.training_system()
@@ -284,7 +306,7 @@ class Carrot:
                 "ranking": "removal",
                 "meaning": {"score": "f(x) - f_-i(x): how much this logit drops if the image is removed from training "
                                      "(exact, equal to a refit); the images are ranked by it", **VIEW_MEANING,
-                            **REGION_MEANING},
+                            **REGION_MEANING, **({"pixel_map": PIXEL_MAPS[pixel_map]} if pixel_map else {})},
                 "data_sum": rep_sum,
                 "equivalent_kernel_sum": ek_sum,
                 "region_sum": float(regions.sum()),
@@ -309,22 +331,19 @@ class Carrot:
                     "margin": cert.margin, "refit_max_abs_diff": cert.refit_max_abs_diff,
                 }
             if pixel_map or occlusion:
-                import time
-
-                from carrot.attribution.pixels import occlusion_map, path_split
-
                 x = self.inputs([path])[0]
-                if pixel_map:
-                    t0 = time.perf_counter()
-                    split, info = path_split(self.torch_logits, x, c, grid)
-                    exp["pixel_map"] = split.tolist()
-                    exp["pixel_map_seconds"] = time.perf_counter() - t0
-                    exp["pixel_map_completeness_error"] = info["completeness_error"]
-                    exp["pixel_map_blurred_logit"] = info["blurred"]
-                if occlusion:
-                    t0 = time.perf_counter()
-                    exp["pixel_occlusion"] = occlusion_map(self.pixel_logits, x, c, grid).tolist()
-                    exp["pixel_occlusion_seconds"] = time.perf_counter() - t0
+                for method, key in ((pixel_map, "pixel_map"), ("occlusion" if occlusion else None, "pixel_occlusion")):
+                    if method:
+                        t0 = time.perf_counter()
+                        values, info = self.pixel_map(x, c, grid, method, permutations)
+                        exp[key] = values.tolist()
+                        exp[key + "_seconds"] = time.perf_counter() - t0
+                        if key == "pixel_map":
+                            exp.update({"pixel_map_method": method, "pixel_map_blurred_logit": info["blurred"],
+                                        "pixel_map_completeness_error": info["completeness_error"]})
+                            if method == "shapley":
+                                exp["pixel_map_permutations"] = info["permutations"]
+                                exp["pixel_map_sem"] = np.where(np.isfinite(info["sem"]), info["sem"], None).tolist()
             emb = self.embedder
             if node_removal:
                 drops = removal(self.head_, H[i], P, c, emb)
