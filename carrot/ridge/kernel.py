@@ -1,0 +1,431 @@
+"""Kernel ridge head: the dual closed form on a kernel of the (standardised, L2-normalised) embeddings.
+
+With weights a (s = sqrt a, S = sum a), the weighted-centred Gram Kc = (I - 1 a^T / S) K (I - a 1^T / S) (the kernel
+of the feature map centred at its a-weighted mean) and M = diag(s) Kc diag(s) = Q diag(m) Q^T, the head is
+
+    f(x) = ybar + kc(x)^T alpha,   alpha = s * (M + lam I)^-1 (s * (Y - ybar)),
+
+the intercept unpenalised (ybar is the a-weighted class mean, the prior). It is linear in the labels,
+f(x) = l(x)^T Y with l(x) = a / S + s * (M + lam I)^-1 (s * kc(x)) (the equivalent kernel), and its hat diagonal is
+h_ii = a_i / S + sum_k Q_ik^2 m_k / (m_k + lam), so leave-one-out is exact for every lambda from one eigendecomposition
+per kernel parameter: f_-i(x_i) = (f_i - h_ii y_i) / (1 - h_ii), and removing a set R of training images changes
+f(x) by l_R(x)^T (I - H_RR)^-1 (Y_R - f_R) (block Sherman-Morrison-Woodbury; Hastie, Tibshirani & Friedman,
+"Elements of Statistical Learning", 7.10 and 5.8).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from sklearn.base import BaseEstimator, ClassifierMixin
+
+from carrot.devices import resolve_device
+from carrot.errors import CarrotError, check_is_fitted
+from carrot.io import atomic_path, read_json, write_json
+from carrot.ridge.loo import DEFAULT_LAMBDAS, LooPath, check_lambdas
+from carrot.validation import ArrayLike, as_float64_matrix, as_weights, encode_labels
+
+KERNEL_HEAD_FORMAT_VERSION = 1
+GAMMA_MULTIPLIERS = (0.25, 0.5, 1.0, 2.0, 4.0)  # 'auto' gamma: these times the median heuristic
+
+
+def _sq_dist(X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
+    return ((X * X).sum(1, keepdim=True) + (Y * Y).sum(1) - 2 * X @ Y.T).clamp_min_(0.0)
+
+
+def _rbf(X: torch.Tensor, Y: torch.Tensor, gamma: float, degree: int, coef0: float) -> torch.Tensor:
+    return torch.exp(-gamma * _sq_dist(X, Y))
+
+
+def _laplacian(X: torch.Tensor, Y: torch.Tensor, gamma: float, degree: int, coef0: float) -> torch.Tensor:
+    return torch.exp(-gamma * torch.cdist(X, Y, p=1.0))
+
+
+def _poly(X: torch.Tensor, Y: torch.Tensor, gamma: float, degree: int, coef0: float) -> torch.Tensor:
+    return (gamma * (X @ Y.T) + coef0) ** degree
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """One kernel: k(X, Y) and the scale its 'auto' gamma grid is built around."""
+
+    name: str
+    fn: Callable[[torch.Tensor, torch.Tensor, float, int, float], torch.Tensor]
+    formula: str
+    median: Callable[[torch.Tensor], float] | None  # 1 / median of the distance the kernel decays with
+
+
+def _median_inverse(dist: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], float]:
+    def scale(Z: torch.Tensor) -> float:
+        Zs = Z[torch.randperm(len(Z), generator=torch.Generator().manual_seed(0))[:1000]]
+        d = dist(Zs, Zs)
+        off = d[~torch.eye(len(Zs), dtype=torch.bool)]
+        med = float(off.median()) if off.numel() else 1.0
+        return 1.0 / med if med > 0 else 1.0
+
+    return scale
+
+
+KERNELS: dict[str, Kernel] = {k.name: k for k in (
+    Kernel("rbf", _rbf, "exp(-gamma |x - y|^2)", _median_inverse(_sq_dist)),
+    Kernel("laplacian", _laplacian, "exp(-gamma |x - y|_1)", _median_inverse(lambda X, Y: torch.cdist(X, Y, p=1.0))),
+    Kernel("poly", _poly, "(gamma x.y + coef0)^degree", None),
+)}
+
+
+def kernel_matrix(kernel: str, X: ArrayLike, Y: ArrayLike | None = None, gamma: float = 1.0, degree: int = 3,
+                  coef0: float = 1.0) -> torch.Tensor:
+    """The kernel between rows of X (m, D) and Y (n, D) as float64 (m, n); K(X, X) (Y None) is symmetric with the
+    kernel's own diagonal by construction.
+
+    Parameters
+    ----------
+    kernel : one of :data:`KERNELS` ('rbf', 'laplacian', 'poly').
+    X : (m, D); Y : (n, D) or None for X itself; gamma > 0; degree >= 1 and coef0 >= 0 (poly only).
+
+    Returns
+    -------
+    torch.Tensor (m, n) float64.
+    """
+    if kernel not in KERNELS:
+        raise CarrotError(f"kernel: expected one of {', '.join(KERNELS)}, got {kernel!r}")
+    X = X if torch.is_tensor(X) and X.dtype == torch.float64 else as_float64_matrix(X, "X")
+    same = Y is None
+    Y = X if same else (Y if torch.is_tensor(Y) and Y.dtype == torch.float64 else as_float64_matrix(Y, "Y"))
+    if X.shape[1] != Y.shape[1]:
+        raise CarrotError(f"Y: expected {X.shape[1]} features as X, got {Y.shape[1]}")
+    K = KERNELS[kernel].fn(X, Y, float(gamma), int(degree), float(coef0))
+    if same:
+        K = (K + K.T) / 2
+        if kernel != "poly":
+            K.diagonal().fill_(1.0)
+    return K
+
+
+def weighted_centred(K: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(Kc (n, n) symmetric, row means K a / S (n,), total a^T K a / S^2): the Gram of the feature map centred at its
+    a-weighted mean."""
+    S = float(a.sum())
+    r = K @ a / S
+    t = float(a @ r) / S
+    Kc = K - r.unsqueeze(0) - r.unsqueeze(1) + t
+    return (Kc + Kc.T) / 2, r, t
+
+
+class KernelRidgeHead(ClassifierMixin, BaseEstimator):
+    """Multi-class kernel ridge classifier in closed form (dual, float64), with exact representer terms,
+    equivalent kernel, leave-one-out and removal.
+
+    Parameters: ``kernel`` one of :data:`KERNELS`; ``gamma`` (> 0) or 'auto': chosen with ``lam`` by exact LOO
+    accuracy (ties: lower LOO squared error, then larger lambda) over ``gamma_grid`` (default: 0.25..4 times the
+    inverse median distance of the training embeddings; 0.5, 1, 2 for poly), one eigendecomposition per gamma;
+    ``lam`` (> 0) or 'auto' over ``lam_grid``; ``degree``, ``coef0`` for poly; ``standardize``: embeddings
+    standardised (a-weighted) and L2-normalised before the kernel; ``device`` for the n x n work.
+    Fitted: ``classes_``, ``X_fit_`` (n, D) the preprocessed training embeddings, ``dual_coef_`` alpha (n, C),
+    ``intercept_`` (C,) (f(x) = intercept_ + k(x)^T alpha), ``prior_`` (C,) = a-weighted ybar (f(x) = prior_ +
+    kc(x)^T alpha), ``gamma_``, ``lam_``, ``loo_path_`` (LOO accuracy per (gamma, lambda) when searched).
+    """
+
+    def __init__(self, kernel: str = "rbf", gamma: float | str = "auto", lam: float | str = "auto", degree: int = 3,
+                 coef0: float = 1.0, gamma_grid: tuple[float, ...] | None = None, lam_grid: tuple[float, ...] | None = None,
+                 standardize: bool = True, device: str = "cpu") -> None:
+        self.kernel = kernel
+        self.gamma = gamma
+        self.lam = lam
+        self.degree = degree
+        self.coef0 = coef0
+        self.gamma_grid = gamma_grid
+        self.lam_grid = lam_grid
+        self.standardize = standardize
+        self.device = device
+
+    def _check_settings(self) -> None:
+        if self.kernel not in KERNELS:
+            raise CarrotError(f"kernel: expected one of {', '.join(KERNELS)}, got {self.kernel!r}")
+        for name in ("gamma", "lam"):
+            v = getattr(self, name)
+            if v != "auto" and (isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v) or v <= 0):
+                raise CarrotError(f"{name}: expected 'auto' or a finite number > 0, got {v!r}")
+        if isinstance(self.degree, bool) or not isinstance(self.degree, int) or not 1 <= self.degree <= 10:
+            raise CarrotError(f"degree: expected an integer 1..10, got {self.degree!r}")
+        if isinstance(self.coef0, bool) or not isinstance(self.coef0, (int, float)) or not np.isfinite(self.coef0) or self.coef0 < 0:
+            raise CarrotError(f"coef0: expected a finite number >= 0, got {self.coef0!r}")
+        if self.gamma_grid is not None:
+            g = np.asarray(self.gamma_grid, dtype=np.float64)
+            if g.ndim != 1 or not len(g) or not np.all(np.isfinite(g)) or np.any(g <= 0):
+                raise CarrotError(f"gamma_grid: expected a non-empty list of finite numbers > 0, got {self.gamma_grid!r}")
+        if self.lam_grid is not None:
+            check_lambdas(self.lam_grid)
+        if not isinstance(self.standardize, bool):
+            raise CarrotError(f"standardize: expected true or false, got {self.standardize!r}")
+
+    # preprocessing -------------------------------------------------------------------------------------------
+    def _preprocess(self, G: torch.Tensor) -> torch.Tensor:
+        if not self.standardize:
+            return G
+        Z = (G - self.scale_mean_) / self.scale_std_
+        return Z / Z.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+    def _gram(self, X: torch.Tensor, Y: torch.Tensor | None, gamma: float) -> torch.Tensor:
+        return kernel_matrix(self.kernel, X, Y, gamma, self.degree, self.coef0)
+
+    def _gammas(self, Z: torch.Tensor) -> list[float]:
+        if self.gamma != "auto":
+            return [float(self.gamma)]
+        if self.gamma_grid is not None:
+            return [float(g) for g in self.gamma_grid]
+        k = KERNELS[self.kernel]
+        base = k.median(Z) if k.median is not None else 1.0
+        return [base * m for m in (GAMMA_MULTIPLIERS if k.median is not None else (0.5, 1.0, 2.0))]
+
+    def fit(self, G: ArrayLike, y: ArrayLike, sample_weight: ArrayLike | None = None) -> "KernelRidgeHead":
+        """Fit in closed form; 'auto' gamma / lam by exact LOO (one eigendecomposition of M per gamma).
+
+        Parameters
+        ----------
+        G : (n, D) finite embeddings; y : (n,) labels (at least two classes); sample_weight : (n,) >= 0 or None.
+
+        Returns
+        -------
+        self
+        """
+        self._check_settings()
+        G = as_float64_matrix(G, "G")
+        n, d = G.shape
+        classes, y_idx = encode_labels(y, n)
+        if len(classes) < 2:
+            raise CarrotError(f"y: expected at least 2 classes to fit a classifier, got {len(classes)} ({classes.tolist()})")
+        a = as_weights(sample_weight, n)
+        dev = resolve_device(self.device)
+        dev = dev if dev.type != "mps" else torch.device("cpu")
+        if self.standardize:
+            S = float(a.sum())
+            self.scale_mean_ = (a @ G) / S
+            var = (a @ (G - self.scale_mean_) ** 2) / S
+            self.scale_std_ = torch.where(var > 0, var.sqrt(), torch.ones_like(var))
+        Z = self._preprocess(G).to(dev)
+        a_dev = a.to(dev)
+        Y = torch.nn.functional.one_hot(torch.as_tensor(y_idx), len(classes)).to(torch.float64).to(dev)
+        lams = check_lambdas(self.lam_grid or DEFAULT_LAMBDAS) if self.lam == "auto" else np.array([float(self.lam)])
+        best, path = None, []
+        for gamma in self._gammas(Z.cpu()):
+            spec = _Spectrum.of(self._gram(Z, None, gamma), a_dev)
+            loo = spec.loo_path(Y, y_idx, lams)
+            lam = loo.best_lambda
+            li = int(np.flatnonzero(loo.lambdas == lam)[0])
+            path.append({"gamma": gamma, "lambdas": loo.lambdas.tolist(), "loo_accuracy": loo.accuracy.tolist(),
+                         "loo_mse": loo.mse.tolist()})
+            key = (-loo.accuracy[li], loo.mse[li], -lam)
+            if best is None or key < best[0]:
+                best = (key, gamma, lam, spec)
+        _, self.gamma_, self.lam_, spec = best
+        self.loo_path_ = path if (self.lam == "auto" or self.gamma == "auto") else None
+        self.classes_ = np.asarray(classes)
+        self.n_features_in_ = d
+        self.X_fit_ = Z.cpu()
+        self.sample_weight_ = None if sample_weight is None else a
+        self._set_solution(spec, Y)
+        return self
+
+    def _set_solution(self, spec: "_Spectrum", Y: torch.Tensor) -> None:
+        self.spectrum_ = spec
+        self.prior_ = (spec.a @ Y / spec.S).cpu()
+        alpha = spec.s.unsqueeze(1) * spec.solve(spec.s.unsqueeze(1) * (Y - self.prior_.to(Y.device)), self.lam_)
+        self.dual_coef_ = alpha.cpu()
+        self.row_mean_, self.total_mean_ = spec.r.cpu(), spec.t
+        # f(x) = prior + (k(x) - r - k(x) a / S + t) alpha = intercept + k(x) alpha, as sum(alpha) = 0
+        self.intercept_ = self.prior_ - (self.row_mean_ @ self.dual_coef_)
+        self.train_targets_ = Y.cpu()
+
+    @property
+    def _a(self) -> torch.Tensor:
+        return self.sample_weight_ if self.sample_weight_ is not None else torch.ones(len(self.X_fit_), dtype=torch.float64)
+
+    def _spectrum(self) -> "_Spectrum":
+        spec = getattr(self, "spectrum_", None)
+        if spec is None:  # after load: one eigendecomposition
+            spec = self.spectrum_ = _Spectrum.of(self._gram(self.X_fit_, None, self.gamma_), self._a)
+        return spec
+
+    def _check_input(self, G: ArrayLike) -> torch.Tensor:
+        check_is_fitted(self, ("dual_coef_",))
+        G = as_float64_matrix(G, "G")
+        if G.shape[1] != self.n_features_in_:
+            raise CarrotError(f"G: expected {self.n_features_in_} features as in fit, got {G.shape[1]}")
+        return self._preprocess(G)
+
+    def centred_kernel(self, G: ArrayLike) -> torch.Tensor:
+        """kc(x, z_i) (m, n): the kernel of the feature map centred at the training set's a-weighted mean."""
+        return self._kc(self._check_input(G))
+
+    def _kc(self, Z: torch.Tensor) -> torch.Tensor:
+        k = self._gram(Z, self.X_fit_, self.gamma_)
+        a = self._a
+        return k - self.row_mean_ - (k @ a / float(a.sum())).unsqueeze(1) + self.total_mean_
+
+    def decision_function(self, G: ArrayLike) -> np.ndarray:
+        """Logits (m, C) float64: intercept_ + k(x)^T alpha."""
+        Z = self._check_input(G)
+        return (self._gram(Z, self.X_fit_, self.gamma_) @ self.dual_coef_ + self.intercept_).numpy()
+
+    def predict(self, G: ArrayLike) -> np.ndarray:
+        """Labels (m,) from ``classes_``."""
+        return self.classes_[self.decision_function(G).argmax(1)]
+
+    def representer_terms(self, G: ArrayLike, c: int) -> torch.Tensor:
+        """(m, n) alpha_ic kc(x, z_i): f_c(x) = prior_c + the sum over i, exactly (the training images' terms)."""
+        return self.centred_kernel(G) * self.dual_coef_[:, c]
+
+    def equivalent_kernel(self, G: ArrayLike) -> torch.Tensor:
+        """(m, n) l(x): f(x) = l(x)^T Y for the one-hot targets Y (each training image's label weight)."""
+        return self._l(self._kc(self._check_input(G)))
+
+    def _l(self, kc: torch.Tensor) -> torch.Tensor:
+        spec = self._spectrum()
+        kc = kc.to(spec.s.device)
+        return (spec.a / spec.S + spec.s * spec.solve((spec.s * kc).T, self.lam_).T).cpu()
+
+    def hat_diag(self) -> torch.Tensor:
+        """(n,) h_ii of the training fit (the leverage of each training image)."""
+        return self._spectrum().hat(self.lam_).cpu()
+
+    def train_decision(self) -> torch.Tensor:
+        """(n, C) f(z_i) on the training images, from the Gram (no kernel re-evaluation)."""
+        spec = self._spectrum()
+        return (self.prior_.to(spec.s.device) + spec.Kc @ self.dual_coef_.to(spec.s.device)).cpu()
+
+    def loo_decision(self) -> torch.Tensor:
+        """(n, C) exact leave-one-out logits f_-i(z_i) (a refit without image i, for each i)."""
+        h = self.hat_diag().unsqueeze(1)
+        return (self.train_decision() - h * self.train_targets_) / (1 - h)
+
+    def removal_effect(self, G: ArrayLike, rows: Sequence[int] | None = None) -> torch.Tensor:
+        """(m, len(rows), C) f(x) - f_-i(x) for removing each training image i alone (exact, equal to a refit)."""
+        idx = torch.arange(len(self.X_fit_)) if rows is None else torch.as_tensor(list(rows), dtype=torch.long)
+        L = self.equivalent_kernel(G)[:, idx]
+        e = (self.train_targets_ - self.train_decision())[idx]
+        h = self.hat_diag()[idx]
+        return L.unsqueeze(2) * (e / (1 - h).unsqueeze(1)).unsqueeze(0)
+
+    def remove(self, G: ArrayLike, rows: Sequence[int]) -> torch.Tensor:
+        """(m, C) f(x) - f_-R(x) for removing the set R = ``rows`` together: l_R(x)^T (I - H_RR)^-1 e_R (exact)."""
+        R = torch.as_tensor(sorted(set(int(r) for r in rows)), dtype=torch.long)
+        if not len(R) or R.min() < 0 or R.max() >= len(self.X_fit_):
+            raise CarrotError(f"rows: expected training indices in 0..{len(self.X_fit_) - 1}, got {list(rows)!r}")
+        L = self.equivalent_kernel(G)[:, R]
+        H_RR = self._l(self._spectrum().Kc[R].cpu())[:, R]  # the hat matrix's rows R: l(z_r), kc(z_r) = Kc[r]
+        e = (self.train_targets_ - self.train_decision())[R]
+        return L @ torch.linalg.solve(torch.eye(len(R), dtype=torch.float64) - H_RR, e)
+
+    # persistence ---------------------------------------------------------------------------------------------
+    def save(self, path: str | Path) -> None:
+        """Write ``path`` (safetensors) and ``path``.json (settings, shapes) atomically."""
+        from safetensors.torch import save_file
+
+        check_is_fitted(self, ("dual_coef_",))
+        t = {"X_fit": self.X_fit_, "dual_coef": self.dual_coef_, "intercept": self.intercept_, "prior": self.prior_,
+             "row_mean": self.row_mean_, "train_targets": self.train_targets_}
+        if self.standardize:
+            t.update(scale_mean=self.scale_mean_, scale_std=self.scale_std_)
+        if self.sample_weight_ is not None:
+            t["sample_weight"] = self.sample_weight_
+        with atomic_path(Path(path)) as tmp:
+            save_file({k: v.contiguous() for k, v in t.items()}, str(tmp))
+        params = self.get_params()
+        for k in ("gamma_grid", "lam_grid"):
+            params[k] = None if params[k] is None else [float(v) for v in params[k]]
+        write_json(str(path) + ".json", {
+            "format": "carrot.KernelRidgeHead", "version": KERNEL_HEAD_FORMAT_VERSION, "params": params,
+            "gamma_": self.gamma_, "lam_": self.lam_, "total_mean_": self.total_mean_, "loo_path_": self.loo_path_,
+            "classes": self.classes_.tolist(), "n_features": self.n_features_in_, "n_train": int(len(self.X_fit_))})
+
+    @classmethod
+    def load(cls, path: str | Path) -> "KernelRidgeHead":
+        """Read a head written by :meth:`save`, checking tensors against the metadata."""
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        meta = read_json(str(path) + ".json", "head metadata")
+        if not isinstance(meta, dict) or meta.get("format") != "carrot.KernelRidgeHead":
+            raise CarrotError(f"'{path}.json' is not a carrot KernelRidgeHead file")
+        if meta.get("version") != KERNEL_HEAD_FORMAT_VERSION:
+            raise CarrotError(f"'{path}.json': expected kernel head format version {KERNEL_HEAD_FORMAT_VERSION}, "
+                              f"got {meta.get('version')!r}")
+        raw = meta.get("params")
+        if not isinstance(raw, dict) or not set(raw) <= set(cls._get_param_names()):
+            raise CarrotError(f"'{path}.json': params must be KernelRidgeHead settings {cls._get_param_names()}, got {raw!r}")
+        params = {k: tuple(v) if k.endswith("_grid") and v is not None else v for k, v in raw.items()}
+        head = cls(**params)
+        head._check_settings()
+        try:
+            t = load_file(str(path))
+            head.classes_ = np.asarray(meta["classes"])
+            head.n_features_in_, n, c = int(meta["n_features"]), int(meta["n_train"]), len(head.classes_)
+            head.gamma_, head.lam_, head.total_mean_ = float(meta["gamma_"]), float(meta["lam_"]), float(meta["total_mean_"])
+            head.loo_path_ = meta.get("loo_path_")
+            head.X_fit_, head.dual_coef_, head.intercept_ = t["X_fit"], t["dual_coef"], t["intercept"]
+            head.prior_, head.row_mean_, head.train_targets_ = t["prior"], t["row_mean"], t["train_targets"]
+            head.sample_weight_ = t.get("sample_weight")
+            if head.standardize:
+                head.scale_mean_, head.scale_std_ = t["scale_mean"], t["scale_std"]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CarrotError(f"head file '{path}' is unreadable or incomplete ({type(exc).__name__}); refit the run") from None
+        except Exception as exc:  # noqa: BLE001 - safetensors' own error type for a corrupt file
+            if type(exc).__name__ != "SafetensorError":
+                raise
+            raise CarrotError(f"head file '{path}' is corrupt ({str(exc).splitlines()[0]}); refit the run") from None
+        if (head.X_fit_.shape != (n, head.n_features_in_) or head.dual_coef_.shape != (n, c)
+                or head.train_targets_.shape != (n, c) or head.intercept_.shape != (c,) or head.row_mean_.shape != (n,)
+                or (head.sample_weight_ is not None and head.sample_weight_.shape != (n,))):
+            raise CarrotError(f"head file '{path}' is inconsistent with its metadata (shapes differ); refit the run")
+        head.spectrum_ = None
+        return head
+
+
+@dataclass
+class _Spectrum:
+    """M = diag(s) Kc diag(s) = Q diag(m) Q^T for one kernel parameter: every lambda's solve, hat and LOO."""
+
+    Kc: torch.Tensor  # (n, n) weighted-centred Gram
+    r: torch.Tensor  # (n,) K a / S
+    t: float  # a^T K a / S^2
+    a: torch.Tensor
+    s: torch.Tensor
+    S: float
+    m: torch.Tensor  # (n,) eigenvalues of M, clamped >= 0 (M is PSD)
+    Q: torch.Tensor  # (n, n)
+
+    @classmethod
+    def of(cls, K: torch.Tensor, a: torch.Tensor) -> "_Spectrum":
+        Kc, r, t = weighted_centred(K, a)
+        s = a.sqrt()
+        M = s.unsqueeze(1) * Kc * s.unsqueeze(0)
+        m, Q = torch.linalg.eigh((M + M.T) / 2)
+        return cls(Kc, r, t, a, s, float(a.sum()), m.clamp_min(0.0), Q)
+
+    def solve(self, V: torch.Tensor, lam: float) -> torch.Tensor:
+        """(M + lam I)^-1 V."""
+        return self.Q @ ((self.Q.T @ V) / (self.m + lam).unsqueeze(1))
+
+    def hat(self, lam: float) -> torch.Tensor:
+        return self.a / self.S + (self.Q * self.Q) @ (self.m / (self.m + lam))
+
+    def loo_path(self, Y: torch.Tensor, y_idx: np.ndarray, lams: np.ndarray) -> LooPath:
+        """Exact LOO accuracy and mean squared error for every lambda (the criterion of the linear head's path)."""
+        ybar = self.a @ Y / self.S
+        QtV = self.Q.T @ (self.s.unsqueeze(1) * (Y - ybar))
+        KcS = self.Kc * self.s.unsqueeze(0)  # Kc diag(s): f = ybar + Kc diag(s) (M + lam)^-1 diag(s) Yc
+        KcSQ = KcS @ self.Q
+        QQ = self.Q * self.Q
+        y_t = torch.as_tensor(y_idx, device=Y.device)
+        acc, mse = [], []
+        for lam in lams:
+            f = ybar + KcSQ @ (QtV / (self.m + lam).unsqueeze(1))
+            h = (self.a / self.S + QQ @ (self.m / (self.m + lam))).unsqueeze(1)
+            f_loo = (f - h * Y) / (1 - h)
+            acc.append(float((f_loo.argmax(1) == y_t).double().mean()))
+            mse.append(float(((f_loo - Y) ** 2).sum(1).mean()))
+        return LooPath(lams, None, None, np.array(acc), np.array(mse))

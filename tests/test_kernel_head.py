@@ -1,0 +1,148 @@
+"""Kernel ridge head against independent oracles: sklearn's kernels, the bordered normal equations solved
+directly, and brute-force refits for leave-one-out, removal and the (gamma, lambda) search."""
+import numpy as np
+import pytest
+import torch
+from sklearn.base import clone
+from sklearn.metrics.pairwise import laplacian_kernel, polynomial_kernel, rbf_kernel
+
+from carrot.errors import CarrotError
+from carrot.ridge.kernel import KERNELS, KernelRidgeHead, kernel_matrix
+
+
+def data(seed: int, n: int = 24, d: int = 5, classes: int = 3, weights: bool = False):
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % classes
+    G = rng.normal(size=(n, d)) + y[:, None] * 0.8
+    a = rng.uniform(0.2, 2.0, size=n) if weights else None
+    if weights:
+        a[3] = 0.0  # a zero weight: the image is in the set but not in the fit
+    return G, y, a
+
+
+def bordered(K: np.ndarray, Y: np.ndarray, a: np.ndarray, lam: float):
+    """The weighted kernel ridge normal equations with an unpenalised intercept, solved directly:
+    A (Y - K alpha - 1 b) = lam alpha, 1^T A (Y - K alpha - 1 b) = 0."""
+    n = len(K)
+    A = np.diag(a)
+    top = np.hstack([A @ K + lam * np.eye(n), A @ np.ones((n, 1))])
+    bottom = np.hstack([(np.ones(n) @ A @ K)[None], [[a.sum()]]])
+    sol = np.linalg.solve(np.vstack([top, bottom]), np.vstack([A @ Y, (np.ones(n) @ A @ Y)[None]]))
+    return sol[:n], sol[n]
+
+
+@pytest.mark.parametrize("name,oracle", [("rbf", lambda X, Y, g: rbf_kernel(X, Y, gamma=g)),
+                                         ("laplacian", lambda X, Y, g: laplacian_kernel(X, Y, gamma=g)),
+                                         ("poly", lambda X, Y, g: polynomial_kernel(X, Y, degree=3, gamma=g, coef0=1.0))])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_kernels_equal_sklearns(name, oracle, seed):
+    rng = np.random.default_rng(seed)
+    X, Y = rng.normal(size=(7, 4)), rng.normal(size=(5, 4))
+    assert np.allclose(kernel_matrix(name, X, Y, 0.3).numpy(), oracle(X, Y, 0.3), rtol=1e-12, atol=1e-12)
+    K = kernel_matrix(name, X, None, 0.3)
+    assert torch.equal(K, K.T) and np.allclose(K.numpy(), oracle(X, X, 0.3), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("kernel", list(KERNELS))
+@pytest.mark.parametrize("seed,weights", [(0, False), (1, True), (2, False)])
+def test_the_fit_solves_the_normal_equations(kernel, seed, weights):
+    G, y, a = data(seed, weights=weights)
+    head = KernelRidgeHead(kernel=kernel, gamma=0.7, lam=0.3, standardize=False).fit(G, y, a)
+    K = kernel_matrix(kernel, G, None, 0.7).numpy()
+    Y = np.eye(3)[y]
+    alpha, b = bordered(K, Y, np.ones(len(y)) if a is None else a, 0.3)
+    assert np.allclose(head.dual_coef_.numpy(), alpha, atol=1e-9)
+    Gt = np.random.default_rng(seed + 100).normal(size=(6, G.shape[1]))
+    f = kernel_matrix(kernel, Gt, G, 0.7).numpy() @ alpha + b
+    assert np.allclose(head.decision_function(Gt), f, atol=1e-9)
+
+
+@pytest.mark.parametrize("kernel", list(KERNELS))
+@pytest.mark.parametrize("seed,weights,standardize", [(0, False, True), (1, True, False), (3, True, True)])
+def test_exact_loo_equals_n_brute_force_refits(kernel, seed, weights, standardize):
+    G, y, a = data(seed, weights=weights)
+    head = KernelRidgeHead(kernel=kernel, gamma=0.5, lam=0.2, standardize=standardize).fit(G, y, a)
+    loo = head.loo_decision().numpy()
+    Z = head.X_fit_.numpy()  # the preprocessing is part of the feature map, fixed at fit
+    for i in range(len(y)):
+        keep = np.arange(len(y)) != i
+        ref = KernelRidgeHead(kernel=kernel, gamma=0.5, lam=0.2, standardize=False).fit(
+            Z[keep], y[keep], None if a is None else a[keep])
+        assert np.allclose(loo[i], ref.decision_function(Z[i : i + 1])[0], atol=1e-9), i
+
+
+@pytest.mark.parametrize("kernel", list(KERNELS))
+@pytest.mark.parametrize("seed,weights", [(0, False), (1, True)])
+def test_representer_and_equivalent_kernel_identities(kernel, seed, weights):
+    G, y, a = data(seed, weights=weights)
+    head = KernelRidgeHead(kernel=kernel, gamma=0.5, lam=0.1).fit(G, y, a)
+    Gt = np.random.default_rng(seed + 7).normal(size=(9, G.shape[1]))
+    f = head.decision_function(Gt)
+    for c in range(3):
+        terms = head.representer_terms(Gt, c).numpy()
+        assert np.abs(head.prior_[c].item() + terms.sum(1) - f[:, c]).max() < 1e-9
+    L = head.equivalent_kernel(Gt).numpy()
+    assert np.abs(L @ np.eye(3)[y] - f).max() < 1e-9
+    if a is not None:
+        assert np.abs(L[:, 3]).max() < 1e-12 and float(head.dual_coef_[3].abs().max()) < 1e-12  # zero weight: no say
+
+
+@pytest.mark.parametrize("kernel", ["rbf", "laplacian"])
+@pytest.mark.parametrize("seed,weights", [(0, False), (1, True)])
+def test_removal_equals_a_refit_without_the_images(kernel, seed, weights):
+    G, y, a = data(seed, weights=weights)
+    head = KernelRidgeHead(kernel=kernel, gamma=0.5, lam=0.1, standardize=False).fit(G, y, a)
+    Gt = np.random.default_rng(seed + 9).normal(size=(4, G.shape[1]))
+    f = head.decision_function(Gt)
+    single = head.removal_effect(Gt, [0, 5, 11]).numpy()
+    for col, i in enumerate([0, 5, 11]):
+        keep = np.arange(len(y)) != i
+        ref = KernelRidgeHead(kernel=kernel, gamma=0.5, lam=0.1, standardize=False).fit(G[keep], y[keep], None if a is None else a[keep])
+        assert np.allclose(single[:, col], f - ref.decision_function(Gt), atol=1e-9)
+    R = [2, 7, 8, 20]
+    keep = ~np.isin(np.arange(len(y)), R)
+    ref = KernelRidgeHead(kernel=kernel, gamma=0.5, lam=0.1, standardize=False).fit(G[keep], y[keep], None if a is None else a[keep])
+    assert np.allclose(head.remove(Gt, R).numpy(), f - ref.decision_function(Gt), atol=1e-9)
+
+
+def test_auto_picks_the_best_pair_by_brute_force_loo():
+    G, y, _ = data(4, n=18)
+    gammas, lams = (0.1, 1.0, 4.0), (0.01, 0.3, 10.0)
+    head = KernelRidgeHead(gamma_grid=gammas, lam_grid=lams, standardize=False).fit(G, y)
+    scores = {}
+    for g in gammas:
+        for lam in lams:
+            hits, sq = 0, 0.0
+            for i in range(len(y)):
+                keep = np.arange(len(y)) != i
+                f = KernelRidgeHead(gamma=g, lam=lam, standardize=False).fit(G[keep], y[keep]).decision_function(G[i : i + 1])[0]
+                hits += int(f.argmax() == y[i])
+                sq += float(((f - np.eye(3)[y[i]]) ** 2).sum())
+            scores[(g, lam)] = (-hits, sq, -lam)
+    best = min(scores, key=scores.get)
+    assert (head.gamma_, head.lam_) == pytest.approx(best)
+    assert len(head.loo_path_) == 3 and all(len(p["loo_accuracy"]) == 3 for p in head.loo_path_)
+
+
+def test_save_load_clone_and_errors(tmp_path):
+    G, y, a = data(5, weights=True)
+    head = KernelRidgeHead(kernel="laplacian", lam=0.5).fit(G, y, a)
+    head.save(tmp_path / "h.safetensors")
+    back = KernelRidgeHead.load(tmp_path / "h.safetensors")
+    Gt = np.random.default_rng(0).normal(size=(3, G.shape[1]))
+    assert np.array_equal(back.decision_function(Gt), head.decision_function(Gt))
+    assert np.allclose(back.loo_decision().numpy(), head.loo_decision().numpy(), atol=1e-10)
+    assert clone(head).get_params() == head.get_params()
+    for bad, match in [({"kernel": "cosine"}, "kernel: expected one of rbf, laplacian, poly"),
+                       ({"gamma": -1.0}, "gamma: expected 'auto' or a finite number > 0"),
+                       ({"lam": float("nan")}, "lam: expected"), ({"degree": 0}, "degree: expected an integer"),
+                       ({"gamma_grid": ()}, "gamma_grid: expected a non-empty list")]:
+        with pytest.raises(CarrotError, match=match):
+            KernelRidgeHead(**bad).fit(G, y)
+    with pytest.raises(CarrotError, match="G: expected 5 features"):
+        head.decision_function(np.zeros((2, 4)))
+    with pytest.raises(CarrotError, match="rows: expected training indices"):
+        head.remove(Gt, [999])
+    (tmp_path / "h.safetensors").write_bytes(b"garbage")
+    with pytest.raises(CarrotError, match="corrupt|unreadable"):
+        KernelRidgeHead.load(tmp_path / "h.safetensors")
