@@ -146,3 +146,24 @@ def test_save_load_clone_and_errors(tmp_path):
     (tmp_path / "h.safetensors").write_bytes(b"garbage")
     with pytest.raises(CarrotError, match="corrupt|unreadable"):
         KernelRidgeHead.load(tmp_path / "h.safetensors")
+
+
+def test_the_head_registry_loads_either_kind_and_refuses_missing_properties_by_name(tmp_path):
+    from carrot.ridge.head import RidgeHead
+    from carrot.ridge.heads import HEADS, PROPERTIES, HeadKind, kind_of, load_head, register, require
+
+    G, y, _ = data(6)
+    for head in (RidgeHead(lam=0.5).fit(G, y), KernelRidgeHead(lam=0.5, gamma=0.3).fit(G, y)):
+        head.save(tmp_path / f"{type(head).__name__}.safetensors")
+        back = load_head(tmp_path / f"{type(head).__name__}.safetensors")
+        assert type(back) is type(head) and np.array_equal(back.decision_function(G), head.decision_function(G))
+        assert kind_of(head).cls is type(head)
+    require(RidgeHead(), "region_split", "explain")  # the ridge head keeps everything
+    assert set(HEADS["ridge"].keeps) == set(PROPERTIES)
+    with pytest.raises(CarrotError, match=r"explain: the kernel head has no additive split .* head\.kind: ridge"):
+        require(KernelRidgeHead(), "region_split", "explain")
+    with pytest.raises(ValueError, match="unknown properties"):
+        register(HeadKind("x", "carrot.ridge.head:RidgeHead", "x", frozenset({"telepathy"}), ""))
+    (tmp_path / "bad.safetensors.json").write_text('{"format": "carrot.Other"}')
+    with pytest.raises(CarrotError, match="expected a head file of format carrot.RidgeHead, carrot.KernelRidgeHead"):
+        load_head(tmp_path / "bad.safetensors")

@@ -9,7 +9,6 @@ beta_i = a_i (y_i - f(g_i)) / lam, so f_c(x) = ybar_c + sum_i beta_ic <g_i - mu,
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -20,9 +19,6 @@ from carrot.errors import CarrotError, check_is_fitted
 from carrot.io import atomic_path, read_json, write_json
 from carrot.ridge.core import CentredMoments, RidgeFactor, chunks, dual_solve_coef, spectrum
 from carrot.validation import ArrayLike, as_float64_matrix, as_weights, encode_labels, float64_rows, index_labels, one_hot
-
-if TYPE_CHECKING:
-    from carrot.config import RunConfig
 
 HEAD_FORMAT_VERSION = 3  # 3: + the solve's factor, total and sample weights; 2: every setting ("params"); 1: lam, fit_intercept, solver
 
@@ -325,10 +321,3 @@ def frozen_clone(head: RidgeHead, **params) -> RidgeHead:
 def as_head(head_or_lam: "RidgeHead | float") -> RidgeHead:
     """A head template from a RidgeHead (kept whole) or a bare lambda (the defaults otherwise)."""
     return head_or_lam if isinstance(head_or_lam, RidgeHead) else RidgeHead(lam=head_or_lam)
-
-
-def head_from_config(config: "RunConfig") -> RidgeHead:
-    """The unfitted head a run configuration describes (``head.*`` keys and the run's device)."""
-    h = config.head
-    return RidgeHead(lam=h.lam, fit_intercept=h.fit_intercept, solver=h.solver, device=config.device)
-

@@ -17,7 +17,8 @@ from carrot.config import RunConfig
 from carrot.data import ImageDataset, ImageRecord, load_image
 from carrot.embed.embedder import Embedder
 from carrot.errors import CarrotError, check_is_fitted, first_line
-from carrot.ridge.head import RidgeHead, head_from_config
+from carrot.ridge.head import RidgeHead
+from carrot.ridge.heads import head_from_config, load_head
 from carrot.io import save_npy, write_json
 from carrot.features.regions import RegionSet
 
@@ -442,7 +443,7 @@ class Carrot:
             raise CarrotError(f"run '{run_dir}': run.json config is invalid ({exc}); {REFIT}") from None
         self = cls(config, backbone)
         self._backbone_info = meta["backbone"]
-        self.head_ = RidgeHead.load(rd.head)
+        self.head_ = load_head(rd.head)
         self.train_embeddings_ = _load_array(rd.train_embeddings, run_dir)
         self.train_records_ = [ImageRecord(r[0], int(r[1]), tuple(r[2]) if len(r) > 2 and r[2] else None)
                                for r in meta["train_records"]]

@@ -1,0 +1,119 @@
+"""Heads on the same embeddings: carrot's linear ridge and kernel ridge heads against scikit-learn's
+LogisticRegression (C chosen by 5-fold cross-validation) and kNN, by test accuracy and fit time.
+
+A fitted run's embeddings (training and test images) are pooled and split again, stratified, for each seed with the
+run's test fraction: an image's embedding depends only on the image (frozen backbone, per-image graph and
+diffusion), so a new split needs no new extraction. Every head sees the same split. carrot's heads choose their
+settings by exact leave-one-out on the training part (lambda; kernel: (gamma, lambda) with one eigendecomposition
+per gamma); the peers by cross-validation (scikit-learn's own ``LogisticRegressionCV`` and ``GridSearchCV``).
+
+    python benchmarks/bench_heads.py --run runs/demo --seeds 0 1 2
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import sklearn
+import torch
+from common import device_name, write_results
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from carrot.ridge.head import RidgeHead  # noqa: E402
+from carrot.ridge.kernel import KernelRidgeHead  # noqa: E402
+from carrot.run.pipeline import Carrot  # noqa: E402
+
+def keeps() -> dict[str, dict[str, str]]:
+    """Which exact properties each head keeps: carrot's from the head registry, the peers' as they stand."""
+    from carrot.ridge.heads import HEADS, PROPERTIES
+
+    out = {f"carrot {k.name}": {p: "exact" if p in k.keeps else "no" for p in PROPERTIES} for k in HEADS.values()}
+    out["LogisticRegression"] = {p: "refits only" for p in PROPERTIES}
+    out["LogisticRegression"].update(region_split="exact (linear logit)", linear_coef="exact")
+    out["kNN"] = {p: "no" for p in PROPERTIES}
+    out["kNN"].update(training_terms="the neighbours", loo="exact (drop the point)", woodbury="exact (drop the points)")
+    return out
+
+
+def heads(n_jobs: int):
+    from sklearn.linear_model import LogisticRegressionCV
+    from sklearn.model_selection import GridSearchCV
+    from sklearn.neighbors import KNeighborsClassifier
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    return {
+        "carrot_linear": lambda: RidgeHead(lam="auto", device="cpu"),
+        "carrot_kernel_rbf": lambda: KernelRidgeHead(kernel="rbf"),
+        "carrot_kernel_laplacian": lambda: KernelRidgeHead(kernel="laplacian"),
+        "carrot_kernel_poly": lambda: KernelRidgeHead(kernel="poly"),
+        "sklearn_logreg_cv": lambda: make_pipeline(StandardScaler(), LogisticRegressionCV(
+            Cs=[0.001, 0.01, 0.1, 1.0, 10.0], cv=5, max_iter=3000, n_jobs=n_jobs)),
+        "sklearn_knn_1": lambda: KNeighborsClassifier(n_neighbors=1, metric="cosine"),
+        "sklearn_knn_cv": lambda: GridSearchCV(KNeighborsClassifier(metric="cosine", weights="distance"),
+                                               {"n_neighbors": [1, 5, 10, 20]}, cv=5, n_jobs=n_jobs),
+    }
+
+
+def chosen(name: str, est) -> tuple[str, float | None]:
+    """The settings a head chose and, for carrot's heads, the exact LOO accuracy it chose them by."""
+    if name == "carrot_linear":
+        p = est.lam_path_
+        return f"lambda={est.lam_:.3g}", max(p["loo_accuracy"]) if p else None
+    if name.startswith("carrot_kernel"):
+        best = max(max(p["loo_accuracy"]) for p in est.loo_path_)
+        return f"gamma={est.gamma_:.3g}, lambda={est.lam_:.3g}", best
+    if name == "sklearn_logreg_cv":
+        return f"C={float(est[-1].C_[0]):.3g}", None
+    if name == "sklearn_knn_cv":
+        return f"k={est.best_params_['n_neighbors']}", None
+    return "k=1", None
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--run", default="runs/demo", help="a fitted run directory")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--heads", nargs="+", default=None, help="default: all")
+    ap.add_argument("--out", default=None, help="default: results/heads_<data>_<backbone>")
+    args = ap.parse_args()
+    from sklearn.model_selection import train_test_split
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    model = Carrot.load(args.run)
+    G = np.vstack([np.asarray(model.train_embeddings_), np.asarray(model.test_embeddings_)])
+    y = np.array([r.label for r in model.train_records_] + [r[1] for r in model.test_records_])
+    frac = len(model.test_records_) / len(y)
+    made = heads(n_jobs=1)
+    names = args.heads or list(made)
+    rows = []
+    for seed in args.seeds:
+        tr, te = train_test_split(np.arange(len(y)), test_size=frac, stratify=y, random_state=seed)
+        for name in names:
+            est = made[name]()
+            t0 = time.perf_counter()
+            est.fit(G[tr], y[tr])
+            fit_s = time.perf_counter() - t0
+            acc = float((est.predict(G[te]) == y[te]).mean())
+            setting, loo = chosen(name, est)
+            rows.append({"seed": seed, "head": name, "test_accuracy": acc, "loo_accuracy": loo, "fit_seconds": fit_s,
+                         "chosen": setting, "n_train": int(len(tr)), "n_test": int(len(te))})
+            print(f"seed {seed} {name}: test {acc:.4f}" + (f" (LOO {loo:.4f})" if loo is not None else "")
+                  + f", {fit_s:.1f} s, {setting}", flush=True)
+    meta = json.loads((Path(args.run) / "run.json").read_text())
+    data, backbone = meta["config"]["data"]["kind"], meta["config"]["backbone"]["name"]
+    out = args.out or Path(__file__).parent / "results" / f"heads_{data}_{backbone}"
+    print(write_results(out, rows, benchmark="heads", run=str(args.run), data=data, backbone=backbone,
+                        classes=len(model.classes_), dim=int(G.shape[1]), n=int(len(y)), test_fraction=frac,
+                        seeds=args.seeds, device=device_name("cpu"), python=platform.python_version(),
+                        torch=torch.__version__, sklearn=sklearn.__version__, keeps=keeps()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,95 @@
+"""The head registry: the single source of head names, their classes, their file formats and which exact
+properties each keeps. A new head is one :func:`register` call; commands ask :func:`require` before using a
+property, so a head without it is refused by name."""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from carrot.errors import CarrotError
+from carrot.io import read_json
+
+if TYPE_CHECKING:
+    from carrot.config import RunConfig
+
+PROPERTIES = {  # what a head may keep exact, in the words a refusal uses
+    "training_terms": "exact training-image terms (representer, equivalent kernel, removal)",
+    "loo": "exact leave-one-out",
+    "woodbury": "exact removal of a set of training images",
+    "region_split": "additive split of the logit over the tokens (the token map, segments, region deletion)",
+    "region_pairs": "(test region, training region) pairs",
+    "certificate": "counterfactual certificate",
+    "reweight": "RRO reweighting (exact gradient of the LOO loss in the weights)",
+    "linear_coef": "linear coefficients on the embedding (TracIn, the distributed fit, moments)",
+}
+
+
+@dataclass(frozen=True)
+class HeadKind:
+    """One registered head: its class (imported on first use), the ``format`` its files carry, and what it keeps."""
+
+    name: str
+    target: str  # "module:Class"
+    file_format: str
+    keeps: frozenset[str]
+    summary: str
+
+    @property
+    def cls(self) -> type:
+        module, name = self.target.split(":")
+        return getattr(importlib.import_module(module), name)
+
+
+HEADS: dict[str, HeadKind] = {}
+
+
+def register(kind: HeadKind) -> HeadKind:
+    unknown = set(kind.keeps) - set(PROPERTIES)
+    if unknown:
+        raise ValueError(f"head {kind.name!r}: unknown properties {sorted(unknown)}")
+    HEADS[kind.name] = kind
+    return kind
+
+
+register(HeadKind("ridge", "carrot.ridge.head:RidgeHead", "carrot.RidgeHead", frozenset(PROPERTIES),
+                  "linear ridge on the embedding: every exact identity, the region split included"))
+register(HeadKind("kernel", "carrot.ridge.kernel:KernelRidgeHead", "carrot.KernelRidgeHead",
+                  frozenset({"training_terms", "loo", "woodbury"}),
+                  "kernel ridge (dual): exact training-image terms, LOO and removal; no additive region split"))
+
+
+def kind_of(head: Any) -> HeadKind:
+    for kind in HEADS.values():
+        if type(head).__name__ == kind.target.split(":")[1]:
+            return kind
+    raise CarrotError(f"head: expected one of the registered heads ({', '.join(HEADS)}), got {type(head).__name__}")
+
+
+def require(head: Any, prop: str, what: str) -> None:
+    """Refuse ``what`` by name when ``head`` does not keep ``prop`` (one of :data:`PROPERTIES`)."""
+    kind = kind_of(head)
+    if prop not in kind.keeps:
+        fits = [k.name for k in HEADS.values() if prop in k.keeps]
+        raise CarrotError(f"{what}: the {kind.name} head has no {PROPERTIES[prop]}; fit the run with "
+                          f"head.kind: {' or '.join(fits)} for it")
+
+
+def head_from_config(config: "RunConfig") -> Any:
+    """The unfitted head a run configuration describes (``head.*`` keys and the run's device). Runs fit the ridge
+    head; the kernel head is used through its estimator API and benchmarks/bench_heads.py until the commands take
+    it (issue 13)."""
+    h = config.head
+    return HEADS["ridge"].cls(lam=h.lam, fit_intercept=h.fit_intercept, solver=h.solver, device=config.device)
+
+
+def load_head(path: str | Path) -> Any:
+    """Read a head file of any registered kind (dispatched on the ``format`` of its metadata)."""
+    meta = read_json(str(path) + ".json", "head metadata")
+    fmt = meta.get("format") if isinstance(meta, dict) else None
+    for kind in HEADS.values():
+        if kind.file_format == fmt:
+            return kind.cls.load(path)
+    raise CarrotError(f"'{path}.json': expected a head file of format "
+                      f"{', '.join(k.file_format for k in HEADS.values())}, got {fmt!r}")
