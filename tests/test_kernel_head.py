@@ -167,3 +167,20 @@ def test_the_head_registry_loads_either_kind_and_refuses_missing_properties_by_n
     (tmp_path / "bad.safetensors.json").write_text('{"format": "carrot.Other"}')
     with pytest.raises(CarrotError, match="expected a head file of format carrot.RidgeHead, carrot.KernelRidgeHead"):
         load_head(tmp_path / "bad.safetensors")
+
+
+@pytest.mark.parametrize("kernel,weights", [("rbf", False), ("laplacian", True), ("poly", False)])
+def test_training_terms_views_sum_to_the_logit_and_removal_is_a_refit(kernel, weights):
+    G, y, a = data(7, weights=weights)
+    head = KernelRidgeHead(kernel=kernel, gamma=0.4, lam=0.2, standardize=False).fit(G, y, a)
+    Gt = np.random.default_rng(3).normal(size=(5, G.shape[1]))
+    T = head.training_terms(Gt)
+    f = head.decision_function(Gt)
+    c = f.argmax(1)
+    assert np.allclose(T["logit"].numpy(), f[np.arange(5), c], atol=1e-12)
+    for view in ("equivalent_kernel", "representer"):
+        assert np.abs(T["prior"].numpy() + T[view].sum(1).numpy() - T["logit"].numpy()).max() < 1e-9
+    for i in (1, 10):
+        keep = np.arange(len(y)) != i
+        ref = KernelRidgeHead(kernel=kernel, gamma=0.4, lam=0.2, standardize=False).fit(G[keep], y[keep], None if a is None else a[keep])
+        assert np.allclose(T["removal"][:, i].numpy(), ref.decision_function(Gt)[np.arange(5), c] - f[np.arange(5), c], atol=1e-9)

@@ -288,6 +288,29 @@ class KernelRidgeHead(ClassifierMixin, BaseEstimator):
         kc = kc.to(spec.s.device)
         return (spec.a / spec.S + spec.s * spec.solve((spec.s * kc).T, self.lam_).T).cpu()
 
+    def training_terms(self, G_test: ArrayLike, classes: ArrayLike | None = None) -> dict[str, torch.Tensor]:
+        """The three exact views of :func:`carrot.attribution.training.training_terms` for the kernel head, for one
+        class per test image (default: the predicted one).
+
+        Returns
+        -------
+        dict of tensors (m, n): ``removal`` (f_-i(x)_c - f_c(x), refit-exact), ``equivalent_kernel``
+        (l_i(x) (y_ic - ybar_c)) and ``representer`` (alpha_ic kc(x, z_i)), the last two summing to logit - prior;
+        plus ``logit`` (m,) and ``prior`` (m,).
+        """
+        Z = self._check_input(G_test)
+        kc = self._kc(Z)
+        F = self.prior_ + kc @ self.dual_coef_
+        c = F.argmax(1) if classes is None else torch.as_tensor(np.asarray(classes), dtype=torch.long)
+        if c.shape != (len(Z),):
+            raise CarrotError(f"classes: expected one class per test image ({len(Z)}), got shape {tuple(c.shape)}")
+        L = self._l(kc)
+        Yc = self.train_targets_ - self.prior_
+        e = (self.train_targets_ - self.train_decision()) / (1 - self.hat_diag()).unsqueeze(1)
+        rows = torch.arange(len(Z))
+        return {"removal": -L * e.T[c], "equivalent_kernel": L * Yc.T[c], "representer": kc * self.dual_coef_.T[c],
+                "logit": F[rows, c], "prior": self.prior_[c]}
+
     def hat_diag(self) -> torch.Tensor:
         """(n,) h_ii of the training fit (the leverage of each training image)."""
         return self._spectrum().hat(self.lam_).cpu()
