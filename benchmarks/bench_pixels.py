@@ -177,8 +177,7 @@ def merge(path: str, auc: dict, secs: dict, spans: list[float]) -> None:
     d.setdefault("seconds_per_image", {r["map"]: [r["seconds_per_image"]] for r in d["rows"]})  # older files: means
     for m in auc:
         d["per_image"][m], d["seconds_per_image"][m] = auc[m], secs[m]
-    maps = [r["map"] for r in d["rows"]] + [m for m in auc if m not in {r["map"] for r in d["rows"]}]
-    d["rows"] = summary_rows(maps, d["per_image"], d["seconds_per_image"], spans, d["seed"])
+    d["rows"] = summary_rows(ordered(d), d["per_image"], d["seconds_per_image"], spans, d["seed"])
     d.setdefault("merged", []).append({"maps": sorted(auc), "torch": torch.__version__})
     Path(path).write_text(json.dumps(d, indent=2))
     print(path)
@@ -187,14 +186,18 @@ def merge(path: str, auc: dict, secs: dict, spans: list[float]) -> None:
 DEFAULT = "carrot_shapley"  # explain's default pixel map, the paired column's reference
 
 
+def ordered(d: dict) -> list[str]:
+    """A result file's maps: carrot's default first, then the order of its rows, then maps merged in since."""
+    rows = [r["map"] for r in d["rows"]]
+    return sorted(d["per_image"], key=lambda m: (m != DEFAULT, rows.index(m) if m in rows else len(rows)))
+
+
 def repool(path: str) -> None:
     """Recompute a result file's summary rows from its per-image AUCs and spans (after a change of the pooling or
-    of the paired reference); the maps' order puts carrot's default first."""
+    of the paired reference)."""
     d = json.loads(Path(path).read_text())
-    maps = sorted(d["per_image"], key=lambda m: (m != DEFAULT, [r["map"] for r in d["rows"]].index(m)
-                                                  if m in [r["map"] for r in d["rows"]] else 99))
-    secs = d.get("seconds_per_image") or {r["map"]: [r["seconds_per_image"]] for r in d["rows"]}
-    d["rows"] = summary_rows(maps, d["per_image"], secs, d["spans"], d["seed"])
+    secs = d.get("seconds_per_image") or {r["map"]: [r["seconds_per_image"]] for r in d["rows"] if "seconds_per_image" in r}
+    d["rows"] = summary_rows(ordered(d), d["per_image"], secs, d["spans"], d["seed"])
     Path(path).write_text(json.dumps(d, indent=2))
     print(path)
 
@@ -204,7 +207,7 @@ def summary_rows(maps, auc, secs, spans, seed: int) -> list[dict]:
     for m in maps:
         base = {"map": m, **{f"deletion_{k}": v for k, v in pooled(auc[m]["deletion"], spans, seed).items()},
                 **{f"insertion_{k}": v for k, v in pooled(auc[m]["insertion"], spans, seed).items()},
-                "seconds_per_image": float(np.mean(secs[m])) if len(secs[m]) else float("nan")}
+                "seconds_per_image": float(np.nanmean(secs[m])) if len(secs.get(m, [])) else float("nan")}
         if DEFAULT in auc and m != DEFAULT:  # paired with carrot's default map, image by image
             d = np.asarray(auc[m]["deletion"]) - np.asarray(auc[DEFAULT]["deletion"])
             paired = pooled(d, spans, seed)

@@ -134,6 +134,30 @@ def test_two_cells_need_one_antithetic_pair(seed):
     assert np.allclose(phi, exact_shapley(logits, x, 1, (1, 2)), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("seed,grid", [(0, (2, 3)), (1, (3, 3)), (2, (1, 7))])
+def test_one_antithetic_pair_is_exact_for_pairwise_interactions(seed, grid):
+    """f = (x . u)^2 has only pairwise interactions between cells: each pair of cells comes in both orders across
+    an order and its reverse, so K = 2 gives the exact Shapley values (it fails without the reverse)."""
+    u = torch.randn(3 * 12 * 16, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) / 10
+
+    def quad(inp):
+        z = inp.reshape(len(inp), -1).to(torch.float64) @ u
+        return torch.stack([z ** 2, z], 1).numpy()
+
+    x = torch.randn(3, 12, 16, generator=torch.Generator().manual_seed(seed + 50))
+    phi, _ = shapley_map(quad, x, 0, grid, permutations=2, seed=seed)
+    assert np.allclose(phi, exact_shapley(quad, x, 0, grid), rtol=1e-9, atol=1e-12)
+
+
+def test_the_standard_error_matches_the_spread_over_seeds():
+    logits = nonlinear_model(3)
+    x = torch.randn(3, 12, 16, generator=torch.Generator().manual_seed(3))
+    runs = [shapley_map(logits, x, 0, (2, 3), permutations=8, seed=s) for s in range(150)]
+    spread = np.std([r[0] for r in runs], axis=0, ddof=1)
+    sem = np.mean([r[1]["sem"] for r in runs], axis=0)
+    assert spread.min() > 0 and np.all((sem / spread > 0.67) & (sem / spread < 1.5)), sem / spread
+
+
 @pytest.mark.parametrize("seed,grid", [(0, (3, 4)), (1, (2, 8))])
 def test_the_shapley_map_of_an_additive_model_is_occlusion(seed, grid):
     logits = linear_model(seed)
@@ -144,9 +168,12 @@ def test_the_shapley_map_of_an_additive_model_is_occlusion(seed, grid):
 
 
 @pytest.mark.parametrize("bad", [0, 1, 3, -2, 2.0, True, "4"])
-def test_the_shapley_map_refuses_an_odd_number_of_orders(bad):
+def test_the_shapley_map_refuses_an_odd_number_of_orders_or_a_bad_batch(bad):
     with pytest.raises(CarrotError, match="permutations: expected an even integer >= 2"):
         shapley_map(linear_model(0), torch.zeros(3, 12, 16), 0, (2, 2), permutations=bad)
+    if bad != 1 and bad != 3:
+        with pytest.raises(CarrotError, match="batch: expected an integer >= 1"):
+            shapley_map(linear_model(0), torch.zeros(3, 12, 16), 0, (2, 2), batch=bad)
 
 
 @pytest.mark.parametrize("seed,grid", [(0, (3, 4)), (1, (2, 8)), (2, (1, 1))])
@@ -342,9 +369,13 @@ def test_explain_defaults_to_the_shapley_map_which_sums_exactly(run, tmp_path):
     page = next(tmp_path.glob("0000_*/explanation.html")).read_text()
     assert "Shapley value" in page and "4 random orders" in page
     r = CliRunner().invoke(cli, ["explain", str(run), path, "--out", str(tmp_path / "b"), "--json", "--permutations", "3"])
-    assert r.exit_code != 0 and "permutations: expected an even integer" in r.output
+    assert r.exit_code == 2 and "--permutations" in r.output and "expected an even number" in r.output
+    for bad in (["shapley"], False, "ig"):
+        with pytest.raises(CarrotError, match="pixel_map: expected one of shapley, split or None"):
+            model.explain([path], pixel_map=bad)
     r = CliRunner().invoke(cli, ["explain", str(run), path, "--out", str(tmp_path / "c"), "--json", "--pixel-map", "none"])
-    assert r.exit_code == 0 and "pixel_map" not in json.loads(r.output)[0]
+    none = json.loads(r.output)[0]
+    assert r.exit_code == 0 and "pixel_map" not in none and "pixel_map" not in none["meaning"]
 
 
 def test_evaluate_pixel_deletion_reports_each_map(run):

@@ -27,6 +27,7 @@ gives about 0.5 for both.
 from __future__ import annotations
 
 import math
+import zlib
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -145,7 +146,8 @@ def shapley_map(logits: Logits, x: torch.Tensor, c: int, grid: tuple[int, int], 
     logits : the whole model, (B, 3, H, W) input -> (B, C) logits.
     x : (3, H, W) one model input; c : the class; grid : (gh, gw) the backbone's cell grid.
     permutations : even number of sampled orders (K); cost K (N - 1) + 2 forward passes for N cells.
-    sigma : blur standard deviation in px (default: one cell's side); batch : images per pass; seed : the orders.
+    sigma : blur standard deviation in px (default: one cell's side); batch : images per pass.
+    seed : with the image's bytes, seeds the orders (reproducible per image, independent across images).
 
     Returns
     -------
@@ -155,24 +157,27 @@ def shapley_map(logits: Logits, x: torch.Tensor, c: int, grid: tuple[int, int], 
     """
     if isinstance(permutations, bool) or not isinstance(permutations, int) or permutations < 2 or permutations % 2:
         raise CarrotError(f"permutations: expected an even integer >= 2 (antithetic pairs), got {permutations!r}")
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise CarrotError(f"batch: expected an integer >= 1, got {batch!r}")
     size = tuple(x.shape[-2:])
     boxes = cell_boxes(grid, size)
     n = len(boxes)
     sigma = sigma if sigma is not None else default_sigma(grid, size)
     xb = blur(x[None], sigma)[0]
-    cell = torch.empty(size, dtype=torch.long)
+    cell = torch.empty(size, dtype=torch.long, device=x.device)
     for j, (y0, y1, x0, x1) in enumerate(boxes):
         cell[y0:y1, x0:x1] = j
-    rng = np.random.default_rng(seed)
+    # the orders depend on the seed and the image, so sampling errors are independent across images
+    rng = np.random.default_rng([seed, zlib.crc32(x.detach().cpu().contiguous().numpy().tobytes())])
     orders = []
     for _ in range(permutations // 2):
         p = rng.permutation(n)
         orders += [p, p[::-1].copy()]
-    ranks = torch.empty(permutations, n, dtype=torch.long)
+    ranks = torch.empty(permutations, n, dtype=torch.long, device=x.device)
     for k, p in enumerate(orders):
-        ranks[k, torch.as_tensor(p)] = torch.arange(n)
+        ranks[k, torch.as_tensor(p, device=x.device)] = torch.arange(n, device=x.device)
     ends = np.asarray(logits(torch.stack([x, xb])), dtype=np.float64)[:, c]
-    vals = np.empty((permutations, n + 1))  # vals[k, r]: logit with the first r cells of order k blurred
+    vals = np.full((permutations, n + 1), np.nan)  # vals[k, r]: logit with the first r cells of order k blurred
     vals[:, 0], vals[:, n] = ends
     jobs = [(k, r) for k in range(permutations) for r in range(1, n)]
     for s in range(0, len(jobs), batch):

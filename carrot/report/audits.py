@@ -136,12 +136,14 @@ def debug_html(d: dict) -> str:
 
 
 def t_sweep_html(rows: list[dict]) -> str:
-    pixels = any("pixel_deletion_shapley" in r for r in rows)
+    key = "shapley" if any("pixel_deletion_shapley" in r for r in rows) else "pixel"  # "pixel": files before the Shapley map
+    pixels = any(f"pixel_deletion_{key}" in r for r in rows)
     head = ["t", "λ", "LOO accuracy (train)", "test accuracy"]
     if pixels:
-        head += ["Shapley map deletion", "Shapley map insertion", "token map deletion", "token map insertion"]
+        name = "Shapley map" if key == "shapley" else "pixel split"
+        head += [f"{name} deletion", f"{name} insertion", "token map deletion", "token map insertion"]
     body = [[r["t"], r["lam"], r.get("loo_accuracy"), r["test_accuracy"]]
-            + ([r.get("pixel_deletion_shapley"), r.get("pixel_insertion_shapley"), r.get("pixel_deletion_token"),
+            + ([r.get(f"pixel_deletion_{key}"), r.get(f"pixel_insertion_{key}"), r.get("pixel_deletion_token"),
                 r.get("pixel_insertion_token")] if pixels else []) for r in rows]
     note = ("<p class='muted'>pixel protocol per t: cells blurred / revealed in map order, the whole model at that t "
             "re-run; AUC scaled to 1 at the image and 0 at the blurred image (lower deletion, higher insertion: more "
@@ -199,7 +201,7 @@ def evaluation_html(ev: dict) -> str:
     if "pixel_deletion" in ev:
         p = ev["pixel_deletion"]
         names = {"shapley": "Shapley map (the default; 4 orders)", "split": "pixel split (path-integrated gradients)",
-                 "occlusion": "occlusion map (exact per cell)",
+                 "pixel": "pixel split (path-integrated gradients)", "occlusion": "occlusion map (exact per cell)",
                  "token": "token map (exact token split)", "random": "random order"}
         rows = [[names.get(m, m), v["deletion"]["mean"], v["deletion"]["sem"], v["insertion"]["mean"], v["insertion"]["sem"],
                  v["seconds_per_image"]] for m, v in p["maps"].items()]

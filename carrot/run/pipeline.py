@@ -257,9 +257,10 @@ class Carrot:
             raise CarrotError(f"top_k: expected 1 <= k <= {n} (the training set size), got {k!r}")
         if isinstance(certificate_limit, bool) or not isinstance(certificate_limit, int) or certificate_limit < 0:
             raise CarrotError(f"certificate_limit: expected an integer >= 0, got {certificate_limit!r}")
-        if pixel_map is not None and pixel_map not in PIXEL_MAPS:
+        if pixel_map is not None and (not isinstance(pixel_map, str) or pixel_map not in PIXEL_MAPS):
             raise CarrotError(f"pixel_map: expected one of {', '.join(PIXEL_MAPS)} or None, got {pixel_map!r}")
-        if isinstance(permutations, bool) or not isinstance(permutations, int) or permutations < 2 or permutations % 2:
+        if pixel_map == "shapley" and (isinstance(permutations, bool) or not isinstance(permutations, int)
+                                       or permutations < 2 or permutations % 2):
             raise CarrotError(f"permutations: expected an even integer >= 2 (antithetic pairs), got {permutations!r}")
         G, H, w, grid, imgs = self.embed_images(paths)
         logits = self.head_.decision_function(G)
@@ -307,7 +308,8 @@ class Carrot:
                 "ranking": "removal",
                 "meaning": {"score": "f(x) - f_-i(x): how much this logit drops if the image is removed from training "
                                      "(exact, equal to a refit); the images are ranked by it", **VIEW_MEANING,
-                            **REGION_MEANING, **({"pixel_map": PIXEL_MAPS[pixel_map]} if pixel_map else {})},
+                            **{k: v for k, v in REGION_MEANING.items() if k != "pixel_map" or pixel_map},
+                            **({"pixel_map": PIXEL_MAPS[pixel_map]} if pixel_map else {})},
                 "data_sum": rep_sum,
                 "equivalent_kernel_sum": ek_sum,
                 "region_sum": float(regions.sum()),
