@@ -116,6 +116,9 @@ def run_options(fn: Callable) -> Callable:
         click.option("--sigma-space", help="Spatial kernel bandwidth: a number, 'median' or 'median*k'."),
         click.option("--sigma-feat", help="Feature kernel bandwidth: a number, 'median' or 'median*k'."),
         click.option("--knn", type=int, help="Keep each region's k strongest edges (symmetrised)."),
+        click.option("--head", "head_kind", type=click.Choice(["ridge", "kernel"]), help="ridge (default): linear ridge on the embedding, every exact identity, the region split included. kernel: kernel ridge (dual), more accurate on many classes under shift; exact training-image terms, LOO and removal, no additive region split."),
+        click.option("--kernel", type=click.Choice(["rbf", "laplacian", "poly"]), help="The kernel head's kernel (default rbf), on standardised, L2-normalised embeddings."),
+        click.option("--gamma", help="The kernel's gamma > 0, or 'auto' (chosen with lambda by exact leave-one-out, one eigendecomposition per gamma)."),
         click.option("--lam", help="Ridge strength lambda > 0, or 'auto' (best exact leave-one-out accuracy)."),
         click.option("--device", help="auto (CUDA > MPS > CPU), cpu, cuda, cuda:N or mps."),
         click.option("--seed", type=int, help="Seed for splits and sampling (same seed, same results)."),
@@ -187,6 +190,7 @@ def build_config(config_path: str | None = None, **o: Any):
         "graph.sigma_space": _num_or("median", "sigma-space", o.get("sigma_space")),
         "graph.sigma_feat": _num_or("median", "sigma-feat", o.get("sigma_feat")),
         "graph.knn": o.get("knn"), "head.lam": _num_or("auto", "lam", o.get("lam")),
+        "head.kind": o.get("head_kind"), "head.kernel": o.get("kernel"), "head.gamma": _num_or("auto", "gamma", o.get("gamma")),
         "device": o.get("device"), "seed": o.get("seed"), "cache_dir": o.get("cache_dir"),
     })
 

@@ -63,7 +63,11 @@ REGION_MEANING = {
     "node_removal": "the logit drop when a token's node is removed from the graph (graph side: the other tokens stay as "
                     "computed from the full image, so it is exact for the graph, not for the pixels)",
     "segments": "the token map summed over each segment of the mask (exact for the tokens)",
+    "region_removal": "f(x) - f(x with this token's node removed from the graph): the kernel head's token map, an exact "
+                      "counterfactual per token (graph side: the other tokens stay as computed from the full image; the "
+                      "drops do not add up, as the kernel head is not linear in the tokens)",
 }
+LINEAR_ONLY = ("region_contributions", "pairs", "certificate", "segments")  # meanings of what only the ridge head has
 
 Logits = Callable[[torch.Tensor], np.ndarray]  # (B, 3, H, W) model input -> (B, C) float64 logits
 

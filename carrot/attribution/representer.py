@@ -122,7 +122,10 @@ def class_summary(head: RidgeHead, G_train, y_train, G_test, chunk: int = 1024) 
     total = torch.zeros(n, dtype=torch.float64)
     for s in range(0, len(G_test), chunk):
         p = pred[s : s + chunk]
-        contrib = centred_kernel(head, G_train, G_test[s : s + chunk]) * head.dual_coef_.T[p]  # (m, n): i -> x's logit
+        if hasattr(head, "centred_kernel"):  # the kernel head keeps its training rows
+            contrib = head.centred_kernel(G_test[s : s + chunk]) * head.dual_coef_.T[p]
+        else:
+            contrib = centred_kernel(head, G_train, G_test[s : s + chunk]) * head.dual_coef_.T[p]  # (m, n): i -> x's logit
         flow.index_add_(0, p, torch.zeros(len(p), C, dtype=torch.float64).index_add(1, y_idx, contrib))
         total += contrib.sum(0)
     counts = torch.bincount(pred, minlength=C).clamp_min(1).to(torch.float64)

@@ -39,8 +39,11 @@ def t_sweep(train: TokenStore, test: TokenStore, ts: Sequence[float], embedder: 
         fitted = clone(as_head(head)).fit(Gtr[i], train.labels, sample_weight)
         row = {"t": float(t), "lam": fitted.lam_, "test_accuracy": float((fitted.predict(Gte[i]) == test.labels).mean()),
                "seconds_fit": time.perf_counter() - t1, "seconds_embed_all_t": t_embed}
-        if fitted.lam_path_:
+        if getattr(fitted, "lam_path_", None):
             row["loo_accuracy"] = max(fitted.lam_path_["loo_accuracy"])
+        elif getattr(fitted, "loo_path_", None):  # the kernel head: the best (gamma, lambda)
+            row["loo_accuracy"] = max(max(p["loo_accuracy"]) for p in fitted.loo_path_)
+            row["gamma"] = fitted.gamma_
         if on_fit is not None:
             row.update(on_fit(float(t), fitted))
         rows.append(row)

@@ -139,7 +139,8 @@ def _train_cards(rows: list[dict[str, Any]], grid: tuple[int, int], tgrid: tuple
             f"<span class='{'pos' if p['value'] > 0 else 'neg'}'>{p['value']:+.4f}</span>" for p in r["pairs"])
         cards.append(
             f"<div class='card'><div class='row'><img alt='training image' src='{data_uri(img, 'JPEG', 160)}'>"
-            f"<img alt='its regions' src='{data_uri(overlay(img, np.asarray(r['train_regions'])), 'JPEG', 160)}'></div>"
+            + (f"<img alt='its regions' src='{data_uri(overlay(img, np.asarray(r['train_regions'])), 'JPEG', 160)}'>"
+               if "train_regions" in r else "") + "</div>"
             f"<b>{html.escape(r['label'])}</b> #{r['index']} &nbsp; removal <span class='{'pos' if r['score'] > 0 else 'neg'}'>"
             f"{-r['score']:+.4f}</span>" + (f" &nbsp; weight {r['weight']:.3g}" if "weight" in r else "")
             + (f"<br><span class='muted'>label weight {r['equivalent_kernel']:+.4f} &nbsp; representer {r['representer']:+.3g}</span>"
@@ -154,12 +155,14 @@ def _meaning(exp: dict[str, Any]) -> str:
         return ("<p class='muted'>score: beta * kernel similarity (representer form); the scores sum to logit - prior</p>")
     m = exp["meaning"]
     return ("<p class='muted'><b>removal</b>: the exact change of this logit if the image is removed from training "
-            "(equal to refitting without it; images ranked by it; regions and pairs split it).<br>"
+            "(equal to refitting without it; images ranked by it" + ("; regions and pairs split it" if "pairs" in m else "")
+            + ").<br>"
             f"<b>label weight</b>: {html.escape(m['equivalent_kernel'])}.<br>"
             f"<b>representer</b>: {html.escape(m['representer'])}."
             + "".join(f"<br><b>{label}</b>: {html.escape(m[key])}." for key, label in
-                      (("pixel_map", "pixel map"), ("pixel_occlusion", "occlusion map"), ("region_contributions", "token map"))
-                      if key in m and (key in exp or key == "region_contributions")) + "</p>")
+                      (("pixel_map", "pixel map"), ("pixel_occlusion", "occlusion map"), ("region_contributions", "token map"),
+                       ("region_removal", "token map"))
+                      if key in m and key in exp) + "</p>")
 
 
 def _certificate(exp: dict[str, Any]) -> str:
@@ -195,7 +198,8 @@ def _pixel_figure(exp: dict[str, Any], image) -> str:
 def explanation_html(exp: dict[str, Any], image) -> str:
     """One explained image: picture, heatmap, class scores, supporting/inhibiting training images."""
     grid, tgrid = tuple(exp["grid"]), tuple(exp.get("train_grid", exp["grid"]))
-    r = np.asarray(exp["region_contributions"])
+    additive = "region_contributions" in exp  # the ridge head's split; the kernel head's map is token removal
+    r = np.asarray(exp["region_contributions"] if additive else exp["region_removal"])
     scores = "".join(
         f"<tr class='{'pred' if name == exp['predicted'] else ''}'><td style='text-align:left'>{html.escape(name)}</td>"
         f"<td>{v:+.4f}</td></tr>" for name, v in sorted(exp["logits"].items(), key=lambda kv: -kv[1]))
@@ -209,7 +213,9 @@ def explanation_html(exp: dict[str, Any], image) -> str:
            f"(exact re-runs; {exp['pixel_occlusion_seconds']:.1f} s)</figcaption></figure>"] if "pixel_occlusion" in exp else []),
         f"<figure class='big'><img alt='region heatmap' src='{data_uri(overlay(image, r), 'JPEG', 320)}'>"
         f"<figcaption>tokens &rarr; {html.escape(exp['predicted'])}: red raises the logit, blue lowers it "
-        f"(exact split, sum {exp['region_sum']:+.4f})</figcaption></figure>",
+        + (f"(exact split, sum {exp['region_sum']:+.4f})" if additive else
+           "(each token's exact removal from the graph: a counterfactual, the kernel head's drops do not add up)")
+        + "</figcaption></figure>",
         f"<div><table><tr><th>class</th><th>logit</th></tr>{scores}</table>"
         f"<p class='muted'>logit = prior {exp['prior']:+.4f} + training images "
         f"{exp.get('equivalent_kernel_sum', exp['data_sum']):+.4f}"
@@ -235,7 +241,8 @@ def write_explanation(exp: dict[str, Any], out_dir: str | Path) -> dict[str, Any
     out_dir = Path(out_dir)
     image = exp.pop("_image")
     pixels = "pixel_map" in exp
-    png = heatmap_png(image, np.asarray(exp["pixel_map" if pixels else "region_contributions"]), out_dir / "heatmap.png",
+    tokens = "region_contributions" if "region_contributions" in exp else "region_removal"
+    png = heatmap_png(image, np.asarray(exp["pixel_map" if pixels else tokens]), out_dir / "heatmap.png",
                       title=f"{'pixels (' + exp.get('pixel_map_method', 'split') + ')' if pixels else 'tokens'} -> {exp['predicted']}")
     page = explanation_html(exp, image)  # consumes the training images' "_image" entries
     with atomic_path(out_dir / "explanation.html") as tmp:

@@ -182,6 +182,10 @@ class RidgeHead(ClassifierMixin, BaseEstimator):
     def _decision(self, G: torch.Tensor) -> torch.Tensor:
         return G @ self.coef_ + self.intercept_
 
+    def torch_decision(self, G: torch.Tensor) -> torch.Tensor:
+        """Logits (m, C) of float64 embeddings with autograd (the pixel split differentiates through it)."""
+        return G @ self.coef_.to(G.dtype) + self.intercept_.to(G.dtype)
+
     def decision_function(self, G: ArrayLike) -> np.ndarray:
         """Logits of the classes ``classes_``.
 
@@ -299,25 +303,26 @@ class RidgeHead(ClassifierMixin, BaseEstimator):
         return head
 
 
-def frozen_clone(head: RidgeHead, **params) -> RidgeHead:
-    """An unfitted copy of ``head`` with every setting (``clone``), lam fixed to the fitted ``lam_`` when the
-    head is fitted (so an audit refits the model the run chose, not a new 'auto' search), then ``params``.
+def frozen_clone(head, **params):
+    """An unfitted copy of ``head`` with every setting (``clone``), its 'auto' choices fixed to the fitted values
+    when the head is fitted (``lam_``; the kernel head's ``gamma_`` too), so an audit refits the model the run
+    chose, not a new search; then ``params``.
 
     Parameters
     ----------
-    head : a RidgeHead, fitted or not.
+    head : a registered head (:mod:`carrot.ridge.heads`), fitted or not.
     **params : settings to override, as for ``set_params``.
 
     Returns
     -------
-    RidgeHead, unfitted.
+    the same kind of head, unfitted.
     """
     from sklearn.base import clone
 
-    lam = getattr(head, "lam_", None)
-    return clone(head).set_params(**{**({"lam": lam} if lam is not None else {}), **params})
+    fitted = {p: getattr(head, p + "_") for p in ("lam", "gamma") if p in head.get_params() and hasattr(head, p + "_")}
+    return clone(head).set_params(**{**fitted, **params})
 
 
-def as_head(head_or_lam: "RidgeHead | float") -> RidgeHead:
-    """A head template from a RidgeHead (kept whole) or a bare lambda (the defaults otherwise)."""
-    return head_or_lam if isinstance(head_or_lam, RidgeHead) else RidgeHead(lam=head_or_lam)
+def as_head(head_or_lam):
+    """A head template from a registered head (kept whole) or a bare lambda (the ridge head, defaults otherwise)."""
+    return head_or_lam if hasattr(head_or_lam, "get_params") else RidgeHead(lam=head_or_lam)

@@ -23,6 +23,8 @@ PROPERTIES = {  # what a head may keep exact, in the words a refusal uses
     "certificate": "counterfactual certificate",
     "reweight": "RRO reweighting (exact gradient of the LOO loss in the weights)",
     "linear_coef": "linear coefficients on the embedding (TracIn, the distributed fit, moments)",
+    "weight_update": "exact refit under changed training weights (Woodbury; debug's down-weighting)",
+    "attribution_audits": "attribution evaluations (mislabel, faithfulness, lds, agreement)",
 }
 
 
@@ -77,10 +79,10 @@ def require(head: Any, prop: str, what: str) -> None:
 
 
 def head_from_config(config: "RunConfig") -> Any:
-    """The unfitted head a run configuration describes (``head.*`` keys and the run's device). Runs fit the ridge
-    head; the kernel head is used through its estimator API and benchmarks/bench_heads.py until the commands take
-    it (issue 13)."""
+    """The unfitted head a run configuration describes (``head.*`` keys and the run's device)."""
     h = config.head
+    if h.kind == "kernel":
+        return HEADS["kernel"].cls(kernel=h.kernel, gamma=h.gamma, lam=h.lam, device=config.device)
     return HEADS["ridge"].cls(lam=h.lam, fit_intercept=h.fit_intercept, solver=h.solver, device=config.device)
 
 

@@ -271,6 +271,11 @@ class KernelRidgeHead(ClassifierMixin, BaseEstimator):
         Z = self._check_input(G)
         return (self._gram(Z, self.X_fit_, self.gamma_) @ self.dual_coef_ + self.intercept_).numpy()
 
+    def torch_decision(self, G: torch.Tensor) -> torch.Tensor:
+        """Logits (m, C) of float64 embeddings with autograd (the pixel split differentiates through it)."""
+        check_is_fitted(self, ("dual_coef_",))
+        return self._gram(self._preprocess(G.to(torch.float64)), self.X_fit_, self.gamma_) @ self.dual_coef_ + self.intercept_
+
     def predict(self, G: ArrayLike) -> np.ndarray:
         """Labels (m,) from ``classes_``."""
         return self.classes_[self.decision_function(G).argmax(1)]
@@ -324,6 +329,42 @@ class KernelRidgeHead(ClassifierMixin, BaseEstimator):
         """(n, C) exact leave-one-out logits f_-i(z_i) (a refit without image i, for each i)."""
         h = self.hat_diag().unsqueeze(1)
         return (self.train_decision() - h * self.train_targets_) / (1 - h)
+
+    # the training-system surface run summaries use (as carrot.ridge.removal.RidgeSystem) --------------------
+    @property
+    def a(self) -> torch.Tensor:
+        """(n,) the training weights (ones when unweighted)."""
+        return self._a
+
+    def loo_logits(self) -> torch.Tensor:
+        """:meth:`loo_decision`, under RidgeSystem's name."""
+        return self.loo_decision()
+
+    def loo_cross_entropy(self, loo: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
+        """Exact LOO cross-entropy of every training label under a temperature-calibrated softmax (as
+        :meth:`carrot.ridge.removal.RidgeSystem.loo_cross_entropy`)."""
+        from carrot.ridge.removal import calibrated_cross_entropy
+
+        loo = self.loo_decision() if loo is None else loo
+        return calibrated_cross_entropy(loo, self.train_targets_.argmax(1), self._a > 0)
+
+    def loo_loss_change(self, G_eval: ArrayLike, y_eval_idx: np.ndarray, chunk: int = 256) -> torch.Tensor:
+        """(n,) exact change of the summed squared loss on (G_eval, y_eval) when each training image is removed:
+        with f_-i(x) - f(x) = -l_i(x) R_i, R_i = e_i / (1 - h_ii), the sum over x of -2 l_i(x) (E_x . R_i) +
+        l_i(x)^2 |R_i|^2, E = F - Y (negative: removing i helps). Streamed over ``chunk`` evaluation rows."""
+        from carrot.validation import one_hot
+
+        Ge = as_float64_matrix(G_eval, "G_eval")
+        Y = one_hot(np.asarray(y_eval_idx), len(self.classes_))
+        R = (self.train_targets_ - self.train_decision()) / (1 - self.hat_diag()).unsqueeze(1)
+        r2 = (R * R).sum(1)
+        total = torch.zeros(len(R), dtype=torch.float64)
+        for s in range(0, len(Ge), chunk):
+            kc = self._kc(self._check_input(Ge[s : s + chunk]))
+            Q = self._l(kc)
+            E = self.prior_ + kc @ self.dual_coef_ - Y[s : s + chunk]
+            total += (-2 * Q * (E @ R.T) + Q * Q * r2).sum(0)
+        return total
 
     def removal_effect(self, G: ArrayLike, rows: Sequence[int] | None = None) -> torch.Tensor:
         """(m, len(rows), C) f(x) - f_-i(x) for removing each training image i alone (exact, equal to a refit)."""

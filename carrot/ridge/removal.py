@@ -165,19 +165,12 @@ class RidgeSystem:
         -------
         (scores (n,) = -log softmax(f_-i(x_i) / T)_{y_i}, T).
         """
-        from scipy.optimize import minimize_scalar
-
         loo = self.loo_logits() if loo is None else loo
-        y = self.Y.argmax(1)
-        rows = torch.arange(len(y))
+        return calibrated_cross_entropy(loo, self.Y.argmax(1), self.a > 0)
 
-        def ce(log_t: float) -> torch.Tensor:
-            return -torch.log_softmax(loo / float(np.exp(log_t)), 1)[rows, y]
-
-        active = self.a > 0
-        best = minimize_scalar(lambda t: float(ce(t)[active].mean()), bounds=(-8.0, 8.0), method="bounded",
-                               options={"xatol": 1e-6})
-        return ce(best.x), float(np.exp(best.x))
+    def loo_loss_change(self, G_eval: ArrayLike, y_eval_idx: np.ndarray, chunk: int = 256) -> torch.Tensor:
+        """:func:`loo_loss_change` of this system."""
+        return loo_loss_change(self, G_eval, y_eval_idx, chunk)
 
     def removal_terms(self, idx: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(Z, R) with Z = M^-1 X_i^T (p, k) and R_i = a_i r_i / (1 - h_ii) (k, C), so that removing
@@ -259,6 +252,21 @@ def _augment(G: torch.Tensor, mu: torch.Tensor, fit_intercept: bool) -> torch.Te
     if not fit_intercept:
         return G
     return torch.cat([torch.ones(G.shape[0], 1, dtype=G.dtype, device=G.device), G - mu], dim=1)
+
+
+def calibrated_cross_entropy(loo: torch.Tensor, y: torch.Tensor, active: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """-log softmax(loo / T)_y per row (n,), with the temperature T minimising the mean over the ``active`` rows
+    (one bounded 1-D search on the training labels themselves); and T."""
+    from scipy.optimize import minimize_scalar
+
+    rows = torch.arange(len(y))
+
+    def ce(log_t: float) -> torch.Tensor:
+        return -torch.log_softmax(loo / float(np.exp(log_t)), 1)[rows, y]
+
+    best = minimize_scalar(lambda t: float(ce(t)[active].mean()), bounds=(-8.0, 8.0), method="bounded",
+                           options={"xatol": 1e-6})
+    return ce(best.x), float(np.exp(best.x))
 
 
 def loo_loss_change(system: RidgeSystem, G_eval: ArrayLike, y_eval_idx: np.ndarray, chunk: int = 256) -> torch.Tensor:

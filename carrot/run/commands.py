@@ -15,6 +15,7 @@ from carrot.data import ImageDataset, check_headers, collect_images, duplicate_t
 from carrot.errors import CarrotError
 from carrot.audit.evaluate import per_class_accuracy
 from carrot.io import check_dir, user_cache_dir, write_json
+from carrot.ridge.heads import require
 from carrot.run.pipeline import Carrot
 from carrot.run.rundir import RunDir
 from carrot.report.pages import write_explanation
@@ -137,7 +138,8 @@ def fit(config: RunConfig, run_dir: str | Path, progress: bool = True, overwrite
     model.fit(G_train, train.labels, train.records, train.classes)
     metrics = {
         "n_train": len(train), "n_test": len(test), "classes": len(train.classes),
-        "lam": model.head_.lam_, "lam_path": model.head_.lam_path_,
+        "head": model.config.head.kind, "lam": model.head_.lam_, "lam_path": getattr(model.head_, "lam_path_", None),
+        **({"gamma": model.head_.gamma_, "loo_path": model.head_.loo_path_} if hasattr(model.head_, "gamma_") else {}),
         "train_accuracy": model.score(G_train, train.labels),
         "test_accuracy": model.score(G_test, test.labels),
         "per_class_test_accuracy": dict(zip(train.classes, per_class_accuracy(model.head_.predict(G_test), test.labels, len(train.classes)))),
@@ -257,6 +259,11 @@ def evaluate(run_dir: str | Path, what: Sequence[str], out: str | Path | None = 
     if not what or set(what) - set(known):
         raise CarrotError(f"--what: expected some of {', '.join(known)}, got {', '.join(what) or 'nothing'}")
     model, G, y, G_test, y_test = run_embeddings(run_dir)
+    needs = {**{e: "attribution_audits" for e in EVALUATIONS}, "deletion": "region_split", "pointing": "region_split",
+             "certificates": "certificate"}
+    for w in what:
+        if w in needs:
+            require(model.head_, needs[w], f"evaluate --what {w}")
     rest = [w for w in what if w not in (*regions, "accuracy")]
     res = evaluate_embeddings(G, y, G_test, model.head_, rest, seed=model.config.seed, **kwargs) if rest else {}
     if "accuracy" in what:

@@ -12,8 +12,9 @@ from carrot.distributed import world
 from carrot.attribution.representer import class_summary
 from carrot.audit.registry import AUDITS
 from carrot.errors import CarrotError
-from carrot.ridge.removal import loo_loss_change
 from carrot.io import atomic_path, read_json, write_csv, write_json
+from carrot.ridge.head import RidgeHead
+from carrot.ridge.heads import require
 from carrot.validation import index_labels
 from carrot.run.pipeline import Carrot
 from carrot.report.pages import index_html
@@ -42,7 +43,7 @@ def run_summary(model: Carrot, G: np.ndarray, y: np.ndarray, G_test: np.ndarray,
     cm = np.zeros((C, C), dtype=int)
     np.add.at(cm, (y_test, pred), 1)
     system = model.training_system()  # the head's own factor, shared with explain and certificates
-    total = -loo_loss_change(system, G_test, index_labels(head.classes_, y_test, "y_test")).numpy()  # > 0: removal helps
+    total = -system.loo_loss_change(G_test, index_labels(head.classes_, y_test, "y_test")).numpy()  # > 0: removal helps
 
     def rows(order, scores):
         return [{"index": int(i), "path": model.train_records_[i].path,
@@ -150,6 +151,7 @@ def reweight(run_dir: str | Path, val_fraction: float = 0.2, out: str | Path | N
     from carrot.audit.reweight import RROConfig, rro
 
     model, G, y, G_test, y_test = run_embeddings(run_dir)
+    require(model.head_, "reweight", "reweight")
     a0 = _run_weights(model)
     if apply is not None:
         check_outside_data(model.config, apply, "--apply")
@@ -233,6 +235,7 @@ def tracin(run_dir: str | Path, n_test: int = 20, flag_fraction: float = 0.02, *
     from carrot.audit.tracin import tracin_report
 
     model, G, y, G_test, y_test = run_embeddings(run_dir)
+    require(model.head_, "linear_coef", "tracin")
     rep = tracin_report(G, y, [r.path for r in model.train_records_], model.classes_, G_test, y_test,
                         [p for p, _ in model.test_records_], model.head_, n_test, flag_fraction,
                         {**{k: v for k, v in tracin_kwargs.items() if v is not None}, "seed": model.config.seed})
@@ -251,6 +254,7 @@ def debug(run_dir: str | Path, ks: Sequence[int], val_fraction: float = 0.2, dow
     from carrot.audit.debugging import debug_loop
 
     model, G, y, G_test, y_test = run_embeddings(run_dir)
+    require(model.head_, "weight_update", "debug")
     a0 = _run_weights(model)
     if apply is not None:
         check_outside_data(model.config, apply, "--apply")
@@ -390,6 +394,14 @@ def region_scores(model: Carrot, name: str, x: Any, H: Any, w: Any, c: int, grid
     if name in ("shapley", "split", "occlusion"):
         return model.pixel_map(x, c, grid, name)[0].ravel()
     if name == "token":
+        if not isinstance(model.head_, RidgeHead):  # the kernel head's token map: each token's exact removal
+            import torch
+
+            from carrot.attribution.regions import node_removal
+            from carrot.features.backbone import patch_centres
+
+            drops = node_removal(model.head_, H[0], patch_centres(grid, torch.float64), c, model.embedder)
+            return np.array([drops[j] for j in range(len(drops))])
         return region_contributions(model.head_, H[0], w[0])[:, c].numpy()
     if name == "random":
         return rng.permutation(grid[0] * grid[1]).astype(float)

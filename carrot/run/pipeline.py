@@ -132,7 +132,7 @@ class Carrot:
         H = H.cpu().to(torch.float64)
         w = self.embedder.weights(H, patch_centres(grid, torch.float64))[0]
         G = torch.einsum("bnd,bn->bd", H, w)
-        return G @ self.head_.coef_.to(torch.float64) + self.head_.intercept_.to(torch.float64)
+        return self.head_.torch_decision(G)
 
     def pixel_map(self, x: torch.Tensor, c: int, grid: tuple[int, int], method: str = "shapley",
                   permutations: int = 4) -> tuple[np.ndarray, dict[str, Any]]:
@@ -213,6 +213,8 @@ class Carrot:
 
     def training_system(self):
         """The head's :class:`~carrot.ridge.removal.RidgeSystem` on the training rows (its own factor), built once."""
+        if not isinstance(self.head_, RidgeHead):  # the kernel head is its own training system (dual, n x n)
+            return self.head_
         if getattr(self, "_system", None) is None or self._system_head is not self.head_:
             from carrot.ridge.removal import RidgeSystem
 
@@ -249,7 +251,8 @@ class Carrot:
         from carrot.attribution.regions import deletion_insertion, mask_to_grid, node_removal as removal, segment_sum
 
         check_is_fitted(self, ("head_",))
-        from carrot.attribution.pixels import PIXEL_MAPS, REGION_MEANING
+        from carrot.attribution.pixels import LINEAR_ONLY, PIXEL_MAPS, REGION_MEANING
+        from carrot.ridge.heads import kind_of
         from carrot.attribution.training import VIEW_MEANING, certificate, removal_pairs, training_terms
 
         n = len(self.train_records_)
@@ -266,7 +269,8 @@ class Carrot:
         logits = self.head_.decision_function(G)
         system = self.training_system()
         pred = logits.argmax(1)
-        terms = training_terms(system, G, pred)
+        linear = isinstance(self.head_, RidgeHead)  # the kernel head has no additive token split, pairs or certificate
+        terms = training_terms(system, G, pred) if linear else self.head_.training_terms(G, pred)
         P = patch_centres(grid, torch.float64)
         weights = self.sample_weight_
         out = []
@@ -274,14 +278,19 @@ class Carrot:
             c = int(pred[i])
             support = -terms["removal"][i]  # f(x) - f_-i(x): > 0, the image raises this logit (0 for weight 0)
             tk = top_k(support, k)
-            regions = region_contributions(self.head_, H[i], w[i])[:, c]
+            if linear:
+                regions = region_contributions(self.head_, H[i], w[i])[:, c]
+            else:  # each token's exact removal from the graph: a counterfactual, the drops do not add up
+                drops = removal(self.head_, H[i], P, c, self.embedder)
+                regions = torch.as_tensor([drops[j] for j in range(len(drops))], dtype=torch.float64)
             prior = float(self.head_.prior_[c])
             idx = np.concatenate([tk.support_idx, tk.inhibit_idx])
             Ht, wt, tgrid, timgs = self.train_regions(idx.tolist())
             rows = []
             for r, j in enumerate(idx):
-                pm, base = removal_pairs(system, H[i], w[i], Ht[r], wt[r], int(j), c)
-                flat = torch.topk(pm.flatten().abs(), min(pairs, pm.numel())).indices
+                if linear:
+                    pm, base = removal_pairs(system, H[i], w[i], Ht[r], wt[r], int(j), c)
+                    flat = torch.topk(pm.flatten().abs(), min(pairs, pm.numel())).indices
                 rows.append({
                     "index": int(j), "path": self.train_records_[j].path,
                     "label": self.classes_[self.train_records_[j].label], "score": float(support[j]),
@@ -289,15 +298,15 @@ class Carrot:
                     "equivalent_kernel": float(terms["equivalent_kernel"][i, j]),
                     "representer": float(terms["representer"][i, j]),
                     **({"weight": float(weights[j])} if weights is not None else {}),
-                    "pair_intercept": base,
-                    "pair_sum_error": abs(float(pm.sum()) + base - float(support[j])),
-                    "test_regions": pm.sum(1).reshape(grid).tolist(),
-                    "train_regions": pm.sum(0).reshape(tgrid).tolist(),
-                    "pairs": [{"test_region": int(f // pm.shape[1]), "train_region": int(f % pm.shape[1]),
-                               "value": float(pm.flatten()[f])} for f in flat.tolist()],
+                    **({"pair_intercept": base,
+                        "pair_sum_error": abs(float(pm.sum()) + base - float(support[j])),
+                        "test_regions": pm.sum(1).reshape(grid).tolist(),
+                        "train_regions": pm.sum(0).reshape(tgrid).tolist(),
+                        "pairs": [{"test_region": int(f // pm.shape[1]), "train_region": int(f % pm.shape[1]),
+                                   "value": float(pm.flatten()[f])} for f in flat.tolist()]} if linear else {"pairs": []}),
                     "_image": timgs[r],
                 })
-            cert = certificate(system, G[i], certificate_limit) if certificate_limit else None
+            cert = certificate(system, G[i], certificate_limit) if certificate_limit and linear else None
             ek_sum, rep_sum = float(terms["equivalent_kernel"][i].sum()), float(terms["representer"][i].sum())
             exp: dict[str, Any] = {
                 "image": str(path),
@@ -308,21 +317,23 @@ class Carrot:
                 "ranking": "removal",
                 "meaning": {"score": "f(x) - f_-i(x): how much this logit drops if the image is removed from training "
                                      "(exact, equal to a refit); the images are ranked by it", **VIEW_MEANING,
-                            **{k: v for k, v in REGION_MEANING.items() if k != "pixel_map" or pixel_map},
+                            **{k: v for k, v in REGION_MEANING.items() if (k != "pixel_map" or pixel_map)
+                               and (k not in LINEAR_ONLY if not linear else k != "region_removal")},
                             **({"pixel_map": PIXEL_MAPS[pixel_map]} if pixel_map else {})},
+                "head": kind_of(self.head_).name,
                 "data_sum": rep_sum,
                 "equivalent_kernel_sum": ek_sum,
-                "region_sum": float(regions.sum()),
                 "identity_error": {
                     "data": abs(prior + rep_sum - float(logits[i, c])),
                     "equivalent_kernel": abs(prior + ek_sum - float(logits[i, c])),
-                    "regions": abs(prior + float(regions.sum()) - float(logits[i, c])),
+                    **({"regions": abs(prior + float(regions.sum()) - float(logits[i, c]))} if linear else {}),
                 },
                 "supporting": rows[:k],
                 "inhibiting": rows[k:],
                 "grid": list(grid),
                 "train_grid": list(tgrid),
-                "region_contributions": regions.reshape(grid).tolist(),
+                **({"region_sum": float(regions.sum()), "region_contributions": regions.reshape(grid).tolist()} if linear
+                   else {"region_removal": regions.reshape(grid).tolist()}),
                 "_image": imgs[i],
             }
             if cert is not None:
@@ -356,7 +367,8 @@ class Carrot:
                 exp["insertion"] = {"fractions": ins.fractions.tolist(), "logits": ins.logits.tolist(), "auc": ins.auc}
             if masks and str(path) in masks:
                 seg = mask_to_grid(masks[str(path)], grid)
-                exp["segments"] = {str(s_): v for s_, v in segment_sum(regions.numpy(), seg).items()}
+                if linear:
+                    exp["segments"] = {str(s_): v for s_, v in segment_sum(regions.numpy(), seg).items()}
                 if node_removal:
                     exp["segment_removal"] = {str(s_): v for s_, v in removal(self.head_, H[i], P, c, emb, seg).items()}
             out.append(exp)

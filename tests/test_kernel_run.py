@@ -1,0 +1,102 @@
+"""A run fitted with the kernel head, through the commands: fit, load, predict, explain (exact training-image
+views, token removal map, pixel map), evaluate accuracy, t sweep, compare; refusals by name where the kernel
+head has no such property."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from carrot.cli import cli
+
+
+@pytest.fixture(scope="module")
+def kernel_run(tmp_path_factory, fit_tiny):
+    return fit_tiny(tmp_path_factory.mktemp("kernel") / "run", head={"kind": "kernel", "kernel": "rbf"})
+
+
+def test_the_run_fits_saves_and_loads_the_kernel_head(kernel_run):
+    from carrot.ridge.kernel import KernelRidgeHead
+    from carrot.run.pipeline import Carrot
+
+    model = Carrot.load(kernel_run)
+    assert isinstance(model.head_, KernelRidgeHead) and model.head_.gamma_ > 0 and model.head_.lam_ > 0
+    metrics = json.loads((kernel_run / "metrics.json").read_text())
+    assert metrics["head"] == "kernel" and metrics["loo_path"] and 0 <= metrics["test_accuracy"] <= 1
+    G = np.asarray(model.test_embeddings_)
+    y = np.array([lab for _, lab in model.test_records_])
+    assert metrics["test_accuracy"] == pytest.approx(float((model.head_.predict(G) == y).mean()))
+    paths = [p for p, _ in model.test_records_[:3]]
+    assert np.allclose(model.pixel_logits(model.inputs(paths)), model.head_.decision_function(model.embed_images(paths)[0]),
+                       atol=1e-12)
+    index = (kernel_run / "index.html").read_text()
+    assert "harmful" in index.lower() or "Harmful" in index
+
+
+def test_explain_with_the_kernel_head_keeps_the_exact_training_image_views(kernel_run, tmp_path):
+    from carrot.run.pipeline import Carrot
+
+    model = Carrot.load(kernel_run)
+    path = model.test_records_[0][0]
+    r = CliRunner().invoke(cli, ["explain", str(kernel_run), path, "--top-k", "2", "--out", str(tmp_path), "--json",
+                                 "--permutations", "2"])
+    assert r.exit_code == 0, r.output
+    exp = json.loads(r.output)[0]
+    assert exp["head"] == "kernel" and "region_contributions" not in exp and "certificate" not in exp
+    assert exp["identity_error"]["data"] < 1e-9 and exp["identity_error"]["equivalent_kernel"] < 1e-9
+    assert "regions" not in exp["identity_error"] and "region_removal" in exp["meaning"] and "pairs" not in exp["meaning"]
+    drops = np.asarray(exp["region_removal"])
+    assert drops.shape == tuple(exp["grid"]) and np.isfinite(drops).all()
+    top = exp["supporting"][0]
+    keep = np.arange(len(model.train_records_)) != top["index"]  # the score is a refit without the image
+    from carrot.ridge.kernel import KernelRidgeHead
+
+    h = model.head_
+    ref = KernelRidgeHead(kernel=h.kernel, gamma=h.gamma_, lam=h.lam_, standardize=False).fit(
+        h.X_fit_.numpy()[keep], h.train_targets_.argmax(1).numpy()[keep])
+    G = model.embed_images([path])[0]
+    z = h._preprocess(torch.as_tensor(G, dtype=torch.float64)).numpy()  # the fixed preprocessing, then a plain refit
+    f, f_minus = h.decision_function(G)[0], ref.decision_function(z)[0]
+    assert top["score"] == pytest.approx(f[exp["predicted_index"]] - f_minus[exp["predicted_index"]], abs=1e-8)
+    page = next(tmp_path.glob("0000_*/explanation.html")).read_text()
+    assert "each token's exact removal from the graph" in page and "Shapley value" in page
+
+
+def test_kernel_run_commands_work_or_refuse_by_name(kernel_run, tmp_path):
+    ok = [["predict", str(kernel_run), str(tmp_path / "none"), "--out", str(tmp_path / "p.csv")],
+          ["evaluate", str(kernel_run), "--what", "accuracy", "--seeds", "0", "--json"],
+          ["compare", str(kernel_run), str(kernel_run)],
+          ["bench", str(kernel_run), "--t", "0,1"]]
+    (tmp_path / "none").mkdir()
+    from carrot.run.pipeline import Carrot
+
+    img = Carrot.load(kernel_run).test_records_[0][0]
+    ok[0][2] = img
+    for args in ok:
+        r = CliRunner().invoke(cli, args)
+        assert r.exit_code == 0, (args, r.output)
+    refused = {("reweight", str(kernel_run)): "reweight: the kernel head has no RRO reweighting",
+               ("debug", str(kernel_run)): "debug: the kernel head has no exact refit under changed training weights",
+               ("tracin", str(kernel_run)): "tracin: the kernel head has no linear coefficients",
+               ("evaluate", str(kernel_run), "--what", "lds"): "evaluate --what lds: the kernel head has no attribution",
+               ("evaluate", str(kernel_run), "--what", "deletion"): "evaluate --what deletion: the kernel head has no additive",
+               ("evaluate", str(kernel_run), "--what", "certificates"): "the kernel head has no counterfactual certificate"}
+    for args, message in refused.items():
+        r = CliRunner().invoke(cli, list(args))
+        assert r.exit_code == 2 and message in r.output and "head.kind: ridge" in r.output, (args, r.output)
+        assert r.output.count("\n") == 1, r.output
+
+
+@pytest.mark.parametrize("key,value,match", [("kind", "forest", "head.kind: expected ridge or kernel"),
+                                             ("kernel", "cosine", "head.kernel: expected rbf, laplacian, poly"),
+                                             ("gamma", -1, "head.gamma: expected 'auto' or a finite number > 0"),
+                                             ("gamma", "big", "head.gamma: expected")])
+def test_head_config_keys_are_checked(key, value, match):
+    from carrot.config import RunConfig
+    from carrot.errors import CarrotError
+
+    with pytest.raises(CarrotError, match=match):
+        RunConfig.from_dict({"head": {"kind": "kernel", key: value}})
+    with pytest.raises(CarrotError, match="head.fit_intercept: the kernel head always fits"):
+        RunConfig.from_dict({"head": {"kind": "kernel", "fit_intercept": False}})
