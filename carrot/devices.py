@@ -26,3 +26,15 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise CarrotError("device: 'mps' was requested but MPS is not available; use --device cpu or auto")
     return dev
+
+
+def device_memory(dev: torch.device | None = None) -> int | None:
+    """Bytes of memory on ``dev``: the GPU's for CUDA, else the machine's physical memory; None when unknown."""
+    if dev is not None and dev.type == "cuda":
+        return torch.cuda.get_device_properties(dev).total_memory
+    import os
+
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None

@@ -184,3 +184,12 @@ def test_training_terms_views_sum_to_the_logit_and_removal_is_a_refit(kernel, we
         keep = np.arange(len(y)) != i
         ref = KernelRidgeHead(kernel=kernel, gamma=0.4, lam=0.2, standardize=False).fit(G[keep], y[keep], None if a is None else a[keep])
         assert np.allclose(T["removal"][:, i].numpy(), ref.decision_function(Gt)[np.arange(5), c] - f[np.arange(5), c], atol=1e-9)
+
+
+def test_the_exact_dual_refuses_a_training_set_beyond_memory(monkeypatch):
+    import carrot.ridge.kernel as kernel
+
+    monkeypatch.setattr(kernel, "_memory", lambda dev: 8 * 5 * 24 * 24)  # too little for n = 24
+    G, y, _ = data(0)
+    with pytest.raises(CarrotError, match=r"G: the exact kernel head on n = 24 training images holds 5 n x n"):
+        KernelRidgeHead(lam=1.0, gamma=1.0).fit(G, y)

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from sklearn.base import BaseEstimator, ClassifierMixin
 
-from carrot.devices import resolve_device
+from carrot.devices import device_memory, resolve_device
 from carrot.errors import CarrotError, check_is_fitted
 from carrot.io import atomic_path, read_json, write_json
 from carrot.ridge.loo import DEFAULT_LAMBDAS, LooPath, check_lambdas
@@ -30,6 +30,13 @@ from carrot.validation import ArrayLike, as_float64_matrix, as_weights, encode_l
 
 KERNEL_HEAD_FORMAT_VERSION = 1
 GAMMA_MULTIPLIERS = (0.25, 0.5, 1.0, 2.0, 4.0)  # 'auto' gamma: these times the median heuristic
+
+
+DUAL_ARRAYS = 5  # n x n float64 arrays alive in a fit: K, Kc, M, its eigenvectors, and one product
+
+
+def _memory(dev: torch.device) -> int | None:
+    return device_memory(dev)
 
 
 def _sq_dist(X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
@@ -201,6 +208,11 @@ class KernelRidgeHead(ClassifierMixin, BaseEstimator):
         a = as_weights(sample_weight, n)
         dev = resolve_device(self.device)
         dev = dev if dev.type != "mps" else torch.device("cpu")
+        need, have = DUAL_ARRAYS * 8 * n * n, _memory(dev)
+        if have is not None and need > have // 2:
+            raise CarrotError(f"G: the exact kernel head on n = {n} training images holds {DUAL_ARRAYS} n x n float64 arrays "
+                              f"({need / 2**30:.1f} GiB), more than half of the {have / 2**30:.1f} GiB of {dev.type} memory; "
+                              "use head.kind: ridge, or fewer training images (a Nystrom approximation is not built yet)")
         if self.standardize:
             S = float(a.sum())
             self.scale_mean_ = (a @ G) / S

@@ -10,6 +10,7 @@ import numpy as np
 
 from carrot.features.cache import extract
 from carrot.config import RunConfig
+from carrot.devices import device_memory
 from carrot.distributed import barrier, init_from_env, world
 from carrot.data import ImageDataset, check_headers, collect_images, duplicate_test_images, load_splits, report_duplicates
 from carrot.errors import CarrotError
@@ -41,7 +42,7 @@ def check_resources(model: Carrot, datasets: Sequence[ImageDataset], root: Path 
     grid, dim = _probe_grid(model.backbone)
     N = grid[0] * grid[1]
     graph = 6 * 8 * N * N  # W, L, distances and the solver's work, float64 N x N
-    mem = _physical_memory()
+    mem = device_memory()
     if mem and graph > mem // 2:
         raise CarrotError(f"backbone.img_size: {model.backbone.img_size} px gives {N} regions per image, whose graph needs "
                           f"about {graph / 2**30:.1f} GiB, more than half this machine's {mem / 2**30:.1f} GiB; "
@@ -63,15 +64,6 @@ def check_resources(model: Carrot, datasets: Sequence[ImageDataset], root: Path 
             raise CarrotError(f"token cache: {sum(len(d) for d in datasets)} images need {need / 2**30:.2f} GiB at "
                               f"'{root}', only {free / 2**30:.2f} GiB free; free space, set --cache-dir to a larger "
                               "disk, or fit with --no-cache-tokens")
-
-
-def _physical_memory() -> int | None:
-    import os
-
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return None
 
 
 def extract_splits(config: RunConfig, model: Carrot | None = None, progress: bool = True) -> tuple[list, ImageDataset, ImageDataset]:
