@@ -147,7 +147,7 @@ class DiffusionConfig:
                               f"{MAX_CHEBYSHEV_TERMS}); use method eigh or auto, exact for any t")
 
 
-HEAD_KINDS = ("ridge", "kernel")  # carrot.ridge.heads.HEADS, named here so that a config validates without torch
+HEAD_KINDS = ("ridge", "kernel", "auto")  # carrot.ridge.heads.HEADS, named here so that a config validates without torch
 KERNEL_NAMES = ("rbf", "laplacian", "poly")  # carrot.ridge.kernel.KERNELS
 
 
@@ -162,14 +162,14 @@ class HeadConfig:
 
     def __post_init__(self) -> None:
         if self.kind not in HEAD_KINDS:
-            raise CarrotError(f"head.kind: expected {' or '.join(HEAD_KINDS)}, got {self.kind!r}")
+            raise CarrotError(f"head.kind: expected {', '.join(HEAD_KINDS)}, got {self.kind!r}")
         if self.kernel not in KERNEL_NAMES:
             raise CarrotError(f"head.kernel: expected {', '.join(KERNEL_NAMES)}, got {self.kernel!r}")
         for name in ("lam", "gamma"):
             v = getattr(self, name)
             if v != "auto" and (not _is_number(v) or not v > 0):
                 raise CarrotError(f"head.{name}: expected 'auto' or a finite number > 0, got {v!r}")
-        if self.kind == "kernel" and self.fit_intercept is not True:
+        if self.kind in ("kernel", "auto") and self.fit_intercept is not True:
             raise CarrotError(f"head.fit_intercept: the kernel head always fits an unpenalised intercept; expected "
                               f"true, got {self.fit_intercept!r}")
         check_bool("head.fit_intercept", self.fit_intercept)

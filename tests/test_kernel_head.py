@@ -193,3 +193,24 @@ def test_the_exact_dual_refuses_a_training_set_beyond_memory(monkeypatch):
     G, y, _ = data(0)
     with pytest.raises(CarrotError, match=r"G: the exact kernel head on n = 24 training images holds 5 n x n"):
         KernelRidgeHead(lam=1.0, gamma=1.0).fit(G, y)
+
+
+def test_auto_keeps_the_head_with_the_higher_exact_loo_accuracy():
+    from carrot.config import RunConfig
+    from carrot.ridge.head import RidgeHead
+    from carrot.ridge.heads import fit_head, loo_accuracy
+
+    rng = np.random.default_rng(0)
+    X = rng.uniform(-1, 1, size=(60, 2))
+    y = (X[:, 0] * X[:, 1] > 0).astype(int)  # XOR: no linear head separates it, an RBF kernel does
+    cfg = RunConfig.from_dict({"head": {"kind": "auto"}, "device": "cpu"})
+    head = fit_head(cfg, X, y)
+    assert type(head).__name__ == "KernelRidgeHead" and head.head_choice_["kernel"] > head.head_choice_["ridge"] + 0.2
+    Xs = np.vstack([X[y == 0] - 3, X[y == 1] + 3])  # far apart: both are perfect, the tie keeps ridge
+    assert type(fit_head(cfg, Xs, np.sort(y))).__name__ == "RidgeHead"
+    for h in (RidgeHead(lam=0.3).fit(X, y), KernelRidgeHead(lam=0.3, gamma=2.0, standardize=False).fit(X, y)):  # no search
+        hits = 0
+        for i in range(len(y)):
+            keep = np.arange(len(y)) != i
+            hits += int(clone(h).fit(X[keep], y[keep]).predict(X[i : i + 1])[0] == y[i])
+        assert loo_accuracy(h, X, y) == pytest.approx(hits / len(y))

@@ -78,10 +78,11 @@ def require(head: Any, prop: str, what: str) -> None:
                           f"head.kind: {' or '.join(fits)} for it")
 
 
-def head_from_config(config: "RunConfig") -> Any:
-    """The unfitted head a run configuration describes (``head.*`` keys and the run's device)."""
+def head_from_config(config: "RunConfig", kind: str | None = None) -> Any:
+    """The unfitted head a run configuration describes (``head.*`` keys and the run's device); ``kind``
+    overrides ``head.kind`` (one of the candidates of 'auto')."""
     h = config.head
-    if h.kind == "kernel":
+    if (kind or h.kind) == "kernel":
         return HEADS["kernel"].cls(kernel=h.kernel, gamma=h.gamma, lam=h.lam, device=config.device)
     return HEADS["ridge"].cls(lam=h.lam, fit_intercept=h.fit_intercept, solver=h.solver, device=config.device)
 
@@ -95,3 +96,34 @@ def load_head(path: str | Path) -> Any:
             return kind.cls.load(path)
     raise CarrotError(f"'{path}.json': expected a head file of format "
                       f"{', '.join(k.file_format for k in HEADS.values())}, got {fmt!r}")
+
+
+def loo_accuracy(head: Any, G: Any, y: Any) -> float:
+    """Exact leave-one-out accuracy of a fitted head on its training rows (G, y): from its own LOO search when it
+    made one (the chosen setting's), else from its exact LOO logits."""
+    import numpy as np
+
+    if getattr(head, "lam_path_", None):
+        return float(max(head.lam_path_["loo_accuracy"]))
+    if getattr(head, "loo_path_", None):
+        return float(max(max(p["loo_accuracy"]) for p in head.loo_path_))
+    if kind_of(head).name == "kernel":
+        loo = head.loo_decision()
+    else:
+        from carrot.ridge.removal import RidgeSystem
+
+        loo = RidgeSystem.from_head(head, G, y).loo_logits()
+    return float((np.asarray(head.classes_)[loo.argmax(1).numpy()] == np.asarray(y)).mean())
+
+
+def fit_head(config: "RunConfig", G: Any, y: Any, sample_weight: Any = None) -> Any:
+    """Fit the head ``head.kind`` names. 'auto' fits the ridge and the kernel head and keeps the one with the higher
+    exact LOO accuracy on the training set (ties: ridge, which keeps every identity); both keep the exact
+    training-image terms. The candidates' LOO accuracies are kept as ``head_choice_``."""
+    if config.head.kind != "auto":
+        return head_from_config(config).fit(G, y, sample_weight)
+    heads = {kind: head_from_config(config, kind).fit(G, y, sample_weight) for kind in ("ridge", "kernel")}
+    scores = {kind: loo_accuracy(h, G, y) for kind, h in heads.items()}
+    best = heads["kernel" if scores["kernel"] > scores["ridge"] else "ridge"]
+    best.head_choice_ = scores
+    return best

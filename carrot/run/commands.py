@@ -16,7 +16,7 @@ from carrot.data import ImageDataset, check_headers, collect_images, duplicate_t
 from carrot.errors import CarrotError
 from carrot.audit.evaluate import per_class_accuracy
 from carrot.io import check_dir, user_cache_dir, write_json
-from carrot.ridge.heads import require
+from carrot.ridge.heads import kind_of, require
 from carrot.run.pipeline import Carrot
 from carrot.run.rundir import RunDir
 from carrot.report.pages import write_explanation
@@ -130,7 +130,7 @@ def fit(config: RunConfig, run_dir: str | Path, progress: bool = True, overwrite
     model.fit(G_train, train.labels, train.records, train.classes)
     metrics = {
         "n_train": len(train), "n_test": len(test), "classes": len(train.classes),
-        "head": model.config.head.kind, "lam": model.head_.lam_, "lam_path": getattr(model.head_, "lam_path_", None),
+        "head": kind_of(model.head_).name, "head_choice": getattr(model.head_, "head_choice_", None), "lam": model.head_.lam_, "lam_path": getattr(model.head_, "lam_path_", None),
         **({"gamma": model.head_.gamma_, "loo_path": model.head_.loo_path_} if hasattr(model.head_, "gamma_") else {}),
         "train_accuracy": model.score(G_train, train.labels),
         "test_accuracy": model.score(G_test, test.labels),

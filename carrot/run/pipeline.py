@@ -18,7 +18,7 @@ from carrot.data import ImageDataset, ImageRecord, load_image
 from carrot.embed.embedder import Embedder
 from carrot.errors import CarrotError, check_is_fitted, first_line
 from carrot.ridge.head import RidgeHead
-from carrot.ridge.heads import head_from_config, load_head
+from carrot.ridge.heads import fit_head, load_head
 from carrot.io import save_npy, write_json
 from carrot.features.regions import RegionSet
 
@@ -96,7 +96,7 @@ class Carrot:
         -------
         self, with ``head_``, ``train_embeddings_``, ``train_records_``, ``classes_``, ``sample_weight_``.
         """
-        self.head_ = head_from_config(self.config).fit(G, y, sample_weight)
+        self.head_ = fit_head(self.config, G, y, sample_weight)
         self.sample_weight_ = None if sample_weight is None else np.asarray(sample_weight, dtype=np.float64)
         self.train_embeddings_ = np.asarray(G, dtype=np.float64)
         self.train_records_ = list(records)
