@@ -106,6 +106,12 @@ def main() -> None:
                          "chosen": setting, "n_train": int(len(tr)), "n_test": int(len(te))})
             print(f"seed {seed} {name}: test {acc:.4f}" + (f" (LOO {loo:.4f})" if loo is not None else "")
                   + f", {fit_s:.1f} s, {setting}", flush=True)
+        pair = {r["head"]: r for r in rows if r["seed"] == seed and r["head"] in ("carrot_linear", "carrot_kernel_rbf")}
+        if len(pair) == 2:  # head.kind auto: the higher exact LOO accuracy of the two (ties: linear), no extra fit
+            lin, ker = pair["carrot_linear"], pair["carrot_kernel_rbf"]
+            best = ker if ker["loo_accuracy"] > lin["loo_accuracy"] else lin
+            rows.append({**best, "head": "carrot_auto", "fit_seconds": lin["fit_seconds"] + ker["fit_seconds"],
+                         "chosen": best["head"]})
     meta = json.loads((Path(args.run) / "run.json").read_text())
     data, backbone = meta["config"]["data"]["kind"], meta["config"]["backbone"]["name"]
     out = args.out or Path(__file__).parent / "results" / f"heads_{data}_{backbone}"

@@ -227,6 +227,7 @@ def pixels_section(d: dict) -> list[str]:
 
 HEAD_NAMES = {
     "carrot_linear": "carrot linear ridge (lambda by exact LOO)",
+    "carrot_auto": "**carrot `head.kind: auto`** (linear or RBF kernel, by exact LOO)",
     "carrot_kernel_rbf": "carrot kernel ridge, RBF ((gamma, lambda) by exact LOO)",
     "carrot_kernel_laplacian": "carrot kernel ridge, Laplacian",
     "carrot_kernel_poly": "carrot kernel ridge, polynomial (degree 3)",
