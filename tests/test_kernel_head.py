@@ -189,10 +189,15 @@ def test_training_terms_views_sum_to_the_logit_and_removal_is_a_refit(kernel, we
 def test_the_exact_dual_refuses_a_training_set_beyond_memory(monkeypatch):
     import carrot.ridge.kernel as kernel
 
-    monkeypatch.setattr(kernel, "_memory", lambda dev: 8 * 5 * 24 * 24)  # too little for n = 24
+    from carrot.config import RunConfig
+    from carrot.ridge.heads import fit_head
+
+    monkeypatch.setattr(kernel, "_memory", lambda dev: 8 * 9 * 24 * 24)  # too little for n = 24
     G, y, _ = data(0)
-    with pytest.raises(CarrotError, match=r"G: the exact kernel head on n = 24 training images holds 5 n x n"):
+    with pytest.raises(CarrotError, match=r"G: the exact kernel head on n = 24 training images holds 9 n x n"):
         KernelRidgeHead(lam=1.0, gamma=1.0).fit(G, y)
+    head = fit_head(RunConfig.from_dict({"head": {"kind": "auto"}, "device": "cpu"}), G, y)  # auto keeps the ridge, says why
+    assert type(head).__name__ == "RidgeHead" and "holds 9 n x n" in head.head_choice_["kernel_skipped"]
 
 
 def test_auto_keeps_the_head_with_the_higher_exact_loo_accuracy():
@@ -214,3 +219,43 @@ def test_auto_keeps_the_head_with_the_higher_exact_loo_accuracy():
             keep = np.arange(len(y)) != i
             hits += int(clone(h).fit(X[keep], y[keep]).predict(X[i : i + 1])[0] == y[i])
         assert loo_accuracy(h, X, y) == pytest.approx(hits / len(y))
+
+
+@pytest.mark.parametrize("weights", [False, True])
+def test_loss_change_and_label_review_equal_refits(weights):
+    """The index page's harmful / helpful lists and label review for the kernel head, against brute-force refits."""
+    G, y, a = data(8, weights=weights)
+    head = KernelRidgeHead(gamma=0.6, lam=0.2, standardize=False).fit(G, y, a)
+    rng = np.random.default_rng(9)
+    Ge, ye = rng.normal(size=(7, G.shape[1])), rng.integers(0, 3, size=7)
+    change = head.loo_loss_change(Ge, ye).numpy()
+    Ye = np.eye(3)[ye]
+    base = ((head.decision_function(Ge) - Ye) ** 2).sum()
+    for i in (0, 4, 13):
+        keep = np.arange(len(y)) != i
+        ref = KernelRidgeHead(gamma=0.6, lam=0.2, standardize=False).fit(G[keep], y[keep], None if a is None else a[keep])
+        assert change[i] == pytest.approx(((ref.decision_function(Ge) - Ye) ** 2).sum() - base, abs=1e-9)
+    scores, T = head.loo_cross_entropy()
+    loo = np.stack([KernelRidgeHead(gamma=0.6, lam=0.2, standardize=False).fit(
+        G[np.arange(len(y)) != i], y[np.arange(len(y)) != i], None if a is None else a[np.arange(len(y)) != i]
+    ).decision_function(G[i : i + 1])[0] for i in range(len(y))])
+    ref = -torch.log_softmax(torch.as_tensor(loo) / T, 1)[torch.arange(len(y)), torch.as_tensor(y)].numpy()
+    active = np.ones(len(y), bool) if a is None else a > 0
+    assert np.allclose(scores.numpy()[active], ref[active], atol=1e-8) and T > 0
+
+
+@pytest.mark.parametrize("name,bad", [("prior", lambda t: t.float()), ("scale_std", lambda t: t[:-1]),
+                                      ("dual_coef", lambda t: t * float("nan")), ("X_fit", lambda t: t[:-1])])
+def test_a_tampered_kernel_head_is_refused_in_one_line(tmp_path, name, bad):
+    from safetensors.torch import load_file, save_file
+
+    G, y, _ = data(2)
+    KernelRidgeHead(lam=0.5, gamma=0.5).fit(G, y).save(tmp_path / "h.safetensors")
+    t = load_file(str(tmp_path / "h.safetensors"))
+    t[name] = bad(t[name]).contiguous()
+    save_file(t, str(tmp_path / "h.safetensors"))
+    with pytest.raises(CarrotError, match=f"{name} is not a finite float64 array of shape"):
+        KernelRidgeHead.load(tmp_path / "h.safetensors")
+    (tmp_path / "h.safetensors").unlink()
+    with pytest.raises(CarrotError, match="head weights not found"):
+        KernelRidgeHead.load(tmp_path / "h.safetensors")

@@ -88,7 +88,7 @@ def test_kernel_run_commands_work_or_refuse_by_name(kernel_run, tmp_path):
         assert r.output.count("\n") == 1, r.output
 
 
-@pytest.mark.parametrize("key,value,match", [("kind", "forest", "head.kind: expected ridge or kernel"),
+@pytest.mark.parametrize("key,value,match", [("kind", "forest", "head.kind: expected ridge, kernel, auto"),
                                              ("kernel", "cosine", "head.kernel: expected rbf, laplacian, poly"),
                                              ("gamma", -1, "head.gamma: expected 'auto' or a finite number > 0"),
                                              ("gamma", "big", "head.gamma: expected")])

@@ -122,8 +122,15 @@ def fit_head(config: "RunConfig", G: Any, y: Any, sample_weight: Any = None) -> 
     training-image terms. The candidates' LOO accuracies are kept as ``head_choice_``."""
     if config.head.kind != "auto":
         return head_from_config(config).fit(G, y, sample_weight)
-    heads = {kind: head_from_config(config, kind).fit(G, y, sample_weight) for kind in ("ridge", "kernel")}
-    scores = {kind: loo_accuracy(h, G, y) for kind, h in heads.items()}
+    from carrot.ridge.kernel import dual_memory_error
+
+    kernel = head_from_config(config, "kernel")
+    too_big = dual_memory_error(kernel, len(G))
+    heads = {kind: head_from_config(config, kind).fit(G, y, sample_weight) for kind in (("ridge",) if too_big else ("ridge", "kernel"))}
+    scores: dict[str, Any] = {kind: loo_accuracy(h, G, y) for kind, h in heads.items()}
+    if too_big:  # the exact dual does not fit in memory: the ridge head, and why
+        heads["ridge"].head_choice_ = {**scores, "kernel": None, "kernel_skipped": too_big}
+        return heads["ridge"]
     best = heads["kernel" if scores["kernel"] > scores["ridge"] else "ridge"]
     best.head_choice_ = scores
     return best

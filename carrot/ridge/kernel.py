@@ -32,11 +32,23 @@ KERNEL_HEAD_FORMAT_VERSION = 1
 GAMMA_MULTIPLIERS = (0.25, 0.5, 1.0, 2.0, 4.0)  # 'auto' gamma: these times the median heuristic
 
 
-DUAL_ARRAYS = 5  # n x n float64 arrays alive in a fit: K, Kc, M, its eigenvectors, and one product
+DUAL_ARRAYS = 9  # n x n float64 arrays alive at a fit's peak: the best gamma's Kc and Q, the next gamma's K, Kc, M
+# and its eigenvectors, eigh's workspace (about 2), and the LOO path's product
 
 
 def _memory(dev: torch.device) -> int | None:
     return device_memory(dev)
+
+
+def dual_memory_error(head: "KernelRidgeHead", n: int) -> str | None:
+    """Why the exact dual of ``n`` training images does not fit in half of the head's device memory, or None."""
+    dev = resolve_device(head.device)
+    dev = dev if dev.type != "mps" else torch.device("cpu")
+    need, have = DUAL_ARRAYS * 8 * n * n, _memory(dev)
+    if have is None or need <= have // 2:
+        return None
+    return (f"the exact kernel head on n = {n} training images holds {DUAL_ARRAYS} n x n float64 arrays "
+            f"({need / 2**30:.1f} GiB), more than half of the {have / 2**30:.1f} GiB of {dev.type} memory")
 
 
 def _sq_dist(X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
@@ -208,11 +220,10 @@ class KernelRidgeHead(ClassifierMixin, BaseEstimator):
         a = as_weights(sample_weight, n)
         dev = resolve_device(self.device)
         dev = dev if dev.type != "mps" else torch.device("cpu")
-        need, have = DUAL_ARRAYS * 8 * n * n, _memory(dev)
-        if have is not None and need > have // 2:
-            raise CarrotError(f"G: the exact kernel head on n = {n} training images holds {DUAL_ARRAYS} n x n float64 arrays "
-                              f"({need / 2**30:.1f} GiB), more than half of the {have / 2**30:.1f} GiB of {dev.type} memory; "
-                              "use head.kind: ridge, or fewer training images (a Nystrom approximation is not built yet)")
+        too_big = dual_memory_error(self, n)
+        if too_big:
+            raise CarrotError(f"G: {too_big}; use head.kind: ridge, or fewer training images (a Nystrom approximation is "
+                              "not built yet)")
         if self.standardize:
             S = float(a.sum())
             self.scale_mean_ = (a @ G) / S
@@ -251,6 +262,7 @@ class KernelRidgeHead(ClassifierMixin, BaseEstimator):
         # f(x) = prior + (k(x) - r - k(x) a / S + t) alpha = intercept + k(x) alpha, as sum(alpha) = 0
         self.intercept_ = self.prior_ - (self.row_mean_ @ self.dual_coef_)
         self.train_targets_ = Y.cpu()
+        self._state_ = None
 
     @property
     def _a(self) -> torch.Tensor:
@@ -323,19 +335,27 @@ class KernelRidgeHead(ClassifierMixin, BaseEstimator):
             raise CarrotError(f"classes: expected one class per test image ({len(Z)}), got shape {tuple(c.shape)}")
         L = self._l(kc)
         Yc = self.train_targets_ - self.prior_
-        e = (self.train_targets_ - self.train_decision()) / (1 - self.hat_diag()).unsqueeze(1)
+        e = self._train_state()[2]
         rows = torch.arange(len(Z))
         return {"removal": -L * e.T[c], "equivalent_kernel": L * Yc.T[c], "representer": kc * self.dual_coef_.T[c],
                 "logit": F[rows, c], "prior": self.prior_[c]}
 
+    def _train_state(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(f (n, C), h (n,), R (n, C)) of the training fit, R_i = (y_i - f_i) / (1 - h_ii): computed once per fit."""
+        if getattr(self, "_state_", None) is None:
+            spec = self._spectrum()
+            f = (self.prior_.to(spec.s.device) + spec.Kc @ self.dual_coef_.to(spec.s.device)).cpu()
+            h = spec.hat(self.lam_).cpu()
+            self._state_ = (f, h, (self.train_targets_ - f) / (1 - h).unsqueeze(1))
+        return self._state_
+
     def hat_diag(self) -> torch.Tensor:
         """(n,) h_ii of the training fit (the leverage of each training image)."""
-        return self._spectrum().hat(self.lam_).cpu()
+        return self._train_state()[1]
 
     def train_decision(self) -> torch.Tensor:
         """(n, C) f(z_i) on the training images, from the Gram (no kernel re-evaluation)."""
-        spec = self._spectrum()
-        return (self.prior_.to(spec.s.device) + spec.Kc @ self.dual_coef_.to(spec.s.device)).cpu()
+        return self._train_state()[0]
 
     def loo_decision(self) -> torch.Tensor:
         """(n, C) exact leave-one-out logits f_-i(z_i) (a refit without image i, for each i)."""
@@ -368,7 +388,7 @@ class KernelRidgeHead(ClassifierMixin, BaseEstimator):
 
         Ge = as_float64_matrix(G_eval, "G_eval")
         Y = one_hot(np.asarray(y_eval_idx), len(self.classes_))
-        R = (self.train_targets_ - self.train_decision()) / (1 - self.hat_diag()).unsqueeze(1)
+        R = self._train_state()[2]
         r2 = (R * R).sum(1)
         total = torch.zeros(len(R), dtype=torch.float64)
         for s in range(0, len(Ge), chunk):
@@ -382,19 +402,23 @@ class KernelRidgeHead(ClassifierMixin, BaseEstimator):
         """(m, len(rows), C) f(x) - f_-i(x) for removing each training image i alone (exact, equal to a refit)."""
         idx = torch.arange(len(self.X_fit_)) if rows is None else torch.as_tensor(list(rows), dtype=torch.long)
         L = self.equivalent_kernel(G)[:, idx]
-        e = (self.train_targets_ - self.train_decision())[idx]
-        h = self.hat_diag()[idx]
-        return L.unsqueeze(2) * (e / (1 - h).unsqueeze(1)).unsqueeze(0)
+        return L.unsqueeze(2) * self._train_state()[2][idx].unsqueeze(0)
 
     def remove(self, G: ArrayLike, rows: Sequence[int]) -> torch.Tensor:
         """(m, C) f(x) - f_-R(x) for removing the set R = ``rows`` together: l_R(x)^T (I - H_RR)^-1 e_R (exact)."""
         R = torch.as_tensor(sorted(set(int(r) for r in rows)), dtype=torch.long)
         if not len(R) or R.min() < 0 or R.max() >= len(self.X_fit_):
             raise CarrotError(f"rows: expected training indices in 0..{len(self.X_fit_) - 1}, got {list(rows)!r}")
+        if float(self._a[R].sum()) >= float(self._a.sum()) * (1 - 1e-12):
+            raise CarrotError(f"rows: removing {len(R)} training images leaves none with weight > 0 to fit")
         L = self.equivalent_kernel(G)[:, R]
         H_RR = self._l(self._spectrum().Kc[R].cpu())[:, R]  # the hat matrix's rows R: l(z_r), kc(z_r) = Kc[r]
         e = (self.train_targets_ - self.train_decision())[R]
-        return L @ torch.linalg.solve(torch.eye(len(R), dtype=torch.float64) - H_RR, e)
+        try:
+            return L @ torch.linalg.solve(torch.eye(len(R), dtype=torch.float64) - H_RR, e)
+        except torch.linalg.LinAlgError:
+            raise CarrotError(f"rows: the fit without these {len(R)} training images is undetermined "
+                              "(I - H_RR is singular)") from None
 
     # persistence ---------------------------------------------------------------------------------------------
     def save(self, path: str | Path) -> None:
@@ -427,6 +451,8 @@ class KernelRidgeHead(ClassifierMixin, BaseEstimator):
         meta = read_json(str(path) + ".json", "head metadata")
         if not isinstance(meta, dict) or meta.get("format") != "carrot.KernelRidgeHead":
             raise CarrotError(f"'{path}.json' is not a carrot KernelRidgeHead file")
+        if not path.is_file():
+            raise CarrotError(f"head weights not found: '{path}'")
         if meta.get("version") != KERNEL_HEAD_FORMAT_VERSION:
             raise CarrotError(f"'{path}.json': expected kernel head format version {KERNEL_HEAD_FORMAT_VERSION}, "
                               f"got {meta.get('version')!r}")
@@ -453,11 +479,21 @@ class KernelRidgeHead(ClassifierMixin, BaseEstimator):
             if type(exc).__name__ != "SafetensorError":
                 raise
             raise CarrotError(f"head file '{path}' is corrupt ({str(exc).splitlines()[0]}); refit the run") from None
-        if (head.X_fit_.shape != (n, head.n_features_in_) or head.dual_coef_.shape != (n, c)
-                or head.train_targets_.shape != (n, c) or head.intercept_.shape != (c,) or head.row_mean_.shape != (n,)
-                or (head.sample_weight_ is not None and head.sample_weight_.shape != (n,))):
-            raise CarrotError(f"head file '{path}' is inconsistent with its metadata (shapes differ); refit the run")
-        head.spectrum_ = None
+        d = head.n_features_in_
+        shapes = {"X_fit": (head.X_fit_, (n, d)), "dual_coef": (head.dual_coef_, (n, c)),
+                  "train_targets": (head.train_targets_, (n, c)), "intercept": (head.intercept_, (c,)),
+                  "prior": (head.prior_, (c,)), "row_mean": (head.row_mean_, (n,))}
+        if head.sample_weight_ is not None:
+            shapes["sample_weight"] = (head.sample_weight_, (n,))
+        if head.standardize:
+            shapes.update(scale_mean=(head.scale_mean_, (d,)), scale_std=(head.scale_std_, (d,)))
+        for name, (t, shape) in shapes.items():
+            if t.shape != shape or t.dtype != torch.float64 or not torch.isfinite(t).all():
+                raise CarrotError(f"head file '{path}': {name} is not a finite float64 array of shape {shape}; refit the run")
+        if (head.sample_weight_ is not None and (head.sample_weight_ < 0).any()) or not (
+                head.gamma_ > 0 and head.lam_ > 0 and np.isfinite([head.gamma_, head.lam_, head.total_mean_]).all()):
+            raise CarrotError(f"head file '{path}': gamma_, lam_ or the weights are out of range; refit the run")
+        head.spectrum_, head._state_ = None, None
         return head
 
 
@@ -487,7 +523,7 @@ class _Spectrum:
         return self.Q @ ((self.Q.T @ V) / (self.m + lam).unsqueeze(1))
 
     def hat(self, lam: float) -> torch.Tensor:
-        return self.a / self.S + (self.Q * self.Q) @ (self.m / (self.m + lam))
+        return self.a / self.S + torch.einsum("ik,ik,k->i", self.Q, self.Q, self.m / (self.m + lam))
 
     def loo_path(self, Y: torch.Tensor, y_idx: np.ndarray, lams: np.ndarray) -> LooPath:
         """Exact LOO accuracy and mean squared error for every lambda (the criterion of the linear head's path)."""

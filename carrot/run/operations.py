@@ -14,7 +14,7 @@ from carrot.audit.registry import AUDITS
 from carrot.errors import CarrotError
 from carrot.io import atomic_path, read_json, write_csv, write_json
 from carrot.ridge.head import RidgeHead
-from carrot.ridge.heads import require
+from carrot.ridge.heads import kind_of, require
 from carrot.validation import index_labels
 from carrot.run.pipeline import Carrot
 from carrot.report.pages import index_html
@@ -180,7 +180,9 @@ def _apply_weights(model: Carrot, run_dir: str | Path, out: str | Path, weights:
     """A new run in ``out``: the parent's data, config and lambda, its head refitted with example ``weights``."""
     from carrot.audit.evaluate import per_class_accuracy
 
-    derived = Carrot(model.config.merged({"head.lam": model.head_.lam_}), backbone=model.backbone)
+    fixed = {"head.kind": kind_of(model.head_).name, "head.lam": model.head_.lam_,
+             "head.gamma": getattr(model.head_, "gamma_", None)}  # the parent's fitted head, never a new 'auto' choice
+    derived = Carrot(model.config.merged(fixed), backbone=model.backbone)
     derived.fit(model.train_embeddings_, y, model.train_records_, model.classes_, sample_weight=weights)
     pred = derived.head_.predict(G_test)
     metrics = {**model.metrics_, "lam": derived.head_.lam_, "lam_path": None,

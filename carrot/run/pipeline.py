@@ -281,7 +281,7 @@ class Carrot:
             if linear:
                 regions = region_contributions(self.head_, H[i], w[i])[:, c]
             else:  # each token's exact removal from the graph: a counterfactual, the drops do not add up
-                drops = removal(self.head_, H[i], P, c, self.embedder)
+                drops = removal(self.head_, H[i], P, c, self.embedder)  # reused by node_removal below
                 regions = torch.as_tensor([drops[j] for j in range(len(drops))], dtype=torch.float64)
             prior = float(self.head_.prior_[c])
             idx = np.concatenate([tk.support_idx, tk.inhibit_idx])
@@ -316,7 +316,8 @@ class Carrot:
                 "prior": prior,
                 "ranking": "removal",
                 "meaning": {"score": "f(x) - f_-i(x): how much this logit drops if the image is removed from training "
-                                     "(exact, equal to a refit); the images are ranked by it", **VIEW_MEANING,
+                                     "(exact, equal to a refit" + ("" if linear else " with the embeddings' standardisation, "
+                                     "gamma and lambda held as fitted") + "); the images are ranked by it", **VIEW_MEANING,
                             **{k: v for k, v in REGION_MEANING.items() if (k != "pixel_map" or pixel_map)
                                and (k not in LINEAR_ONLY if not linear else k != "region_removal")},
                             **({"pixel_map": PIXEL_MAPS[pixel_map]} if pixel_map else {})},
@@ -360,7 +361,7 @@ class Carrot:
                                 exp["pixel_map_sem"] = np.where(np.isfinite(info["sem"]), info["sem"], None).tolist()
             emb = self.embedder
             if node_removal:
-                drops = removal(self.head_, H[i], P, c, emb)
+                drops = removal(self.head_, H[i], P, c, emb) if linear else drops
                 dele, ins = deletion_insertion(self.head_, H[i], P, c, np.argsort(-regions.numpy(), kind="stable"), emb)
                 exp["node_removal"] = [drops[j] for j in range(len(drops))]
                 exp["deletion"] = {"fractions": dele.fractions.tolist(), "logits": dele.logits.tolist(), "auc": dele.auc}
@@ -466,6 +467,9 @@ class Carrot:
             raise CarrotError(f"run '{run_dir}': {rd.TRAIN_EMBEDDINGS} {self.train_embeddings_.shape} does not match "
                               f"the {len(self.train_records_)} training records of run.json and the head's "
                               f"{self.head_.n_features_in_} features; {REFIT}")
+        if getattr(self.head_, "X_fit_", None) is not None and len(self.head_.X_fit_) != len(self.train_records_):
+            raise CarrotError(f"run '{run_dir}': the kernel head holds {len(self.head_.X_fit_)} training images, run.json "
+                              f"{len(self.train_records_)}; {REFIT}")
         head_classes = np.asarray(self.head_.classes_)
         if head_classes.ndim != 1 or len(head_classes) != len(self.classes_) or not np.array_equal(head_classes, np.arange(len(self.classes_))):
             raise CarrotError(f"run '{run_dir}': run.json lists {len(self.classes_)} classes, the head has "
@@ -477,6 +481,8 @@ class Carrot:
             self.sample_weight_ = _load_array(rd.train_weights, run_dir)
             if self.sample_weight_.shape != (len(self.train_records_),):
                 raise CarrotError(f"run '{run_dir}': {rd.TRAIN_WEIGHTS} does not match the training records")
+            if self.head_.sample_weight_ is None and not isinstance(self.head_, RidgeHead):
+                raise CarrotError(f"run '{run_dir}': run.json says the head is weighted but its kernel head has no weights; {REFIT}")
             if self.head_.sample_weight_ is None:  # a head written before heads kept their weights
                 self.head_.sample_weight_ = torch.as_tensor(self.sample_weight_, dtype=torch.float64)
         self.metrics_ = meta.get("metrics", {})
