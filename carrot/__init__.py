@@ -32,6 +32,8 @@ _PUBLIC = {
     "RegionSet": "carrot.features.regions",
     "create_backbone": "carrot.features.backbone",
     "RidgeHead": "carrot.ridge.head",
+    "KernelRidgeHead": "carrot.ridge.kernel",
+    "HEADS": "carrot.ridge.heads",
     "RidgeSystem": "carrot.ridge.removal",
     "CentredMoments": "carrot.ridge.core",
     "RidgeFactor": "carrot.ridge.core",
