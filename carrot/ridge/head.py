@@ -16,7 +16,8 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 
 from carrot.devices import resolve_device
 from carrot.errors import CarrotError, check_is_fitted
-from carrot.io import atomic_path, read_json, write_json
+from carrot.io import atomic_path, write_json
+from carrot.ridge.headfile import load_parts, read_meta, settings
 from carrot.ridge.core import CentredMoments, RidgeFactor, chunks, dual_solve_coef, spectrum
 from carrot.validation import ArrayLike, as_float64_matrix, as_weights, encode_labels, float64_rows, index_labels, one_hot
 
@@ -247,38 +248,12 @@ class RidgeHead(ClassifierMixin, BaseEstimator):
     @classmethod
     def load(cls, path: str | Path) -> "RidgeHead":
         """Read a head written by :meth:`save`, checking that tensors and metadata agree."""
-        from safetensors.torch import load_file
-
         path = Path(path)
-        meta = read_json(str(path) + ".json", "head metadata")
-        if not isinstance(meta, dict) or meta.get("format") != "carrot.RidgeHead":
-            raise CarrotError(f"'{path}.json' is not a carrot RidgeHead file")
-        if not path.is_file():
-            raise CarrotError(f"head weights not found: '{path}'")
-        version = meta.get("version")
-        if isinstance(version, int) and version > HEAD_FORMAT_VERSION:
-            raise CarrotError(f"'{path}.json': head format version {version} was written by a newer carrot "
-                              f"(this one reads 1..{HEAD_FORMAT_VERSION}); upgrade carrot to load it")
-        if version not in range(1, HEAD_FORMAT_VERSION + 1):
-            raise CarrotError(f"'{path}.json': expected a head format version 1..{HEAD_FORMAT_VERSION}, got {version!r}")
+        meta, version = read_meta(path, cls, HEAD_FORMAT_VERSION)
         # version 2 saves every constructor setting, so a loaded head clones like the fitted one
         raw = meta.get("params") if version >= 2 else {k: meta[k] for k in ("lam", "fit_intercept", "solver") if k in meta}
-        if not isinstance(raw, dict) or not set(raw) <= set(cls._get_param_names()):
-            raise CarrotError(f"'{path}.json': params must be RidgeHead settings {cls._get_param_names()}, got {raw!r}")
-        params = dict(raw)
-        if params.get("lam_grid") is not None:
-            params["lam_grid"] = tuple(params["lam_grid"])
-        try:
-            return cls._from_parts(cls(**params), meta, load_file(str(path)), path, version)
-        except CarrotError:
-            raise
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise CarrotError(f"head file '{path}' is unreadable or incomplete ({type(exc).__name__}: "
-                              f"{str(exc).splitlines()[0] if str(exc) else 'no detail'}); refit the run") from None
-        except Exception as exc:  # noqa: BLE001 - safetensors' own error type for a corrupt file
-            if type(exc).__name__ != "SafetensorError":
-                raise
-            raise CarrotError(f"head file '{path}' is corrupt ({str(exc).splitlines()[0]}); refit the run") from None
+        head = cls(**settings(raw, cls, path))
+        return load_parts(path, lambda t: cls._from_parts(head, meta, t, path, version))
 
     @classmethod
     def _from_parts(cls, head: "RidgeHead", meta: dict, t: dict, path: Path, version: int) -> "RidgeHead":

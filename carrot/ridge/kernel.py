@@ -24,7 +24,8 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 
 from carrot.devices import device_memory, resolve_device
 from carrot.errors import CarrotError, check_is_fitted
-from carrot.io import atomic_path, read_json, write_json
+from carrot.io import atomic_path, write_json
+from carrot.ridge.headfile import load_parts, read_meta, settings
 from carrot.ridge.loo import DEFAULT_LAMBDAS, LooPath, check_lambdas
 from carrot.validation import ArrayLike, as_float64_matrix, as_weights, encode_labels
 
@@ -445,40 +446,23 @@ class KernelRidgeHead(ClassifierMixin, BaseEstimator):
     @classmethod
     def load(cls, path: str | Path) -> "KernelRidgeHead":
         """Read a head written by :meth:`save`, checking tensors against the metadata."""
-        from safetensors.torch import load_file
-
         path = Path(path)
-        meta = read_json(str(path) + ".json", "head metadata")
-        if not isinstance(meta, dict) or meta.get("format") != "carrot.KernelRidgeHead":
-            raise CarrotError(f"'{path}.json' is not a carrot KernelRidgeHead file")
-        if not path.is_file():
-            raise CarrotError(f"head weights not found: '{path}'")
-        if meta.get("version") != KERNEL_HEAD_FORMAT_VERSION:
-            raise CarrotError(f"'{path}.json': expected kernel head format version {KERNEL_HEAD_FORMAT_VERSION}, "
-                              f"got {meta.get('version')!r}")
-        raw = meta.get("params")
-        if not isinstance(raw, dict) or not set(raw) <= set(cls._get_param_names()):
-            raise CarrotError(f"'{path}.json': params must be KernelRidgeHead settings {cls._get_param_names()}, got {raw!r}")
-        params = {k: tuple(v) if k.endswith("_grid") and v is not None else v for k, v in raw.items()}
-        head = cls(**params)
+        meta, _ = read_meta(path, cls, KERNEL_HEAD_FORMAT_VERSION)
+        head = cls(**settings(meta.get("params"), cls, path))
         head._check_settings()
-        try:
-            t = load_file(str(path))
-            head.classes_ = np.asarray(meta["classes"])
-            head.n_features_in_, n, c = int(meta["n_features"]), int(meta["n_train"]), len(head.classes_)
-            head.gamma_, head.lam_, head.total_mean_ = float(meta["gamma_"]), float(meta["lam_"]), float(meta["total_mean_"])
-            head.loo_path_ = meta.get("loo_path_")
-            head.X_fit_, head.dual_coef_, head.intercept_ = t["X_fit"], t["dual_coef"], t["intercept"]
-            head.prior_, head.row_mean_, head.train_targets_ = t["prior"], t["row_mean"], t["train_targets"]
-            head.sample_weight_ = t.get("sample_weight")
-            if head.standardize:
-                head.scale_mean_, head.scale_std_ = t["scale_mean"], t["scale_std"]
-        except (KeyError, TypeError, ValueError) as exc:
-            raise CarrotError(f"head file '{path}' is unreadable or incomplete ({type(exc).__name__}); refit the run") from None
-        except Exception as exc:  # noqa: BLE001 - safetensors' own error type for a corrupt file
-            if type(exc).__name__ != "SafetensorError":
-                raise
-            raise CarrotError(f"head file '{path}' is corrupt ({str(exc).splitlines()[0]}); refit the run") from None
+        return load_parts(path, lambda t: cls._from_parts(head, meta, t, path))
+
+    @classmethod
+    def _from_parts(cls, head: "KernelRidgeHead", meta: dict, t: dict, path: Path) -> "KernelRidgeHead":
+        head.classes_ = np.asarray(meta["classes"])
+        head.n_features_in_, n, c = int(meta["n_features"]), int(meta["n_train"]), len(head.classes_)
+        head.gamma_, head.lam_, head.total_mean_ = float(meta["gamma_"]), float(meta["lam_"]), float(meta["total_mean_"])
+        head.loo_path_ = meta.get("loo_path_")
+        head.X_fit_, head.dual_coef_, head.intercept_ = t["X_fit"], t["dual_coef"], t["intercept"]
+        head.prior_, head.row_mean_, head.train_targets_ = t["prior"], t["row_mean"], t["train_targets"]
+        head.sample_weight_ = t.get("sample_weight")
+        if head.standardize:
+            head.scale_mean_, head.scale_std_ = t["scale_mean"], t["scale_std"]
         d = head.n_features_in_
         shapes = {"X_fit": (head.X_fit_, (n, d)), "dual_coef": (head.dual_coef_, (n, c)),
                   "train_targets": (head.train_targets_, (n, c)), "intercept": (head.intercept_, (c,)),
@@ -487,8 +471,8 @@ class KernelRidgeHead(ClassifierMixin, BaseEstimator):
             shapes["sample_weight"] = (head.sample_weight_, (n,))
         if head.standardize:
             shapes.update(scale_mean=(head.scale_mean_, (d,)), scale_std=(head.scale_std_, (d,)))
-        for name, (t, shape) in shapes.items():
-            if t.shape != shape or t.dtype != torch.float64 or not torch.isfinite(t).all():
+        for name, (arr, shape) in shapes.items():
+            if arr.shape != shape or arr.dtype != torch.float64 or not torch.isfinite(arr).all():
                 raise CarrotError(f"head file '{path}': {name} is not a finite float64 array of shape {shape}; refit the run")
         if (head.sample_weight_ is not None and (head.sample_weight_ < 0).any()) or not (
                 head.gamma_ > 0 and head.lam_ > 0 and np.isfinite([head.gamma_, head.lam_, head.total_mean_]).all()):
