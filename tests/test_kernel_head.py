@@ -259,3 +259,35 @@ def test_a_tampered_kernel_head_is_refused_in_one_line(tmp_path, name, bad):
     (tmp_path / "h.safetensors").unlink()
     with pytest.raises(CarrotError, match="head weights not found"):
         KernelRidgeHead.load(tmp_path / "h.safetensors")
+
+
+@pytest.mark.parametrize("seed,weights", [(0, False), (1, True), (2, False)])
+def test_the_certificate_is_the_greedy_of_brute_force_refits(seed, weights):
+    """Each step removes the image whose removal (after the ones already removed) lowers the margin most, as n
+    refits would find it; the margins along the way are the refits' own, and the final set changes the class."""
+    G, y, a = data(seed, n=18, weights=weights)
+    kw = dict(gamma=0.5, lam=0.3, standardize=False)
+    head = KernelRidgeHead(**kw).fit(G, y, a)
+    Gt = np.random.default_rng(seed + 11).normal(size=(6, G.shape[1])) * 0.3
+    x = Gt[np.argmin(np.sort(head.decision_function(Gt), 1)[:, -1] - np.sort(head.decision_function(Gt), 1)[:, -2])]
+    cert = head.certificate(x, limit=8)
+    f0 = head.decision_function(x[None])[0]
+    c = int(f0.argmax())
+    w = np.ones(len(y)) if a is None else a.copy()
+
+    def refit(removed):
+        keep = np.setdiff1d(np.arange(len(y)), removed)
+        return KernelRidgeHead(**kw).fit(G[keep], y[keep], w[keep]).decision_function(x[None])[0]
+
+    removed: list[int] = []
+    for step, i in enumerate(cert.indices if cert.found else cert.indices[:0]):
+        f = refit(removed) if removed else f0
+        k = int(np.argmax(np.where(np.arange(3) == c, -np.inf, f)))
+        drops = {j: (f[c] - f[k]) - (lambda g: g[c] - g[k])(refit(removed + [j]))
+                 for j in range(len(y)) if j not in removed and w[j] > 0}
+        assert i == max(drops, key=drops.get)
+        removed.append(i)
+        g = refit(removed)
+        assert cert.path[step] == pytest.approx(g[c] - np.max(np.delete(g, c)), abs=1e-8)
+    if cert.found:
+        assert int(refit(cert.indices).argmax()) == cert.new_class != c and cert.refit_max_abs_diff < 1e-8

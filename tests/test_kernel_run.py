@@ -43,7 +43,7 @@ def test_explain_with_the_kernel_head_keeps_the_exact_training_image_views(kerne
                                  "--permutations", "2"])
     assert r.exit_code == 0, r.output
     exp = json.loads(r.output)[0]
-    assert exp["head"] == "kernel" and "region_contributions" not in exp and "certificate" not in exp
+    assert exp["head"] == "kernel" and "region_contributions" not in exp and "certificate" in exp
     assert exp["identity_error"]["data"] < 1e-9 and exp["identity_error"]["equivalent_kernel"] < 1e-9
     assert "regions" not in exp["identity_error"] and "region_removal" in exp["meaning"] and "pairs" not in exp["meaning"]
     drops = np.asarray(exp["region_removal"])
@@ -67,7 +67,8 @@ def test_kernel_run_commands_work_or_refuse_by_name(kernel_run, tmp_path):
     ok = [["predict", str(kernel_run), str(tmp_path / "none"), "--out", str(tmp_path / "p.csv")],
           ["evaluate", str(kernel_run), "--what", "accuracy", "--seeds", "0", "--json"],
           ["compare", str(kernel_run), str(kernel_run)],
-          ["bench", str(kernel_run), "--t", "0,1"]]
+          ["bench", str(kernel_run), "--t", "0,1"],
+          ["evaluate", str(kernel_run), "--what", "certificates", "--n-test", "3", "--json"]]
     (tmp_path / "none").mkdir()
     from carrot.run.pipeline import Carrot
 
@@ -80,8 +81,7 @@ def test_kernel_run_commands_work_or_refuse_by_name(kernel_run, tmp_path):
                ("debug", str(kernel_run)): "debug: the kernel head has no exact refit under changed training weights",
                ("tracin", str(kernel_run)): "tracin: the kernel head has no linear coefficients",
                ("evaluate", str(kernel_run), "--what", "lds"): "evaluate --what lds: the kernel head has no attribution",
-               ("evaluate", str(kernel_run), "--what", "deletion"): "evaluate --what deletion: the kernel head has no additive",
-               ("evaluate", str(kernel_run), "--what", "certificates"): "the kernel head has no counterfactual certificate"}
+               ("evaluate", str(kernel_run), "--what", "deletion"): "evaluate --what deletion: the kernel head has no additive"}
     for args, message in refused.items():
         r = CliRunner().invoke(cli, list(args))
         assert r.exit_code == 2 and message in r.output and "head.kind: ridge" in r.output, (args, r.output)

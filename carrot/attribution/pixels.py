@@ -67,7 +67,7 @@ REGION_MEANING = {
                       "counterfactual per token (graph side: the other tokens stay as computed from the full image; the "
                       "drops do not add up, as the kernel head is not linear in the tokens)",
 }
-LINEAR_ONLY = ("region_contributions", "pairs", "certificate", "segments")  # meanings of what only the ridge head has
+LINEAR_ONLY = ("region_contributions", "pairs", "segments")  # meanings of what only the ridge head has
 
 Logits = Callable[[torch.Tensor], np.ndarray]  # (B, 3, H, W) model input -> (B, C) float64 logits
 

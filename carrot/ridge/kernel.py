@@ -421,6 +421,98 @@ class KernelRidgeHead(ClassifierMixin, BaseEstimator):
             raise CarrotError(f"rows: the fit without these {len(R)} training images is undetermined "
                               "(I - H_RR is singular)") from None
 
+    def _hat_rows(self, R: torch.Tensor) -> torch.Tensor:
+        """(len(R), n) rows R of the (weighted, non-symmetric) hat matrix: H[r, j] = l_j(z_r)."""
+        return self._l(self._spectrum().Kc[R].cpu())
+
+    def _hat_cols(self, R: torch.Tensor) -> torch.Tensor:
+        """(n, len(R)) columns R of the hat matrix: H[i, j] = a_j / S + s_j ((M + lam)^-1 (s * Kc[:, i]))_j."""
+        spec = self._spectrum()
+        Rd = R.to(spec.s.device)
+        Minv_R = spec.Q @ (spec.Q[Rd].T / (spec.m + self.lam_).unsqueeze(1))  # (n, k) columns R of (M + lam)^-1
+        cols = spec.a[Rd] / spec.S + (spec.Kc * spec.s.unsqueeze(0)) @ Minv_R * spec.s[Rd]
+        return cols.cpu()
+
+    def certificate(self, g_x: ArrayLike, limit: int = 50):
+        """The fewest training images found (greedy on exact effects) whose removal changes the predicted class of
+        one image, as :func:`carrot.attribution.training.certificate` for the ridge head: each step removes the
+        image with the largest exact drop of the margin f_c - f_k in the fit without the images already removed
+        (the downdated smoother: l'(x) = l(x) + l_S(x)^T (I - H_SS)^-1 H_S., h'_ii = h_ii + H_iS (I - H_SS)^-1 H_Si),
+        and the set is checked by one refit (embedding preprocessing, gamma and lambda held as fitted).
+
+        Returns
+        -------
+        :class:`carrot.attribution.training.Certificate`.
+        """
+        import time
+
+        from carrot.attribution.training import Certificate
+
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise CarrotError(f"limit: expected a positive integer, got {limit!r}")
+        t0 = time.perf_counter()
+        x = np.asarray(g_x, dtype=np.float64).reshape(1, -1)
+        kc = self.centred_kernel(x)
+        l_x = self._l(kc)[0]  # (n,)
+        f0 = (self.prior_ + kc @ self.dual_coef_)[0]
+        c = int(f0.argmax())
+        F, h, _ = self._train_state()
+        Y, a = self.train_targets_, self._a
+        E = Y - F
+        active = a > 0
+        limit = min(limit, int(active.sum()) - 1)
+        S: list[int] = []
+        rows = torch.empty(0, len(a), dtype=torch.float64)  # H[S, :]
+        cols = torch.empty(len(a), 0, dtype=torch.float64)  # H[:, S]
+        path: list[float] = []
+        f = f0
+        for _ in range(limit):
+            if S:
+                idx = torch.as_tensor(S)
+                A = torch.linalg.inv(torch.eye(len(S), dtype=torch.float64) - rows[:, idx])
+                lx = l_x + (l_x[idx] @ A) @ rows
+                hS = h + ((cols @ A) * rows.T).sum(1)
+                ES = Y - (F - cols @ (A @ E[idx]))
+            else:
+                lx, hS, ES = l_x, h, E
+            other = f.clone()
+            other[c] = -torch.inf
+            k = int(other.argmax())
+            denom = 1 - hS
+            drop = lx * (ES[:, c] - ES[:, k]) / denom.clamp_min(1e-12)
+            drop[~active | (denom <= 1e-12)] = -torch.inf
+            if S:
+                drop[torch.as_tensor(S)] = -torch.inf
+            i = int(drop.argmax())
+            if not torch.isfinite(drop[i]):
+                break
+            S.append(i)
+            ii = torch.as_tensor([i])
+            rows, cols = torch.cat([rows, self._hat_rows(ii)]), torch.cat([cols, self._hat_cols(ii)], 1)
+            idx = torch.as_tensor(S)
+            A = torch.linalg.inv(torch.eye(len(S), dtype=torch.float64) - rows[:, idx])
+            f = f0 - (l_x[idx] @ A) @ E[idx]
+            path.append(float(f[c] - torch.cat([f[:c], f[c + 1:]]).max()))
+            if int(f.argmax()) != c:
+                break
+        changed = bool(S) and path[-1] < 0
+        new_class = margin = err = None
+        if changed:
+            keep = np.setdiff1d(np.arange(len(a)), S)
+            ref = KernelRidgeHead(kernel=self.kernel, gamma=self.gamma_, lam=self.lam_, degree=self.degree, coef0=self.coef0,
+                                  standardize=False, device="cpu").fit(
+                self.X_fit_[keep], self.train_targets_.argmax(1)[keep].numpy(), a[keep])
+            fr = torch.as_tensor(ref.decision_function(self._preprocess(torch.as_tensor(x)))[0])
+            full = torch.zeros(len(f0), dtype=torch.float64)
+            full[torch.as_tensor(ref.classes_)] = fr  # a class left without images keeps no logit of its own
+            new_class = int(fr.argmax())
+            new_class = int(ref.classes_[new_class])
+            margin = float(fr.max() - (full[c] if c in set(ref.classes_.tolist()) else -torch.inf))
+            err = float((fr - f[torch.as_tensor(ref.classes_)]).abs().max())
+            changed = new_class != c
+        return Certificate(S if changed else [], changed, new_class if changed else None, margin if changed else None,
+                           limit, time.perf_counter() - t0, err, path)
+
     # persistence ---------------------------------------------------------------------------------------------
     def save(self, path: str | Path) -> None:
         """Write ``path`` (safetensors) and ``path``.json (settings, shapes) atomically."""

@@ -512,7 +512,7 @@ def certificates(model: Carrot, n_test: int = 50, limit: int = 50, seed: int = 0
     rows = np.sort(rng.choice(len(G_test), min(n_test, len(G_test)), replace=False))
     found, seconds = [], []
     for i in rows.tolist():
-        c = certificate(system, G_test[i], limit)
+        c = certificate(system, G_test[i], limit) if isinstance(model.head_, RidgeHead) else model.head_.certificate(G_test[i], limit)
         seconds.append(c.seconds)
         found.append((i, c))
     sizes = [len(c.indices) if c.found else None for _, c in found]

@@ -306,7 +306,9 @@ class Carrot:
                                    "value": float(pm.flatten()[f])} for f in flat.tolist()]} if linear else {"pairs": []}),
                     "_image": timgs[r],
                 })
-            cert = certificate(system, G[i], certificate_limit) if certificate_limit and linear else None
+            cert = None
+            if certificate_limit:
+                cert = certificate(system, G[i], certificate_limit) if linear else self.head_.certificate(G[i], certificate_limit)
             ek_sum, rep_sum = float(terms["equivalent_kernel"][i].sum()), float(terms["representer"][i].sum())
             exp: dict[str, Any] = {
                 "image": str(path),
