@@ -291,3 +291,22 @@ def test_the_certificate_is_the_greedy_of_brute_force_refits(seed, weights):
         assert cert.path[step] == pytest.approx(g[c] - np.max(np.delete(g, c)), abs=1e-8)
     if cert.found:
         assert int(refit(cert.indices).argmax()) == cert.new_class != c and cert.refit_max_abs_diff < 1e-8
+
+
+def test_the_debug_loop_with_the_kernel_head_equals_refits():
+    from carrot.audit.debugging import debug_loop
+
+    G, y, _ = data(3, n=30)
+    rng = np.random.default_rng(4)
+    Gv, yv, Gt, yt = rng.normal(size=(9, 5)), np.arange(9) % 3, rng.normal(size=(8, 5)), np.arange(8) % 3
+    head = KernelRidgeHead(gamma=0.5, lam=0.2, standardize=False).fit(G, y)
+    res = debug_loop(G, y, Gv, yv, Gt, yt, head, ks=(2, 5), n_random=2)
+    for row in res["rows"]:
+        keep = np.setdiff1d(np.arange(len(y)), row["dropped"])
+        ref = KernelRidgeHead(gamma=0.5, lam=0.2, standardize=False).fit(G[keep], y[keep])
+        assert row["val_accuracy"] == pytest.approx(float((ref.predict(Gv) == yv).mean()))
+        assert row["test_accuracy"] == pytest.approx(float((ref.predict(Gt) == yt).mean()))
+    change = head.loo_loss_change(Gv, yv).numpy()
+    assert res["rows"][0]["dropped"] == np.argsort(change, kind="stable")[:2].tolist()
+    with pytest.raises(CarrotError, match="downweight: the kernel head's exact update removes images"):
+        debug_loop(G, y, Gv, yv, Gt, yt, head, ks=(2,), downweight=0.5)

@@ -68,7 +68,8 @@ def test_kernel_run_commands_work_or_refuse_by_name(kernel_run, tmp_path):
           ["evaluate", str(kernel_run), "--what", "accuracy", "--seeds", "0", "--json"],
           ["compare", str(kernel_run), str(kernel_run)],
           ["bench", str(kernel_run), "--t", "0,1"],
-          ["evaluate", str(kernel_run), "--what", "certificates", "--n-test", "3", "--json"]]
+          ["evaluate", str(kernel_run), "--what", "certificates", "--n-test", "3", "--json"],
+          ["debug", str(kernel_run), "--drop", "2,4"]]
     (tmp_path / "none").mkdir()
     from carrot.run.pipeline import Carrot
 
@@ -78,7 +79,7 @@ def test_kernel_run_commands_work_or_refuse_by_name(kernel_run, tmp_path):
         r = CliRunner().invoke(cli, args)
         assert r.exit_code == 0, (args, r.output)
     refused = {("reweight", str(kernel_run)): "reweight: the kernel head has no RRO reweighting",
-               ("debug", str(kernel_run)): "debug: the kernel head has no exact refit under changed training weights",
+               ("debug", str(kernel_run), "--downweight", "0.5"): "debug --downweight: the kernel head has no exact refit under changed",
                ("tracin", str(kernel_run)): "tracin: the kernel head has no linear coefficients",
                ("evaluate", str(kernel_run), "--what", "lds"): "evaluate --what lds: the kernel head has no attribution",
                ("evaluate", str(kernel_run), "--what", "deletion"): "evaluate --what deletion: the kernel head has no additive"}

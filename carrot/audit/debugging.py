@@ -3,7 +3,7 @@ validation split by the exact leave-one-out change of the validation loss, drop 
 change in validation and test accuracy, against dropping as many random images."""
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -27,23 +27,35 @@ def debug_loop(G: np.ndarray, y: np.ndarray, G_val: np.ndarray, y_val: np.ndarra
     if max(ks) >= len(y):
         raise CarrotError(f"k: expected every K < n = {len(y)}, got {max(ks)}")
     head = frozen_clone(as_head(head)).fit(G, y, sample_weight)
-    system = RidgeSystem.from_head(head, G, y)
     yv = index_labels(head.classes_, y_val, "y_val")
     yt = index_labels(head.classes_, y_test, "y_test")
-    harm = -loo_loss_change(system, G_val, yv).numpy()  # > 0: removing it lowers the validation loss
+    if isinstance(head, RidgeHead):
+        system = RidgeSystem.from_head(head, G, y)
+        harm = -loo_loss_change(system, G_val, yv).numpy()  # > 0: removing it lowers the validation loss
+
+        def after(idx: np.ndarray) -> Callable[[np.ndarray], torch.Tensor]:  # logits once idx are down-weighted
+            theta = system.theta if idx is None else system.updated_theta(idx, np.full(len(idx), downweight) * system.a[idx].numpy())
+            return lambda Gx: system.decision(Gx, theta)
+    else:  # the kernel head: exact removal of a set in the dual (l_R(x)^T (I - H_RR)^-1 e_R)
+        if downweight:
+            raise CarrotError(f"downweight: the kernel head's exact update removes images (downweight 0), got {downweight!r}")
+        harm = -head.loo_loss_change(G_val, yv).numpy()
+
+        def after(idx: np.ndarray) -> Callable[[np.ndarray], torch.Tensor]:
+            return lambda Gx: torch.as_tensor(head.decision_function(Gx)) - (0 if idx is None else head.remove(Gx, idx))
     order = np.argsort(-harm, kind="stable")
     rng = np.random.default_rng(seed)
 
-    def acc(theta: torch.Tensor, Gx, yx) -> float:
-        return float((system.decision(Gx, theta).argmax(1).numpy() == yx).mean())
+    def acc(logits: Callable[[np.ndarray], torch.Tensor], Gx, yx) -> float:
+        return float((logits(Gx).argmax(1).numpy() == yx).mean())
 
-    base = {"val_accuracy": acc(system.theta, G_val, yv), "test_accuracy": acc(system.theta, G_test, yt)}
+    full = after(None)
+    base = {"val_accuracy": acc(full, G_val, yv), "test_accuracy": acc(full, G_test, yt)}
     rows = []
     for k in ks:
-        theta = system.updated_theta(order[:k], np.full(k, downweight) * system.a[order[:k]].numpy())
-        rnd = [system.updated_theta(idx, np.full(k, downweight) * system.a[idx].numpy())
-               for idx in (rng.choice(len(y), k, replace=False) for _ in range(n_random))]
-        rows.append({"k": int(k), "val_accuracy": acc(theta, G_val, yv), "test_accuracy": acc(theta, G_test, yt),
+        top = after(order[:k])
+        rnd = [after(idx) for idx in (rng.choice(len(y), k, replace=False) for _ in range(n_random))]
+        rows.append({"k": int(k), "val_accuracy": acc(top, G_val, yv), "test_accuracy": acc(top, G_test, yt),
                      "random_test_accuracy_mean": float(np.mean([acc(t, G_test, yt) for t in rnd])),
                      "dropped": order[:k].tolist()})
     return {"lam": float(head.lam_), "downweight": downweight, "baseline": base, "rows": rows,

@@ -256,7 +256,8 @@ def debug(run_dir: str | Path, ks: Sequence[int], val_fraction: float = 0.2, dow
     from carrot.audit.debugging import debug_loop
 
     model, G, y, G_test, y_test = run_embeddings(run_dir)
-    require(model.head_, "weight_update", "debug")
+    if downweight:
+        require(model.head_, "weight_update", "debug --downweight")
     a0 = _run_weights(model)
     if apply is not None:
         check_outside_data(model.config, apply, "--apply")
