@@ -241,9 +241,9 @@ def heads_section(d: dict) -> list[str]:
     """benchmarks/bench_heads.py: heads on the same embeddings, mean +- std over re-splits."""
     import numpy as np
 
-    def ms(vals):
+    def ms(vals, fmt=".4f"):
         vals = [v for v in vals if v is not None]
-        return f"{np.mean(vals):.4f} ± {np.std(vals):.4f}" if vals else ""
+        return f"{np.mean(vals):{fmt}} ± {np.std(vals):{fmt}}" if vals else ""
 
     lines = [f"## Heads on the same embeddings: {d['data']}, {d['backbone']}", "",
              f"`benchmarks/bench_heads.py` on {d['device']} (scikit-learn {d['sklearn']}): the run's {d['n']} images "
@@ -256,7 +256,7 @@ def heads_section(d: dict) -> list[str]:
     for h in heads:
         rs = [r for r in d["rows"] if r["head"] == h]
         lines.append(f"| {HEAD_NAMES.get(h, h)} | {ms([r['test_accuracy'] for r in rs])} | "
-                     f"{ms([r['loo_accuracy'] for r in rs])} | {ms([r['fit_seconds'] for r in rs])} | {rs[0]['chosen']} |")
+                     f"{ms([r['loo_accuracy'] for r in rs])} | {ms([r['fit_seconds'] for r in rs], '.2f')} | {rs[0]['chosen']} |")
     return lines + [""]
 
 
