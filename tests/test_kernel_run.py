@@ -69,7 +69,8 @@ def test_kernel_run_commands_work_or_refuse_by_name(kernel_run, tmp_path):
           ["compare", str(kernel_run), str(kernel_run)],
           ["bench", str(kernel_run), "--t", "0,1"],
           ["evaluate", str(kernel_run), "--what", "certificates", "--n-test", "3", "--json"],
-          ["debug", str(kernel_run), "--drop", "2,4"]]
+          ["debug", str(kernel_run), "--drop", "2,4"],
+          ["evaluate", str(kernel_run), "--what", "mislabel", "--json"]]
     (tmp_path / "none").mkdir()
     from carrot.run.pipeline import Carrot
 

@@ -36,11 +36,12 @@ def mislabel_scores(G: np.ndarray, y: np.ndarray, head: RidgeHead | float, traci
     labels y with every setting and the weights it was fitted with (a bare lambda: the default head)."""
     template = as_head(head)
     head = frozen_clone(template).fit(G, y, getattr(template, "sample_weight_", None))
-    system = RidgeSystem.from_head(head, G, y)
+    linear = isinstance(head, RidgeHead)
+    system = RidgeSystem.from_head(head, G, y) if linear else head  # the kernel head is its own training system
     y_idx = index_labels(head.classes_, y)
     Y = one_hot(y_idx, len(head.classes_))
     loo = system.loo_logits()
-    fit = system.decision(G)
+    fit = system.decision(G) if linear else head.train_decision()
     rows = torch.arange(len(y))
     own = loo[rows, y_idx]
     other = loo.clone()
@@ -319,7 +320,7 @@ def evaluate_embeddings(
     if not isinstance(n_test, int) or n_test < 1:
         raise CarrotError(f"n_test: expected a positive integer, got {n_test!r}")
     log = progress or (lambda _: None)
-    if not isinstance(head, RidgeHead):
+    if not hasattr(head, "get_params"):  # a bare lambda: the default head, fitted here
         head = as_head(head).fit(G, y)
     a = getattr(head, "sample_weight_", None)
     n_in = len(y) if a is None else int((a > 0).sum())

@@ -24,7 +24,7 @@ PROPERTIES = {  # what a head may keep exact, in the words a refusal uses
     "reweight": "RRO reweighting (exact gradient of the LOO loss in the weights)",
     "linear_coef": "linear coefficients on the embedding (TracIn, the distributed fit, moments)",
     "weight_update": "exact refit under changed training weights (Woodbury; debug's down-weighting)",
-    "attribution_audits": "attribution evaluations (mislabel, faithfulness, lds, agreement)",
+    "attribution_audits": "attribution evaluations against exact removal (faithfulness, lds, agreement)",
 }
 
 

@@ -251,7 +251,8 @@ def evaluate(run_dir: str | Path, what: Sequence[str], out: str | Path | None = 
     if not what or set(what) - set(known):
         raise CarrotError(f"--what: expected some of {', '.join(known)}, got {', '.join(what) or 'nothing'}")
     model, G, y, G_test, y_test = run_embeddings(run_dir)
-    needs = {**{e: "attribution_audits" for e in EVALUATIONS}, "deletion": "region_split", "pointing": "region_split",
+    needs = {**{e: "attribution_audits" for e in EVALUATIONS}, "mislabel": "loo", "deletion": "region_split",
+             "pointing": "region_split",
              "certificates": "certificate"}
     for w in what:
         if w in needs:
