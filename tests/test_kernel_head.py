@@ -310,3 +310,19 @@ def test_the_debug_loop_with_the_kernel_head_equals_refits():
     assert res["rows"][0]["dropped"] == np.argsort(change, kind="stable")[:2].tolist()
     with pytest.raises(CarrotError, match="downweight: the kernel head's exact update removes images"):
         debug_loop(G, y, Gv, yv, Gt, yt, head, ks=(2,), downweight=0.5)
+
+
+def test_the_certificate_keeps_every_class_when_one_loses_its_images():
+    """Binary data where the predicted class has one image: removing it leaves one class; the refit check keeps
+    both columns (the empty class scores its prior 0) instead of failing to fit a single class."""
+    rng = np.random.default_rng(5)
+    G = np.vstack([rng.normal(size=(12, 3)), rng.normal(size=(1, 3)) + 4.0])
+    y = np.array([0] * 12 + [1])
+    head = KernelRidgeHead(gamma=0.3, lam=0.05, standardize=False).fit(G, y)
+    x = G[12] + 0.1
+    assert head.predict(x[None])[0] == 1
+    cert = head.certificate(x, limit=5)
+    assert cert.found and cert.indices == [12] and cert.new_class == 0
+    assert np.isfinite(cert.margin) and cert.margin > 0 and cert.refit_max_abs_diff < 1e-8
+    ref = head.refit_without([12])
+    assert ref.dual_coef_.shape == (12, 2) and float(ref.prior_[1]) == 0.0

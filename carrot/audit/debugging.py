@@ -24,8 +24,8 @@ def debug_loop(G: np.ndarray, y: np.ndarray, G_val: np.ndarray, y_val: np.ndarra
     """
     if not 0 <= downweight < 1:
         raise CarrotError(f"downweight: expected a weight in [0, 1), got {downweight!r}")
-    if max(ks) >= len(y):
-        raise CarrotError(f"k: expected every K < n = {len(y)}, got {max(ks)}")
+    if not ks or min(ks) < 1 or max(ks) >= len(y):
+        raise CarrotError(f"k: expected every K in 1..{len(y) - 1} (n = {len(y)}), got {list(ks)}")
     head = frozen_clone(as_head(head)).fit(G, y, sample_weight)
     yv = index_labels(head.classes_, y_val, "y_val")
     yt = index_labels(head.classes_, y_test, "y_test")
@@ -40,9 +40,10 @@ def debug_loop(G: np.ndarray, y: np.ndarray, G_val: np.ndarray, y_val: np.ndarra
         if downweight:
             raise CarrotError(f"downweight: the kernel head's exact update removes images (downweight 0), got {downweight!r}")
         harm = -head.loo_loss_change(G_val, yv).numpy()
+        seen = {id(Gx): (torch.as_tensor(head.decision_function(Gx)), head.equivalent_kernel(Gx)) for Gx in (G_val, G_test)}
 
-        def after(idx: np.ndarray) -> Callable[[np.ndarray], torch.Tensor]:
-            return lambda Gx: torch.as_tensor(head.decision_function(Gx)) - (0 if idx is None else head.remove(Gx, idx))
+        def after(idx: np.ndarray) -> Callable[[np.ndarray], torch.Tensor]:  # logits and l(x) computed once per set
+            return lambda Gx: seen[id(Gx)][0] - (0 if idx is None else head.removal_from(seen[id(Gx)][1], idx))
     order = np.argsort(-harm, kind="stable")
     rng = np.random.default_rng(seed)
 

@@ -407,19 +407,37 @@ class KernelRidgeHead(ClassifierMixin, BaseEstimator):
 
     def remove(self, G: ArrayLike, rows: Sequence[int]) -> torch.Tensor:
         """(m, C) f(x) - f_-R(x) for removing the set R = ``rows`` together: l_R(x)^T (I - H_RR)^-1 e_R (exact)."""
+        return self.removal_from(self.equivalent_kernel(G), rows)
+
+    def removal_from(self, L: torch.Tensor, rows: Sequence[int]) -> torch.Tensor:
+        """:meth:`remove` from the equivalent kernel L (m, n) of the inputs, computed once for many sets."""
         R = torch.as_tensor(sorted(set(int(r) for r in rows)), dtype=torch.long)
         if not len(R) or R.min() < 0 or R.max() >= len(self.X_fit_):
             raise CarrotError(f"rows: expected training indices in 0..{len(self.X_fit_) - 1}, got {list(rows)!r}")
         if float(self._a[R].sum()) >= float(self._a.sum()) * (1 - 1e-12):
             raise CarrotError(f"rows: removing {len(R)} training images leaves none with weight > 0 to fit")
-        L = self.equivalent_kernel(G)[:, R]
-        H_RR = self._l(self._spectrum().Kc[R].cpu())[:, R]  # the hat matrix's rows R: l(z_r), kc(z_r) = Kc[r]
+        H_RR = self._hat_rows(R)[:, R]
         e = (self.train_targets_ - self.train_decision())[R]
         try:
-            return L @ torch.linalg.solve(torch.eye(len(R), dtype=torch.float64) - H_RR, e)
+            return L[:, R] @ torch.linalg.solve(torch.eye(len(R), dtype=torch.float64) - H_RR, e)
         except torch.linalg.LinAlgError:
             raise CarrotError(f"rows: the fit without these {len(R)} training images is undetermined "
                               "(I - H_RR is singular)") from None
+
+    def refit_without(self, rows: Sequence[int]) -> "KernelRidgeHead":
+        """The head refitted from scratch without training images ``rows``: the same kernel, gamma, lambda and
+        preprocessing (held as fitted) and every class kept as a column, even one left without images."""
+        keep = np.setdiff1d(np.arange(len(self.X_fit_)), np.asarray(list(rows), dtype=np.int64))
+        ref = KernelRidgeHead(kernel=self.kernel, gamma=self.gamma_, lam=self.lam_, degree=self.degree, coef0=self.coef0,
+                              standardize=False, device=self.device)
+        ref.classes_, ref.n_features_in_, ref.gamma_, ref.lam_ = self.classes_, self.n_features_in_, self.gamma_, self.lam_
+        ref.X_fit_, ref.loo_path_ = self.X_fit_[keep], None
+        a = self._a[torch.as_tensor(keep)]
+        ref.sample_weight_ = a
+        dev = self._spectrum().s.device
+        ref._set_solution(_Spectrum.of(ref._gram(ref.X_fit_.to(dev), None, self.gamma_), a.to(dev)),
+                          self.train_targets_[torch.as_tensor(keep)].to(dev))
+        return ref
 
     def _hat_rows(self, R: torch.Tensor) -> torch.Tensor:
         """(len(R), n) rows R of the (weighted, non-symmetric) hat matrix: H[r, j] = l_j(z_r)."""
@@ -430,7 +448,7 @@ class KernelRidgeHead(ClassifierMixin, BaseEstimator):
         spec = self._spectrum()
         Rd = R.to(spec.s.device)
         Minv_R = spec.Q @ (spec.Q[Rd].T / (spec.m + self.lam_).unsqueeze(1))  # (n, k) columns R of (M + lam)^-1
-        cols = spec.a[Rd] / spec.S + (spec.Kc * spec.s.unsqueeze(0)) @ Minv_R * spec.s[Rd]
+        cols = spec.a[Rd] / spec.S + spec.Kc @ (spec.s.unsqueeze(1) * Minv_R) * spec.s[Rd]
         return cols.cpu()
 
     def certificate(self, g_x: ArrayLike, limit: int = 50):
@@ -498,17 +516,11 @@ class KernelRidgeHead(ClassifierMixin, BaseEstimator):
         changed = bool(S) and path[-1] < 0
         new_class = margin = err = None
         if changed:
-            keep = np.setdiff1d(np.arange(len(a)), S)
-            ref = KernelRidgeHead(kernel=self.kernel, gamma=self.gamma_, lam=self.lam_, degree=self.degree, coef0=self.coef0,
-                                  standardize=False, device="cpu").fit(
-                self.X_fit_[keep], self.train_targets_.argmax(1)[keep].numpy(), a[keep])
-            fr = torch.as_tensor(ref.decision_function(self._preprocess(torch.as_tensor(x)))[0])
-            full = torch.zeros(len(f0), dtype=torch.float64)
-            full[torch.as_tensor(ref.classes_)] = fr  # a class left without images keeps no logit of its own
+            ref = self.refit_without(S)  # every class kept as a column: one left without images scores by its prior 0
+            fr = torch.as_tensor(ref.decision_function(self._preprocess(torch.as_tensor(x))))[0]
             new_class = int(fr.argmax())
-            new_class = int(ref.classes_[new_class])
-            margin = float(fr.max() - (full[c] if c in set(ref.classes_.tolist()) else -torch.inf))
-            err = float((fr - f[torch.as_tensor(ref.classes_)]).abs().max())
+            margin = float(fr[new_class] - fr[c])
+            err = float((fr - f).abs().max())
             changed = new_class != c
         return Certificate(S if changed else [], changed, new_class if changed else None, margin if changed else None,
                            limit, time.perf_counter() - t0, err, path)

@@ -269,7 +269,7 @@ class Carrot:
         logits = self.head_.decision_function(G)
         system = self.training_system()
         pred = logits.argmax(1)
-        linear = isinstance(self.head_, RidgeHead)  # the kernel head has no additive token split, pairs or certificate
+        linear = isinstance(self.head_, RidgeHead)  # the kernel head has no additive token split or region pairs
         terms = training_terms(system, G, pred) if linear else self.head_.training_terms(G, pred)
         P = patch_centres(grid, torch.float64)
         weights = self.sample_weight_
