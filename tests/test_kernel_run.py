@@ -79,8 +79,7 @@ def test_kernel_run_commands_work_or_refuse_by_name(kernel_run, tmp_path):
     for args in ok:
         r = CliRunner().invoke(cli, args)
         assert r.exit_code == 0, (args, r.output)
-    refused = {("reweight", str(kernel_run)): "reweight: the kernel head has no RRO reweighting",
-               ("debug", str(kernel_run), "--downweight", "0.5"): "debug --downweight: the kernel head has no exact refit under changed",
+    refused = {("debug", str(kernel_run), "--downweight", "0.5"): "debug --downweight: the kernel head has no exact refit under changed",
                ("tracin", str(kernel_run)): "tracin: the kernel head has no linear coefficients",
                ("evaluate", str(kernel_run), "--what", "lds"): "evaluate --what lds: the kernel head has no attribution",
                ("evaluate", str(kernel_run), "--what", "deletion"): "evaluate --what deletion: the kernel head has no additive"}
@@ -88,6 +87,38 @@ def test_kernel_run_commands_work_or_refuse_by_name(kernel_run, tmp_path):
         r = CliRunner().invoke(cli, list(args))
         assert r.exit_code == 2 and message in r.output and "head.kind: ridge" in r.output, (args, r.output)
         assert r.output.count("\n") == 1, r.output
+
+
+def test_reweight_with_the_kernel_head_steps_its_dual_and_applies_the_weights(kernel_run, tmp_path):
+    """RRO on a kernel run: step 0 is the kernel head on the fit rows (its feature map, gamma and lambda held), the
+    learned weights refit a kernel head with the parent's gamma and lambda; --consistency is refused by name."""
+    from carrot.ridge.kernel import KernelRidgeHead, WeightedDual
+    from carrot.run.operations import _fit_val_split
+    from carrot.run.pipeline import Carrot
+    from carrot.validation import one_hot
+
+    out, applied = tmp_path / "rw.json", tmp_path / "applied"
+    r = CliRunner().invoke(cli, ["reweight", str(kernel_run), "--steps", "4", "--loss", "ce", "--out", str(out),
+                                 "--apply", str(applied)])
+    assert r.exit_code == 0, r.output
+    res = json.loads(out.read_text())
+    model = Carrot.load(kernel_run)
+    G, y = model.train_embeddings_, np.array([rec.label for rec in model.train_records_])
+    f_rows, _ = _fit_val_split(model, y, 0.2)
+    system = WeightedDual(model.head_, model.head_._check_input(G[f_rows]), one_hot(y[f_rows], len(model.classes_)),
+                          torch.ones(len(f_rows), dtype=torch.float64))
+    G_test = np.asarray(model.test_embeddings_)
+    y_test = np.array([lab for _, lab in model.test_records_])
+    acc = float((system.decision(G_test).argmax(1).numpy() == y_test).mean())
+    assert res["uniform_test_accuracy"] == pytest.approx(acc) and len(res["history"]) == 5
+    weights = np.asarray(res["weights"])
+    assert weights.shape == (len(y),) and np.all(weights[np.setdiff1d(np.arange(len(y)), f_rows)] == 0)
+    derived = Carrot.load(applied)
+    assert isinstance(derived.head_, KernelRidgeHead)
+    assert (derived.head_.gamma_, derived.head_.lam_) == (model.head_.gamma_, model.head_.lam_)
+    assert np.allclose(derived.sample_weight_, weights)
+    r = CliRunner().invoke(cli, ["reweight", str(kernel_run), "--steps", "2", "--consistency", "0.5", "--out", str(out)])
+    assert r.exit_code == 2 and "rro.consistency: the kernel head has no support-profile term" in r.output
 
 
 @pytest.mark.parametrize("key,value,match", [("kind", "forest", "head.kind: expected ridge, kernel, auto"),

@@ -36,6 +36,69 @@ def test_exact_weight_gradient_matches_finite_differences(loss, n, d, c, interce
         assert grad[i].item() == pytest.approx(fd, rel=1e-5, abs=1e-9)
 
 
+@pytest.mark.parametrize("loss", ["mse", "ce"])
+@pytest.mark.parametrize("kernel,n,d,c,zero", [("rbf", 25, 6, 3, False), ("laplacian", 14, 9, 2, True), ("poly", 20, 5, 4, True)])
+def test_kernel_weight_gradient_matches_refits_of_the_dual(loss, kernel, n, d, c, zero):
+    """The dual gradient against central differences of exact refits with the feature map held (standardize=False
+    and a fixed gamma: the head's kernel of the raw embeddings), a zero-weight row included."""
+    from carrot.ridge.kernel import KernelRidgeHead, WeightedDual
+
+    G, y, a, Gv, yv = problem(n, d, c, seed=3 * n + d)
+    if zero:
+        a[1] = 0.0
+    head = KernelRidgeHead(kernel=kernel, gamma=0.3, lam=0.4, standardize=False).fit(G, y, a)
+    Y = one_hot(y, c)
+    Z = torch.as_tensor(G)
+
+    def val_loss(w):
+        refit = KernelRidgeHead(kernel=kernel, gamma=0.3, lam=0.4, standardize=False).fit(G, y, w)
+        return loss_and_grad(torch.as_tensor(refit.decision_function(Gv)), torch.as_tensor(yv), loss, 0.3)[0]
+
+    system = WeightedDual(head, Z, Y, torch.as_tensor(a))
+    assert torch.allclose(system.decision(Gv), torch.as_tensor(head.decision_function(Gv)), atol=1e-10)
+    L, grad = weight_gradient(system, Gv, yv, loss, 0.3)
+    assert L == pytest.approx(val_loss(a), rel=1e-10)
+    eps = 1e-4  # second-order differences: truncation ~ eps^2, above the refits' rounding (poly Grams are ill-conditioned)
+    for i in [0, 1] + list(range(2, n, 4)):
+        step = [a.copy() for _ in range(3)]
+        if a[i] > 0:  # central difference
+            step[0][i] -= eps
+            step[2][i] += eps
+            fd = (val_loss(step[2]) - val_loss(step[0])) / (2 * eps)
+        else:  # at a zero weight: the one-sided second-order difference
+            step[1][i] += eps
+            step[2][i] += 2 * eps
+            fd = (-3 * val_loss(a) + 4 * val_loss(step[1]) - val_loss(step[2])) / (2 * eps)
+        assert grad[i].item() == pytest.approx(fd, rel=2e-5, abs=1e-8), i
+
+
+def test_the_dual_gradient_of_a_linear_kernel_is_the_primal_one():
+    """Kernel x.z (poly, degree 1, coef0 0): the dual system and the ridge head's primal system are one model, so
+    their weight gradients agree (two derivations, one number)."""
+    from carrot.ridge.kernel import KernelRidgeHead, WeightedDual
+
+    G, y, a, Gv, yv = problem(18, 5, 3, seed=7)
+    head = KernelRidgeHead(kernel="poly", gamma=1.0, degree=1, coef0=0.0, lam=0.6, standardize=False).fit(G, y, a)
+    Y = one_hot(y, 3)
+    dual = weight_gradient(WeightedDual(head, torch.as_tensor(G), Y, torch.as_tensor(a)), Gv, yv, "ce", 0.3)
+    primal = weight_gradient(RidgeSystem.fit(G, Y, a, 0.6, True), Gv, yv, "ce", 0.3)
+    assert dual[0] == pytest.approx(primal[0], rel=1e-10)
+    assert torch.allclose(dual[1], primal[1], rtol=1e-8, atol=1e-12)
+
+
+def test_rro_with_the_kernel_head_lowers_the_validation_loss_and_refuses_consistency():
+    from carrot.ridge.kernel import KernelRidgeHead
+
+    G, y, a, Gv, yv = problem(40, 6, 3, seed=11)
+    head = KernelRidgeHead(gamma=0.5, lam=0.3).fit(G, y)
+    res = rro(G, y, Gv, yv, head, RROConfig(steps=15, holdout=0.0, loss="ce"))
+    losses = [h["val_loss"] for h in res.history]
+    assert losses[res.best_step] < losses[0] and res.alpha.shape == (40,) and np.all(res.alpha > 0)
+    assert res.history[0]["val_accuracy"] == pytest.approx(float((head.predict(Gv) == yv).mean()))
+    with pytest.raises(CarrotError, match="rro.consistency: the kernel head has no support-profile term"):
+        rro(G, y, Gv, yv, head, RROConfig(steps=2, consistency=0.5))
+
+
 def test_logit_gradients_match_autograd():
     F = torch.randn(7, 4, dtype=torch.float64, requires_grad=True)
     y = torch.tensor([0, 1, 2, 3, 0, 1, 2])

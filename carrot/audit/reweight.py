@@ -24,6 +24,7 @@ from carrot.errors import CarrotError
 from carrot.ridge.head import RidgeHead, as_head, frozen_clone
 from carrot.ridge.removal import RidgeSystem
 from carrot.ridge.core import CentredMoments, RidgeFactor
+from carrot.ridge.kernel import KernelRidgeHead, WeightedDual
 from carrot.validation import ArrayLike, as_float64_matrix, as_weights, index_labels, one_hot
 
 
@@ -84,14 +85,12 @@ def loss_and_grad(F: torch.Tensor, y_idx: torch.Tensor, loss: str, temperature: 
     return float(-(logp * Y).sum() / m), (logp.exp() - Y) / (temperature * m)
 
 
-def weight_gradient(system: RidgeSystem, G_val: ArrayLike, y_val: np.ndarray, loss: str = "mse",
+def weight_gradient(system: RidgeSystem | WeightedDual, G_val: ArrayLike, y_val: np.ndarray, loss: str = "mse",
                     temperature: float = 0.1) -> tuple[float, torch.Tensor]:
-    """(L_val, dL_val/da) with dL/da_i = x_i^T M^-1 (X_val^T dL/dF) r_i; y_val are class indices."""
-    Xv = system.augment(G_val)
-    L, dF = loss_and_grad(Xv @ system.theta, torch.as_tensor(y_val), loss, temperature)
-    V = system.solve(Xv.T @ dF)  # (p, C)
-    X = system.augment(system.G)
-    return L, ((X @ V) * system.residuals()).sum(1)
+    """(L_val, dL_val/da) with dL/da_i = x_i^T M^-1 (X_val^T dL/dF) r_i; y_val are class indices. ``system``: the
+    ridge head's primal system or the kernel head's dual one (the same gradient without the feature map)."""
+    L, dF = loss_and_grad(system.decision(G_val), torch.as_tensor(y_val), loss, temperature)
+    return L, system.weight_gradient(G_val, dF)
 
 
 def class_normalised(s: torch.Tensor, y_idx: torch.Tensor, n_classes: int, classwise: bool) -> torch.Tensor:
@@ -117,7 +116,7 @@ def rro(
     y: ArrayLike,
     G_val: ArrayLike,
     y_val: ArrayLike,
-    head: RidgeHead | float,
+    head: RidgeHead | KernelRidgeHead | float,
     config: RROConfig | None = None,
     G_test: ArrayLike | None = None,
     y_test: ArrayLike | None = None,
@@ -128,7 +127,9 @@ def rro(
     Parameters
     ----------
     G, y : (n, D) training embeddings and (n,) labels; G_val, y_val : the validation split.
-    head : the fitted head whose settings (its chosen lam_, fit_intercept) every step refits with, or a bare lambda.
+    head : the fitted head whose settings (its chosen lam_, fit_intercept) every step refits with, or a bare lambda;
+        a fitted kernel head: every step solves its dual with the head's feature map (preprocessing, kernel, gamma)
+        and lambda held fixed (no consistency term: its support profiles are not built for the dual).
     sample_weight : (n,) base weights of the run (a weighted run); the learned weights multiply them.
     G_test, y_test : optional test split, only reported.
 
@@ -137,8 +138,12 @@ def rro(
     RROResult whose ``alpha`` (n,) are the effective weights (base weights times the learned ones).
     """
     cfg = config or RROConfig()
-    template = frozen_clone(as_head(head))
-    lam, fit_intercept = float(template.lam), template.fit_intercept
+    dual = isinstance(head, KernelRidgeHead)
+    if dual and cfg.consistency > 0:
+        raise CarrotError(f"rro.consistency: the kernel head has no support-profile term; expected 0, got {cfg.consistency!r}")
+    if not dual:
+        template = frozen_clone(as_head(head))
+        lam, fit_intercept = float(template.lam), template.fit_intercept
     y, y_val = np.asarray(y), np.asarray(y_val)
     classes, y_idx = np.unique(y, return_inverse=True)
     yv_idx = index_labels(classes, y_val, "y_val")
@@ -152,20 +157,26 @@ def rro(
     C = len(classes)
     Y = one_hot(y_idx, C)
     yt = torch.as_tensor(y_idx)
+    if dual:  # the feature map is fixed: one Gram for every step
+        Z = head._check_input(Gt)
+        K = head._gram(Z, None, head.gamma_)
     s = torch.full((len(y_idx),), math.log(math.e - 1), dtype=torch.float64, requires_grad=True)
     opt = torch.optim.Adam([s], lr=cfg.lr)
     history: list[dict[str, float]] = []
     best: tuple[float, int, torch.Tensor] | None = None
     for step in range(cfg.steps + 1):
         a = class_normalised(s, yt, C, cfg.classwise)
-        profiles = cfg.consistency > 0 or step == 0 or step == cfg.steps
-        # one factorisation per step: differentiable in a when the consistency term needs it
-        m = CentredMoments.from_rows(Gt, Y, a0 * (a if profiles else a.detach()), fit_intercept)
-        factor = RidgeFactor.primal(m.M, lam)
-        W = factor.solve(m.B)
-        system = RidgeSystem._from_solution(Gt, Y, (a0 * a).detach(), lam, fit_intercept,
-                                            RidgeFactor("primal", factor.chol.detach(), lam), m.mu.detach(), float(m.S.detach()),
-                                            m.ybar.detach(), W.detach(), template.device, template.chunk_size)
+        profiles = not dual and (cfg.consistency > 0 or step == 0 or step == cfg.steps)
+        if dual:
+            system = WeightedDual(head, Z, Y, (a0 * a).detach(), K)
+        else:  # one factorisation per step: differentiable in a when the consistency term needs it
+            m = CentredMoments.from_rows(Gt, Y, a0 * (a if profiles else a.detach()), fit_intercept)
+            factor = RidgeFactor.primal(m.M, lam)
+            W = factor.solve(m.B)
+            system = RidgeSystem._from_solution(Gt, Y, (a0 * a).detach(), lam, fit_intercept,
+                                                RidgeFactor("primal", factor.chol.detach(), lam), m.mu.detach(),
+                                                float(m.S.detach()), m.ybar.detach(), W.detach(), template.device,
+                                                template.chunk_size)
         L, g_a = weight_gradient(system, G_val[fit_rows], yv_idx[fit_rows], cfg.loss, cfg.temperature)
         g_a = g_a * a0  # d/da of the effective weights a0 * a
         ess = ess_fraction(a, yt, C)

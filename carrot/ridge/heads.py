@@ -21,7 +21,7 @@ PROPERTIES = {  # what a head may keep exact, in the words a refusal uses
     "region_split": "additive split of the logit over the tokens (the token map, segments, region deletion)",
     "region_pairs": "(test region, training region) pairs",
     "certificate": "counterfactual certificate",
-    "reweight": "RRO reweighting (exact gradient of the LOO loss in the weights)",
+    "reweight": "RRO reweighting (exact gradient of a validation loss in the training weights)",
     "linear_coef": "linear coefficients on the embedding (TracIn, the distributed fit, moments)",
     "weight_update": "exact refit under changed training weights (Woodbury; debug's down-weighting)",
     "attribution_audits": "attribution evaluations against exact removal (faithfulness, lds, agreement)",
@@ -58,7 +58,7 @@ def register(kind: HeadKind) -> HeadKind:
 register(HeadKind("ridge", "carrot.ridge.head:RidgeHead", "carrot.RidgeHead", frozenset(PROPERTIES),
                   "linear ridge on the embedding: every exact identity, the region split included"))
 register(HeadKind("kernel", "carrot.ridge.kernel:KernelRidgeHead", "carrot.KernelRidgeHead",
-                  frozenset({"training_terms", "loo", "woodbury", "certificate"}),
+                  frozenset({"training_terms", "loo", "woodbury", "certificate", "reweight"}),
                   "kernel ridge (dual): exact training-image terms, LOO and removal; no additive region split"))
 
 

@@ -585,6 +585,47 @@ class KernelRidgeHead(ClassifierMixin, BaseEstimator):
         return head
 
 
+class WeightedDual:
+    """The kernel ridge solution under training weights a on a fixed feature map (the head's preprocessing, kernel,
+    gamma and lambda held): what RRO steps through, one Cholesky of diag(s) Kc diag(s) + lam I per set of weights.
+
+    With x = [1, phi(z) - mu_a] the primal rows and M = X^T A X + lam diag(0, I), x_i^T M^-1 x_v
+    = 1 / S + (kc(i, v) - kc_i^T diag(s) (diag(s) Kc diag(s) + lam I)^-1 diag(s) kc_v) / lam (the intercept block
+    by centring at the a-weighted mean, the rest by the push-through identity), so the implicit gradient of a loss
+    of the logits F_v, dL/da_i = sum_c x_i^T M^-1 (X_v^T dL/dF)_c r_ic, needs no feature map."""
+
+    def __init__(self, head: "KernelRidgeHead", Z: torch.Tensor, Y: torch.Tensor, a: torch.Tensor,
+                 K: torch.Tensor | None = None) -> None:
+        check_is_fitted(head, ("dual_coef_",))
+        self.head, self.Z, self.Y, self.a = head, Z, Y, a
+        self.K = head._gram(Z, None, head.gamma_) if K is None else K
+        self.Kc, self.r, self.t = weighted_centred(self.K, a)
+        self.S, self.s, self.lam = float(a.sum()), a.sqrt(), float(head.lam_)
+        M = self.s.unsqueeze(1) * self.Kc * self.s.unsqueeze(0)
+        self.chol = torch.linalg.cholesky((M + M.T) / 2 + self.lam * torch.eye(len(a), dtype=M.dtype, device=M.device))
+        self.prior = a @ Y / self.S
+        self.alpha = self.s.unsqueeze(1) * self._solve(self.s.unsqueeze(1) * (Y - self.prior))
+        self.residuals = Y - (self.prior + self.Kc @ self.alpha)  # r_i = y_i - f(x_i), (n, C)
+
+    def _solve(self, V: torch.Tensor) -> torch.Tensor:
+        return torch.cholesky_solve(V, self.chol)
+
+    def centred(self, G: ArrayLike) -> torch.Tensor:
+        """kc(x_v, z_i) (m, n) of embeddings G (m, D) under these weights."""
+        k = self.head._gram(self.head._check_input(G), self.Z, self.head.gamma_)
+        return k - self.r - (k @ self.a / self.S).unsqueeze(1) + self.t
+
+    def decision(self, G: ArrayLike) -> torch.Tensor:
+        """Logits (m, C) of the weighted solution."""
+        return self.prior + self.centred(G) @ self.alpha
+
+    def weight_gradient(self, G_val: ArrayLike, dF: torch.Tensor) -> torch.Tensor:
+        """dL/da (n,) for a loss whose gradient in the logits of G_val (m, D) is dF (m, C)."""
+        B = self.centred(G_val).T @ dF  # (n, C): sum_v kc(i, v) dF_v
+        xMx = (B - self.Kc @ (self.s.unsqueeze(1) * self._solve(self.s.unsqueeze(1) * B))) / self.lam + dF.sum(0) / self.S
+        return (xMx * self.residuals).sum(1)
+
+
 @dataclass
 class _Spectrum:
     """M = diag(s) Kc diag(s) = Q diag(m) Q^T for one kernel parameter: every lambda's solve, hat and LOO."""

@@ -123,6 +123,12 @@ class RidgeSystem:
     def decision(self, G: ArrayLike, theta: torch.Tensor | None = None) -> torch.Tensor:
         return self.augment(G) @ (self.theta if theta is None else theta)
 
+    def weight_gradient(self, G_val: ArrayLike, dF: torch.Tensor) -> torch.Tensor:
+        """dL/da (n,) for a loss whose gradient in the logits of G_val (m, D) is dF (m, C): x_i^T M^-1 X_v^T dF r_i,
+        one solve for every training point (implicit differentiation of the quadratic inner problem)."""
+        V = self.solve(self.augment(G_val).T @ dF)  # (p, C)
+        return ((_augment(self.G, self.mu, self.fit_intercept) @ V) * self.residuals()).sum(1)
+
     def residuals(self) -> torch.Tensor:
         """r_i = y_i - f(x_i), (n, C)."""
         return self.Y - _augment(self.G, self.mu, self.fit_intercept) @ self.theta
