@@ -40,7 +40,7 @@ from common import device_name, write_results
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from carrot.attribution.pixels import blur, cell_boxes, default_sigma, pixel_curves, pooled  # noqa: E402
+from carrot.attribution.pixels import blur, blur_ends, cell_boxes, default_sigma, deletable, pixel_curves, pooled  # noqa: E402
 from carrot.run.operations import REGION_MAPS, image_regions, region_scores  # noqa: E402
 from carrot.run.pipeline import Carrot  # noqa: E402
 
@@ -129,12 +129,12 @@ def main() -> None:
         sigma = default_sigma(grid, size)
         xb = blur(x[None], sigma)
         ph, pw = size[0] // grid[0], size[1] // grid[1]
-        ends = model.pixel_logits(torch.cat([x[None], xb]))[:, c]
-        if not ends[0] - ends[1] > 1e-9 * max(1.0, abs(ends[0])):  # left out of every pooled number: skip its maps
+        full, blurred = blur_ends(model.pixel_logits, x, c, grid, sigma)
+        spans.append(full - blurred)
+        if not deletable(full, blurred):  # left out of every pooled number: skip its maps
             for m in args.maps:
                 auc[m]["deletion"].append(float("nan"))
                 auc[m]["insertion"].append(float("nan"))
-            spans.append(float(ends[0] - ends[1]))
             continue
         for m in args.maps:
             t0 = time.perf_counter()
@@ -159,7 +159,6 @@ def main() -> None:
             cur = pixel_curves(model.pixel_logits, x, c, grid, np.argsort(-s, kind="stable"), args.steps)
             auc[m]["deletion"].append(cur.auc("deletion"))
             auc[m]["insertion"].append(cur.auc("insertion"))
-        spans.append(cur.span)
         print(f"[{done + 1}/{len(rows_idx)}] {time.perf_counter() - t_all:.0f} s: " + ", ".join(
             f"{m} {pooled(auc[m]['deletion'], spans)['mean']:.3f}/{pooled(auc[m]['insertion'], spans)['mean']:.3f}"
             for m in args.maps), flush=True)

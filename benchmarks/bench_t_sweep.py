@@ -13,6 +13,7 @@ sum(logit - prior); random order for reference). One eigendecomposition per imag
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 import time
@@ -27,6 +28,34 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
+class SharedTokens:
+    """A frozen backbone whose tokens of each distinct input batch are computed once (keyed by the input's bytes)
+    and kept in the cache dtype, which is lossless for the pipeline (it rounds tokens to that dtype), up to
+    ``max_bytes``; every other attribute is the backbone's own."""
+
+    def __init__(self, backbone, dtype: torch.dtype, max_bytes: float) -> None:
+        self.inner, self.dtype, self.max_bytes = backbone, dtype, max_bytes
+        self.store: dict[bytes, tuple[torch.Tensor, tuple[int, int]]] = {}
+        self.bytes = self.hits = self.misses = 0
+
+    def __call__(self, x: torch.Tensor):
+        key = hashlib.blake2b(x.detach().cpu().contiguous().numpy().tobytes(), digest_size=20).digest()
+        if key in self.store:
+            self.hits += 1
+            H, grid = self.store[key]
+            return H, grid
+        self.misses += 1
+        H, grid = self.inner(x)
+        H = H.to(self.dtype)
+        if self.bytes + H.numel() * H.element_size() <= self.max_bytes:
+            self.store[key] = (H, grid)
+            self.bytes += H.numel() * H.element_size()
+        return H, grid
+
+    def __getattr__(self, name: str):
+        return getattr(self.inner, name)
+
+
 def main() -> None:
     from carrot.run import commands as orchestration
     from carrot.attribution.representer import centred_kernel, region_contributions
@@ -37,6 +66,8 @@ def main() -> None:
     from carrot.attribution.regions import deletion_insertion
     from carrot.features.regions import RegionSet
     from carrot.audit.sweep import embeddings_over_t
+    from carrot.run.operations import pixel_deletion
+    from carrot.run.pipeline import Carrot
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--backbones", nargs="+", default=["dinov2_vits14", "efficientnet_lite0"])
@@ -46,6 +77,12 @@ def main() -> None:
                     help="spatial bandwidths tried with sigma_feat = median")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--n-region", type=int, default=12, help="test images for the deletion curves")
+    ap.add_argument("--pixel-images", type=int, default=8, help="test images for the pixel protocol (0: none)")
+    ap.add_argument("--pixel-grid", choices=["cross", "full"], default="cross",
+                    help="the rows the pixel protocol runs for: cross = one factor at a time around the default "
+                         "(every t at median bandwidths, every bandwidth at t = 1), full = every row")
+    ap.add_argument("--pixel-backbones", nargs="+", default=None, help="the backbones the pixel protocol runs for (default: all)")
+    ap.add_argument("--token-memory-gb", type=float, default=8.0, help="cap on the shared blurred-image tokens")
     ap.add_argument("--data-kind", default="elpv", help="a data set carrot reads without a root: elpv or fashion-mnist")
     ap.add_argument("--max-per-class", type=int, default=None, help="cap per class (fashion-mnist: in each split)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "t_sweep"))
@@ -58,6 +95,11 @@ def main() -> None:
         labels = np.concatenate([s.labels for s in stores])
         grid = stores[0].grid
         P = stores[0].positions.to(torch.float64)
+        records = list(train.records) + list(test.records)  # the order of the stores' rows
+        pixel_on = a.pixel_images > 0 and (a.pixel_backbones is None or name in a.pixel_backbones)
+        if pixel_on:
+            shared = SharedTokens(Carrot(cfg).backbone, torch.float16 if cfg.backbone.cache_dtype == "float16" else torch.float32,
+                                  a.token_memory_gb * 2**30)
 
         class Joined:  # both cached splits seen as one store
             def __init__(self):
@@ -73,7 +115,7 @@ def main() -> None:
             G_all = embeddings_over_t(Joined(), a.t, graph)
             t_embed = time.perf_counter() - t0
             for ti, t in enumerate(a.t):
-                accs, conc, lams = [], [], []
+                accs, conc, lams, pix = [], [], [], {}
                 for si, (itr, ite) in enumerate(splits):
                     head = RidgeHead(lam="auto").fit(G_all[ti][itr], labels[itr])
                     accs.append(float((head.predict(G_all[ti][ite]) == labels[ite]).mean()))
@@ -100,6 +142,19 @@ def main() -> None:
                             del_auc.append(d1.auc - prior)
                             rnd_auc.append(d2.auc - prior)
                             spans.append(full - prior)
+                    on_cross = (ss, sf) == ("median", "median") or t == DiffusionConfig().t
+                    if si == 0 and pixel_on and (a.pixel_grid == "full" or on_cross):
+                        t1 = time.perf_counter()
+                        at = Carrot(cfg.merged({"graph.sigma_space": ss, "graph.sigma_feat": sf, "diffusion.t": t}), backbone=shared)
+                        at.head_ = head
+                        at.test_records_ = [[records[j].path, records[j].label] for j in ite]
+                        res = pixel_deletion(at, a.pixel_images, seed=0, maps=("shapley", "token"))
+                        pix = {"pixel_images": res["n"], "pixel_counted": res["maps"]["shapley"]["deletion"]["n"],
+                               "seconds_pixel": time.perf_counter() - t1}
+                        for m, v in res["maps"].items():
+                            for kind in ("deletion", "insertion"):
+                                pix[f"pixel_{kind}_{m}"] = v[kind]["mean"]
+                                pix[f"pixel_{kind}_{m}_sem"] = v[kind]["sem"]
                 row = {"backbone": name, "sigma_space": ss, "sigma_feat": sf, "t": t, "accuracy_mean": float(np.mean(accs)),
                        "accuracy_std": float(np.std(accs, ddof=1)), "lam_median": float(np.median(lams)),
                        "top10_concentration": float(np.mean(conc)),
@@ -107,6 +162,8 @@ def main() -> None:
                        "deletion_auc_norm": float(np.sum(del_auc) / np.sum(spans)),
                        "deletion_auc_norm_random": float(np.sum(rnd_auc) / np.sum(spans)), "seconds_embed_all_t": t_embed,
                        "n_images": int(len(labels)), "grid": list(grid)}
+                if pix:
+                    row.update(pix)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     out = write_results(a.out, rows, args=vars(a))

@@ -94,8 +94,18 @@ def diffusion_section(d: dict) -> list[str]:
                                       ("peak RSS MB", "peak_rss_mb"), ("extra peak of the method MB", "method_extra_peak_mb")]) + [""]
 
 
+def _pm(r: dict, key: str) -> str:
+    """'mean ± sem' of a pooled pixel number, '' where the row has none."""
+    if key not in r:
+        return ""
+    return f"{r[key]:.3f} ± {r[key + '_sem']:.3f}" if key + "_sem" in r else f"{r[key]:.3f}"
+
+
 def t_sweep_section(d: dict) -> list[str]:
-    rows = [dict(r, acc=f"{r['accuracy_mean']:.3f} ± {r['accuracy_std']:.3f}") for r in d["rows"]]
+    rows = [dict(r, acc=f"{r['accuracy_mean']:.3f} ± {r['accuracy_std']:.3f}",
+                 pds=_pm(r, "pixel_deletion_shapley"), pdt=_pm(r, "pixel_deletion_token"), pis=_pm(r, "pixel_insertion_shapley"))
+            for r in d["rows"]]
+    pixel = [r for r in d["rows"] if "pixel_deletion_shapley" in r]
     kind = d["args"].get("data_kind", "elpv")
     name = {"elpv": "ELPV", "fashion-mnist": "Fashion-MNIST"}.get(kind, kind)
     cap = d["args"].get("max_per_class")
@@ -108,10 +118,19 @@ def t_sweep_section(d: dict) -> list[str]:
              "Deletion AUC: logit while removing regions in order of their exact contribution, pooled over the images as "
              "sum(AUC - prior) / sum(logit - prior) (1 = full logit throughout, 0 = prior); lower is a sharper region "
              "attribution; random order for reference. "
-             f"Plot: `benchmarks/results/{plot}`.", ""]
-    return lines + _table(rows, [("backbone", "backbone"), ("sigma_space", "sigma_space"), ("sigma_feat", "sigma_feat"), ("t", "t"), ("accuracy", "acc"),
-                                 ("λ (median)", "lam_median"), ("top-10 concentration", "top10_concentration"),
-                                 ("deletion AUC", "deletion_auc_norm"), ("deletion AUC, random order", "deletion_auc_norm_random")]) + [""]
+             f"Plot: `benchmarks/results/{plot}`."
+             + (f" Pixel protocol (as `evaluate --what pixel-deletion`): on {d['args'].get('pixel_images')} test images of the "
+                "first split, each row's whole model (backbone, its graph, diffusion and head) re-run while the backbone's "
+                "cells are blurred (deletion) or revealed onto the blurred image (insertion) in the order of its Shapley map "
+                "(explain's default) or its exact token split; pooled AUC ± bootstrap s.e. (image = 1, blurred image = 0; "
+                "lower deletion, higher insertion = more faithful to the pixels; random order is about 0.5); images whose "
+                "logit blurring does not lower are left out (the counted column)." if pixel else ""), ""]
+    cols = [("backbone", "backbone"), ("sigma_space", "sigma_space"), ("sigma_feat", "sigma_feat"), ("t", "t"), ("accuracy", "acc"),
+            ("λ (median)", "lam_median"), ("top-10 concentration", "top10_concentration"),
+            ("deletion AUC", "deletion_auc_norm"), ("deletion AUC, random order", "deletion_auc_norm_random")]
+    if pixel:
+        cols += [("pixel images counted", "pixel_counted"), ("pixel deletion, Shapley map", "pds"), ("pixel deletion, token map", "pdt"), ("pixel insertion, Shapley map", "pis")]
+    return lines + _table(rows, cols) + [""]
 
 
 def share_section(d: dict) -> list[str]:

@@ -384,8 +384,22 @@ def test_evaluate_pixel_deletion_reports_each_map(run):
     p = json.loads(r.output)["pixel_deletion"]
     assert p["n"] == 3 and p["grid"] == [4, 4] and set(p["maps"]) == {"shapley", "split", "occlusion", "token", "random"}
     for v in p["maps"].values():
-        assert v["seconds_per_image"] >= 0 and v["deletion"]["n"] <= 3
+        assert v["deletion"]["n"] + v["deletion"]["left_out"] == 3
+        assert v["seconds_per_image"] >= 0 if v["deletion"]["n"] else np.isnan(v["seconds_per_image"])
     assert "Pixel deletion and insertion" in (run / "index.html").read_text()
+
+
+def test_pixel_deletion_draws_no_map_where_blurring_does_not_lower_the_logit(run, monkeypatch):
+    from carrot.run import operations
+    from carrot.run.pipeline import Carrot
+
+    drawn = []
+    monkeypatch.setattr(operations, "region_scores", lambda *a, **k: drawn.append(a[1]) or np.zeros(16))
+    monkeypatch.setattr(Carrot, "pixel_logits", lambda self, x: np.zeros((len(x), 3)))
+    p = operations.pixel_deletion(Carrot.load(run), n_test=2, maps=("shapley", "token"))
+    assert drawn == [] and p["n"] == 2
+    for v in p["maps"].values():
+        assert v["deletion"]["n"] == 0 and v["deletion"]["left_out"] == 2 and np.isnan(v["seconds_per_image"])
 
 
 def test_the_t_sweep_and_the_pointing_game_report_the_pixel_protocol(run):

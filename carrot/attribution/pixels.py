@@ -245,6 +245,20 @@ def default_sigma(grid: tuple[int, int], size: tuple[int, int]) -> float:
     return float(max(size[0] / grid[0], size[1] / grid[1]))
 
 
+def deletable(full: float, blurred: float) -> bool:
+    """Whether blurring the whole image lowers the logit (f_c(x) - f_c(blurred x) > 0 beyond rounding): an image
+    where it does not has nothing to delete, and every map's AUC is nan (left out of the pooled numbers)."""
+    return bool(full - blurred > 1e-9 * max(1.0, abs(full)))
+
+
+def blur_ends(logits: Logits, x: torch.Tensor, c: int, grid: tuple[int, int], sigma: float | None = None) -> tuple[float, float]:
+    """(f_c(x), f_c(blurred x)) of one image (3, H, W): the two ends of every deletion curve (2 forward passes)."""
+    size = tuple(x.shape[-2:])
+    sigma = sigma if sigma is not None else default_sigma(grid, size)
+    out = np.asarray(logits(torch.stack([x, blur(x[None], sigma)[0]])), dtype=np.float64)[:, c]
+    return float(out[0]), float(out[1])
+
+
 @dataclass
 class PixelCurves:
     """Deletion and insertion of one image in one map's order."""
@@ -263,10 +277,9 @@ class PixelCurves:
     def auc(self, which: str) -> float:
         """Area under the curve scaled to 1 at the image and 0 at the blurred image; nan where the blurred image
         scores the class as high as the image (nothing to delete: the image is left out of the means)."""
-        span = self.full - self.blurred
-        if not span > 1e-9 * max(1.0, abs(self.full)):
+        if not deletable(self.full, self.blurred):
             return float("nan")
-        v = (getattr(self, which) - self.blurred) / span
+        v = (getattr(self, which) - self.blurred) / (self.full - self.blurred)
         return float(np.trapezoid(v, self.fractions))
 
 

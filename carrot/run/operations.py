@@ -419,7 +419,7 @@ def pixel_deletion(model: Carrot, n_test: int = 20, steps: int = 16, seed: int =
     mean and s.e.m. over images, and the seconds each map costs per image."""
     import time
 
-    from carrot.attribution.pixels import pixel_curves, pooled
+    from carrot.attribution.pixels import blur_ends, deletable, pixel_curves, pooled
 
     if not maps or set(maps) - set(REGION_MAPS):
         raise CarrotError(f"maps: expected some of {', '.join(REGION_MAPS)}, got {list(maps)}")
@@ -433,6 +433,13 @@ def pixel_deletion(model: Carrot, n_test: int = 20, steps: int = 16, seed: int =
     grid = None
     for i in rows.tolist():
         x, H, w, grid, c = image_regions(model, model.test_records_[i][0])
+        full, blurred = blur_ends(model.pixel_logits, x, c, grid)
+        spans.append(full - blurred)
+        if not deletable(full, blurred):  # nothing to delete: left out of every pooled number, so no map is drawn
+            for m in maps:
+                auc[m]["deletion"].append(float("nan"))
+                auc[m]["insertion"].append(float("nan"))
+            continue
         for m in maps:
             t0 = time.perf_counter()
             scores = region_scores(model, m, x, H, w, c, grid, rng)
@@ -440,11 +447,10 @@ def pixel_deletion(model: Carrot, n_test: int = 20, steps: int = 16, seed: int =
             curves = pixel_curves(model.pixel_logits, x, c, grid, np.argsort(-scores, kind="stable"), steps)
             auc[m]["deletion"].append(curves.auc("deletion"))
             auc[m]["insertion"].append(curves.auc("insertion"))
-        spans.append(curves.span)
     return {"n": int(len(rows)), "steps": steps, "grid": list(grid) if grid else None,
             "maps": {m: {"deletion": pooled(auc[m]["deletion"], spans, seed),
                          "insertion": pooled(auc[m]["insertion"], spans, seed),
-                         "seconds_per_image": float(np.mean(seconds[m]))} for m in maps}}
+                         "seconds_per_image": float(np.mean(seconds[m])) if seconds[m] else float("nan")} for m in maps}}
 
 
 def pointing(run_dir: str | Path, model: Carrot | None = None, n_pixel: int = 0, seed: int = 0) -> dict[str, Any]:
