@@ -7,7 +7,7 @@ from sklearn.base import clone
 from sklearn.metrics.pairwise import laplacian_kernel, polynomial_kernel, rbf_kernel
 
 from carrot.errors import CarrotError
-from carrot.ridge.kernel import KERNELS, KernelRidgeHead, kernel_matrix
+from carrot.ridge.kernel import KERNELS, KernelRidgeHead, WeightedDual, kernel_matrix
 
 
 def data(seed: int, n: int = 24, d: int = 5, classes: int = 3, weights: bool = False):
@@ -308,8 +308,16 @@ def test_the_debug_loop_with_the_kernel_head_equals_refits():
         assert row["test_accuracy"] == pytest.approx(float((ref.predict(Gt) == yt).mean()))
     change = head.loo_loss_change(Gv, yv).numpy()
     assert res["rows"][0]["dropped"] == np.argsort(change, kind="stable")[:2].tolist()
-    with pytest.raises(CarrotError, match="downweight: the kernel head's exact update removes images"):
-        debug_loop(G, y, Gv, yv, Gt, yt, head, ks=(2,), downweight=0.5)
+    down = debug_loop(G, y, Gv, yv, Gt, yt, head, ks=(2, 5), n_random=2, downweight=0.3)
+    assert [r["dropped"] for r in down["rows"]] == [r["dropped"] for r in res["rows"]]
+    for row in down["rows"]:  # down-weighting: the dual solved again, against a refit with those weights
+        a = np.ones(len(y))
+        a[row["dropped"]] = 0.3
+        ref = KernelRidgeHead(gamma=0.5, lam=0.2, standardize=False).fit(G, y, a)
+        assert row["val_accuracy"] == pytest.approx(float((ref.predict(Gv) == yv).mean()))
+        assert row["test_accuracy"] == pytest.approx(float((ref.predict(Gt) == yt).mean()))
+        system = WeightedDual(head, head.X_fit_, head.train_targets_, torch.as_tensor(a))
+        assert np.allclose(system.decision(Gt).numpy(), ref.decision_function(Gt), atol=1e-9)
 
 
 def test_the_certificate_keeps_every_class_when_one_loses_its_images():
@@ -326,3 +334,56 @@ def test_the_certificate_keeps_every_class_when_one_loses_its_images():
     assert np.isfinite(cert.margin) and cert.margin > 0 and cert.refit_max_abs_diff < 1e-8
     ref = head.refit_without([12])
     assert ref.dual_coef_.shape == (12, 2) and float(ref.prior_[1]) == 0.0
+
+
+def test_the_attribution_audits_with_the_kernel_head_equal_refits():
+    """Faithfulness, LDS and agreement on a kernel head: its counterfactuals against plain fits with 0/1 weights (the
+    eigendecomposition path, not the audits' Cholesky and Woodbury), and the LDS recomputed from those fits."""
+    from scipy.stats import spearmanr
+
+    from carrot.audit.evaluate import evaluate_embeddings
+    from carrot.ridge.kernel import DualCounterfactuals
+
+    G, y, _ = data(5, n=24)
+    Gt = np.random.default_rng(6).normal(size=(5, G.shape[1]))
+    settings = dict(gamma=0.5, lam=0.2, standardize=False)
+    head = KernelRidgeHead(**settings).fit(G, y)
+
+    def fit_on(mask):
+        return KernelRidgeHead(**settings).fit(G, y, mask.astype(np.float64)).decision_function(Gt)
+
+    cf = DualCounterfactuals(head)
+    R, S = [1, 4, 9], np.arange(0, 24, 2)
+    without, only = np.ones(24, bool), np.zeros(24, bool)
+    without[R], only[S] = False, True
+    assert np.allclose(cf.decision_without(Gt, R).numpy(), fit_on(without), atol=1e-9)
+    assert np.allclose(cf.decision_only(Gt, S).numpy(), fit_on(only), atol=1e-9)
+    f = head.decision_function(Gt)
+    pred = f.argmax(1)
+    support = np.zeros((5, 24))  # f_c(x) - f_-i(x)_c by refits
+    for i in range(24):
+        mask = np.ones(24, bool)
+        mask[i] = False
+        support[:, i] = f[np.arange(5), pred] - fit_on(mask)[np.arange(5), pred]
+    assert np.allclose(-cf.loo_effect(Gt).numpy()[np.arange(5), :, pred], support, atol=1e-9)
+    res = evaluate_embeddings(G, y, Gt, head, ["lds", "agreement", "faithfulness"], ks=(1, 3), n_test=5, n_subsets=6)
+    assert set(res["lds"]) == {"exact_loo", "carrot_representer", "carrot_equivalent_kernel", "kernel_similarity"}
+    agree = res["agreement_with_exact_loo"]
+    assert set(agree) == {"carrot_representer", "carrot_equivalent_kernel", "kernel_similarity"}
+    rep = head.training_terms(Gt, pred)["representer"].numpy()
+    assert agree["carrot_representer"]["spearman"] == pytest.approx(
+        np.mean([spearmanr(rep[x], support[x]).statistic for x in range(5)]), abs=1e-12)
+    rng = np.random.default_rng(0)  # the LDS protocol's subsets, refitted here
+    masks = np.zeros((6, 24), bool)
+    actual = np.zeros((6, 5))
+    for j in range(6):
+        masks[j, np.sort(rng.choice(np.arange(24), 12, replace=False))] = True
+        actual[j] = fit_on(masks[j])[np.arange(5), pred]
+    rho = np.nanmean([spearmanr(masks.astype(float) @ support[x], actual[:, x]).statistic for x in range(5)])
+    assert res["lds"]["exact_loo"] == pytest.approx(rho, abs=1e-9)
+    drops = []
+    for x in range(5):  # remove the top image of each test image's exact support: the refit's logit drop
+        mask = np.ones(24, bool)
+        mask[np.argsort(-support[x], kind="stable")[:1]] = False
+        drops.append(f[x, pred[x]] - fit_on(mask)[x, pred[x]])
+    assert res["faithfulness"]["exact_loo"]["1"]["remove_top"]["logit_drop"] == pytest.approx(np.mean(drops), abs=1e-9)

@@ -70,7 +70,10 @@ def test_kernel_run_commands_work_or_refuse_by_name(kernel_run, tmp_path):
           ["bench", str(kernel_run), "--t", "0,1"],
           ["evaluate", str(kernel_run), "--what", "certificates", "--n-test", "3", "--json"],
           ["debug", str(kernel_run), "--drop", "2,4"],
-          ["evaluate", str(kernel_run), "--what", "mislabel", "--json"]]
+          ["debug", str(kernel_run), "--drop", "2", "--downweight", "0.5"],
+          ["evaluate", str(kernel_run), "--what", "mislabel", "--json"],
+          ["evaluate", str(kernel_run), "--what", "lds,agreement,faithfulness", "--n-test", "3", "--k", "1,2",
+           "--subsets", "4", "--json"]]
     (tmp_path / "none").mkdir()
     from carrot.run.pipeline import Carrot
 
@@ -79,9 +82,7 @@ def test_kernel_run_commands_work_or_refuse_by_name(kernel_run, tmp_path):
     for args in ok:
         r = CliRunner().invoke(cli, args)
         assert r.exit_code == 0, (args, r.output)
-    refused = {("debug", str(kernel_run), "--downweight", "0.5"): "debug --downweight: the kernel head has no exact refit under changed",
-               ("tracin", str(kernel_run)): "tracin: the kernel head has no linear coefficients",
-               ("evaluate", str(kernel_run), "--what", "lds"): "evaluate --what lds: the kernel head has no attribution",
+    refused = {("tracin", str(kernel_run)): "tracin: the kernel head has no linear coefficients",
                ("evaluate", str(kernel_run), "--what", "deletion"): "evaluate --what deletion: the kernel head has no additive"}
     for args, message in refused.items():
         r = CliRunner().invoke(cli, list(args))

@@ -1,6 +1,7 @@
 """Dataset debugging loop (seed concept, experiment 4): find the training images most harmful to a
-validation split by the exact leave-one-out change of the validation loss, drop or downweight them (Woodbury, no refit), report the
-change in validation and test accuracy, against dropping as many random images."""
+validation split by the exact leave-one-out change of the validation loss, drop or downweight them (Woodbury, no refit;
+the kernel head: exact removal in the dual, or its dual solved again under the new weights), report the change in
+validation and test accuracy, against dropping as many random images."""
 from __future__ import annotations
 
 from typing import Any, Callable, Sequence
@@ -10,6 +11,7 @@ import torch
 
 from carrot.errors import CarrotError
 from carrot.ridge.head import RidgeHead, as_head, frozen_clone
+from carrot.ridge.kernel import WeightedDual
 from carrot.ridge.removal import RidgeSystem, loo_loss_change
 from carrot.validation import index_labels
 
@@ -36,9 +38,17 @@ def debug_loop(G: np.ndarray, y: np.ndarray, G_val: np.ndarray, y_val: np.ndarra
         def after(idx: np.ndarray) -> Callable[[np.ndarray], torch.Tensor]:  # logits once idx are down-weighted
             theta = system.theta if idx is None else system.updated_theta(idx, np.full(len(idx), downweight) * system.a[idx].numpy())
             return lambda Gx: system.decision(Gx, theta)
+    elif downweight:  # the kernel head under changed weights: its dual solved again, the feature map held
+        harm = -head.loo_loss_change(G_val, yv).numpy()
+        K = head._gram(head.X_fit_, None, head.gamma_)
+
+        def after(idx: np.ndarray) -> Callable[[np.ndarray], torch.Tensor]:
+            a = head._a.clone()
+            if idx is not None:
+                a[torch.as_tensor(idx)] *= downweight
+            system = WeightedDual(head, head.X_fit_, head.train_targets_, a, K)
+            return system.decision
     else:  # the kernel head: exact removal of a set in the dual (l_R(x)^T (I - H_RR)^-1 e_R)
-        if downweight:
-            raise CarrotError(f"downweight: the kernel head's exact update removes images (downweight 0), got {downweight!r}")
         harm = -head.loo_loss_change(G_val, yv).numpy()
         seen = {id(Gx): (torch.as_tensor(head.decision_function(Gx)), head.equivalent_kernel(Gx)) for Gx in (G_val, G_test)}
 

@@ -1,7 +1,8 @@
 """Evaluations of attributions: mislabel detection, faithfulness, LDS, rank agreement with exact LOO.
 
-Every routine takes embeddings (the backbone is never re-run) and uses the exact ridge algebra of
-:mod:`carrot.ridge.removal` as ground truth; scores follow the convention "higher = more of the thing".
+Every routine takes embeddings (the backbone is never re-run) and uses the head's exact refits as ground truth (the
+ridge algebra of :mod:`carrot.ridge.removal`, or the kernel head's dual, :class:`~carrot.ridge.kernel.DualCounterfactuals`);
+scores follow the convention "higher = more of the thing".
 """
 from __future__ import annotations
 
@@ -15,7 +16,10 @@ from carrot.ridge.baselines import TracInHead
 from carrot.errors import CarrotError
 from carrot.ridge.head import RidgeHead, as_head, frozen_clone
 from carrot.validation import index_labels, one_hot
+from carrot.ridge.kernel import DualCounterfactuals, KernelRidgeHead
 from carrot.ridge.removal import RidgeSystem
+
+Counterfactuals = RidgeSystem | DualCounterfactuals  # a head's exact refits without / with only a set of images
 
 
 def flip_labels(y: np.ndarray, fraction: float, n_classes: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -74,13 +78,13 @@ def mislabel_detection(scores: dict[str, np.ndarray], flipped: np.ndarray,
     return out
 
 
-def removal_effects(system: RidgeSystem, G_test: np.ndarray, classes: np.ndarray) -> np.ndarray:
+def removal_effects(system: Counterfactuals, G_test: np.ndarray, classes: np.ndarray) -> np.ndarray:
     """Exact LOO effect on each test image's logit of ``classes``: f_-i(x)_c - f(x)_c, (m, n)."""
     eff = system.loo_effect(G_test)  # (m, n, C)
     return eff[torch.arange(len(classes)), :, torch.as_tensor(classes)].numpy()
 
 
-def faithfulness(system: RidgeSystem, G_test: np.ndarray, attributions: np.ndarray, ks: Sequence[int] = (1, 5, 10, 20),
+def faithfulness(system: Counterfactuals, G_test: np.ndarray, attributions: np.ndarray, ks: Sequence[int] = (1, 5, 10, 20),
                  n_random: int = 3, seed: int = 0) -> dict[str, dict[str, dict[str, float]]]:
     """Remove (Woodbury) or keep (refit) K training images chosen by an attribution, per test image.
 
@@ -97,7 +101,6 @@ def faithfulness(system: RidgeSystem, G_test: np.ndarray, attributions: np.ndarr
     rng = np.random.default_rng(seed)
     F = system.decision(G_test)
     pred = F.argmax(1)
-    X = system.augment(G_test)
     out: dict[str, dict[str, dict[str, float]]] = {}
     for k in ks:
         res: dict[str, list[tuple[float, bool]]] = {s: [] for s in ("remove_top", "remove_random", "remove_bottom", "keep_top", "keep_random")}
@@ -108,19 +111,19 @@ def faithfulness(system: RidgeSystem, G_test: np.ndarray, attributions: np.ndarr
                     "remove_random": [rng.choice(active, k, replace=False) for _ in range(n_random)]}
             for name, idx_list in sets.items():
                 for idx in idx_list:
-                    f = X[x] @ system.updated_theta(idx)
+                    f = system.decision_without(G_test[x : x + 1], idx)[0]
                     res[name].append((float(F[x, c] - f[c]), int(f.argmax()) != c))
             keeps = {"keep_top": [order[:k]], "keep_random": [rng.choice(active, k, replace=False) for _ in range(n_random)]}
             for name, idx_list in keeps.items():
                 for idx in idx_list:
-                    f = system.refit(idx).decision(G_test[x : x + 1])[0]
+                    f = system.decision_only(G_test[x : x + 1], idx)[0]
                     res[name].append((float(F[x, c] - f[c]), int(f.argmax()) != c))
         out[str(k)] = {s: {"logit_drop": float(np.mean([d for d, _ in v])), "flip_rate": float(np.mean([f for _, f in v]))}
                        for s, v in res.items()}
     return out
 
 
-def lds(system: RidgeSystem, G_test: np.ndarray, classes: np.ndarray, estimators: dict[str, np.ndarray],
+def lds(system: Counterfactuals, G_test: np.ndarray, classes: np.ndarray, estimators: dict[str, np.ndarray],
         n_subsets: int = 50, fraction: float = 0.5, seed: int = 0) -> dict[str, float]:
     """Linear datamodeling score (TRAK protocol): Spearman over random subsets S between the predicted
     sum_{i in S} tau_i(x) and the refitted logit f_S(x)_c, averaged over test images. Subsets are drawn
@@ -135,7 +138,7 @@ def lds(system: RidgeSystem, G_test: np.ndarray, classes: np.ndarray, estimators
     for j in range(n_subsets):
         idx = np.sort(rng.choice(active, int(round(fraction * len(active))), replace=False))
         masks[j, idx] = True
-        actual[j] = system.refit(idx).decision(G_test)[torch.arange(len(classes)), torch.as_tensor(classes)].numpy()
+        actual[j] = system.decision_only(G_test, idx)[torch.arange(len(classes)), torch.as_tensor(classes)].numpy()
     out = {}
     for name, tau in estimators.items():
         pred = masks.astype(np.float64) @ tau.T  # (subsets, m)
@@ -154,7 +157,7 @@ def rank_agreement(estimators: dict[str, np.ndarray], reference: np.ndarray) -> 
     return out
 
 
-def estimator_scores(head: RidgeHead, system: RidgeSystem, G: np.ndarray, y: np.ndarray, G_test: np.ndarray,
+def estimator_scores(head: RidgeHead | KernelRidgeHead, system: Counterfactuals, G: np.ndarray, y: np.ndarray, G_test: np.ndarray,
                      tracin: TracInHead | None = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """For each test image's predicted class: the exact LOO support (f - f_-i) and each estimator (m, n)."""
     from carrot.attribution.representer import centred_kernel
@@ -163,6 +166,11 @@ def estimator_scores(head: RidgeHead, system: RidgeSystem, G: np.ndarray, y: np.
 
     pred = head.decision_function(G_test).argmax(1)
     loo_support = -removal_effects(system, G_test, pred)
+    if isinstance(system, DualCounterfactuals):  # the kernel head: its own exact views, no linear coefficients
+        terms = head.training_terms(G_test, pred)
+        return loo_support, {"carrot_representer": terms["representer"].numpy(),
+                             "carrot_equivalent_kernel": terms["equivalent_kernel"].numpy(),
+                             "kernel_similarity": head.centred_kernel(G_test).numpy()}
     K = centred_kernel(head, G, G_test)
     terms = training_terms(system, G_test, pred)
     est = {"carrot_representer": (K * head.dual_coef_.T[torch.as_tensor(pred)]).numpy(),
@@ -336,11 +344,12 @@ def evaluate_embeddings(
                            "results": mislabel_detection(mislabel_scores(G, yn, head, tracin), mask)}
     rest = [w for w in what if w != "mislabel"]
     if rest:
-        system = RidgeSystem.from_head(head, G, y)
+        dual = isinstance(head, KernelRidgeHead)
+        system = DualCounterfactuals(head) if dual else RidgeSystem.from_head(head, G, y)
         rows = np.sort(rng.choice(len(G_test), min(n_test, len(G_test)), replace=False))
         Gt = G_test[rows]
         log("exact LOO and estimators")
-        th = TracInHead.fit(G, y, **(tracin or {}))
+        th = None if dual else TracInHead.fit(G, y, **(tracin or {}))
         loo_support, est = estimator_scores(head, system, G, y, Gt, th)
         out["n_test_evaluated"] = int(len(rows))
         if "agreement" in what:

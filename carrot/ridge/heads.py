@@ -58,7 +58,8 @@ def register(kind: HeadKind) -> HeadKind:
 register(HeadKind("ridge", "carrot.ridge.head:RidgeHead", "carrot.RidgeHead", frozenset(PROPERTIES),
                   "linear ridge on the embedding: every exact identity, the region split included"))
 register(HeadKind("kernel", "carrot.ridge.kernel:KernelRidgeHead", "carrot.KernelRidgeHead",
-                  frozenset({"training_terms", "loo", "woodbury", "certificate", "reweight"}),
+                  frozenset({"training_terms", "loo", "woodbury", "certificate", "reweight", "weight_update",
+                             "attribution_audits"}),
                   "kernel ridge (dual): exact training-image terms, LOO and removal; no additive region split"))
 
 

@@ -626,6 +626,38 @@ class WeightedDual:
         return (xMx * self.residuals).sum(1)
 
 
+class DualCounterfactuals:
+    """The kernel head's exact counterfactual refits in the interface the attribution audits use (the ridge head's
+    is :class:`~carrot.ridge.removal.RidgeSystem`): without a set (block Woodbury in the dual), only a set (the dual
+    solved again with the other weights 0), without each image alone; the feature map is the head's, held fixed."""
+
+    def __init__(self, head: "KernelRidgeHead") -> None:
+        check_is_fitted(head, ("dual_coef_",))
+        self.head, self.a, self.G = head, head._a, head.X_fit_
+        self._K: torch.Tensor | None = None
+
+    def decision(self, G: ArrayLike) -> torch.Tensor:
+        """Logits (m, C)."""
+        return torch.as_tensor(self.head.decision_function(G))
+
+    def decision_without(self, G: ArrayLike, rows: Sequence[int]) -> torch.Tensor:
+        """Logits (m, C) of the head refitted without training images ``rows``."""
+        return self.decision(G) - self.head.remove(G, rows)
+
+    def decision_only(self, G: ArrayLike, rows: Sequence[int]) -> torch.Tensor:
+        """Logits (m, C) of the head refitted on training images ``rows`` only."""
+        if self._K is None:
+            self._K = self.head._gram(self.G, None, self.head.gamma_)
+        keep = torch.as_tensor(np.asarray(rows, dtype=np.int64))
+        a = torch.zeros_like(self.a)
+        a[keep] = self.a[keep]
+        return WeightedDual(self.head, self.G, self.head.train_targets_, a, self._K).decision(G)
+
+    def loo_effect(self, G: ArrayLike) -> torch.Tensor:
+        """(m, n, C) f_-i(x) - f(x) for removing each training image alone."""
+        return -self.head.removal_effect(G)
+
+
 @dataclass
 class _Spectrum:
     """M = diag(s) Kc diag(s) = Q diag(m) Q^T for one kernel parameter: every lambda's solve, hat and LOO."""

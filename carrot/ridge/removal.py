@@ -123,6 +123,14 @@ class RidgeSystem:
     def decision(self, G: ArrayLike, theta: torch.Tensor | None = None) -> torch.Tensor:
         return self.augment(G) @ (self.theta if theta is None else theta)
 
+    def decision_without(self, G: ArrayLike, rows: Sequence[int]) -> torch.Tensor:
+        """Logits (m, C) of the refit without training rows ``rows`` (Woodbury, no refit)."""
+        return self.decision(G, self.updated_theta(rows))
+
+    def decision_only(self, G: ArrayLike, rows: Sequence[int]) -> torch.Tensor:
+        """Logits (m, C) of the refit on training rows ``rows`` only."""
+        return self.refit(rows).decision(G)
+
     def weight_gradient(self, G_val: ArrayLike, dF: torch.Tensor) -> torch.Tensor:
         """dL/da (n,) for a loss whose gradient in the logits of G_val (m, D) is dF (m, C): x_i^T M^-1 X_v^T dF r_i,
         one solve for every training point (implicit differentiation of the quadratic inner problem)."""
