@@ -225,7 +225,8 @@ def pixels_section(d: dict) -> list[str]:
     def pm(r, k):
         return f"{r[k + '_mean']:.3f} ± {r[k + '_sem']:.3f}"
 
-    lines = [f"## Region maps in pixel space: {d['data']}, {d['backbone']} ({d['grid'][0]}x{d['grid'][1]} cells)", "",
+    lines = [f"## Region maps in pixel space: {d['data']}, {d['backbone']} ({d['grid'][0]}x{d['grid'][1]} cells, "
+             f"{d['n_test']} images)", "",
              f"`benchmarks/bench_pixels.py`, {d['n_test']} test images of the run, seed {d['seed']}, on {d['device']} "
              f"(torch {d['torch']}, Captum {d['captum']}, pytorch-grad-cam {d['grad_cam']}). Cells blurred (deletion) or "
              f"revealed onto the blurred image (insertion) in map order over {d['steps']} steps, the whole model re-run at "

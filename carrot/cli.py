@@ -116,7 +116,7 @@ def run_options(fn: Callable) -> Callable:
         click.option("--sigma-space", help="Spatial kernel bandwidth: a number, 'median' or 'median*k'."),
         click.option("--sigma-feat", help="Feature kernel bandwidth: a number, 'median' or 'median*k'."),
         click.option("--knn", type=int, help="Keep each region's k strongest edges (symmetrised)."),
-        click.option("--head", "head_kind", type=click.Choice(["ridge", "kernel", "auto"]), help="ridge (default): linear ridge on the embedding, every exact identity, the region split included. kernel: kernel ridge (dual), often more accurate with many classes; exact training-image terms, LOO and removal, no additive region split. auto: both, keep the one with the higher exact LOO accuracy."),
+        click.option("--head", "head_kind", type=click.Choice(["ridge", "kernel", "auto"]), help="auto (default): fit the ridge and the kernel head, keep the one with the higher exact leave-one-out accuracy (ties: ridge). ridge: linear ridge on the embedding, every exact identity, the region split included. kernel: kernel ridge (dual), often more accurate with many classes; exact training-image terms, LOO, removal, RRO and the audits, no additive region split."),
         click.option("--kernel", type=click.Choice(["rbf", "laplacian", "poly"]), help="The kernel head's kernel (default rbf), on standardised, L2-normalised embeddings."),
         click.option("--gamma", help="The kernel's gamma > 0, or 'auto' (chosen with lambda by exact leave-one-out, one eigendecomposition per gamma)."),
         click.option("--lam", help="Ridge strength lambda > 0, or 'auto' (best exact leave-one-out accuracy)."),

@@ -153,7 +153,7 @@ KERNEL_NAMES = ("rbf", "laplacian", "poly")  # carrot.ridge.kernel.KERNELS
 
 @dataclass(frozen=True)
 class HeadConfig:
-    kind: str = "ridge"
+    kind: str = "auto"  # the ridge and the kernel head fitted, the higher exact LOO accuracy kept (ties: ridge)
     lam: float | str = "auto"
     fit_intercept: bool = True
     solver: str = "auto"
@@ -169,10 +169,10 @@ class HeadConfig:
             v = getattr(self, name)
             if v != "auto" and (not _is_number(v) or not v > 0):
                 raise CarrotError(f"head.{name}: expected 'auto' or a finite number > 0, got {v!r}")
-        if self.kind in ("kernel", "auto") and self.fit_intercept is not True:
+        check_bool("head.fit_intercept", self.fit_intercept)
+        if self.kind == "kernel" and self.fit_intercept is not True:  # auto then keeps ridge (carrot.ridge.heads.fit_head)
             raise CarrotError(f"head.fit_intercept: the kernel head always fits an unpenalised intercept; expected "
                               f"true, got {self.fit_intercept!r}")
-        check_bool("head.fit_intercept", self.fit_intercept)
         if self.solver not in ("auto", "primal", "dual"):
             raise CarrotError(f"head.solver: expected auto, primal or dual, got {self.solver!r}")
 

@@ -125,12 +125,14 @@ def fit_head(config: "RunConfig", G: Any, y: Any, sample_weight: Any = None) -> 
         return head_from_config(config).fit(G, y, sample_weight)
     from carrot.ridge.kernel import dual_memory_error
 
-    kernel = head_from_config(config, "kernel")
-    too_big = dual_memory_error(kernel, len(G))
-    heads = {kind: head_from_config(config, kind).fit(G, y, sample_weight) for kind in (("ridge",) if too_big else ("ridge", "kernel"))}
+    if not config.head.fit_intercept:
+        skip = "head.fit_intercept is false, and the kernel head always fits an unpenalised intercept"
+    else:
+        skip = dual_memory_error(head_from_config(config, "kernel"), len(G))
+    heads = {kind: head_from_config(config, kind).fit(G, y, sample_weight) for kind in (("ridge",) if skip else ("ridge", "kernel"))}
     scores: dict[str, Any] = {kind: loo_accuracy(h, G, y) for kind, h in heads.items()}
-    if too_big:  # the exact dual does not fit in memory: the ridge head, and why
-        heads["ridge"].head_choice_ = {**scores, "kernel": None, "kernel_skipped": too_big}
+    if skip:  # no intercept asked for, or the exact dual does not fit in memory: the ridge head, and why
+        heads["ridge"].head_choice_ = {**scores, "kernel": None, "kernel_skipped": skip}
         return heads["ridge"]
     best = heads["kernel" if scores["kernel"] > scores["ridge"] else "ridge"]
     best.head_choice_ = scores
