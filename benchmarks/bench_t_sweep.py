@@ -66,6 +66,7 @@ def main() -> None:
     from carrot.attribution.regions import deletion_insertion
     from carrot.features.regions import RegionSet
     from carrot.audit.sweep import embeddings_over_t
+    from carrot.attribution.pixels import pooled
     from carrot.run.operations import pixel_deletion
     from carrot.run.pipeline import Carrot
 
@@ -82,6 +83,7 @@ def main() -> None:
                     help="the rows the pixel protocol runs for: cross = one factor at a time around the default "
                          "(every t at median bandwidths, every bandwidth at t = 1), full = every row")
     ap.add_argument("--pixel-backbones", nargs="+", default=None, help="the backbones the pixel protocol runs for (default: all)")
+    ap.add_argument("--merge-into", default=None, help="replace the rows of --backbones in this earlier result file")
     ap.add_argument("--token-memory-gb", type=float, default=8.0, help="cap on the shared blurred-image tokens")
     ap.add_argument("--data-kind", default="elpv", help="a data set carrot reads without a root: elpv or fashion-mnist")
     ap.add_argument("--max-per-class", type=int, default=None, help="cap per class (fashion-mnist: in each split)")
@@ -155,6 +157,10 @@ def main() -> None:
                             for kind in ("deletion", "insertion"):
                                 pix[f"pixel_{kind}_{m}"] = v[kind]["mean"]
                                 pix[f"pixel_{kind}_{m}_sem"] = v[kind]["sem"]
+                        per = res["per_image"]  # paired on the same images: token map minus Shapley map
+                        diff = pooled(np.subtract(per["auc"]["token"]["deletion"], per["auc"]["shapley"]["deletion"]),
+                                      per["spans"])
+                        pix["pixel_deletion_token_minus_shapley"], pix["pixel_deletion_token_minus_shapley_sem"] = diff["mean"], diff["sem"]
                 row = {"backbone": name, "sigma_space": ss, "sigma_feat": sf, "t": t, "accuracy_mean": float(np.mean(accs)),
                        "accuracy_std": float(np.std(accs, ddof=1)), "lam_median": float(np.median(lams)),
                        "top10_concentration": float(np.mean(conc)),
@@ -166,7 +172,17 @@ def main() -> None:
                     row.update(pix)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-    out = write_results(a.out, rows, args=vars(a))
+    args = vars(a)
+    if a.merge_into:  # this run's backbones replace theirs in an earlier result file of the same protocol
+        old = json.loads(Path(a.merge_into).read_text())
+        for key in ("data_kind", "max_per_class", "t", "sigma_feat", "sigma_space", "seeds", "n_region"):
+            if old["args"].get(key) != args[key]:
+                raise SystemExit(f"{a.merge_into}: another protocol ({key} {old['args'].get(key)!r} != {args[key]!r})")
+        rows = [r for r in old["rows"] if r["backbone"] not in a.backbones] + rows
+        args = {**old["args"], **{k: v for k, v in args.items() if k.startswith("pixel") or k == "token_memory_gb"},
+                "backbones": list(dict.fromkeys(r["backbone"] for r in rows)), "out": old["args"]["out"]}
+        a.out, a.backbones = str(Path(a.merge_into).with_suffix("")), args["backbones"]
+    out = write_results(a.out, rows, args=args)
     import matplotlib
 
     matplotlib.use("Agg")

@@ -103,7 +103,8 @@ def _pm(r: dict, key: str) -> str:
 
 def t_sweep_section(d: dict) -> list[str]:
     rows = [dict(r, acc=f"{r['accuracy_mean']:.3f} ± {r['accuracy_std']:.3f}",
-                 pds=_pm(r, "pixel_deletion_shapley"), pdt=_pm(r, "pixel_deletion_token"), pis=_pm(r, "pixel_insertion_shapley"))
+                 pds=_pm(r, "pixel_deletion_shapley"), pdt=_pm(r, "pixel_deletion_token"), pis=_pm(r, "pixel_insertion_shapley"),
+                 pdd=_pm(r, "pixel_deletion_token_minus_shapley"))
             for r in d["rows"]]
     pixel = [r for r in d["rows"] if "pixel_deletion_shapley" in r]
     kind = d["args"].get("data_kind", "elpv")
@@ -129,7 +130,8 @@ def t_sweep_section(d: dict) -> list[str]:
             ("λ (median)", "lam_median"), ("top-10 concentration", "top10_concentration"),
             ("deletion AUC", "deletion_auc_norm"), ("deletion AUC, random order", "deletion_auc_norm_random")]
     if pixel:
-        cols += [("pixel images counted", "pixel_counted"), ("pixel deletion, Shapley map", "pds"), ("pixel deletion, token map", "pdt"), ("pixel insertion, Shapley map", "pis")]
+        cols += [("pixel images counted", "pixel_counted"), ("pixel deletion, Shapley map", "pds"), ("pixel deletion, token map", "pdt"),
+                 ("token − Shapley (paired)", "pdd"), ("pixel insertion, Shapley map", "pis")]
     return lines + _table(rows, cols) + [""]
 
 
@@ -245,6 +247,23 @@ def pixels_section(d: dict) -> list[str]:
     return lines + [""]
 
 
+def pixel_cost_section(d: dict) -> list[str]:
+    """benchmarks/bench_pixel_cost.py: seconds per image of each pixel map on a device."""
+    rows = d["rows"]
+    names = {"shapley": "Shapley map (default)", "split": "path-integrated split (`--pixel-map split`)",
+             "occlusion": "cell occlusion (`--occlusion`)"}
+    lines = [f"## Cost of the pixel maps on {rows[0]['device']} ({rows[0]['device_name']})", "",
+             "`benchmarks/bench_pixel_cost.py`: seconds per image of each map, the whole model re-run (backbone without "
+             "pretrained weights: the cost does not depend on them), mean over "
+             f"{rows[0]['images']} images after a warm-up image. Passes: forward passes of the whole model (the split: "
+             "forward + backward at each quadrature node).", "",
+             "| backbone | input | cells | map | passes | seconds per image |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['backbone']} | {r['input'][1]}x{r['input'][2]} | {r['grid'][0]}x{r['grid'][1]} | "
+                     f"{names.get(r['map'], r['map'])} | {r['passes']} | {r['seconds_per_image']:.3g} |")
+    return lines + [""]
+
+
 HEAD_NAMES = {
     "carrot_linear": "carrot linear ridge (lambda by exact LOO)",
     "carrot_auto": "**carrot `head.kind: auto`** (linear or RBF kernel, by exact LOO)",
@@ -300,6 +319,8 @@ def main() -> None:
         out += explanations_section(json.loads(path.read_text()))
     for path in sorted(RESULTS.glob("pixels_*.json")):
         out += pixels_section(json.loads(path.read_text()))
+    for path in sorted(RESULTS.glob("pixel_cost*.json")):
+        out += pixel_cost_section(json.loads(path.read_text()))
     head_files = sorted(RESULTS.glob("heads_*.json"))
     for path in head_files:
         out += heads_section(json.loads(path.read_text()))

@@ -32,6 +32,23 @@ def test_the_run_fits_saves_and_loads_the_kernel_head(kernel_run):
                        atol=1e-12)
     index = (kernel_run / "index.html").read_text()
     assert "harmful" in index.lower() or "Harmful" in index
+    assert f"kernel head (rbf, gamma = {model.head_.gamma_:.4g})" in index and "kept by" not in index
+
+
+def test_the_default_head_is_auto_and_the_index_says_which_it_kept(tmp_path, fit_tiny):
+    from carrot.config import RunConfig
+    from carrot.ridge.heads import kind_of
+    from carrot.run.pipeline import Carrot
+
+    assert RunConfig().head.kind == "auto"
+    run = fit_tiny(tmp_path / "auto")
+    model = Carrot.load(run)
+    choice = json.loads((run / "metrics.json").read_text())["head_choice"]
+    kept = kind_of(model.head_).name
+    assert set(choice) == {"ridge", "kernel"} and kept == ("kernel" if choice["kernel"] > choice["ridge"] else "ridge")
+    index = (run / "index.html").read_text()
+    assert (f"{kept} head" in index and "kept by head.kind auto (exact LOO accuracy: "
+            f"ridge {choice['ridge']:.4f}, kernel {choice['kernel']:.4f})" in index)
 
 
 def test_explain_with_the_kernel_head_keeps_the_exact_training_image_views(kernel_run, tmp_path):

@@ -70,7 +70,22 @@ def run_summary(model: Carrot, G: np.ndarray, y: np.ndarray, G_test: np.ndarray,
         "class_flow": flow["class_flow"].tolist() if flow is not None else None,
         "n_train": int(len(y)), "n_test": int(len(y_test)), "lam": float(head.lam_),
         "t": model.config.diffusion.t, "backbone": model.config.backbone.name,
+        "head": head_line(head, getattr(head, "head_choice_", None) or (model.metrics_ or {}).get("head_choice")),
     }
+
+
+def head_line(head: Any, choice: dict[str, Any] | None = None) -> str:
+    """Which head the run kept, its settings, and (head.kind auto: ``choice``, the fit's record) both candidates'
+    exact LOO accuracies."""
+    from carrot.ridge.heads import kind_of
+
+    kind = kind_of(head).name
+    line = f"{kind} head" + (f" ({head.kernel}, gamma = {head.gamma_:.4g})" if kind == "kernel" else "")
+    if choice:
+        scores = ", ".join(f"{k} {v:.4f}" for k, v in choice.items() if k in ("ridge", "kernel") and v is not None)
+        line += f", kept by head.kind auto (exact LOO accuracy: {scores}"
+        line += f"; the kernel head was not fitted: {choice['kernel_skipped']})" if choice.get("kernel_skipped") else ")"
+    return line
 
 
 def write_index(run_dir: str | Path, explained: Sequence[dict[str, Any]] = (), model: Carrot | None = None,
@@ -448,6 +463,7 @@ def pixel_deletion(model: Carrot, n_test: int = 20, steps: int = 16, seed: int =
             auc[m]["deletion"].append(curves.auc("deletion"))
             auc[m]["insertion"].append(curves.auc("insertion"))
     return {"n": int(len(rows)), "steps": steps, "grid": list(grid) if grid else None,
+            "per_image": {"rows": rows.tolist(), "spans": spans, "auc": auc},  # for paired comparisons of the maps
             "maps": {m: {"deletion": pooled(auc[m]["deletion"], spans, seed),
                          "insertion": pooled(auc[m]["insertion"], spans, seed),
                          "seconds_per_image": float(np.mean(seconds[m])) if seconds[m] else float("nan")} for m in maps}}
