@@ -181,6 +181,7 @@ def main() -> None:
         rows = [r for r in old["rows"] if r["backbone"] not in a.backbones] + rows
         args = {**old["args"], **{k: v for k, v in args.items() if k.startswith("pixel") or k == "token_memory_gb"},
                 "backbones": list(dict.fromkeys(r["backbone"] for r in rows)), "out": old["args"]["out"]}
+        args["pixel_backbones"] = sorted({r["backbone"] for r in rows if "pixel_deletion_shapley" in r})  # what has them
         a.out, a.backbones = str(Path(a.merge_into).with_suffix("")), args["backbones"]
     out = write_results(a.out, rows, args=args)
     import matplotlib

@@ -387,3 +387,20 @@ def test_the_attribution_audits_with_the_kernel_head_equal_refits():
         mask[np.argsort(-support[x], kind="stable")[:1]] = False
         drops.append(f[x, pred[x]] - fit_on(mask)[x, pred[x]])
     assert res["faithfulness"]["exact_loo"]["1"]["remove_top"]["logit_drop"] == pytest.approx(np.mean(drops), abs=1e-9)
+
+
+def test_refit_fixed_holds_the_feature_map_and_every_class():
+    G, y, a = data(8, weights=True)
+    head = KernelRidgeHead(gamma=0.6, lam=0.25).fit(G, y, a)  # standardised: the map is the head's own
+    w = np.random.default_rng(1).uniform(0.2, 2.0, len(y))
+    w[y == 2] = 0.0  # a class left with no weight keeps its column
+    ref = head.refit_fixed(G, y, w)
+    Z = head.X_fit_.numpy()
+    plain = KernelRidgeHead(gamma=0.6, lam=0.25, standardize=False).fit(Z[w > 0], y[w > 0], w[w > 0])
+    Gt = np.random.default_rng(2).normal(size=(4, G.shape[1]))
+    zt = head._preprocess(torch.as_tensor(Gt)).numpy()
+    assert ref.decision_function(Gt).shape == (4, 3)
+    assert np.allclose(ref.decision_function(Gt)[:, :2], plain.decision_function(zt), atol=1e-9)
+    assert np.allclose(ref.decision_function(Gt)[:, 2], 0.0, atol=1e-12)
+    with pytest.raises(CarrotError, match="y"):
+        head.refit_fixed(G, np.full(len(y), 7))

@@ -135,6 +135,12 @@ def test_reweight_with_the_kernel_head_steps_its_dual_and_applies_the_weights(ke
     assert isinstance(derived.head_, KernelRidgeHead)
     assert (derived.head_.gamma_, derived.head_.lam_) == (model.head_.gamma_, model.head_.lam_)
     assert np.allclose(derived.sample_weight_, weights)
+    # the applied run is the model RRO scored: the parent's feature map, the validation rows at weight 0
+    best = WeightedDual(model.head_, model.head_._check_input(G), one_hot(y, len(model.classes_)), torch.as_tensor(weights))
+    assert np.allclose(derived.head_.decision_function(G_test), best.decision(G_test).numpy(), atol=1e-9)
+    metrics = json.loads((applied / "metrics.json").read_text())
+    assert metrics["test_accuracy"] == pytest.approx(res["reweighted_test_accuracy"]) and metrics["head_choice"] is None
+    assert "kept by" not in (applied / "index.html").read_text()
     r = CliRunner().invoke(cli, ["reweight", str(kernel_run), "--steps", "2", "--consistency", "0.5", "--out", str(out)])
     assert r.exit_code == 2 and "rro.consistency: the kernel head has no support-profile term" in r.output
 

@@ -11,7 +11,7 @@ import torch
 
 from carrot.errors import CarrotError
 from carrot.ridge.head import RidgeHead, as_head, frozen_clone
-from carrot.ridge.kernel import WeightedDual
+from carrot.ridge.kernel import KernelRidgeHead, WeightedDual
 from carrot.ridge.removal import RidgeSystem, loo_loss_change
 from carrot.validation import index_labels
 
@@ -28,7 +28,10 @@ def debug_loop(G: np.ndarray, y: np.ndarray, G_val: np.ndarray, y_val: np.ndarra
         raise CarrotError(f"downweight: expected a weight in [0, 1), got {downweight!r}")
     if not ks or min(ks) < 1 or max(ks) >= len(y):
         raise CarrotError(f"k: expected every K in 1..{len(y) - 1} (n = {len(y)}), got {list(ks)}")
-    head = frozen_clone(as_head(head)).fit(G, y, sample_weight)
+    if isinstance(head, KernelRidgeHead):  # the run's feature map held: --apply then writes exactly this model
+        head = head.refit_fixed(G, y, sample_weight)
+    else:
+        head = frozen_clone(as_head(head)).fit(G, y, sample_weight)
     yv = index_labels(head.classes_, y_val, "y_val")
     yt = index_labels(head.classes_, y_test, "y_test")
     if isinstance(head, RidgeHead):

@@ -27,7 +27,7 @@ from carrot.errors import CarrotError, check_is_fitted
 from carrot.io import atomic_path, write_json
 from carrot.ridge.headfile import load_parts, read_meta, settings
 from carrot.ridge.loo import DEFAULT_LAMBDAS, LooPath, check_lambdas
-from carrot.validation import ArrayLike, as_float64_matrix, as_weights, encode_labels
+from carrot.validation import ArrayLike, as_float64_matrix, as_weights, encode_labels, index_labels
 
 KERNEL_HEAD_FORMAT_VERSION = 1
 GAMMA_MULTIPLIERS = (0.25, 0.5, 1.0, 2.0, 4.0)  # 'auto' gamma: these times the median heuristic
@@ -424,6 +424,25 @@ class KernelRidgeHead(ClassifierMixin, BaseEstimator):
             raise CarrotError(f"rows: the fit without these {len(R)} training images is undetermined "
                               "(I - H_RR is singular)") from None
 
+    def refit_fixed(self, G: ArrayLike, y: ArrayLike, sample_weight: ArrayLike | None = None) -> "KernelRidgeHead":
+        """The head fitted on other rows or weights with this head's feature map (its preprocessing, kernel and
+        gamma) and lambda held, every class kept as a column: the model RRO and debug's loops step through, so a
+        run they write (``--apply``) is exactly the model they scored. One eigendecomposition."""
+        check_is_fitted(self, ("dual_coef_",))
+        Z = self._check_input(G)
+        y_idx = index_labels(self.classes_, np.asarray(y), "y")
+        a = as_weights(sample_weight, len(Z))
+        ref = KernelRidgeHead(kernel=self.kernel, gamma=self.gamma_, lam=self.lam_, degree=self.degree, coef0=self.coef0,
+                              standardize=self.standardize, device=self.device)
+        ref.classes_, ref.n_features_in_, ref.gamma_, ref.lam_ = self.classes_, self.n_features_in_, self.gamma_, self.lam_
+        if self.standardize:
+            ref.scale_mean_, ref.scale_std_ = self.scale_mean_, self.scale_std_
+        ref.X_fit_, ref.loo_path_ = Z, None
+        ref.sample_weight_ = None if sample_weight is None else a
+        Y = torch.nn.functional.one_hot(torch.as_tensor(y_idx), len(self.classes_)).to(torch.float64)
+        ref._set_solution(_Spectrum.of(ref._gram(Z, None, self.gamma_), a), Y)
+        return ref
+
     def refit_without(self, rows: Sequence[int]) -> "KernelRidgeHead":
         """The head refitted from scratch without training images ``rows``: the same kernel, gamma, lambda and
         preprocessing (held as fitted) and every class kept as a column, even one left without images."""
@@ -645,13 +664,16 @@ class DualCounterfactuals:
         return self.decision(G) - self.head.remove(G, rows)
 
     def decision_only(self, G: ArrayLike, rows: Sequence[int]) -> torch.Tensor:
-        """Logits (m, C) of the head refitted on training images ``rows`` only."""
+        """Logits (m, C) of the head refitted on training images ``rows`` only (rows of weight 0 drop out of the
+        dual exactly, so the solve is k x k for the k kept images)."""
         if self._K is None:
             self._K = self.head._gram(self.G, None, self.head.gamma_)
-        keep = torch.as_tensor(np.asarray(rows, dtype=np.int64))
-        a = torch.zeros_like(self.a)
-        a[keep] = self.a[keep]
-        return WeightedDual(self.head, self.G, self.head.train_targets_, a, self._K).decision(G)
+        keep = torch.as_tensor(np.unique(np.asarray(rows, dtype=np.int64)))
+        keep = keep[self.a[keep] > 0]
+        if not len(keep):
+            raise CarrotError(f"rows: expected training images with weight > 0 to refit on, got {list(rows)!r}")
+        return WeightedDual(self.head, self.G[keep], self.head.train_targets_[keep], self.a[keep],
+                            self._K[keep][:, keep]).decision(G)
 
     def loo_effect(self, G: ArrayLike) -> torch.Tensor:
         """(m, n, C) f_-i(x) - f(x) for removing each training image alone."""

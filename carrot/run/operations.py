@@ -70,7 +70,8 @@ def run_summary(model: Carrot, G: np.ndarray, y: np.ndarray, G_test: np.ndarray,
         "class_flow": flow["class_flow"].tolist() if flow is not None else None,
         "n_train": int(len(y)), "n_test": int(len(y_test)), "lam": float(head.lam_),
         "t": model.config.diffusion.t, "backbone": model.config.backbone.name,
-        "head": head_line(head, getattr(head, "head_choice_", None) or (model.metrics_ or {}).get("head_choice")),
+        "head": head_line(head, (getattr(head, "head_choice_", None) or (model.metrics_ or {}).get("head_choice"))
+                          if model.config.head.kind == "auto" else None),
     }
 
 
@@ -199,8 +200,10 @@ def _apply_weights(model: Carrot, run_dir: str | Path, out: str | Path, weights:
              "head.gamma": getattr(model.head_, "gamma_", None)}  # the parent's fitted head, never a new 'auto' choice
     derived = Carrot(model.config.merged(fixed), backbone=model.backbone)
     derived.fit(model.train_embeddings_, y, model.train_records_, model.classes_, sample_weight=weights)
+    if kind_of(model.head_).name == "kernel":  # the parent's feature map held, as RRO and debug's loops hold it
+        derived.head_ = model.head_.refit_fixed(model.train_embeddings_, y, weights)
     pred = derived.head_.predict(G_test)
-    metrics = {**model.metrics_, "lam": derived.head_.lam_, "lam_path": None,
+    metrics = {**model.metrics_, "lam": derived.head_.lam_, "lam_path": None, "head_choice": None,
                "train_accuracy": derived.score(model.train_embeddings_, y), "test_accuracy": float((pred == y_test).mean()),
                "per_class_test_accuracy": dict(zip(model.classes_, per_class_accuracy(pred, y_test, len(model.classes_))))}
     derived.record_test(G_test, model.test_records_, metrics, {"run": str(Path(run_dir).resolve()), **how})
