@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -81,6 +82,30 @@ class Certificate:
     path: list[float] = field(default_factory=list)  # original-class margin after each removal (Woodbury)
 
 
+def runner_up(f: torch.Tensor, c: int) -> int:
+    """The best class other than c of logits f (C,)."""
+    other = f.clone()
+    other[c] = -torch.inf
+    return int(other.argmax())
+
+
+def class_margin(f: torch.Tensor, c: int) -> float:
+    """f_c minus the best other logit: < 0 once the prediction has left class c."""
+    return float(f[c] - f[runner_up(f, c)])
+
+
+def next_removal(drop: torch.Tensor, denom: torch.Tensor, active: torch.Tensor, chosen: Sequence[int]) -> int | None:
+    """The certificate's greedy step: the image whose removal lowers f_c - f_k most (``drop`` (n,), exact), or None.
+    Images outside the model, already chosen, or whose removal leaves the fit undetermined (1 - h <= 0) are
+    never picked."""
+    drop = drop.clone()
+    drop[~active | (denom <= 1e-12)] = -torch.inf
+    if chosen:
+        drop[torch.as_tensor(list(chosen))] = -torch.inf
+    i = int(drop.argmax())
+    return i if torch.isfinite(drop[i]) else None
+
+
 def certificate(system: RidgeSystem, g_x: ArrayLike, limit: int = 50) -> Certificate:
     """Smallest set (greedy) of training images whose removal changes the predicted class of one image.
 
@@ -117,9 +142,7 @@ def certificate(system: RidgeSystem, g_x: ArrayLike, limit: int = 50) -> Certifi
     th = theta
     for _ in range(limit):
         f = x @ th
-        other = f.clone()
-        other[c] = -torch.inf
-        k = int(other.argmax())
+        k = runner_up(f, c)
         if S:
             idx = torch.as_tensor(S)
             Bs = X[idx] @ Z  # X_S M^-1 X^T, (s, n)
@@ -131,17 +154,13 @@ def certificate(system: RidgeSystem, g_x: ArrayLike, limit: int = 50) -> Certifi
             qx, h = qx0, h0
         r = Y[:, [c, k]] - X @ th[:, [c, k]]  # residuals under the current fit, (n, 2)
         denom = 1 - a * h
-        drop = qx * a * (r[:, 0] - r[:, 1]) / denom.clamp_min(1e-12)  # exact drop of f_c - f_k on removing i
-        drop[~active | (denom <= 1e-12)] = -torch.inf
-        if S:
-            drop[torch.as_tensor(S)] = -torch.inf
-        i = int(drop.argmax())
-        if not torch.isfinite(drop[i]):
+        i = next_removal(qx * a * (r[:, 0] - r[:, 1]) / denom.clamp_min(1e-12), denom, active, S)  # exact drops of f_c - f_k
+        if i is None:
             break
         S.append(i)
         th = system.updated_theta(S)
         f = x @ th
-        path.append(float(f[c] - torch.cat([f[:c], f[c + 1:]]).max()))
+        path.append(class_margin(f, c))
         if int(f.argmax()) != c:
             break
     changed = bool(S) and path[-1] < 0

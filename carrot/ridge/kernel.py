@@ -135,6 +135,12 @@ def weighted_centred(K: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, to
     return (Kc + Kc.T) / 2, r, t
 
 
+def centre_cross(k: torch.Tensor, r: torch.Tensor, a: torch.Tensor, t: float) -> torch.Tensor:
+    """kc(x, z_i) (m, n) from k(x, z_i) (m, n): the kernel of the feature map centred at the training set's
+    a-weighted mean, with the training rows' r = K a / S and t = a^T K a / S^2 of :func:`weighted_centred`."""
+    return k - r - (k @ a / float(a.sum())).unsqueeze(1) + t
+
+
 class KernelRidgeHead(ClassifierMixin, BaseEstimator):
     """Multi-class kernel ridge classifier in closed form (dual, float64), with exact representer terms,
     equivalent kernel, leave-one-out and removal.
@@ -289,7 +295,7 @@ class KernelRidgeHead(ClassifierMixin, BaseEstimator):
     def _kc(self, Z: torch.Tensor) -> torch.Tensor:
         k = self._gram(Z, self.X_fit_, self.gamma_)
         a = self._a
-        return k - self.row_mean_ - (k @ a / float(a.sum())).unsqueeze(1) + self.total_mean_
+        return centre_cross(k, self.row_mean_, a, self.total_mean_)
 
     def decision_function(self, G: ArrayLike) -> np.ndarray:
         """Logits (m, C) float64: intercept_ + k(x)^T alpha."""
@@ -483,7 +489,7 @@ class KernelRidgeHead(ClassifierMixin, BaseEstimator):
         """
         import time
 
-        from carrot.attribution.training import Certificate
+        from carrot.attribution.training import Certificate, class_margin, next_removal, runner_up
 
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
             raise CarrotError(f"limit: expected a positive integer, got {limit!r}")
@@ -512,16 +518,10 @@ class KernelRidgeHead(ClassifierMixin, BaseEstimator):
                 ES = Y - (F - cols @ (A @ E[idx]))
             else:
                 lx, hS, ES = l_x, h, E
-            other = f.clone()
-            other[c] = -torch.inf
-            k = int(other.argmax())
+            k = runner_up(f, c)
             denom = 1 - hS
-            drop = lx * (ES[:, c] - ES[:, k]) / denom.clamp_min(1e-12)
-            drop[~active | (denom <= 1e-12)] = -torch.inf
-            if S:
-                drop[torch.as_tensor(S)] = -torch.inf
-            i = int(drop.argmax())
-            if not torch.isfinite(drop[i]):
+            i = next_removal(lx * (ES[:, c] - ES[:, k]) / denom.clamp_min(1e-12), denom, active, S)
+            if i is None:
                 break
             S.append(i)
             ii = torch.as_tensor([i])
@@ -529,7 +529,7 @@ class KernelRidgeHead(ClassifierMixin, BaseEstimator):
             idx = torch.as_tensor(S)
             A = torch.linalg.inv(torch.eye(len(S), dtype=torch.float64) - rows[:, idx])
             f = f0 - (l_x[idx] @ A) @ E[idx]
-            path.append(float(f[c] - torch.cat([f[:c], f[c + 1:]]).max()))
+            path.append(class_margin(f, c))
             if int(f.argmax()) != c:
                 break
         changed = bool(S) and path[-1] < 0
@@ -632,7 +632,7 @@ class WeightedDual:
     def centred(self, G: ArrayLike) -> torch.Tensor:
         """kc(x_v, z_i) (m, n) of embeddings G (m, D) under these weights."""
         k = self.head._gram(self.head._check_input(G), self.Z, self.head.gamma_)
-        return k - self.r - (k @ self.a / self.S).unsqueeze(1) + self.t
+        return centre_cross(k, self.r, self.a, self.t)
 
     def decision(self, G: ArrayLike) -> torch.Tensor:
         """Logits (m, C) of the weighted solution."""

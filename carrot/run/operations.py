@@ -199,9 +199,9 @@ def _apply_weights(model: Carrot, run_dir: str | Path, out: str | Path, weights:
     fixed = {"head.kind": kind_of(model.head_).name, "head.lam": model.head_.lam_,
              "head.gamma": getattr(model.head_, "gamma_", None)}  # the parent's fitted head, never a new 'auto' choice
     derived = Carrot(model.config.merged(fixed), backbone=model.backbone)
-    derived.fit(model.train_embeddings_, y, model.train_records_, model.classes_, sample_weight=weights)
-    if kind_of(model.head_).name == "kernel":  # the parent's feature map held, as RRO and debug's loops hold it
-        derived.head_ = model.head_.refit_fixed(model.train_embeddings_, y, weights)
+    # a kernel parent's feature map is held, as RRO and debug's loops hold it: the run is the model they scored
+    held = model.head_.refit_fixed(model.train_embeddings_, y, weights) if kind_of(model.head_).name == "kernel" else None
+    derived.fit(model.train_embeddings_, y, model.train_records_, model.classes_, sample_weight=weights, head=held)
     pred = derived.head_.predict(G_test)
     metrics = {**model.metrics_, "lam": derived.head_.lam_, "lam_path": None, "head_choice": None,
                "train_accuracy": derived.score(model.train_embeddings_, y), "test_accuracy": float((pred == y_test).mean()),

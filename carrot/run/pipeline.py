@@ -83,7 +83,7 @@ class Carrot:
         return out
 
     def fit(self, G: np.ndarray, y: np.ndarray, records: Sequence[ImageRecord], classes: Sequence[str],
-            sample_weight: np.ndarray | None = None) -> "Carrot":
+            sample_weight: np.ndarray | None = None, head: Any = None) -> "Carrot":
         """Fit the configured head and keep what explanations need.
 
         Parameters
@@ -91,12 +91,13 @@ class Carrot:
         G : (n, D) training embeddings (e.g. :meth:`embed_store` of the training cache).
         y : (n,) class indices into ``classes``; records : the n training ImageRecords; classes : C class names.
         sample_weight : (n,) example weights >= 0 (e.g. learned by RRO), or None.
+        head : a head already fitted on (G, y, sample_weight) to keep instead of fitting the configured one.
 
         Returns
         -------
         self, with ``head_``, ``train_embeddings_``, ``train_records_``, ``classes_``, ``sample_weight_``.
         """
-        self.head_ = fit_head(self.config, G, y, sample_weight)
+        self.head_ = fit_head(self.config, G, y, sample_weight) if head is None else head
         self.sample_weight_ = None if sample_weight is None else np.asarray(sample_weight, dtype=np.float64)
         self.train_embeddings_ = np.asarray(G, dtype=np.float64)
         self.train_records_ = list(records)
