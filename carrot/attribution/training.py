@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -163,15 +163,21 @@ def certificate(system: RidgeSystem, g_x: ArrayLike, limit: int = 50) -> Certifi
         path.append(class_margin(f, c))
         if int(f.argmax()) != c:
             break
+    return verified(S, path, c, x @ th, lambda: system.refit(np.setdiff1d(np.arange(len(a)), S)).decision(
+        system.G.new_tensor(np.asarray(g_x, dtype=np.float64)).reshape(1, -1))[0], limit, t0)
+
+
+def verified(S: list[int], path: list[float], c: int, f: torch.Tensor, refit: Callable[[], torch.Tensor], limit: int,
+             t0: float) -> Certificate:
+    """The certificate of a greedy removal set S whose downdated logits f (C,) left class c, checked by one refit
+    without S (``refit()``: its logits (C,)); kept only if the refit agrees that the class changes."""
     changed = bool(S) and path[-1] < 0
     new_class = margin = err = None
     if changed:
-        keep = np.setdiff1d(np.arange(len(a)), S)
-        ref = system.refit(keep)
-        fr = ref.decision(system.G.new_tensor(np.asarray(g_x, dtype=np.float64)).reshape(1, -1))[0]
+        fr = refit()
         new_class = int(fr.argmax())
         margin = float(fr[new_class] - fr[c])
-        err = float((fr - x @ th).abs().max())
+        err = float((fr - f).abs().max())
         changed = new_class != c
     return Certificate(S if changed else [], changed, new_class if changed else None, margin if changed else None,
                        limit, time.perf_counter() - t0, err, path)

@@ -489,7 +489,7 @@ class KernelRidgeHead(ClassifierMixin, BaseEstimator):
         """
         import time
 
-        from carrot.attribution.training import Certificate, class_margin, next_removal, runner_up
+        from carrot.attribution.training import class_margin, next_removal, runner_up, verified
 
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
             raise CarrotError(f"limit: expected a positive integer, got {limit!r}")
@@ -532,17 +532,9 @@ class KernelRidgeHead(ClassifierMixin, BaseEstimator):
             path.append(class_margin(f, c))
             if int(f.argmax()) != c:
                 break
-        changed = bool(S) and path[-1] < 0
-        new_class = margin = err = None
-        if changed:
-            ref = self.refit_without(S)  # every class kept as a column: one left without images scores by its prior 0
-            fr = torch.as_tensor(ref.decision_function(self._preprocess(torch.as_tensor(x))))[0]
-            new_class = int(fr.argmax())
-            margin = float(fr[new_class] - fr[c])
-            err = float((fr - f).abs().max())
-            changed = new_class != c
-        return Certificate(S if changed else [], changed, new_class if changed else None, margin if changed else None,
-                           limit, time.perf_counter() - t0, err, path)
+        # the refit keeps every class as a column: one left without images scores by its prior 0
+        return verified(S, path, c, f, lambda: torch.as_tensor(
+            self.refit_without(S).decision_function(self._preprocess(torch.as_tensor(x))))[0], limit, t0)
 
     # persistence ---------------------------------------------------------------------------------------------
     def save(self, path: str | Path) -> None:
