@@ -177,6 +177,24 @@ class HeadConfig:
             raise CarrotError(f"head.solver: expected auto, primal or dual, got {self.solver!r}")
 
 
+TOKEN_MAP_KINDS = ("none", "rff", "nystroem")  # carrot.embed.tokenmap.TOKEN_MAPS
+MAX_TOKEN_MAP_DIM = 16_384  # features per token; the (B, N, m) batch of mapped tokens and the m x m head grow with it
+
+
+@dataclass(frozen=True)
+class TokenMapConfig:
+    kind: str = "none"  # rff | nystroem: phi on each region token before the readout, so the head stays linear in the regions
+    dim: int = 1024  # m, features per token
+    gamma: float | str = "auto"  # RBF parameter on standardised tokens; auto = 1 / median squared token distance
+
+    def __post_init__(self) -> None:
+        if self.kind not in TOKEN_MAP_KINDS:
+            raise CarrotError(f"token_map.kind: expected {', '.join(TOKEN_MAP_KINDS)}, got {self.kind!r}")
+        check_int("token_map.dim", self.dim, 1, MAX_TOKEN_MAP_DIM)
+        if self.gamma != "auto" and (not _is_number(self.gamma) or not self.gamma > 0):
+            raise CarrotError(f"token_map.gamma: expected 'auto' or a finite number > 0, got {self.gamma!r}")
+
+
 @dataclass(frozen=True)
 class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
@@ -184,6 +202,7 @@ class RunConfig:
     graph: GraphConfig = field(default_factory=GraphConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
+    token_map: TokenMapConfig = field(default_factory=TokenMapConfig)
     device: str = "auto"
     seed: int = 0
     cache_dir: str | None = None
@@ -239,7 +258,7 @@ class RunConfig:
 
 _SECTIONS = {
     "data": DataConfig, "backbone": BackboneConfig, "graph": GraphConfig,
-    "diffusion": DiffusionConfig, "head": HeadConfig,
+    "diffusion": DiffusionConfig, "head": HeadConfig, "token_map": TokenMapConfig,
 }
 
 

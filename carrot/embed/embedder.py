@@ -20,6 +20,7 @@ from carrot.embed.diffusion import _check_t, diffusion_weights
 from carrot.errors import CarrotError
 from carrot.embed.graph import affinity, normalized_laplacian, pairwise_sq_dists, resolve_bandwidth
 from carrot.embed.readout import weighted_readout
+from carrot.embed.tokenmap import TokenMap
 from carrot.features.regions import RegionSet
 
 
@@ -32,19 +33,37 @@ class Embedder:
     diffusion : DiffusionConfig (t, method).
     device : 'auto', 'cpu', 'cuda[:i]' or 'mps'; graphs are built and diffused in float64 on a CUDA
         device when one is chosen, else on the CPU (MPS has no float64). Results come back on the CPU.
+    token_map : a fitted :class:`~carrot.embed.tokenmap.TokenMap` phi, or None. The graph is built on the tokens
+        h_j; the readout is g = sum_j w_j phi(h_j), linear in the mapped tokens (:meth:`features`).
     """
 
-    def __init__(self, graph: GraphConfig | None = None, diffusion: DiffusionConfig | None = None, device: str = "auto") -> None:
+    def __init__(self, graph: GraphConfig | None = None, diffusion: DiffusionConfig | None = None, device: str = "auto",
+                 token_map: TokenMap | None = None) -> None:
         self.graph = graph or GraphConfig()
         self.diffusion = diffusion or DiffusionConfig()
         self.device = device
+        self.token_map = token_map
 
     @classmethod
-    def from_config(cls, config: RunConfig) -> "Embedder":
-        return cls(config.graph, config.diffusion, config.device)
+    def from_config(cls, config: RunConfig, token_map: TokenMap | None = None) -> "Embedder":
+        if (config.token_map.kind != "none") != (token_map is not None):
+            raise CarrotError(f"token_map: the config's token_map.kind is {config.token_map.kind!r} but "
+                              f"{'no' if token_map is None else 'a'} fitted token map was given")
+        return cls(config.graph, config.diffusion, config.device, token_map)
 
     def __repr__(self) -> str:
-        return f"Embedder(graph={self.graph!r}, diffusion={self.diffusion!r}, device={self.device!r})"
+        return (f"Embedder(graph={self.graph!r}, diffusion={self.diffusion!r}, device={self.device!r}"
+                f"{'' if self.token_map is None else f', token_map={self.token_map!r}'})")
+
+    # -- what the readout sums ------------------------------------------------------------------------
+    def features(self, H: torch.Tensor) -> torch.Tensor:
+        """The per-region vectors the readout sums: phi(H) (..., m) with a token map, else H, as float64."""
+        H = H.to(torch.float64)
+        return H if self.token_map is None else self.token_map(H)
+
+    def readout(self, H: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """g = features(H)^T w: tokens (B, N, D) and weights (B, N) -> (B, D or m), differentiable in H."""
+        return weighted_readout(self.features(H), w)
 
     @property
     def compute_device(self) -> torch.device:
@@ -83,25 +102,28 @@ class Embedder:
         """RegionSet -> g = H^T w (B, D) and w (B, N) at the configured t, float64 on the CPU."""
         H = regions.H.to(torch.float64).cpu()
         w = self.weights(H, regions.P)[0]
-        return weighted_readout(H, w), w
+        return self.readout(H, w), w
 
     def embed_many(self, H: torch.Tensor, P: torch.Tensor, ts: Sequence[float]) -> torch.Tensor:
         """(T, B, D) embeddings of tokens H (B, N, D) for every t, from one graph per image."""
         H = H.to(torch.float64).cpu()
-        return torch.einsum("bnd,tbn->tbd", H, self.weights(H, P, ts))
+        return torch.einsum("bnd,tbn->tbd", self.features(H), self.weights(H, P, ts))
 
     def embed_store(self, store, batch: int | None = None, progress: bool = False, graph_bytes: int = 1 << 30,
                     ts: Sequence[float] | None = None) -> np.ndarray:
         """Embeddings (n, D) float64 of every image of a token cache, streamed in batches; with ``ts``,
         (T, n, D) for every diffusion time from one graph per image. The default batch keeps the float64
-        (B, N, N) graph arrays (about six alive at once) within ``graph_bytes``."""
+        (B, N, N) graph arrays (about six alive at once) and the mapped tokens (B, N, m) within ``graph_bytes``."""
         from tqdm.auto import tqdm
 
         n_regions = store.tokens.shape[1]
-        batch = batch or int(max(1, min(64, graph_bytes // (6 * 8 * n_regions * n_regions))))
+        mapped = 0 if self.token_map is None else 3 * 8 * n_regions * self.token_map.dim  # phi(H) and its temporaries
+        per_image = 6 * 8 * n_regions * n_regions + mapped
+        batch = batch or int(max(1, min(64, graph_bytes // per_image)))
         P = store.positions.to(torch.float64)
         times = [self.diffusion.t] if ts is None else _check_t(ts)
-        out = np.empty((len(times), len(store), store.tokens.shape[-1]), dtype=np.float64)
+        dim = store.tokens.shape[-1] if self.token_map is None else self.token_map.dim
+        out = np.empty((len(times), len(store), dim), dtype=np.float64)
         for s in tqdm(range(0, len(store), batch), desc="diffuse", disable=not progress, unit="batch"):
             H = torch.from_numpy(np.asarray(store.tokens[s : s + batch], dtype=np.float64))
             out[:, s : s + batch] = self.embed_many(H, P, times).numpy()
@@ -127,7 +149,8 @@ class Embedder:
 
         Returns
         -------
-        (K, D) float64 (or (D,) for a single (N,) mask). Kept sets of equal size are diffused as one batch.
+        (K, D) float64 (or (D,) for a single (N,) mask; m with a token map). Kept sets of equal size are diffused
+        as one batch.
         """
         single = keep.dim() == 1
         keep = torch.as_tensor(keep, dtype=torch.bool).reshape(-1, H.shape[0])
@@ -136,11 +159,12 @@ class Embedder:
             raise CarrotError("region removal: at least one region must remain")
         H, P = H.to(torch.float64).cpu(), P.to(torch.float64).cpu()
         sigmas = sigmas or self.bandwidths(H, P)
-        out = torch.empty(keep.shape[0], H.shape[1], dtype=torch.float64)
+        F = self.features(H)
+        out = torch.empty(keep.shape[0], F.shape[1], dtype=torch.float64)
         for k in torch.unique(counts).tolist():
             rows = torch.nonzero(counts == k).flatten()
             idx = torch.stack([torch.nonzero(keep[r]).flatten() for r in rows.tolist()])  # (b, k)
             Hk, Pk = H[idx], P[idx]  # (b, k, D), (b, k, 2)
             w = torch.full((len(rows), k), 1.0 / k, dtype=torch.float64) if k == 1 else self.weights(Hk, Pk, sigmas=sigmas)[0]
-            out[rows] = weighted_readout(Hk, w)
+            out[rows] = weighted_readout(F[idx], w)
         return out[0] if single else out

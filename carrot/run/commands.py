@@ -104,6 +104,23 @@ def _gather_rows(G_shard: np.ndarray, n: int, run_dir: Path, name: str) -> np.nd
     return G
 
 
+def _fit_token_map(model: Carrot, train: ImageDataset, store: Any) -> None:
+    """Fit the configured token map before any embedding, on the seeded token sample of the training split: read
+    from its cache (``store``), or computed by the backbone without one and under torchrun, where rank 0 fits the
+    map on the whole split's sample (the same tokens) and every rank uses that one map."""
+    if model.config.token_map.kind == "none":
+        return
+    rank, size = world()
+    if rank == 0:
+        model.fit_token_map(store.tokens if store is not None and size == 1 else model.sample_tokens(train))
+    if size > 1:
+        import torch.distributed as dist
+
+        box = [model.token_map_]
+        dist.broadcast_object_list(box, src=0)
+        model.token_map_ = box[0]
+
+
 def fit(config: RunConfig, run_dir: str | Path, progress: bool = True, overwrite: bool = False) -> dict[str, Any]:
     """Extract (cached) tokens for both splits, fit the head, evaluate, save the run directory."""
     t0 = time.perf_counter()
@@ -114,12 +131,14 @@ def fit(config: RunConfig, run_dir: str | Path, progress: bool = True, overwrite
     rank, size = world()
     if config.backbone.cache_tokens:
         stores, train, test = extract_splits(config, model, progress)
+        _fit_token_map(model, train, stores[0])
         shards = [model.embed_store(s, progress=progress and rank == 0) for s in stores]
     else:  # stream images -> embeddings; this rank's rows rank, rank + world, ...
         (train, test), stores = load_splits(config), []
         check_headers((train, test), model.backbone.min_side)
         report_duplicates(train, test)
         check_resources(model, (train, test), None)
+        _fit_token_map(model, train, None)
         shards = [model.embed_dataset(split.subset(range(rank, len(split), size)) if size > 1 else split, progress and rank == 0)
                   for split in (train, test)]
     t_extract = time.perf_counter() - t0

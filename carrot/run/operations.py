@@ -199,6 +199,7 @@ def _apply_weights(model: Carrot, run_dir: str | Path, out: str | Path, weights:
     fixed = {"head.kind": kind_of(model.head_).name, "head.lam": model.head_.lam_,
              "head.gamma": getattr(model.head_, "gamma_", None)}  # the parent's fitted head, never a new 'auto' choice
     derived = Carrot(model.config.merged(fixed), backbone=model.backbone)
+    derived.token_map_ = model.token_map_  # the embeddings are the parent's
     # a kernel parent's feature map is held, as RRO and debug's loops hold it: the run is the model they scored
     held = model.head_.refit_fixed(model.train_embeddings_, y, weights) if kind_of(model.head_).name == "kernel" else None
     derived.fit(model.train_embeddings_, y, model.train_records_, model.classes_, sample_weight=weights, head=held)
@@ -222,7 +223,7 @@ def bench(run_dir: str | Path, ts: Sequence[float], out: str | Path | None = Non
 
     def pixels_at(t: float, head) -> dict[str, float]:
         at_t = Carrot(model.config.merged({"diffusion.t": t}), backbone=model.backbone)
-        at_t.head_, at_t.test_records_ = head, model.test_records_
+        at_t.head_, at_t.test_records_, at_t.token_map_ = head, model.test_records_, model.token_map_
         res = pixel_deletion(at_t, pixel_images, seed=model.config.seed, maps=("shapley", "token"))
         return {f"pixel_{kind}_{m}": v[kind]["mean"] for m, v in res["maps"].items() for kind in ("deletion", "insertion")}
 
@@ -354,7 +355,8 @@ def _predicted_regions(model: Carrot, store, rows: Sequence[int], batch: int = 6
         logits = model.head_.decision_function(G.numpy())
         for j, i in enumerate(idx):
             c = int(logits[j].argmax())
-            yield i, H[j], c, float(logits[j, c]), region_contributions(model.head_, H[j], w[j])[:, c].numpy()
+            F = model.embedder.features(H[j])
+            yield i, H[j], c, float(logits[j, c]), region_contributions(model.head_, F, w[j])[:, c].numpy()
 
 
 def region_deletion(run_dir: str | Path, n_test: int = 20, steps: int = 8, seed: int = 0,
@@ -423,7 +425,7 @@ def region_scores(model: Carrot, name: str, x: Any, H: Any, w: Any, c: int, grid
 
             drops = node_removal(model.head_, H[0], patch_centres(grid, torch.float64), c, model.embedder)
             return np.array([drops[j] for j in range(len(drops))])
-        return region_contributions(model.head_, H[0], w[0])[:, c].numpy()
+        return region_contributions(model.head_, model.embedder.features(H[0]), w[0])[:, c].numpy()
     if name == "random":
         return rng.permutation(grid[0] * grid[1]).astype(float)
     raise CarrotError(f"maps: expected one of {', '.join(REGION_MAPS)}, got {name!r}")

@@ -16,6 +16,7 @@ from carrot.features.cache import TokenStore
 from carrot.config import RunConfig
 from carrot.data import ImageDataset, ImageRecord, load_image
 from carrot.embed.embedder import Embedder
+from carrot.embed.tokenmap import TokenMap, sample_tokens
 from carrot.errors import CarrotError, check_is_fitted, first_line
 from carrot.ridge.head import RidgeHead
 from carrot.ridge.heads import fit_head, load_head
@@ -29,6 +30,7 @@ class Carrot:
         self.config = config or RunConfig()
         self._backbone: TokenBackbone | None = backbone
         self.head_: RidgeHead | None = None
+        self.token_map_: TokenMap | None = None
 
     @property
     def backbone(self) -> TokenBackbone:
@@ -42,8 +44,19 @@ class Carrot:
 
     @property
     def embedder(self) -> Embedder:
-        """The configured tokens -> graph -> diffusion -> readout chain (graph, diffusion, device)."""
-        return Embedder.from_config(self.config)
+        """The configured tokens -> graph -> diffusion -> readout chain (graph, diffusion, device, token map)."""
+        return Embedder.from_config(self.config, self.token_map_)
+
+    def fit_token_map(self, tokens: np.ndarray) -> "Carrot":
+        """Fit the configured token map (``token_map.kind`` rff | nystroem) on training tokens: a split's (n, N, D)
+        (its seeded sample is read) or a sample (M, D); nothing to do for kind 'none'. Precedes the embeddings."""
+        tm = self.config.token_map
+        if tm.kind == "none":
+            self.token_map_ = None
+            return self
+        tokens = sample_tokens(tokens, seed=self.config.seed) if np.ndim(tokens) == 3 else np.asarray(tokens)
+        self.token_map_ = TokenMap(tm.kind, tm.dim, tm.gamma, self.config.seed).fit(tokens)
+        return self
 
     def embed_regions(self, regions: RegionSet) -> tuple[torch.Tensor, torch.Tensor]:
         """RegionSet -> g = H^T exp(-tL) 1 / N (B, D) and w (B, N), float64; t = 0 is mean pooling."""
@@ -82,6 +95,19 @@ class Carrot:
                 bar.update(len(x))
         return out
 
+    def sample_tokens(self, dataset: ImageDataset) -> np.ndarray:
+        """The token-map sample (M, D) of a split computed by the backbone, rounded as the cache rounds them: the
+        tokens :func:`~carrot.embed.tokenmap.sample_tokens` reads from a cache of the split (a fit without one)."""
+        from carrot.embed.tokenmap import sample_images, thin_tokens
+
+        bb = self.backbone
+        gh, gw = bb(torch.zeros(1, *bb.data_config["input_size"]))[1]
+        idx = sample_images(len(dataset), gh * gw, self.config.seed)
+        b = self.config.backbone.batch_size
+        H = np.concatenate([self._as_cached(bb(self.inputs([dataset.records[i] for i in idx[s : s + b]]))[0],
+                                            f"{dataset.name} token sample").numpy() for s in range(0, len(idx), b)])
+        return thin_tokens(H, self.config.seed)
+
     def fit(self, G: np.ndarray, y: np.ndarray, records: Sequence[ImageRecord], classes: Sequence[str],
             sample_weight: np.ndarray | None = None, head: Any = None) -> "Carrot":
         """Fit the configured head and keep what explanations need.
@@ -97,6 +123,9 @@ class Carrot:
         -------
         self, with ``head_``, ``train_embeddings_``, ``train_records_``, ``classes_``, ``sample_weight_``.
         """
+        if (self.config.token_map.kind != "none") != (self.token_map_ is not None):
+            raise CarrotError(f"token_map.kind is {self.config.token_map.kind!r}: fit_token_map(training tokens) "
+                              "comes before the embeddings and the head")
         self.head_ = fit_head(self.config, G, y, sample_weight) if head is None else head
         self.sample_weight_ = None if sample_weight is None else np.asarray(sample_weight, dtype=np.float64)
         self.train_embeddings_ = np.asarray(G, dtype=np.float64)
@@ -131,9 +160,8 @@ class Carrot:
         check_is_fitted(self, ("head_",))
         H, grid = self.backbone.tokens(x)
         H = H.cpu().to(torch.float64)
-        w = self.embedder.weights(H, patch_centres(grid, torch.float64))[0]
-        G = torch.einsum("bnd,bn->bd", H, w)
-        return self.head_.torch_decision(G)
+        emb = self.embedder
+        return self.head_.torch_decision(emb.readout(H, emb.weights(H, patch_centres(grid, torch.float64))[0]))
 
     def pixel_map(self, x: torch.Tensor, c: int, grid: tuple[int, int], method: str = "shapley",
                   permutations: int = 4) -> tuple[np.ndarray, dict[str, Any]]:
@@ -273,6 +301,7 @@ class Carrot:
         linear = isinstance(self.head_, RidgeHead)  # the kernel head has no additive token split or region pairs
         terms = training_terms(system, G, pred) if linear else self.head_.training_terms(G, pred)
         P = patch_centres(grid, torch.float64)
+        F = self.embedder.features(H)  # what the readout sums: the tokens, or phi of them with a token map
         weights = self.sample_weight_
         out = []
         for i, path in enumerate(paths):
@@ -280,17 +309,18 @@ class Carrot:
             support = -terms["removal"][i]  # f(x) - f_-i(x): > 0, the image raises this logit (0 for weight 0)
             tk = top_k(support, k)
             if linear:
-                regions = region_contributions(self.head_, H[i], w[i])[:, c]
+                regions = region_contributions(self.head_, F[i], w[i])[:, c]
             else:  # each token's exact removal from the graph: a counterfactual, the drops do not add up
                 drops = removal(self.head_, H[i], P, c, self.embedder)  # reused by node_removal below
                 regions = torch.as_tensor([drops[j] for j in range(len(drops))], dtype=torch.float64)
             prior = float(self.head_.prior_[c])
             idx = np.concatenate([tk.support_idx, tk.inhibit_idx])
             Ht, wt, tgrid, timgs = self.train_regions(idx.tolist())
+            Ft = self.embedder.features(Ht) if linear else None
             rows = []
             for r, j in enumerate(idx):
                 if linear:
-                    pm, base = removal_pairs(system, H[i], w[i], Ht[r], wt[r], int(j), c)
+                    pm, base = removal_pairs(system, F[i], w[i], Ft[r], wt[r], int(j), c)
                     flat = torch.topk(pm.flatten().abs(), min(pairs, pm.numel())).indices
                 rows.append({
                     "index": int(j), "path": self.train_records_[j].path,
@@ -436,6 +466,8 @@ class Carrot:
         RunDir(run_dir).check_target(overwrite=True, flag="run_dir")  # never replaces a folder of other files
         with RunDir(run_dir).replacing() as rd:
             self.head_.save(rd.head)
+            if self.token_map_ is not None:
+                self.token_map_.save(rd.token_map)
             save_npy(rd.train_embeddings, self.train_embeddings_)
             if self.sample_weight_ is not None:
                 save_npy(rd.train_weights, self.sample_weight_)
@@ -462,6 +494,11 @@ class Carrot:
         self = cls(config, backbone)
         self._backbone_info = meta["backbone"]
         self.head_ = load_head(rd.head)
+        self.token_map_ = TokenMap.load(rd.token_map) if config.token_map.kind != "none" else None
+        if self.token_map_ is not None and (self.token_map_.kind, self.token_map_.dim) != (config.token_map.kind, config.token_map.dim):
+            raise CarrotError(f"run '{run_dir}': {rd.TOKEN_MAP} is a {self.token_map_.kind} map of dim "
+                              f"{self.token_map_.dim}, run.json's config says {config.token_map.kind} of dim "
+                              f"{config.token_map.dim}; {REFIT}")
         self.train_embeddings_ = _load_array(rd.train_embeddings, run_dir)
         self.train_records_ = [ImageRecord(r[0], int(r[1]), tuple(r[2]) if len(r) > 2 and r[2] else None)
                                for r in meta["train_records"]]

@@ -5,6 +5,7 @@ Layout (format version 3)::
     run.json                 config, backbone, classes, records, metrics, provenance, the SHA-256 of every
                              array file; written last
     head.safetensors(.json)  the fitted head with its factorisation and weights
+    token_map.safetensors    the fitted token feature map, runs with token_map.kind rff | nystroem only
     train_embeddings.npy     (n, D) float64
     train_weights.npy        (n,) example weights, weighted runs only
     test_embeddings.npy      (m, D) float64
@@ -41,6 +42,7 @@ class RunDir:
 
     RUN_JSON = "run.json"
     HEAD = "head.safetensors"
+    TOKEN_MAP = "token_map.safetensors"
     TRAIN_EMBEDDINGS = "train_embeddings.npy"
     TRAIN_WEIGHTS = "train_weights.npy"
     TEST_EMBEDDINGS = "test_embeddings.npy"
@@ -68,6 +70,10 @@ class RunDir:
     @property
     def head(self) -> Path:
         return self.path / self.HEAD
+
+    @property
+    def token_map(self) -> Path:
+        return self.path / self.TOKEN_MAP
 
     @property
     def train_embeddings(self) -> Path:
@@ -194,7 +200,8 @@ class RunDir:
 
     def write_meta(self, meta: dict[str, Any]) -> None:
         """Write run.json last, with the SHA-256 of every array file already in the folder."""
-        names = [self.HEAD, self.HEAD + ".json", self.TRAIN_EMBEDDINGS, self.TRAIN_WEIGHTS, self.TEST_EMBEDDINGS]
+        names = [self.HEAD, self.HEAD + ".json", self.TOKEN_MAP, self.TRAIN_EMBEDDINGS, self.TRAIN_WEIGHTS,
+                 self.TEST_EMBEDDINGS]
         files = {n: sha256_file(self.path / n) for n in names if (self.path / n).is_file()}
         write_json(self.run_json, {"format": RUN_FORMAT, "version": RUN_FORMAT_VERSION, **meta, "files": files})
 
@@ -209,8 +216,8 @@ class RunDir:
 
     def known(self) -> set[str]:
         """Every name carrot writes at the top of a run directory."""
-        return {self.RUN_JSON, self.HEAD, self.HEAD + ".json", self.TRAIN_EMBEDDINGS, self.TEST_EMBEDDINGS,
-                self.METRICS, *(p.name for p in self.derived())}
+        return {self.RUN_JSON, self.HEAD, self.HEAD + ".json", self.TOKEN_MAP, self.TRAIN_EMBEDDINGS,
+                self.TEST_EMBEDDINGS, self.METRICS, *(p.name for p in self.derived())}
 
     def check_target(self, overwrite: bool, flag: str = "--out", inside: dict[str, str | Path | None] | None = None) -> None:
         """Before any work: refuse a target that is a file, the current folder, a mount point, in a folder carrot
