@@ -76,12 +76,70 @@ def chosen(name: str, est) -> tuple[str, float | None]:
     return "k=1", None
 
 
+def token_map_rows(model: Carrot, run: str, specs: list[str], splits: list[tuple[int, np.ndarray, np.ndarray]],
+                   y: np.ndarray) -> list[dict]:
+    """Rows for carrot's linear ridge head on token-mapped embeddings g = sum_j w_j phi(h_j) (item 2 of issue 13).
+
+    The readout weights w depend on the tokens only, not on phi: they are computed once per image (the run's graph
+    and t). For each split the map is fitted on the seeded token sample of that split's training images alone, then
+    every image is embedded through it and the ridge head fitted with lambda by exact LOO."""
+    from carrot.embed.tokenmap import TokenMap, sample_tokens
+    from carrot.features.cache import open_store
+
+    caches = model.metrics_["token_caches"]
+    stores = [open_store(c) for c in caches[:2]]
+    n_tr = len(stores[0])
+
+    def tokens(rows: np.ndarray) -> np.ndarray:  # pooled rows: the run's train images, then its test images
+        rows = np.asarray(rows)
+        out = np.empty((len(rows), *stores[0].tokens.shape[1:]), dtype=np.float32)
+        a = rows < n_tr
+        out[a] = stores[0].tokens[rows[a]]
+        out[~a] = stores[1].tokens[rows[~a] - n_tr]
+        return out
+
+    emb = model.embedder
+    P = stores[0].positions.to(torch.float64)
+    t0 = time.perf_counter()
+    W = np.concatenate([emb.weights(torch.from_numpy(tokens(np.arange(s, min(s + 64, len(y))))).double(), P)[0].numpy()
+                        for s in range(0, len(y), 64)])
+    print(f"readout weights of {len(y)} images: {time.perf_counter() - t0:.0f} s", flush=True)
+    rows_out = []
+    for seed, tr, te in splits:
+        for spec in specs:
+            kind, dim = spec.split(":")
+            t0 = time.perf_counter()
+            tm = TokenMap(kind, int(dim), seed=seed).fit(sample_tokens(tokens(np.sort(tr)), seed=seed))
+            t_map = time.perf_counter() - t0
+            G = np.empty((len(y), int(dim)))
+            t0 = time.perf_counter()
+            for s in range(0, len(y), 32):
+                F = tm(torch.from_numpy(tokens(np.arange(s, min(s + 32, len(y))))))
+                G[s : s + 32] = torch.einsum("bnm,bn->bm", F, torch.from_numpy(W[s : s + 32])).numpy()
+            t_embed = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            head = RidgeHead(lam="auto", device="cpu").fit(G[tr], y[tr])
+            t_fit = time.perf_counter() - t0
+            acc = float((head.predict(G[te]) == y[te]).mean())
+            name = f"carrot_tokenmap_{kind}_{dim}"
+            rows_out.append({"seed": seed, "head": name, "test_accuracy": acc, "loo_accuracy": max(head.lam_path_["loo_accuracy"]),
+                             "fit_seconds": t_map + t_fit, "map_seconds_all_images": t_embed,
+                             "chosen": f"gamma={tm.gamma_:.3g}, lambda={head.lam_:.3g}", "n_train": int(len(tr)),
+                             "n_test": int(len(te))})
+            print(f"seed {seed} {name}: test {acc:.4f} (LOO {rows_out[-1]['loo_accuracy']:.4f}), map fit {t_map:.1f} s, "
+                  f"embed {t_embed:.0f} s, ridge {t_fit:.1f} s", flush=True)
+    return rows_out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run", default="runs/demo", help="a fitted run directory")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--heads", nargs="+", default=None, help="default: all")
+    ap.add_argument("--heads", nargs="*", default=None, help="default: all; none with --heads alone")
     ap.add_argument("--out", default=None, help="default: results/heads_<data>_<backbone>")
+    ap.add_argument("--token-maps", nargs="*", default=[], metavar="KIND:DIM",
+                    help="token maps before the readout, e.g. nystroem:1024 rff:1024 (needs the run's token caches)")
+    ap.add_argument("--merge-into", default=None, help="add the rows to this earlier result file (same run and seeds)")
     args = ap.parse_args()
     from sklearn.model_selection import train_test_split
 
@@ -91,10 +149,10 @@ def main() -> None:
     y = np.array([r.label for r in model.train_records_] + [r[1] for r in model.test_records_])
     frac = len(model.test_records_) / len(y)
     made = heads(n_jobs=1)
-    names = args.heads or list(made)
+    names = list(made) if args.heads is None else args.heads
     rows = []
-    for seed in args.seeds:
-        tr, te = train_test_split(np.arange(len(y)), test_size=frac, stratify=y, random_state=seed)
+    splits = [(seed, *train_test_split(np.arange(len(y)), test_size=frac, stratify=y, random_state=seed)) for seed in args.seeds]
+    for seed, tr, te in splits:
         for name in names:
             est = made[name]()
             t0 = time.perf_counter()
@@ -112,9 +170,17 @@ def main() -> None:
             best = ker if ker["loo_accuracy"] > lin["loo_accuracy"] else lin
             rows.append({**best, "head": "carrot_auto", "fit_seconds": lin["fit_seconds"] + ker["fit_seconds"],
                          "chosen": best["head"]})
+    rows += token_map_rows(model, args.run, args.token_maps, splits, y) if args.token_maps else []
     meta = json.loads((Path(args.run) / "run.json").read_text())
     data, backbone = meta["config"]["data"]["kind"], meta["config"]["backbone"]["name"]
     out = args.out or Path(__file__).parent / "results" / f"heads_{data}_{backbone}"
+    if args.merge_into:
+        old = json.loads(Path(args.merge_into).read_text())
+        if old["seeds"] != args.seeds or old["run"] != str(args.run):
+            sys.exit(f"--merge-into: {args.merge_into} has seeds {old['seeds']} of run {old['run']}, not {args.seeds} of {args.run}")
+        new = {r["head"] for r in rows}
+        rows = [r for r in old["rows"] if r["head"] not in new] + rows
+        out = Path(args.merge_into).with_suffix("")
     print(write_results(out, rows, benchmark="heads", run=str(args.run), data=data, backbone=backbone,
                         classes=len(model.classes_), dim=int(G.shape[1]), n=int(len(y)), test_fraction=frac,
                         seeds=args.seeds, device=device_name("cpu"), python=platform.python_version(),

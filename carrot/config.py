@@ -20,6 +20,7 @@ MAX_IMG_SIZE = 2048  # px; beyond it a ViT's region graph (N = (side / patch)^2 
 MAX_BATCH_SIZE = 4096
 MAX_WORKERS = 256  # DataLoader processes; a bound that does not depend on the machine, so a run loads anywhere
 MAX_SEED = 2**32 - 1
+MAX_BLOCKS = 48  # the deepest timm ViTs have 48 blocks
 MAX_CHEBYSHEV_TERMS = 20_000  # Chebyshev terms for exp(-tL); above it eigh (exact for any t) is the method
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
@@ -103,6 +104,8 @@ class BackboneConfig:
     num_workers: int = 0
     cache_dtype: str = "float16"
     cache_tokens: bool = True
+    blocks: int = 1  # ViTs: the last k blocks' tokens concatenated per token (DINOv2's linear probe reads 4)
+    global_tokens: bool = False  # ViTs: the class (and register) tokens as the embedding's own exact part
 
     def __post_init__(self) -> None:
         check_str("backbone.name", self.name)
@@ -116,6 +119,8 @@ class BackboneConfig:
         if self.cache_dtype not in ("float16", "float32"):
             raise CarrotError(f"backbone.cache_dtype: expected float16 or float32, got {self.cache_dtype!r}")
         check_bool("backbone.cache_tokens", self.cache_tokens)
+        check_int("backbone.blocks", self.blocks, 1, MAX_BLOCKS)
+        check_bool("backbone.global_tokens", self.global_tokens)
 
 
 @dataclass(frozen=True)

@@ -17,10 +17,13 @@ class Counting:
         return getattr(self.inner, name)
 
     def __call__(self, x):
+        return self.with_globals(x)[::2]
+
+    def with_globals(self, x):
         if self.fail_after is not None and self.calls >= self.fail_after and x.shape[0] > 1:
             raise KeyboardInterrupt("simulated kill")
         self.calls += 1
-        return self.inner(x)
+        return self.inner.with_globals(x)
 
 
 def test_extract_reuses_and_matches_direct_forward(tmp_path, synthetic_root, tiny_vit):

@@ -155,7 +155,7 @@ def test_pointing_game_on_the_generated_parts_with_a_real_backbone(tmp_path):
     parts = json.loads((root / "parts.json").read_text())
     train, test = load_imagefolder(root, test_fraction=0.34, seed=0)
     model = Carrot(RunConfig().merged({"backbone.name": "efficientnet_lite0", "device": "cpu", "diffusion.t": 0.0}))
-    G, _, _, _, _ = model.embed_images(train.paths)
+    G, _, _, _, _, _ = model.embed_images(train.paths)
     model.fit(G, train.labels, train.records, train.classes)
     geo = model.backbone.display_transform()
     size = model.backbone.data_config["input_size"][1:]

@@ -127,7 +127,7 @@ def test_the_run_embeds_phi_of_the_tokens_and_saves_the_map(mapped_run):
     assert meta["config"]["token_map"] == {"kind": "nystroem", "dim": 24, "gamma": "auto"}
     assert "token_map.safetensors" in meta["files"] and model.train_embeddings_.shape[1] == 24
     path = model.test_records_[0][0]
-    G, H, w, grid, _ = model.embed_images([path])
+    G, H, w, grid, _, _ = model.embed_images([path])
     tm = model.token_map_
     phi = rbf_kernel((H[0].numpy() - tm.mean_) / tm.scale_, tm.landmarks_, gamma=tm.gamma_) @ tm.normalization_
     np.testing.assert_allclose(G[0], w[0].numpy() @ phi, rtol=1e-10, atol=1e-12)  # g = sum_j w_j phi(h_j)
@@ -160,7 +160,7 @@ def test_explain_with_a_token_map_keeps_the_exact_region_split_and_pairs(mapped_
     c = exp["predicted_index"]
     assert exp["prior"] + exp["region_sum"] == pytest.approx(exp["logits"][exp["predicted"]], abs=1e-9)
     assert all(row["pair_sum_error"] < 1e-9 and row["pairs"] for row in exp["supporting"] + exp["inhibiting"])
-    G, H, w, _, _ = model.embed_images([path])
+    G, H, w, _, _, _ = model.embed_images([path])
     phi = model.token_map_(H[0])
     manual = ((w[0].unsqueeze(1) * phi - model.head_.feature_mean_ / phi.shape[0]) @ model.head_.coef_)[:, c]
     np.testing.assert_allclose(np.asarray(exp["region_contributions"]).ravel(), manual.numpy(), atol=1e-12)

@@ -67,6 +67,8 @@ REGION_MEANING = {
                       "counterfactual per token (graph side: the other tokens stay as computed from the full image; the "
                       "drops do not add up, as the kernel head is not linear in the tokens)",
 }
+GLOBAL_MEANING = ("W_c^glob . (c - mu^glob): the exact term of the backbone's global tokens (class, registers), which "
+                  "are not regions; prior + region_sum + global_term = the logit")
 LINEAR_ONLY = ("region_contributions", "pairs", "segments")  # meanings of what only the ridge head has
 
 Logits = Callable[[torch.Tensor], np.ndarray]  # (B, 3, H, W) model input -> (B, C) float64 logits

@@ -45,8 +45,9 @@ def segment_sum(contributions: np.ndarray, segments: np.ndarray) -> dict[int, fl
 
 
 def node_removal(head: RidgeHead, H: torch.Tensor, P: torch.Tensor, c: int, embedder: Embedder,
-                 groups: np.ndarray | None = None) -> dict[int, float]:
-    """Logit drop f_c(full) - f_c(without group) for every group (default: every single region)."""
+                 groups: np.ndarray | None = None, globals: torch.Tensor | None = None) -> dict[int, float]:
+    """Logit drop f_c(full) - f_c(without group) for every group (default: every single region); ``globals``
+    (G, D'): the image's global tokens when the embedding reads them (they stay)."""
     n = H.shape[0]
     groups = np.arange(n) if groups is None else np.asarray(groups)
     if groups.shape != (n,):
@@ -54,8 +55,9 @@ def node_removal(head: RidgeHead, H: torch.Tensor, P: torch.Tensor, c: int, embe
     ids = np.unique(groups)
     keep = torch.as_tensor(np.stack([np.ones(n, dtype=bool)] + [groups != g for g in ids]))
     nonempty = keep.any(1)
-    G = torch.zeros(len(keep), H.shape[1], dtype=torch.float64)
-    G[nonempty] = embedder.embed_kept(H, P, keep[nonempty])
+    kept = embedder.embed_kept(H, P, keep[nonempty], globals=globals)
+    G = torch.zeros(len(keep), kept.shape[1], dtype=torch.float64)
+    G[nonempty] = kept
     logits = _logits(head, G, c)
     return {int(g): float(logits[0] - logits[1 + j]) if nonempty[1 + j] else float("nan") for j, g in enumerate(ids)}
 
@@ -68,9 +70,9 @@ class Curve:
 
 
 def deletion_insertion(head: RidgeHead, H: torch.Tensor, P: torch.Tensor, c: int, order: Sequence[int],
-                       embedder: Embedder, steps: int = 16) -> tuple[Curve, Curve]:
+                       embedder: Embedder, steps: int = 16, globals: torch.Tensor | None = None) -> tuple[Curve, Curve]:
     """Deletion (remove regions in ``order``, most important first) and insertion (add them in that
-    order) curves of logit c, each at ``steps`` + 1 evenly spaced fractions."""
+    order) curves of logit c, each at ``steps`` + 1 evenly spaced fractions (``globals``: as :func:`node_removal`)."""
     n = H.shape[0]
     order = np.asarray(order)
     if sorted(order.tolist()) != list(range(n)):
@@ -85,7 +87,7 @@ def deletion_insertion(head: RidgeHead, H: torch.Tensor, P: torch.Tensor, c: int
     for keep in (~removed, removed):
         vals = np.full(len(ks), prior)
         some = keep.any(1)
-        vals[some.numpy()] = _logits(head, embedder.embed_kept(H, P, keep[some]), c)
+        vals[some.numpy()] = _logits(head, embedder.embed_kept(H, P, keep[some], globals=globals), c)
         curves.append(vals)
     frac = ks / n
     return tuple(Curve(frac, v, float(np.trapezoid(v, frac))) for v in curves)

@@ -3,6 +3,7 @@
 Data:    f_c(x) = prior_c + sum_i beta_ic k(i, x),  k(i, x) = <g_i - mu, g_x - mu>
 Regions: with g_x = H^T w (w = exp(-tL) 1 / N),
          f_c(x) = prior_c + sum_j r_jc,  r_jc = W_c . (w_j h_j - mu / N)
+         and with the global tokens c read too, g_x = [H^T w ; c]: one more exact term W_c^glob . (c - mu^glob)
 Both identities hold to floating-point precision; tests check them against the prediction.
 """
 from __future__ import annotations
@@ -72,38 +73,65 @@ def top_k(contrib: torch.Tensor, k: int) -> TopK:
     return TopK(pos.indices.numpy(), pos.values.numpy(), neg.indices.numpy(), -neg.values.numpy())
 
 
-def region_contributions(head: RidgeHead, H: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """Exact split of one image's logits over its regions.
+def centred_parts(H: torch.Tensor, w: torch.Tensor, mu: torch.Tensor, globals: torch.Tensor | None = None) -> torch.Tensor:
+    """Rows that sum exactly to g - mu: one per region, [w_j h_j - mu_p / N, 0], and with the global tokens c one
+    more, [0, c - mu_glob] (mu split as g is: mu_p over the patch part, mu_glob over the global part).
 
     Parameters
     ----------
-    head : fitted RidgeHead; H : (N, D) region tokens; w : (N,) readout weights (g = H^T w).
+    H : (N, Dp) the per-region vectors the readout sums (tokens, or phi of them); w : (N,) readout weights.
+    mu : (D,) the head's feature mean, D = Dp (+ G D'); globals : (G, D') the image's global tokens, or None.
 
     Returns
     -------
-    tensor (N, C) r with r_jc = W_c . (w_j h_j - mu / N); r.sum(0) + ``head.prior_`` are the logits of g.
+    (N, D), or (N + 1, D) with the global row last, float64.
     """
-    check_is_fitted(head)
-    H = H.to(torch.float64)
-    w = w.to(torch.float64)
+    H, w = H.to(torch.float64), w.to(torch.float64)
     if H.dim() != 2 or w.shape != (H.shape[0],):
         raise CarrotError(f"H, w: expected (N, D) and (N,), got {tuple(H.shape)} and {tuple(w.shape)}")
-    n = H.shape[0]
-    return (w.unsqueeze(1) * H - head.feature_mean_ / n) @ head.coef_
+    n, dp = H.shape
+    extra = 0 if globals is None else globals.numel()
+    if dp + extra != mu.shape[0]:
+        raise CarrotError(f"H, globals: expected {mu.shape[0]} embedding features in all (the head's), got {dp} per "
+                          f"region + {extra} global")
+    if globals is None:
+        return w.unsqueeze(1) * H - mu / n
+    U = torch.zeros(n + 1, mu.shape[0], dtype=torch.float64)
+    U[:n, :dp] = w.unsqueeze(1) * H - mu[:dp] / n
+    U[n, dp:] = globals.to(torch.float64).reshape(-1) - mu[dp:]
+    return U
+
+
+def region_contributions(head: RidgeHead, H: torch.Tensor, w: torch.Tensor,
+                         globals: torch.Tensor | None = None) -> torch.Tensor:
+    """Exact split of one image's logits over its regions (and its global tokens).
+
+    Parameters
+    ----------
+    head : fitted RidgeHead; H : (N, D) the per-region vectors the readout sums; w : (N,) readout weights
+    (g = H^T w); globals : (G, D') the global tokens when the embedding reads them.
+
+    Returns
+    -------
+    tensor (N, C) r with r_jc = W_c . (w_j h_j - mu / N), and with ``globals`` one more row, the global term
+    W_c^glob . (c - mu^glob); r.sum(0) + ``head.prior_`` are the logits of g.
+    """
+    check_is_fitted(head)
+    return centred_parts(H, w, head.feature_mean_, globals) @ head.coef_
 
 
 def region_pairs(head: RidgeHead, H_x: torch.Tensor, w_x: torch.Tensor, H_i: torch.Tensor, w_i: torch.Tensor,
-                 beta_ic: float, c: int | None = None) -> torch.Tensor:
-    """Split one training image's contribution beta_ic k(i, x) over (test region j, training region k): (N, N').
+                 beta_ic: float, c: int | None = None, globals_x: torch.Tensor | None = None,
+                 globals_i: torch.Tensor | None = None) -> torch.Tensor:
+    """Split one training image's contribution beta_ic k(i, x) over (test region j, training region k): (N, N')
+    ((N + 1, N' + 1) with the global tokens, their row and column last).
 
     With g - mu = sum_j (w_j h_j - mu / N), the pair term is beta_ic <w_j h_j - mu/N, w'_k h'_k - mu/N'>;
     the matrix sums exactly to the image-level contribution.
     """
     check_is_fitted(head)
     mu = head.feature_mean_
-    A = w_x.to(torch.float64).unsqueeze(1) * H_x.to(torch.float64) - mu / H_x.shape[0]
-    B = w_i.to(torch.float64).unsqueeze(1) * H_i.to(torch.float64) - mu / H_i.shape[0]
-    return float(beta_ic) * (A @ B.T)
+    return float(beta_ic) * (centred_parts(H_x, w_x, mu, globals_x) @ centred_parts(H_i, w_i, mu, globals_i).T)
 
 
 def class_summary(head: RidgeHead, G_train, y_train, G_test, chunk: int = 1024) -> dict:

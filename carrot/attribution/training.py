@@ -20,6 +20,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from carrot.attribution.representer import centred_parts
 from carrot.errors import CarrotError
 from carrot.ridge.removal import RidgeSystem
 from carrot.validation import ArrayLike, as_float64_matrix
@@ -184,7 +185,8 @@ def verified(S: list[int], path: list[float], c: int, f: torch.Tensor, refit: Ca
 
 
 def removal_pairs(system: RidgeSystem, H_x: torch.Tensor, w_x: torch.Tensor, H_i: torch.Tensor, w_i: torch.Tensor,
-                  i: int, c: int) -> tuple[torch.Tensor, float]:
+                  i: int, c: int, globals_x: torch.Tensor | None = None,
+                  globals_i: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
     """Split training image i's support f_c(x) - f_-i(x)_c over (test region j, training region k).
 
     With x~^T M~^-1 x~_i = [1 / S] + (g_x - mu)^T M^-1 (g_i - mu), g - mu = sum_j (w_j h_j - mu / N) and
@@ -193,15 +195,15 @@ def removal_pairs(system: RidgeSystem, H_x: torch.Tensor, w_x: torch.Tensor, H_i
     Parameters
     ----------
     system : the head's RidgeSystem; H_x (N, D), w_x (N,) : the test image's tokens and readout weights;
-    H_i (N', D), w_i (N',) : training image i's; i : its row; c : the class.
+    H_i (N', D), w_i (N',) : training image i's; i : its row; c : the class; globals_x, globals_i : the two
+    images' global tokens when the embedding reads them (one more row and column, last: the global part).
 
     Returns
     -------
     (pairs (N, N'), intercept part): pairs.sum() + intercept part = the support of image i for class c.
     """
-    mu = system.mu
-    U = w_x.to(torch.float64).unsqueeze(1) * H_x.to(torch.float64) - mu / H_x.shape[0]  # (N, D)
-    V = w_i.to(torch.float64).unsqueeze(1) * H_i.to(torch.float64) - mu / H_i.shape[0]  # (N', D)
+    U = centred_parts(H_x, w_x, system.mu, globals_x)  # (N, D)
+    V = centred_parts(H_i, w_i, system.mu, globals_i)  # (N', D)
     _, R = system.removal_terms([i])
     Ric = float(R[0, c])
     pairs = Ric * (U @ system.factor.solve(V.T))

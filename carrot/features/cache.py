@@ -27,18 +27,21 @@ from carrot.data import ImageDataset, load_image
 from carrot.errors import CarrotError, StaleCacheError, first_line, warn
 from carrot.io import read_json, sha256_file, write_json
 
-CACHE_VERSION = 2  # 2: EXIF orientation applied, 16-bit / float images scaled by their range
+CACHE_VERSION = 3  # 3: a ViT's global (class, register) tokens kept before its patch tokens, last-k blocks; 2: EXIF
+# orientation applied, 16-bit / float images scaled by their range
 DTYPES = {"float16": np.float16, "float32": np.float32}
 
 
 @dataclass
 class TokenStore:
-    """A complete cached split: ``tokens`` memmap (n, N, D), labels (n,), centres (N, 2), grid."""
+    """A complete cached split: patch ``tokens`` (n, N, D) and ``globals`` (n, P, D) (class and register tokens;
+    P = 0 for a ConvNet), views of one memmap; labels (n,), centres (N, 2), grid."""
 
     path: Path
     manifest: dict[str, Any]
     tokens: np.ndarray
     labels: np.ndarray
+    globals: np.ndarray | None = None
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -52,16 +55,19 @@ class TokenStore:
         return int(self.tokens.shape[0])
 
 
-def _probe_grid(backbone: TokenBackbone) -> tuple[tuple[int, int], int]:
+def _probe_grid(backbone: TokenBackbone) -> tuple[tuple[int, int], int, int]:
+    """The backbone's grid, features per token and number of global tokens for one input."""
     x = torch.zeros(1, *backbone.data_config["input_size"])
-    tokens, grid = backbone(x)
-    return grid, int(tokens.shape[-1])
+    tokens, glob, grid = backbone.with_globals(x)
+    return grid, int(tokens.shape[-1]), int(glob.shape[1])
 
 
 def expected_manifest(backbone: TokenBackbone, dataset: ImageDataset, dtype: str, fingerprint: str | None = None) -> dict[str, Any]:
-    grid, dim = _probe_grid(backbone)
+    grid, dim, prefix = _probe_grid(backbone)
     return {
         "version": CACHE_VERSION,
+        "blocks": backbone.blocks,
+        "prefix": prefix,
         "backbone": backbone.name,
         "timm_name": backbone.timm_name,
         "weights_id": backbone.weights_id,
@@ -86,12 +92,12 @@ def missing_bytes(backbone: TokenBackbone, dataset: ImageDataset, cache_root: st
             return 0
     except (CarrotError, AttributeError):
         pass
-    n_regions = expected["grid"][0] * expected["grid"][1]
-    return len(dataset) * n_regions * expected["dim"] * np.dtype(DTYPES[dtype]).itemsize
+    n_rows = expected["grid"][0] * expected["grid"][1] + expected["prefix"]
+    return len(dataset) * n_rows * expected["dim"] * np.dtype(DTYPES[dtype]).itemsize
 
 
 def cache_key(manifest: dict[str, Any]) -> str:
-    fields = ("version", "timm_name", "weights_id", "input_size", "dtype", "dataset_fingerprint")
+    fields = ("version", "timm_name", "weights_id", "input_size", "dtype", "dataset_fingerprint", "blocks")
     return hashlib.sha256(repr([manifest[f] for f in fields]).encode()).hexdigest()[:16]
 
 
@@ -119,7 +125,8 @@ def open_store(path: str | Path, expected: dict[str, Any] | None = None, verify:
         _compare(manifest, expected, path)
     if not manifest.get("complete"):
         raise CarrotError(f"token cache '{path}' is incomplete; run the extraction again to resume it")
-    shape = (manifest["n"], manifest["grid"][0] * manifest["grid"][1], manifest["dim"])
+    prefix = manifest.get("prefix", 0)  # caches before version 3 hold patch tokens only
+    shape = (manifest["n"], prefix + manifest["grid"][0] * manifest["grid"][1], manifest["dim"])
     try:
         tokens = np.load(path / "tokens.npy", mmap_mode="r")
     except (ValueError, OSError, EOFError) as exc:
@@ -129,12 +136,14 @@ def open_store(path: str | Path, expected: dict[str, Any] | None = None, verify:
                               f"{shape}; {rebuild}")
     if verify and manifest.get("sha256") is not None and sha256_file(path / "tokens.npy") != manifest["sha256"]:
         raise StaleCacheError(f"token cache '{path}': tokens.npy changed since extraction (SHA-256 differs); {rebuild}")
-    return TokenStore(path, manifest, tokens, np.asarray(manifest["labels"], dtype=np.int64))
+    return TokenStore(path, manifest, tokens[:, prefix:], np.asarray(manifest["labels"], dtype=np.int64), tokens[:, :prefix])
 
 
 def _manifest_ok(m: dict[str, Any]) -> bool:
     ints = all(isinstance(m.get(k), int) and not isinstance(m.get(k), bool) and m[k] >= 0 for k in ("n", "dim"))
     grid = isinstance(m.get("grid"), list) and len(m["grid"]) == 2 and all(isinstance(g, int) and g > 0 for g in m["grid"])
+    prefix = m.get("prefix", 0)
+    ints = ints and isinstance(prefix, int) and not isinstance(prefix, bool) and prefix >= 0
     labels = isinstance(m.get("labels"), list) and ints and len(m["labels"]) == m["n"]
     return ints and grid and labels and m.get("dtype") in DTYPES
 
@@ -228,7 +237,7 @@ def _extract_locked(backbone: TokenBackbone, dataset: ImageDataset, path: Path, 
 
     man_path, tok_path, prog_path = path / "manifest.json", path / "tokens.npy", path / "progress.json"
     n = len(dataset)
-    shape = (n, expected["grid"][0] * expected["grid"][1], expected["dim"])
+    shape = (n, expected["prefix"] + expected["grid"][0] * expected["grid"][1], expected["dim"])
     done = _resume_point(path, expected, shape)
     if done is None:
         return open_store(path, expected)
@@ -246,8 +255,8 @@ def _extract_locked(backbone: TokenBackbone, dataset: ImageDataset, path: Path, 
         bar = tqdm(total=n, initial=done, desc=f"extract {dataset.name}", unit="img", disable=not progress)
         with worker_errors(), bar:
             for x in loader:
-                out, _ = backbone(x)
-                tokens[done : done + len(x)] = out.cpu().numpy().astype(DTYPES[dtype])
+                H, glob, _ = backbone.with_globals(x)
+                tokens[done : done + len(x)] = torch.cat([glob, H], 1).cpu().numpy().astype(DTYPES[dtype])
                 if not np.isfinite(tokens[done : done + len(x)]).all():
                     raise CarrotError(f"backbone produced NaN/Inf tokens (dtype {dtype} overflow?) for {dataset.name} rows {done}..{done + len(x)}")
                 tokens.flush()

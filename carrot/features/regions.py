@@ -10,11 +10,13 @@ from carrot.errors import CarrotError
 
 @dataclass
 class RegionSet:
-    """Region features ``H`` (B, N, D) with centres ``P`` (N, 2) in [-1, 1] on an (h, w) grid."""
+    """Region features ``H`` (B, N, D) with centres ``P`` (N, 2) in [-1, 1] on an (h, w) grid, and the image's
+    global tokens ``globals`` (B, G, D') (class, registers) when the embedding reads them."""
 
     H: torch.Tensor
     P: torch.Tensor
     grid_hw: tuple[int, int]
+    globals: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.H.dim() == 2:
@@ -27,6 +29,8 @@ class RegionSet:
             )
         if self.grid_hw[0] * self.grid_hw[1] != self.H.shape[1]:
             raise CarrotError(f"RegionSet.grid_hw: {self.grid_hw} does not hold N={self.H.shape[1]} regions")
+        if self.globals is not None and (self.globals.dim() != 3 or self.globals.shape[0] != self.H.shape[0]):
+            raise CarrotError(f"RegionSet.globals: expected ({self.H.shape[0]}, G, D), got shape {tuple(self.globals.shape)}")
         if not torch.isfinite(self.H).all():
             raise CarrotError("RegionSet.H: features contain NaN or Inf (a corrupt cache or backbone overflow)")
 

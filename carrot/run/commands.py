@@ -39,7 +39,7 @@ def check_resources(model: Carrot, datasets: Sequence[ImageDataset], root: Path 
     and the missing token caches on their disk (limits and sizes in the message)."""
     from carrot.features.cache import _probe_grid, missing_bytes
 
-    grid, dim = _probe_grid(model.backbone)
+    grid, dim, _ = _probe_grid(model.backbone)
     N = grid[0] * grid[1]
     graph = 6 * 8 * N * N  # W, L, distances and the solver's work, float64 N x N
     mem = device_memory()

@@ -340,7 +340,7 @@ def _test_store(run_dir: str | Path, model: Carrot):
 
 def _predicted_regions(model: Carrot, store, rows: Sequence[int], batch: int = 64):
     """For each cached test row: (row, tokens H (N, D) float64, predicted class c, logit of c, exact region
-    contributions to it (N,)), embedding ``batch`` rows at a time."""
+    contributions to it (N,), global tokens (G, D') or None), embedding ``batch`` rows at a time."""
     import torch
 
     from carrot.attribution.representer import region_contributions
@@ -351,12 +351,15 @@ def _predicted_regions(model: Carrot, store, rows: Sequence[int], batch: int = 6
     for s in range(0, len(rows), batch):
         idx = list(rows[s : s + batch])
         H = torch.from_numpy(np.asarray(store.tokens[idx], dtype=np.float64))
-        G, w = model.embed_regions(RegionSet(H, P, store.grid))
+        C = (torch.from_numpy(np.asarray(store.globals[idx], dtype=np.float64)) if model.config.backbone.global_tokens
+             else None)
+        G, w = model.embed_regions(RegionSet(H, P, store.grid, C))
         logits = model.head_.decision_function(G.numpy())
         for j, i in enumerate(idx):
             c = int(logits[j].argmax())
-            F = model.embedder.features(H[j])
-            yield i, H[j], c, float(logits[j, c]), region_contributions(model.head_, F, w[j])[:, c].numpy()
+            Cj = None if C is None else C[j]
+            r = region_contributions(model.head_, model.embedder.features(H[j]), w[j], Cj)[: H.shape[1], c]
+            yield i, H[j], c, float(logits[j, c]), r.numpy(), Cj
 
 
 def region_deletion(run_dir: str | Path, n_test: int = 20, steps: int = 8, seed: int = 0,
@@ -378,11 +381,11 @@ def region_deletion(run_dir: str | Path, n_test: int = 20, steps: int = 8, seed:
     emb = model.embedder
     out: dict[str, list[float]] = {k: [] for k in ("deletion", "deletion_random", "insertion", "insertion_random")}
     spans = []
-    for _, H, c, logit, r in _predicted_regions(model, store, rows.tolist()):
+    for _, H, c, logit, r, C in _predicted_regions(model, store, rows.tolist()):
         prior = float(model.head_.prior_[c])
         spans.append(logit - prior)
         for name, order in (("", np.argsort(-r, kind="stable")), ("_random", rng.permutation(len(r)))):
-            dele, ins = deletion_insertion(model.head_, H, P, c, order, emb, steps=steps)
+            dele, ins = deletion_insertion(model.head_, H, P, c, order, emb, steps=steps, globals=C)
             out["deletion" + name].append(dele.auc - prior)
             out["insertion" + name].append(ins.auc - prior)
     return {"n": int(len(rows)), "steps": steps, "mean_logit_above_prior": float(np.mean(spans)),
@@ -393,27 +396,26 @@ REGION_MAPS = ("shapley", "split", "occlusion", "token", "random")  # the maps o
 
 
 def image_regions(model: Carrot, path: str) -> tuple[Any, Any, Any, tuple[int, int], int]:
-    """One image as the region maps need it: model input x (3, H, W), tokens H (1, N, D) rounded as the cache
-    rounds them, readout weights w (1, N), the grid, and the predicted class c."""
+    """One image as the region maps need it: model input x (3, H, W), its RegionSet (tokens (1, N, D) rounded as
+    the cache rounds them, and the global tokens when the embedding reads them), readout weights w (1, N), the grid,
+    and the predicted class c."""
     import torch
-
-    from carrot.features.backbone import patch_centres
-    from carrot.features.regions import RegionSet
 
     x = model.inputs([path])[0]
     with torch.no_grad():
-        H, grid = model.backbone(x[None])
-    H = model._as_cached(H, "a test image")
-    G, w = model.embed_regions(RegionSet(H, patch_centres(grid, torch.float64), grid))
-    return x, H, w, grid, int(model.head_.decision_function(G.numpy())[0].argmax())
+        regions, grid = model._regions(x[None], "a test image")
+    G, w = model.embed_regions(regions)
+    return x, regions, w, grid, int(model.head_.decision_function(G.numpy())[0].argmax())
 
 
-def region_scores(model: Carrot, name: str, x: Any, H: Any, w: Any, c: int, grid: tuple[int, int],
+def region_scores(model: Carrot, name: str, x: Any, regions: Any, w: Any, c: int, grid: tuple[int, int],
                   rng: np.random.Generator) -> np.ndarray:
-    """Scores (N,) of one of carrot's :data:`REGION_MAPS` for class c of an image (:func:`image_regions`): the
-    Shapley map (explain's default), the pixel split, exact cell occlusion, the token split, or a random order."""
+    """Scores (N,) of one of carrot's :data:`REGION_MAPS` for class c of an image (:func:`image_regions`: x, its
+    RegionSet, w): the Shapley map (explain's default), the pixel split, exact cell occlusion, the token split, or a
+    random order."""
     from carrot.attribution.representer import region_contributions
 
+    H, C = regions.H, None if regions.globals is None else regions.globals[0]
     if name in ("shapley", "split", "occlusion"):
         return model.pixel_map(x, c, grid, name)[0].ravel()
     if name == "token":
@@ -423,9 +425,9 @@ def region_scores(model: Carrot, name: str, x: Any, H: Any, w: Any, c: int, grid
             from carrot.attribution.regions import node_removal
             from carrot.features.backbone import patch_centres
 
-            drops = node_removal(model.head_, H[0], patch_centres(grid, torch.float64), c, model.embedder)
+            drops = node_removal(model.head_, H[0], patch_centres(grid, torch.float64), c, model.embedder, globals=C)
             return np.array([drops[j] for j in range(len(drops))])
-        return region_contributions(model.head_, model.embedder.features(H[0]), w[0])[:, c].numpy()
+        return region_contributions(model.head_, model.embedder.features(H[0]), w[0], C)[: H.shape[1], c].numpy()
     if name == "random":
         return rng.permutation(grid[0] * grid[1]).astype(float)
     raise CarrotError(f"maps: expected one of {', '.join(REGION_MAPS)}, got {name!r}")
@@ -493,7 +495,7 @@ def pointing(run_dir: str | Path, model: Carrot | None = None, n_pixel: int = 0,
         raise CarrotError("pointing game: no part locations known for this data set (CUB parts/part_locs.txt or parts.json)")
     geo, size = model.backbone.display_transform(), model.backbone.data_config["input_size"][1:]
     hits, chance, part_boxes = [], [], {}
-    for i, _, _, _, r in _predicted_regions(model, store, rows):
+    for i, _, _, _, r, _ in _predicted_regions(model, store, rows):
         rec = test.records[i]
         if rec.bbox:
             wh = (rec.bbox[2], rec.bbox[3])

@@ -38,8 +38,11 @@ class Carrot:
             b = self.config.backbone
             self._backbone = create_backbone(
                 b.name, img_size=b.img_size, checkpoint=b.checkpoint, pretrained=b.pretrained, device=self.config.device,
-                seed=self.config.seed,
+                seed=self.config.seed, blocks=b.blocks,
             )
+            if b.global_tokens and not self._backbone.num_prefix_tokens:
+                raise CarrotError(f"backbone.global_tokens: '{b.name}' has no class or register tokens (a ConvNet or a "
+                                  "ViT without them); expected false")
         return self._backbone
 
     @property
@@ -86,9 +89,7 @@ class Carrot:
         out, done = None, 0
         with worker_errors(), tqdm(total=len(dataset), desc=f"embed {dataset.name}", unit="img", disable=not progress) as bar:
             for x in loader:
-                H, grid = bb(x)
-                H = self._as_cached(H, f"{dataset.name} rows {done}..{done + len(x)}")
-                G = self.embed_regions(RegionSet(H, patch_centres(grid, torch.float64), grid))[0].numpy()
+                G = self.embed_regions(self._regions(x, f"{dataset.name} rows {done}..{done + len(x)}")[0])[0].numpy()
                 out = np.empty((len(dataset), G.shape[1])) if out is None else out
                 out[done : done + len(x)] = G
                 done += len(x)
@@ -149,19 +150,17 @@ class Carrot:
         """The whole fitted model on model inputs (B, 3, H, W): backbone, tokens rounded as the cache rounds
         them, graph, diffusion, readout, head; (B, C) float64 logits (what the pixel maps and protocol re-run)."""
         check_is_fitted(self, ("head_",))
-        H, grid = self.backbone(x)
-        H = self._as_cached(H, "model inputs")
-        G = self.embed_regions(RegionSet(H, patch_centres(grid, torch.float64), grid))[0]
-        return self.head_.decision_function(G.numpy())
+        return self.head_.decision_function(self.embed_regions(self._regions(x, "model inputs")[0])[0].numpy())
 
     def torch_logits(self, x: torch.Tensor) -> torch.Tensor:
         """:meth:`pixel_logits` with autograd (tokens not rounded to the cache dtype): (B, C) float64 tensor, the
         function whose gradient the pixel split integrates."""
         check_is_fitted(self, ("head_",))
-        H, grid = self.backbone.tokens(x)
+        H, C, grid = self.backbone.tokens(x, globals_too=True)
         H = H.cpu().to(torch.float64)
         emb = self.embedder
-        return self.head_.torch_decision(emb.readout(H, emb.weights(H, patch_centres(grid, torch.float64))[0]))
+        w = emb.weights(H, patch_centres(grid, torch.float64))[0]
+        return self.head_.torch_decision(emb.readout(H, w, C.cpu() if emb.global_tokens else None))
 
     def pixel_map(self, x: torch.Tensor, c: int, grid: tuple[int, int], method: str = "shapley",
                   permutations: int = 4) -> tuple[np.ndarray, dict[str, Any]]:
@@ -178,18 +177,26 @@ class Carrot:
             return occlusion_map(self.pixel_logits, x, c, grid), {}
         raise CarrotError(f"pixel map: expected shapley, split or occlusion, got {method!r}")
 
-    def embed_images(self, paths: Sequence[str]) -> tuple[np.ndarray, torch.Tensor, torch.Tensor, tuple[int, int], list]:
-        """Run the backbone on image files: embeddings (m, D), tokens (m, N, D), w (m, N), grid, PIL images."""
+    def embed_images(self, paths: Sequence[str]) -> tuple[np.ndarray, torch.Tensor, torch.Tensor, tuple[int, int], list,
+                                                           torch.Tensor | None]:
+        """Run the backbone on image files: embeddings (m, D), tokens (m, N, D), w (m, N), grid, PIL images, and the
+        global tokens (m, G, D') when the embedding reads them (else None)."""
         bb = self.backbone
         tf = bb.transform()
         imgs = [load_image(p, bb.min_side) for p in paths]
         x = torch.stack([tf(im) for im in imgs])
         geo = bb.display_transform()
         imgs = [geo(im) for im in imgs]
-        H, grid = bb(x)
-        H = self._as_cached(H, "the images to explain")
-        G, w = self.embed_regions(RegionSet(H, patch_centres(grid, torch.float64), grid))
-        return G.numpy(), H, w, grid, imgs
+        regions, grid = self._regions(x, "the images to explain")
+        G, w = self.embed_regions(regions)
+        return G.numpy(), regions.H, w, grid, imgs, regions.globals
+
+    def _regions(self, x: torch.Tensor, where: str) -> tuple[RegionSet, tuple[int, int]]:
+        """The backbone on model inputs (B, 3, H, W) as a RegionSet of tokens rounded as the cache rounds them, with the
+        global tokens when the embedding reads them; and the grid."""
+        H, C, grid = self.backbone.with_globals(x)
+        C = self._as_cached(C, where) if self.config.backbone.global_tokens else None
+        return RegionSet(self._as_cached(H, where), patch_centres(grid, torch.float64), grid, C), grid
 
     def _as_cached(self, H: torch.Tensor, where: str) -> torch.Tensor:
         """Backbone tokens rounded to the cache dtype, as float64 on the CPU: what the token cache would give."""
@@ -220,8 +227,10 @@ class Carrot:
             self._train_store_cache = store
         return self._train_store_cache
 
-    def train_regions(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int], list]:
-        """Tokens (k, N, D), readout weights (k, N), grid and display images of training images.
+    def train_regions(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int], list,
+                                                             torch.Tensor | None]:
+        """Tokens (k, N, D), readout weights (k, N), grid, display images of training images, and their global
+        tokens (k, G, D') when the embedding reads them (else None).
 
         Tokens come from the run's token cache when it is still there and matches the backbone,
         else from the backbone (same numbers up to the cache dtype's rounding).
@@ -230,15 +239,18 @@ class Carrot:
         geo = self.backbone.display_transform()
         imgs = [geo(im) for im in raw]
         store = self._train_store()
-        if store is not None:
+        glob = self.config.backbone.global_tokens
+        if store is not None and (not glob or store.globals.shape[1]):
             H = torch.from_numpy(np.asarray(store.tokens[np.asarray(indices)], dtype=np.float32))
+            C = torch.from_numpy(np.asarray(store.globals[np.asarray(indices)], dtype=np.float32)) if glob else None
             grid = store.grid
         else:
             tf = self.backbone.transform()
-            H, grid = self.backbone(torch.stack([tf(im) for im in raw]))
-            H = H.cpu()
-        _, w = self.embed_regions(RegionSet(H.to(torch.float64), patch_centres(grid, torch.float64), grid))
-        return H, w, grid, imgs
+            H, C, grid = self.backbone.with_globals(torch.stack([tf(im) for im in raw]))
+            H, C = H.cpu(), C.cpu() if glob else None
+        _, w = self.embed_regions(RegionSet(H.to(torch.float64), patch_centres(grid, torch.float64), grid,
+                                            None if C is None else C.to(torch.float64)))
+        return H, w, grid, imgs, C
 
     def training_system(self):
         """The head's :class:`~carrot.ridge.removal.RidgeSystem` on the training rows (its own factor), built once."""
@@ -280,7 +292,7 @@ class Carrot:
         from carrot.attribution.regions import deletion_insertion, mask_to_grid, node_removal as removal, segment_sum
 
         check_is_fitted(self, ("head_",))
-        from carrot.attribution.pixels import LINEAR_ONLY, PIXEL_MAPS, REGION_MEANING
+        from carrot.attribution.pixels import GLOBAL_MEANING, LINEAR_ONLY, PIXEL_MAPS, REGION_MEANING
         from carrot.ridge.heads import kind_of
         from carrot.attribution.training import VIEW_MEANING, certificate, removal_pairs, training_terms
 
@@ -294,7 +306,7 @@ class Carrot:
         if pixel_map == "shapley" and (isinstance(permutations, bool) or not isinstance(permutations, int)
                                        or permutations < 2 or permutations % 2):
             raise CarrotError(f"permutations: expected an even integer >= 2 (antithetic pairs), got {permutations!r}")
-        G, H, w, grid, imgs = self.embed_images(paths)
+        G, H, w, grid, imgs, C = self.embed_images(paths)
         logits = self.head_.decision_function(G)
         system = self.training_system()
         pred = logits.argmax(1)
@@ -308,19 +320,27 @@ class Carrot:
             c = int(pred[i])
             support = -terms["removal"][i]  # f(x) - f_-i(x): > 0, the image raises this logit (0 for weight 0)
             tk = top_k(support, k)
+            Ci = None if C is None else C[i]
+            global_term = None
             if linear:
-                regions = region_contributions(self.head_, F[i], w[i])[:, c]
+                regions = region_contributions(self.head_, F[i], w[i], Ci)[:, c]
+                if Ci is not None:  # the global tokens' own exact term, the last row
+                    regions, global_term = regions[:-1], float(regions[-1])
             else:  # each token's exact removal from the graph: a counterfactual, the drops do not add up
-                drops = removal(self.head_, H[i], P, c, self.embedder)  # reused by node_removal below
+                drops = removal(self.head_, H[i], P, c, self.embedder, globals=Ci)  # reused by node_removal below
                 regions = torch.as_tensor([drops[j] for j in range(len(drops))], dtype=torch.float64)
             prior = float(self.head_.prior_[c])
             idx = np.concatenate([tk.support_idx, tk.inhibit_idx])
-            Ht, wt, tgrid, timgs = self.train_regions(idx.tolist())
+            Ht, wt, tgrid, timgs, Ct = self.train_regions(idx.tolist())
             Ft = self.embedder.features(Ht) if linear else None
             rows = []
             for r, j in enumerate(idx):
                 if linear:
-                    pm, base = removal_pairs(system, F[i], w[i], Ft[r], wt[r], int(j), c)
+                    pm, base = removal_pairs(system, F[i], w[i], Ft[r], wt[r], int(j), c, Ci,
+                                             None if Ct is None else Ct[r])
+                    gpart = 0.0
+                    if Ci is not None:  # the global row and column: pairs with either image's global tokens
+                        gpart, pm = float(pm[-1].sum() + pm[:-1, -1].sum()), pm[:-1, :-1]
                     flat = torch.topk(pm.flatten().abs(), min(pairs, pm.numel())).indices
                 rows.append({
                     "index": int(j), "path": self.train_records_[j].path,
@@ -329,8 +349,8 @@ class Carrot:
                     "equivalent_kernel": float(terms["equivalent_kernel"][i, j]),
                     "representer": float(terms["representer"][i, j]),
                     **({"weight": float(weights[j])} if weights is not None else {}),
-                    **({"pair_intercept": base,
-                        "pair_sum_error": abs(float(pm.sum()) + base - float(support[j])),
+                    **({"pair_intercept": base, **({"pair_global": gpart} if Ci is not None else {}),
+                        "pair_sum_error": abs(float(pm.sum()) + base + gpart - float(support[j])),
                         "test_regions": pm.sum(1).reshape(grid).tolist(),
                         "train_regions": pm.sum(0).reshape(tgrid).tolist(),
                         "pairs": [{"test_region": int(f // pm.shape[1]), "train_region": int(f % pm.shape[1]),
@@ -353,14 +373,16 @@ class Carrot:
                                      "gamma and lambda held as fitted") + "); the images are ranked by it", **VIEW_MEANING,
                             **{k: v for k, v in REGION_MEANING.items() if (k != "pixel_map" or pixel_map)
                                and (k not in LINEAR_ONLY if not linear else k != "region_removal")},
-                            **({"pixel_map": PIXEL_MAPS[pixel_map]} if pixel_map else {})},
+                            **({"pixel_map": PIXEL_MAPS[pixel_map]} if pixel_map else {}),
+                            **({"global_term": GLOBAL_MEANING} if global_term is not None else {})},
                 "head": kind_of(self.head_).name,
                 "data_sum": rep_sum,
                 "equivalent_kernel_sum": ek_sum,
                 "identity_error": {
                     "data": abs(prior + rep_sum - float(logits[i, c])),
                     "equivalent_kernel": abs(prior + ek_sum - float(logits[i, c])),
-                    **({"regions": abs(prior + float(regions.sum()) - float(logits[i, c]))} if linear else {}),
+                    **({"regions": abs(prior + float(regions.sum()) + (global_term or 0.0) - float(logits[i, c]))}
+                       if linear else {}),
                 },
                 "supporting": rows[:k],
                 "inhibiting": rows[k:],
@@ -368,6 +390,7 @@ class Carrot:
                 "train_grid": list(tgrid),
                 **({"region_sum": float(regions.sum()), "region_contributions": regions.reshape(grid).tolist()} if linear
                    else {"region_removal": regions.reshape(grid).tolist()}),
+                **({"global_term": global_term} if global_term is not None else {}),
                 "_image": imgs[i],
             }
             if cert is not None:
@@ -394,8 +417,9 @@ class Carrot:
                                 exp["pixel_map_sem"] = np.where(np.isfinite(info["sem"]), info["sem"], None).tolist()
             emb = self.embedder
             if node_removal:
-                drops = removal(self.head_, H[i], P, c, emb) if linear else drops
-                dele, ins = deletion_insertion(self.head_, H[i], P, c, np.argsort(-regions.numpy(), kind="stable"), emb)
+                drops = removal(self.head_, H[i], P, c, emb, globals=Ci) if linear else drops
+                dele, ins = deletion_insertion(self.head_, H[i], P, c, np.argsort(-regions.numpy(), kind="stable"), emb,
+                                               globals=Ci)
                 exp["node_removal"] = [drops[j] for j in range(len(drops))]
                 exp["deletion"] = {"fractions": dele.fractions.tolist(), "logits": dele.logits.tolist(), "auc": dele.auc}
                 exp["insertion"] = {"fractions": ins.fractions.tolist(), "logits": ins.logits.tolist(), "auc": ins.auc}
@@ -404,7 +428,7 @@ class Carrot:
                 if linear:
                     exp["segments"] = {str(s_): v for s_, v in segment_sum(regions.numpy(), seg).items()}
                 if node_removal:
-                    exp["segment_removal"] = {str(s_): v for s_, v in removal(self.head_, H[i], P, c, emb, seg).items()}
+                    exp["segment_removal"] = {str(s_): v for s_, v in removal(self.head_, H[i], P, c, emb, seg, Ci).items()}
             out.append(exp)
         return out
 
