@@ -139,6 +139,7 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="default: results/heads_<data>_<backbone>")
     ap.add_argument("--token-maps", nargs="*", default=[], metavar="KIND:DIM",
                     help="token maps before the readout, e.g. nystroem:1024 rff:1024 (needs the run's token caches)")
+    ap.add_argument("--tag", default=None, help="suffix of the default result name (runs of other embeddings)")
     ap.add_argument("--merge-into", default=None, help="add the rows to this earlier result file (same run and seeds)")
     args = ap.parse_args()
     from sklearn.model_selection import train_test_split
@@ -173,7 +174,7 @@ def main() -> None:
     rows += token_map_rows(model, args.run, args.token_maps, splits, y) if args.token_maps else []
     meta = json.loads((Path(args.run) / "run.json").read_text())
     data, backbone = meta["config"]["data"]["kind"], meta["config"]["backbone"]["name"]
-    out = args.out or Path(__file__).parent / "results" / f"heads_{data}_{backbone}"
+    out = args.out or Path(__file__).parent / "results" / f"heads_{data}_{backbone}{'_' + args.tag if args.tag else ''}"
     if args.merge_into:
         old = json.loads(Path(args.merge_into).read_text())
         if old["seeds"] != args.seeds or old["run"] != str(args.run):
@@ -184,7 +185,8 @@ def main() -> None:
     print(write_results(out, rows, benchmark="heads", run=str(args.run), data=data, backbone=backbone,
                         classes=len(model.classes_), dim=int(G.shape[1]), n=int(len(y)), test_fraction=frac,
                         seeds=args.seeds, device=device_name("cpu"), python=platform.python_version(),
-                        torch=torch.__version__, sklearn=sklearn.__version__, keeps=keeps()))
+                        torch=torch.__version__, sklearn=sklearn.__version__, keeps=keeps(),
+                        embedding={k: meta["config"]["backbone"].get(k, d) for k, d in (("blocks", 1), ("global_tokens", False))}))
 
 
 if __name__ == "__main__":

@@ -274,7 +274,20 @@ HEAD_NAMES = {
     "sklearn_logreg_cv": "scikit-learn `LogisticRegressionCV` (standardised; C by 5-fold CV)",
     "sklearn_knn_1": "scikit-learn `KNeighborsClassifier` (cosine, k = 1)",
     "sklearn_knn_cv": "scikit-learn `KNeighborsClassifier` (cosine, distance-weighted; k by 5-fold CV)",
+    "carrot_tokenmap_nystroem_1024": "carrot linear ridge on a Nyström token map (m = 1024; region split exact)",
+    "carrot_tokenmap_rff_1024": "carrot linear ridge on random Fourier token features (m = 1024; region split exact)",
 }
+
+
+def embedding_name(d: dict) -> str:
+    """What the run's embedding reads: the diffused patch readout, with the class token, of the last k blocks."""
+    b = d.get("embedding", {})
+    parts = ["diffused patch readout"]
+    if b.get("blocks", 1) > 1:
+        parts.append(f"last {b['blocks']} blocks")
+    if b.get("global_tokens"):
+        parts.append("+ class token")
+    return ", ".join(parts)
 
 
 def heads_section(d: dict) -> list[str]:
@@ -285,7 +298,7 @@ def heads_section(d: dict) -> list[str]:
         vals = [v for v in vals if v is not None]
         return f"{np.mean(vals):{fmt}} ± {np.std(vals):{fmt}}" if vals else ""
 
-    lines = [f"## Heads on the same embeddings: {d['data']}, {d['backbone']}", "",
+    lines = [f"## Heads on the same embeddings: {d['data']}, {d['backbone']} ({embedding_name(d)})", "",
              f"`benchmarks/bench_heads.py` on {d['device']} (scikit-learn {d['sklearn']}): the run's {d['n']} images "
              f"({d['classes']} classes, {d['dim']}-d embeddings) pooled and split again, stratified, "
              f"{d['test_fraction']:.0%} test, seeds {d['seeds']}; mean ± std over the seeds. carrot's heads choose their "
@@ -297,6 +310,11 @@ def heads_section(d: dict) -> list[str]:
         rs = [r for r in d["rows"] if r["head"] == h]
         lines.append(f"| {HEAD_NAMES.get(h, h)} | {ms([r['test_accuracy'] for r in rs])} | "
                      f"{ms([r['loo_accuracy'] for r in rs])} | {ms([r['fit_seconds'] for r in rs], '.2f')} | {rs[0]['chosen']} |")
+    if any(h.startswith("carrot_tokenmap") for h in heads):
+        lines += ["", "Token-map rows: the map is fitted per split on the training part's token sample; fit seconds are "
+                  "the map's fit and the ridge fit; mapping every image's tokens took "
+                  + ", ".join(f"{ms([r['map_seconds_all_images'] for r in d['rows'] if r['head'] == h], '.0f')} s ({h.split('_')[2]})"
+                              for h in heads if h.startswith("carrot_tokenmap")) + " in all (every image, once per split)."]
     return lines + [""]
 
 

@@ -908,7 +908,7 @@ def test_an_interrupted_extraction_resumes_to_the_same_tokens(workspace, monkeyp
     from carrot.features.backbone import TokenBackbone
 
     workspace.config(backbone__batch_size=4)
-    real = TokenBackbone.__call__
+    real = TokenBackbone.with_globals  # what the extraction calls: patch and global tokens of one batch
     seen = []
 
     def interrupt(self, x):
@@ -917,7 +917,7 @@ def test_an_interrupted_extraction_resumes_to_the_same_tokens(workspace, monkeyp
             raise KeyboardInterrupt
         return real(self, x)
 
-    monkeypatch.setattr(TokenBackbone, "__call__", interrupt)
+    monkeypatch.setattr(TokenBackbone, "with_globals", interrupt)
     r = invoke(workspace, "fit --config {cfg} --data {data} --out {tmp}/new --quiet")
     assert r.exit_code == 130 and "resumes on the next run" in r.stderr
     assert not (workspace.tmp / "new").exists()
