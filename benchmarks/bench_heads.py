@@ -83,6 +83,7 @@ def token_map_rows(model: Carrot, run: str, specs: list[str], splits: list[tuple
     The readout weights w depend on the tokens only, not on phi: they are computed once per image (the run's graph
     and t). For each split the map is fitted on the seeded token sample of that split's training images alone, then
     every image is embedded through it and the ridge head fitted with lambda by exact LOO."""
+    from carrot.embed.readout import weighted_readout
     from carrot.embed.tokenmap import TokenMap, sample_tokens
     from carrot.features.cache import open_store
 
@@ -115,7 +116,7 @@ def token_map_rows(model: Carrot, run: str, specs: list[str], splits: list[tuple
             t0 = time.perf_counter()
             for s in range(0, len(y), 32):
                 F = tm(torch.from_numpy(tokens(np.arange(s, min(s + 32, len(y))))))
-                G[s : s + 32] = torch.einsum("bnm,bn->bm", F, torch.from_numpy(W[s : s + 32])).numpy()
+                G[s : s + 32] = weighted_readout(F, torch.from_numpy(W[s : s + 32])).numpy()
             t_embed = time.perf_counter() - t0
             t0 = time.perf_counter()
             head = RidgeHead(lam="auto", device="cpu").fit(G[tr], y[tr])

@@ -100,9 +100,10 @@ class Carrot:
         """The token-map sample (M, D) of a split computed by the backbone, rounded as the cache rounds them: the
         tokens :func:`~carrot.embed.tokenmap.sample_tokens` reads from a cache of the split (a fit without one)."""
         from carrot.embed.tokenmap import sample_images, thin_tokens
+        from carrot.features.cache import _probe_grid
 
         bb = self.backbone
-        gh, gw = bb(torch.zeros(1, *bb.data_config["input_size"]))[1]
+        (gh, gw), _, _ = _probe_grid(bb)
         idx = sample_images(len(dataset), gh * gw, self.config.seed)
         b = self.config.backbone.batch_size
         H = np.concatenate([self._as_cached(bb(self.inputs([dataset.records[i] for i in idx[s : s + b]]))[0],
