@@ -121,6 +121,8 @@ def run_options(fn: Callable) -> Callable:
         click.option("--head", "head_kind", type=click.Choice(["ridge", "kernel", "auto"]), help="auto (default): fit the ridge and the kernel head, keep the one with the higher exact leave-one-out accuracy (ties: ridge). ridge: linear ridge on the embedding, every exact identity, the region split included. kernel: kernel ridge (dual), often more accurate with many classes; exact training-image terms, LOO, removal, RRO and the audits, no additive region split."),
         click.option("--kernel", type=click.Choice(["rbf", "laplacian", "poly"]), help="The kernel head's kernel (default rbf), on standardised, L2-normalised embeddings."),
         click.option("--gamma", help="The kernel's gamma > 0, or 'auto' (chosen with lambda by exact leave-one-out, one eigendecomposition per gamma)."),
+        click.option("--kernel-approx", type=click.Choice(["auto", "exact", "nystroem"]), help="The kernel head's solve: exact (the n x n dual), nystroem (the Nystroem kernel of --landmarks training images, explained exactly as that model), auto (default: exact up to 8192 training images when it fits in half the memory, nystroem above)."),
+        click.option("--landmarks", type=int, help="Landmarks (training images) of the Nystroem kernel head (default 2048)."),
         click.option("--token-map", type=click.Choice(["none", "rff", "nystroem"]), help="A feature map of each region token before the readout (default none): nystroem or rff approximate an RBF kernel on the standardised tokens, so the linear head on g = sum_j w_j phi(h_j) is kernel ridge on the images' region sets, and the region split and pairs stay exact."),
         click.option("--token-map-dim", type=int, help="Features per token of --token-map (default 1024)."),
         click.option("--lam", help="Ridge strength lambda > 0, or 'auto' (best exact leave-one-out accuracy)."),
@@ -196,6 +198,7 @@ def build_config(config_path: str | None = None, **o: Any):
         "graph.sigma_feat": _num_or("median", "sigma-feat", o.get("sigma_feat")),
         "graph.knn": o.get("knn"), "head.lam": _num_or("auto", "lam", o.get("lam")),
         "head.kind": o.get("head_kind"), "head.kernel": o.get("kernel"), "head.gamma": _num_or("auto", "gamma", o.get("gamma")),
+        "head.approx": o.get("kernel_approx"), "head.landmarks": o.get("landmarks"),
         "token_map.kind": o.get("token_map"), "token_map.dim": o.get("token_map_dim"),
         "device": o.get("device"), "seed": o.get("seed"), "cache_dir": o.get("cache_dir"),
     })

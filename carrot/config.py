@@ -154,6 +154,8 @@ class DiffusionConfig:
 
 HEAD_KINDS = ("ridge", "kernel", "auto")  # carrot.ridge.heads.HEADS, named here so that a config validates without torch
 KERNEL_NAMES = ("rbf", "laplacian", "poly")  # carrot.ridge.kernel.KERNELS
+KERNEL_APPROXIMATIONS = ("auto", "exact", "nystroem")  # carrot.ridge.kernel.APPROXIMATIONS
+MAX_LANDMARKS = 65_536  # the Nystroem head's n x m features and m x m solve grow with it
 
 
 @dataclass(frozen=True)
@@ -164,6 +166,8 @@ class HeadConfig:
     solver: str = "auto"
     kernel: str = "rbf"
     gamma: float | str = "auto"
+    approx: str = "auto"  # the kernel head: exact (n x n dual), nystroem (m landmarks), auto (exact up to 8192 images)
+    landmarks: int = 2048  # m, the Nystroem kernel head's landmarks (training images)
 
     def __post_init__(self) -> None:
         if self.kind not in HEAD_KINDS:
@@ -180,6 +184,9 @@ class HeadConfig:
                               f"true, got {self.fit_intercept!r}")
         if self.solver not in ("auto", "primal", "dual"):
             raise CarrotError(f"head.solver: expected auto, primal or dual, got {self.solver!r}")
+        if self.approx not in KERNEL_APPROXIMATIONS:
+            raise CarrotError(f"head.approx: expected {', '.join(KERNEL_APPROXIMATIONS)}, got {self.approx!r}")
+        check_int("head.landmarks", self.landmarks, 1, MAX_LANDMARKS)
 
 
 TOKEN_MAP_KINDS = ("none", "rff", "nystroem")  # carrot.embed.tokenmap.TOKEN_MAPS

@@ -186,18 +186,25 @@ def test_training_terms_views_sum_to_the_logit_and_removal_is_a_refit(kernel, we
         assert np.allclose(T["removal"][:, i].numpy(), ref.decision_function(Gt)[np.arange(5), c] - f[np.arange(5), c], atol=1e-9)
 
 
-def test_the_exact_dual_refuses_a_training_set_beyond_memory(monkeypatch):
+def test_the_exact_dual_beyond_memory_is_refused_or_approximated(monkeypatch):
     import carrot.ridge.kernel as kernel
 
     from carrot.config import RunConfig
     from carrot.ridge.heads import fit_head
 
-    monkeypatch.setattr(kernel, "_memory", lambda dev: 8 * 9 * 24 * 24)  # too little for n = 24
+    monkeypatch.setattr(kernel, "_memory", lambda dev: 8 * 9 * 24 * 24)  # too little for the exact dual of n = 24
     G, y, _ = data(0)
     with pytest.raises(CarrotError, match=r"G: the exact kernel head on n = 24 training images holds 9 n x n"):
-        KernelRidgeHead(lam=1.0, gamma=1.0).fit(G, y)
-    head = fit_head(RunConfig.from_dict({"head": {"kind": "auto"}, "device": "cpu"}), G, y)  # auto keeps the ridge, says why
-    assert type(head).__name__ == "RidgeHead" and "holds 9 n x n" in head.head_choice_["kernel_skipped"]
+        KernelRidgeHead(lam=1.0, gamma=1.0, approx="exact").fit(G, y)
+    head = KernelRidgeHead(lam=1.0, gamma=1.0, n_landmarks=6).fit(G, y)  # auto: Nystroem, 8 n x m arrays fit
+    assert head.approx_ == "nystroem" and head.landmarks_.shape == (6, G.shape[1])
+    with pytest.raises(CarrotError, match=r"G: the Nystroem kernel head on n = 24 .* holds 8 n x m \(m = 24 landmarks\)"):
+        KernelRidgeHead(lam=1.0, gamma=1.0, approx="nystroem").fit(G, y)
+    cfg = {"head": {"kind": "auto", "landmarks": 6}, "device": "cpu"}
+    head = fit_head(RunConfig.from_dict(cfg), G, y)  # both fit: the better by exact LOO
+    assert head.head_choice_["kernel"] is not None
+    head = fit_head(RunConfig.from_dict({**cfg, "head": {"kind": "auto"}}), G, y)  # auto keeps the ridge, says why
+    assert type(head).__name__ == "RidgeHead" and "holds 8 n x m" in head.head_choice_["kernel_skipped"]
 
 
 def test_auto_keeps_the_head_with_the_higher_exact_loo_accuracy():

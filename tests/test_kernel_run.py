@@ -11,9 +11,31 @@ from click.testing import CliRunner
 from carrot.cli import cli
 
 
-@pytest.fixture(scope="module")
-def kernel_run(tmp_path_factory, fit_tiny):
-    return fit_tiny(tmp_path_factory.mktemp("kernel") / "run", head={"kind": "kernel", "kernel": "rbf"})
+@pytest.fixture(scope="module", params=["exact", "nystroem"])
+def kernel_run(request, tmp_path_factory, fit_tiny):
+    """The kernel head's exact dual, and its Nystroem approximation (8 landmarks) explained exactly as that model."""
+    return fit_tiny(tmp_path_factory.mktemp(request.param) / "run",
+                    head={"kind": "kernel", "kernel": "rbf", "approx": request.param, "landmarks": 8})
+
+
+def refit_without(h, keep: np.ndarray):
+    """An independent refit of the kernel head's model on training rows ``keep``: the exact dual solved directly, or
+    sklearn's Ridge on the Nystroem features (sklearn's kernel of the landmarks), preprocessing and gamma held."""
+    from sklearn.linear_model import Ridge
+    from sklearn.metrics.pairwise import rbf_kernel
+
+    Z, y = h.X_fit_.numpy(), h.train_targets_.argmax(1).numpy()
+    if h.approx_ == "exact":
+        from carrot.ridge.kernel import KernelRidgeHead
+
+        return KernelRidgeHead(kernel=h.kernel, gamma=h.gamma_, lam=h.lam_, standardize=False, approx="exact").fit(
+            Z[keep], y[keep]).decision_function
+
+    def phi(X):
+        return rbf_kernel(X, h.landmarks_.numpy(), gamma=h.gamma_) @ h.normalization_.numpy()
+
+    ridge = Ridge(alpha=h.lam_, solver="cholesky").fit(phi(Z[keep]), h.train_targets_.numpy()[keep])
+    return lambda X: ridge.predict(phi(X))
 
 
 def test_the_run_fits_saves_and_loads_the_kernel_head(kernel_run):
@@ -32,7 +54,9 @@ def test_the_run_fits_saves_and_loads_the_kernel_head(kernel_run):
                        atol=1e-12)
     index = (kernel_run / "index.html").read_text()
     assert "harmful" in index.lower() or "Harmful" in index
-    assert f"kernel head (rbf, gamma = {model.head_.gamma_:.4g})" in index and "kept by" not in index
+    ny = ", Nystroem with 8 landmarks" if model.head_.approx_ == "nystroem" else ""
+    assert f"kernel head (rbf, gamma = {model.head_.gamma_:.4g}{ny})" in index and "kept by" not in index
+    assert metrics["approx"] == model.head_.approx_ and (model.head_.landmarks_ is None) == (not ny)
 
 
 def test_the_default_head_is_auto_and_the_index_says_which_it_kept(tmp_path, fit_tiny):
@@ -67,14 +91,10 @@ def test_explain_with_the_kernel_head_keeps_the_exact_training_image_views(kerne
     assert drops.shape == tuple(exp["grid"]) and np.isfinite(drops).all()
     top = exp["supporting"][0]
     keep = np.arange(len(model.train_records_)) != top["index"]  # the score is a refit without the image
-    from carrot.ridge.kernel import KernelRidgeHead
-
     h = model.head_
-    ref = KernelRidgeHead(kernel=h.kernel, gamma=h.gamma_, lam=h.lam_, standardize=False).fit(
-        h.X_fit_.numpy()[keep], h.train_targets_.argmax(1).numpy()[keep])
     G = model.embed_images([path])[0]
     z = h._preprocess(torch.as_tensor(G, dtype=torch.float64)).numpy()  # the fixed preprocessing, then a plain refit
-    f, f_minus = h.decision_function(G)[0], ref.decision_function(z)[0]
+    f, f_minus = h.decision_function(G)[0], refit_without(h, keep)(z)[0]
     assert top["score"] == pytest.approx(f[exp["predicted_index"]] - f_minus[exp["predicted_index"]], abs=1e-8)
     page = next(tmp_path.glob("0000_*/explanation.html")).read_text()
     assert "each token's exact removal from the graph" in page and "Shapley value" in page
@@ -134,6 +154,9 @@ def test_reweight_with_the_kernel_head_steps_its_dual_and_applies_the_weights(ke
     derived = Carrot.load(applied)
     assert isinstance(derived.head_, KernelRidgeHead)
     assert (derived.head_.gamma_, derived.head_.lam_) == (model.head_.gamma_, model.head_.lam_)
+    assert derived.head_.approx_ == model.head_.approx_
+    if model.head_.approx_ == "nystroem":  # the parent's landmarks, not new ones
+        assert torch.equal(derived.head_.landmarks_, model.head_.landmarks_)
     assert np.allclose(derived.sample_weight_, weights)
     # the applied run is the model RRO scored: the parent's feature map, the validation rows at weight 0
     best = WeightedDual(model.head_, model.head_._check_input(G), one_hot(y, len(model.classes_)), torch.as_tensor(weights))

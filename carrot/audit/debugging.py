@@ -43,7 +43,7 @@ def debug_loop(G: np.ndarray, y: np.ndarray, G_val: np.ndarray, y_val: np.ndarra
             return lambda Gx: system.decision(Gx, theta)
     elif downweight:  # the kernel head under changed weights: its dual solved again, the feature map held
         harm = -head.loo_loss_change(G_val, yv).numpy()
-        K = head._gram(head.X_fit_, None, head.gamma_)
+        K = head.train_gram()
 
         def after(idx: np.ndarray) -> Callable[[np.ndarray], torch.Tensor]:
             a = head._a.clone()

@@ -159,7 +159,7 @@ def rro(
     yt = torch.as_tensor(y_idx)
     if dual:  # the feature map is fixed: one Gram for every step
         Z = head._check_input(Gt)
-        K = head._gram(Z, None, head.gamma_)
+        K = head.train_gram(Z)
     s = torch.full((len(y_idx),), math.log(math.e - 1), dtype=torch.float64, requires_grad=True)
     opt = torch.optim.Adam([s], lr=cfg.lr)
     history: list[dict[str, float]] = []

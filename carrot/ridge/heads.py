@@ -84,7 +84,8 @@ def head_from_config(config: "RunConfig", kind: str | None = None) -> Any:
     overrides ``head.kind`` (one of the candidates of 'auto')."""
     h = config.head
     if (kind or h.kind) == "kernel":
-        return HEADS["kernel"].cls(kernel=h.kernel, gamma=h.gamma, lam=h.lam, device=config.device)
+        return HEADS["kernel"].cls(kernel=h.kernel, gamma=h.gamma, lam=h.lam, approx=h.approx, n_landmarks=h.landmarks,
+                                   random_state=config.seed, device=config.device)
     return HEADS["ridge"].cls(lam=h.lam, fit_intercept=h.fit_intercept, solver=h.solver, device=config.device)
 
 
@@ -123,12 +124,13 @@ def fit_head(config: "RunConfig", G: Any, y: Any, sample_weight: Any = None) -> 
     training-image terms. The candidates' LOO accuracies are kept as ``head_choice_``."""
     if config.head.kind != "auto":
         return head_from_config(config).fit(G, y, sample_weight)
-    from carrot.ridge.kernel import dual_memory_error
+    from carrot.ridge.kernel import choose_approx, dual_memory_error
 
     if not config.head.fit_intercept:
         skip = "head.fit_intercept is false, and the kernel head always fits an unpenalised intercept"
     else:
-        skip = dual_memory_error(head_from_config(config, "kernel"), len(G))
+        kernel = head_from_config(config, "kernel")
+        skip = dual_memory_error(kernel, len(G), choose_approx(kernel, len(G)))
     heads = {kind: head_from_config(config, kind).fit(G, y, sample_weight) for kind in (("ridge",) if skip else ("ridge", "kernel"))}
     scores: dict[str, Any] = {kind: loo_accuracy(h, G, y) for kind, h in heads.items()}
     if skip:  # no intercept asked for, or the exact dual does not fit in memory: the ridge head, and why

@@ -11,6 +11,11 @@ h_ii = a_i / S + sum_k Q_ik^2 m_k / (m_k + lam), so leave-one-out is exact for e
 per kernel parameter: f_-i(x_i) = (f_i - h_ii y_i) / (1 - h_ii), and removing a set R of training images changes
 f(x) by l_R(x)^T (I - H_RR)^-1 (Y_R - f_R) (block Sherman-Morrison-Woodbury; Hastie, Tibshirani & Friedman,
 "Elements of Statistical Learning", 7.10 and 5.8).
+
+Above ``NYSTROEM_ABOVE`` training images (or when the n x n arrays do not fit in half the memory) 'auto' fits the
+head on the Nystroem kernel k~(x, y) = phi(x) . phi(y), phi(x) = k(x, C) K_CC^(-1/2) with m training rows C as
+landmarks (Williams & Seeger 2001; sklearn's Nystroem): the Gram is then held as its factor Phi (n, m), M has rank
+<= m, and every identity above holds exactly for that approximate model with O(n m) memory and O(n m^2) time.
 """
 from __future__ import annotations
 
@@ -29,27 +34,46 @@ from carrot.ridge.headfile import load_parts, read_meta, settings
 from carrot.ridge.loo import DEFAULT_LAMBDAS, LooPath, check_lambdas
 from carrot.validation import ArrayLike, as_float64_matrix, as_weights, encode_labels, index_labels
 
-KERNEL_HEAD_FORMAT_VERSION = 1
+KERNEL_HEAD_FORMAT_VERSION = 2  # 2: + the Nystroem approximation (approx_, landmarks); 1: exact only
+NYSTROEM_ABOVE = 8192  # 'auto' approximation: exact dual up to this many training images, Nystroem above it
+N_LANDMARKS = 2048  # default landmarks (m) of the Nystroem head
+APPROXIMATIONS = ("auto", "exact", "nystroem")
 GAMMA_MULTIPLIERS = (0.25, 0.5, 1.0, 2.0, 4.0)  # 'auto' gamma: these times the median heuristic
 
 
 DUAL_ARRAYS = 9  # n x n float64 arrays alive at a fit's peak: the best gamma's Kc and Q, the next gamma's K, Kc, M
 # and its eigenvectors, eigh's workspace (about 2), and the LOO path's product
+LOW_RANK_ARRAYS = 8  # n x m float64 arrays of the Nystroem fit's peak: two gammas' Phi, Phi_c, U, Q and the LOO product
 
 
 def _memory(dev: torch.device) -> int | None:
     return device_memory(dev)
 
 
-def dual_memory_error(head: "KernelRidgeHead", n: int) -> str | None:
-    """Why the exact dual of ``n`` training images does not fit in half of the head's device memory, or None."""
+def dual_memory_error(head: "KernelRidgeHead", n: int, approx: str = "exact") -> str | None:
+    """Why the kernel head on ``n`` training images (``approx`` 'exact': the n x n dual; 'nystroem': n x m factors)
+    does not fit in half of the head's device memory, or None."""
     dev = resolve_device(head.device)
     dev = dev if dev.type != "mps" else torch.device("cpu")
-    need, have = DUAL_ARRAYS * 8 * n * n, _memory(dev)
+    if approx == "nystroem":
+        m = min(n, int(head.n_landmarks))
+        need, what = LOW_RANK_ARRAYS * 8 * n * m, f"{LOW_RANK_ARRAYS} n x m (m = {m} landmarks)"
+    else:
+        need, what = DUAL_ARRAYS * 8 * n * n, f"{DUAL_ARRAYS} n x n"
+    have = _memory(dev)
     if have is None or need <= have // 2:
         return None
-    return (f"the exact kernel head on n = {n} training images holds {DUAL_ARRAYS} n x n float64 arrays "
-            f"({need / 2**30:.1f} GiB), more than half of the {have / 2**30:.1f} GiB of {dev.type} memory")
+    return (f"the {'Nystroem' if approx == 'nystroem' else 'exact'} kernel head on n = {n} training images holds "
+            f"{what} float64 arrays ({need / 2**30:.1f} GiB), more than half of the {have / 2**30:.1f} GiB of "
+            f"{dev.type} memory")
+
+
+def choose_approx(head: "KernelRidgeHead", n: int) -> str:
+    """The approximation a head of setting ``approx`` uses on ``n`` training images: 'auto' is exact up to
+    :data:`NYSTROEM_ABOVE` images when the n x n dual fits in half the memory, Nystroem otherwise."""
+    if head.approx != "auto":
+        return head.approx
+    return "nystroem" if n > NYSTROEM_ABOVE or dual_memory_error(head, n) else "exact"
 
 
 def _sq_dist(X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
@@ -125,10 +149,44 @@ def kernel_matrix(kernel: str, X: ArrayLike, Y: ArrayLike | None = None, gamma: 
     return K
 
 
-def weighted_centred(K: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """(Kc (n, n) symmetric, row means K a / S (n,), total a^T K a / S^2): the Gram of the feature map centred at its
-    a-weighted mean."""
+@dataclass(frozen=True)
+class LowRankGram:
+    """A Gram K = F F^T (n, n) held as its factor F (n, r) (the Nystroem head's features): ``K @ X`` and ``K[rows]``
+    as for the dense matrix, in O(n r) memory."""
+
+    F: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.F)
+
+    def __matmul__(self, X: torch.Tensor) -> torch.Tensor:
+        return self.F @ (self.F.T @ X)
+
+    def __getitem__(self, rows: torch.Tensor) -> torch.Tensor:
+        return self.F[rows] @ self.F.T
+
+    def sub(self, keep: torch.Tensor) -> "LowRankGram":
+        return LowRankGram(self.F[keep])
+
+    def to(self, device: torch.device | str) -> "LowRankGram":
+        return LowRankGram(self.F.to(device))
+
+
+Gram = torch.Tensor | LowRankGram  # a training Gram, dense (n, n) or factored
+
+
+def gram_sub(K: Gram, keep: torch.Tensor) -> Gram:
+    """The Gram of training rows ``keep`` (k,) of K."""
+    return K.sub(keep) if isinstance(K, LowRankGram) else K[keep][:, keep]
+
+
+def weighted_centred(K: Gram, a: torch.Tensor) -> tuple[Gram, torch.Tensor, float]:
+    """(Kc symmetric, row means K a / S (n,), total a^T K a / S^2): the Gram of the feature map centred at its
+    a-weighted mean (for a factored K = F F^T, Kc = Fc Fc^T with Fc = F - 1 mu^T, mu = a^T F / S)."""
     S = float(a.sum())
+    if isinstance(K, LowRankGram):
+        mu = a @ K.F / S
+        return LowRankGram(K.F - mu), K.F @ mu, float(mu @ mu)
     r = K @ a / S
     t = float(a @ r) / S
     Kc = K - r.unsqueeze(0) - r.unsqueeze(1) + t
@@ -149,15 +207,21 @@ class KernelRidgeHead(ClassifierMixin, BaseEstimator):
     accuracy (ties: lower LOO squared error, then larger lambda) over ``gamma_grid`` (default: 0.25..4 times the
     inverse median distance of the training embeddings; 0.5, 1, 2 for poly), one eigendecomposition per gamma;
     ``lam`` (> 0) or 'auto' over ``lam_grid``; ``degree``, ``coef0`` for poly; ``standardize``: embeddings
-    standardised (a-weighted) and L2-normalised before the kernel; ``device`` for the n x n work.
+    standardised (a-weighted) and L2-normalised before the kernel; ``approx``: 'exact' (the n x n dual),
+    'nystroem' (the kernel k~ of ``n_landmarks`` training rows, chosen by ``random_state``, as sklearn's Nystroem;
+    the head then is exactly kernel ridge on k~) or 'auto' (exact up to :data:`NYSTROEM_ABOVE` training images
+    when it fits in half the memory); ``device`` for the n x n (or n x m) work.
     Fitted: ``classes_``, ``X_fit_`` (n, D) the preprocessed training embeddings, ``dual_coef_`` alpha (n, C),
     ``intercept_`` (C,) (f(x) = intercept_ + k(x)^T alpha), ``prior_`` (C,) = a-weighted ybar (f(x) = prior_ +
-    kc(x)^T alpha), ``gamma_``, ``lam_``, ``loo_path_`` (LOO accuracy per (gamma, lambda) when searched).
+    kc(x)^T alpha), ``gamma_``, ``lam_``, ``loo_path_`` (LOO accuracy per (gamma, lambda) when searched),
+    ``approx_`` ('exact' or 'nystroem') and, for Nystroem, ``landmarks_`` (m, D) and ``normalization_`` (m, m):
+    phi(x) = k(x, landmarks_) normalization_, k(x, y) = phi(x) . phi(y).
     """
 
     def __init__(self, kernel: str = "rbf", gamma: float | str = "auto", lam: float | str = "auto", degree: int = 3,
                  coef0: float = 1.0, gamma_grid: tuple[float, ...] | None = None, lam_grid: tuple[float, ...] | None = None,
-                 standardize: bool = True, device: str = "cpu") -> None:
+                 standardize: bool = True, approx: str = "auto", n_landmarks: int = N_LANDMARKS, random_state: int = 0,
+                 device: str = "cpu") -> None:
         self.kernel = kernel
         self.gamma = gamma
         self.lam = lam
@@ -166,6 +230,9 @@ class KernelRidgeHead(ClassifierMixin, BaseEstimator):
         self.gamma_grid = gamma_grid
         self.lam_grid = lam_grid
         self.standardize = standardize
+        self.approx = approx
+        self.n_landmarks = n_landmarks
+        self.random_state = random_state
         self.device = device
 
     def _check_settings(self) -> None:
@@ -187,6 +254,12 @@ class KernelRidgeHead(ClassifierMixin, BaseEstimator):
             check_lambdas(self.lam_grid)
         if not isinstance(self.standardize, bool):
             raise CarrotError(f"standardize: expected true or false, got {self.standardize!r}")
+        if self.approx not in APPROXIMATIONS:
+            raise CarrotError(f"approx: expected one of {', '.join(APPROXIMATIONS)}, got {self.approx!r}")
+        if isinstance(self.n_landmarks, bool) or not isinstance(self.n_landmarks, int) or self.n_landmarks < 1:
+            raise CarrotError(f"n_landmarks: expected a positive integer, got {self.n_landmarks!r}")
+        if isinstance(self.random_state, bool) or not isinstance(self.random_state, int) or self.random_state < 0:
+            raise CarrotError(f"random_state: expected an integer >= 0, got {self.random_state!r}")
 
     # preprocessing -------------------------------------------------------------------------------------------
     def _preprocess(self, G: torch.Tensor) -> torch.Tensor:
@@ -196,7 +269,44 @@ class KernelRidgeHead(ClassifierMixin, BaseEstimator):
         return Z / Z.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
     def _gram(self, X: torch.Tensor, Y: torch.Tensor | None, gamma: float) -> torch.Tensor:
+        """The exact kernel k(X, Y) (the Nystroem map's too, against its landmarks)."""
         return kernel_matrix(self.kernel, X, Y, gamma, self.degree, self.coef0)
+
+    def _phi(self, Z: torch.Tensor) -> torch.Tensor:
+        """Nystroem features (m, r) of preprocessed rows Z (m, D): k(Z, landmarks_) normalization_."""
+        C = self.landmarks_.to(Z.device)
+        return self._gram(Z, C, self.gamma_) @ self.normalization_.to(Z.device)
+
+    def _phi_fit(self) -> torch.Tensor:
+        """Nystroem features (n, r) of the training rows, computed once per fitted or loaded head."""
+        if getattr(self, "_phi_fit_", None) is None:
+            self._phi_fit_ = self._phi(self.X_fit_)
+        return self._phi_fit_
+
+    def _kernel(self, Z: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """k(Z, training rows) (m, n) of preprocessed rows Z (m, D) with the fitted gamma (the Nystroem kernel when
+        approximated); ``rows``: other preprocessed training rows than ``X_fit_``."""
+        if self.approx_ == "nystroem":
+            return self._phi(Z) @ (self._phi_fit() if rows is None else self._phi(rows)).T
+        return self._gram(Z, self.X_fit_ if rows is None else rows, self.gamma_)
+
+    def train_gram(self, Z: torch.Tensor | None = None) -> Gram:
+        """The Gram of preprocessed training rows Z (default ``X_fit_``) under the fitted kernel: dense (n, n), or
+        its Nystroem factor (:class:`LowRankGram`)."""
+        if self.approx_ == "nystroem":
+            return LowRankGram(self._phi_fit() if Z is None else self._phi(Z))
+        return self._gram(self.X_fit_ if Z is None else Z, None, self.gamma_)
+
+    def _nystroem_map(self, Z: torch.Tensor, a: torch.Tensor, gamma: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(landmarks (m, D), normalization (m, m)) of sklearn's Nystroem on the rows of weight > 0, seeded by
+        ``random_state`` (the same landmarks for every gamma)."""
+        from sklearn.kernel_approximation import Nystroem
+
+        X = Z[a > 0].cpu().numpy()
+        ny = Nystroem(kernel={"poly": "polynomial"}.get(self.kernel, self.kernel), gamma=gamma, degree=self.degree,
+                      coef0=self.coef0, n_components=min(self.n_landmarks, len(X)), random_state=self.random_state).fit(X)
+        return (torch.as_tensor(ny.components_, dtype=torch.float64),
+                torch.as_tensor(np.ascontiguousarray(ny.normalization_.T), dtype=torch.float64))
 
     def _gammas(self, Z: torch.Tensor) -> list[float]:
         if self.gamma != "auto":
@@ -227,10 +337,11 @@ class KernelRidgeHead(ClassifierMixin, BaseEstimator):
         a = as_weights(sample_weight, n)
         dev = resolve_device(self.device)
         dev = dev if dev.type != "mps" else torch.device("cpu")
-        too_big = dual_memory_error(self, n)
+        self.approx_ = choose_approx(self, n)
+        too_big = dual_memory_error(self, n, self.approx_)
         if too_big:
-            raise CarrotError(f"G: {too_big}; use head.kind: ridge, or fewer training images (a Nystrom approximation is "
-                              "not built yet)")
+            fix = "fewer landmarks (head.landmarks)" if self.approx_ == "nystroem" else "approx nystroem (head.approx)"
+            raise CarrotError(f"G: {too_big}; use {fix}, head.kind: ridge, or fewer training images")
         if self.standardize:
             S = float(a.sum())
             self.scale_mean_ = (a @ G) / S
@@ -240,9 +351,15 @@ class KernelRidgeHead(ClassifierMixin, BaseEstimator):
         a_dev = a.to(dev)
         Y = torch.nn.functional.one_hot(torch.as_tensor(y_idx), len(classes)).to(torch.float64).to(dev)
         lams = check_lambdas(self.lam_grid or DEFAULT_LAMBDAS) if self.lam == "auto" else np.array([float(self.lam)])
-        best, path = None, []
+        best, path, fmap = None, [], None
         for gamma in self._gammas(Z.cpu()):
-            spec = _Spectrum.of(self._gram(Z, None, gamma), a_dev)
+            if self.approx_ == "nystroem":
+                fmap = self._nystroem_map(Z, a, gamma)
+                C, N = (v.to(dev) for v in fmap)
+                gram: Gram = LowRankGram(self._gram(Z, C, gamma) @ N)
+            else:
+                gram = self._gram(Z, None, gamma)
+            spec = _Spectrum.of(gram, a_dev)
             loo = spec.loo_path(Y, y_idx, lams)
             lam = loo.best_lambda
             li = int(np.flatnonzero(loo.lambdas == lam)[0])
@@ -250,8 +367,10 @@ class KernelRidgeHead(ClassifierMixin, BaseEstimator):
                          "loo_mse": loo.mse.tolist()})
             key = (-loo.accuracy[li], loo.mse[li], -lam)
             if best is None or key < best[0]:
-                best = (key, gamma, lam, spec)
-        _, self.gamma_, self.lam_, spec = best
+                best = (key, gamma, lam, spec, fmap, gram)
+        _, self.gamma_, self.lam_, spec, fmap, gram = best
+        self.landmarks_, self.normalization_ = fmap if fmap is not None else (None, None)
+        self._phi_fit_ = gram.F.cpu() if isinstance(gram, LowRankGram) else None
         self.loo_path_ = path if (self.lam == "auto" or self.gamma == "auto") else None
         self.classes_ = np.asarray(classes)
         self.n_features_in_ = d
@@ -269,7 +388,7 @@ class KernelRidgeHead(ClassifierMixin, BaseEstimator):
         # f(x) = prior + (k(x) - r - k(x) a / S + t) alpha = intercept + k(x) alpha, as sum(alpha) = 0
         self.intercept_ = self.prior_ - (self.row_mean_ @ self.dual_coef_)
         self.train_targets_ = Y.cpu()
-        self._state_ = None
+        self._state_, self._feature_coef_ = None, None
 
     @property
     def _a(self) -> torch.Tensor:
@@ -278,7 +397,7 @@ class KernelRidgeHead(ClassifierMixin, BaseEstimator):
     def _spectrum(self) -> "_Spectrum":
         spec = getattr(self, "spectrum_", None)
         if spec is None:  # after load: one eigendecomposition
-            spec = self.spectrum_ = _Spectrum.of(self._gram(self.X_fit_, None, self.gamma_), self._a)
+            spec = self.spectrum_ = _Spectrum.of(self.train_gram(), self._a)
         return spec
 
     def _check_input(self, G: ArrayLike) -> torch.Tensor:
@@ -293,19 +412,23 @@ class KernelRidgeHead(ClassifierMixin, BaseEstimator):
         return self._kc(self._check_input(G))
 
     def _kc(self, Z: torch.Tensor) -> torch.Tensor:
-        k = self._gram(Z, self.X_fit_, self.gamma_)
-        a = self._a
-        return centre_cross(k, self.row_mean_, a, self.total_mean_)
+        return centre_cross(self._kernel(Z), self.row_mean_, self._a, self.total_mean_)
+
+    def _decision(self, Z: torch.Tensor) -> torch.Tensor:
+        if self.approx_ == "nystroem":  # k(x)^T alpha = phi(x) . (Phi^T alpha), without the (m, n) kernel
+            if getattr(self, "_feature_coef_", None) is None:
+                self._feature_coef_ = self._phi_fit().T @ self.dual_coef_
+            return self._phi(Z) @ self._feature_coef_.to(Z.device) + self.intercept_.to(Z.device)
+        return self._kernel(Z) @ self.dual_coef_ + self.intercept_
 
     def decision_function(self, G: ArrayLike) -> np.ndarray:
         """Logits (m, C) float64: intercept_ + k(x)^T alpha."""
-        Z = self._check_input(G)
-        return (self._gram(Z, self.X_fit_, self.gamma_) @ self.dual_coef_ + self.intercept_).numpy()
+        return self._decision(self._check_input(G)).numpy()
 
     def torch_decision(self, G: torch.Tensor) -> torch.Tensor:
         """Logits (m, C) of float64 embeddings with autograd (the pixel split differentiates through it)."""
         check_is_fitted(self, ("dual_coef_",))
-        return self._gram(self._preprocess(G.to(torch.float64)), self.X_fit_, self.gamma_) @ self.dual_coef_ + self.intercept_
+        return self._decision(self._preprocess(G.to(torch.float64)))
 
     def predict(self, G: ArrayLike) -> np.ndarray:
         """Labels (m,) from ``classes_``."""
@@ -438,30 +561,33 @@ class KernelRidgeHead(ClassifierMixin, BaseEstimator):
         Z = self._check_input(G)
         y_idx = index_labels(self.classes_, np.asarray(y), "y")
         a = as_weights(sample_weight, len(Z))
-        ref = KernelRidgeHead(kernel=self.kernel, gamma=self.gamma_, lam=self.lam_, degree=self.degree, coef0=self.coef0,
-                              standardize=self.standardize, device=self.device)
-        ref.classes_, ref.n_features_in_, ref.gamma_, ref.lam_ = self.classes_, self.n_features_in_, self.gamma_, self.lam_
+        ref = self._held(self.standardize, Z, None if sample_weight is None else a)
         if self.standardize:
             ref.scale_mean_, ref.scale_std_ = self.scale_mean_, self.scale_std_
-        ref.X_fit_, ref.loo_path_ = Z, None
-        ref.sample_weight_ = None if sample_weight is None else a
         Y = torch.nn.functional.one_hot(torch.as_tensor(y_idx), len(self.classes_)).to(torch.float64)
-        ref._set_solution(_Spectrum.of(ref._gram(Z, None, self.gamma_), a), Y)
+        ref._set_solution(_Spectrum.of(ref.train_gram(), a), Y)
+        return ref
+
+    def _held(self, standardize: bool, Z: torch.Tensor, a: torch.Tensor | None) -> "KernelRidgeHead":
+        """An unsolved head on preprocessed rows Z with weights a and this head's kernel, gamma, lambda and Nystroem
+        map held as fitted."""
+        ref = KernelRidgeHead(kernel=self.kernel, gamma=self.gamma_, lam=self.lam_, degree=self.degree, coef0=self.coef0,
+                              standardize=standardize, approx=self.approx_, n_landmarks=self.n_landmarks,
+                              random_state=self.random_state, device=self.device)
+        ref.classes_, ref.n_features_in_, ref.gamma_, ref.lam_ = self.classes_, self.n_features_in_, self.gamma_, self.lam_
+        ref.approx_, ref.landmarks_, ref.normalization_ = self.approx_, self.landmarks_, self.normalization_
+        ref.X_fit_, ref.loo_path_, ref.sample_weight_, ref._phi_fit_ = Z, None, a, None
         return ref
 
     def refit_without(self, rows: Sequence[int]) -> "KernelRidgeHead":
         """The head refitted from scratch without training images ``rows``: the same kernel, gamma, lambda and
         preprocessing (held as fitted) and every class kept as a column, even one left without images."""
-        keep = np.setdiff1d(np.arange(len(self.X_fit_)), np.asarray(list(rows), dtype=np.int64))
-        ref = KernelRidgeHead(kernel=self.kernel, gamma=self.gamma_, lam=self.lam_, degree=self.degree, coef0=self.coef0,
-                              standardize=False, device=self.device)
-        ref.classes_, ref.n_features_in_, ref.gamma_, ref.lam_ = self.classes_, self.n_features_in_, self.gamma_, self.lam_
-        ref.X_fit_, ref.loo_path_ = self.X_fit_[keep], None
-        a = self._a[torch.as_tensor(keep)]
-        ref.sample_weight_ = a
+        keep = torch.as_tensor(np.setdiff1d(np.arange(len(self.X_fit_)), np.asarray(list(rows), dtype=np.int64)))
+        ref = self._held(False, self.X_fit_[keep], self._a[keep])
         dev = self._spectrum().s.device
-        ref._set_solution(_Spectrum.of(ref._gram(ref.X_fit_.to(dev), None, self.gamma_), a.to(dev)),
-                          self.train_targets_[torch.as_tensor(keep)].to(dev))
+        gram = self.train_gram()
+        ref._set_solution(_Spectrum.of(gram_sub(gram, keep).to(dev), ref.sample_weight_.to(dev)),
+                          self.train_targets_[keep].to(dev))
         return ref
 
     def _hat_rows(self, R: torch.Tensor) -> torch.Tensor:
@@ -472,7 +598,9 @@ class KernelRidgeHead(ClassifierMixin, BaseEstimator):
         """(n, len(R)) columns R of the hat matrix: H[i, j] = a_j / S + s_j ((M + lam)^-1 (s * Kc[:, i]))_j."""
         spec = self._spectrum()
         Rd = R.to(spec.s.device)
-        Minv_R = spec.Q @ (spec.Q[Rd].T / (spec.m + self.lam_).unsqueeze(1))  # (n, k) columns R of (M + lam)^-1
+        E = torch.zeros(len(spec.s), len(R), dtype=torch.float64, device=spec.s.device)
+        E[Rd, torch.arange(len(R), device=Rd.device)] = 1.0
+        Minv_R = spec.solve(E, self.lam_)  # (n, k) columns R of (M + lam)^-1
         cols = spec.a[Rd] / spec.S + spec.Kc @ (spec.s.unsqueeze(1) * Minv_R) * spec.s[Rd]
         return cols.cpu()
 
@@ -510,12 +638,12 @@ class KernelRidgeHead(ClassifierMixin, BaseEstimator):
         path: list[float] = []
         f = f0
         for _ in range(limit):
-            if S:
+            if S:  # B = I - H_SS, factorised once per step: x B^-1 and B^-1 X by LU solves
+                B = torch.linalg.lu_factor(torch.eye(len(S), dtype=torch.float64) - rows[:, torch.as_tensor(S)])
                 idx = torch.as_tensor(S)
-                A = torch.linalg.inv(torch.eye(len(S), dtype=torch.float64) - rows[:, idx])
-                lx = l_x + (l_x[idx] @ A) @ rows
-                hS = h + ((cols @ A) * rows.T).sum(1)
-                ES = Y - (F - cols @ (A @ E[idx]))
+                lx = l_x + _right_solve(B, l_x[idx].unsqueeze(0))[0] @ rows
+                hS = h + (_right_solve(B, cols) * rows.T).sum(1)
+                ES = Y - (F - cols @ torch.linalg.lu_solve(*B, E[idx]))
             else:
                 lx, hS, ES = l_x, h, E
             k = runner_up(f, c)
@@ -527,8 +655,8 @@ class KernelRidgeHead(ClassifierMixin, BaseEstimator):
             ii = torch.as_tensor([i])
             rows, cols = torch.cat([rows, self._hat_rows(ii)]), torch.cat([cols, self._hat_cols(ii)], 1)
             idx = torch.as_tensor(S)
-            A = torch.linalg.inv(torch.eye(len(S), dtype=torch.float64) - rows[:, idx])
-            f = f0 - (l_x[idx] @ A) @ E[idx]
+            B = torch.linalg.lu_factor(torch.eye(len(S), dtype=torch.float64) - rows[:, idx])
+            f = f0 - (_right_solve(B, l_x[idx].unsqueeze(0))[0] @ E[idx])
             path.append(class_margin(f, c))
             if int(f.argmax()) != c:
                 break
@@ -548,6 +676,8 @@ class KernelRidgeHead(ClassifierMixin, BaseEstimator):
             t.update(scale_mean=self.scale_mean_, scale_std=self.scale_std_)
         if self.sample_weight_ is not None:
             t["sample_weight"] = self.sample_weight_
+        if self.approx_ == "nystroem":
+            t.update(landmarks=self.landmarks_, normalization=self.normalization_)
         with atomic_path(Path(path)) as tmp:
             save_file({k: v.contiguous() for k, v in t.items()}, str(tmp))
         params = self.get_params()
@@ -556,7 +686,8 @@ class KernelRidgeHead(ClassifierMixin, BaseEstimator):
         write_json(str(path) + ".json", {
             "format": "carrot.KernelRidgeHead", "version": KERNEL_HEAD_FORMAT_VERSION, "params": params,
             "gamma_": self.gamma_, "lam_": self.lam_, "total_mean_": self.total_mean_, "loo_path_": self.loo_path_,
-            "classes": self.classes_.tolist(), "n_features": self.n_features_in_, "n_train": int(len(self.X_fit_))})
+            "approx_": self.approx_, "classes": self.classes_.tolist(), "n_features": self.n_features_in_,
+            "n_train": int(len(self.X_fit_))})
 
     @classmethod
     def load(cls, path: str | Path) -> "KernelRidgeHead":
@@ -573,6 +704,10 @@ class KernelRidgeHead(ClassifierMixin, BaseEstimator):
         head.n_features_in_, n, c = int(meta["n_features"]), int(meta["n_train"]), len(head.classes_)
         head.gamma_, head.lam_, head.total_mean_ = float(meta["gamma_"]), float(meta["lam_"]), float(meta["total_mean_"])
         head.loo_path_ = meta.get("loo_path_")
+        head.approx_ = meta.get("approx_", "exact")  # version 1: the exact dual only
+        if head.approx_ not in ("exact", "nystroem"):
+            raise CarrotError(f"head file '{path}': approx_ must be exact or nystroem, got {head.approx_!r}; refit the run")
+        head.landmarks_, head.normalization_ = (t["landmarks"], t["normalization"]) if head.approx_ == "nystroem" else (None, None)
         head.X_fit_, head.dual_coef_, head.intercept_ = t["X_fit"], t["dual_coef"], t["intercept"]
         head.prior_, head.row_mean_, head.train_targets_ = t["prior"], t["row_mean"], t["train_targets"]
         head.sample_weight_ = t.get("sample_weight")
@@ -586,19 +721,28 @@ class KernelRidgeHead(ClassifierMixin, BaseEstimator):
             shapes["sample_weight"] = (head.sample_weight_, (n,))
         if head.standardize:
             shapes.update(scale_mean=(head.scale_mean_, (d,)), scale_std=(head.scale_std_, (d,)))
+        if head.approx_ == "nystroem":
+            m = len(head.landmarks_)
+            shapes.update(landmarks=(head.landmarks_, (m, d)), normalization=(head.normalization_, (m, m)))
         for name, (arr, shape) in shapes.items():
             if arr.shape != shape or arr.dtype != torch.float64 or not torch.isfinite(arr).all():
                 raise CarrotError(f"head file '{path}': {name} is not a finite float64 array of shape {shape}; refit the run")
         if (head.sample_weight_ is not None and (head.sample_weight_ < 0).any()) or not (
                 head.gamma_ > 0 and head.lam_ > 0 and np.isfinite([head.gamma_, head.lam_, head.total_mean_]).all()):
             raise CarrotError(f"head file '{path}': gamma_, lam_ or the weights are out of range; refit the run")
-        head.spectrum_, head._state_ = None, None
+        head.spectrum_, head._state_, head._phi_fit_, head._feature_coef_ = None, None, None, None
         return head
+
+
+def _right_solve(B: tuple[torch.Tensor, torch.Tensor], X: torch.Tensor) -> torch.Tensor:
+    """X B^-1 (k, s) for X (k, s) and B's LU factors (torch.linalg.lu_factor): (B^-T X^T)^T."""
+    return torch.linalg.lu_solve(*B, X.T, adjoint=True).T
 
 
 class WeightedDual:
     """The kernel ridge solution under training weights a on a fixed feature map (the head's preprocessing, kernel,
-    gamma and lambda held): what RRO steps through, one Cholesky of diag(s) Kc diag(s) + lam I per set of weights.
+    gamma and lambda held): what RRO steps through, one Cholesky of diag(s) Kc diag(s) + lam I per set of weights
+    (for a factored Gram, U = diag(s) Fc: (U U^T + lam I)^-1 = (I - U (U^T U + lam I)^-1 U^T) / lam, r x r).
 
     With x = [1, phi(z) - mu_a] the primal rows and M = X^T A X + lam diag(0, I), x_i^T M^-1 x_v
     = 1 / S + (kc(i, v) - kc_i^T diag(s) (diag(s) Kc diag(s) + lam I)^-1 diag(s) kc_v) / lam (the intercept block
@@ -606,24 +750,34 @@ class WeightedDual:
     of the logits F_v, dL/da_i = sum_c x_i^T M^-1 (X_v^T dL/dF)_c r_ic, needs no feature map."""
 
     def __init__(self, head: "KernelRidgeHead", Z: torch.Tensor, Y: torch.Tensor, a: torch.Tensor,
-                 K: torch.Tensor | None = None) -> None:
+                 K: Gram | None = None) -> None:
         check_is_fitted(head, ("dual_coef_",))
         self.head, self.Z, self.Y, self.a = head, Z, Y, a
-        self.K = head._gram(Z, None, head.gamma_) if K is None else K
+        self.K = head.train_gram(Z) if K is None else K
         self.Kc, self.r, self.t = weighted_centred(self.K, a)
         self.S, self.s, self.lam = float(a.sum()), a.sqrt(), float(head.lam_)
-        M = self.s.unsqueeze(1) * self.Kc * self.s.unsqueeze(0)
-        self.chol = torch.linalg.cholesky((M + M.T) / 2 + self.lam * torch.eye(len(a), dtype=M.dtype, device=M.device))
+        if isinstance(self.Kc, LowRankGram):
+            self.U = self.s.unsqueeze(1) * self.Kc.F
+            P = self.U.T @ self.U
+            M = (P + P.T) / 2
+        else:
+            P = self.s.unsqueeze(1) * self.Kc * self.s.unsqueeze(0)
+            M = (P + P.T) / 2
+        self.chol = torch.linalg.cholesky(M + self.lam * torch.eye(len(M), dtype=M.dtype, device=M.device))
         self.prior = a @ Y / self.S
         self.alpha = self.s.unsqueeze(1) * self._solve(self.s.unsqueeze(1) * (Y - self.prior))
         self.residuals = Y - (self.prior + self.Kc @ self.alpha)  # r_i = y_i - f(x_i), (n, C)
 
     def _solve(self, V: torch.Tensor) -> torch.Tensor:
+        """(diag(s) Kc diag(s) + lam I)^-1 V."""
+        if isinstance(self.Kc, LowRankGram):
+            return (V - self.U @ torch.cholesky_solve(self.U.T @ V, self.chol)) / self.lam
         return torch.cholesky_solve(V, self.chol)
 
     def centred(self, G: ArrayLike) -> torch.Tensor:
         """kc(x_v, z_i) (m, n) of embeddings G (m, D) under these weights."""
-        k = self.head._gram(self.head._check_input(G), self.Z, self.head.gamma_)
+        Zq = self.head._check_input(G)
+        k = self.head._phi(Zq) @ self.K.F.T if isinstance(self.K, LowRankGram) else self.head._kernel(Zq, self.Z)
         return centre_cross(k, self.r, self.a, self.t)
 
     def decision(self, G: ArrayLike) -> torch.Tensor:
@@ -645,7 +799,7 @@ class DualCounterfactuals:
     def __init__(self, head: "KernelRidgeHead") -> None:
         check_is_fitted(head, ("dual_coef_",))
         self.head, self.a, self.G = head, head._a, head.X_fit_
-        self._K: torch.Tensor | None = None
+        self._K: Gram | None = None
 
     def decision(self, G: ArrayLike) -> torch.Tensor:
         """Logits (m, C)."""
@@ -659,13 +813,13 @@ class DualCounterfactuals:
         """Logits (m, C) of the head refitted on training images ``rows`` only (rows of weight 0 drop out of the
         dual exactly, so the solve is k x k for the k kept images)."""
         if self._K is None:
-            self._K = self.head._gram(self.G, None, self.head.gamma_)
+            self._K = self.head.train_gram()
         keep = torch.as_tensor(np.unique(np.asarray(rows, dtype=np.int64)))
         keep = keep[self.a[keep] > 0]
         if not len(keep):
             raise CarrotError(f"rows: expected training images with weight > 0 to refit on, got {list(rows)!r}")
         return WeightedDual(self.head, self.G[keep], self.head.train_targets_[keep], self.a[keep],
-                            self._K[keep][:, keep]).decision(G)
+                            gram_sub(self._K, keep)).decision(G)
 
     def loo_effect(self, G: ArrayLike) -> torch.Tensor:
         """(m, n, C) f_-i(x) - f(x) for removing each training image alone."""
@@ -674,28 +828,40 @@ class DualCounterfactuals:
 
 @dataclass
 class _Spectrum:
-    """M = diag(s) Kc diag(s) = Q diag(m) Q^T for one kernel parameter: every lambda's solve, hat and LOO."""
+    """M = diag(s) Kc diag(s) = Q diag(m) Q^T for one kernel parameter: every lambda's solve, hat and LOO. For a
+    factored Gram, U = diag(s) Fc (n, r) = Q diag(sqrt m) V^T from the r x r eigh of U^T U, Q (n, r) spanning the
+    range of M; M is 0 on the rest."""
 
-    Kc: torch.Tensor  # (n, n) weighted-centred Gram
+    Kc: Gram  # weighted-centred Gram, (n, n) or factored
     r: torch.Tensor  # (n,) K a / S
     t: float  # a^T K a / S^2
     a: torch.Tensor
     s: torch.Tensor
     S: float
-    m: torch.Tensor  # (n,) eigenvalues of M, clamped >= 0 (M is PSD)
-    Q: torch.Tensor  # (n, n)
+    m: torch.Tensor  # (k,) eigenvalues of M, clamped >= 0 (M is PSD); k = n, or the rank of a factored M
+    Q: torch.Tensor  # (n, k)
+    low_rank: bool = False
 
     @classmethod
-    def of(cls, K: torch.Tensor, a: torch.Tensor) -> "_Spectrum":
+    def of(cls, K: Gram, a: torch.Tensor) -> "_Spectrum":
         Kc, r, t = weighted_centred(K, a)
         s = a.sqrt()
+        if isinstance(Kc, LowRankGram):
+            U = s.unsqueeze(1) * Kc.F
+            UtU = U.T @ U
+            e, V = torch.linalg.eigh((UtU + UtU.T) / 2)
+            keep = e > e.max().clamp_min(0) * max(U.shape) * torch.finfo(e.dtype).eps
+            Q = U @ (V[:, keep] / e[keep].sqrt())
+            return cls(Kc, r, t, a, s, float(a.sum()), e[keep], Q, low_rank=True)
         M = s.unsqueeze(1) * Kc * s.unsqueeze(0)
         m, Q = torch.linalg.eigh((M + M.T) / 2)
         return cls(Kc, r, t, a, s, float(a.sum()), m.clamp_min(0.0), Q)
 
     def solve(self, V: torch.Tensor, lam: float) -> torch.Tensor:
-        """(M + lam I)^-1 V."""
-        return self.Q @ ((self.Q.T @ V) / (self.m + lam).unsqueeze(1))
+        """(M + lam I)^-1 V (the null space of a low-rank M scaled by 1 / lam)."""
+        QtV = self.Q.T @ V
+        out = self.Q @ (QtV / (self.m + lam).unsqueeze(1))
+        return out + (V - self.Q @ QtV) / lam if self.low_rank else out
 
     def hat(self, lam: float) -> torch.Tensor:
         return self.a / self.S + torch.einsum("ik,ik,k->i", self.Q, self.Q, self.m / (self.m + lam))
@@ -704,8 +870,8 @@ class _Spectrum:
         """Exact LOO accuracy and mean squared error for every lambda (the criterion of the linear head's path)."""
         ybar = self.a @ Y / self.S
         QtV = self.Q.T @ (self.s.unsqueeze(1) * (Y - ybar))
-        KcS = self.Kc * self.s.unsqueeze(0)  # Kc diag(s): f = ybar + Kc diag(s) (M + lam)^-1 diag(s) Yc
-        KcSQ = KcS @ self.Q
+        # f = ybar + Kc diag(s) (M + lam)^-1 diag(s) Yc; Kc diag(s) is 0 on the null space of M
+        KcSQ = self.Kc @ (self.s.unsqueeze(1) * self.Q)
         QQ = self.Q * self.Q
         y_t = torch.as_tensor(y_idx, device=Y.device)
         acc, mse = [], []

@@ -150,7 +150,8 @@ def fit(config: RunConfig, run_dir: str | Path, progress: bool = True, overwrite
     metrics = {
         "n_train": len(train), "n_test": len(test), "classes": len(train.classes),
         "head": kind_of(model.head_).name, "head_choice": getattr(model.head_, "head_choice_", None), "lam": model.head_.lam_, "lam_path": getattr(model.head_, "lam_path_", None),
-        **({"gamma": model.head_.gamma_, "loo_path": model.head_.loo_path_} if hasattr(model.head_, "gamma_") else {}),
+        **({"gamma": model.head_.gamma_, "loo_path": model.head_.loo_path_, "approx": model.head_.approx_}
+           if hasattr(model.head_, "gamma_") else {}),
         "train_accuracy": model.score(G_train, train.labels),
         "test_accuracy": model.score(G_test, test.labels),
         "per_class_test_accuracy": dict(zip(train.classes, per_class_accuracy(model.head_.predict(G_test), test.labels, len(train.classes)))),

@@ -81,7 +81,10 @@ def head_line(head: Any, choice: dict[str, Any] | None = None) -> str:
     from carrot.ridge.heads import kind_of
 
     kind = kind_of(head).name
-    line = f"{kind} head" + (f" ({head.kernel}, gamma = {head.gamma_:.4g})" if kind == "kernel" else "")
+    line = f"{kind} head"
+    if kind == "kernel":
+        ny = f", Nystroem with {len(head.landmarks_)} landmarks" if head.approx_ == "nystroem" else ""
+        line += f" ({head.kernel}, gamma = {head.gamma_:.4g}{ny})"
     if choice:
         scores = ", ".join(f"{k} {v:.4f}" for k, v in choice.items() if k in ("ridge", "kernel") and v is not None)
         line += f", kept by head.kind auto (exact LOO accuracy: {scores}"

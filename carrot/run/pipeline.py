@@ -371,7 +371,8 @@ class Carrot:
                 "ranking": "removal",
                 "meaning": {"score": "f(x) - f_-i(x): how much this logit drops if the image is removed from training "
                                      "(exact, equal to a refit" + ("" if linear else " with the embeddings' standardisation, "
-                                     "gamma and lambda held as fitted") + "); the images are ranked by it", **VIEW_MEANING,
+                                     "gamma, lambda" + (" and the Nystroem landmarks" if self.head_.approx_ == "nystroem"
+                                                        else "") + " held as fitted") + "); the images are ranked by it", **VIEW_MEANING,
                             **{k: v for k, v in REGION_MEANING.items() if (k != "pixel_map" or pixel_map)
                                and (k not in LINEAR_ONLY if not linear else k != "region_removal")},
                             **({"pixel_map": PIXEL_MAPS[pixel_map]} if pixel_map else {}),
