@@ -53,6 +53,8 @@ def heads(n_jobs: int):
         "carrot_kernel_rbf": lambda: KernelRidgeHead(kernel="rbf"),
         "carrot_kernel_laplacian": lambda: KernelRidgeHead(kernel="laplacian"),
         "carrot_kernel_poly": lambda: KernelRidgeHead(kernel="poly"),
+        "carrot_kernel_rbf_nystroem_256": lambda: KernelRidgeHead(kernel="rbf", approx="nystroem", n_landmarks=256),
+        "carrot_kernel_rbf_nystroem_1024": lambda: KernelRidgeHead(kernel="rbf", approx="nystroem", n_landmarks=1024),
         "sklearn_logreg_cv": lambda: make_pipeline(StandardScaler(), LogisticRegressionCV(
             Cs=[0.001, 0.01, 0.1, 1.0, 10.0], cv=5, max_iter=3000, n_jobs=n_jobs)),
         "sklearn_knn_1": lambda: KNeighborsClassifier(n_neighbors=1, metric="cosine"),

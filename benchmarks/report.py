@@ -271,6 +271,8 @@ HEAD_NAMES = {
     "carrot_kernel_rbf": "carrot kernel ridge, RBF ((gamma, lambda) by exact LOO)",
     "carrot_kernel_laplacian": "carrot kernel ridge, Laplacian",
     "carrot_kernel_poly": "carrot kernel ridge, polynomial (degree 3)",
+    "carrot_kernel_rbf_nystroem_256": "carrot kernel ridge, RBF, Nyström kernel of m = 256 landmarks (the large-n path)",
+    "carrot_kernel_rbf_nystroem_1024": "carrot kernel ridge, RBF, Nyström kernel of m = 1024 landmarks (the large-n path)",
     "sklearn_logreg_cv": "scikit-learn `LogisticRegressionCV` (standardised; C by 5-fold CV)",
     "sklearn_knn_1": "scikit-learn `KNeighborsClassifier` (cosine, k = 1)",
     "sklearn_knn_cv": "scikit-learn `KNeighborsClassifier` (cosine, distance-weighted; k by 5-fold CV)",

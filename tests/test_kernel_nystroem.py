@@ -184,7 +184,8 @@ def test_save_load_round_trip_and_refusals(tmp_path):
         old["params"].pop(k)
     (tmp_path / "v1.json").write_text(json.dumps({**old, "version": 1}))
     v1 = KernelRidgeHead.load(tmp_path / "v1")
-    assert v1.approx_ == "exact" and np.allclose(v1.decision_function(Gt), exact.decision_function(Gt), rtol=0, atol=1e-12)
+    assert v1.approx_ == v1.approx == "exact"  # its clones stay exact whatever n
+    assert np.allclose(v1.decision_function(Gt), exact.decision_function(Gt), rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("name,value,match", [("approx", "svd", "approx: expected one of auto, exact, nystroem, got 'svd'"),
@@ -214,3 +215,19 @@ def test_the_cli_flags_set_the_approximation():
     head = head_from_config(cfg)
     assert (head.approx, head.n_landmarks, head.random_state) == ("nystroem", 64, 3)
     assert build_config(None).head.approx == "auto" and build_config(None).head.landmarks == kmod.N_LANDMARKS
+
+
+def test_an_audit_clone_refits_the_same_approximation():
+    from carrot.ridge.head import frozen_clone
+
+    G, y, _ = data(8)
+    head = KernelRidgeHead(gamma=0.5, lam="auto", approx="auto", n_landmarks=10)
+    kmod_above = kmod.NYSTROEM_ABOVE
+    try:
+        kmod.NYSTROEM_ABOVE = 20  # n = 40: auto takes Nystroem
+        head.fit(G, y)
+    finally:
+        kmod.NYSTROEM_ABOVE = kmod_above
+    clone = frozen_clone(head)
+    assert head.approx_ == "nystroem" and (clone.approx, clone.lam, clone.gamma) == ("nystroem", head.lam_, 0.5)
+    assert clone.fit(G[:30], y[:30]).approx_ == "nystroem"  # 30 images, under the default threshold: still Nystroem

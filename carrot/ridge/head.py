@@ -280,7 +280,7 @@ class RidgeHead(ClassifierMixin, BaseEstimator):
 
 def frozen_clone(head, **params):
     """An unfitted copy of ``head`` with every setting (``clone``), its 'auto' choices fixed to the fitted values
-    when the head is fitted (``lam_``; the kernel head's ``gamma_`` too), so an audit refits the model the run
+    when the head is fitted (``lam_``; the kernel head's ``gamma_`` and ``approx_`` too), so an audit refits the model the run
     chose, not a new search; then ``params``.
 
     Parameters
@@ -294,7 +294,7 @@ def frozen_clone(head, **params):
     """
     from sklearn.base import clone
 
-    fitted = {p: getattr(head, p + "_") for p in ("lam", "gamma") if p in head.get_params() and hasattr(head, p + "_")}
+    fitted = {p: getattr(head, p + "_") for p in ("lam", "gamma", "approx") if p in head.get_params() and hasattr(head, p + "_")}
     return clone(head).set_params(**{**fitted, **params})
 
 

@@ -302,7 +302,7 @@ class KernelRidgeHead(ClassifierMixin, BaseEstimator):
         ``random_state`` (the same landmarks for every gamma)."""
         from sklearn.kernel_approximation import Nystroem
 
-        X = Z[a > 0].cpu().numpy()
+        X = Z.cpu()[a > 0].numpy()
         ny = Nystroem(kernel={"poly": "polynomial"}.get(self.kernel, self.kernel), gamma=gamma, degree=self.degree,
                       coef0=self.coef0, n_components=min(self.n_landmarks, len(X)), random_state=self.random_state).fit(X)
         return (torch.as_tensor(ny.components_, dtype=torch.float64),
@@ -585,9 +585,9 @@ class KernelRidgeHead(ClassifierMixin, BaseEstimator):
         keep = torch.as_tensor(np.setdiff1d(np.arange(len(self.X_fit_)), np.asarray(list(rows), dtype=np.int64)))
         ref = self._held(False, self.X_fit_[keep], self._a[keep])
         dev = self._spectrum().s.device
-        gram = self.train_gram()
-        ref._set_solution(_Spectrum.of(gram_sub(gram, keep).to(dev), ref.sample_weight_.to(dev)),
-                          self.train_targets_[keep].to(dev))
+        gram = (LowRankGram(self._phi_fit()[keep].to(dev)) if self.approx_ == "nystroem"
+                else self._gram(ref.X_fit_.to(dev), None, self.gamma_))
+        ref._set_solution(_Spectrum.of(gram, ref.sample_weight_.to(dev)), self.train_targets_[keep].to(dev))
         return ref
 
     def _hat_rows(self, R: torch.Tensor) -> torch.Tensor:
@@ -693,8 +693,11 @@ class KernelRidgeHead(ClassifierMixin, BaseEstimator):
     def load(cls, path: str | Path) -> "KernelRidgeHead":
         """Read a head written by :meth:`save`, checking tensors against the metadata."""
         path = Path(path)
-        meta, _ = read_meta(path, cls, KERNEL_HEAD_FORMAT_VERSION)
-        head = cls(**settings(meta.get("params"), cls, path))
+        meta, version = read_meta(path, cls, KERNEL_HEAD_FORMAT_VERSION)
+        params = settings(meta.get("params"), cls, path)
+        if version == 1:  # written before the approximation: the exact dual, and its clones stay exact
+            params.setdefault("approx", "exact")
+        head = cls(**params)
         head._check_settings()
         return load_parts(path, lambda t: cls._from_parts(head, meta, t, path))
 
@@ -723,6 +726,8 @@ class KernelRidgeHead(ClassifierMixin, BaseEstimator):
             shapes.update(scale_mean=(head.scale_mean_, (d,)), scale_std=(head.scale_std_, (d,)))
         if head.approx_ == "nystroem":
             m = len(head.landmarks_)
+            if not 1 <= m <= n:
+                raise CarrotError(f"head file '{path}': expected 1..{n} landmarks (n_train), got {m}; refit the run")
             shapes.update(landmarks=(head.landmarks_, (m, d)), normalization=(head.normalization_, (m, m)))
         for name, (arr, shape) in shapes.items():
             if arr.shape != shape or arr.dtype != torch.float64 or not torch.isfinite(arr).all():
@@ -829,8 +834,8 @@ class DualCounterfactuals:
 @dataclass
 class _Spectrum:
     """M = diag(s) Kc diag(s) = Q diag(m) Q^T for one kernel parameter: every lambda's solve, hat and LOO. For a
-    factored Gram, U = diag(s) Fc (n, r) = Q diag(sqrt m) V^T from the r x r eigh of U^T U, Q (n, r) spanning the
-    range of M; M is 0 on the rest."""
+    factored Gram, U = diag(s) Fc (n, r) = Q diag(sqrt m) V^T (thin SVD), Q (n, r) spanning the range of M; M is 0
+    on the rest."""
 
     Kc: Gram  # weighted-centred Gram, (n, n) or factored
     r: torch.Tensor  # (n,) K a / S
@@ -846,13 +851,9 @@ class _Spectrum:
     def of(cls, K: Gram, a: torch.Tensor) -> "_Spectrum":
         Kc, r, t = weighted_centred(K, a)
         s = a.sqrt()
-        if isinstance(Kc, LowRankGram):
-            U = s.unsqueeze(1) * Kc.F
-            UtU = U.T @ U
-            e, V = torch.linalg.eigh((UtU + UtU.T) / 2)
-            keep = e > e.max().clamp_min(0) * max(U.shape) * torch.finfo(e.dtype).eps
-            Q = U @ (V[:, keep] / e[keep].sqrt())
-            return cls(Kc, r, t, a, s, float(a.sum()), e[keep], Q, low_rank=True)
+        if isinstance(Kc, LowRankGram):  # thin SVD, nothing truncated: solve, hat and LOO see the same M
+            Q, sv, _ = torch.linalg.svd(s.unsqueeze(1) * Kc.F, full_matrices=False)
+            return cls(Kc, r, t, a, s, float(a.sum()), sv * sv, Q, low_rank=True)
         M = s.unsqueeze(1) * Kc * s.unsqueeze(0)
         m, Q = torch.linalg.eigh((M + M.T) / 2)
         return cls(Kc, r, t, a, s, float(a.sum()), m.clamp_min(0.0), Q)

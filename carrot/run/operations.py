@@ -200,7 +200,8 @@ def _apply_weights(model: Carrot, run_dir: str | Path, out: str | Path, weights:
     from carrot.audit.evaluate import per_class_accuracy
 
     fixed = {"head.kind": kind_of(model.head_).name, "head.lam": model.head_.lam_,
-             "head.gamma": getattr(model.head_, "gamma_", None)}  # the parent's fitted head, never a new 'auto' choice
+             "head.gamma": getattr(model.head_, "gamma_", None),  # the parent's fitted head, never a new 'auto' choice
+             "head.approx": getattr(model.head_, "approx_", None)}
     derived = Carrot(model.config.merged(fixed), backbone=model.backbone)
     derived.token_map_ = model.token_map_  # the embeddings are the parent's
     # a kernel parent's feature map is held, as RRO and debug's loops hold it: the run is the model they scored
