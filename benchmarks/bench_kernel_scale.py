@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import platform
-import resource
 import sys
 import time
 from pathlib import Path
@@ -35,8 +34,9 @@ def mixture(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return centres[y, sub] + rng.normal(size=(n, D)) * 1.0, y
 
 
-def fit_one(solve: str, n: int, m: int, seed: int, queue: "mp.Queue") -> None:
+def fit_one(solve: str, n: int, m: int, seed: int, device: str, queue: "mp.Queue") -> None:
     import torch
+    from common import peak_rss_mb
 
     from carrot.ridge.kernel import KERNELS, KernelRidgeHead
 
@@ -46,7 +46,7 @@ def fit_one(solve: str, n: int, m: int, seed: int, queue: "mp.Queue") -> None:
     Z = (G - G.mean(0)) / G.std(0)  # the head's preprocessing (standardised, L2-normalised), for the median heuristic
     Z /= np.linalg.norm(Z, axis=1, keepdims=True)
     gamma = KERNELS["rbf"].median(torch.as_tensor(Z))
-    head = KernelRidgeHead(kernel="rbf", gamma=gamma, lam="auto", approx=solve, n_landmarks=m, device="cpu")
+    head = KernelRidgeHead(kernel="rbf", gamma=gamma, lam="auto", approx=solve, n_landmarks=m, device=device)
     t0 = time.perf_counter()
     head.fit(G, y)
     fit_s = time.perf_counter() - t0
@@ -60,14 +60,14 @@ def fit_one(solve: str, n: int, m: int, seed: int, queue: "mp.Queue") -> None:
                "lam": head.lam_, "fit_seconds": fit_s, "predict_seconds_2000": predict_s, "loo_seconds": loo_s,
                "test_accuracy": float((logits.argmax(1) == yt).mean()),
                "loo_accuracy": float((loo.argmax(1).numpy() == y).mean()),
-               "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+               "peak_rss_gib": peak_rss_mb() / 1024,
                "predictions": logits.argmax(1).tolist()})
 
 
-def run(solve: str, n: int, m: int, seed: int) -> dict:
+def run(solve: str, n: int, m: int, seed: int, device: str) -> dict:
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    p = ctx.Process(target=fit_one, args=(solve, n, m, seed, q))
+    p = ctx.Process(target=fit_one, args=(solve, n, m, seed, device, q))
     p.start()
     out = q.get()
     p.join()
@@ -84,12 +84,13 @@ def main() -> None:
     ap.add_argument("--nystroem-n", type=int, nargs="*", default=[16000, 32000], help="Nystroem only")
     ap.add_argument("--landmarks", type=int, nargs="+", default=[1024, 2048])
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cpu", help="the head's device for the n x n (n x m) work: cpu, cuda")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "kernel_scale"))
     args = ap.parse_args()
     rows = []
     for n in args.n + args.nystroem_n:
-        exact = run("exact", n, 0, args.seed) if n in args.n else None
-        for r in ([exact] if exact else []) + [run("nystroem", n, m, args.seed) for m in args.landmarks if m < n]:
+        exact = run("exact", n, 0, args.seed, args.device) if n in args.n else None
+        for r in ([exact] if exact else []) + [run("nystroem", n, m, args.seed, args.device) for m in args.landmarks if m < n]:
             if exact is not None:
                 r["agreement_with_exact"] = float(np.mean(np.asarray(r["predictions"]) == np.asarray(exact["predictions"])))
             r["planned_gib"] = (DUAL_ARRAYS * 8 * n * n if r["solve"] == "exact" else LOW_RANK_ARRAYS * 8 * n * r["m"]) / 2**30
@@ -101,7 +102,7 @@ def main() -> None:
     import torch
 
     print(write_results(args.out, rows, benchmark="kernel_scale", dim=D, classes=CLASSES, n_test=TEST,
-                        nystroem_above=NYSTROEM_ABOVE, device=device_name("cpu"), threads=torch.get_num_threads(),
+                        nystroem_above=NYSTROEM_ABOVE, device=device_name(args.device), threads=torch.get_num_threads(),
                         python=platform.python_version(), torch=torch.__version__))
 
 

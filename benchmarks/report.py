@@ -82,6 +82,23 @@ def scale_section(d: dict) -> list[str]:
                                       ("λ used", "lam")]) + [""]
 
 
+def kernel_scale_section(d: dict) -> list[str]:
+    lines = [f"## Kernel head at scale: exact dual against the Nyström kernel, {d['device']}, {d['threads']} threads "
+             "(`bench_kernel_scale.py`)", "",
+             f"Synthetic embeddings (D = {d['dim']}, {d['classes']} classes, each a union of three Gaussian clusters), "
+             f"{d['n_test']} test images; RBF kernel, gamma at the median heuristic, lambda by exact LOO over the default "
+             "grid (one kernel parameter; `gamma: auto` searches five). Each fit runs in a fresh process: peak RSS is its "
+             "own. `planned GiB` is the head's own memory plan (`DUAL_ARRAYS` n x n or `LOW_RANK_ARRAYS` n x m float64 "
+             f"arrays) that `head.approx: auto` checks against half the memory; auto is exact up to n = "
+             f"{d['nystroem_above']:,}. Agreement: the share of test images whose predicted class equals the exact head's.",
+             ""]
+    return lines + _table(d["rows"], [("n", "n"), ("solve", "solve"), ("landmarks m", "m"), ("fit s", "fit_seconds"),
+                                      ("LOO s", "loo_seconds"), ("predict s (2,000)", "predict_seconds_2000"),
+                                      ("peak RSS GiB", "peak_rss_gib"), ("planned GiB", "planned_gib"),
+                                      ("test acc", "test_accuracy"), ("LOO acc", "loo_accuracy"),
+                                      ("agreement with exact", "agreement_with_exact")]) + [""]
+
+
 def diffusion_section(d: dict) -> list[str]:
     dev = d["args"].get("device", "cpu")
     lines = [f"## Diffusion cost vs number of regions N, {dev} (`bench_diffusion.py`)", "",
@@ -333,6 +350,7 @@ def main() -> None:
     for path in sorted(RESULTS.glob("elpv_attribution.json")) + sorted(RESULTS.glob("attribution_*.json")):
         out += elpv_section(json.loads(path.read_text()))
     for name, section in (("t_sweep", t_sweep_section), ("diffusion", diffusion_section), ("scale", scale_section),
+                          ("kernel_scale", kernel_scale_section),
                           ("pipeline_share", share_section), ("variants", variants_section)):
         for path in sorted(RESULTS.glob(f"{name}.json")) + sorted(RESULTS.glob(f"{name}_*.json")):
             out += section(json.loads(path.read_text()))
