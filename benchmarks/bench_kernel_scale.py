@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import platform
+import queue
 import sys
 import time
 from pathlib import Path
@@ -46,7 +47,7 @@ def fit_one(solve: str, n: int, m: int, seed: int, device: str, queue: "mp.Queue
     Z = (G - G.mean(0)) / G.std(0)  # the head's preprocessing (standardised, L2-normalised), for the median heuristic
     Z /= np.linalg.norm(Z, axis=1, keepdims=True)
     gamma = KERNELS["rbf"].median(torch.as_tensor(Z))
-    head = KernelRidgeHead(kernel="rbf", gamma=gamma, lam="auto", approx=solve, n_landmarks=m, device=device)
+    head = KernelRidgeHead(kernel="rbf", gamma=gamma, lam="auto", approx=solve, n_landmarks=m or 1, device=device)  # m: ignored by exact
     t0 = time.perf_counter()
     head.fit(G, y)
     fit_s = time.perf_counter() - t0
@@ -69,7 +70,13 @@ def run(solve: str, n: int, m: int, seed: int, device: str) -> dict:
     q = ctx.Queue()
     p = ctx.Process(target=fit_one, args=(solve, n, m, seed, device, q))
     p.start()
-    out = q.get()
+    while True:  # a child that dies (an error, out of memory) ends the benchmark instead of hanging it
+        try:
+            out = q.get(timeout=5)
+            break
+        except queue.Empty:
+            if not p.is_alive():
+                sys.exit(f"{solve} n={n} m={m}: the fit process died (exit code {p.exitcode})")
     p.join()
     return out
 
