@@ -337,6 +337,29 @@ def heads_section(d: dict) -> list[str]:
     return lines + [""]
 
 
+EMBEDDING_COLUMNS = (("carrot_linear", "linear ridge"), ("carrot_kernel_rbf", "kernel RBF"), ("carrot_auto", "auto"),
+                     ("sklearn_logreg_cv", "LogisticRegressionCV"), ("sklearn_knn_cv", "kNN (CV)"))
+
+
+def embeddings_section(files: list[dict]) -> list[str]:
+    """One line per (data, backbone, embedding) of the heads files: the same heads as the embedding grows."""
+    import numpy as np
+
+    lines = ["## Heads by embedding: patch readout, + class token, + last 4 blocks (`bench_heads.py`)", "",
+             "Test accuracy, mean over the same 3 re-splits of each run's images, from the sections above; a blank: "
+             "not run on that embedding. The class token and the last k blocks are `--global-tokens` and `--blocks k` "
+             "(ViTs only).", "",
+             "| data, backbone | embedding | dim | " + " | ".join(n for _, n in EMBEDDING_COLUMNS) + " |",
+             "|---" * (3 + len(EMBEDDING_COLUMNS)) + "|"]
+    for d in sorted(files, key=lambda d: (d["data"], d["backbone"], d["dim"])):
+        cells = []
+        for head, _ in EMBEDDING_COLUMNS:
+            vals = [r["test_accuracy"] for r in d["rows"] if r["head"] == head]
+            cells.append(f"{np.mean(vals):.3f}" if vals else "")
+        lines.append(f"| {d['data']}, {d['backbone']} | {embedding_name(d)} | {d['dim']} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 def keeps_section(keeps: dict) -> list[str]:
     cols = list(next(iter(keeps.values())))
     lines = ["## What each head keeps exact", "", "| head | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
@@ -364,6 +387,7 @@ def main() -> None:
     for path in head_files:
         out += heads_section(json.loads(path.read_text()))
     if head_files:
+        out += embeddings_section([json.loads(p.read_text()) for p in head_files])
         from bench_heads import keeps  # what each head keeps is the registry's, not a measurement
 
         out += keeps_section(keeps())
