@@ -97,9 +97,10 @@ def main() -> None:
     rows = []
     for n in args.n + args.nystroem_n:
         exact = run("exact", n, 0, args.seed, args.device) if n in args.n else None
+        reference = None if exact is None else np.asarray(exact["predictions"])
         for r in ([exact] if exact else []) + [run("nystroem", n, m, args.seed, args.device) for m in args.landmarks if m < n]:
-            if exact is not None:
-                r["agreement_with_exact"] = float(np.mean(np.asarray(r["predictions"]) == np.asarray(exact["predictions"])))
+            if reference is not None:
+                r["agreement_with_exact"] = float(np.mean(np.asarray(r["predictions"]) == reference))
             r["planned_gib"] = (DUAL_ARRAYS * 8 * n * n if r["solve"] == "exact" else LOW_RANK_ARRAYS * 8 * n * r["m"]) / 2**30
             r.pop("predictions")
             rows.append(r)

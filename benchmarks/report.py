@@ -92,7 +92,8 @@ def kernel_scale_section(d: dict) -> list[str]:
              f"arrays) that `head.approx: auto` checks against half the memory; auto is exact up to n = "
              f"{d['nystroem_above']:,}. Agreement: the share of test images whose predicted class equals the exact head's.",
              ""]
-    return lines + _table(d["rows"], [("n", "n"), ("solve", "solve"), ("landmarks m", "m"), ("fit s", "fit_seconds"),
+    rows = [{**r, "m": r["m"] if r["m"] is not None else "—"} for r in d["rows"]]
+    return lines + _table(rows, [("n", "n"), ("solve", "solve"), ("landmarks m", "m"), ("fit s", "fit_seconds"),
                                       ("LOO s", "loo_seconds"), ("predict s (2,000)", "predict_seconds_2000"),
                                       ("peak RSS GiB", "peak_rss_gib"), ("planned GiB", "planned_gib"),
                                       ("test acc", "test_accuracy"), ("LOO acc", "loo_accuracy"),
