@@ -231,3 +231,37 @@ def test_an_audit_clone_refits_the_same_approximation():
     clone = frozen_clone(head)
     assert head.approx_ == "nystroem" and (clone.approx, clone.lam, clone.gamma) == ("nystroem", head.lam_, 0.5)
     assert clone.fit(G[:30], y[:30]).approx_ == "nystroem"  # 30 images, under the default threshold: still Nystroem
+
+
+@pytest.mark.parametrize("linear", [False, True])
+def test_removal_effects_are_blocked_over_test_images_and_equal_refits(monkeypatch, linear):
+    """The audits' (m, n) LOO effects come a block of test images at a time (memory bounded at large n); every block
+    size gives the refit values."""
+    import carrot.audit.evaluate as ev
+    from carrot.ridge.head import RidgeHead
+    from carrot.ridge.removal import RidgeSystem
+
+    G, y, _ = data(9)
+    Gt = np.random.default_rng(1).normal(size=(5, G.shape[1]))
+    if linear:
+        head = RidgeHead(lam=0.5).fit(G, y)
+        system = RidgeSystem.from_head(head, G, y)
+    else:
+        head = KernelRidgeHead(gamma=0.5, lam=0.2, approx="nystroem", n_landmarks=10).fit(G, y)
+        system = DualCounterfactuals(head)
+    classes = head.decision_function(Gt).argmax(1)
+    whole = ev.removal_effects(system, Gt, classes)
+    monkeypatch.setattr(ev, "EFFECT_BLOCK", 2 * len(y) * 3)  # two test images a block
+    blocked = ev.removal_effects(system, Gt, classes)
+    assert blocked.shape == (5, len(y)) and np.allclose(blocked, whole, atol=1e-12)
+    i = 7
+    keep = np.arange(len(y)) != i
+    if linear:
+        ref = RidgeHead(lam=0.5).fit(G[keep], y[keep]).decision_function(Gt)
+    else:
+        Z = head.X_fit_.numpy()
+        F = sk_features(head, Z, None).transform(Z)
+        ref = sk_ridge(F[keep], y[keep], None, 0.2).predict(sk_features(head, Z, None).transform(
+            head._preprocess(torch.as_tensor(Gt)).numpy()))
+    f = head.decision_function(Gt)
+    assert np.allclose(blocked[:, i], (ref - f)[np.arange(5), classes], atol=1e-8)

@@ -78,10 +78,21 @@ def mislabel_detection(scores: dict[str, np.ndarray], flipped: np.ndarray,
     return out
 
 
+EFFECT_BLOCK = 2**25  # float64 values of one (rows, n, C) block of LOO effects (256 MiB)
+
+
 def removal_effects(system: Counterfactuals, G_test: np.ndarray, classes: np.ndarray) -> np.ndarray:
-    """Exact LOO effect on each test image's logit of ``classes``: f_-i(x)_c - f(x)_c, (m, n)."""
-    eff = system.loo_effect(G_test)  # (m, n, C)
-    return eff[torch.arange(len(classes)), :, torch.as_tensor(classes)].numpy()
+    """Exact LOO effect on each test image's logit of ``classes``: f_-i(x)_c - f(x)_c, (m, n); the (m, n, C) effects
+    are computed a block of test images at a time, so memory stays at EFFECT_BLOCK values whatever n and C."""
+    G_test, classes = np.asarray(G_test), np.asarray(classes)
+    n = len(system.a)
+    C = system.Y.shape[1] if isinstance(system, RidgeSystem) else len(system.head.classes_)
+    rows = max(1, EFFECT_BLOCK // max(1, n * C))
+    out = np.empty((len(G_test), n))
+    for s in range(0, len(G_test), rows):
+        c = torch.as_tensor(classes[s : s + rows])
+        out[s : s + rows] = system.loo_effect(G_test[s : s + rows])[torch.arange(len(c)), :, c].numpy()
+    return out
 
 
 def faithfulness(system: Counterfactuals, G_test: np.ndarray, attributions: np.ndarray, ks: Sequence[int] = (1, 5, 10, 20),
