@@ -52,3 +52,21 @@ def fit_tiny(synthetic_root):
         return out
 
     return fit
+
+
+@pytest.fixture(scope="session")
+def explain_json():
+    """explain_json(run, image, out, *flags) -> the one explanation `carrot-run explain RUN IMAGE --top-k 2 --json`
+    prints (pages written under ``out``), the command's exit code checked."""
+    import json
+
+    from click.testing import CliRunner
+
+    from carrot.cli import cli
+
+    def explain(run: Path, image: str, out: Path, *flags: str) -> dict:
+        r = CliRunner().invoke(cli, ["explain", str(run), str(image), "--top-k", "2", "--out", str(out), "--json", *flags])
+        assert r.exit_code == 0, r.output
+        return json.loads(r.output)[0]
+
+    return explain

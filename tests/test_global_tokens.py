@@ -106,15 +106,12 @@ def test_the_embedding_is_the_readout_then_the_global_tokens(global_run):
     assert torch.isfinite(xg.grad).all() and xg.grad.abs().sum() > 0
 
 
-def test_explain_reports_the_global_term_and_every_sum_stays_exact(global_run, tmp_path):
+def test_explain_reports_the_global_term_and_every_sum_stays_exact(global_run, tmp_path, explain_json):
     from carrot.run.pipeline import Carrot
 
     model = Carrot.load(global_run)
     path = model.test_records_[2][0]
-    r = CliRunner().invoke(cli, ["explain", str(global_run), path, "--top-k", "2", "--out", str(tmp_path), "--json",
-                                 "--pixel-map", "split", "--node-removal"])
-    assert r.exit_code == 0, r.output
-    exp = json.loads(r.output)[0]
+    exp = explain_json(global_run, path, tmp_path, "--pixel-map", "split", "--node-removal")
     logit = exp["logits"][exp["predicted"]]
     assert exp["identity_error"]["regions"] < 1e-9 and "global_term" in exp["meaning"]
     assert exp["prior"] + exp["region_sum"] + exp["global_term"] == pytest.approx(logit, abs=1e-9)

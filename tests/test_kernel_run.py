@@ -75,15 +75,12 @@ def test_the_default_head_is_auto_and_the_index_says_which_it_kept(tmp_path, fit
             f"ridge {choice['ridge']:.4f}, kernel {choice['kernel']:.4f})" in index)
 
 
-def test_explain_with_the_kernel_head_keeps_the_exact_training_image_views(kernel_run, tmp_path):
+def test_explain_with_the_kernel_head_keeps_the_exact_training_image_views(kernel_run, tmp_path, explain_json):
     from carrot.run.pipeline import Carrot
 
     model = Carrot.load(kernel_run)
     path = model.test_records_[0][0]
-    r = CliRunner().invoke(cli, ["explain", str(kernel_run), path, "--top-k", "2", "--out", str(tmp_path), "--json",
-                                 "--permutations", "2"])
-    assert r.exit_code == 0, r.output
-    exp = json.loads(r.output)[0]
+    exp = explain_json(kernel_run, path, tmp_path, "--permutations", "2")
     assert exp["head"] == "kernel" and "region_contributions" not in exp and "certificate" in exp
     assert exp["identity_error"]["data"] < 1e-9 and exp["identity_error"]["equivalent_kernel"] < 1e-9
     assert "regions" not in exp["identity_error"] and "region_removal" in exp["meaning"] and "pairs" not in exp["meaning"]

@@ -310,15 +310,12 @@ def test_pixel_logits_are_the_models_logits(run):
     assert np.allclose(model.pixel_logits(model.inputs(paths)), model.head_.decision_function(G), atol=1e-12)
 
 
-def test_explain_gives_the_exact_pixel_map_beside_the_token_map(run, tmp_path):
+def test_explain_gives_the_exact_pixel_map_beside_the_token_map(run, tmp_path, explain_json):
     from carrot.run.pipeline import Carrot
 
     model = Carrot.load(run)
     path = model.test_records_[0][0]
-    r = CliRunner().invoke(cli, ["explain", str(run), path, "--top-k", "2", "--out", str(tmp_path), "--json", "--occlusion",
-                                 "--pixel-map", "split"])
-    assert r.exit_code == 0, r.output
-    exp = json.loads(r.output)[0]
+    exp = explain_json(run, path, tmp_path, "--occlusion", "--pixel-map", "split")
     assert exp["pixel_map_method"] == "split" and "path" in exp["meaning"]["pixel_map"]
     split = np.asarray(exp["pixel_map"])
     assert split.shape == tuple(exp["grid"]) == (4, 4)
@@ -346,16 +343,14 @@ def test_explain_gives_the_exact_pixel_map_beside_the_token_map(run, tmp_path):
     assert "pixels &rarr;" in html and "tokens &rarr;" in html and "occlusion &rarr;" in html
 
 
-def test_explain_defaults_to_the_shapley_map_which_sums_exactly(run, tmp_path):
+def test_explain_defaults_to_the_shapley_map_which_sums_exactly(run, tmp_path, explain_json):
     """The default pixel map: its values sum to f(x) - f(blurred x) of the model explain re-runs (recomputed here
     independently), each cell has a standard error, and the page says what the map is."""
     from carrot.run.pipeline import Carrot
 
     model = Carrot.load(run)
     path = model.test_records_[1][0]
-    r = CliRunner().invoke(cli, ["explain", str(run), path, "--top-k", "2", "--out", str(tmp_path), "--json"])
-    assert r.exit_code == 0, r.output
-    exp = json.loads(r.output)[0]
+    exp = explain_json(run, path, tmp_path)
     assert exp["pixel_map_method"] == "shapley" and exp["pixel_map_permutations"] == 4
     assert "Shapley" in exp["meaning"]["pixel_map"] and "pixel_occlusion" not in exp
     phi, sem = np.asarray(exp["pixel_map"]), np.asarray(exp["pixel_map_sem"], dtype=float)

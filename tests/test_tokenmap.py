@@ -147,15 +147,12 @@ def test_the_run_embeds_phi_of_the_tokens_and_saves_the_map(mapped_run):
     assert xg.grad is not None and torch.isfinite(xg.grad).all() and xg.grad.abs().sum() > 0
 
 
-def test_explain_with_a_token_map_keeps_the_exact_region_split_and_pairs(mapped_run, tmp_path):
+def test_explain_with_a_token_map_keeps_the_exact_region_split_and_pairs(mapped_run, tmp_path, explain_json):
     from carrot.run.pipeline import Carrot
 
     model = Carrot.load(mapped_run)
     path = model.test_records_[1][0]
-    r = CliRunner().invoke(cli, ["explain", str(mapped_run), path, "--top-k", "2", "--out", str(tmp_path), "--json",
-                                 "--pixel-map", "split"])
-    assert r.exit_code == 0, r.output
-    exp = json.loads(r.output)[0]
+    exp = explain_json(mapped_run, path, tmp_path, "--pixel-map", "split")
     assert exp["identity_error"]["regions"] < 1e-9 and exp["identity_error"]["data"] < 1e-9
     c = exp["predicted_index"]
     assert exp["prior"] + exp["region_sum"] == pytest.approx(exp["logits"][exp["predicted"]], abs=1e-9)

@@ -126,14 +126,15 @@ def fit_head(config: "RunConfig", G: Any, y: Any, sample_weight: Any = None) -> 
         return head_from_config(config).fit(G, y, sample_weight)
     from carrot.ridge.kernel import choose_approx, dual_memory_error
 
+    candidates = {kind: head_from_config(config, kind) for kind in ("ridge", "kernel")}
     if not config.head.fit_intercept:
         skip = "head.fit_intercept is false, and the kernel head always fits an unpenalised intercept"
     else:
-        kernel = head_from_config(config, "kernel")
+        kernel = candidates["kernel"]
         skip = dual_memory_error(kernel, len(G), choose_approx(kernel, len(G)))
-    heads = {kind: head_from_config(config, kind).fit(G, y, sample_weight) for kind in (("ridge",) if skip else ("ridge", "kernel"))}
+    heads = {kind: h.fit(G, y, sample_weight) for kind, h in candidates.items() if not (skip and kind == "kernel")}
     scores: dict[str, Any] = {kind: loo_accuracy(h, G, y) for kind, h in heads.items()}
-    if skip:  # no intercept asked for, or the exact dual does not fit in memory: the ridge head, and why
+    if skip:  # no intercept asked for, or not even the Nystroem factor fits in memory: the ridge head, and why
         heads["ridge"].head_choice_ = {**scores, "kernel": None, "kernel_skipped": skip}
         return heads["ridge"]
     best = heads["kernel" if scores["kernel"] > scores["ridge"] else "ridge"]

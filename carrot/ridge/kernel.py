@@ -283,12 +283,12 @@ class KernelRidgeHead(ClassifierMixin, BaseEstimator):
             self._phi_fit_ = self._phi(self.X_fit_)
         return self._phi_fit_
 
-    def _kernel(self, Z: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """k(Z, training rows) (m, n) of preprocessed rows Z (m, D) with the fitted gamma (the Nystroem kernel when
-        approximated); ``rows``: other preprocessed training rows than ``X_fit_``."""
+    def _kernel(self, Z: torch.Tensor) -> torch.Tensor:
+        """k(Z, X_fit_) (m, n) of preprocessed rows Z (m, D) with the fitted gamma (the Nystroem kernel when
+        approximated)."""
         if self.approx_ == "nystroem":
-            return self._phi(Z) @ (self._phi_fit() if rows is None else self._phi(rows)).T
-        return self._gram(Z, self.X_fit_ if rows is None else rows, self.gamma_)
+            return self._phi(Z) @ self._phi_fit().T
+        return self._gram(Z, self.X_fit_, self.gamma_)
 
     def train_gram(self, Z: torch.Tensor | None = None) -> Gram:
         """The Gram of preprocessed training rows Z (default ``X_fit_``) under the fitted kernel: dense (n, n), or
@@ -598,9 +598,7 @@ class KernelRidgeHead(ClassifierMixin, BaseEstimator):
         """(n, len(R)) columns R of the hat matrix: H[i, j] = a_j / S + s_j ((M + lam)^-1 (s * Kc[:, i]))_j."""
         spec = self._spectrum()
         Rd = R.to(spec.s.device)
-        E = torch.zeros(len(spec.s), len(R), dtype=torch.float64, device=spec.s.device)
-        E[Rd, torch.arange(len(R), device=Rd.device)] = 1.0
-        Minv_R = spec.solve(E, self.lam_)  # (n, k) columns R of (M + lam)^-1
+        Minv_R = spec.inverse_columns(Rd, self.lam_)
         cols = spec.a[Rd] / spec.S + spec.Kc @ (spec.s.unsqueeze(1) * Minv_R) * spec.s[Rd]
         return cols.cpu()
 
@@ -637,10 +635,9 @@ class KernelRidgeHead(ClassifierMixin, BaseEstimator):
         cols = torch.empty(len(a), 0, dtype=torch.float64)  # H[:, S]
         path: list[float] = []
         f = f0
+        B, idx = None, torch.as_tensor(S, dtype=torch.long)  # LU factors of I - H_SS and S, set at each step's end
         for _ in range(limit):
-            if S:  # B = I - H_SS, factorised once per step: x B^-1 and B^-1 X by LU solves
-                B = torch.linalg.lu_factor(torch.eye(len(S), dtype=torch.float64) - rows[:, torch.as_tensor(S)])
-                idx = torch.as_tensor(S)
+            if S:  # x B^-1 and B^-1 X by LU solves with the last step's factors
                 lx = l_x + _right_solve(B, l_x[idx].unsqueeze(0))[0] @ rows
                 hS = h + (_right_solve(B, cols) * rows.T).sum(1)
                 ES = Y - (F - cols @ torch.linalg.lu_solve(*B, E[idx]))
@@ -763,11 +760,10 @@ class WeightedDual:
         self.S, self.s, self.lam = float(a.sum()), a.sqrt(), float(head.lam_)
         if isinstance(self.Kc, LowRankGram):
             self.U = self.s.unsqueeze(1) * self.Kc.F
-            P = self.U.T @ self.U
-            M = (P + P.T) / 2
+            P = self.U.T @ self.U  # (r, r)
         else:
-            P = self.s.unsqueeze(1) * self.Kc * self.s.unsqueeze(0)
-            M = (P + P.T) / 2
+            P = self.s.unsqueeze(1) * self.Kc * self.s.unsqueeze(0)  # (n, n)
+        M = (P + P.T) / 2
         self.chol = torch.linalg.cholesky(M + self.lam * torch.eye(len(M), dtype=M.dtype, device=M.device))
         self.prior = a @ Y / self.S
         self.alpha = self.s.unsqueeze(1) * self._solve(self.s.unsqueeze(1) * (Y - self.prior))
@@ -782,7 +778,8 @@ class WeightedDual:
     def centred(self, G: ArrayLike) -> torch.Tensor:
         """kc(x_v, z_i) (m, n) of embeddings G (m, D) under these weights."""
         Zq = self.head._check_input(G)
-        k = self.head._phi(Zq) @ self.K.F.T if isinstance(self.K, LowRankGram) else self.head._kernel(Zq, self.Z)
+        k = (self.head._phi(Zq) @ self.K.F.T if isinstance(self.K, LowRankGram)
+             else self.head._gram(Zq, self.Z, self.head.gamma_))
         return centre_cross(k, self.r, self.a, self.t)
 
     def decision(self, G: ArrayLike) -> torch.Tensor:
@@ -863,6 +860,15 @@ class _Spectrum:
         QtV = self.Q.T @ V
         out = self.Q @ (QtV / (self.m + lam).unsqueeze(1))
         return out + (V - self.Q @ QtV) / lam if self.low_rank else out
+
+    def inverse_columns(self, R: torch.Tensor, lam: float) -> torch.Tensor:
+        """Columns R (k,) of (M + lam I)^-1, (n, k), from rows R of Q (and the 1 / lam of a low-rank M's null space)."""
+        QR = self.Q[R].T
+        out = self.Q @ (QR / (self.m + lam).unsqueeze(1))
+        if self.low_rank:
+            out = out - self.Q @ QR / lam
+            out[R, torch.arange(len(R), device=R.device)] += 1 / lam
+        return out
 
     def hat(self, lam: float) -> torch.Tensor:
         return self.a / self.S + torch.einsum("ik,ik,k->i", self.Q, self.Q, self.m / (self.m + lam))
