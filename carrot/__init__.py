@@ -4,11 +4,12 @@ The pipeline, by sub-package:
 
 * ``carrot.features``    frozen timm backbone -> region tokens (backbones, offline weights, token cache, RegionSet)
 * ``carrot.embed``       Gaussian space x feature graph -> heat diffusion exp(-tL) -> readout (:class:`Embedder`)
-* ``carrot.ridge``       the closed-form head and its one ridge core: centred moments, one factorisation,
-                         exact LOO, Woodbury removal (:class:`RidgeHead`, :class:`RidgeSystem`)
-* ``carrot.attribution`` exact splits of a logit over training images and over regions
+* ``carrot.ridge``       the closed-form heads (:class:`RidgeHead`, :class:`KernelRidgeHead`) and the one protocol of
+                         their exact training systems (:class:`TrainingSystem`: LOO, removal, reweighting, the
+                         certificate), with a primal and a dual back-end (:class:`PrimalSystem`, :class:`DualSystem`)
+* ``carrot.attribution`` exact splits of a logit over regions and pixels; FAISS retrieval
 * ``carrot.audit``       evaluations, reweighting (RRO), dataset debugging, TracIn, t sweeps; the audit registry
-* ``carrot.report``      heatmaps, explanation pages, the run index
+* ``carrot.report``      the typed :class:`Explanation` and the words of each number; heatmaps, pages, the run index
 * ``carrot.run``         :class:`Carrot` (the whole pipeline), the run directory (:class:`RunDir`), the commands
 * ``carrot.cli``         ``carrot-run``
 
@@ -34,7 +35,12 @@ _PUBLIC = {
     "RidgeHead": "carrot.ridge.head",
     "KernelRidgeHead": "carrot.ridge.kernel",
     "HEADS": "carrot.ridge.heads",
-    "RidgeSystem": "carrot.ridge.removal",
+    "TrainingSystem": "carrot.ridge.system",
+    "PrimalSystem": "carrot.ridge.primal",
+    "DualSystem": "carrot.ridge.dual",
+    "Certificate": "carrot.ridge.system",
+    "TrainingTerms": "carrot.ridge.system",
+    "Explanation": "carrot.report.explanation",
     "CentredMoments": "carrot.ridge.core",
     "RidgeFactor": "carrot.ridge.core",
     "ridge_loo_path": "carrot.ridge.loo",

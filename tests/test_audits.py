@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from carrot.ridge.head import RidgeHead, frozen_clone
-from carrot.ridge.removal import RidgeSystem
+from carrot.ridge.primal import PrimalSystem
 from carrot.run.pipeline import Carrot
 from carrot.cli import cli
 
@@ -41,9 +41,9 @@ def runs(tmp_path_factory, fit_tiny) -> dict[str, Path]:
 
 @pytest.fixture
 def fits(monkeypatch):
-    """Every RidgeHead.fit / RidgeSystem.fit made while an audit runs: (settings, weights)."""
+    """Every RidgeHead.fit / PrimalSystem.fit made while an audit runs: (settings, weights)."""
     heads, systems = [], []
-    head_fit, system_fit = RidgeHead.fit, RidgeSystem.fit.__func__
+    head_fit, system_fit = RidgeHead.fit, PrimalSystem.fit.__func__
 
     def record_head(self, G, y, sample_weight=None):
         heads.append((self.get_params(), None if sample_weight is None else np.asarray(sample_weight, dtype=np.float64)))
@@ -54,7 +54,7 @@ def fits(monkeypatch):
         return system_fit(cls, G, Y, a, lam, fit_intercept, device, chunk_size)
 
     monkeypatch.setattr(RidgeHead, "fit", record_head)
-    monkeypatch.setattr(RidgeSystem, "fit", classmethod(record_system))
+    monkeypatch.setattr(PrimalSystem, "fit", classmethod(record_system))
     return heads, systems
 
 
@@ -85,7 +85,15 @@ def test_every_audit_refits_the_fitted_model(runs, kind, audit, fits, tmp_path):
     assert all(params == want for params, _ in heads), (want, heads)
     assert all(s["fit_intercept"] == head.fit_intercept and s["lam"] == head.lam_ for s, _ in systems)
     if w is not None:  # every refit is weighted with (a subset of) the run's weights
-        assert all(a is not None and np.isin(a, w).all() for _, a in heads + systems)
+        steps = systems if audit[0] == "reweight" else []  # RRO's steps: the run's weights times the learned ones
+        assert all(a is not None and np.isin(a, w).all() for _, a in heads + (systems if not steps else []))
+        if steps:
+            from carrot.data import stratified_indices
+
+            y_all = np.array([r.label for r in model.train_records_])
+            base = w[stratified_indices(y_all, model.classes_, 0.34, model.config.seed, "train")[0]]
+            np.testing.assert_allclose(steps[0][1], base, rtol=1e-12)  # step 0: uniform learned weights
+            assert all(a.shape == base.shape and (a[base == 0] == 0).all() for _, a in steps)
     if audit[0] in ("evaluate", "debug", "bench"):
         assert heads, "the audit refits the head, so the recorder must have seen it"
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from carrot.ridge.head import RidgeHead
-from carrot.ridge.removal import RidgeSystem
+from carrot.ridge.primal import PrimalSystem
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible to torch")
 
@@ -44,8 +44,8 @@ def test_streamed_memmap_fit_on_cuda(tmp_path):
 def test_ridge_system_on_cuda_gives_the_same_loo_and_woodbury():
     G, y = _blobs(400, 30, 6, seed=3)
     Y = torch.nn.functional.one_hot(torch.as_tensor(y), 6).to(torch.float64)
-    cpu = RidgeSystem.fit(G, Y, None, 2.0, device="cpu")
-    gpu = RidgeSystem.fit(G, Y, None, 2.0, device="cuda")
+    cpu = PrimalSystem.fit(G, Y, None, 2.0, device="cpu")
+    gpu = PrimalSystem.fit(G, Y, None, 2.0, device="cuda")
     torch.testing.assert_close(gpu.theta, cpu.theta, rtol=1e-9, atol=1e-11)
     torch.testing.assert_close(gpu.loo_logits(), cpu.loo_logits(), rtol=1e-8, atol=1e-10)
     drop = np.arange(0, 400, 37)
@@ -121,5 +121,6 @@ def test_kernel_head_on_cuda_equals_cpu(approx):
     assert (gpu.gamma_, gpu.lam_) == (cpu.gamma_, cpu.lam_) and gpu.dual_coef_.device.type == "cpu"
     Gt = _blobs(50, 48, 6, seed=5)[0]
     np.testing.assert_allclose(gpu.decision_function(Gt), cpu.decision_function(Gt), rtol=1e-8, atol=1e-9)
-    np.testing.assert_allclose(gpu.loo_decision().numpy(), cpu.loo_decision().numpy(), rtol=1e-8, atol=1e-9)
-    np.testing.assert_allclose(gpu.remove(Gt, [1, 5, 9]).numpy(), cpu.remove(Gt, [1, 5, 9]).numpy(), rtol=1e-8, atol=1e-9)
+    np.testing.assert_allclose(gpu.system().loo_logits().numpy(), cpu.system().loo_logits().numpy(), rtol=1e-8, atol=1e-9)
+    np.testing.assert_allclose(gpu.system().decision_without(Gt, [1, 5, 9]).numpy(),
+                               cpu.system().decision_without(Gt, [1, 5, 9]).numpy(), rtol=1e-8, atol=1e-9)

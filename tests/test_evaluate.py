@@ -9,7 +9,7 @@ from carrot.audit.evaluate import (
     accuracy_over_seeds, compare_predictions, estimator_scores, faithfulness, flip_labels, lds, mislabel_detection, mislabel_scores, rank_agreement,
 )
 from carrot.ridge.head import RidgeHead
-from carrot.ridge.removal import RidgeSystem
+from carrot.ridge.primal import PrimalSystem
 
 
 def blobs(n=150, d=10, c=4, seed=0, sep=1.2):
@@ -45,12 +45,12 @@ def test_mislabel_detection_finds_flips():
 def fitted():
     G, y, Gt = blobs()
     head = RidgeHead(lam=0.5).fit(G, y)
-    return G, y, Gt, head, RidgeSystem.from_head(head, G, y)
+    return G, y, Gt, head, head.system(G, y)
 
 
 def test_faithfulness_with_exact_scores(fitted):
     G, y, Gt, head, system = fitted
-    loo_support, est = estimator_scores(head, system, G, y, Gt)
+    loo_support, est = estimator_scores(system, G, y, Gt)
     res = faithfulness(system, Gt, loo_support, ks=(1, 10), n_random=2)
     # with the exact LOO support as the ranking, removing the top-1 drops the logit by exactly its max
     assert res["1"]["remove_top"]["logit_drop"] == pytest.approx(loo_support.max(1).mean(), rel=1e-9)
@@ -67,7 +67,7 @@ def test_faithfulness_with_exact_scores(fitted):
 def test_lds_and_rank_agreement(fitted):
     G, y, Gt, head, system = fitted
     pred = head.decision_function(Gt).argmax(1)
-    loo_support, est = estimator_scores(head, system, G, y, Gt, TracInHead.fit(G, y, epochs=10, n_checkpoints=3))
+    loo_support, est = estimator_scores(system, G, y, Gt, TracInHead.fit(G, y, epochs=10, n_checkpoints=3), head.classes_)
     noise = np.random.default_rng(0).normal(size=loo_support.shape)
     scores = lds(system, Gt, pred, {"loo": loo_support, "noise": noise, **est}, n_subsets=30)
     assert scores["loo"] > 0.5 and abs(scores["noise"]) < 0.25
@@ -79,13 +79,13 @@ def test_lds_and_rank_agreement(fitted):
 
 def test_class_summary_and_region_pairs(fitted):
     G, y, Gt, head, _ = fitted
-    s = class_summary(head, G, y, Gt)
+    s = class_summary(head.system(G, y), Gt)
     logits = head.decision_function(Gt)
     pred = s["predicted"]
     for c in set(pred.tolist()):
         rows = pred == c
         np.testing.assert_allclose(s["class_flow"][c].sum(), (logits[rows, c] - head.prior_[c].item()).mean(), rtol=1e-9)
-    chunked = class_summary(head, G, y, Gt, chunk=5)  # streamed over test rows: the same numbers
+    chunked = class_summary(head.system(G, y), Gt, chunk=5)  # streamed over test rows: the same numbers
     np.testing.assert_allclose(chunked["class_flow"], s["class_flow"], rtol=1e-12, atol=1e-14)
     np.testing.assert_allclose(chunked["total_contribution"], s["total_contribution"], rtol=1e-12, atol=1e-14)
     g = torch.Generator().manual_seed(0)

@@ -20,7 +20,7 @@ def fitted(tmp_path_factory, fit_tiny):
 def test_listed_numbers_are_exact_and_ranked_by_removal(fitted, synthetic_root):
     model = Carrot.load(fitted)
     img = str(synthetic_root / "class_01" / "img_002.png")
-    (exp,) = model.explain([img], k=3, certificate_limit=8)
+    (exp,) = [e.to_json() for e in model.explain([img], k=3, certificate_limit=8)]
     G = model.embed_images([img])[0]
     y = np.array([r.label for r in model.train_records_])
     c = exp["predicted_index"]
@@ -54,10 +54,7 @@ def test_cli_json_has_the_python_api_fields_and_the_page_says_what_each_number_m
                            catch_exceptions=False)
     assert r.exit_code == 0, r.output
     (cli_exp,) = json.loads(r.output)
-    (api_exp,) = Carrot.load(fitted).explain([img], k=2)
-    api_exp.pop("_image")
-    for row in api_exp["supporting"] + api_exp["inhibiting"]:
-        row.pop("_image")
+    (api_exp,) = [e.to_json() for e in Carrot.load(fitted).explain([img], k=2)]
     assert set(api_exp) <= set(cli_exp) and set(cli_exp) - set(api_exp) == {"heatmap", "page"}
     assert set(api_exp["supporting"][0]) == set(cli_exp["supporting"][0])
     page = (tmp_path / "x").glob("*/explanation.html").__next__().read_text()

@@ -190,14 +190,14 @@ def test_index_labels_refuses_unknown_labels_by_name():
 
 def test_dual_coef_and_ridge_system_refuse_a_label_the_head_never_saw():
     from carrot.errors import CarrotError
-    from carrot.ridge.removal import RidgeSystem
+    from carrot.ridge.primal import PrimalSystem
 
     g = np.random.default_rng(0)
     G, y = g.normal(size=(20, 4)), np.repeat([0, 1, 3], [7, 7, 6])
     head = RidgeHead(lam=1.0).fit(G, y)
     y_bad = y.copy()
     y_bad[0] = 2  # between known classes: searchsorted alone would map it onto class 3
-    for call in (lambda: head.dual_coef(G, y_bad), lambda: RidgeSystem.from_head(head, G, y_bad)):
+    for call in (lambda: head.dual_coef(G, y_bad), lambda: head.system(G, y_bad)):
         with pytest.raises(CarrotError, match="y: 1 label\\(s\\) not among the 3 known classes: 2"):
             call()
 

@@ -5,7 +5,7 @@ import torch
 from carrot.errors import CarrotError
 from carrot.ridge.head import RidgeHead
 from carrot.validation import one_hot
-from carrot.ridge.removal import RidgeSystem
+from carrot.ridge.primal import PrimalSystem
 
 
 def problem(n, d, c, seed, weighted=True):
@@ -23,7 +23,7 @@ GRID = [(30, 8, 3, True), (30, 8, 3, False), (20, 25, 4, True), (60, 12, 2, True
 def test_system_matches_head(n, d, c, intercept):
     G, y, a = problem(n, d, c, seed=n + d)
     head = RidgeHead(lam=0.4, fit_intercept=intercept).fit(G, y, a)
-    sys_ = RidgeSystem.from_head(head, G, y, a)
+    sys_ = head.system(G, y, a)
     np.testing.assert_allclose(sys_.coef.numpy(), head.coef_.numpy(), rtol=1e-8, atol=1e-10)
     np.testing.assert_allclose(sys_.intercept.numpy(), head.intercept_.numpy(), rtol=1e-8, atol=1e-10)
 
@@ -33,8 +33,8 @@ def test_loo_effect_on_test_logits_matches_refits(n, d, c, intercept):
     G, y, a = problem(n, d, c, seed=2 * n + d)
     Gt = np.random.default_rng(5).normal(size=(4, d))
     head = RidgeHead(lam=0.4, fit_intercept=intercept).fit(G, y, a)
-    sys_ = RidgeSystem.from_head(head, G, y, a)
-    eff = sys_.loo_effect(Gt).numpy()
+    sys_ = head.system(G, y, a)
+    eff = sys_.removal_effect(Gt).numpy()
     base = head.decision_function(Gt)
     loo = sys_.loo_logits().numpy()
     for i in range(n):
@@ -49,7 +49,7 @@ def test_loo_effect_on_test_logits_matches_refits(n, d, c, intercept):
 def test_woodbury_reweight_remove_add_matches_refit(n, d, c, intercept, k):
     G, y, a = problem(n, d, c, seed=3 * n + k)
     g = np.random.default_rng(k)
-    sys_ = RidgeSystem.fit(G, one_hot(y, c), a, 0.4, intercept)
+    sys_ = PrimalSystem.fit(G, one_hot(y, c), a, 0.4, intercept)
     idx = g.choice(n, size=k, replace=False)
     new_w = g.uniform(0, 3, size=k)
     new_w[0] = 0.0  # one removal
@@ -67,7 +67,7 @@ def test_woodbury_reweight_remove_add_matches_refit(n, d, c, intercept, k):
 
 def test_woodbury_bad_input():
     G, y, a = problem(20, 4, 2, seed=0)
-    sys_ = RidgeSystem.fit(G, one_hot(y, 2), a, 1.0)
+    sys_ = PrimalSystem.fit(G, one_hot(y, 2), a, 1.0)
     with pytest.raises(CarrotError, match="idx"):
         sys_.updated_theta([0, 0])
     with pytest.raises(CarrotError, match="idx"):
@@ -78,16 +78,14 @@ def test_woodbury_bad_input():
 
 
 def test_loo_loss_change_matches_refits():
-    from carrot.ridge.removal import loo_loss_change
-
     G, y, a = problem(40, 6, 3, seed=9)
     Gt = np.random.default_rng(1).normal(size=(13, 6))
     yt = np.random.default_rng(2).integers(0, 3, 13)
-    sys_ = RidgeSystem.fit(G, one_hot(y, 3), a, 0.7)
-    got = loo_loss_change(sys_, Gt, yt, chunk=5).numpy()
+    sys_ = PrimalSystem.fit(G, one_hot(y, 3), a, 0.7)
+    got = sys_.loo_loss_change(Gt, yt, chunk=5).numpy()
     Yt = one_hot(yt, 3).numpy()
     base = ((sys_.decision(Gt).numpy() - Yt) ** 2).sum()
     for i in (0, 7, 39):
         keep = np.arange(40) != i
-        ref = RidgeSystem.fit(G[keep], one_hot(y[keep], 3), a[keep], 0.7)
+        ref = PrimalSystem.fit(G[keep], one_hot(y[keep], 3), a[keep], 0.7)
         assert got[i] == pytest.approx(((ref.decision(Gt).numpy() - Yt) ** 2).sum() - base, rel=1e-8, abs=1e-12)

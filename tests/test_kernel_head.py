@@ -7,7 +7,9 @@ from sklearn.base import clone
 from sklearn.metrics.pairwise import laplacian_kernel, polynomial_kernel, rbf_kernel
 
 from carrot.errors import CarrotError
-from carrot.ridge.kernel import KERNELS, KernelRidgeHead, WeightedDual, kernel_matrix
+from carrot.ridge.dual import DualSystem
+from carrot.ridge.gram import KERNELS, kernel_matrix
+from carrot.ridge.kernel import KernelRidgeHead
 
 
 def data(seed: int, n: int = 24, d: int = 5, classes: int = 3, weights: bool = False):
@@ -62,7 +64,7 @@ def test_the_fit_solves_the_normal_equations(kernel, seed, weights):
 def test_exact_loo_equals_n_brute_force_refits(kernel, seed, weights, standardize):
     G, y, a = data(seed, weights=weights)
     head = KernelRidgeHead(kernel=kernel, gamma=0.5, lam=0.2, standardize=standardize).fit(G, y, a)
-    loo = head.loo_decision().numpy()
+    loo = head.system().loo_logits().numpy()
     Z = head.X_fit_.numpy()  # the preprocessing is part of the feature map, fixed at fit
     for i in range(len(y)):
         keep = np.arange(len(y)) != i
@@ -79,9 +81,9 @@ def test_representer_and_equivalent_kernel_identities(kernel, seed, weights):
     Gt = np.random.default_rng(seed + 7).normal(size=(9, G.shape[1]))
     f = head.decision_function(Gt)
     for c in range(3):
-        terms = head.representer_terms(Gt, c).numpy()
+        terms = (head.system().similarity(Gt) * head.dual_coef_[:, c]).numpy()
         assert np.abs(head.prior_[c].item() + terms.sum(1) - f[:, c]).max() < 1e-9
-    L = head.equivalent_kernel(Gt).numpy()
+    L = head.system().equivalent_kernel(Gt).numpy()
     assert np.abs(L @ np.eye(3)[y] - f).max() < 1e-9
     if a is not None:
         assert np.abs(L[:, 3]).max() < 1e-12 and float(head.dual_coef_[3].abs().max()) < 1e-12  # zero weight: no say
@@ -94,7 +96,7 @@ def test_removal_equals_a_refit_without_the_images(kernel, seed, weights):
     head = KernelRidgeHead(kernel=kernel, gamma=0.5, lam=0.1, standardize=False).fit(G, y, a)
     Gt = np.random.default_rng(seed + 9).normal(size=(4, G.shape[1]))
     f = head.decision_function(Gt)
-    single = head.removal_effect(Gt, [0, 5, 11]).numpy()
+    single = -head.system().removal_effect(Gt, [0, 5, 11]).numpy()  # f - f_-i
     for col, i in enumerate([0, 5, 11]):
         keep = np.arange(len(y)) != i
         ref = KernelRidgeHead(kernel=kernel, gamma=0.5, lam=0.1, standardize=False).fit(G[keep], y[keep], None if a is None else a[keep])
@@ -102,7 +104,7 @@ def test_removal_equals_a_refit_without_the_images(kernel, seed, weights):
     R = [2, 7, 8, 20]
     keep = ~np.isin(np.arange(len(y)), R)
     ref = KernelRidgeHead(kernel=kernel, gamma=0.5, lam=0.1, standardize=False).fit(G[keep], y[keep], None if a is None else a[keep])
-    assert np.allclose(head.remove(Gt, R).numpy(), f - ref.decision_function(Gt), atol=1e-9)
+    assert np.allclose(head.system().decision_without(Gt, R).numpy(), ref.decision_function(Gt), atol=1e-9)
 
 
 def test_auto_picks_the_best_pair_by_brute_force_loo():
@@ -131,7 +133,7 @@ def test_save_load_clone_and_errors(tmp_path):
     back = KernelRidgeHead.load(tmp_path / "h.safetensors")
     Gt = np.random.default_rng(0).normal(size=(3, G.shape[1]))
     assert np.array_equal(back.decision_function(Gt), head.decision_function(Gt))
-    assert np.allclose(back.loo_decision().numpy(), head.loo_decision().numpy(), atol=1e-10)
+    assert np.allclose(back.system().loo_logits().numpy(), head.system().loo_logits().numpy(), atol=1e-10)
     assert clone(head).get_params() == head.get_params()
     for bad, match in [({"kernel": "cosine"}, "kernel: expected one of rbf, laplacian, poly"),
                        ({"gamma": -1.0}, "gamma: expected 'auto' or a finite number > 0"),
@@ -142,7 +144,7 @@ def test_save_load_clone_and_errors(tmp_path):
     with pytest.raises(CarrotError, match="G: expected 5 features"):
         head.decision_function(np.zeros((2, 4)))
     with pytest.raises(CarrotError, match="rows: expected training indices"):
-        head.remove(Gt, [999])
+        head.system().decision_without(Gt, [999])
     (tmp_path / "h.safetensors").write_bytes(b"garbage")
     with pytest.raises(CarrotError, match="corrupt|unreadable"):
         KernelRidgeHead.load(tmp_path / "h.safetensors")
@@ -150,7 +152,7 @@ def test_save_load_clone_and_errors(tmp_path):
 
 def test_the_head_registry_loads_either_kind_and_refuses_missing_properties_by_name(tmp_path):
     from carrot.ridge.head import RidgeHead
-    from carrot.ridge.heads import HEADS, PROPERTIES, HeadKind, kind_of, load_head, register, require
+    from carrot.ridge.heads import HEADS, PROPERTIES, kind_of, load_head, register_head, require
 
     G, y, _ = data(6)
     for head in (RidgeHead(lam=0.5).fit(G, y), KernelRidgeHead(lam=0.5, gamma=0.3).fit(G, y)):
@@ -163,7 +165,7 @@ def test_the_head_registry_loads_either_kind_and_refuses_missing_properties_by_n
     with pytest.raises(CarrotError, match=r"explain: the kernel head has no additive split .* head\.kind: ridge"):
         require(KernelRidgeHead(), "region_split", "explain")
     with pytest.raises(ValueError, match="unknown properties"):
-        register(HeadKind("x", "carrot.ridge.head:RidgeHead", "x", frozenset({"telepathy"}), ""))
+        register_head("x", frozenset({"telepathy"}), "")(RidgeHead)
     (tmp_path / "bad.safetensors.json").write_text('{"format": "carrot.Other"}')
     with pytest.raises(CarrotError, match="expected a head file of format carrot.RidgeHead, carrot.KernelRidgeHead"):
         load_head(tmp_path / "bad.safetensors")
@@ -174,16 +176,16 @@ def test_training_terms_views_sum_to_the_logit_and_removal_is_a_refit(kernel, we
     G, y, a = data(7, weights=weights)
     head = KernelRidgeHead(kernel=kernel, gamma=0.4, lam=0.2, standardize=False).fit(G, y, a)
     Gt = np.random.default_rng(3).normal(size=(5, G.shape[1]))
-    T = head.training_terms(Gt)
+    T = head.system().training_terms(Gt)
     f = head.decision_function(Gt)
     c = f.argmax(1)
-    assert np.allclose(T["logit"].numpy(), f[np.arange(5), c], atol=1e-12)
+    assert np.allclose(T.logit.numpy(), f[np.arange(5), c], atol=1e-12)
     for view in ("equivalent_kernel", "representer"):
-        assert np.abs(T["prior"].numpy() + T[view].sum(1).numpy() - T["logit"].numpy()).max() < 1e-9
+        assert np.abs(T.prior.numpy() + getattr(T, view).sum(1).numpy() - T.logit.numpy()).max() < 1e-9
     for i in (1, 10):
         keep = np.arange(len(y)) != i
         ref = KernelRidgeHead(kernel=kernel, gamma=0.4, lam=0.2, standardize=False).fit(G[keep], y[keep], None if a is None else a[keep])
-        assert np.allclose(T["removal"][:, i].numpy(), ref.decision_function(Gt)[np.arange(5), c] - f[np.arange(5), c], atol=1e-9)
+        assert np.allclose(T.removal[:, i].numpy(), ref.decision_function(Gt)[np.arange(5), c] - f[np.arange(5), c], atol=1e-9)
 
 
 def test_the_exact_dual_beyond_memory_is_refused_or_approximated(monkeypatch):
@@ -235,14 +237,14 @@ def test_loss_change_and_label_review_equal_refits(weights):
     head = KernelRidgeHead(gamma=0.6, lam=0.2, standardize=False).fit(G, y, a)
     rng = np.random.default_rng(9)
     Ge, ye = rng.normal(size=(7, G.shape[1])), rng.integers(0, 3, size=7)
-    change = head.loo_loss_change(Ge, ye).numpy()
+    change = head.system().loo_loss_change(Ge, ye).numpy()
     Ye = np.eye(3)[ye]
     base = ((head.decision_function(Ge) - Ye) ** 2).sum()
     for i in (0, 4, 13):
         keep = np.arange(len(y)) != i
         ref = KernelRidgeHead(gamma=0.6, lam=0.2, standardize=False).fit(G[keep], y[keep], None if a is None else a[keep])
         assert change[i] == pytest.approx(((ref.decision_function(Ge) - Ye) ** 2).sum() - base, abs=1e-9)
-    scores, T = head.loo_cross_entropy()
+    scores, T = head.system().loo_cross_entropy()
     loo = np.stack([KernelRidgeHead(gamma=0.6, lam=0.2, standardize=False).fit(
         G[np.arange(len(y)) != i], y[np.arange(len(y)) != i], None if a is None else a[np.arange(len(y)) != i]
     ).decision_function(G[i : i + 1])[0] for i in range(len(y))])
@@ -277,7 +279,7 @@ def test_the_certificate_is_the_greedy_of_brute_force_refits(seed, weights):
     head = KernelRidgeHead(**kw).fit(G, y, a)
     Gt = np.random.default_rng(seed + 11).normal(size=(6, G.shape[1])) * 0.3
     x = Gt[np.argmin(np.sort(head.decision_function(Gt), 1)[:, -1] - np.sort(head.decision_function(Gt), 1)[:, -2])]
-    cert = head.certificate(x, limit=8)
+    cert = head.system().certificate(x, limit=8)
     f0 = head.decision_function(x[None])[0]
     c = int(f0.argmax())
     w = np.ones(len(y)) if a is None else a.copy()
@@ -313,7 +315,7 @@ def test_the_debug_loop_with_the_kernel_head_equals_refits():
         ref = KernelRidgeHead(gamma=0.5, lam=0.2, standardize=False).fit(G[keep], y[keep])
         assert row["val_accuracy"] == pytest.approx(float((ref.predict(Gv) == yv).mean()))
         assert row["test_accuracy"] == pytest.approx(float((ref.predict(Gt) == yt).mean()))
-    change = head.loo_loss_change(Gv, yv).numpy()
+    change = head.system().loo_loss_change(Gv, yv).numpy()
     assert res["rows"][0]["dropped"] == np.argsort(change, kind="stable")[:2].tolist()
     down = debug_loop(G, y, Gv, yv, Gt, yt, head, ks=(2, 5), n_random=2, downweight=0.3)
     assert [r["dropped"] for r in down["rows"]] == [r["dropped"] for r in res["rows"]]
@@ -323,7 +325,7 @@ def test_the_debug_loop_with_the_kernel_head_equals_refits():
         ref = KernelRidgeHead(gamma=0.5, lam=0.2, standardize=False).fit(G, y, a)
         assert row["val_accuracy"] == pytest.approx(float((ref.predict(Gv) == yv).mean()))
         assert row["test_accuracy"] == pytest.approx(float((ref.predict(Gt) == yt).mean()))
-        system = WeightedDual(head, head.X_fit_, head.train_targets_, torch.as_tensor(a))
+        system = DualSystem.on_weights(head, head.X_fit_, head.train_targets_, torch.as_tensor(a))
         assert np.allclose(system.decision(Gt).numpy(), ref.decision_function(Gt), atol=1e-9)
 
 
@@ -336,11 +338,11 @@ def test_the_certificate_keeps_every_class_when_one_loses_its_images():
     head = KernelRidgeHead(gamma=0.3, lam=0.05, standardize=False).fit(G, y)
     x = G[12] + 0.1
     assert head.predict(x[None])[0] == 1
-    cert = head.certificate(x, limit=5)
+    cert = head.system().certificate(x, limit=5)
     assert cert.found and cert.indices == [12] and cert.new_class == 0
     assert np.isfinite(cert.margin) and cert.margin > 0 and cert.refit_max_abs_diff < 1e-8
-    ref = head.refit_without([12])
-    assert ref.dual_coef_.shape == (12, 2) and float(ref.prior_[1]) == 0.0
+    ref = head.system().refit(np.arange(12))
+    assert ref.dual_coef.shape == (12, 2) and float(ref.prior[1]) == 0.0
 
 
 def test_the_attribution_audits_with_the_kernel_head_equal_refits():
@@ -349,7 +351,6 @@ def test_the_attribution_audits_with_the_kernel_head_equal_refits():
     from scipy.stats import spearmanr
 
     from carrot.audit.evaluate import evaluate_embeddings
-    from carrot.ridge.kernel import DualCounterfactuals
 
     G, y, _ = data(5, n=24)
     Gt = np.random.default_rng(6).normal(size=(5, G.shape[1]))
@@ -359,7 +360,7 @@ def test_the_attribution_audits_with_the_kernel_head_equal_refits():
     def fit_on(mask):
         return KernelRidgeHead(**settings).fit(G, y, mask.astype(np.float64)).decision_function(Gt)
 
-    cf = DualCounterfactuals(head)
+    cf = head.system()
     R, S = [1, 4, 9], np.arange(0, 24, 2)
     without, only = np.ones(24, bool), np.zeros(24, bool)
     without[R], only[S] = False, True
@@ -372,12 +373,12 @@ def test_the_attribution_audits_with_the_kernel_head_equal_refits():
         mask = np.ones(24, bool)
         mask[i] = False
         support[:, i] = f[np.arange(5), pred] - fit_on(mask)[np.arange(5), pred]
-    assert np.allclose(-cf.loo_effect(Gt).numpy()[np.arange(5), :, pred], support, atol=1e-9)
+    assert np.allclose(-cf.removal_effect(Gt).numpy()[np.arange(5), :, pred], support, atol=1e-9)
     res = evaluate_embeddings(G, y, Gt, head, ["lds", "agreement", "faithfulness"], ks=(1, 3), n_test=5, n_subsets=6)
     assert set(res["lds"]) == {"exact_loo", "carrot_representer", "carrot_equivalent_kernel", "kernel_similarity"}
     agree = res["agreement_with_exact_loo"]
     assert set(agree) == {"carrot_representer", "carrot_equivalent_kernel", "kernel_similarity"}
-    rep = head.training_terms(Gt, pred)["representer"].numpy()
+    rep = head.system().training_terms(Gt, pred).representer.numpy()
     assert agree["carrot_representer"]["spearman"] == pytest.approx(
         np.mean([spearmanr(rep[x], support[x]).statistic for x in range(5)]), abs=1e-12)
     rng = np.random.default_rng(0)  # the LDS protocol's subsets, refitted here
@@ -396,18 +397,18 @@ def test_the_attribution_audits_with_the_kernel_head_equal_refits():
     assert res["faithfulness"]["exact_loo"]["1"]["remove_top"]["logit_drop"] == pytest.approx(np.mean(drops), abs=1e-9)
 
 
-def test_refit_fixed_holds_the_feature_map_and_every_class():
+def test_refit_holds_the_feature_map_and_every_class():
     G, y, a = data(8, weights=True)
     head = KernelRidgeHead(gamma=0.6, lam=0.25).fit(G, y, a)  # standardised: the map is the head's own
     w = np.random.default_rng(1).uniform(0.2, 2.0, len(y))
     w[y == 2] = 0.0  # a class left with no weight keeps its column
-    ref = head.refit_fixed(G, y, w)
+    ref = head.refit(G, y, w)
     Z = head.X_fit_.numpy()
     plain = KernelRidgeHead(gamma=0.6, lam=0.25, standardize=False).fit(Z[w > 0], y[w > 0], w[w > 0])
     Gt = np.random.default_rng(2).normal(size=(4, G.shape[1]))
-    zt = head._preprocess(torch.as_tensor(Gt)).numpy()
+    zt = head.preprocess(torch.as_tensor(Gt)).numpy()
     assert ref.decision_function(Gt).shape == (4, 3)
     assert np.allclose(ref.decision_function(Gt)[:, :2], plain.decision_function(zt), atol=1e-9)
     assert np.allclose(ref.decision_function(Gt)[:, 2], 0.0, atol=1e-12)
     with pytest.raises(CarrotError, match="y"):
-        head.refit_fixed(G, np.full(len(y), 7))
+        head.refit(G, np.full(len(y), 7))

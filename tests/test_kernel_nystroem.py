@@ -11,7 +11,9 @@ from sklearn.linear_model import Ridge
 
 import carrot.ridge.kernel as kmod
 from carrot.errors import CarrotError
-from carrot.ridge.kernel import DualCounterfactuals, KernelRidgeHead, WeightedDual
+from carrot.ridge.dual import DualSystem
+from carrot.ridge.gram import LowRankGram
+from carrot.ridge.kernel import KernelRidgeHead
 
 SK_KERNEL = {"rbf": "rbf", "laplacian": "laplacian", "poly": "polynomial"}
 
@@ -47,15 +49,15 @@ def test_the_head_is_sklearns_ridge_on_sklearns_nystroem_features(kernel, seed, 
     ny = sk_features(head, Z, a)
     assert np.allclose(head.landmarks_.numpy(), ny.components_, atol=0)
     Gt = np.random.default_rng(seed + 50).normal(size=(7, G.shape[1]))
-    Zt = head._preprocess(torch.as_tensor(Gt)).numpy()
-    assert np.allclose(head._phi(torch.as_tensor(Zt)).numpy(), ny.transform(Zt), rtol=1e-10, atol=1e-10)
+    Zt = head.preprocess(torch.as_tensor(Gt)).numpy()
+    assert np.allclose(head.phi(torch.as_tensor(Zt)).numpy(), ny.transform(Zt), rtol=1e-10, atol=1e-10)
     ridge = sk_ridge(ny.transform(Z), y, a, 0.3)
     assert np.allclose(head.decision_function(Gt), ridge.predict(ny.transform(Zt)), atol=1e-8)
     # the training-image identities hold for this model: representer + prior = logit, the kernel is phi . phi
-    T = head.training_terms(Gt)
-    assert torch.allclose(T["representer"].sum(1) + T["prior"], T["logit"], atol=1e-9)
-    assert torch.allclose(T["equivalent_kernel"].sum(1) + T["prior"], T["logit"], atol=1e-9)
-    k = head._kernel(torch.as_tensor(Zt)).numpy()
+    T = head.system().training_terms(Gt)
+    assert torch.allclose(T.representer.sum(1) + T.prior, T.logit, atol=1e-9)
+    assert torch.allclose(T.equivalent_kernel.sum(1) + T.prior, T.logit, atol=1e-9)
+    k = (head.phi(torch.as_tensor(Zt)) @ head.train_gram().F.T).numpy()
     assert np.allclose(k, ny.transform(Zt) @ ny.transform(Z).T, atol=1e-9)
 
 
@@ -66,7 +68,7 @@ def test_every_training_image_a_landmark_is_the_exact_head():
     assert exact.approx_ == "exact" and ny.approx_ == "nystroem" and len(ny.landmarks_) == 30
     Gt = np.random.default_rng(0).normal(size=(6, G.shape[1]))
     assert np.allclose(ny.decision_function(Gt), exact.decision_function(Gt), atol=1e-6)
-    assert torch.allclose(ny.loo_decision(), exact.loo_decision(), atol=1e-6)
+    assert torch.allclose(ny.system().loo_logits(), exact.system().loo_logits(), atol=1e-6)
 
 
 @pytest.mark.parametrize("seed,weights", [(0, False), (1, True)])
@@ -76,11 +78,11 @@ def test_exact_loo_and_removal_equal_brute_force_refits_of_the_approximate_model
     Z = head.X_fit_.numpy()
     F = sk_features(head, Z, a).transform(Z)  # the feature map is held: refits change the rows, not the landmarks
     w = np.ones(len(y)) if a is None else a
-    loo = head.loo_decision().numpy()
+    loo = head.system().loo_logits().numpy()
     Gt = np.random.default_rng(seed + 9).normal(size=(4, G.shape[1]))
-    Ft = sk_features(head, Z, a).transform(head._preprocess(torch.as_tensor(Gt)).numpy())
+    Ft = sk_features(head, Z, a).transform(head.preprocess(torch.as_tensor(Gt)).numpy())
     f = head.decision_function(Gt)
-    effect = head.removal_effect(Gt).numpy()  # (m, n, C) f - f_-i
+    effect = -head.system().removal_effect(Gt).numpy()  # (m, n, C) f - f_-i
     for i in range(len(y)):
         if w[i] == 0:
             continue
@@ -91,12 +93,11 @@ def test_exact_loo_and_removal_equal_brute_force_refits_of_the_approximate_model
     rows = [0, 4, 7, 11]
     keep = np.setdiff1d(np.arange(len(y)), rows)
     ref = sk_ridge(F[keep], y[keep], w[keep], 0.2)
-    assert np.allclose(head.remove(Gt, rows).numpy(), f - ref.predict(Ft), atol=1e-8)  # block Woodbury
+    assert np.allclose(head.system().decision_without(Gt, rows).numpy(), ref.predict(Ft), atol=1e-8)  # block Woodbury
     only = [1, 2, 3, 6, 8, 9, 13, 17, 21]
     ref = sk_ridge(F[only], y[only], w[only], 0.2)
-    assert np.allclose(DualCounterfactuals(head).decision_only(Gt, only).numpy(), ref.predict(Ft), atol=1e-8)
-    assert np.allclose(head.refit_without(rows).decision_function(head._preprocess(torch.as_tensor(Gt))),
-                       f - head.remove(Gt, rows).numpy(), atol=1e-8)
+    assert np.allclose(head.system().decision_only(Gt, only).numpy(), ref.predict(Ft), atol=1e-8)
+    assert np.allclose(head.system().refit(keep).decision(Gt), head.system().decision_without(Gt, rows).numpy(), atol=1e-8)
 
 
 def test_the_weighted_dual_and_its_gradient_on_the_factored_gram():
@@ -106,10 +107,10 @@ def test_the_weighted_dual_and_its_gradient_on_the_factored_gram():
     F = sk_features(head, Z.numpy(), None).transform(Z.numpy())
     a = torch.as_tensor(np.random.default_rng(1).uniform(0.3, 1.7, len(y)))
     Y = torch.as_tensor(np.eye(3)[y])
-    system = WeightedDual(head, Z, Y, a)
-    assert isinstance(system.K, kmod.LowRankGram)
+    system = DualSystem.on_weights(head, Z, Y, a)
+    assert isinstance(system.train_gram(), LowRankGram)
     Gv = np.random.default_rng(2).normal(size=(5, G.shape[1]))
-    Fv = sk_features(head, Z.numpy(), None).transform(head._preprocess(torch.as_tensor(Gv)).numpy())
+    Fv = sk_features(head, Z.numpy(), None).transform(head.preprocess(torch.as_tensor(Gv)).numpy())
     assert np.allclose(system.decision(Gv).numpy(), sk_ridge(F, y, a.numpy(), 0.2).predict(Fv), atol=1e-8)
     dF = torch.as_tensor(np.random.default_rng(3).normal(size=(5, 3)))
     grad = system.weight_gradient(Gv, dF).numpy()
@@ -131,10 +132,10 @@ def test_the_certificate_of_the_approximate_model_is_verified_by_a_refit():
     Z = head.X_fit_.numpy()
     F = sk_features(head, Z, None).transform(Z)
     x = (G[y == 0].mean(0) + G[y == 1].mean(0)) / 2  # near a boundary: a few removals flip it
-    cert = head.certificate(x, limit=20)
+    cert = head.system().certificate(x, limit=20)
     assert cert.found and cert.indices and cert.refit_max_abs_diff < 1e-8
     keep = np.setdiff1d(np.arange(len(y)), cert.indices)
-    fx = sk_features(head, Z, None).transform(head._preprocess(torch.as_tensor(x[None])).numpy())
+    fx = sk_features(head, Z, None).transform(head.preprocess(torch.as_tensor(x[None])).numpy())
     refit = sk_ridge(F[keep], y[keep], None, 0.5).predict(fx)[0]
     c = int(head.decision_function(x[None])[0].argmax())
     assert int(refit.argmax()) == cert.new_class != c
@@ -163,7 +164,7 @@ def test_save_load_round_trip_and_refusals(tmp_path):
     back = KernelRidgeHead.load(tmp_path / "h")
     Gt = np.random.default_rng(0).normal(size=(5, G.shape[1]))
     assert back.approx_ == "nystroem" and np.array_equal(back.decision_function(Gt), head.decision_function(Gt))
-    assert torch.allclose(back.loo_decision(), head.loo_decision(), atol=1e-12)
+    assert torch.allclose(back.system().loo_logits(), head.system().loo_logits(), atol=1e-12)
     meta = json.loads((tmp_path / "h.json").read_text())
     assert meta["version"] == 2 and meta["approx_"] == "nystroem" and meta["params"]["n_landmarks"] == 11
     from safetensors.torch import load_file, save_file
@@ -239,16 +240,15 @@ def test_removal_effects_are_blocked_over_test_images_and_equal_refits(monkeypat
     size gives the refit values."""
     import carrot.audit.evaluate as ev
     from carrot.ridge.head import RidgeHead
-    from carrot.ridge.removal import RidgeSystem
 
     G, y, _ = data(9)
     Gt = np.random.default_rng(1).normal(size=(5, G.shape[1]))
     if linear:
         head = RidgeHead(lam=0.5).fit(G, y)
-        system = RidgeSystem.from_head(head, G, y)
+        system = head.system(G, y)
     else:
         head = KernelRidgeHead(gamma=0.5, lam=0.2, approx="nystroem", n_landmarks=10).fit(G, y)
-        system = DualCounterfactuals(head)
+        system = head.system()
     classes = head.decision_function(Gt).argmax(1)
     whole = ev.removal_effects(system, Gt, classes)
     monkeypatch.setattr(ev, "EFFECT_BLOCK", 2 * len(y) * 3)  # two test images a block
@@ -262,6 +262,6 @@ def test_removal_effects_are_blocked_over_test_images_and_equal_refits(monkeypat
         Z = head.X_fit_.numpy()
         F = sk_features(head, Z, None).transform(Z)
         ref = sk_ridge(F[keep], y[keep], None, 0.2).predict(sk_features(head, Z, None).transform(
-            head._preprocess(torch.as_tensor(Gt)).numpy()))
+            head.preprocess(torch.as_tensor(Gt)).numpy()))
     f = head.decision_function(Gt)
     assert np.allclose(blocked[:, i], (ref - f)[np.arange(5), classes], atol=1e-8)

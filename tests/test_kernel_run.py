@@ -90,7 +90,7 @@ def test_explain_with_the_kernel_head_keeps_the_exact_training_image_views(kerne
     keep = np.arange(len(model.train_records_)) != top["index"]  # the score is a refit without the image
     h = model.head_
     G = model.embed_images([path])[0]
-    z = h._preprocess(torch.as_tensor(G, dtype=torch.float64)).numpy()  # the fixed preprocessing, then a plain refit
+    z = h.preprocess(torch.as_tensor(G, dtype=torch.float64)).numpy()  # the fixed preprocessing, then a plain refit
     f, f_minus = h.decision_function(G)[0], refit_without(h, keep)(z)[0]
     assert top["score"] == pytest.approx(f[exp["predicted_index"]] - f_minus[exp["predicted_index"]], abs=1e-8)
     page = next(tmp_path.glob("0000_*/explanation.html")).read_text()
@@ -127,7 +127,8 @@ def test_kernel_run_commands_work_or_refuse_by_name(kernel_run, tmp_path):
 def test_reweight_with_the_kernel_head_steps_its_dual_and_applies_the_weights(kernel_run, tmp_path):
     """RRO on a kernel run: step 0 is the kernel head on the fit rows (its feature map, gamma and lambda held), the
     learned weights refit a kernel head with the parent's gamma and lambda; --consistency is refused by name."""
-    from carrot.ridge.kernel import KernelRidgeHead, WeightedDual
+    from carrot.ridge.dual import DualSystem
+    from carrot.ridge.kernel import KernelRidgeHead
     from carrot.run.operations import _fit_val_split
     from carrot.run.pipeline import Carrot
     from carrot.validation import one_hot
@@ -140,7 +141,7 @@ def test_reweight_with_the_kernel_head_steps_its_dual_and_applies_the_weights(ke
     model = Carrot.load(kernel_run)
     G, y = model.train_embeddings_, np.array([rec.label for rec in model.train_records_])
     f_rows, _ = _fit_val_split(model, y, 0.2)
-    system = WeightedDual(model.head_, model.head_._check_input(G[f_rows]), one_hot(y[f_rows], len(model.classes_)),
+    system = DualSystem.on_weights(model.head_, model.head_.preprocess(G[f_rows]), one_hot(y[f_rows], len(model.classes_)),
                           torch.ones(len(f_rows), dtype=torch.float64))
     G_test = np.asarray(model.test_embeddings_)
     y_test = np.array([lab for _, lab in model.test_records_])
@@ -156,7 +157,7 @@ def test_reweight_with_the_kernel_head_steps_its_dual_and_applies_the_weights(ke
         assert torch.equal(derived.head_.landmarks_, model.head_.landmarks_)
     assert np.allclose(derived.sample_weight_, weights)
     # the applied run is the model RRO scored: the parent's feature map, the validation rows at weight 0
-    best = WeightedDual(model.head_, model.head_._check_input(G), one_hot(y, len(model.classes_)), torch.as_tensor(weights))
+    best = DualSystem.on_weights(model.head_, model.head_.preprocess(G), one_hot(y, len(model.classes_)), torch.as_tensor(weights))
     assert np.allclose(derived.head_.decision_function(G_test), best.decision(G_test).numpy(), atol=1e-9)
     metrics = json.loads((applied / "metrics.json").read_text())
     assert metrics["test_accuracy"] == pytest.approx(res["reweighted_test_accuracy"]) and metrics["head_choice"] is None

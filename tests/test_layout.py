@@ -57,7 +57,7 @@ def test_the_head_is_constructed_from_a_bare_lambda_only_in_the_ridge_core():
     offenders = [f"{p.relative_to(ROOT)}" for p in PKG.rglob("*.py")
                  if "RidgeHead(lam=" in p.read_text() and p.parent.name != "ridge"]
     offenders += [f"{p.relative_to(ROOT)}" for p in PKG.rglob("*.py")
-                  if re.search(r"RidgeSystem\.fit\(", p.read_text()) and p.parent.name != "ridge"]
+                  if re.search(r"PrimalSystem\.fit\(", p.read_text()) and p.parent.name != "ridge"]
     assert offenders == []
 
 

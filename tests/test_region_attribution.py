@@ -161,7 +161,7 @@ def test_pointing_game_on_the_generated_parts_with_a_real_backbone(tmp_path):
     size = model.backbone.data_config["input_size"][1:]
     hits = []
     for exp in model.explain(test.paths, k=2):
-        x, y, w, h = parts[str(Path(exp["image"]).relative_to(root))]
+        x, y, w, h = parts[str(Path(exp.image).relative_to(root))]
         (x0, y0), (x1, y1) = to_input_coords(np.array([[x, y], [x + w, y + h]]), (64, 64), geo)
-        hits.append(pointing_game(np.asarray(exp["region_contributions"]), (x0, y0, x1, y1), size))
+        hits.append(pointing_game(np.asarray(exp.tokens.values), (x0, y0, x1, y1), size))
     assert np.mean(hits) >= 0.6, hits  # 11 of 12 when written; a random region hits about 1 in 4

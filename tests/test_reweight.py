@@ -4,7 +4,7 @@ import torch
 
 from carrot.errors import CarrotError
 from carrot.validation import one_hot
-from carrot.ridge.removal import RidgeSystem
+from carrot.ridge.primal import PrimalSystem
 from carrot.audit.reweight import RROConfig, class_normalised, ess_fraction, loss_and_grad, rro, weight_gradient
 
 
@@ -22,10 +22,10 @@ def test_exact_weight_gradient_matches_finite_differences(loss, n, d, c, interce
     Y = one_hot(y, c)
 
     def val_loss(w):
-        sys_ = RidgeSystem.fit(G, Y, w, 0.5, intercept)
+        sys_ = PrimalSystem.fit(G, Y, w, 0.5, intercept)
         return loss_and_grad(sys_.decision(Gv), torch.as_tensor(yv), loss, 0.3)[0]
 
-    L, grad = weight_gradient(RidgeSystem.fit(G, Y, a, 0.5, intercept), Gv, yv, loss, 0.3)
+    L, grad = weight_gradient(PrimalSystem.fit(G, Y, a, 0.5, intercept), Gv, yv, loss, 0.3)
     assert L == pytest.approx(val_loss(a), rel=1e-12)
     eps = 1e-6
     for i in range(0, n, 3):
@@ -41,7 +41,8 @@ def test_exact_weight_gradient_matches_finite_differences(loss, n, d, c, interce
 def test_kernel_weight_gradient_matches_refits_of_the_dual(loss, kernel, n, d, c, zero):
     """The dual gradient against central differences of exact refits with the feature map held (standardize=False
     and a fixed gamma: the head's kernel of the raw embeddings), a zero-weight row included."""
-    from carrot.ridge.kernel import KernelRidgeHead, WeightedDual
+    from carrot.ridge.dual import DualSystem
+    from carrot.ridge.kernel import KernelRidgeHead
 
     G, y, a, Gv, yv = problem(n, d, c, seed=3 * n + d)
     if zero:
@@ -54,7 +55,7 @@ def test_kernel_weight_gradient_matches_refits_of_the_dual(loss, kernel, n, d, c
         refit = KernelRidgeHead(kernel=kernel, gamma=0.3, lam=0.4, standardize=False).fit(G, y, w)
         return loss_and_grad(torch.as_tensor(refit.decision_function(Gv)), torch.as_tensor(yv), loss, 0.3)[0]
 
-    system = WeightedDual(head, Z, Y, torch.as_tensor(a))
+    system = DualSystem.on_weights(head, Z, Y, torch.as_tensor(a))
     assert torch.allclose(system.decision(Gv), torch.as_tensor(head.decision_function(Gv)), atol=1e-10)
     L, grad = weight_gradient(system, Gv, yv, loss, 0.3)
     assert L == pytest.approx(val_loss(a), rel=1e-10)
@@ -75,13 +76,14 @@ def test_kernel_weight_gradient_matches_refits_of_the_dual(loss, kernel, n, d, c
 def test_the_dual_gradient_of_a_linear_kernel_is_the_primal_one():
     """Kernel x.z (poly, degree 1, coef0 0): the dual system and the ridge head's primal system are one model, so
     their weight gradients agree (two derivations, one number)."""
-    from carrot.ridge.kernel import KernelRidgeHead, WeightedDual
+    from carrot.ridge.dual import DualSystem
+    from carrot.ridge.kernel import KernelRidgeHead
 
     G, y, a, Gv, yv = problem(18, 5, 3, seed=7)
     head = KernelRidgeHead(kernel="poly", gamma=1.0, degree=1, coef0=0.0, lam=0.6, standardize=False).fit(G, y, a)
     Y = one_hot(y, 3)
-    dual = weight_gradient(WeightedDual(head, torch.as_tensor(G), Y, torch.as_tensor(a)), Gv, yv, "ce", 0.3)
-    primal = weight_gradient(RidgeSystem.fit(G, Y, a, 0.6, True), Gv, yv, "ce", 0.3)
+    dual = weight_gradient(DualSystem.on_weights(head, torch.as_tensor(G), Y, torch.as_tensor(a)), Gv, yv, "ce", 0.3)
+    primal = weight_gradient(PrimalSystem.fit(G, Y, a, 0.6, True), Gv, yv, "ce", 0.3)
     assert dual[0] == pytest.approx(primal[0], rel=1e-10)
     assert torch.allclose(dual[1], primal[1], rtol=1e-8, atol=1e-12)
 

@@ -5,7 +5,7 @@ import torch
 
 from carrot.errors import CarrotError
 from carrot.ridge.head import RidgeHead
-from carrot.ridge.removal import RidgeSystem
+from carrot.ridge.primal import PrimalSystem
 from carrot.ridge.core import CentredMoments, RidgeFactor, spectrum
 from carrot.validation import one_hot
 
@@ -58,17 +58,17 @@ def test_system_from_a_loaded_head_reuses_its_factor(tmp_path, monkeypatch, solv
     head.save(tmp_path / "h.safetensors")
     back = RidgeHead.load(tmp_path / "h.safetensors")
     assert back.factor_.kind == solver and torch.equal(back.sample_weight_, torch.as_tensor(a))
-    ref = RidgeSystem.fit(G, one_hot(y, 3), a, 0.8, intercept)
+    ref = PrimalSystem.fit(G, one_hot(y, 3), a, 0.8, intercept)
     monkeypatch.setattr(CentredMoments, "accumulate", lambda *a, **k: pytest.fail("re-accumulated the Gram"))
-    sys_ = RidgeSystem.from_head(back, G, y)  # the head's weights, no sample_weight passed
+    sys_ = back.system(G, y)  # the head's weights, no sample_weight passed
     Gt = np.random.default_rng(9).normal(size=(4, 12))
     np.testing.assert_allclose(sys_.decision(Gt).numpy(), ref.decision(Gt).numpy(), rtol=1e-9, atol=1e-11)
     np.testing.assert_allclose(sys_.hat_diag().numpy(), ref.hat_diag().numpy(), rtol=1e-8, atol=1e-12)
-    np.testing.assert_allclose(sys_.loo_effect(Gt).numpy(), ref.loo_effect(Gt).numpy(), rtol=1e-7, atol=1e-10)
+    np.testing.assert_allclose(sys_.removal_effect(Gt).numpy(), ref.removal_effect(Gt).numpy(), rtol=1e-7, atol=1e-10)
     with pytest.raises(CarrotError, match="sample_weight: differs from the weights the head was fitted with"):
-        RidgeSystem.from_head(back, G, y, np.ones(30))
+        back.system(G, y, np.ones(30))
     with pytest.raises(CarrotError, match="expected the 30 training rows"):
-        RidgeSystem.from_head(back, G[:20], y[:20])
+        back.system(G[:20], y[:20])
 
 
 def test_moments_refuse_bad_input():
@@ -85,16 +85,16 @@ def test_a_head_without_a_saved_factor_is_factorised_once_on_its_rows():
     """Heads written before format 3 (and heads fitted from moments) carry no factor: from_head fits the system."""
     G, y, a = problem(30, 6, 3, seed=8)
     head = RidgeHead(lam=0.5).fit(G, y, a)
-    ref = RidgeSystem.from_head(head, G, y)
+    ref = head.system(G, y)
     head.factor_ = None
-    legacy = RidgeSystem.from_head(head, G, y)
+    legacy = head.system(G, y)
     np.testing.assert_allclose(legacy.loo_logits().numpy(), ref.loo_logits().numpy(), rtol=1e-9, atol=1e-12)
 
 
 def test_loo_cross_entropy_is_the_refit_label_loss_at_a_fitted_temperature():
     G, y, a = problem(25, 4, 3, seed=11)
     head = RidgeHead(lam=0.4).fit(G, y, a)
-    scores, T = RidgeSystem.from_head(head, G, y).loo_cross_entropy()
+    scores, T = head.system(G, y).loo_cross_entropy()
     loo = np.stack([RidgeHead(lam=0.4).fit(np.delete(G, i, 0), np.delete(y, i), np.delete(a, i)).decision_function(G[i : i + 1])[0]
                     for i in range(len(y))])
 

@@ -2,9 +2,7 @@
 import numpy as np
 import pytest
 
-from carrot.attribution.training import certificate, training_terms
 from carrot.ridge.head import RidgeHead, frozen_clone
-from carrot.ridge.removal import RidgeSystem
 
 
 def problem(n, d, c, seed, weighted):
@@ -25,13 +23,13 @@ GRID = [(30, 8, 3, True, True, "primal"), (20, 40, 4, True, True, "dual"), (40, 
 def test_both_decompositions_sum_to_the_logit_and_removal_equals_refits(n, d, c, weighted, intercept, solver):
     G, y, a, Gt = problem(n, d, c, n * d + c, weighted)
     head = RidgeHead(lam=0.7, fit_intercept=intercept, solver=solver).fit(G, y, a)
-    system = RidgeSystem.from_head(head, G, y)
+    system = head.system(G, y)
     cls = np.arange(len(Gt)) % c  # not only the predicted class
-    t = training_terms(system, Gt, cls)
+    t = system.training_terms(Gt, cls)
     logits = head.decision_function(Gt)[np.arange(len(Gt)), cls]
-    np.testing.assert_allclose(t["logit"].numpy(), logits, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(t.logit.numpy(), logits, rtol=1e-12, atol=1e-12)
     for view in ("equivalent_kernel", "representer"):
-        total = t["prior"].numpy() + t[view].sum(1).numpy()
+        total = t.prior.numpy() + getattr(t, view).sum(1).numpy()
         np.testing.assert_allclose(total, logits, rtol=1e-9, atol=1e-9 * np.abs(logits).max())
     w = np.ones(n) if a is None else a
     for i in range(n):
@@ -40,10 +38,10 @@ def test_both_decompositions_sum_to_the_logit_and_removal_equals_refits(n, d, c,
         if ref is None or w[i] == 0:
             continue
         want = ref.decision_function(Gt)[np.arange(len(Gt)), cls] - logits
-        np.testing.assert_allclose(t["removal"][:, i].numpy(), want, rtol=1e-7, atol=1e-9)
+        np.testing.assert_allclose(t.removal[:, i].numpy(), want, rtol=1e-7, atol=1e-9)
     if a is not None:  # an image with weight 0 contributes nothing to either sum and its removal changes nothing
-        assert t["equivalent_kernel"][:, -1].abs().max() == 0 and t["representer"][:, -1].abs().max() == 0
-        assert t["removal"][:, -1].abs().max() == 0
+        assert t.equivalent_kernel[:, -1].abs().max() == 0 and t.representer[:, -1].abs().max() == 0
+        assert t.removal[:, -1].abs().max() == 0
 
 
 def refit_margin(head, G, y, a, removed, g, c):
@@ -56,11 +54,11 @@ def refit_margin(head, G, y, a, removed, g, c):
 def test_certificate_steps_are_exact_and_the_set_flips_by_refit(weighted):
     G, y, a, Gt = problem(24, 5, 3, 7, weighted)
     head = RidgeHead(lam=2.0).fit(G, y, a)
-    system = RidgeSystem.from_head(head, G, y)
+    system = head.system(G, y)
     found = 0
     for g in Gt:
         c = int(head.decision_function(g[None]).argmax())
-        cert = certificate(system, g, limit=10)
+        cert = system.certificate(g, limit=10)
         if not cert.found:
             continue
         found += 1
@@ -86,5 +84,5 @@ def test_certificate_that_cannot_flip_says_so():
     G, y, a, _ = problem(40, 4, 2, 3, False)
     G[y == 0] -= 6.0  # well separated classes
     head = RidgeHead(lam=0.1).fit(G, y)
-    cert = certificate(RidgeSystem.from_head(head, G, y), G[0], limit=3)
+    cert = head.system(G, y).certificate(G[0], limit=3)
     assert not cert.found and cert.indices == [] and cert.new_class is None and len(cert.path) == 3

@@ -36,40 +36,7 @@ import torch
 
 from carrot.errors import CarrotError
 
-PIXEL_MAPS = {  # the pixel maps explain can draw (Carrot.pixel_map), and what each is exact for
-    "shapley": "this cell's Shapley value in the game 'blur a set of cells', sampled over random orders in antithetic "
-               "pairs (pixel_map_permutations; pixel_map_sem is each cell's standard error): the cells' average logit "
-               "drop when blurred after a random set of the others. Exact for the pixels: the values sum to "
-               "f(x) - f(blurred x) to floating point (pixel_map_completeness_error), for any number of orders",
-    "split": "this cell's share of f(x) - f(blurred x): the whole model's gradient integrated along the path from the "
-             "blurred image to the image, times the pixel change, summed over the cell (path-integrated gradients; "
-             "the shares sum to f(x) - f(blurred x) up to the quadrature error pixel_map_completeness_error)",
-}
-
-REGION_MEANING = {
-    "pixel_map": PIXEL_MAPS["shapley"],
-    "pixel_occlusion": "f(x) - f(x with this cell blurred): the logit drop when only this cell's pixels are blurred, "
-                       "the whole model re-run (an exact counterfactual per cell; the drops do not add up)",
-    "region_contributions": "w_j W_c (h_j - mu/N): the exact split of the logit over the backbone's tokens (they sum "
-                            "to logit - prior); a ViT token sees the whole image, so it says which tokens matter, "
-                            "not which pixels",
-    "prior": "the logit without evidence (the head's intercept part): logit = prior + the training images' terms = "
-             "prior + the token map's sum",
-    "identity_error": "|prior + sum of the terms - logit| for each additive view: the floating-point error of exact identities",
-    "pairs": "(test token, training token) pairs of a training image: with pair_intercept they split its removal effect "
-             "exactly (the head refit, in tokens)",
-    "certificate": "the fewest training images found whose removal changes this prediction (exact Woodbury downdates, "
-                   "the set checked by one refit)",
-    "node_removal": "the logit drop when a token's node is removed from the graph (graph side: the other tokens stay as "
-                    "computed from the full image, so it is exact for the graph, not for the pixels)",
-    "segments": "the token map summed over each segment of the mask (exact for the tokens)",
-    "region_removal": "f(x) - f(x with this token's node removed from the graph): the kernel head's token map, an exact "
-                      "counterfactual per token (graph side: the other tokens stay as computed from the full image; the "
-                      "drops do not add up, as the kernel head is not linear in the tokens)",
-}
-GLOBAL_MEANING = ("W_c^glob . (c - mu^glob): the exact term of the backbone's global tokens (class, registers), which "
-                  "are not regions; prior + region_sum + global_term = the logit")
-LINEAR_ONLY = ("region_contributions", "pairs", "segments")  # meanings of what only the ridge head has
+PIXEL_MAPS = ("shapley", "split")  # the pixel maps explain can draw (Carrot.pixel_map); their words: carrot.report.explanation
 
 Logits = Callable[[torch.Tensor], np.ndarray]  # (B, 3, H, W) model input -> (B, C) float64 logits
 

@@ -1,6 +1,7 @@
-"""Exact attribution of ridge logits to training images and to image regions.
+"""Exact attribution of logits to training images and, for the linear head, to image regions.
 
-Data:    f_c(x) = prior_c + sum_i beta_ic k(i, x),  k(i, x) = <g_i - mu, g_x - mu>
+Data:    f_c(x) = prior_c + sum_i beta_ic k(i, x)  (any head's training system; the linear head's
+         k(i, x) = <g_i - mu, g_x - mu>)
 Regions: with g_x = H^T w (w = exp(-tL) 1 / N),
          f_c(x) = prior_c + sum_j r_jc,  r_jc = W_c . (w_j h_j - mu / N)
          and with the global tokens c read too, g_x = [H^T w ; c]: one more exact term W_c^glob . (c - mu^glob)
@@ -15,7 +16,8 @@ import torch
 
 from carrot.errors import CarrotError, check_is_fitted
 from carrot.ridge.head import RidgeHead
-from carrot.validation import as_float64_matrix, index_labels
+from carrot.ridge.system import TrainingSystem
+from carrot.validation import ArrayLike, as_float64_matrix
 
 
 def centred_kernel(head: RidgeHead, G_train: torch.Tensor, G_test: torch.Tensor) -> torch.Tensor:
@@ -134,28 +136,28 @@ def region_pairs(head: RidgeHead, H_x: torch.Tensor, w_x: torch.Tensor, H_i: tor
     return float(beta_ic) * (centred_parts(H_x, w_x, mu, globals_x) @ centred_parts(H_i, w_i, mu, globals_i).T)
 
 
-def class_summary(head: RidgeHead, G_train, y_train, G_test, chunk: int = 1024) -> dict:
-    """Per-class and global summaries of the exact contributions to each test image's predicted logit,
-    streamed over ``chunk`` test rows at a time (memory O(chunk x n)).
+def class_summary(system: TrainingSystem, G_test: ArrayLike, chunk: int = 1024) -> dict:
+    """Per-class and global summaries of the exact representer contributions to each test image's predicted logit,
+    streamed over ``chunk`` test rows at a time (memory O(chunk x n)); any head's training system.
 
     ``class_flow`` (C, C): mean over test images predicted as c (rows) of the total contribution of the
     training images of class k (columns); ``total_contribution`` (n,): per training image, the sum of
     its contributions over all test images (to their predicted class); ``predicted`` (m,).
     """
-    G_test = torch.as_tensor(np.asarray(G_test), dtype=torch.float64)
-    pred = torch.as_tensor(head.decision_function(G_test).argmax(1))
-    y_idx = torch.as_tensor(index_labels(head.classes_, y_train, "y_train"))
-    C, n = len(head.classes_), len(y_idx)
+    G_test = as_float64_matrix(G_test, "G_test")
+    y_idx = system.Y.argmax(1)
+    C, n = system.n_classes, system.n
+    beta = system.dual_coef
     flow = torch.zeros(C, C, dtype=torch.float64)
     total = torch.zeros(n, dtype=torch.float64)
+    preds = []
     for s in range(0, len(G_test), chunk):
-        p = pred[s : s + chunk]
-        if hasattr(head, "centred_kernel"):  # the kernel head keeps its training rows
-            contrib = head.centred_kernel(G_test[s : s + chunk]) * head.dual_coef_.T[p]
-        else:
-            contrib = centred_kernel(head, G_train, G_test[s : s + chunk]) * head.dual_coef_.T[p]  # (m, n): i -> x's logit
+        p = system.decision(G_test[s : s + chunk]).argmax(1)
+        contrib = system.similarity(G_test[s : s + chunk]) * beta.T[p]  # (m, n): i -> x's logit
         flow.index_add_(0, p, torch.zeros(len(p), C, dtype=torch.float64).index_add(1, y_idx, contrib))
         total += contrib.sum(0)
+        preds.append(p)
+    pred = torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long)
     counts = torch.bincount(pred, minlength=C).clamp_min(1).to(torch.float64)
     return {"class_flow": (flow / counts.unsqueeze(1)).numpy(), "total_contribution": total.numpy(),
             "predicted": pred.numpy()}

@@ -1,25 +1,23 @@
 """Evaluations of attributions: mislabel detection, faithfulness, LDS, rank agreement with exact LOO.
 
-Every routine takes embeddings (the backbone is never re-run) and uses the head's exact refits as ground truth (the
-ridge algebra of :mod:`carrot.ridge.removal`, or the kernel head's dual, :class:`~carrot.ridge.kernel.DualCounterfactuals`);
-scores follow the convention "higher = more of the thing".
+Every routine takes embeddings (the backbone is never re-run) and uses the head's exact training system
+(:class:`~carrot.ridge.system.TrainingSystem`, whichever head it is) as ground truth; scores follow the convention
+"higher = more of the thing".
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 from scipy.stats import kendalltau, spearmanr
 
-from carrot.ridge.baselines import TracInHead
 from carrot.errors import CarrotError
-from carrot.ridge.head import RidgeHead, as_head, frozen_clone
+from carrot.ridge.baselines import TracInHead
+from carrot.ridge.head import as_head, fitted_head, frozen_clone
+from carrot.ridge.heads import keeps
+from carrot.ridge.system import TrainingSystem
 from carrot.validation import index_labels, one_hot
-from carrot.ridge.kernel import DualCounterfactuals, KernelRidgeHead
-from carrot.ridge.removal import RidgeSystem
-
-Counterfactuals = RidgeSystem | DualCounterfactuals  # a head's exact refits without / with only a set of images
 
 
 def flip_labels(y: np.ndarray, fraction: float, n_classes: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -35,17 +33,16 @@ def flip_labels(y: np.ndarray, fraction: float, n_classes: int, seed: int = 0) -
     return y, mask
 
 
-def mislabel_scores(G: np.ndarray, y: np.ndarray, head: RidgeHead | float, tracin: dict | None = None) -> dict[str, np.ndarray]:
-    """Suspicion scores per training point (higher = more likely mislabelled); ``head`` is refitted on the
-    labels y with every setting and the weights it was fitted with (a bare lambda: the default head)."""
+def mislabel_scores(G: np.ndarray, y: np.ndarray, head: Any, tracin: dict | None = None) -> dict[str, np.ndarray]:
+    """Suspicion scores per training point (higher = more likely mislabelled); ``head`` (a registered head, or a bare
+    lambda: the default head) is refitted on the labels y with every setting and the weights it was fitted with."""
     template = as_head(head)
     head = frozen_clone(template).fit(G, y, getattr(template, "sample_weight_", None))
-    linear = isinstance(head, RidgeHead)
-    system = RidgeSystem.from_head(head, G, y) if linear else head  # the kernel head is its own training system
+    system = head.system(G, y)
     y_idx = index_labels(head.classes_, y)
     Y = one_hot(y_idx, len(head.classes_))
     loo = system.loo_logits()
-    fit = system.decision(G) if linear else head.train_decision()
+    fit = system.train_decision()
     rows = torch.arange(len(y))
     own = loo[rows, y_idx]
     other = loo.clone()
@@ -54,7 +51,7 @@ def mislabel_scores(G: np.ndarray, y: np.ndarray, head: RidgeHead | float, traci
         "carrot_loo_ce_calibrated": system.loo_cross_entropy(loo)[0],
         "carrot_loo_loss": ((loo - Y) ** 2).sum(1),
         "carrot_loo_margin": other.max(1).values - own,
-        "carrot_self_representer": head.dual_coef_[rows, y_idx],
+        "carrot_self_representer": system.dual_coef[rows, y_idx],
         "train_loss": ((fit - Y) ** 2).sum(1),
     }
     th = TracInHead.fit(G, y, **(tracin or {}))
@@ -81,21 +78,19 @@ def mislabel_detection(scores: dict[str, np.ndarray], flipped: np.ndarray,
 EFFECT_BLOCK = 2**25  # float64 values of one (rows, n, C) block of LOO effects (256 MiB)
 
 
-def removal_effects(system: Counterfactuals, G_test: np.ndarray, classes: np.ndarray) -> np.ndarray:
+def removal_effects(system: TrainingSystem, G_test: np.ndarray, classes: np.ndarray) -> np.ndarray:
     """Exact LOO effect on each test image's logit of ``classes``: f_-i(x)_c - f(x)_c, (m, n); the (m, n, C) effects
     are computed a block of test images at a time, so memory stays at EFFECT_BLOCK values whatever n and C."""
     G_test, classes = np.asarray(G_test), np.asarray(classes)
-    n = len(system.a)
-    C = system.Y.shape[1] if isinstance(system, RidgeSystem) else len(system.head.classes_)
-    rows = max(1, EFFECT_BLOCK // max(1, n * C))
-    out = np.empty((len(G_test), n))
+    rows = max(1, EFFECT_BLOCK // max(1, system.n * system.n_classes))
+    out = np.empty((len(G_test), system.n))
     for s in range(0, len(G_test), rows):
         c = torch.as_tensor(classes[s : s + rows])
-        out[s : s + rows] = system.loo_effect(G_test[s : s + rows])[torch.arange(len(c)), :, c].numpy()
+        out[s : s + rows] = system.removal_effect(G_test[s : s + rows])[torch.arange(len(c)), :, c].numpy()
     return out
 
 
-def faithfulness(system: Counterfactuals, G_test: np.ndarray, attributions: np.ndarray, ks: Sequence[int] = (1, 5, 10, 20),
+def faithfulness(system: TrainingSystem, G_test: np.ndarray, attributions: np.ndarray, ks: Sequence[int] = (1, 5, 10, 20),
                  n_random: int = 3, seed: int = 0) -> dict[str, dict[str, dict[str, float]]]:
     """Remove (Woodbury) or keep (refit) K training images chosen by an attribution, per test image.
 
@@ -134,7 +129,7 @@ def faithfulness(system: Counterfactuals, G_test: np.ndarray, attributions: np.n
     return out
 
 
-def lds(system: Counterfactuals, G_test: np.ndarray, classes: np.ndarray, estimators: dict[str, np.ndarray],
+def lds(system: TrainingSystem, G_test: np.ndarray, classes: np.ndarray, estimators: dict[str, np.ndarray],
         n_subsets: int = 50, fraction: float = 0.5, seed: int = 0) -> dict[str, float]:
     """Linear datamodeling score (TRAK protocol): Spearman over random subsets S between the predicted
     sum_{i in S} tau_i(x) and the refitted logit f_S(x)_c, averaged over test images. Subsets are drawn
@@ -142,7 +137,7 @@ def lds(system: Counterfactuals, G_test: np.ndarray, classes: np.ndarray, estima
     if n_subsets < 3:
         raise CarrotError(f"n_subsets: expected at least 3, got {n_subsets}")
     rng = np.random.default_rng(seed)
-    n = system.G.shape[0]
+    n = system.n
     active = np.flatnonzero(system.a.numpy() > 0)
     masks = np.zeros((n_subsets, n), dtype=bool)
     actual = np.zeros((n_subsets, len(classes)))
@@ -168,27 +163,18 @@ def rank_agreement(estimators: dict[str, np.ndarray], reference: np.ndarray) -> 
     return out
 
 
-def estimator_scores(head: RidgeHead | KernelRidgeHead, system: Counterfactuals, G: np.ndarray, y: np.ndarray, G_test: np.ndarray,
-                     tracin: TracInHead | None = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """For each test image's predicted class: the exact LOO support (f - f_-i) and each estimator (m, n)."""
-    from carrot.attribution.representer import centred_kernel
-
-    from carrot.attribution.training import training_terms
-
-    pred = head.decision_function(G_test).argmax(1)
+def estimator_scores(system: TrainingSystem, G: np.ndarray, y: np.ndarray, G_test: np.ndarray,
+                     tracin: TracInHead | None = None, classes: np.ndarray | None = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """For each test image's predicted class: the exact LOO support (f - f_-i) and each estimator (m, n): the two
+    additive views, TracIn (``tracin``, a head with linear coefficients only; ``classes``: the head's labels) and
+    plain kernel similarity."""
+    pred = system.decision(G_test).argmax(1).numpy()
     loo_support = -removal_effects(system, G_test, pred)
-    if isinstance(system, DualCounterfactuals):  # the kernel head: its own exact views, no linear coefficients
-        terms = head.training_terms(G_test, pred)
-        return loo_support, {"carrot_representer": terms["representer"].numpy(),
-                             "carrot_equivalent_kernel": terms["equivalent_kernel"].numpy(),
-                             "kernel_similarity": head.centred_kernel(G_test).numpy()}
-    K = centred_kernel(head, G, G_test)
-    terms = training_terms(system, G_test, pred)
-    est = {"carrot_representer": (K * head.dual_coef_.T[torch.as_tensor(pred)]).numpy(),
-           "carrot_equivalent_kernel": terms["equivalent_kernel"].numpy()}
+    terms = system.training_terms(G_test, pred)
+    est = {"carrot_representer": terms.representer.numpy(), "carrot_equivalent_kernel": terms.equivalent_kernel.numpy()}
     if tracin is not None:
-        est["tracin"] = tracin.influence(G, y, G_test, head.classes_[pred]).numpy()
-    est["kernel_similarity"] = K.numpy()
+        est["tracin"] = tracin.influence(G, y, G_test, np.asarray(classes)[pred]).numpy()
+    est["kernel_similarity"] = system.similarity(G_test).numpy()
     return loo_support, est
 
 
@@ -215,7 +201,7 @@ def compare_predictions(pred_a: np.ndarray, pred_b: np.ndarray, y: np.ndarray, c
             "per_class": {c: {"a": a, "b": b, "change": None if a is None else b - a} for c, a, b in zip(classes, pa, pb)}}
 
 
-def accuracy_over_seeds(G: np.ndarray, y: np.ndarray, G_test: np.ndarray, y_test: np.ndarray, head: RidgeHead | float,
+def accuracy_over_seeds(G: np.ndarray, y: np.ndarray, G_test: np.ndarray, y_test: np.ndarray, head: Any,
                         classes: Sequence[str], seeds: Sequence[int] = (0, 1, 2, 3, 4), shots: int | None = None,
                         resplit: bool = False) -> dict:
     """Top-1 and per-class test accuracy, mean and std (ddof=1) over seeds. A seed draws the ``shots``
@@ -323,7 +309,7 @@ EVALUATIONS = ("mislabel", "faithfulness", "lds", "agreement")
 
 
 def evaluate_embeddings(
-    G: np.ndarray, y: np.ndarray, G_test: np.ndarray, head: RidgeHead | float, what: Sequence[str] = EVALUATIONS,
+    G: np.ndarray, y: np.ndarray, G_test: np.ndarray, head: Any, what: Sequence[str] = EVALUATIONS,
     flip_fraction: float = 0.1, ks: Sequence[int] = (1, 5, 10, 20), n_test: int = 50, n_subsets: int = 50,
     seed: int = 0, tracin: dict | None = None, progress: Callable[[str], None] | None = None,
 ) -> dict:
@@ -339,8 +325,7 @@ def evaluate_embeddings(
     if not isinstance(n_test, int) or n_test < 1:
         raise CarrotError(f"n_test: expected a positive integer, got {n_test!r}")
     log = progress or (lambda _: None)
-    if not hasattr(head, "get_params"):  # a bare lambda: the default head, fitted here
-        head = as_head(head).fit(G, y)
+    head = fitted_head(head, G, y)
     a = getattr(head, "sample_weight_", None)
     n_in = len(y) if a is None else int((a > 0).sum())
     if "faithfulness" in what and (not ks or min(ks) < 1 or max(ks) >= n_in):
@@ -355,13 +340,12 @@ def evaluate_embeddings(
                            "results": mislabel_detection(mislabel_scores(G, yn, head, tracin), mask)}
     rest = [w for w in what if w != "mislabel"]
     if rest:
-        dual = isinstance(head, KernelRidgeHead)
-        system = DualCounterfactuals(head) if dual else RidgeSystem.from_head(head, G, y)
+        system = head.system(G, y)
         rows = np.sort(rng.choice(len(G_test), min(n_test, len(G_test)), replace=False))
         Gt = G_test[rows]
         log("exact LOO and estimators")
-        th = None if dual else TracInHead.fit(G, y, **(tracin or {}))
-        loo_support, est = estimator_scores(head, system, G, y, Gt, th)
+        th = TracInHead.fit(G, y, **(tracin or {})) if keeps(head, "linear_coef") else None
+        loo_support, est = estimator_scores(system, G, y, Gt, th, head.classes_)
         out["n_test_evaluated"] = int(len(rows))
         if "agreement" in what:
             out["agreement_with_exact_loo"] = rank_agreement(est, loo_support)
@@ -371,6 +355,6 @@ def evaluate_embeddings(
                                    for name, s in {"exact_loo": loo_support, **est}.items()}
         if "lds" in what:
             log("LDS")
-            pred = head.decision_function(Gt).argmax(1)
+            pred = system.decision(Gt).argmax(1).numpy()
             out["lds"] = lds(system, Gt, pred, {"exact_loo": loo_support, **est}, n_subsets, seed=seed)
     return out

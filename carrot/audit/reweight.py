@@ -21,10 +21,10 @@ import numpy as np
 import torch
 
 from carrot.errors import CarrotError
-from carrot.ridge.head import RidgeHead, as_head, frozen_clone
-from carrot.ridge.removal import RidgeSystem
 from carrot.ridge.core import CentredMoments, RidgeFactor
-from carrot.ridge.kernel import KernelRidgeHead, WeightedDual
+from carrot.ridge.head import as_head
+from carrot.ridge.heads import keeps, require
+from carrot.ridge.system import TrainingSystem
 from carrot.validation import ArrayLike, as_float64_matrix, as_weights, index_labels, one_hot
 
 
@@ -85,10 +85,10 @@ def loss_and_grad(F: torch.Tensor, y_idx: torch.Tensor, loss: str, temperature: 
     return float(-(logp * Y).sum() / m), (logp.exp() - Y) / (temperature * m)
 
 
-def weight_gradient(system: RidgeSystem | WeightedDual, G_val: ArrayLike, y_val: np.ndarray, loss: str = "mse",
+def weight_gradient(system: TrainingSystem, G_val: ArrayLike, y_val: np.ndarray, loss: str = "mse",
                     temperature: float = 0.1) -> tuple[float, torch.Tensor]:
-    """(L_val, dL_val/da) with dL/da_i = x_i^T M^-1 (X_val^T dL/dF) r_i; y_val are class indices. ``system``: the
-    ridge head's primal system or the kernel head's dual one (the same gradient without the feature map)."""
+    """(L_val, dL_val/da) with dL/da_i = x~_i^T M~^-1 (X~_val^T dL/dF) r_i (the system's exact implicit gradient);
+    y_val are class indices of the system's columns."""
     L, dF = loss_and_grad(system.decision(G_val), torch.as_tensor(y_val), loss, temperature)
     return L, system.weight_gradient(G_val, dF)
 
@@ -116,7 +116,7 @@ def rro(
     y: ArrayLike,
     G_val: ArrayLike,
     y_val: ArrayLike,
-    head: RidgeHead | KernelRidgeHead | float,
+    head: Any,
     config: RROConfig | None = None,
     G_test: ArrayLike | None = None,
     y_test: ArrayLike | None = None,
@@ -127,9 +127,9 @@ def rro(
     Parameters
     ----------
     G, y : (n, D) training embeddings and (n,) labels; G_val, y_val : the validation split.
-    head : the fitted head whose settings (its chosen lam_, fit_intercept) every step refits with, or a bare lambda;
-        a fitted kernel head: every step solves its dual with the head's feature map (preprocessing, kernel, gamma)
-        and lambda held fixed (no consistency term: its support profiles are not built for the dual).
+    head : the fitted head (or a bare lambda) whose model every step refits under the step's weights, every setting
+        and fitted choice held (``head.refit``: lambda; the kernel head's feature map too). The consistency term
+        needs a head that keeps ``support_profiles`` (the linear head).
     sample_weight : (n,) base weights of the run (a weighted run); the learned weights multiply them.
     G_test, y_test : optional test split, only reported.
 
@@ -138,45 +138,32 @@ def rro(
     RROResult whose ``alpha`` (n,) are the effective weights (base weights times the learned ones).
     """
     cfg = config or RROConfig()
-    dual = isinstance(head, KernelRidgeHead)
-    if dual and cfg.consistency > 0:
-        raise CarrotError(f"rro.consistency: the kernel head has no support-profile term; expected 0, got {cfg.consistency!r}")
-    if not dual:
-        template = frozen_clone(as_head(head))
-        lam, fit_intercept = float(template.lam), template.fit_intercept
+    if cfg.consistency > 0:
+        require(as_head(head), "support_profiles", "rro.consistency")
     y, y_val = np.asarray(y), np.asarray(y_val)
-    classes, y_idx = np.unique(y, return_inverse=True)
-    yv_idx = index_labels(classes, y_val, "y_val")
+    classes, y_idx = np.unique(y, return_inverse=True)  # groups for the class-wise normalisation and the ESS
     G_val = np.asarray(G_val, dtype=np.float64)
-    fit_rows, hold_rows = _holdout_split(yv_idx, cfg.holdout, cfg.seed)
     Gt = as_float64_matrix(G, "G")
     a0 = as_weights(sample_weight, len(y_idx))
+    # the run's model on these rows, every setting held (the kernel head: its feature map too); each step refits it
+    base = as_head(head).refit(Gt, y, a0)
+    fitted = base.system(Gt, y)
+    yv_idx = index_labels(base.classes_, y_val, "y_val")  # the system's class columns
+    yt_idx = None if y_test is None else index_labels(base.classes_, y_test, "y_test")
+    fit_rows, hold_rows = _holdout_split(yv_idx, cfg.holdout, cfg.seed)
     Gv_fit = torch.as_tensor(G_val[fit_rows])
     yv_fit = torch.as_tensor(yv_idx[fit_rows])
-    yt_idx = None if y_test is None else index_labels(classes, y_test, "y_test")
     C = len(classes)
-    Y = one_hot(y_idx, C)
     yt = torch.as_tensor(y_idx)
-    if dual:  # the feature map is fixed: one Gram for every step
-        Z = head._check_input(Gt)
-        K = head.train_gram(Z)
+    track = keeps(base, "support_profiles")  # the consistency term's value is recorded where the head has it
     s = torch.full((len(y_idx),), math.log(math.e - 1), dtype=torch.float64, requires_grad=True)
     opt = torch.optim.Adam([s], lr=cfg.lr)
     history: list[dict[str, float]] = []
     best: tuple[float, int, torch.Tensor] | None = None
     for step in range(cfg.steps + 1):
         a = class_normalised(s, yt, C, cfg.classwise)
-        profiles = not dual and (cfg.consistency > 0 or step == 0 or step == cfg.steps)
-        if dual:
-            system = WeightedDual(head, Z, Y, (a0 * a).detach(), K)
-        else:  # one factorisation per step: differentiable in a when the consistency term needs it
-            m = CentredMoments.from_rows(Gt, Y, a0 * (a if profiles else a.detach()), fit_intercept)
-            factor = RidgeFactor.primal(m.M, lam)
-            W = factor.solve(m.B)
-            system = RidgeSystem._from_solution(Gt, Y, (a0 * a).detach(), lam, fit_intercept,
-                                                RidgeFactor("primal", factor.chol.detach(), lam), m.mu.detach(),
-                                                float(m.S.detach()), m.ybar.detach(), W.detach(), template.device,
-                                                template.chunk_size)
+        profiles = track and (cfg.consistency > 0 or step == 0 or step == cfg.steps)
+        system = fitted.refit(weights=(a0 * a).detach())
         L, g_a = weight_gradient(system, G_val[fit_rows], yv_idx[fit_rows], cfg.loss, cfg.temperature)
         g_a = g_a * a0  # d/da of the effective weights a0 * a
         ess = ess_fraction(a, yt, C)
@@ -184,8 +171,9 @@ def rro(
         if cfg.entropy > 0:
             ent = _class_entropy(a, yt, C)
             penalty = penalty - cfg.entropy * ent
-        if profiles:
-            cons = consistency_loss(_profiles(Gt, Y, a0 * a, m, W, lam, Gv_fit, yv_fit), yv_fit)
+        if profiles:  # differentiable in a: the ridge core's moments and Cholesky are torch ops
+            cons = consistency_loss(support_profiles(Gt, fitted.Y, a0 * a, fitted.lam, Gv_fit, yv_fit,
+                                                     base.fit_intercept), yv_fit)
             if cfg.consistency > 0:
                 penalty = penalty + cfg.consistency * cons
         rec = {"step": step, "val_loss": L, "penalty": float(penalty.detach()),
@@ -227,14 +215,10 @@ def _holdout_split(y_idx: np.ndarray, share: float, seed: int) -> tuple[np.ndarr
 
 def support_profiles(G: torch.Tensor, Y: torch.Tensor, a: torch.Tensor, lam: float, G_val: torch.Tensor,
                      yv_idx: torch.Tensor, fit_intercept: bool = True) -> torch.Tensor:
-    """Exact contributions of every training image to each validation image's true-class logit, (m, n);
-    differentiable in the weights a (the ridge core's moments and Cholesky are torch ops)."""
+    """Exact contributions of every training image to each validation image's true-class logit, (m, n), for the
+    linear head; differentiable in the weights a (the ridge core's moments and Cholesky are torch ops)."""
     m = CentredMoments.from_rows(G, Y, a, fit_intercept)
-    return _profiles(G, Y, a, m, RidgeFactor.primal(m.M, lam).solve(m.B), lam, G_val, yv_idx)
-
-
-def _profiles(G: torch.Tensor, Y: torch.Tensor, a: torch.Tensor, m: CentredMoments, W: torch.Tensor, lam: float,
-              G_val: torch.Tensor, yv_idx: torch.Tensor) -> torch.Tensor:
+    W = RidgeFactor.primal(m.M, lam).solve(m.B)
     Gc = G - m.mu
     beta = a.unsqueeze(1) * (Y - m.ybar - Gc @ W) / lam  # representer values at the optimum
     return ((G_val - m.mu) @ Gc.T) * beta.T[yv_idx]
@@ -260,5 +244,5 @@ def _class_entropy(a: torch.Tensor, y_idx: torch.Tensor, n_classes: int) -> torc
     return (h / torch.log(cnt.clamp_min(2))).sum()
 
 
-def _acc(system: RidgeSystem, G: ArrayLike, y_idx: np.ndarray) -> float:
+def _acc(system: TrainingSystem, G: ArrayLike, y_idx: np.ndarray) -> float:
     return float((system.decision(G).argmax(1).numpy() == y_idx).mean())

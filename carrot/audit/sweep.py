@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import time
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 from sklearn.base import clone
@@ -10,7 +10,7 @@ from sklearn.base import clone
 from carrot.features.cache import TokenStore
 from carrot.config import GraphConfig
 from carrot.embed.embedder import Embedder
-from carrot.ridge.head import RidgeHead, as_head
+from carrot.ridge.head import as_head
 
 
 def embeddings_over_t(store: TokenStore, ts: Sequence[float], embedder: Embedder | GraphConfig) -> np.ndarray:
@@ -23,8 +23,8 @@ def embeddings_over_t(store: TokenStore, ts: Sequence[float], embedder: Embedder
 
 
 def t_sweep(train: TokenStore, test: TokenStore, ts: Sequence[float], embedder: Embedder | GraphConfig,
-            head: RidgeHead | float | str = "auto", sample_weight: np.ndarray | None = None,
-            on_fit: Callable[[float, RidgeHead], dict] | None = None) -> list[dict]:
+            head: Any = "auto", sample_weight: np.ndarray | None = None,
+            on_fit: Callable[[float, Any], dict] | None = None) -> list[dict]:
     """Test accuracy (and the LOO-chosen lambda with its LOO accuracy) for each diffusion time t.
 
     ``head``: the run's head (unfitted copies with every setting are fitted per t: lam 'auto' is chosen

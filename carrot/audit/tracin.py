@@ -12,9 +12,8 @@ import torch
 from scipy.stats import spearmanr
 
 from carrot.ridge.baselines import TracInHead
-from carrot.ridge.head import RidgeHead, as_head
+from carrot.ridge.head import fitted_head
 from carrot.validation import index_labels, one_hot
-from carrot.ridge.removal import RidgeSystem
 
 QUANTILES = (0.25, 0.5, 0.75, 0.9)
 
@@ -31,7 +30,7 @@ def _quantiles(v: np.ndarray) -> dict[str, float]:
 
 
 def tracin_report(G: np.ndarray, y: np.ndarray, paths: Sequence[str], classes: Sequence[str], G_test: np.ndarray,
-                  y_test: np.ndarray, test_paths: Sequence[str], head: RidgeHead | float, n_test: int = 20,
+                  y_test: np.ndarray, test_paths: Sequence[str], head: Any, n_test: int = 20,
                   flag_fraction: float = 0.02, tracin: dict | None = None) -> dict[str, Any]:
     """Self-influence per training image (total and per checkpoint), influence on ``n_test`` test images,
     summaries, flags and agreement with exact LOO; a JSON-ready dict of three parts. ``head``: the run's
@@ -45,8 +44,8 @@ def tracin_report(G: np.ndarray, y: np.ndarray, paths: Sequence[str], classes: S
     self_inf = per_ckpt.sum(1).numpy()
     rows = np.arange(min(n_test, len(y_test)))
     infl = th.influence(G, y, G_test[rows], y_test[rows]).numpy()  # (m, n)
-    head = head if isinstance(head, RidgeHead) else as_head(head).fit(G, y)
-    system = RidgeSystem.from_head(head, G, y)
+    head = fitted_head(head, G, y)
+    system = head.system(G, y)
     loo = system.loo_logits()
     loo_loss = ((loo - one_hot(index_labels(head.classes_, y), len(head.classes_))) ** 2).sum(1).numpy()
     k = max(1, int(round(flag_fraction * len(y))))

@@ -14,6 +14,7 @@ import numpy as np
 
 from carrot.io import atomic_path, write_json
 from carrot.report.audits import audits_html, figure_uri
+from carrot.report.explanation import Explanation, TrainingImage
 
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px;color:#222;max-width:1200px}
@@ -86,7 +87,7 @@ def heatmap_png(image, contributions: np.ndarray, path: str | Path, title: str =
     return path
 
 
-def _curve_png(exp: dict[str, Any]) -> str:
+def _curve_png(exp: Explanation) -> str:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -94,10 +95,10 @@ def _curve_png(exp: dict[str, Any]) -> str:
 
     fig, ax = plt.subplots(figsize=(4.2, 2.8), dpi=100)
     for key, style in (("deletion", "-o"), ("insertion", "-s")):
-        c = exp[key]
+        c = exp.graph[key]
         ax.plot(c["fractions"], c["logits"], style, ms=3, label=f"{key} (AUC {c['auc']:.3f})")
     ax.set_xlabel("share of regions removed / inserted")
-    ax.set_ylabel(f"logit {exp['predicted']}")
+    ax.set_ylabel(f"logit {exp.predicted}")
     return figure_uri(fig)
 
 
@@ -123,37 +124,37 @@ def boxed(image, grid: tuple[int, int], cell: int, color: str = "#ffd400"):
     return img
 
 
-def _train_cards(rows: list[dict[str, Any]], grid: tuple[int, int], tgrid: tuple[int, int], test_image) -> str:
+def _train_cards(rows: list[TrainingImage], grid: tuple[int, int], tgrid: tuple[int, int], test_image) -> str:
     cards = []
     for r in rows:
-        img = r.pop("_image")
+        img = r.picture
+        strongest = r.pairs.strongest if r.pairs is not None else []
         match = ""
-        if r["pairs"]:
-            p = r["pairs"][0]
+        if strongest:
+            p = strongest[0]
             match = (f"<div class='muted'>strongest pair: this image &harr; training image</div>"
                      f"<div class='row' title='strongest region pair'><img alt='test region' "
                      f"src='{data_uri(boxed(test_image, grid, p['test_region']), 'JPEG', 160)}'>"
                      f"<img alt='matching training region' src='{data_uri(boxed(img, tgrid, p['train_region']), 'JPEG', 160)}'></div>")
         pairs = "<br>".join(
             f"test {_cell(grid, p['test_region'])} &harr; train {_cell(tgrid, p['train_region'])}: "
-            f"<span class='{'pos' if p['value'] > 0 else 'neg'}'>{p['value']:+.4f}</span>" for p in r["pairs"])
+            f"<span class='{'pos' if p['value'] > 0 else 'neg'}'>{p['value']:+.4f}</span>" for p in strongest)
         cards.append(
             f"<div class='card'><div class='row'><img alt='training image' src='{data_uri(img, 'JPEG', 160)}'>"
-            + (f"<img alt='its regions' src='{data_uri(overlay(img, np.asarray(r['train_regions'])), 'JPEG', 160)}'>"
-               if "train_regions" in r else "") + "</div>"
-            f"<b>{html.escape(r['label'])}</b> #{r['index']} &nbsp; removal <span class='{'pos' if r['score'] > 0 else 'neg'}'>"
-            f"{-r['score']:+.4f}</span>" + (f" &nbsp; weight {r['weight']:.3g}" if "weight" in r else "")
-            + (f"<br><span class='muted'>label weight {r['equivalent_kernel']:+.4f} &nbsp; representer {r['representer']:+.3g}</span>"
-               if "equivalent_kernel" in r else "")
-            + f"<br><span class='muted'>{html.escape(Path(r['path']).name)}</span><br>{pairs}{match}</div>")
+            + (f"<img alt='its regions' src='{data_uri(overlay(img, np.asarray(r.pairs.train_regions)), 'JPEG', 160)}'>"
+               if r.pairs is not None else "") + "</div>"
+            f"<b>{html.escape(r.label)}</b> #{r.index} &nbsp; removal <span class='{'pos' if r.score > 0 else 'neg'}'>"
+            f"{-r.score:+.4f}</span>" + (f" &nbsp; weight {r.weight:.3g}" if r.weight is not None else "")
+            + f"<br><span class='muted'>label weight {r.equivalent_kernel:+.4f} &nbsp; representer {r.representer:+.3g}</span>"
+            + f"<br><span class='muted'>{html.escape(Path(r.path).name)}</span><br>{pairs}{match}</div>")
     return "<div class='row'>" + "".join(cards) + "</div>"
 
 
-def _meaning(exp: dict[str, Any]) -> str:
+def _meaning(exp: Explanation) -> str:
     """One line per number on a training-image card, saying what it is exact for."""
-    if "meaning" not in exp:
-        return ("<p class='muted'>score: beta * kernel similarity (representer form); the scores sum to logit - prior</p>")
-    m = exp["meaning"]
+    m = exp.meaning
+    drawn = {"pixel_map": exp.pixel_map, "pixel_occlusion": exp.occlusion,
+             "region_contributions": exp.tokens.additive or None, "region_removal": (not exp.tokens.additive) or None}
     return ("<p class='muted'><b>removal</b>: the exact change of this logit if the image is removed from training "
             "(equal to refitting without it; images ranked by it" + ("; regions and pairs split it" if "pairs" in m else "")
             + ").<br>"
@@ -162,11 +163,11 @@ def _meaning(exp: dict[str, Any]) -> str:
             + "".join(f"<br><b>{label}</b>: {html.escape(m[key])}." for key, label in
                       (("pixel_map", "pixel map"), ("pixel_occlusion", "occlusion map"), ("region_contributions", "token map"),
                        ("region_removal", "token map"))
-                      if key in m and key in exp) + "</p>")
+                      if key in m and drawn[key] is not None) + "</p>")
 
 
-def _certificate(exp: dict[str, Any]) -> str:
-    cert = exp.get("certificate")
+def _certificate(exp: Explanation) -> str:
+    cert = exp.certificate
     if not cert:
         return ""
     if not cert["found"]:
@@ -179,78 +180,77 @@ def _certificate(exp: dict[str, Any]) -> str:
             f"{cert['seconds'] * 1e3:.0f} ms).</p>")
 
 
-def _pixel_figure(exp: dict[str, Any], image) -> str:
+def _pixel_figure(exp: Explanation, image) -> str:
     """The pixel map beside the image, captioned with what it is and what it sums to."""
-    total = sum(map(sum, exp["pixel_map"]))
-    method = exp.get("pixel_map_method", "split")
-    if method == "shapley":
-        sem = [v for row in exp.get("pixel_map_sem", []) for v in row if v is not None]
-        what = (f"each cell's Shapley value in 'blur a set of cells' ({exp['pixel_map_permutations']} random orders"
+    pm = exp.pixel_map
+    total = sum(map(sum, pm.values))
+    if pm.method == "shapley":
+        sem = [v for row in (pm.sem or []) for v in row if v is not None]
+        what = (f"each cell's Shapley value in 'blur a set of cells' ({pm.permutations} random orders"
                 + (f"; typical s.e. {np.sqrt(np.mean(np.square(sem))):.2g}" if sem else "") + ")")
     else:
         what = "each cell's share of the path-integrated gradient from the blurred image"
-    return (f"<figure class='big'><img alt='pixel map' src='{data_uri(overlay(image, np.asarray(exp['pixel_map'])), 'JPEG', 320)}'>"
-            f"<figcaption>pixels &rarr; {html.escape(exp['predicted'])}: {what}; they sum to logit(image) &minus; "
-            f"logit(blurred image) = {total:+.4f} (red raises it; sum error {exp['pixel_map_completeness_error']:.1e}; "
-            f"{exp['pixel_map_seconds']:.1f} s)</figcaption></figure>")
+    return (f"<figure class='big'><img alt='pixel map' src='{data_uri(overlay(image, np.asarray(pm.values)), 'JPEG', 320)}'>"
+            f"<figcaption>pixels &rarr; {html.escape(exp.predicted)}: {what}; they sum to logit(image) &minus; "
+            f"logit(blurred image) = {total:+.4f} (red raises it; sum error {pm.completeness_error:.1e}; "
+            f"{pm.seconds:.1f} s)</figcaption></figure>")
 
 
-def explanation_html(exp: dict[str, Any], image) -> str:
-    """One explained image: picture, heatmap, class scores, supporting/inhibiting training images."""
-    grid, tgrid = tuple(exp["grid"]), tuple(exp.get("train_grid", exp["grid"]))
-    additive = "region_contributions" in exp  # the ridge head's split; the kernel head's map is token removal
-    r = np.asarray(exp["region_contributions"] if additive else exp["region_removal"])
+def explanation_html(exp: Explanation) -> str:
+    """One explained image: picture, maps, class scores, certificate, supporting/inhibiting training images."""
+    image, grid, tgrid = exp.picture, tuple(exp.grid), tuple(exp.train_grid)
+    additive = exp.tokens.additive  # the exact split; otherwise each token's exact removal from the graph
+    r = np.asarray(exp.tokens.values)
     scores = "".join(
-        f"<tr class='{'pred' if name == exp['predicted'] else ''}'><td style='text-align:left'>{html.escape(name)}</td>"
-        f"<td>{v:+.4f}</td></tr>" for name, v in sorted(exp["logits"].items(), key=lambda kv: -kv[1]))
+        f"<tr class='{'pred' if name == exp.predicted else ''}'><td style='text-align:left'>{html.escape(name)}</td>"
+        f"<td>{v:+.4f}</td></tr>" for name, v in sorted(exp.logits.items(), key=lambda kv: -kv[1]))
+    occ = exp.occlusion
     body = [
-        f"<h1>{html.escape(Path(exp['image']).name)} &rarr; {html.escape(exp['predicted'])}</h1>",
+        f"<h1>{html.escape(Path(exp.image).name)} &rarr; {html.escape(exp.predicted)}</h1>",
         "<div class='row'>",
         f"<figure class='big'><img alt='test image' src='{data_uri(image, 'JPEG', 320)}'><figcaption>input (as the model sees it)</figcaption></figure>",
-        *([_pixel_figure(exp, image)] if "pixel_map" in exp else []),
-        *([f"<figure class='big'><img alt='occlusion map' src='{data_uri(overlay(image, np.asarray(exp['pixel_occlusion'])), 'JPEG', 320)}'>"
-           f"<figcaption>occlusion &rarr; {html.escape(exp['predicted'])}: the logit drop when each cell alone is blurred "
-           f"(exact re-runs; {exp['pixel_occlusion_seconds']:.1f} s)</figcaption></figure>"] if "pixel_occlusion" in exp else []),
+        *([_pixel_figure(exp, image)] if exp.pixel_map is not None else []),
+        *([f"<figure class='big'><img alt='occlusion map' src='{data_uri(overlay(image, np.asarray(occ.values)), 'JPEG', 320)}'>"
+           f"<figcaption>occlusion &rarr; {html.escape(exp.predicted)}: the logit drop when each cell alone is blurred "
+           f"(exact re-runs; {occ.seconds:.1f} s)</figcaption></figure>"] if occ is not None else []),
         f"<figure class='big'><img alt='region heatmap' src='{data_uri(overlay(image, r), 'JPEG', 320)}'>"
-        f"<figcaption>tokens &rarr; {html.escape(exp['predicted'])}: red raises the logit, blue lowers it "
-        + (f"(exact split, sum {exp['region_sum']:+.4f})" if additive else
+        f"<figcaption>tokens &rarr; {html.escape(exp.predicted)}: red raises the logit, blue lowers it "
+        + (f"(exact split, sum {exp.tokens.total:+.4f})" if additive else
            "(each token's exact removal from the graph: a counterfactual, the kernel head's drops do not add up)")
         + "</figcaption></figure>",
         f"<div><table><tr><th>class</th><th>logit</th></tr>{scores}</table>"
-        f"<p class='muted'>logit = prior {exp['prior']:+.4f} + training images "
-        f"{exp.get('equivalent_kernel_sum', exp['data_sum']):+.4f}"
-        f" (identity error {exp['identity_error'].get('equivalent_kernel', exp['identity_error']['data']):.1e})</p></div></div>",
+        f"<p class='muted'>logit = prior {exp.prior:+.4f} + training images {exp.equivalent_kernel_sum:+.4f}"
+        f" (identity error {exp.identity_error['equivalent_kernel']:.1e})</p></div></div>",
         _certificate(exp),
         "<h2>Supporting training images</h2>",
         _meaning(exp),
-        _train_cards(exp["supporting"], grid, tgrid, image),
+        _train_cards(exp.supporting, grid, tgrid, image),
         "<h2>Inhibiting training images</h2>",
-        _train_cards(exp["inhibiting"], grid, tgrid, image),
+        _train_cards(exp.inhibiting, grid, tgrid, image),
     ]
-    if "deletion" in exp:
+    if "deletion" in exp.graph:
         body.append(f"<h2>Region removal</h2><img alt='deletion and insertion curves' src='{_curve_png(exp)}'>")
-    if "segments" in exp:
-        rows = "".join(f"<tr><td>{s}</td><td>{v:+.4f}</td><td>{exp.get('segment_removal', {}).get(s, float('nan')):+.4f}</td></tr>"
-                       for s, v in exp["segments"].items())
+    if exp.segments is not None:
+        removal = exp.segment_removal or {}
+        rows = "".join(f"<tr><td>{s}</td><td>{v:+.4f}</td><td>{removal.get(s, float('nan')):+.4f}</td></tr>"
+                       for s, v in exp.segments.items())
         body.append(f"<h2>Your segments</h2><table><tr><th>segment</th><th>exact contribution</th><th>logit drop when removed</th></tr>{rows}</table>")
-    return _page(f"carrot: {Path(exp['image']).name}", "".join(body))
+    return _page(f"carrot: {Path(exp.image).name}", "".join(body))
 
 
-def write_explanation(exp: dict[str, Any], out_dir: str | Path) -> dict[str, Any]:
-    """Write heatmap.png, explanation.html and explanation.json for one explained image."""
+def write_explanation(exp: Explanation, out_dir: str | Path) -> dict[str, Any]:
+    """Write heatmap.png, explanation.html and explanation.json for one explained image; returns the JSON written."""
     out_dir = Path(out_dir)
-    image = exp.pop("_image")
-    pixels = "pixel_map" in exp
-    tokens = "region_contributions" if "region_contributions" in exp else "region_removal"
-    png = heatmap_png(image, np.asarray(exp["pixel_map" if pixels else tokens]), out_dir / "heatmap.png",
-                      title=f"{'pixels (' + exp.get('pixel_map_method', 'split') + ')' if pixels else 'tokens'} -> {exp['predicted']}")
-    page = explanation_html(exp, image)  # consumes the training images' "_image" entries
+    pm = exp.pixel_map
+    png = heatmap_png(exp.picture, np.asarray(pm.values if pm is not None else exp.tokens.values), out_dir / "heatmap.png",
+                      title=f"{'pixels (' + pm.method + ')' if pm is not None else 'tokens'} -> {exp.predicted}")
+    page = explanation_html(exp)
     with atomic_path(out_dir / "explanation.html") as tmp:
         tmp.write_text(page)
-    exp["heatmap"] = str(png)
-    exp["page"] = str(out_dir / "explanation.html")
-    write_json(out_dir / "explanation.json", exp)
-    return exp
+    exp.heatmap, exp.page = str(png), str(out_dir / "explanation.html")
+    out = exp.to_json()
+    write_json(out_dir / "explanation.json", out)
+    return out
 
 
 def _class_flow(summary: dict[str, Any], review) -> str:

@@ -9,6 +9,7 @@ beta_i = a_i (y_i - f(g_i)) / lam, so f_c(x) = ybar_c + sum_i beta_ic <g_i - mu,
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -18,12 +19,16 @@ from carrot.devices import resolve_device
 from carrot.errors import CarrotError, check_is_fitted
 from carrot.io import atomic_path, write_json
 from carrot.ridge.headfile import load_parts, read_meta, settings
+from carrot.ridge.heads import PROPERTIES, register_head
 from carrot.ridge.core import CentredMoments, RidgeFactor, chunks, dual_solve_coef, spectrum
+from carrot.ridge.primal import PrimalSystem
 from carrot.validation import ArrayLike, as_float64_matrix, as_weights, encode_labels, float64_rows, index_labels, one_hot
 
 HEAD_FORMAT_VERSION = 3  # 3: + the solve's factor, total and sample weights; 2: every setting ("params"); 1: lam, fit_intercept, solver
 
 
+@register_head("ridge", PROPERTIES.keys(),
+               "linear ridge on the embedding: every exact identity, the region split included")
 class RidgeHead(ClassifierMixin, BaseEstimator):
     """Multi-class ridge classifier in closed form, with exact representer attribution.
 
@@ -52,6 +57,17 @@ class RidgeHead(ClassifierMixin, BaseEstimator):
         self.solver = solver
         self.device = device
         self.chunk_size = chunk_size
+
+    @classmethod
+    def from_config(cls, config: Any) -> "RidgeHead":
+        """The unfitted head of a run configuration (``head.*`` keys, the run's device)."""
+        h = config.head
+        return cls(lam=h.lam, fit_intercept=h.fit_intercept, solver=h.solver, device=config.device)
+
+    def unfit_reason(self, n: int, config: Any) -> str | None:
+        """Why head.kind 'auto' cannot fit this head of ``config`` on ``n`` training images (never: the primal solve
+        streams)."""
+        return None
 
     def _check_settings(self) -> None:
         if self.lam == "auto":
@@ -183,6 +199,52 @@ class RidgeHead(ClassifierMixin, BaseEstimator):
     def _decision(self, G: torch.Tensor) -> torch.Tensor:
         return G @ self.coef_ + self.intercept_
 
+    def system(self, G: ArrayLike, y: ArrayLike, sample_weight: ArrayLike | None = None) -> PrimalSystem:
+        """The head's exact training system (:class:`~carrot.ridge.primal.PrimalSystem`) on its training rows G (n, D),
+        y (n,): the head's own factorisation and weights (``factor_``, ``sample_weight_``), nothing re-accumulated.
+        ``sample_weight``, if given, must be the head's weights."""
+        check_is_fitted(self)
+        G = as_float64_matrix(G, "G")
+        idx = index_labels(self.classes_, y)
+        n = G.shape[0]
+        if self.dual_coef_ is not None and self.dual_coef_.shape[0] != n:
+            raise CarrotError(f"G: expected the {self.dual_coef_.shape[0]} training rows the head was fitted on, got {n}")
+        a = as_weights(getattr(self, "sample_weight_", None), n)
+        if sample_weight is not None and not torch.equal(as_weights(sample_weight, n), a):
+            raise CarrotError("sample_weight: differs from the weights the head was fitted with (head.sample_weight_)")
+        Y = one_hot(idx, len(self.classes_))
+        factor = getattr(self, "factor_", None)
+        if factor is None:  # a head from an older file, or fitted from moments: factorise once here
+            return PrimalSystem.fit(G, Y, a, self.lam_, self.fit_intercept, self.device, self.chunk_size)
+        if factor.kind == "dual":
+            factor = RidgeFactor("dual", factor.chol, factor.lam).bind(a.sqrt().unsqueeze(1) * (G - self.feature_mean_))
+        return PrimalSystem.from_solution(G, Y, a, float(self.lam_), self.fit_intercept, factor, self.feature_mean_,
+                                          float(a.sum()), self.prior_, self.coef_, str(self.device), self.chunk_size)
+
+    def refit(self, G: ArrayLike, y: ArrayLike, sample_weight: ArrayLike | None = None) -> "RidgeHead":
+        """This head's model fitted on other rows or weights, every setting and the chosen lambda held
+        (:func:`frozen_clone`)."""
+        return frozen_clone(self).fit(G, y, sample_weight)
+
+    def describe(self) -> str:
+        """The head in words, as the index page names it."""
+        return "ridge head"
+
+    def pinned(self) -> dict:
+        """The run-configuration keys that pin this fitted head's choices (a derived run refits this model)."""
+        return {"head.lam": self.lam_}
+
+    def fit_record(self) -> dict:
+        """The fitted choices a run's metrics keep."""
+        return {"lam": self.lam_, "lam_path": self.lam_path_}
+
+    refit_note = ""  # an exact refit of the ridge head holds nothing but lambda
+
+    def restore_weights(self, weights: np.ndarray) -> None:
+        """A run's saved weights, for a head read from a file written before heads kept their weights (format < 3)."""
+        if self.sample_weight_ is None:
+            self.sample_weight_ = torch.as_tensor(weights, dtype=torch.float64)
+
     def torch_decision(self, G: torch.Tensor) -> torch.Tensor:
         """Logits (m, C) of float64 embeddings with autograd (the pixel split differentiates through it)."""
         return G @ self.coef_.to(G.dtype) + self.intercept_.to(G.dtype)
@@ -278,7 +340,7 @@ class RidgeHead(ClassifierMixin, BaseEstimator):
         return head
 
 
-def frozen_clone(head, **params):
+def frozen_clone(head: Any, **params: Any) -> Any:
     """An unfitted copy of ``head`` with every setting (``clone``), its 'auto' choices fixed to the fitted values
     when the head is fitted (``lam_``; the kernel head's ``gamma_`` and ``approx_`` too), so an audit refits the model the run
     chose, not a new search; then ``params``.
@@ -298,6 +360,11 @@ def frozen_clone(head, **params):
     return clone(head).set_params(**{**fitted, **params})
 
 
-def as_head(head_or_lam):
+def as_head(head_or_lam: Any) -> Any:
     """A head template from a registered head (kept whole) or a bare lambda (the ridge head, defaults otherwise)."""
     return head_or_lam if hasattr(head_or_lam, "get_params") else RidgeHead(lam=head_or_lam)
+
+
+def fitted_head(head_or_lam: Any, G: ArrayLike, y: ArrayLike) -> Any:
+    """A fitted head: a registered head as it is, or a bare lambda's default head fitted on (G, y)."""
+    return head_or_lam if hasattr(head_or_lam, "get_params") else as_head(head_or_lam).fit(G, y)

@@ -45,6 +45,39 @@ def check_lambdas(lambdas: Sequence[float]) -> np.ndarray:
     return lams
 
 
+class LooScorer:
+    """The one LOO criterion of every head's search (as sklearn's ``_RidgeGCV`` scores each alpha): per lambda,
+    blocks of training rows with their fitted logits f and hat diagonal h give f_-i = (f - h y) / (1 - h), whose
+    accuracy and summed squared error are accumulated; a back-end feeds it (:func:`loo_path`, the kernel head's
+    spectrum) and :meth:`path` reads the result."""
+
+    def __init__(self, lambdas: Sequence[float], keep: bool = False) -> None:
+        self.lambdas = check_lambdas(lambdas)
+        self.keep = keep
+        L = len(self.lambdas)
+        self._correct, self._sq, self._n = np.zeros(L), np.zeros(L), np.zeros(L, dtype=np.int64)
+        self._logits: list[list[torch.Tensor]] = [[] for _ in range(L)]
+        self._hats: list[list[torch.Tensor]] = [[] for _ in range(L)]
+
+    def add(self, li: int, f: torch.Tensor, h: torch.Tensor, Y: torch.Tensor, y: torch.Tensor) -> None:
+        """Score rows with fitted logits f (k, C), hat diagonal h (k,), one-hot targets Y (k, C) and classes y (k,)
+        at the ``li``-th lambda."""
+        f_loo = (f - h.unsqueeze(1) * Y) / (1 - h).unsqueeze(1)
+        self._correct[li] += float((f_loo.argmax(1) == y).sum())
+        self._sq[li] += float(((f_loo - Y) ** 2).sum())
+        self._n[li] += len(y)
+        if self.keep:
+            self._logits[li].append(f_loo.cpu())
+            self._hats[li].append(h.cpu())
+
+    def path(self) -> "LooPath":
+        keep = self.keep
+        return LooPath(self.lambdas,
+                       torch.stack([torch.cat(b) for b in self._logits]).numpy() if keep else None,
+                       torch.stack([torch.cat(b) for b in self._hats]).numpy() if keep else None,
+                       self._correct / self._n, self._sq / self._n)
+
+
 def loo_path(m: CentredMoments, eig: tuple[torch.Tensor, torch.Tensor], centred_rows: Iterable[tuple[slice, torch.Tensor]],
              y_idx: np.ndarray, a: torch.Tensor, lambdas: Sequence[float], keep: bool = False) -> LooPath:
     """Exact LOO accuracy and squared error per lambda from one spectral decomposition.
@@ -62,37 +95,21 @@ def loo_path(m: CentredMoments, eig: tuple[torch.Tensor, torch.Tensor], centred_
     -------
     LooPath with accuracy (L,) and mse (L,) (mean over rows of the summed squared error).
     """
-    lams = check_lambdas(lambdas)
+    scorer = LooScorer(lambdas, keep)
     s2, V = eig
     dev = V.device
     VtB = V.T @ m.B.to(dev)
     a_dev, ybar = a.to(dev), m.ybar.to(dev)
     base = 1.0 / float(m.S) if m.fit_intercept else 0.0
-    inv = 1.0 / (s2.unsqueeze(0) + torch.as_tensor(lams, dtype=torch.float64, device=dev).unsqueeze(1))  # (L, r)
-    correct = torch.zeros(len(lams), dtype=torch.float64, device=dev)
-    sq = torch.zeros(len(lams), dtype=torch.float64, device=dev)
-    logits, hats, n = [], [], 0
+    inv = 1.0 / (s2.unsqueeze(0) + torch.as_tensor(scorer.lambdas, dtype=torch.float64, device=dev).unsqueeze(1))  # (L, r)
     for sl, Gc in centred_rows:
         Z = Gc @ V
         y_t = torch.as_tensor(y_idx[sl], dtype=torch.long, device=dev)
         Y = torch.nn.functional.one_hot(y_t, VtB.shape[1]).to(torch.float64)
         Z2 = Z * Z
-        f_rows, h_rows = [], []
-        for li in range(len(lams)):
-            f = ybar + Z @ (inv[li].unsqueeze(1) * VtB)
-            h = a_dev[sl] * (base + Z2 @ inv[li])
-            f_loo = (f - h.unsqueeze(1) * Y) / (1 - h).unsqueeze(1)
-            correct[li] += (f_loo.argmax(1) == y_t).sum()
-            sq[li] += ((f_loo - Y) ** 2).sum()
-            if keep:
-                f_rows.append(f_loo.cpu())
-                h_rows.append(h.cpu())
-        if keep:
-            logits.append(torch.stack(f_rows))
-            hats.append(torch.stack(h_rows))
-        n += len(y_t)
-    return LooPath(lams, torch.cat(logits, 1).numpy() if keep else None, torch.cat(hats, 1).numpy() if keep else None,
-                   (correct / n).cpu().numpy(), (sq / n).cpu().numpy())
+        for li in range(len(scorer.lambdas)):
+            scorer.add(li, ybar + Z @ (inv[li].unsqueeze(1) * VtB), a_dev[sl] * (base + Z2 @ inv[li]), Y, y_t)
+    return scorer.path()
 
 
 def ridge_loo_path(G: ArrayLike, y: ArrayLike, lambdas: Sequence[float] = DEFAULT_LAMBDAS,

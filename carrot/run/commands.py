@@ -149,9 +149,8 @@ def fit(config: RunConfig, run_dir: str | Path, progress: bool = True, overwrite
     model.fit(G_train, train.labels, train.records, train.classes)
     metrics = {
         "n_train": len(train), "n_test": len(test), "classes": len(train.classes),
-        "head": kind_of(model.head_).name, "head_choice": getattr(model.head_, "head_choice_", None), "lam": model.head_.lam_, "lam_path": getattr(model.head_, "lam_path_", None),
-        **({"gamma": model.head_.gamma_, "loo_path": model.head_.loo_path_, "approx": model.head_.approx_}
-           if hasattr(model.head_, "gamma_") else {}),
+        "head": kind_of(model.head_).name, "head_choice": getattr(model.head_, "head_choice_", None),
+        **model.head_.fit_record(),
         "train_accuracy": model.score(G_train, train.labels),
         "test_accuracy": model.score(G_test, test.labels),
         "per_class_test_accuracy": dict(zip(train.classes, per_class_accuracy(model.head_.predict(G_test), test.labels, len(train.classes)))),
@@ -196,11 +195,11 @@ def explain(run_dir: str | Path, inputs: Sequence[str], out_dir: str | Path | No
         for s in range(0, len(paths), batch):
             for exp in model.explain(paths[s : s + batch], top_k, node_removal=node_removal, masks=masks,
                                      pixel_map=pixel_map, permutations=permutations, occlusion=occlusion):
-                key = _key(exp["image"])
+                key = _key(exp.image)
                 if key not in numbers:
                     numbers[key], next_free = next_free, next_free + 1
                 number = numbers[key]
-                target = RunDir.explanation_dir(out_root, number, exp["image"])
+                target = RunDir.explanation_dir(out_root, number, exp.image)
                 fresh = not target.exists()
                 try:
                     results.append(write_explanation(exp, target))

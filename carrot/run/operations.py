@@ -13,8 +13,7 @@ from carrot.attribution.representer import class_summary
 from carrot.audit.registry import AUDITS
 from carrot.errors import CarrotError
 from carrot.io import atomic_path, read_json, write_csv, write_json
-from carrot.ridge.head import RidgeHead
-from carrot.ridge.heads import kind_of, require
+from carrot.ridge.heads import HEADS, keeps, kind_of, require
 from carrot.validation import index_labels
 from carrot.run.pipeline import Carrot
 from carrot.report.pages import index_html
@@ -54,7 +53,7 @@ def run_summary(model: Carrot, G: np.ndarray, y: np.ndarray, G_test: np.ndarray,
     review, temperature = system.loo_cross_entropy(loo)
     review = np.where(system.a.numpy() > 0, review.numpy(), -np.inf)  # images outside the model are not reviewed
     loo_pred = loo.argmax(1).numpy()
-    flow = class_summary(head, G, y, G_test) if len(y_test) else None
+    flow = class_summary(system, G_test) if len(y_test) else None
     carry = flow["total_contribution"] if flow is not None else np.zeros(len(y))
     return {
         "classes": model.classes_, "confusion": cm.tolist(),
@@ -76,19 +75,14 @@ def run_summary(model: Carrot, G: np.ndarray, y: np.ndarray, G_test: np.ndarray,
 
 
 def head_line(head: Any, choice: dict[str, Any] | None = None) -> str:
-    """Which head the run kept, its settings, and (head.kind auto: ``choice``, the fit's record) both candidates'
-    exact LOO accuracies."""
-    from carrot.ridge.heads import kind_of
-
-    kind = kind_of(head).name
-    line = f"{kind} head"
-    if kind == "kernel":
-        ny = f", Nystroem with {len(head.landmarks_)} landmarks" if head.approx_ == "nystroem" else ""
-        line += f" ({head.kernel}, gamma = {head.gamma_:.4g}{ny})"
+    """Which head the run kept, its settings, and (head.kind auto: ``choice``, the fit's record) every candidate's
+    exact LOO accuracy."""
+    line = head.describe()
     if choice:
-        scores = ", ".join(f"{k} {v:.4f}" for k, v in choice.items() if k in ("ridge", "kernel") and v is not None)
-        line += f", kept by head.kind auto (exact LOO accuracy: {scores}"
-        line += f"; the kernel head was not fitted: {choice['kernel_skipped']})" if choice.get("kernel_skipped") else ")"
+        scores = ", ".join(f"{k} {v:.4f}" for k, v in choice.items() if k in HEADS and v is not None)
+        skipped = "; ".join(f"the {k[: -len('_skipped')]} head was not fitted: {v}" for k, v in choice.items()
+                            if k.endswith("_skipped") and v)
+        line += f", kept by head.kind auto (exact LOO accuracy: {scores}" + (f"; {skipped})" if skipped else ")")
     return line
 
 
@@ -199,13 +193,13 @@ def _apply_weights(model: Carrot, run_dir: str | Path, out: str | Path, weights:
     """A new run in ``out``: the parent's data, config and lambda, its head refitted with example ``weights``."""
     from carrot.audit.evaluate import per_class_accuracy
 
-    fixed = {"head.kind": kind_of(model.head_).name, "head.lam": model.head_.lam_,
-             "head.gamma": getattr(model.head_, "gamma_", None),  # the parent's fitted head, never a new 'auto' choice
-             "head.approx": getattr(model.head_, "approx_", None)}
-    derived = Carrot(model.config.merged(fixed), backbone=model.backbone)
+    # the parent's fitted choices pinned in the config, never a new 'auto' choice
+    derived = Carrot(model.config.merged({"head.kind": kind_of(model.head_).name, **model.head_.pinned()}),
+                     backbone=model.backbone)
     derived.token_map_ = model.token_map_  # the embeddings are the parent's
-    # a kernel parent's feature map is held, as RRO and debug's loops hold it: the run is the model they scored
-    held = model.head_.refit_fixed(model.train_embeddings_, y, weights) if kind_of(model.head_).name == "kernel" else None
+    # every setting held (a kernel parent's feature map too), as RRO and debug's loops hold it: the run is the model
+    # they scored
+    held = model.head_.refit(model.train_embeddings_, y, weights)
     derived.fit(model.train_embeddings_, y, model.train_records_, model.classes_, sample_weight=weights, head=held)
     pred = derived.head_.predict(G_test)
     metrics = {**model.metrics_, "lam": derived.head_.lam_, "lam_path": None, "head_choice": None,
@@ -423,7 +417,7 @@ def region_scores(model: Carrot, name: str, x: Any, regions: Any, w: Any, c: int
     if name in ("shapley", "split", "occlusion"):
         return model.pixel_map(x, c, grid, name)[0].ravel()
     if name == "token":
-        if not isinstance(model.head_, RidgeHead):  # the kernel head's token map: each token's exact removal
+        if not keeps(model.head_, "region_split"):  # each token's exact removal from the graph
             import torch
 
             from carrot.attribution.regions import node_removal
@@ -536,8 +530,6 @@ def certificates(model: Carrot, n_test: int = 50, limit: int = 50, seed: int = 0
     dict: ``sizes`` (per image, None when no set of up to ``limit`` changes it), ``histogram``, the ``smallest``
     sets (the predictions most exposed to a few possibly wrong labels) and the cost per image.
     """
-    from carrot.attribution.training import certificate
-
     if isinstance(n_test, bool) or not isinstance(n_test, int) or n_test < 1:
         raise CarrotError(f"n_test: expected a positive integer, got {n_test!r}")
     _, _, _, G_test, y_test = run_embeddings(None, model)
@@ -546,7 +538,7 @@ def certificates(model: Carrot, n_test: int = 50, limit: int = 50, seed: int = 0
     rows = np.sort(rng.choice(len(G_test), min(n_test, len(G_test)), replace=False))
     found, seconds = [], []
     for i in rows.tolist():
-        c = certificate(system, G_test[i], limit) if isinstance(model.head_, RidgeHead) else model.head_.certificate(G_test[i], limit)
+        c = system.certificate(G_test[i], limit)
         seconds.append(c.seconds)
         found.append((i, c))
     sizes = [len(c.indices) if c.found else None for _, c in found]

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import platform
-import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -10,7 +9,6 @@ import numpy as np
 import torch
 
 from carrot import __version__
-from carrot.attribution.representer import region_contributions, top_k
 from carrot.features.backbone import TokenBackbone, create_backbone, patch_centres
 from carrot.features.cache import TokenStore
 from carrot.config import RunConfig
@@ -18,8 +16,9 @@ from carrot.data import ImageDataset, ImageRecord, load_image
 from carrot.embed.embedder import Embedder
 from carrot.embed.tokenmap import TokenMap, sample_tokens
 from carrot.errors import CarrotError, check_is_fitted, first_line
-from carrot.ridge.head import RidgeHead
+from carrot.report.explanation import Explanation
 from carrot.ridge.heads import fit_head, load_head
+from carrot.ridge.system import TrainingSystem
 from carrot.io import save_npy, write_json
 from carrot.features.regions import RegionSet
 
@@ -29,7 +28,7 @@ class Carrot:
     def __init__(self, config: RunConfig | None = None, backbone: TokenBackbone | None = None) -> None:
         self.config = config or RunConfig()
         self._backbone: TokenBackbone | None = backbone
-        self.head_: RidgeHead | None = None
+        self.head_: Any = None  # a registered head (carrot.ridge.heads), once fitted
         self.token_map_: TokenMap | None = None
 
     @property
@@ -253,21 +252,17 @@ class Carrot:
                                             None if C is None else C.to(torch.float64)))
         return H, w, grid, imgs, C
 
-    def training_system(self):
-        """The head's :class:`~carrot.ridge.removal.RidgeSystem` on the training rows (its own factor), built once."""
-        if not isinstance(self.head_, RidgeHead):  # the kernel head is its own training system (dual, n x n)
-            return self.head_
+    def training_system(self) -> TrainingSystem:
+        """The head's exact training system on the run's training rows (``head.system``), built once per head."""
         if getattr(self, "_system", None) is None or self._system_head is not self.head_:
-            from carrot.ridge.removal import RidgeSystem
-
             labels = np.array([r.label for r in self.train_records_])
-            self._system, self._system_head = RidgeSystem.from_head(self.head_, self.train_embeddings_, labels), self.head_
+            self._system, self._system_head = self.head_.system(self.train_embeddings_, labels), self.head_
         return self._system
 
     def explain(self, paths: Sequence[str], k: int = 5, pairs: int = 3, node_removal: bool = False,
                 masks: dict[str, np.ndarray] | None = None, certificate_limit: int = 50,
-                pixel_map: str | None = "shapley", permutations: int = 4, occlusion: bool = False) -> list[dict[str, Any]]:
-        """Explain image files with the fitted run.
+                pixel_map: str | None = "shapley", permutations: int = 4, occlusion: bool = False) -> list[Explanation]:
+        """Explain image files with the fitted run (:mod:`carrot.run.explaining`).
 
         Parameters
         ----------
@@ -285,154 +280,16 @@ class Carrot:
 
         Returns
         -------
-        list of m dicts: prediction, class logits, prior, the top-k training images for and against the
-        prediction ranked by their exact removal effect (each with its removal effect, equivalent-kernel and
-        representer terms, its own region map and region pairs in the removal metric), the certificate, the
-        region map (grid), and the identity errors of the exact sums.
+        m :class:`~carrot.report.explanation.Explanation`: prediction, class logits, prior, the top-k training images
+        for and against the prediction ranked by their exact removal effect (each with its removal effect,
+        equivalent-kernel and representer terms, and, for a head with region pairs, its pair split), the certificate,
+        the token and pixel maps, and the identity errors of the exact sums.
         """
-        from carrot.attribution.regions import deletion_insertion, mask_to_grid, node_removal as removal, segment_sum
+        from carrot.run.explaining import ExplainOptions, explain_images
 
         check_is_fitted(self, ("head_",))
-        from carrot.attribution.pixels import GLOBAL_MEANING, LINEAR_ONLY, PIXEL_MAPS, REGION_MEANING
-        from carrot.ridge.heads import kind_of
-        from carrot.attribution.training import VIEW_MEANING, certificate, removal_pairs, training_terms
-
-        n = len(self.train_records_)
-        if not isinstance(k, int) or not 1 <= k <= n:
-            raise CarrotError(f"top_k: expected 1 <= k <= {n} (the training set size), got {k!r}")
-        if isinstance(certificate_limit, bool) or not isinstance(certificate_limit, int) or certificate_limit < 0:
-            raise CarrotError(f"certificate_limit: expected an integer >= 0, got {certificate_limit!r}")
-        if pixel_map is not None and (not isinstance(pixel_map, str) or pixel_map not in PIXEL_MAPS):
-            raise CarrotError(f"pixel_map: expected one of {', '.join(PIXEL_MAPS)} or None, got {pixel_map!r}")
-        if pixel_map == "shapley" and (isinstance(permutations, bool) or not isinstance(permutations, int)
-                                       or permutations < 2 or permutations % 2):
-            raise CarrotError(f"permutations: expected an even integer >= 2 (antithetic pairs), got {permutations!r}")
-        G, H, w, grid, imgs, C = self.embed_images(paths)
-        logits = self.head_.decision_function(G)
-        system = self.training_system()
-        pred = logits.argmax(1)
-        linear = isinstance(self.head_, RidgeHead)  # the kernel head has no additive token split or region pairs
-        terms = training_terms(system, G, pred) if linear else self.head_.training_terms(G, pred)
-        P = patch_centres(grid, torch.float64)
-        F = self.embedder.features(H)  # what the readout sums: the tokens, or phi of them with a token map
-        weights = self.sample_weight_
-        out = []
-        for i, path in enumerate(paths):
-            c = int(pred[i])
-            support = -terms["removal"][i]  # f(x) - f_-i(x): > 0, the image raises this logit (0 for weight 0)
-            tk = top_k(support, k)
-            Ci = None if C is None else C[i]
-            global_term = None
-            if linear:
-                regions = region_contributions(self.head_, F[i], w[i], Ci)[:, c]
-                if Ci is not None:  # the global tokens' own exact term, the last row
-                    regions, global_term = regions[:-1], float(regions[-1])
-            else:  # each token's exact removal from the graph: a counterfactual, the drops do not add up
-                drops = removal(self.head_, H[i], P, c, self.embedder, globals=Ci)  # reused by node_removal below
-                regions = torch.as_tensor([drops[j] for j in range(len(drops))], dtype=torch.float64)
-            prior = float(self.head_.prior_[c])
-            idx = np.concatenate([tk.support_idx, tk.inhibit_idx])
-            Ht, wt, tgrid, timgs, Ct = self.train_regions(idx.tolist())
-            Ft = self.embedder.features(Ht) if linear else None
-            rows = []
-            for r, j in enumerate(idx):
-                if linear:
-                    pm, base = removal_pairs(system, F[i], w[i], Ft[r], wt[r], int(j), c, Ci,
-                                             None if Ct is None else Ct[r])
-                    gpart = 0.0
-                    if Ci is not None:  # the global row and column: pairs with either image's global tokens
-                        gpart, pm = float(pm[-1].sum() + pm[:-1, -1].sum()), pm[:-1, :-1]
-                    flat = torch.topk(pm.flatten().abs(), min(pairs, pm.numel())).indices
-                rows.append({
-                    "index": int(j), "path": self.train_records_[j].path,
-                    "label": self.classes_[self.train_records_[j].label], "score": float(support[j]),
-                    "removal_effect": float(terms["removal"][i, j]),
-                    "equivalent_kernel": float(terms["equivalent_kernel"][i, j]),
-                    "representer": float(terms["representer"][i, j]),
-                    **({"weight": float(weights[j])} if weights is not None else {}),
-                    **({"pair_intercept": base, **({"pair_global": gpart} if Ci is not None else {}),
-                        "pair_sum_error": abs(float(pm.sum()) + base + gpart - float(support[j])),
-                        "test_regions": pm.sum(1).reshape(grid).tolist(),
-                        "train_regions": pm.sum(0).reshape(tgrid).tolist(),
-                        "pairs": [{"test_region": int(f // pm.shape[1]), "train_region": int(f % pm.shape[1]),
-                                   "value": float(pm.flatten()[f])} for f in flat.tolist()]} if linear else {"pairs": []}),
-                    "_image": timgs[r],
-                })
-            cert = None
-            if certificate_limit:
-                cert = certificate(system, G[i], certificate_limit) if linear else self.head_.certificate(G[i], certificate_limit)
-            ek_sum, rep_sum = float(terms["equivalent_kernel"][i].sum()), float(terms["representer"][i].sum())
-            exp: dict[str, Any] = {
-                "image": str(path),
-                "predicted": self.classes_[c],
-                "predicted_index": c,
-                "logits": {name: float(v) for name, v in zip(self.classes_, logits[i])},
-                "prior": prior,
-                "ranking": "removal",
-                "meaning": {"score": "f(x) - f_-i(x): how much this logit drops if the image is removed from training "
-                                     "(exact, equal to a refit" + ("" if linear else " with the embeddings' standardisation, "
-                                     "gamma, lambda" + (" and the Nystroem landmarks" if self.head_.approx_ == "nystroem"
-                                                        else "") + " held as fitted") + "); the images are ranked by it", **VIEW_MEANING,
-                            **{k: v for k, v in REGION_MEANING.items() if (k != "pixel_map" or pixel_map)
-                               and (k not in LINEAR_ONLY if not linear else k != "region_removal")},
-                            **({"pixel_map": PIXEL_MAPS[pixel_map]} if pixel_map else {}),
-                            **({"global_term": GLOBAL_MEANING} if global_term is not None else {})},
-                "head": kind_of(self.head_).name,
-                "data_sum": rep_sum,
-                "equivalent_kernel_sum": ek_sum,
-                "identity_error": {
-                    "data": abs(prior + rep_sum - float(logits[i, c])),
-                    "equivalent_kernel": abs(prior + ek_sum - float(logits[i, c])),
-                    **({"regions": abs(prior + float(regions.sum()) + (global_term or 0.0) - float(logits[i, c]))}
-                       if linear else {}),
-                },
-                "supporting": rows[:k],
-                "inhibiting": rows[k:],
-                "grid": list(grid),
-                "train_grid": list(tgrid),
-                **({"region_sum": float(regions.sum()), "region_contributions": regions.reshape(grid).tolist()} if linear
-                   else {"region_removal": regions.reshape(grid).tolist()}),
-                **({"global_term": global_term} if global_term is not None else {}),
-                "_image": imgs[i],
-            }
-            if cert is not None:
-                exp["certificate"] = {
-                    "found": cert.found, "limit": cert.limit, "seconds": cert.seconds,
-                    "images": [{"index": j, "path": self.train_records_[j].path,
-                                "label": self.classes_[self.train_records_[j].label]} for j in cert.indices],
-                    "new_class": None if cert.new_class is None else self.classes_[int(self.head_.classes_[cert.new_class])],
-                    "margin": cert.margin, "refit_max_abs_diff": cert.refit_max_abs_diff,
-                }
-            if pixel_map or occlusion:
-                x = self.inputs([path])[0]
-                for method, key in ((pixel_map, "pixel_map"), ("occlusion" if occlusion else None, "pixel_occlusion")):
-                    if method:
-                        t0 = time.perf_counter()
-                        values, info = self.pixel_map(x, c, grid, method, permutations)
-                        exp[key] = values.tolist()
-                        exp[key + "_seconds"] = time.perf_counter() - t0
-                        if key == "pixel_map":
-                            exp.update({"pixel_map_method": method, "pixel_map_blurred_logit": info["blurred"],
-                                        "pixel_map_completeness_error": info["completeness_error"]})
-                            if method == "shapley":
-                                exp["pixel_map_permutations"] = info["permutations"]
-                                exp["pixel_map_sem"] = np.where(np.isfinite(info["sem"]), info["sem"], None).tolist()
-            emb = self.embedder
-            if node_removal:
-                drops = removal(self.head_, H[i], P, c, emb, globals=Ci) if linear else drops
-                dele, ins = deletion_insertion(self.head_, H[i], P, c, np.argsort(-regions.numpy(), kind="stable"), emb,
-                                               globals=Ci)
-                exp["node_removal"] = [drops[j] for j in range(len(drops))]
-                exp["deletion"] = {"fractions": dele.fractions.tolist(), "logits": dele.logits.tolist(), "auc": dele.auc}
-                exp["insertion"] = {"fractions": ins.fractions.tolist(), "logits": ins.logits.tolist(), "auc": ins.auc}
-            if masks and str(path) in masks:
-                seg = mask_to_grid(masks[str(path)], grid)
-                if linear:
-                    exp["segments"] = {str(s_): v for s_, v in segment_sum(regions.numpy(), seg).items()}
-                if node_removal:
-                    exp["segment_removal"] = {str(s_): v for s_, v in removal(self.head_, H[i], P, c, emb, seg, Ci).items()}
-            out.append(exp)
-        return out
+        return explain_images(self, paths, ExplainOptions(k, pairs, node_removal, masks, certificate_limit, pixel_map,
+                                                          permutations, occlusion))
 
     def mask_transform(self):
         """The display geometry for integer masks (nearest-neighbour resize, same crop)."""
@@ -547,10 +404,10 @@ class Carrot:
             self.sample_weight_ = _load_array(rd.train_weights, run_dir)
             if self.sample_weight_.shape != (len(self.train_records_),):
                 raise CarrotError(f"run '{run_dir}': {rd.TRAIN_WEIGHTS} does not match the training records")
-            if self.head_.sample_weight_ is None and not isinstance(self.head_, RidgeHead):
-                raise CarrotError(f"run '{run_dir}': run.json says the head is weighted but its kernel head has no weights; {REFIT}")
-            if self.head_.sample_weight_ is None:  # a head written before heads kept their weights
-                self.head_.sample_weight_ = torch.as_tensor(self.sample_weight_, dtype=torch.float64)
+            try:  # a ridge head written before heads kept their weights takes the run's; any other must have them
+                self.head_.restore_weights(self.sample_weight_)
+            except CarrotError as exc:
+                raise CarrotError(f"run '{run_dir}': {exc}; {REFIT}") from None
         self.metrics_ = meta.get("metrics", {})
         self.test_records_ = meta.get("test_records")
         self.derived_from_ = meta.get("derived_from")
