@@ -46,7 +46,7 @@ def bench(n: int, d: int, c: int, lam: float, max_refits: int, seed: int, device
     from carrot.attribution.representer import centred_kernel
     from carrot.ridge.baselines import TracInHead
     from carrot.ridge.head import RidgeHead
-    from carrot.ridge.removal import RidgeSystem
+    from carrot.ridge.primal import PrimalSystem
 
     G, y, Gt, yt = synthetic(n, d, c, seed)
     rows = []
@@ -68,7 +68,7 @@ def bench(n: int, d: int, c: int, lam: float, max_refits: int, seed: int, device
     t, _ = timed(lambda: th.influence(G, y, Gt, yt), 3)
     row("all-pairs attribution (500 test x n)", "TracInCP (5 checkpoints)", t)
 
-    system = RidgeSystem.from_head(head, G, y)
+    system = head.system(G, y)
     t, loo = timed(system.loo_logits, 3)
     row("exact LOO, all n", "carrot hat diagonal", t)
     r = min(n, max_refits)
@@ -78,7 +78,7 @@ def bench(n: int, d: int, c: int, lam: float, max_refits: int, seed: int, device
         out = []
         for i in range(r):
             keep[i] = False
-            sub = RidgeSystem.fit(G[keep], system.Y[keep], None, lam)  # fixed class columns, fresh Cholesky
+            sub = PrimalSystem.fit(G[keep], system.Y[keep], None, lam)  # fixed class columns, fresh Cholesky
             out.append(sub.decision(G[i : i + 1])[0].numpy())
             keep[i] = True
         return np.array(out)
@@ -93,7 +93,7 @@ def bench(n: int, d: int, c: int, lam: float, max_refits: int, seed: int, device
     row("remove 1% of n", "carrot Woodbury", t, k=k)
     mask = np.ones(n, dtype=bool)
     mask[idx] = False
-    t, s2 = timed(lambda: RidgeSystem.fit(G[mask], system.Y[mask], None, lam), 3)
+    t, s2 = timed(lambda: PrimalSystem.fit(G[mask], system.Y[mask], None, lam), 3)
     row("remove 1% of n", "refit", t, k=k,
         max_abs_diff=float(np.abs(system.decision(Gt, theta).numpy() - s2.decision(Gt).numpy()).max()))
     return rows

@@ -176,8 +176,6 @@ def peer_scores(X: torch.Tensor, y: torch.Tensor, Xt: torch.Tensor, ct: torch.Te
 
 def run_seed(G, y, Gt_all, head, seed: int, n_test: int, n_subsets: int, n_flip: int, cert_limit: int,
              proj_dims: tuple[int, ...]) -> list[dict]:
-    from carrot.attribution.training import certificate, training_terms
-    from carrot.ridge.removal import RidgeSystem
 
     rng = np.random.default_rng(seed)
     rows = np.sort(rng.choice(len(Gt_all), min(n_test, len(Gt_all)), replace=False))
@@ -190,18 +188,18 @@ def run_seed(G, y, Gt_all, head, seed: int, n_test: int, n_subsets: int, n_flip:
     results = []
 
     # carrot: the run's head and its three exact views
-    system = RidgeSystem.from_head(head, G, y)
+    system = head.system(G, y)
     t0 = time.perf_counter()
-    terms = training_terms(system, Gt)
+    terms = system.training_terms(Gt)
     t_terms = (time.perf_counter() - t0) / len(rows)
     pred = system.decision(Gt).argmax(1)
-    views = {"carrot exact removal (default)": (-terms["removal"]).numpy(),
-             "carrot equivalent kernel": terms["equivalent_kernel"].numpy(),
-             "carrot representer": terms["representer"].numpy()}
+    views = {"carrot exact removal (default)": (-terms.removal).numpy(),
+             "carrot equivalent kernel": terms.equivalent_kernel.numpy(),
+             "carrot representer": terms.representer.numpy()}
     actual = np.stack([system.refit(np.flatnonzero(mk)).decision(Gt)[torch.arange(len(rows)), pred].numpy() for mk in masks])
     F = system.decision(Gt)
     X = system.augment(Gt)
-    certs = [certificate(system, g, cert_limit) for g in Gt]
+    certs = [system.certificate(g, cert_limit) for g in Gt]
     sizes = [len(c.indices) if c.found else None for c in certs]
     for name, T in views.items():
         row = {"seed": seed, "method": name, "model": "carrot ridge head", "library": "carrot",
@@ -261,7 +259,6 @@ def mislabel_rows(G, y, head, seed: int, fraction: float = 0.1) -> list[dict]:
 
     from carrot.audit.evaluate import flip_labels
     from carrot.ridge.head import frozen_clone
-    from carrot.ridge.removal import RidgeSystem
 
     C = len(head.classes_)
     yn, flipped = flip_labels(y, fraction, C, seed)
@@ -272,7 +269,7 @@ def mislabel_rows(G, y, head, seed: int, fraction: float = 0.1) -> list[dict]:
                      "seconds": seconds})
 
     t0 = time.perf_counter()
-    system = RidgeSystem.from_head(frozen_clone(head).fit(G, yn), G, yn)
+    system = frozen_clone(head).fit(G, yn).system(G, yn)
     loo = system.loo_logits()
     ce, _ = system.loo_cross_entropy(loo)
     t = time.perf_counter() - t0

@@ -39,7 +39,8 @@ def fit_one(solve: str, n: int, m: int, seed: int, device: str, queue: "mp.Queue
     import torch
     from common import peak_rss_mb
 
-    from carrot.ridge.kernel import KERNELS, KernelRidgeHead
+    from carrot.ridge.gram import KERNELS
+    from carrot.ridge.kernel import KernelRidgeHead
 
     torch.manual_seed(0)
     G, y = mixture(n + TEST, seed)
@@ -55,7 +56,7 @@ def fit_one(solve: str, n: int, m: int, seed: int, device: str, queue: "mp.Queue
     logits = head.decision_function(Gt)
     predict_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    loo = head.loo_decision()
+    loo = head.system().loo_logits()
     loo_s = time.perf_counter() - t0
     queue.put({"solve": solve, "n": n, "m": m if solve == "nystroem" else None, "seed": seed, "gamma": gamma,
                "lam": head.lam_, "fit_seconds": fit_s, "predict_seconds_2000": predict_s, "loo_seconds": loo_s,

@@ -10,8 +10,9 @@ from typing import Any
 
 VIEW_MEANING = {
     "removal": "exact change of this logit if the image were removed from training (refit-exact, no sum identity)",
-    "equivalent_kernel": "l_i(x) (y_ic - ybar_c): the weight l_i(x) the fit gives this image's label in this prediction "
-                         "(the hat-matrix row of x, f(x) = sum_i l_i(x) y_i); the terms sum to logit - prior",
+    "equivalent_kernel": "s_i(x) (y_ic - ybar_c): the weight the fit gives this image's label in this prediction beyond "
+                         "the prior (the hat-matrix row of x without the intercept's equal share a_i / S); the terms "
+                         "sum to logit - prior",
     "representer": "beta * kernel similarity (representer form); the terms sum to logit - prior, large ones cancel",
 }
 

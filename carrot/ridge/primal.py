@@ -101,6 +101,9 @@ class PrimalSystem(TrainingSystem):
     def dual_coef(self) -> torch.Tensor:
         return self.a.unsqueeze(1) * self.residuals() / self.lam
 
+    def intercept_share(self) -> torch.Tensor:
+        return self.a / self.S if self.fit_intercept else torch.zeros_like(self.a)
+
     @property
     def prior(self) -> torch.Tensor:
         """ybar (C,), or 0 without an intercept."""

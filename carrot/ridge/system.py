@@ -16,8 +16,9 @@ few primitives (:class:`TrainingSystem`'s abstract methods); every exact identit
 * removal of one image (the sign convention, used everywhere):  removal effect  f_-i(x) - f(x) = -l_i(x) e_i / (1 - h_ii)
 * new weights a'_U on rows U (a_U > 0), rho = (a'_U - a_U) / a_U:
       f'(x) - f(x) = l_U(x) diag(rho) (I + H_UU diag(rho))^-1 e_U        (rho = -1: removal of the set U)
-* the three views of a logit: removal (above), equivalent kernel l_i(x) (y_ic - ybar_c) and representer
-  beta_ic k(x, z_i); the last two sum to f_c(x) - ybar_c.
+* the three views of a logit: removal (above), equivalent kernel s_i(x) (y_ic - ybar_c), s_i(x) = l_i(x) - a_i / S the
+  hat-matrix row without the intercept's equal share (Hastie et al., 5.4.1), and representer beta_ic k(x, z_i); the
+  last two sum to f_c(x) - ybar_c.
 
 The certificate (:meth:`TrainingSystem.certificate`), the LOO loss change and the label-review score are written
 here once, over the protocol. "Exact" means equal to a refit with the head's settings and fitted choices held
@@ -41,7 +42,8 @@ from carrot.validation import ArrayLike, as_float64_matrix, one_hot
 class TrainingTerms:
     """Per test image (m) and training image (n), the three exact views of one class's logit (tensors (m, n)).
 
-    ``removal``: f_-i(x)_c - f_c(x) (refit-exact; no sum identity); ``equivalent_kernel``: l_i(x) (y_ic - ybar_c);
+    ``removal``: f_-i(x)_c - f_c(x) (refit-exact; no sum identity); ``equivalent_kernel``: s_i(x) (y_ic - ybar_c) with
+    s_i(x) = l_i(x) - a_i / S (without an intercept, l_i(x));
     ``representer``: beta_ic k(x, z_i); the last two sum to ``logit`` - ``prior`` (both (m,)).
     """
 
@@ -135,6 +137,10 @@ class TrainingSystem(ABC):
         """ybar (C,): the a-weighted class means, the logit without evidence (a head without intercept: 0)."""
         return self.a @ self.Y / self.a.sum()
 
+    def intercept_share(self) -> torch.Tensor:
+        """a / S (n,): the part of every l(x) that is the unpenalised intercept's (0 for a head without one)."""
+        return self.a / self.a.sum()
+
     def residuals(self) -> torch.Tensor:
         """e = Y - F (n, C)."""
         return self.Y - self.train_decision()
@@ -162,7 +168,8 @@ class TrainingSystem(ABC):
             raise CarrotError(f"classes: expected one class per test image ({Gt.shape[0]}), got shape {tuple(c.shape)}")
         L = self.equivalent_kernel(Gt)
         prior = self.prior
-        return TrainingTerms(removal=-L * self.loo_residuals().T[c], equivalent_kernel=L * (self.Y - prior).T[c],
+        return TrainingTerms(removal=-L * self.loo_residuals().T[c],
+                             equivalent_kernel=(L - self.intercept_share()) * (self.Y - prior).T[c],
                              representer=self.similarity(Gt) * self.dual_coef.T[c],
                              logit=F[torch.arange(len(c)), c], prior=prior[c])
 
