@@ -41,7 +41,7 @@ from common import device_name, write_results
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from carrot.attribution.pixels import blur, blur_ends, cell_boxes, default_sigma, deletable, pixel_curves, pooled  # noqa: E402
-from carrot.run.operations import REGION_MAPS, image_regions, region_scores  # noqa: E402
+from carrot.audit.protocols import REGION_MAPS, image_regions, region_scores  # noqa: E402
 from carrot.run.pipeline import Carrot  # noqa: E402
 
 

@@ -67,7 +67,7 @@ def main() -> None:
     from carrot.features.regions import RegionSet
     from carrot.audit.sweep import embeddings_over_t
     from carrot.attribution.pixels import pooled
-    from carrot.run.operations import pixel_deletion
+    from carrot.audit.protocols import pixel_deletion
     from carrot.run.pipeline import Carrot
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

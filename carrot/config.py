@@ -63,9 +63,27 @@ def _fspath(obj: Any, name: str) -> None:
         object.__setattr__(obj, name, os.fspath(v))
 
 
-def _positive_or_median(name: str, v: Any) -> None:
-    from carrot.embed.graph import median_factor
+def median_factor(value: object, name: str) -> float | None:
+    """k for 'median' (1) or 'median*k' (k > 0, else a named error); None for anything else."""
+    if value == "median":
+        return 1.0
+    if not (isinstance(value, str) and value.startswith("median*")):
+        return None
+    try:
+        k = float(value[len("median*"):])
+    except ValueError:
+        k = float("nan")
+    if not (k > 0 and k != float("inf")):
+        raise CarrotError(f"{name}: expected 'median', 'median*k' with k > 0, or a positive number, got {value!r}")
+    return k
 
+
+def chebyshev_order(t: float) -> int:
+    """Terms of the Chebyshev series of exp(-tL) that reach double precision (the error decays past k ~ t)."""
+    return int(math.ceil(t + 12 * math.sqrt(t + 1) + 10))
+
+
+def _positive_or_median(name: str, v: Any) -> None:
     if isinstance(v, str) and median_factor(v, name) is not None:
         return
     if not _is_number(v) or not v > 0:
@@ -141,8 +159,6 @@ class DiffusionConfig:
     method: str = "auto"
 
     def __post_init__(self) -> None:
-        from carrot.embed.diffusion import chebyshev_order
-
         if not _is_number(self.t) or not self.t >= 0:
             raise CarrotError(f"diffusion.t: expected a finite number >= 0, got {self.t!r}")
         if self.method not in ("auto", "eigh", "chebyshev"):

@@ -11,7 +11,7 @@ import os
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from struct import error as struct_error
 
@@ -627,30 +627,89 @@ def collect_images(inputs: Sequence[str]) -> list[str]:
     return paths
 
 
-def load_splits(config) -> tuple[ImageDataset, ImageDataset]:
+@dataclass(frozen=True)
+class DataKind:
+    """One registered data layout (``data.kind``): its loader of (train, test) from the ``data`` config section, and
+    whether it needs ``data.root``."""
+
+    name: str
+    load: Callable[[Any], tuple[ImageDataset, ImageDataset]]
+    needs_root: bool
+
+
+DATA_KINDS: dict[str, DataKind] = {}
+
+
+def data_kind(name: str, needs_root: bool = True) -> Callable:
+    """Decorator: register ``load(data_config) -> (train, test)`` as data kind ``name`` where it is defined (the
+    registry is the single source of the layouts; :data:`carrot.config.DATA_KINDS` names them for a torch-free
+    config, and a test holds the two equal)."""
+    def add(load: Callable) -> Callable:
+        DATA_KINDS[name] = DataKind(name, load, needs_root)
+        return load
+
+    return add
+
+
+@data_kind("elpv", needs_root=False)
+def _elpv(d: Any) -> tuple[ImageDataset, ImageDataset]:
+    return load_elpv(d.test_fraction, d.split_seed, d.max_per_class)
+
+
+@data_kind("imagefolder")
+def _imagefolder(d: Any) -> tuple[ImageDataset, ImageDataset]:
+    return load_imagefolder(d.root, d.test_fraction, d.split_seed, d.max_per_class)
+
+
+@data_kind("cub")
+def _cub(d: Any) -> tuple[ImageDataset, ImageDataset]:
+    return _capped(load_cub(d.root, d.bbox_crop, "CUB"), d)
+
+
+@data_kind("nabirds")
+def _nabirds(d: Any) -> tuple[ImageDataset, ImageDataset]:
+    return _capped(load_cub(d.root, d.bbox_crop, "NABirds"), d)
+
+
+def _torchvision_kind(kind: str) -> None:
+    data_kind(kind)(lambda d: _capped(load_torchvision(kind, d.root, d.bbox_crop), d))
+
+
+for _kind in ("cars", "aircraft", "flowers102"):
+    _torchvision_kind(_kind)
+
+
+@data_kind("dogs")
+def _dogs(d: Any) -> tuple[ImageDataset, ImageDataset]:
+    return _capped(load_stanford_dogs(d.root, d.bbox_crop), d)
+
+
+@data_kind("fashion-mnist", needs_root=False)
+def _fashion_mnist(d: Any) -> tuple[ImageDataset, ImageDataset]:
+    return load_fashion_mnist(d.root, d.max_per_class, d.split_seed)
+
+
+@data_kind("synthetic", needs_root=False)
+def _synthetic(d: Any) -> tuple[ImageDataset, ImageDataset]:
+    from carrot.io import user_cache_dir
+
+    root = Path(d.root or user_cache_dir() / "synthetic")
+    if not root.is_dir():
+        make_synthetic(root, seed=d.split_seed)
+    return load_imagefolder(root, d.test_fraction, d.split_seed, d.max_per_class)
+
+
+def _capped(splits: tuple[ImageDataset, ImageDataset], d: Any) -> tuple[ImageDataset, ImageDataset]:
+    """A data set with its own split, each split capped at ``data.max_per_class`` images per class."""
+    return tuple(cap_split(s, d.max_per_class, d.split_seed) for s in splits)  # type: ignore[return-value]
+
+
+def load_splits(config: Any) -> tuple[ImageDataset, ImageDataset]:
     """Train and test splits named by ``config.data`` (a :class:`carrot.config.RunConfig`)."""
     d = config.data
-    if d.kind not in ("elpv", "synthetic", "fashion-mnist") and not d.root:
+    kind = DATA_KINDS[d.kind]
+    if kind.needs_root and not d.root:
         raise CarrotError(f"data.root: a {d.kind} data set needs a root directory (--data PATH)")
     if d.root is not None and not Path(d.root).is_dir() and d.kind != "synthetic":
         raise CarrotError(f"data.root: expected a directory, got '{d.root}'")
-    if d.kind == "elpv":
-        return load_elpv(d.test_fraction, d.split_seed, d.max_per_class)
-    if d.kind == "fashion-mnist":
-        return load_fashion_mnist(d.root, d.max_per_class, d.split_seed)
-    if d.kind in ("imagefolder", "synthetic"):
-        root = d.root
-        if d.kind == "synthetic":
-            from carrot.io import user_cache_dir
-
-            root = Path(d.root or user_cache_dir() / "synthetic")
-            if not root.is_dir():
-                make_synthetic(root, seed=d.split_seed)
-        return load_imagefolder(root, d.test_fraction, d.split_seed, d.max_per_class)
-    if d.kind in ("cub", "nabirds"):
-        splits = load_cub(d.root, d.bbox_crop, "CUB" if d.kind == "cub" else "NABirds")
-    elif d.kind == "dogs":
-        splits = load_stanford_dogs(d.root, d.bbox_crop)
-    else:
-        splits = load_torchvision(d.kind, d.root, d.bbox_crop)
-    return tuple(cap_split(s, d.max_per_class, d.split_seed) for s in splits)  # type: ignore[return-value]
+    return kind.load(d)

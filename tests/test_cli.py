@@ -363,7 +363,8 @@ def test_evaluate_region_deletion(fitted, tmp_path):
     from carrot.run.pipeline import Carrot
     from carrot.attribution.regions import deletion_insertion
     from carrot.features.regions import RegionSet
-    from carrot.run.operations import _test_store, region_deletion
+    from carrot.audit.protocols import region_deletion
+    from carrot.run.operations import _test_store
 
     r = run("evaluate", str(fitted), "--what", "deletion", "--n-test", "6", "--out", str(tmp_path / "d.json"))
     assert r.exit_code == 0 and "region deletion AUC (6 images" in r.output, r.output
@@ -371,7 +372,7 @@ def test_evaluate_region_deletion(fitted, tmp_path):
     assert d["deletion"] < d["deletion_random"] and d["insertion"] > d["insertion_random"]  # the exact order is informative
     # one image: the pooled value is that image's (AUC - prior) / (logit - prior), by hand
     model = Carrot.load(fitted)
-    one = region_deletion(fitted, n_test=1, seed=3, model=model)
+    one = region_deletion(model, _test_store(fitted, model), n_test=1, seed=3)
     store = _test_store(fitted, model)
     i = int(np.random.default_rng(3).choice(len(store), 1, replace=False)[0])
     H = torch.from_numpy(np.asarray(store.tokens[i], dtype=np.float64))

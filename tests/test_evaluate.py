@@ -6,10 +6,10 @@ from carrot.attribution.representer import class_summary, region_pairs
 from carrot.ridge.baselines import TracInHead
 from carrot.errors import CarrotError
 from carrot.audit.evaluate import (
-    accuracy_over_seeds, compare_predictions, estimator_scores, faithfulness, flip_labels, lds, mislabel_detection, mislabel_scores, rank_agreement,
+    accuracy_over_seeds, estimator_scores, faithfulness, flip_labels, lds, mislabel_detection, mislabel_scores, rank_agreement,
 )
+from carrot.audit.compare import compare_predictions
 from carrot.ridge.head import RidgeHead
-from carrot.ridge.primal import PrimalSystem
 
 
 def blobs(n=150, d=10, c=4, seed=0, sep=1.2):

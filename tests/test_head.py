@@ -190,7 +190,6 @@ def test_index_labels_refuses_unknown_labels_by_name():
 
 def test_dual_coef_and_ridge_system_refuse_a_label_the_head_never_saw():
     from carrot.errors import CarrotError
-    from carrot.ridge.primal import PrimalSystem
 
     g = np.random.default_rng(0)
     G, y = g.normal(size=(20, 4)), np.repeat([0, 1, 3], [7, 7, 6])

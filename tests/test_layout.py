@@ -73,3 +73,70 @@ def test_public_api_resolves():
         assert getattr(carrot, name) is not None, name
     assert carrot.RidgeHead.__module__ == "carrot.ridge.head" and carrot.Carrot.__module__ == "carrot.run.pipeline"
     assert issubclass(carrot.CarrotError, ValueError)
+
+
+FLOORS = ["errors", "validation", "io", "devices", "distributed", "config", "data", "ridge", "features", "embed",
+          "attribution", "audit", "report", "run", "cli"]  # lowest first: each may import only floors below it
+
+
+def floor_of(module: str) -> int:
+    part = module.split(".")[1] if module.count(".") else "carrot"
+    return FLOORS.index(part) if part in FLOORS else -1
+
+
+def all_imports(path: Path, modules: set[str]) -> set[str]:
+    """carrot modules a module imports anywhere (load time or inside a function), type-only imports aside."""
+    tree = ast.parse(path.read_text())
+    typing_only = {id(n) for b in ast.walk(tree) if isinstance(b, ast.If) and ast.unparse(b.test) == "TYPE_CHECKING"
+                   for stmt in b.body for n in ast.walk(stmt)}
+    out = set()
+    for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            out |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+    return {m for m in out if m in modules}
+
+
+def test_the_layers_read_one_way():
+    """No lower floor imports a higher one, not even inside a function (ridge never imports attribution, audit, run or
+    report; config never imports embed)."""
+    files = {module_name(p): p for p in PKG.rglob("*.py")}
+    up = sorted(f"{m} -> {d}" for m, p in files.items() for d in all_imports(p, set(files))
+                if floor_of(m) >= 0 and floor_of(d) > floor_of(m))
+    assert up == []
+
+
+def test_no_type_dispatch_on_heads_or_systems_outside_the_ridge_layer():
+    pattern = re.compile(r"isinstance\([^)]*(RidgeHead|KernelRidgeHead|PrimalSystem|DualSystem|TrainingSystem)")
+    hits = [f"{p.relative_to(ROOT)}:{i}" for folder in ("run", "audit", "attribution", "report")
+            for p in (PKG / folder).rglob("*.py") for i, line in enumerate(p.read_text().splitlines(), 1)
+            if pattern.search(line)]
+    assert hits == []
+
+
+def test_no_function_is_longer_than_80_lines():
+    long = [f"{p.relative_to(ROOT)}:{n.name} ({n.end_lineno - n.lineno + 1})" for p in PKG.rglob("*.py")
+            for n in ast.walk(ast.parse(p.read_text())) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))
+            and n.end_lineno - n.lineno + 1 > 80]
+    assert long == []
+
+
+def test_the_config_names_the_registries_names():
+    """The config validates without torch, so it names the kinds the registries define; the two are held equal."""
+    from carrot import config
+    from carrot.audit.registry import AUDITS
+    from carrot.data import DATA_KINDS
+    from carrot.embed.tokenmap import TOKEN_MAPS
+    from carrot.report.audits import SECTIONS
+    from carrot.ridge.gram import KERNELS
+    from carrot.ridge.heads import HEADS
+    from carrot.ridge.kernel import APPROXIMATIONS
+
+    assert config.DATA_KINDS == tuple(DATA_KINDS)
+    assert config.HEAD_KINDS == (*HEADS, "auto")
+    assert config.KERNEL_NAMES == tuple(KERNELS) and config.KERNEL_APPROXIMATIONS == APPROXIMATIONS
+    assert config.TOKEN_MAP_KINDS == TOKEN_MAPS
+    assert set(SECTIONS) == set(AUDITS)  # every built-in audit has its index section

@@ -385,13 +385,13 @@ def test_evaluate_pixel_deletion_reports_each_map(run):
 
 
 def test_pixel_deletion_draws_no_map_where_blurring_does_not_lower_the_logit(run, monkeypatch):
-    from carrot.run import operations
+    from carrot.audit import protocols
     from carrot.run.pipeline import Carrot
 
     drawn = []
-    monkeypatch.setattr(operations, "region_scores", lambda *a, **k: drawn.append(a[1]) or np.zeros(16))
+    monkeypatch.setattr(protocols, "region_scores", lambda *a, **k: drawn.append(a[1]) or np.zeros(16))
     monkeypatch.setattr(Carrot, "pixel_logits", lambda self, x: np.zeros((len(x), 3)))
-    p = operations.pixel_deletion(Carrot.load(run), n_test=2, maps=("shapley", "token"))
+    p = protocols.pixel_deletion(Carrot.load(run), n_test=2, maps=("shapley", "token"))
     assert drawn == [] and p["n"] == 2
     for v in p["maps"].values():
         assert v["deletion"]["n"] == 0 and v["deletion"]["left_out"] == 2 and np.isnan(v["seconds_per_image"])

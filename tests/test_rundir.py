@@ -9,7 +9,7 @@ import torch
 from carrot.audit.registry import AUDITS, Audit, register
 from carrot.errors import CarrotError
 from carrot.run.pipeline import Carrot
-from carrot.report.audits import audits_html
+from carrot.report.audits import SECTIONS, audits_html
 from carrot.run.rundir import RUN_FORMAT_VERSION, RunDir
 
 
@@ -65,15 +65,17 @@ def test_run_json_versions(fitted, tmp_path):
     assert Carrot.load(run).classes_ == meta["classes"]
 
 
-def test_every_audit_file_is_derived_and_cleared_and_a_new_audit_is_one_registration(fitted, tmp_path):
+def test_every_audit_file_is_derived_and_cleared_and_a_new_audit_is_one_registration_and_its_section(fitted, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(fitted, run)
     rd = RunDir(run)
     derived = {p.relative_to(run).as_posix() for p in rd.derived()}
     assert {a.file for a in AUDITS.values()} <= derived and {"explanations", "index.html", "train_weights.npy"} <= derived
-    audit = register(Audit("toy", "toy.json", lambda r: f"<h2>Toy {r['x']}</h2>", lambda r: [f"toy {r['x']}"]))
+    audit = register(Audit("toy", "toy.json", lambda r: [f"toy {r['x']}"]))
     try:
         rd.write_audit("toy", {"x": 7})
+        assert "<h2>toy</h2><pre>" in audits_html({"toy": {"x": 7}})  # no section of its own: its JSON, shown plainly
+        SECTIONS["toy"] = lambda r: f"<h2>Toy {r['x']}</h2>"
         assert rd.read_audit("toy") == {"x": 7} and "<h2>Toy 7</h2>" in audits_html({"toy": {"x": 7}})
         assert run / "toy.json" in rd.derived()
         (run / "explanations").rmdir() if (run / "explanations").is_dir() else None
@@ -91,5 +93,6 @@ def test_every_audit_file_is_derived_and_cleared_and_a_new_audit_is_one_registra
         assert not [p for p in run.parent.iterdir() if p.name.startswith(".")]  # no staging or old folder left
     finally:
         del AUDITS[audit.name]
+        SECTIONS.pop(audit.name, None)
     with pytest.raises(KeyError, match="unknown audit 'nope'; registered: evaluation"):
         rd.audit("nope")

@@ -4,11 +4,13 @@ system's exact weight change, a k x k solve, no refit; either head), report the 
 accuracy, against dropping as many random images."""
 from __future__ import annotations
 
+import json
 from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 
+from carrot.audit.registry import Audit, register
 from carrot.errors import CarrotError
 from carrot.ridge.head import as_head
 from carrot.validation import index_labels
@@ -55,3 +57,11 @@ def debug_loop(G: np.ndarray, y: np.ndarray, G_val: np.ndarray, y_val: np.ndarra
                      "dropped": order[:k].tolist()})
     return {"lam": float(head.lam_), "downweight": downweight, "baseline": base, "rows": rows,
             "harm_scores": harm.tolist()}
+
+
+def debug_lines(res: dict) -> list[str]:
+    rows = [{k: v for k, v in r.items() if k != "dropped"} for r in res["rows"]]
+    return [json.dumps({k: v for k, v in res.items() if k != "rows"} | {"rows": rows}, indent=2)]
+
+
+register(Audit("debug", "debug.json", debug_lines, help="carrot-run debug"))

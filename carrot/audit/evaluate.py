@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from scipy.stats import kendalltau, spearmanr
 
+from carrot.audit.registry import Audit, register
 from carrot.errors import CarrotError
 from carrot.ridge.baselines import TracInHead
 from carrot.ridge.head import as_head, fitted_head, frozen_clone
@@ -184,23 +185,6 @@ def per_class_accuracy(pred: np.ndarray, y: np.ndarray, n_classes: int) -> list[
     return [float((pred[y == c] == c).mean()) if (y == c).any() else None for c in range(n_classes)]
 
 
-def compare_predictions(pred_a: np.ndarray, pred_b: np.ndarray, y: np.ndarray, classes: Sequence[str]) -> dict:
-    """Two classifiers on the same test images: accuracies, per-class change, and McNemar's exact test on
-    the discordant pairs (two-sided binomial, p = 0.5): is B's accuracy different from A's?"""
-    from scipy.stats import binomtest
-
-    pred_a, pred_b, y = np.asarray(pred_a), np.asarray(pred_b), np.asarray(y)
-    if not (pred_a.shape == pred_b.shape == y.shape) or y.ndim != 1:
-        raise CarrotError(f"predictions: expected equal 1-D shapes, got {pred_a.shape}, {pred_b.shape} and labels {y.shape}")
-    ok_a, ok_b = pred_a == y, pred_b == y
-    fixed, broken = int((~ok_a & ok_b).sum()), int((ok_a & ~ok_b).sum())
-    p = binomtest(fixed, fixed + broken, 0.5).pvalue if fixed + broken else 1.0
-    pa, pb = per_class_accuracy(pred_a, y, len(classes)), per_class_accuracy(pred_b, y, len(classes))
-    return {"n": int(len(y)), "accuracy_a": float(ok_a.mean()), "accuracy_b": float(ok_b.mean()),
-            "fixed_by_b": fixed, "broken_by_b": broken, "mcnemar_exact_p": float(p),
-            "per_class": {c: {"a": a, "b": b, "change": None if a is None else b - a} for c, a, b in zip(classes, pa, pb)}}
-
-
 def accuracy_over_seeds(G: np.ndarray, y: np.ndarray, G_test: np.ndarray, y_test: np.ndarray, head: Any,
                         classes: Sequence[str], seeds: Sequence[int] = (0, 1, 2, 3, 4), shots: int | None = None,
                         resplit: bool = False) -> dict:
@@ -304,6 +288,8 @@ def summary_lines(res: dict) -> list[str]:
         out.append(f"pointing game ({p['n']} images): hit rate {p['hit_rate']:.3f} (random region {p['random_region_hit_rate']:.3f})")
     return out
 
+
+register(Audit("evaluation", "evaluation.json", summary_lines, help="carrot-run evaluate"))
 
 EVALUATIONS = ("mislabel", "faithfulness", "lds", "agreement")
 

@@ -20,12 +20,16 @@ from typing import Any
 import numpy as np
 import torch
 
+from carrot.audit.registry import Audit, json_lines, register
 from carrot.errors import CarrotError
 from carrot.ridge.core import CentredMoments, RidgeFactor
 from carrot.ridge.head import as_head
 from carrot.ridge.heads import keeps, require
 from carrot.ridge.system import TrainingSystem
 from carrot.validation import ArrayLike, as_float64_matrix, as_weights, index_labels, one_hot
+
+
+register(Audit("reweight", "reweight.json", json_lines(("history", "weights")), help="carrot-run reweight"))
 
 
 @dataclass(frozen=True)
@@ -176,13 +180,7 @@ def rro(
                                                      base.fit_intercept), yv_fit)
             if cfg.consistency > 0:
                 penalty = penalty + cfg.consistency * cons
-        rec = {"step": step, "val_loss": L, "penalty": float(penalty.detach()),
-               "consistency": float(cons.detach()) if profiles else None,
-               "val_accuracy": _acc(system, G_val[fit_rows], yv_idx[fit_rows]), "min_ess": float(ess.detach().min())}
-        if len(hold_rows):
-            F = system.decision(G_val[hold_rows])
-            rec["holdout_loss"] = loss_and_grad(F, torch.as_tensor(yv_idx[hold_rows]), cfg.loss, cfg.temperature)[0]
-            rec["holdout_accuracy"] = _acc(system, G_val[hold_rows], yv_idx[hold_rows])
+        rec = _record(step, L, penalty, cons if profiles else None, ess, system, cfg, G_val, yv_idx, fit_rows, hold_rows)
         score = rec.get("holdout_loss", L)
         if best is None or score < best[0]:
             best = (score, step, a.detach().clone())
@@ -197,6 +195,20 @@ def rro(
     _, best_step, a_best = best
     ess = ess_fraction(a_best * (a0 > 0), yt, C)  # rows outside the run (base weight 0) carry no weight
     return RROResult((a0 * a_best).numpy(), best_step, history, {str(c): float(e) for c, e in zip(classes, ess)})
+
+
+def _record(step: int, L: float, penalty: torch.Tensor, cons: torch.Tensor | None, ess: torch.Tensor,
+            system: TrainingSystem, cfg: RROConfig, G_val: np.ndarray, yv_idx: np.ndarray, fit_rows: np.ndarray,
+            hold_rows: np.ndarray) -> dict[str, Any]:
+    """One step's history row: the validation loss and accuracy, the regularisers, and the held-out split's numbers."""
+    rec = {"step": step, "val_loss": L, "penalty": float(penalty.detach()),
+           "consistency": None if cons is None else float(cons.detach()),
+           "val_accuracy": _acc(system, G_val[fit_rows], yv_idx[fit_rows]), "min_ess": float(ess.detach().min())}
+    if len(hold_rows):
+        F = system.decision(G_val[hold_rows])
+        rec["holdout_loss"] = loss_and_grad(F, torch.as_tensor(yv_idx[hold_rows]), cfg.loss, cfg.temperature)[0]
+        rec["holdout_accuracy"] = _acc(system, G_val[hold_rows], yv_idx[hold_rows])
+    return rec
 
 
 def _holdout_split(y_idx: np.ndarray, share: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -7,10 +7,14 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from sklearn.base import clone
 
+from carrot.audit.registry import Audit, json_lines, register
 from carrot.features.cache import TokenStore
 from carrot.config import GraphConfig
 from carrot.embed.embedder import Embedder
 from carrot.ridge.head import as_head
+
+
+register(Audit("t_sweep", "t_sweep.json", json_lines(), extra=("t_sweep.csv",), help="carrot-run bench"))
 
 
 def embeddings_over_t(store: TokenStore, ts: Sequence[float], embedder: Embedder | GraphConfig) -> np.ndarray:

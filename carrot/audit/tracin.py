@@ -11,11 +11,14 @@ import numpy as np
 import torch
 from scipy.stats import spearmanr
 
+from carrot.audit.registry import Audit, json_lines, register
 from carrot.ridge.baselines import TracInHead
 from carrot.ridge.head import fitted_head
 from carrot.validation import index_labels, one_hot
 
 QUANTILES = (0.25, 0.5, 0.75, 0.9)
+
+register(Audit("tracin", "tracin/summary.json", json_lines(), extra=("tracin",), help="carrot-run tracin"))
 
 
 def sample_ids(paths: Sequence[str]) -> list[str]:

@@ -14,6 +14,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from carrot.config import chebyshev_order
 from carrot.errors import CarrotError
 
 
@@ -68,11 +69,6 @@ def chebyshev_expm_multiply(L: torch.Tensor, X: torch.Tensor, t: float, order: i
     makes the truncated tail below float64 round-off for the given t.
     """
     return _chebyshev_series(L, X, _check_t([t]), order)[0]
-
-
-def chebyshev_order(t: float) -> int:
-    """Terms of the Chebyshev series of exp(-tL) that reach double precision (the error decays past k ~ t)."""
-    return int(np.ceil(t + 12 * np.sqrt(t + 1) + 10))
 
 
 def _chebyshev_series(L: torch.Tensor, X: torch.Tensor, ts: list[float], order: int | None = None) -> torch.Tensor:

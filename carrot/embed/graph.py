@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from carrot.config import median_factor
 from carrot.errors import CarrotError
 
 
@@ -35,21 +36,6 @@ def median_bandwidth(d2: torch.Tensor) -> torch.Tensor:
     iu = torch.triu_indices(n, n, 1, device=d2.device)
     sigma = d2[:, iu[0], iu[1]].median(dim=-1).values.clamp_min(0).sqrt()
     return torch.where(sigma > 0, sigma, torch.ones_like(sigma))
-
-
-def median_factor(value: object, name: str) -> float | None:
-    """k for 'median' (1) or 'median*k' (k > 0, else a named error); None for anything else."""
-    if value == "median":
-        return 1.0
-    if not (isinstance(value, str) and value.startswith("median*")):
-        return None
-    try:
-        k = float(value[len("median*"):])
-    except ValueError:
-        k = float("nan")
-    if not (k > 0 and k != float("inf")):
-        raise CarrotError(f"{name}: expected 'median', 'median*k' with k > 0, or a positive number, got {value!r}")
-    return k
 
 
 def resolve_bandwidth(value: float | str, d2: torch.Tensor, name: str) -> torch.Tensor:

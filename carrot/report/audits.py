@@ -7,7 +7,7 @@ import base64
 import html
 import io
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 
 def figure_uri(fig) -> str:
@@ -223,8 +223,22 @@ def evaluation_html(ev: dict) -> str:
     return out
 
 
+SECTIONS: dict[str, Callable[[Any], str]] = {  # index.html section of each registered audit (result -> HTML)
+    "evaluation": evaluation_html, "tracin": tracin_html, "reweight": reweight_html, "debug": debug_html,
+    "t_sweep": t_sweep_html, "compare": compare_html,
+}
+
+
+def json_section(name: str, result: Any) -> str:
+    """The plain section of an audit with no section of its own: its result as JSON."""
+    import json
+
+    return f"<h2>{html.escape(name)}</h2><pre>{html.escape(json.dumps(result, indent=2))}</pre>"
+
+
 def audits_html(audits: dict[str, Any]) -> str:
     """Sections, in registry order, for whichever registered audits the run has (name -> result)."""
     from carrot.audit.registry import AUDITS
 
-    return "".join(a.section(audits[a.name]) for a in AUDITS.values() if audits.get(a.name))
+    return "".join(SECTIONS[a.name](audits[a.name]) if a.name in SECTIONS else json_section(a.name, audits[a.name])
+                   for a in AUDITS.values() if audits.get(a.name))

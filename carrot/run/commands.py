@@ -21,7 +21,7 @@ from carrot.run.pipeline import Carrot
 from carrot.run.rundir import RunDir
 from carrot.report.pages import write_explanation
 from carrot.run.operations import (
-    bench, certificates, check_outside_data, pixel_deletion, clear_run, compare, debug, pointing, predict, region_deletion, reweight, run_embeddings, tracin, write_index,
+    _test_store, bench, check_outside_data, clear_run, compare, debug, predict, reweight, run_embeddings, tracin, write_index,
 )
 
 __all__ = ["bench", "compare", "debug", "demo", "evaluate", "explain", "extract_splits", "fit", "predict", "reweight", "tracin"]
@@ -264,6 +264,7 @@ def evaluate(run_dir: str | Path, what: Sequence[str], out: str | Path | None = 
              shots: int | None = None, resplit: bool = False, certificate_limit: int = 50, **kwargs: Any) -> dict[str, Any]:
     """Accuracy over seeds and attribution evaluations on a fitted run's cached embeddings; writes evaluation.json."""
     from carrot.audit.evaluate import EVALUATIONS, accuracy_over_seeds, evaluate_embeddings
+    from carrot.audit.protocols import certificates, pixel_deletion, pointing, region_deletion
 
     regions = ("pointing", "deletion", "pixel-deletion", "certificates")  # the head as it is, on the run's test images
     known = ("accuracy", *EVALUATIONS, *regions)
@@ -281,9 +282,10 @@ def evaluate(run_dir: str | Path, what: Sequence[str], out: str | Path | None = 
     if "accuracy" in what:
         res["accuracy"] = accuracy_over_seeds(G, y, G_test, y_test, model.head_, model.classes_, seeds, shots, resplit)
     if "pointing" in what:
-        res["pointing"] = pointing(run_dir, model, n_pixel=kwargs.get("n_test", 50), seed=model.config.seed)
+        res["pointing"] = pointing(model, _test_store(run_dir, model), load_splits(model.config)[1],
+                                   n_pixel=kwargs.get("n_test", 50), seed=model.config.seed)
     if "deletion" in what:
-        res["deletion"] = region_deletion(run_dir, kwargs.get("n_test", 50), seed=model.config.seed, model=model)
+        res["deletion"] = region_deletion(model, _test_store(run_dir, model), kwargs.get("n_test", 50), seed=model.config.seed)
     if "pixel-deletion" in what or "deletion" in what:  # the pixel protocol beside the graph-side one
         res["pixel_deletion"] = pixel_deletion(model, kwargs.get("n_test", 50), seed=model.config.seed)
     if "certificates" in what:
