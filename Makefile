@@ -11,7 +11,7 @@ UV := $(VENV)/bin/uv
 export UV_PROJECT_ENVIRONMENT := $(VENV)
 export UV_PYTHON_DOWNLOADS := never
 
-.PHONY: install bench-env demo test lock lock-upgrade test-lowest clean
+.PHONY: install bench-env demo test config lock lock-upgrade test-lowest clean
 
 $(VENV)/.installed: uv.lock pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,10 @@ demo: install
 test: install
 	$(PY) -m pyflakes carrot cli main.py tests benchmarks
 	$(PY) -m pytest -q -p no:cacheprovider tests
+
+# configs/default.yaml from the config's dataclasses (each key's default and help); a test fails while it is stale
+config: install
+	$(PY) -c "from carrot.config import default_yaml; print(default_yaml(), end='')" > configs/default.yaml
 
 # after editing the dependencies in pyproject.toml: re-resolve only what the edit needs
 lock: install

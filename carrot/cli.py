@@ -15,7 +15,6 @@ from typing import Any, Callable
 
 import click
 
-from carrot.config import DATA_KINDS
 from carrot.errors import CarrotError
 
 EXIT_USER_ERROR = 2
@@ -97,44 +96,6 @@ class CarrotGroup(click.Group):
         sys.exit(rv if isinstance(rv, int) else 0)
 
 
-def run_options(fn: Callable) -> Callable:
-    """Options shared by every command that builds a run configuration."""
-    opts = [
-        click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False), help="YAML config merged into the defaults; flags override it."),
-        click.option("--data", "data_root", type=click.Path(exists=True, file_okay=False), help="Data set root: an ImageFolder tree, a CUB-200-2011 / NABirds / Stanford Dogs folder, or the folder holding a local Stanford Cars / FGVC-Aircraft / Flowers-102 copy."),
-        click.option("--data-kind", type=click.Choice(DATA_KINDS), help="Data set layout (default: elpv, or imagefolder when --data is given); cars, aircraft and flowers102 are read by torchvision's loaders."),
-        click.option("--bbox-crop/--no-bbox-crop", default=None, help="cub, nabirds, cars, aircraft, dogs: crop each image to its annotated bounding box."),
-        click.option("--test-fraction", type=FRACTION, help="Held-out fraction when the data has no test split."),
-        click.option("--max-per-class", type=int, help="Use at most this many images per class (elpv and root/<class> folders: before the split; data with its own split: in each split)."),
-        click.option("--backbone", help="Built-in 'dinov2_vits14' (default) or 'efficientnet_lite0', or any timm model name."),
-        click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False), help="Local weights file (.pth/.safetensors) for the backbone."),
-        click.option("--img-size", type=int, help="Input image side in pixels (default: the backbone's)."),
-        click.option("--batch-size", type=int, help="Images per backbone batch."),
-        click.option("--blocks", type=int, help="ViTs: read the last k blocks' tokens, each through the final norm, concatenated per token (default 1; DINOv2's linear probe reads 4)."),
-        click.option("--global-tokens/--no-global-tokens", default=None, help="ViTs: add the class (and register) tokens to the embedding as its own part, as DINOv2's linear probe does; the region split covers the patch part and the global part is its own exact term."),
-        click.option("--cache-tokens/--no-cache-tokens", default=None, help="Keep backbone tokens in the on-disk cache (default), or stream images straight to embeddings (no cache; for data sets whose tokens do not fit on disk)."),
-        click.option("--t", "t", type=FiniteRange(min=0), help="Diffusion time t >= 0 (0 = plain mean pooling)."),
-        click.option("--diffusion-method", type=click.Choice(["auto", "eigh", "chebyshev"]), help="exp(-tL) solver: eigh (eigendecomposition), chebyshev (series, exact to ~1e-14), auto (chebyshev for one t)."),
-        click.option("--sigma-space", help="Spatial kernel bandwidth: a number, 'median' or 'median*k'."),
-        click.option("--sigma-feat", help="Feature kernel bandwidth: a number, 'median' or 'median*k'."),
-        click.option("--knn", type=int, help="Keep each region's k strongest edges (symmetrised)."),
-        click.option("--head", "head_kind", type=click.Choice(["ridge", "kernel", "auto"]), help="auto (default): fit the ridge and the kernel head, keep the one with the higher exact leave-one-out accuracy (ties: ridge). ridge: linear ridge on the embedding, every exact identity, the region split included. kernel: kernel ridge (dual), often more accurate with many classes; exact training-image terms, LOO, removal, RRO and the audits, no additive region split."),
-        click.option("--kernel", type=click.Choice(["rbf", "laplacian", "poly"]), help="The kernel head's kernel (default rbf), on standardised, L2-normalised embeddings."),
-        click.option("--gamma", help="The kernel's gamma > 0, or 'auto' (chosen with lambda by exact leave-one-out, one eigendecomposition per gamma)."),
-        click.option("--kernel-approx", type=click.Choice(["auto", "exact", "nystroem"]), help="The kernel head's solve: exact (the n x n dual), nystroem (the Nystroem kernel of --landmarks training images, explained exactly as that model), auto (default: exact up to 8192 training images when it fits in half the memory, nystroem above)."),
-        click.option("--landmarks", type=int, help="Landmarks (training images) of the Nystroem kernel head (default 2048)."),
-        click.option("--token-map", type=click.Choice(["none", "rff", "nystroem"]), help="A feature map of each region token before the readout (default none): nystroem or rff approximate an RBF kernel on the standardised tokens, so the linear head on g = sum_j w_j phi(h_j) is kernel ridge on the images' region sets, and the region split and pairs stay exact."),
-        click.option("--token-map-dim", type=int, help="Features per token of --token-map (default 1024)."),
-        click.option("--lam", help="Ridge strength lambda > 0, or 'auto' (best exact leave-one-out accuracy)."),
-        click.option("--device", help="auto (CUDA > MPS > CPU), cpu, cuda, cuda:N or mps."),
-        click.option("--seed", type=int, help="Seed for splits and sampling (same seed, same results)."),
-        click.option("--cache-dir", type=click.Path(file_okay=False), help="Token cache root (default: the user cache dir)."),
-    ]
-    for opt in reversed(opts):
-        fn = opt(fn)
-    return fn
-
-
 class FiniteRange(click.FloatRange):
     """click's FloatRange that also refuses NaN and infinities (which compare False with every bound)."""
 
@@ -180,28 +141,55 @@ def _echo_audit(name: str, result: Any) -> None:
     click.echo("\n".join(get(name).summary(result)))
 
 
+def _param(flag: str) -> str:
+    """The keyword a config flag arrives as: ``--kernel-approx`` -> ``kernel_approx``."""
+    return flag.lstrip("-").replace("-", "_")
+
+
+def _option(key: str, f: Any) -> Callable:
+    """The click option of config key ``key`` (its field ``f``): flag, parsing and help from the field
+    (:func:`carrot.config.setting`)."""
+    flag, cli, choices, text = f.metadata["flag"], f.metadata["cli"], f.metadata["choices"], f.metadata["help"]
+    types: dict[str, Any] = {
+        "int": int, "str": str, "choice": click.Choice(choices), "dir": click.Path(exists=True, file_okay=False),
+        "file": click.Path(exists=True, dir_okay=False), "out_dir": click.Path(file_okay=False), "fraction": FRACTION,
+        "nonneg": FiniteRange(min=0), "auto": str, "median": str,
+    }
+    if cli == "bool":
+        return click.option(f"{flag}/--no-{flag[2:]}", _param(flag), default=None, help=text)
+    return click.option(flag, _param(flag), type=types[cli], help=text)
+
+
+def run_options(fn: Callable) -> Callable:
+    """Options shared by every command that builds a run configuration: ``--config``, and one flag per config key
+    that has one, generated from the config's fields (their help is the fields' own)."""
+    from carrot.config import config_keys
+
+    opts = [click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False),
+                         help="YAML config merged into the defaults; flags override it.")]
+    opts += [_option(key, f) for key, f in config_keys() if f.metadata.get("flag")]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
 def build_config(config_path: str | None = None, **o: Any):
-    from carrot.config import load_config
+    """The run configuration of a command: the defaults, merged with ``--config``, then with every config flag given
+    (``o``: the flags' keywords, as :func:`run_options` names them)."""
+    from carrot.config import config_keys, load_config
 
     cfg = load_config(config_path)
-    kind = o.get("data_kind") or ("imagefolder" if o.get("data_root") and cfg.data.kind == "elpv" else None)
-    return cfg.merged({
-        "data.kind": kind, "data.root": o.get("data_root"), "data.bbox_crop": o.get("bbox_crop"),
-        "data.test_fraction": o.get("test_fraction"), "data.max_per_class": o.get("max_per_class"),
-        "data.split_seed": o.get("seed"),
-        "backbone.name": o.get("backbone"), "backbone.checkpoint": o.get("checkpoint"),
-        "backbone.img_size": o.get("img_size"), "backbone.batch_size": o.get("batch_size"),
-        "backbone.cache_tokens": o.get("cache_tokens"), "backbone.blocks": o.get("blocks"),
-        "backbone.global_tokens": o.get("global_tokens"),
-        "diffusion.t": o.get("t"), "diffusion.method": o.get("diffusion_method"),
-        "graph.sigma_space": _num_or("median", "sigma-space", o.get("sigma_space")),
-        "graph.sigma_feat": _num_or("median", "sigma-feat", o.get("sigma_feat")),
-        "graph.knn": o.get("knn"), "head.lam": _num_or("auto", "lam", o.get("lam")),
-        "head.kind": o.get("head_kind"), "head.kernel": o.get("kernel"), "head.gamma": _num_or("auto", "gamma", o.get("gamma")),
-        "head.approx": o.get("kernel_approx"), "head.landmarks": o.get("landmarks"),
-        "token_map.kind": o.get("token_map"), "token_map.dim": o.get("token_map_dim"),
-        "device": o.get("device"), "seed": o.get("seed"), "cache_dir": o.get("cache_dir"),
-    })
+    words = {"auto": "auto", "median": "median"}
+    overrides = {}
+    for key, f in config_keys():
+        flag = f.metadata.get("flag")
+        if flag:
+            value = o.get(_param(flag))
+            overrides[key] = _num_or(words[f.metadata["cli"]], flag[2:], value) if f.metadata["cli"] in words else value
+    if not o.get("data_kind") and o.get("data") and cfg.data.kind == "elpv":  # --data alone: an ImageFolder tree
+        overrides["data.kind"] = "imagefolder"
+    overrides["data.split_seed"] = o.get("seed")  # --seed seeds the split too
+    return cfg.merged(overrides)
 
 
 @click.group(cls=CarrotGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

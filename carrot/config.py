@@ -23,6 +23,16 @@ MAX_SEED = 2**32 - 1
 MAX_BLOCKS = 48  # the deepest timm ViTs have 48 blocks
 MAX_CHEBYSHEV_TERMS = 20_000  # Chebyshev terms for exp(-tL); above it eigh (exact for any t) is the method
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+CLI_KINDS = ("int", "str", "bool", "choice", "dir", "file", "out_dir", "fraction", "nonneg", "auto", "median")
+
+
+def setting(default: Any, help: str, flag: str | None = None, cli: str = "str", choices: tuple[str, ...] = ()) -> Any:
+    """A config key: its ``default``, its ``help`` (the one text ``--help``, ``configs/default.yaml`` and the docs
+    show), the ``carrot-run`` ``flag`` that sets it (None: YAML only) and how the flag parses (``cli``, one of
+    :data:`CLI_KINDS`: a number or 'auto' / 'median', an existing file or folder, a fraction, ``choices``...)."""
+    if cli not in CLI_KINDS:
+        raise ValueError(f"cli: expected one of {CLI_KINDS}, got {cli!r}")
+    return field(default=default, metadata={"help": help, "flag": flag, "cli": cli, "choices": tuple(choices)})
 
 
 def _is_int(v: Any) -> bool:
@@ -93,12 +103,19 @@ DATA_KINDS = ("elpv", "imagefolder", "cub", "nabirds", "cars", "aircraft", "flow
 
 @dataclass(frozen=True)
 class DataConfig:
-    kind: str = "elpv"  # one of DATA_KINDS
-    root: str | None = None
-    test_fraction: float = 0.25
-    split_seed: int = 0
-    bbox_crop: bool = False
-    max_per_class: int | None = None
+    kind: str = setting("elpv", "Data set layout (default: elpv, or imagefolder when --data is given); cars, aircraft and "
+                        "flowers102 are read by torchvision's loaders.", "--data-kind", "choice", DATA_KINDS)
+    root: str | None = setting(None, "Data set root: an ImageFolder tree, a CUB-200-2011 / NABirds / Stanford Dogs folder, "
+                               "or the folder holding a local Stanford Cars / FGVC-Aircraft / Flowers-102 copy (elpv, "
+                               "synthetic: none).", "--data", "dir")
+    test_fraction: float = setting(0.25, "Held-out fraction when the data has no test split of its own.", "--test-fraction",
+                                   "fraction")
+    split_seed: int = setting(0, "Seed of the train/test split (--seed sets it together with seed).")
+    bbox_crop: bool = setting(False, "cub, nabirds, cars, aircraft, dogs: crop each image to its annotated bounding box.",
+                              "--bbox-crop", "bool")
+    max_per_class: int | None = setting(None, "Use at most this many images per class (elpv and root/<class> folders: "
+                                        "before the split; data with its own split: in each split).", "--max-per-class",
+                                        "int")
 
     def __post_init__(self) -> None:
         if self.kind not in DATA_KINDS:
@@ -114,16 +131,24 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class BackboneConfig:
-    name: str = "dinov2_vits14"
-    img_size: int | None = None
-    checkpoint: str | None = None
-    pretrained: bool = True
-    batch_size: int = 32
-    num_workers: int = 0
-    cache_dtype: str = "float16"
-    cache_tokens: bool = True
-    blocks: int = 1  # ViTs: the last k blocks' tokens concatenated per token (DINOv2's linear probe reads 4)
-    global_tokens: bool = False  # ViTs: the class (and register) tokens as the embedding's own exact part
+    name: str = setting("dinov2_vits14", "Built-in 'dinov2_vits14' (default) or 'efficientnet_lite0' (both offline), or any "
+                        "timm model name.", "--backbone")
+    img_size: int | None = setting(None, "Input image side in pixels (null: the backbone's default, 224 for the "
+                                   "built-ins).", "--img-size", "int")
+    checkpoint: str | None = setting(None, "Local weights file (.pth/.safetensors) for the backbone.", "--checkpoint", "file")
+    pretrained: bool = setting(True, "Load timm's pretrained weights for a timm model name (its hub download when online; "
+                               "the built-ins ship their weights).")
+    batch_size: int = setting(32, "Images per backbone batch.", "--batch-size", "int")
+    num_workers: int = setting(0, "DataLoader processes decoding images during extraction (0: in the main process).")
+    cache_dtype: str = setting("float16", "dtype of the cached tokens: float16 or float32.")
+    cache_tokens: bool = setting(True, "Keep backbone tokens in the on-disk cache (default), or stream images straight to "
+                                 "embeddings (no cache; for data sets whose tokens do not fit on disk).", "--cache-tokens",
+                                 "bool")
+    blocks: int = setting(1, "ViTs: read the last k blocks' tokens, each through the final norm, concatenated per token "
+                          "(DINOv2's linear probe reads 4).", "--blocks", "int")
+    global_tokens: bool = setting(False, "ViTs: add the class (and register) tokens to the embedding as its own part, as "
+                                  "DINOv2's linear probe does; the region split covers the patch part and the global part "
+                                  "is its own exact term.", "--global-tokens", "bool")
 
     def __post_init__(self) -> None:
         check_str("backbone.name", self.name)
@@ -143,9 +168,12 @@ class BackboneConfig:
 
 @dataclass(frozen=True)
 class GraphConfig:
-    sigma_space: float | str = "median"
-    sigma_feat: float | str = "median"
-    knn: int | None = None
+    sigma_space: float | str = setting("median", "Spatial kernel bandwidth: a number, 'median' or 'median*k'.",
+                                       "--sigma-space", "median")
+    sigma_feat: float | str = setting("median", "Feature kernel bandwidth: a number, 'median' or 'median*k'.",
+                                      "--sigma-feat", "median")
+    knn: int | None = setting(None, "Keep each region's k strongest edges (symmetrised); null: the dense graph.", "--knn",
+                              "int")
 
     def __post_init__(self) -> None:
         _positive_or_median("graph.sigma_space", self.sigma_space)
@@ -155,8 +183,9 @@ class GraphConfig:
 
 @dataclass(frozen=True)
 class DiffusionConfig:
-    t: float = 1.0
-    method: str = "auto"
+    t: float = setting(1.0, "Diffusion time t >= 0 (0 = plain mean pooling).", "--t", "nonneg")
+    method: str = setting("auto", "exp(-tL) solver: eigh (eigendecomposition), chebyshev (series, exact to ~1e-14), auto "
+                          "(chebyshev for one t).", "--diffusion-method", "choice", ("auto", "eigh", "chebyshev"))
 
     def __post_init__(self) -> None:
         if not _is_number(self.t) or not self.t >= 0:
@@ -176,14 +205,26 @@ MAX_LANDMARKS = 65_536  # the Nystroem head's n x m features and m x m solve gro
 
 @dataclass(frozen=True)
 class HeadConfig:
-    kind: str = "auto"  # the ridge and the kernel head fitted, the higher exact LOO accuracy kept (ties: ridge)
-    lam: float | str = "auto"
-    fit_intercept: bool = True
-    solver: str = "auto"
-    kernel: str = "rbf"
-    gamma: float | str = "auto"
-    approx: str = "auto"  # the kernel head: exact (n x n dual), nystroem (m landmarks), auto (exact up to 8192 images)
-    landmarks: int = 2048  # m, the Nystroem kernel head's landmarks (training images)
+    kind: str = setting("auto", "auto (default): fit the ridge and the kernel head, keep the one with the higher exact "
+                        "leave-one-out accuracy (ties: ridge). ridge: linear ridge on the embedding, every exact identity, "
+                        "the region split included. kernel: kernel ridge (dual), often more accurate with many classes; "
+                        "exact training-image terms, LOO, removal, RRO and the audits, no additive region split.",
+                        "--head", "choice", HEAD_KINDS)
+    lam: float | str = setting("auto", "Ridge strength lambda > 0, or 'auto' (best exact leave-one-out accuracy on the "
+                               "training set).", "--lam", "auto")
+    fit_intercept: bool = setting(True, "Fit an unpenalised intercept by weighted centring (the prior term of every "
+                                  "explanation); false keeps the ridge head.")
+    solver: str = setting("auto", "The ridge head's solve: primal (D x D), dual (n x n), auto (primal when n >= D).",
+                          cli="choice", choices=("auto", "primal", "dual"))
+    kernel: str = setting("rbf", "The kernel head's kernel, on standardised, L2-normalised embeddings.", "--kernel",
+                          "choice", KERNEL_NAMES)
+    gamma: float | str = setting("auto", "The kernel's gamma > 0, or 'auto' (chosen with lambda by exact leave-one-out, one "
+                                 "eigendecomposition per gamma).", "--gamma", "auto")
+    approx: str = setting("auto", "The kernel head's solve: exact (the n x n dual), nystroem (the Nystroem kernel of "
+                          "head.landmarks training images, explained exactly as that model), auto (exact up to 8192 "
+                          "training images when it fits in half the memory, nystroem above).", "--kernel-approx", "choice",
+                          KERNEL_APPROXIMATIONS)
+    landmarks: int = setting(2048, "Landmarks m (training images) of the Nystroem kernel head.", "--landmarks", "int")
 
     def __post_init__(self) -> None:
         if self.kind not in HEAD_KINDS:
@@ -211,9 +252,13 @@ MAX_TOKEN_MAP_DIM = 16_384  # features per token; the (B, N, m) batch of mapped 
 
 @dataclass(frozen=True)
 class TokenMapConfig:
-    kind: str = "none"  # rff | nystroem: phi on each region token before the readout, so the head stays linear in the regions
-    dim: int = 1024  # m, features per token
-    gamma: float | str = "auto"  # RBF parameter on standardised tokens; auto = 1 / median squared token distance
+    kind: str = setting("none", "A feature map of each region token before the readout: nystroem or rff approximate an "
+                        "RBF kernel on the standardised tokens, so the linear head on g = sum_j w_j phi(h_j) is kernel "
+                        "ridge on the images' region sets, and the region split and pairs stay exact.", "--token-map",
+                        "choice", TOKEN_MAP_KINDS)
+    dim: int = setting(1024, "Features per token m of the token map.", "--token-map-dim", "int")
+    gamma: float | str = setting("auto", "The token map's RBF parameter on standardised tokens, or 'auto' (1 / the median "
+                                 "squared token distance).")
 
     def __post_init__(self) -> None:
         if self.kind not in TOKEN_MAP_KINDS:
@@ -231,9 +276,10 @@ class RunConfig:
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
     token_map: TokenMapConfig = field(default_factory=TokenMapConfig)
-    device: str = "auto"
-    seed: int = 0
-    cache_dir: str | None = None
+    device: str = setting("auto", "auto (CUDA > MPS > CPU), cpu, cuda, cuda:N or mps.", "--device")
+    seed: int = setting(0, "Seed for splits and sampling (same seed, same results).", "--seed", "int")
+    cache_dir: str | None = setting(None, "Token cache root (null: the user cache folder's tokens/, "
+                                    "~/.cache/carrot/tokens).", "--cache-dir", "out_dir")
 
     def __post_init__(self) -> None:
         if not isinstance(self.device, str) or not DEVICE_PATTERN.fullmatch(self.device):
@@ -288,6 +334,40 @@ _SECTIONS = {
     "data": DataConfig, "backbone": BackboneConfig, "graph": GraphConfig,
     "diffusion": DiffusionConfig, "head": HeadConfig, "token_map": TokenMapConfig,
 }
+
+
+def config_keys() -> list[tuple[str, dataclasses.Field]]:
+    """(dotted key, its dataclass field) of every config key, in the dataclasses' order: the single source that
+    ``configs/default.yaml`` (:func:`default_yaml`) and the ``carrot-run`` flags (:func:`carrot.cli.run_options`) are
+    generated from."""
+    out = []
+    for f in dataclasses.fields(RunConfig):
+        sub = _SECTIONS.get(f.name)
+        out += [(f.name, f)] if sub is None else [(f"{f.name}.{g.name}", g) for g in dataclasses.fields(sub)]
+    return out
+
+
+def default_yaml(width: int = 100) -> str:
+    """The text of ``configs/default.yaml``: every key with its default and its help as a comment (``make config``)."""
+    import textwrap
+
+    import yaml
+
+    lines = ["# Defaults of every carrot-run command, generated from carrot/config.py by `make config`; flags override",
+             "# (--config FILE merges a file), unknown keys are errors."]
+    section = None
+    for key, f in config_keys():
+        head, _, leaf = key.rpartition(".")
+        if head != section:
+            section = head
+            if head:
+                lines.append(f"{head}:")
+        indent = "  " if head else ""
+        flag = f" ({f.metadata['flag']})" if f.metadata.get("flag") else ""
+        lines += textwrap.wrap(f.metadata["help"] + flag, width - len(indent) - 2, initial_indent=f"{indent}# ",
+                               subsequent_indent=f"{indent}# ", break_on_hyphens=False)
+        lines.append(indent + yaml.safe_dump({leaf: f.default}, default_flow_style=False, sort_keys=False).strip())
+    return "\n".join(lines) + "\n"
 
 
 def load_config(path: str | Path | None) -> RunConfig:

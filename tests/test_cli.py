@@ -2,6 +2,7 @@
 import json
 from pathlib import Path
 
+import click
 import numpy as np
 import pytest
 import yaml
@@ -262,6 +263,27 @@ def test_default_yaml_equals_code_defaults():
     assert load_config(root / "configs" / "cub.yaml").data.kind == "cub"
     with pytest.raises(CarrotError, match="unknown key 'bogus'"):
         RunConfig.from_dict({"bogus": 1})
+
+
+def test_the_config_is_the_single_source_of_default_yaml_and_the_flags():
+    """configs/default.yaml is generated from the config's fields (a key missing from it, or a stale default or help,
+    fails here: run `make config`), and every flag's help is its field's own."""
+    import yaml
+
+    from carrot.config import config_keys, default_yaml
+
+    root = Path(__file__).resolve().parents[1]
+    text = (root / "configs" / "default.yaml").read_text()
+    assert text == default_yaml(), "configs/default.yaml is stale: run `make config`"
+    raw = yaml.safe_load(text)
+    listed = {f"{s}.{k}" for s, v in raw.items() if isinstance(v, dict) for k in v} | {k for k, v in raw.items()
+                                                                                      if not isinstance(v, dict)}
+    keys = config_keys()
+    assert listed == {k for k, _ in keys} and all(f.metadata["help"].strip() for _, f in keys)
+    helps = {p.opts[0]: p.help for p in cli.commands["fit"].params if isinstance(p, click.Option)}
+    for key, f in keys:
+        if f.metadata["flag"]:
+            assert helps[f.metadata["flag"]] == f.metadata["help"], key
 
 
 def test_help_everywhere():

@@ -211,7 +211,7 @@ def test_the_cli_flags_set_the_approximation():
     from carrot.cli import build_config
     from carrot.ridge.heads import head_from_config
 
-    cfg = build_config(None, head_kind="kernel", kernel_approx="nystroem", landmarks=64, seed=3)
+    cfg = build_config(None, head="kernel", kernel_approx="nystroem", landmarks=64, seed=3)
     assert (cfg.head.approx, cfg.head.landmarks) == ("nystroem", 64)
     head = head_from_config(cfg)
     assert (head.approx, head.n_landmarks, head.random_state) == ("nystroem", 64, 3)
