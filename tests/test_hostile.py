@@ -872,7 +872,7 @@ def test_disk_full_while_writing_the_run_keeps_the_old_run_whole(workspace, monk
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
         real(path, arr)
 
-    monkeypatch.setattr("carrot.run.pipeline.save_npy", full)
+    monkeypatch.setattr("carrot.run.persistence.save_npy", full)
     r = invoke(workspace, "fit --config {cfg} --data {data} --out {run} --overwrite --quiet")
     assert_one_line_error(r, r"No space left on device")
     assert snapshot(workspace.run) == before

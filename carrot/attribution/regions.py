@@ -8,14 +8,13 @@ mean-reads out the remaining nodes; the logit drop is f_c(full) - f_c(without S)
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 
 from carrot.embed.embedder import Embedder
 from carrot.errors import CarrotError
-from carrot.ridge.head import RidgeHead
 
 
 def mask_to_grid(mask: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
@@ -44,9 +43,10 @@ def segment_sum(contributions: np.ndarray, segments: np.ndarray) -> dict[int, fl
     return {int(s): float(contributions[segments == s].sum()) for s in np.unique(segments)}
 
 
-def node_removal(head: RidgeHead, H: torch.Tensor, P: torch.Tensor, c: int, embedder: Embedder,
+def node_removal(head: Any, H: torch.Tensor, P: torch.Tensor, c: int, embedder: Embedder,
                  groups: np.ndarray | None = None, globals: torch.Tensor | None = None) -> dict[int, float]:
-    """Logit drop f_c(full) - f_c(without group) for every group (default: every single region); ``globals``
+    """Logit drop f_c(full) - f_c(without group) for every group (default: every single region) of a fitted head of
+    any kind; ``globals``
     (G, D'): the image's global tokens when the embedding reads them (they stay)."""
     n = H.shape[0]
     groups = np.arange(n) if groups is None else np.asarray(groups)
@@ -69,7 +69,7 @@ class Curve:
     auc: float  # trapezoid area under logits vs fraction
 
 
-def deletion_insertion(head: RidgeHead, H: torch.Tensor, P: torch.Tensor, c: int, order: Sequence[int],
+def deletion_insertion(head: Any, H: torch.Tensor, P: torch.Tensor, c: int, order: Sequence[int],
                        embedder: Embedder, steps: int = 16, globals: torch.Tensor | None = None) -> tuple[Curve, Curve]:
     """Deletion (remove regions in ``order``, most important first) and insertion (add them in that
     order) curves of logit c, each at ``steps`` + 1 evenly spaced fractions (``globals``: as :func:`node_removal`)."""
@@ -93,7 +93,7 @@ def deletion_insertion(head: RidgeHead, H: torch.Tensor, P: torch.Tensor, c: int
     return tuple(Curve(frac, v, float(np.trapezoid(v, frac))) for v in curves)
 
 
-def _logits(head: RidgeHead, G: torch.Tensor, c: int) -> np.ndarray:
+def _logits(head: Any, G: torch.Tensor, c: int) -> np.ndarray:
     return head.decision_function(G.numpy())[:, c]
 
 

@@ -28,15 +28,15 @@ def _predicted_regions(model: "Carrot", store, rows: Sequence[int], batch: int =
     for s in range(0, len(rows), batch):
         idx = list(rows[s : s + batch])
         H = torch.from_numpy(np.asarray(store.tokens[idx], dtype=np.float64))
-        C = (torch.from_numpy(np.asarray(store.globals[idx], dtype=np.float64)) if model.config.backbone.global_tokens
-             else None)
-        G, w = model.embed_regions(RegionSet(H, P, store.grid, C))
+        glob = (torch.from_numpy(np.asarray(store.globals[idx], dtype=np.float64)) if model.config.backbone.global_tokens
+                else None)
+        G, w = model.embed_regions(RegionSet(H, P, store.grid, glob))
         logits = model.head_.decision_function(G.numpy())
         for j, i in enumerate(idx):
             c = int(logits[j].argmax())
-            Cj = None if C is None else C[j]
-            r = region_contributions(model.head_, model.embedder.features(H[j]), w[j], Cj)[: H.shape[1], c]
-            yield i, H[j], c, float(logits[j, c]), r.numpy(), Cj
+            glob_j = None if glob is None else glob[j]
+            r = region_contributions(model.head_, model.embedder.features(H[j]), w[j], glob_j)[: H.shape[1], c]
+            yield i, H[j], c, float(logits[j, c]), r.numpy(), glob_j
 
 
 def region_deletion(model: "Carrot", store: Any, n_test: int = 20, steps: int = 8, seed: int = 0) -> dict[str, Any]:
@@ -56,11 +56,11 @@ def region_deletion(model: "Carrot", store: Any, n_test: int = 20, steps: int = 
     emb = model.embedder
     out: dict[str, list[float]] = {k: [] for k in ("deletion", "deletion_random", "insertion", "insertion_random")}
     spans = []
-    for _, H, c, logit, r, C in _predicted_regions(model, store, rows.tolist()):
+    for _, H, c, logit, r, glob in _predicted_regions(model, store, rows.tolist()):
         prior = float(model.head_.prior_[c])
         spans.append(logit - prior)
         for name, order in (("", np.argsort(-r, kind="stable")), ("_random", rng.permutation(len(r)))):
-            dele, ins = deletion_insertion(model.head_, H, P, c, order, emb, steps=steps, globals=C)
+            dele, ins = deletion_insertion(model.head_, H, P, c, order, emb, steps=steps, globals=glob)
             out["deletion" + name].append(dele.auc - prior)
             out["insertion" + name].append(ins.auc - prior)
     return {"n": int(len(rows)), "steps": steps, "mean_logit_above_prior": float(np.mean(spans)),
@@ -90,7 +90,7 @@ def region_scores(model: "Carrot", name: str, x: Any, regions: Any, w: Any, c: i
     random order."""
     from carrot.attribution.representer import region_contributions
 
-    H, C = regions.H, None if regions.globals is None else regions.globals[0]
+    H, glob = regions.H, None if regions.globals is None else regions.globals[0]
     if name in ("shapley", "split", "occlusion"):
         return model.pixel_map(x, c, grid, name)[0].ravel()
     if name == "token":
@@ -100,9 +100,9 @@ def region_scores(model: "Carrot", name: str, x: Any, regions: Any, w: Any, c: i
             from carrot.attribution.regions import node_removal
             from carrot.features.backbone import patch_centres
 
-            drops = node_removal(model.head_, H[0], patch_centres(grid, torch.float64), c, model.embedder, globals=C)
+            drops = node_removal(model.head_, H[0], patch_centres(grid, torch.float64), c, model.embedder, globals=glob)
             return np.array([drops[j] for j in range(len(drops))])
-        return region_contributions(model.head_, model.embedder.features(H[0]), w[0], C)[: H.shape[1], c].numpy()
+        return region_contributions(model.head_, model.embedder.features(H[0]), w[0], glob)[: H.shape[1], c].numpy()
     if name == "random":
         return rng.permutation(grid[0] * grid[1]).astype(float)
     raise CarrotError(f"maps: expected one of {', '.join(REGION_MAPS)}, got {name!r}")

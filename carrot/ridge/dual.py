@@ -187,16 +187,16 @@ class DualSystem(TrainingSystem):
         kc = self._similarity(G)
         if rows is None:
             return self._smoother(kc)
-        R = self._rows(rows).to(self.dev)
+        U = self._rows(rows).to(self.dev)
         cg = self.cg
-        return (cg.a[R] / cg.S + (kc * cg.s) @ self.solver.inverse_columns(R, self.lam) * cg.s[R]).cpu()
+        return (cg.a[U] / cg.S + (kc * cg.s) @ self.solver.inverse_columns(U, self.lam) * cg.s[U]).cpu()
 
     def hat_rows(self, rows: torch.Tensor) -> torch.Tensor:
         return self._smoother(self.cg.Kc[rows.to(self.dev)])
 
     def hat_columns(self, rows: torch.Tensor) -> torch.Tensor:
-        cg, R = self.cg, rows.to(self.dev)
-        return (cg.a[R] / cg.S + cg.Kc @ (cg.s.unsqueeze(1) * self.solver.inverse_columns(R, self.lam)) * cg.s[R]).cpu()
+        cg, U = self.cg, rows.to(self.dev)
+        return (cg.a[U] / cg.S + cg.Kc @ (cg.s.unsqueeze(1) * self.solver.inverse_columns(U, self.lam)) * cg.s[U]).cpu()
 
     def similarity(self, G: ArrayLike) -> torch.Tensor:
         return self._similarity(G).cpu()

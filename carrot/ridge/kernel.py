@@ -262,8 +262,8 @@ class KernelRidgeHead(ClassifierMixin, BaseEstimator):
         for gamma in self._gammas(Z.cpu()):
             if self.approx_ == "nystroem":
                 fmap = self._nystroem_map(Z, a, gamma)
-                C, N = (v.to(Z.device) for v in fmap)
-                gram: Gram = LowRankGram(self.gram(Z, C, gamma) @ N)
+                landmarks, normalization = (v.to(Z.device) for v in fmap)
+                gram: Gram = LowRankGram(self.gram(Z, landmarks, gamma) @ normalization)
             else:
                 gram = self.gram(Z, None, gamma)
             spec = Spectrum(CentredGram.of(gram, a.to(Z.device)))

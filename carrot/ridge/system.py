@@ -200,18 +200,18 @@ class TrainingSystem(ABC):
     def loo_loss_change(self, G_eval: ArrayLike, y_eval_idx: np.ndarray, chunk: int = 256) -> torch.Tensor:
         """Exact change of the summed squared loss on (G_eval, y_eval) when training row i is removed, (n,).
 
-        With f_-i(x) - f(x) = -l_i(x) R_i (R = :meth:`loo_residuals`): the sum over x of -2 l_i(x) (E_x . R_i) +
-        l_i(x)^2 |R_i|^2, E = F - Y. Negative: removing i helps (a harmful image). Streamed over ``chunk`` rows.
+        With f_-i(x) - f(x) = -l_i(x) r_i (r = :meth:`loo_residuals`): the sum over x of -2 l_i(x) (E_x . r_i) +
+        l_i(x)^2 |r_i|^2, E = F - Y. Negative: removing i helps (a harmful image). Streamed over ``chunk`` rows.
         """
         Ge = as_float64_matrix(G_eval, "G_eval")
         Y = one_hot(np.asarray(y_eval_idx), self.n_classes)
-        R = self.loo_residuals()
-        r2 = (R * R).sum(1)
+        loo_res = self.loo_residuals()
+        r2 = (loo_res * loo_res).sum(1)
         total = torch.zeros(self.n, dtype=torch.float64)
         for s in range(0, Ge.shape[0], chunk):
             L = self.equivalent_kernel(Ge[s : s + chunk])
             E = self.decision(Ge[s : s + chunk]) - Y[s : s + chunk]
-            total += (-2 * L * (E @ R.T) + L * L * r2).sum(0)
+            total += (-2 * L * (E @ loo_res.T) + L * L * r2).sum(0)
         return total
 
     def loo_cross_entropy(self, loo: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:

@@ -82,25 +82,25 @@ def explain_one(model: "Carrot", system: TrainingSystem, batch: Batch, i: int, o
     head, path = model.head_, str(batch.paths[i])
     c = int(batch.logits[i].argmax())
     logit, prior = float(batch.logits[i, c]), float(head.prior_[c])
-    regions, global_term, drops = token_side(model, batch, i, c)
+    tokens, global_term, drops = token_side(model, batch, i, c)
     supporting, inhibiting, tgrid = training_side(model, system, batch, i, c, options)
     ek_sum, rep_sum = float(batch.terms.equivalent_kernel[i].sum()), float(batch.terms.representer[i].sum())
     additive = keeps(head, "region_split")
     errors = {"data": abs(prior + rep_sum - logit), "equivalent_kernel": abs(prior + ek_sum - logit)}
     if additive:
-        errors["regions"] = abs(prior + float(regions.sum()) + (global_term or 0.0) - logit)
+        errors["regions"] = abs(prior + float(tokens.sum()) + (global_term or 0.0) - logit)
     exp = Explanation(
         image=path, predicted=model.classes_[c], predicted_index=c,
         logits={name: float(v) for name, v in zip(model.classes_, batch.logits[i])}, prior=prior,
         head=kind_of(head).name, meaning=meanings(head.refit_note, additive, options.pixel_map, global_term is not None),
         data_sum=rep_sum, equivalent_kernel_sum=ek_sum, identity_error=errors, supporting=supporting,
         inhibiting=inhibiting, grid=list(batch.grid), train_grid=list(tgrid),
-        tokens=TokenMap(regions.reshape(batch.grid).tolist(), additive, float(regions.sum()) if additive else None),
+        tokens=TokenMap(tokens.reshape(batch.grid).tolist(), additive, float(tokens.sum()) if additive else None),
         global_term=global_term, picture=batch.pictures[i])
     if options.certificate_limit:
         exp.certificate = certificate_side(model, system, batch.G[i], options.certificate_limit)
     pixel_side(model, exp, path, c, batch.grid, options)
-    graph_side(model, exp, batch, i, c, regions, drops, options)
+    graph_side(model, exp, batch, i, c, tokens, drops, options)
     return exp
 
 
@@ -112,10 +112,10 @@ def token_side(model: "Carrot", batch: Batch, i: int, c: int) -> tuple[torch.Ten
 
     glob = None if batch.globals is None else batch.globals[i]
     if keeps(model.head_, "region_split"):
-        regions = region_contributions(model.head_, batch.F[i], batch.w[i], glob)[:, c]
+        split = region_contributions(model.head_, batch.F[i], batch.w[i], glob)[:, c]
         if glob is not None:  # the global tokens' own exact term, the last row
-            return regions[:-1], float(regions[-1]), None
-        return regions, None, None
+            return split[:-1], float(split[-1]), None
+        return split, None, None
     P = patch_centres(batch.grid, torch.float64)
     drops = node_removal(model.head_, batch.H[i], P, c, model.embedder, globals=glob)
     return torch.as_tensor([drops[j] for j in range(len(drops))], dtype=torch.float64), None, drops
@@ -128,7 +128,7 @@ def training_side(model: "Carrot", system: TrainingSystem, batch: Batch, i: int,
     support = -batch.terms.removal[i]  # f(x) - f_-i(x): > 0, the image raises this logit (0 for weight 0)
     tk = top_k(support, options.k)
     idx = np.concatenate([tk.support_idx, tk.inhibit_idx])
-    Ht, wt, tgrid, pictures, Ct = model.train_regions(idx.tolist())
+    Ht, wt, tgrid, pictures, train_globs = model.train_regions(idx.tolist())
     pairs = keeps(model.head_, "region_pairs")
     if pairs:
         glob = None if batch.globals is None else batch.globals[i]
@@ -142,7 +142,7 @@ def training_side(model: "Carrot", system: TrainingSystem, batch: Batch, i: int,
             score=float(support[j]), removal_effect=float(batch.terms.removal[i, j]),
             equivalent_kernel=float(batch.terms.equivalent_kernel[i, j]), representer=float(batch.terms.representer[i, j]),
             weight=None if weights is None else float(weights[j]), picture=pictures[r],
-            pairs=pair_split(system, U, centred_parts(Ft[r], wt[r], system.mu, None if Ct is None else Ct[r]), j, c,
+            pairs=pair_split(system, U, centred_parts(Ft[r], wt[r], system.mu, None if train_globs is None else train_globs[r]), j, c,
                              float(support[j]), batch.grid, tgrid, batch.globals is not None, options.pairs)
             if pairs else None))
     return rows[: options.k], rows[options.k :], tgrid
@@ -191,7 +191,7 @@ def pixel_side(model: "Carrot", exp: Explanation, path: str, c: int, grid: tuple
         exp.occlusion = PixelMap(values.tolist(), time.perf_counter() - t0)
 
 
-def graph_side(model: "Carrot", exp: Explanation, batch: Batch, i: int, c: int, regions: torch.Tensor,
+def graph_side(model: "Carrot", exp: Explanation, batch: Batch, i: int, c: int, tokens: torch.Tensor,
                drops: dict | None, options: ExplainOptions) -> None:
     """Node removal and deletion / insertion curves on the graph, and the user's segments."""
     from carrot.attribution.regions import deletion_insertion, mask_to_grid, node_removal, segment_sum
@@ -201,13 +201,13 @@ def graph_side(model: "Carrot", exp: Explanation, batch: Batch, i: int, c: int, 
     P = patch_centres(batch.grid, torch.float64)
     if options.node_removal:
         drops = drops if drops is not None else node_removal(head, H, P, c, emb, globals=glob)
-        dele, ins = deletion_insertion(head, H, P, c, np.argsort(-regions.numpy(), kind="stable"), emb, globals=glob)
+        dele, ins = deletion_insertion(head, H, P, c, np.argsort(-tokens.numpy(), kind="stable"), emb, globals=glob)
         exp.graph = {"node_removal": [drops[j] for j in range(len(drops))],
                      "deletion": {"fractions": dele.fractions.tolist(), "logits": dele.logits.tolist(), "auc": dele.auc},
                      "insertion": {"fractions": ins.fractions.tolist(), "logits": ins.logits.tolist(), "auc": ins.auc}}
     if options.masks and exp.image in options.masks:
         seg = mask_to_grid(options.masks[exp.image], batch.grid)
         if exp.tokens.additive:
-            exp.segments = {str(s): v for s, v in segment_sum(regions.numpy(), seg).items()}
+            exp.segments = {str(s): v for s, v in segment_sum(tokens.numpy(), seg).items()}
         if options.node_removal:
             exp.segment_removal = {str(s): v for s, v in node_removal(head, H, P, c, emb, seg, glob).items()}

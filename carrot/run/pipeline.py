@@ -15,11 +15,10 @@ from carrot.config import RunConfig
 from carrot.data import ImageDataset, ImageRecord, load_image
 from carrot.embed.embedder import Embedder
 from carrot.embed.tokenmap import TokenMap, sample_tokens
-from carrot.errors import CarrotError, check_is_fitted, first_line
+from carrot.errors import CarrotError, check_is_fitted
 from carrot.report.explanation import Explanation
-from carrot.ridge.heads import fit_head, load_head
+from carrot.ridge.heads import fit_head
 from carrot.ridge.system import TrainingSystem
-from carrot.io import save_npy, write_json
 from carrot.features.regions import RegionSet
 
 class Carrot:
@@ -156,11 +155,11 @@ class Carrot:
         """:meth:`pixel_logits` with autograd (tokens not rounded to the cache dtype): (B, C) float64 tensor, the
         function whose gradient the pixel split integrates."""
         check_is_fitted(self, ("head_",))
-        H, C, grid = self.backbone.tokens(x, globals_too=True)
+        H, glob, grid = self.backbone.tokens(x, globals_too=True)
         H = H.cpu().to(torch.float64)
         emb = self.embedder
         w = emb.weights(H, patch_centres(grid, torch.float64))[0]
-        return self.head_.torch_decision(emb.readout(H, w, C.cpu() if emb.global_tokens else None))
+        return self.head_.torch_decision(emb.readout(H, w, glob.cpu() if emb.global_tokens else None))
 
     def pixel_map(self, x: torch.Tensor, c: int, grid: tuple[int, int], method: str = "shapley",
                   permutations: int = 4) -> tuple[np.ndarray, dict[str, Any]]:
@@ -194,9 +193,9 @@ class Carrot:
     def _regions(self, x: torch.Tensor, where: str) -> tuple[RegionSet, tuple[int, int]]:
         """The backbone on model inputs (B, 3, H, W) as a RegionSet of tokens rounded as the cache rounds them, with the
         global tokens when the embedding reads them; and the grid."""
-        H, C, grid = self.backbone.with_globals(x)
-        C = self._as_cached(C, where) if self.config.backbone.global_tokens else None
-        return RegionSet(self._as_cached(H, where), patch_centres(grid, torch.float64), grid, C), grid
+        H, glob, grid = self.backbone.with_globals(x)
+        glob = self._as_cached(glob, where) if self.config.backbone.global_tokens else None
+        return RegionSet(self._as_cached(H, where), patch_centres(grid, torch.float64), grid, glob), grid
 
     def _as_cached(self, H: torch.Tensor, where: str) -> torch.Tensor:
         """Backbone tokens rounded to the cache dtype, as float64 on the CPU: what the token cache would give."""
@@ -239,18 +238,19 @@ class Carrot:
         geo = self.backbone.display_transform()
         imgs = [geo(im) for im in raw]
         store = self._train_store()
-        glob = self.config.backbone.global_tokens
-        if store is not None and (not glob or store.globals.shape[1]):
+        reads_globals = self.config.backbone.global_tokens
+        if store is not None and (not reads_globals or store.globals.shape[1]):
             H = torch.from_numpy(np.asarray(store.tokens[np.asarray(indices)], dtype=np.float32))
-            C = torch.from_numpy(np.asarray(store.globals[np.asarray(indices)], dtype=np.float32)) if glob else None
+            glob = (torch.from_numpy(np.asarray(store.globals[np.asarray(indices)], dtype=np.float32)) if reads_globals
+                    else None)
             grid = store.grid
         else:
             tf = self.backbone.transform()
-            H, C, grid = self.backbone.with_globals(torch.stack([tf(im) for im in raw]))
-            H, C = H.cpu(), C.cpu() if glob else None
+            H, glob, grid = self.backbone.with_globals(torch.stack([tf(im) for im in raw]))
+            H, glob = H.cpu(), glob.cpu() if reads_globals else None
         _, w = self.embed_regions(RegionSet(H.to(torch.float64), patch_centres(grid, torch.float64), grid,
-                                            None if C is None else C.to(torch.float64)))
-        return H, w, grid, imgs, C
+                                            None if glob is None else glob.to(torch.float64)))
+        return H, w, grid, imgs, glob
 
     def training_system(self) -> TrainingSystem:
         """The head's exact training system on the run's training rows (``head.system``), built once per head."""
@@ -340,82 +340,20 @@ class Carrot:
         return self._backbone_info
 
     def save(self, run_dir: str | Path, finish: Callable[[Path], None] | None = None) -> None:
-        """Write the run directory (:class:`carrot.run.rundir.RunDir`) as a whole: head, embeddings, weights,
-        metrics and run.json (with the files' SHA-256) go into a staging folder that replaces ``run_dir`` only
-        once complete; ``finish(staging_path)`` adds more (the index page) before that swap."""
-        from carrot.run.rundir import RunDir
+        """Write the run directory as a whole (:func:`carrot.run.persistence.save_run`): head, embeddings, weights,
+        metrics and run.json with the files' SHA-256, staged and swapped in once complete; ``finish(staging_path)``
+        adds more (the index page) before the swap."""
+        from carrot.run.persistence import save_run
 
-        check_is_fitted(self, ("head_",))
-        RunDir(run_dir).check_target(overwrite=True, flag="run_dir")  # never replaces a folder of other files
-        with RunDir(run_dir).replacing() as rd:
-            self.head_.save(rd.head)
-            if self.token_map_ is not None:
-                self.token_map_.save(rd.token_map)
-            save_npy(rd.train_embeddings, self.train_embeddings_)
-            if self.sample_weight_ is not None:
-                save_npy(rd.train_weights, self.sample_weight_)
-            if getattr(self, "test_embeddings_", None) is not None:
-                save_npy(rd.test_embeddings, self.test_embeddings_)
-            write_json(rd.metrics, getattr(self, "metrics_", {}))
-            rd.write_meta(self.meta_)
-            if finish is not None:
-                finish(rd.path)
+        save_run(self, run_dir, finish)
 
     @classmethod
     def load(cls, run_dir: str | Path, backbone: TokenBackbone | None = None) -> "Carrot":
-        """Load a run directory written by :meth:`save` (``backbone``: an already built one to reuse)."""
-        from carrot.run.rundir import RunDir
+        """Load a run directory written by :meth:`save` (``backbone``: an already built one to reuse), every file
+        checked against run.json (:func:`carrot.run.persistence.load_run`)."""
+        from carrot.run.persistence import load_run
 
-        from carrot.run.rundir import REFIT
-
-        rd = RunDir(run_dir)
-        meta = rd.read_meta()
-        try:
-            config = RunConfig.from_dict(meta["config"])
-        except CarrotError as exc:
-            raise CarrotError(f"run '{run_dir}': run.json config is invalid ({exc}); {REFIT}") from None
-        self = cls(config, backbone)
-        self._backbone_info = meta["backbone"]
-        self.head_ = load_head(rd.head)
-        self.token_map_ = TokenMap.load(rd.token_map) if config.token_map.kind != "none" else None
-        if self.token_map_ is not None and (self.token_map_.kind, self.token_map_.dim) != (config.token_map.kind, config.token_map.dim):
-            raise CarrotError(f"run '{run_dir}': {rd.TOKEN_MAP} is a {self.token_map_.kind} map of dim "
-                              f"{self.token_map_.dim}, run.json's config says {config.token_map.kind} of dim "
-                              f"{config.token_map.dim}; {REFIT}")
-        self.train_embeddings_ = _load_array(rd.train_embeddings, run_dir)
-        self.train_records_ = [ImageRecord(r[0], int(r[1]), tuple(r[2]) if len(r) > 2 and r[2] else None)
-                               for r in meta["train_records"]]
-        self.classes_ = list(meta["classes"])
-        if self.train_embeddings_.shape != (len(self.train_records_), self.head_.n_features_in_):
-            raise CarrotError(f"run '{run_dir}': {rd.TRAIN_EMBEDDINGS} {self.train_embeddings_.shape} does not match "
-                              f"the {len(self.train_records_)} training records of run.json and the head's "
-                              f"{self.head_.n_features_in_} features; {REFIT}")
-        if getattr(self.head_, "X_fit_", None) is not None and len(self.head_.X_fit_) != len(self.train_records_):
-            raise CarrotError(f"run '{run_dir}': the kernel head holds {len(self.head_.X_fit_)} training images, run.json "
-                              f"{len(self.train_records_)}; {REFIT}")
-        head_classes = np.asarray(self.head_.classes_)
-        if head_classes.ndim != 1 or len(head_classes) != len(self.classes_) or not np.array_equal(head_classes, np.arange(len(self.classes_))):
-            raise CarrotError(f"run '{run_dir}': run.json lists {len(self.classes_)} classes, the head has "
-                              f"{len(head_classes)}; {REFIT}")
-        self.sample_weight_ = None
-        if meta.get("weighted"):
-            if not rd.train_weights.is_file():
-                raise CarrotError(f"run '{run_dir}': run.json says the head is weighted but {rd.TRAIN_WEIGHTS} is missing")
-            self.sample_weight_ = _load_array(rd.train_weights, run_dir)
-            if self.sample_weight_.shape != (len(self.train_records_),):
-                raise CarrotError(f"run '{run_dir}': {rd.TRAIN_WEIGHTS} does not match the training records")
-            try:  # a ridge head written before heads kept their weights takes the run's; any other must have them
-                self.head_.restore_weights(self.sample_weight_)
-            except CarrotError as exc:
-                raise CarrotError(f"run '{run_dir}': {exc}; {REFIT}") from None
-        self.metrics_ = meta.get("metrics", {})
-        self.test_records_ = meta.get("test_records")
-        self.derived_from_ = meta.get("derived_from")
-        self.test_embeddings_ = _load_array(rd.test_embeddings, run_dir) if rd.test_embeddings.is_file() else None
-        if self.test_embeddings_ is not None and (self.test_records_ is None or self.test_embeddings_.shape
-                                                  != (len(self.test_records_), self.head_.n_features_in_)):
-            raise CarrotError(f"run '{run_dir}': {rd.TEST_EMBEDDINGS} does not match the test records of run.json; {REFIT}")
-        return self
+        return load_run(cls, run_dir, backbone)
 
     def check_backbone(self) -> None:
         """Refuse to explain with a backbone whose weights differ from the ones the run was fitted with."""
@@ -425,16 +363,3 @@ class Carrot:
                 f"backbone '{self.backbone.name}' weights ({self.backbone.weights_id[:12]}) differ from the run's "
                 f"({want[:12]}); explain with the same weights the run was fitted with"
             )
-
-
-def _load_array(path: Path, run_dir: str | Path) -> np.ndarray:
-    """A run's .npy file as a finite float64 array, or a one-line error saying how to recover."""
-    from carrot.run.rundir import REFIT
-
-    try:
-        arr = np.load(path, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as exc:
-        raise CarrotError(f"run '{run_dir}': cannot read {path.name} ({first_line(exc)}); {REFIT}") from None
-    if arr.dtype.kind != "f" or not np.isfinite(arr).all():
-        raise CarrotError(f"run '{run_dir}': {path.name} holds {arr.dtype} values that are not all finite numbers; {REFIT}")
-    return arr.astype(np.float64, copy=False)
