@@ -140,3 +140,10 @@ def test_the_config_names_the_registries_names():
     assert config.KERNEL_NAMES == tuple(KERNELS) and config.KERNEL_APPROXIMATIONS == APPROXIMATIONS
     assert config.TOKEN_MAP_KINDS == TOKEN_MAPS
     assert set(SECTIONS) == set(AUDITS)  # every built-in audit has its index section
+
+
+def test_the_readme_layout_names_every_module():
+    text = (ROOT / "README.md").read_text()
+    layout = text[text.index("## Layout"):]
+    missing = [str(p.relative_to(ROOT)) for p in PKG.rglob("*.py") if p.name != "__init__.py" and p.name not in layout]
+    assert missing == []

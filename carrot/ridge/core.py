@@ -190,7 +190,7 @@ class RidgeFactor:
         if self.kind == "primal":
             return torch.cholesky_solve(V, self.chol.to(V.device))
         if self.rows is None:
-            raise CarrotError("this dual ridge factor has no training rows bound; build it with RidgeSystem.from_head")
+            raise CarrotError("this dual ridge factor has no training rows bound; build it with RidgeHead.system")
         U, L = self.rows.to(V.device), self.chol.to(V.device)
         return (V - U.T @ torch.cholesky_solve(U @ V, L)) / self.lam
 

@@ -1,9 +1,11 @@
-"""Exact leave-one-out for the weighted ridge head, for a whole path of lambdas at once.
+"""Exact leave-one-out over a whole path of lambdas: one scorer for every head, and the linear head's path.
 
-With weighted centring the intercept is unpenalised, so the hat diagonal is
-h_ii = a_i (1 / sum(a) + gc_i^T (Gc^T A Gc + lam I)^-1 gc_i) and the leave-one-out prediction
-is f_-i(x_i) = (f(x_i) - h_ii y_i) / (1 - h_ii) (Sherman-Morrison, as in sklearn's _RidgeGCV).
-One spectral decomposition of Gc^T A Gc (:func:`carrot.ridge.core.spectrum`) serves every lambda.
+Every head is a linear smoother with an unpenalised intercept, so its leave-one-out prediction is
+f_-i(x_i) = (f(x_i) - h_ii y_i) / (1 - h_ii) (Sherman-Morrison, as in sklearn's _RidgeGCV), and :class:`LooScorer`
+scores per-lambda (f, h) the same way whichever head computed them. For the linear head the hat diagonal is
+h_ii = a_i (1 / sum(a) + gc_i^T (Gc^T A Gc + lam I)^-1 gc_i), and one spectral decomposition of Gc^T A Gc
+(:func:`carrot.ridge.core.spectrum`) serves every lambda (:func:`loo_path`); the kernel head's spectrum feeds the
+same scorer (:meth:`carrot.ridge.dual.Spectrum.loo_path`).
 """
 from __future__ import annotations
 
