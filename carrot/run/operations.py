@@ -1,4 +1,5 @@
-"""Run-directory level work: cached embeddings of a fitted run, its summary, its index page."""
+"""Run-directory level work: cached embeddings of a fitted run, its summary, its index page, and the commands that
+read a run and write an audit or a derived run (predict, compare, reweight, debug, tracin, bench)."""
 from __future__ import annotations
 
 import os

@@ -1,4 +1,5 @@
-"""``Carrot``: backbone tokens -> graph -> diffusion -> readout -> ridge head, with exact explanations."""
+"""``Carrot``: backbone tokens -> graph -> diffusion -> readout -> closed-form head (any registered head), with exact
+explanations (:mod:`carrot.run.explaining`) and a run directory (:mod:`carrot.run.persistence`)."""
 from __future__ import annotations
 
 import platform
