@@ -27,7 +27,25 @@ FILESYSTEM_ERRNOS = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno
 
 
 def _one_line(text: str) -> str:
-    return " ".join(str(text).split())
+    """One terminal line: whitespace runs as one space, control characters and undecodable bytes of user names
+    escaped (:func:`carrot.text.for_terminal`)."""
+    from carrot.text import for_terminal
+
+    return for_terminal(" ".join(str(text).split()))
+
+
+def _echo(line: str) -> None:
+    """A result line on stdout, made safe for the terminal (the names in it are the user's data)."""
+    from carrot.text import for_terminal
+
+    click.echo(for_terminal(line))
+
+
+def _short_write(exc: OSError) -> bool:
+    """A write that stopped short without an errno (safetensors' "N requested and M written"): the disk filled."""
+    import re
+
+    return exc.errno is None and re.search(r"\d+ requested and \d+ written", str(exc)) is not None
 
 
 def user_errors(fn: Callable) -> Callable:
@@ -53,6 +71,8 @@ def user_errors(fn: Callable) -> Callable:
         except CarrotError as exc:
             _fail(str(exc))
         except OSError as exc:
+            if _short_write(exc):
+                _fail(f"No space left on device (a write stopped short: {exc}); free space and run the command again")
             if exc.errno not in FILESYSTEM_ERRNOS:
                 raise
             where = f": '{exc.filename}'" if exc.filename else ""
@@ -227,7 +247,7 @@ def fit(run_dir: str, overwrite: bool, quiet: bool, as_json: bool, **opts: Any) 
     if as_json:
         click.echo(json.dumps(metrics, indent=2))
     else:
-        click.echo(
+        _echo(
             f"fitted {metrics['n_train']} images, {metrics['classes']} classes: "
             f"test accuracy {metrics['test_accuracy']:.4f} on {metrics['n_test']} images -> {run_dir}"
         )
@@ -296,7 +316,7 @@ def explain(run_dir: str, images: tuple[str, ...], top_k: int, out_dir: str | No
         return
     for r in results:
         sup = ", ".join(f"{Path(s['path']).name}({s['score']:+.3f})" for s in r["supporting"][:3])
-        click.echo(f"{r['image']}: {r['predicted']}  [support: {sup}]  page: {r['page']}")
+        _echo(f"{r['image']}: {r['predicted']}  [support: {sup}]  page: {r['page']}")
 
 
 @cli.command()
@@ -311,10 +331,11 @@ def predict(run_dir: str, images: tuple[str, ...], out_path: str | None, batch_s
     """Classify IMAGES (files or folders) with the run in RUN_DIR, without explanations: one row per
     image (predicted class, score, runner-up, margin, every class score) in a CSV and a JSON file."""
     from carrot.run import commands as orchestration
+    from carrot.text import for_terminal
 
     rows = orchestration.predict(run_dir, images, out_path, batch_size, device, progress=not quiet)
     for r in rows:
-        click.echo(f"{r['image']}\t{r['predicted']}\t{r['score']:.4f}")
+        click.echo("\t".join(for_terminal(v) for v in (r["image"], r["predicted"], f"{r['score']:.4f}")))
 
 
 @cli.command()

@@ -59,7 +59,7 @@ class ImageDataset:
         h = hashlib.sha256()
         h.update(repr(self.classes).encode())
         for r, digest in zip(self.records, self.digests()):
-            h.update(f"{os.path.basename(r.path)}|{r.label}|{r.bbox}|".encode())
+            h.update(os.fsencode(os.path.basename(r.path)) + f"|{r.label}|{r.bbox}|".encode())
             h.update(digest)
         return h.hexdigest()
 

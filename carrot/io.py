@@ -71,13 +71,15 @@ def save_npy(path: str | os.PathLike[str], arr: Any) -> None:
 
 
 def write_csv(path: str | os.PathLike[str], header: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
-    """Write a CSV file atomically."""
+    """Write a CSV file atomically, every text cell made safe for a spreadsheet (:func:`carrot.text.for_csv`)."""
     import csv
 
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
+    from carrot.text import for_csv
+
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
         w = csv.writer(fh)
-        w.writerow(header)
-        w.writerows(rows)
+        w.writerow([for_csv(h) for h in header])
+        w.writerows([for_csv(c) for c in row] for row in rows)
 
 
 def read_json(path: str | os.PathLike[str], what: str = "JSON file") -> Any:

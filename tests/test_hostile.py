@@ -467,6 +467,80 @@ def check_overwrite(w: W, r) -> None:
     assert not [p for p in w.tmp.iterdir() if p.name.startswith(".")]
 
 
+# -- user text that reaches files and terminals (names are data) ---------------------------------------------
+NON_UTF8_CLASS = os.fsdecode(b"cls\xe9")  # a class folder whose name is not UTF-8
+NON_UTF8_FILE = os.fsdecode(b"\xff\xfe.png")
+FORMULA_CLASSES = ("=1+1", "@SUM(1)", "+cmd|' -C calc'!A0")
+MATH_CLASSES = ("$\\foo$", "$\\frac{1}{0}$", "$\\alpha$_x")
+
+
+def rename_classes(*names: str) -> Callable[[W], None]:
+    """The workspace's class folders class_00, class_01, ... renamed to ``names`` (with {cfg} written)."""
+    def setup(w: W) -> None:
+        for i, name in enumerate(names):
+            os.rename(w.data / f"class_{i:02d}", w.data / name)
+        w.config()
+    return setup
+
+
+def non_utf8_names(w: W) -> None:
+    rename_classes(NON_UTF8_CLASS)(w)
+    os.rename(w.data / "class_01" / "img_000.png", w.data / "class_01" / NON_UTF8_FILE)
+
+
+def sub(w: W, *argv: str):
+    """Another carrot-run command in the same workspace, which must succeed."""
+    r = invoke(w, " ".join(argv))
+    assert r.exit_code == 0, (argv, r.output, r.exception)
+    return r
+
+
+def check_non_utf8(w: W, r) -> None:
+    """Fit, explain, predict, the pages, the CSV and the JSON with names that are not UTF-8: exact where a name is
+    read back (run.json, explanation.json round-trip the bytes), U+FFFD where a person reads it."""
+    from carrot.run.pipeline import Carrot
+
+    run = w.tmp / "new"
+    model = Carrot.load(run)
+    paths = [rec.path for rec in model.train_records_] + [path for path, _ in model.test_records_]
+    assert NON_UTF8_CLASS in model.classes_ and any(path.endswith(NON_UTF8_FILE) for path in paths)
+    assert "cls\ufffd" in (run / "index.html").read_text(encoding="utf-8")
+    out = sub(w, f"explain {run} {w.data / NON_UTF8_CLASS} --top-k 2 --pixel-map split --json")
+    exp = json.loads(out.stdout)[0]
+    page = Path(exp["page"]).read_text(encoding="utf-8")
+    assert "cls\ufffd" in page and Path(exp["heatmap"]).is_file()
+    sub(w, f"predict {run} {w.data / 'class_01'} --quiet --out {w.tmp}/p.json")
+    csv_text = (w.tmp / "p.csv").read_text(encoding="utf-8")
+    assert "cls\ufffd" in csv_text and "\ufffd\ufffd.png" in csv_text
+    assert any(row["image"].endswith(NON_UTF8_FILE) for row in json.loads((w.tmp / "p.json").read_text()))
+
+
+def check_formulas(w: W, r) -> None:
+    import csv
+
+    sub(w, f"predict {w.tmp / 'new'} {w.data} --quiet --out {w.tmp}/p.json")
+    with open(w.tmp / "p.csv", newline="", encoding="utf-8") as fh:
+        cells = [c for row in csv.reader(fh) for c in row]
+    assert {f"'{c}" for c in FORMULA_CLASSES} <= set(cells)
+    numbers = {c for c in cells if c[:1] in "-+" and c.lstrip("+-").replace(".", "", 1).replace("e-", "", 1).isdigit()}
+    assert not [c for c in cells if c[:1] in "=+-@\t\r" and c not in numbers]  # a formula never starts a text cell
+
+
+def check_math_names(w: W, r) -> None:
+    out = sub(w, f"explain {w.tmp / 'new'} {w.data / MATH_CLASSES[0]} --top-k 2 --pixel-map split --json")
+    assert all(Path(e["heatmap"]).is_file() for e in json.loads(out.stdout))
+
+
+def terminal_names(w: W) -> None:
+    d = w.tmp / "x"
+    d.mkdir()
+    noise()().save(d / "\x1b[2Jred\x07.png")
+
+
+def check_terminal(w: W, r) -> None:
+    assert "\x1b" not in r.stdout and "\x07" not in r.stdout and "\\x1b[2Jred\\x07" in r.stdout
+
+
 def enospc_on_save(w: W) -> None:
     w.config()
 
@@ -599,6 +673,12 @@ CASES: list[Case] = [
     Case("explain: image missing", "explain {run} {tmp}/none.png", r"IMAGES.*does not exist"),
     Case("explain: folder without images", "explain {run} {tmp}/x", r"no images .* in folder", lambda w: (w.tmp / "x").mkdir()),
     Case("explain: 255-byte image name", "explain {run} {tmp}/x --json", None, long_name),
+    Case("fit, explain, predict: non-UTF-8 class and file names", FIT, None, non_utf8_names, check=check_non_utf8),
+    Case("predict: class names that are spreadsheet formulas", FIT, None, rename_classes(*FORMULA_CLASSES),
+         check=check_formulas),
+    Case("explain: class names that are mathtext", FIT, None, rename_classes(*MATH_CLASSES), check=check_math_names),
+    Case("explain: control characters in a name reach no terminal", "explain {run} {tmp}/x --top-k 2 --pixel-map split",
+         None, terminal_names, check=check_terminal),
     Case("explain: HTML, unicode, dash names", "explain {run} {tmp}/x --top-k 2", None, weird_names,
          check=lambda w, r: "<img src=x onerror" not in "".join(p.read_text() for p in (w.run / "explanations").rglob("*.html"))),
     Case("explain twice: both pages kept", "explain {run} {tmp}/x/b/cat.png", None, two_explains, check=check_two_explains),

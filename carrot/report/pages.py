@@ -15,6 +15,9 @@ import numpy as np
 from carrot.io import atomic_path, write_json
 from carrot.report.audits import audits_html, figure_uri
 from carrot.report.explanation import Explanation, TrainingImage
+from carrot.text import shown
+
+PLAIN_TEXT = {"text.parse_math": False, "text.usetex": False}  # data text (class names) drawn literally, never as maths
 
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px;color:#222;max-width:1200px}
@@ -69,22 +72,27 @@ def heatmap_png(image, contributions: np.ndarray, path: str | Path, title: str =
     r = np.asarray(contributions, dtype=np.float64)
     vmax = float(np.abs(r).max()) or 1.0
     img = np.asarray(image.convert("RGB"))
-    fig, axes = plt.subplots(1, 2, figsize=(6.4, 3.4), dpi=100)
+    with plt.rc_context(PLAIN_TEXT):
+        fig, axes = plt.subplots(1, 2, figsize=(6.4, 3.4), dpi=100)
+        _heatmap_axes(fig, axes, img, r, vmax, shown(title) or "region contributions")
+        path = Path(path)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return path
+
+
+def _heatmap_axes(fig, axes, img: np.ndarray, r: np.ndarray, vmax: float, title: str) -> None:
     axes[0].imshow(img)
     axes[0].set_title("image", fontsize=9)
     axes[1].imshow(img)
     im = axes[1].imshow(r, cmap="bwr", vmin=-vmax, vmax=vmax, alpha=0.55, interpolation="bilinear",
                         extent=(0, img.shape[1], img.shape[0], 0))
-    axes[1].set_title(title or "region contributions", fontsize=9)
+    axes[1].set_title(title, fontsize=9)
     for ax in axes:
         ax.axis("off")
     fig.colorbar(im, ax=axes[1], fraction=0.046, pad=0.04)
     fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-    return path
 
 
 def _curve_png(exp: Explanation) -> str:
@@ -93,18 +101,20 @@ def _curve_png(exp: Explanation) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(4.2, 2.8), dpi=100)
-    for key, style in (("deletion", "-o"), ("insertion", "-s")):
-        c = exp.graph[key]
-        ax.plot(c["fractions"], c["logits"], style, ms=3, label=f"{key} (AUC {c['auc']:.3f})")
-    ax.set_xlabel("share of regions removed / inserted")
-    ax.set_ylabel(f"logit {exp.predicted}")
-    return figure_uri(fig)
+    with plt.rc_context(PLAIN_TEXT):
+        fig, ax = plt.subplots(figsize=(4.2, 2.8), dpi=100)
+        for key, style in (("deletion", "-o"), ("insertion", "-s")):
+            c = exp.graph[key]
+            ax.plot(c["fractions"], c["logits"], style, ms=3, label=f"{key} (AUC {c['auc']:.3f})")
+        ax.set_xlabel("share of regions removed / inserted")
+        ax.set_ylabel(f"logit {shown(exp.predicted)}")
+        return figure_uri(fig)
 
 
 def _page(title: str, body: str) -> str:
-    return (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-            f"<style>{CSS}</style></head><body>{body}<script>{CHECK_JS}</script></body></html>")
+    """A whole page; names with bytes that are not UTF-8 are shown with U+FFFD (:func:`carrot.text.shown`)."""
+    return shown(f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+                 f"<style>{CSS}</style></head><body>{body}<script>{CHECK_JS}</script></body></html>")
 
 
 def _cell(grid: tuple[int, int], j: int) -> str:

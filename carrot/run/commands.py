@@ -18,10 +18,11 @@ from carrot.audit.evaluate import per_class_accuracy
 from carrot.io import check_dir, user_cache_dir, write_json
 from carrot.ridge.heads import kind_of, require
 from carrot.run.pipeline import Carrot
-from carrot.run.rundir import RunDir
+from carrot.run.rundir import ANY, RunDir
 from carrot.report.pages import write_explanation
 from carrot.run.operations import (
-    _test_store, bench, check_outside_data, clear_run, compare, debug, predict, reweight, run_embeddings, tracin, write_index,
+    _test_store, bench, check_outside_data, clear_run, compare, debug, predict, publish, reweight, run_embeddings, tracin,
+    write_index,
 )
 
 __all__ = ["bench", "compare", "debug", "demo", "evaluate", "explain", "extract_splits", "fit", "predict", "reweight", "tracin"]
@@ -160,7 +161,8 @@ def fit(config: RunConfig, run_dir: str | Path, progress: bool = True, overwrite
         "duplicate_test_images": len(duplicate_test_images(train, test)),
     }
     model.record_test(G_test, test.records, metrics)
-    model.save(run_dir, finish=lambda staging: write_index(staging, model=model, name=run_dir.resolve().name))
+    model.save(run_dir, finish=lambda staging: write_index(staging, model=model, name=run_dir.resolve().name),
+               replace=ANY if overwrite else None)  # without --overwrite, a run another process wrote meanwhile stays
     return metrics
 
 
@@ -191,6 +193,8 @@ def explain(run_dir: str | Path, inputs: Sequence[str], out_dir: str | Path | No
     next_free = max(taken + list(numbers.values()), default=-1) + 1  # never reuse a folder of another image
     results: list[dict[str, Any]] = []
     root_fresh = not out_root.exists()
+    into_run = out_root == rd.explanations.resolve()
+    identity = model.run_identity_ if into_run else None  # pages go into the run only while it is this run
     try:
         for s in range(0, len(paths), batch):
             for exp in model.explain(paths[s : s + batch], top_k, node_removal=node_removal, masks=masks,
@@ -198,24 +202,34 @@ def explain(run_dir: str | Path, inputs: Sequence[str], out_dir: str | Path | No
                 key = _key(exp.image)
                 if key not in numbers:
                     numbers[key], next_free = next_free, next_free + 1
-                number = numbers[key]
-                target = RunDir.explanation_dir(out_root, number, exp.image)
-                fresh = not target.exists()
-                try:
-                    results.append(write_explanation(exp, target))
-                except BaseException:
-                    if fresh:  # no half-written page folder
-                        shutil.rmtree(target, ignore_errors=True)
-                    raise
+                results.append(_write_page(rd, identity, exp, RunDir.explanation_dir(out_root, numbers[key], exp.image)))
     finally:  # the pages written so far are complete: list them, even when a later one failed
         listed = [e for e in earlier if _key(e["image"]) not in {_key(r["image"]) for r in results}] + results
-        if results:
-            write_json(RunDir.explanations_list(out_root), listed)
-        elif root_fresh and out_root.is_dir() and not any(out_root.iterdir()):
-            out_root.rmdir()
-    if out_root.resolve() == rd.explanations.resolve():
-        write_index(run_dir, listed, model)
+        try:
+            with rd.publishing(identity):
+                if results:
+                    write_json(RunDir.explanations_list(out_root), listed)
+                elif root_fresh and out_root.is_dir() and not any(out_root.iterdir()):
+                    out_root.rmdir()
+        except CarrotError:  # the run was replaced meanwhile: its new folder gets nothing of this command's
+            pass
+    if into_run:
+        with rd.publishing(identity):
+            write_index(run_dir, listed, model)
     return results
+
+
+def _write_page(rd: RunDir, identity: str | None, exp: Any, target: Path) -> dict[str, Any]:
+    """One explanation's page folder, written whole (a folder that fails half-way is removed) under the run's lock,
+    while the run is still the one explained with (``identity``)."""
+    with rd.publishing(identity):
+        fresh = not target.exists()
+        try:
+            return write_explanation(exp, target)
+        except BaseException:
+            if fresh:  # no half-written page folder
+                shutil.rmtree(target, ignore_errors=True)
+            raise
 
 
 def _key(image: str) -> str:
@@ -290,9 +304,7 @@ def evaluate(run_dir: str | Path, what: Sequence[str], out: str | Path | None = 
         res["pixel_deletion"] = pixel_deletion(model, kwargs.get("n_test", 50), seed=model.config.seed)
     if "certificates" in what:
         res["certificates"] = certificates(model, kwargs.get("n_test", 50), certificate_limit, seed=model.config.seed)
-    write_json(out, res) if out else RunDir(run_dir).write_audit("evaluation", res)
-    if out is None:
-        write_index(run_dir, model=model)
+    write_json(out, res) if out else publish(run_dir, model, lambda rd: rd.write_audit("evaluation", res))
     return res
 
 
@@ -318,6 +330,6 @@ def demo(config: RunConfig, run_dir: str | Path, explain_n: int = 3, progress: b
     results = explain(run_dir, paths) if paths else []
     metrics["explained"] = [{"image": r["image"], "predicted": r["predicted"], "heatmap": r["heatmap"]} for r in results]
     metrics["seconds_demo"] = time.perf_counter() - t0
-    write_json(RunDir(run_dir).metrics, metrics)
+    publish(run_dir, model, lambda rd: write_json(rd.metrics, metrics), index=False)
     return {k: metrics[k] for k in ("n_train", "n_test", "classes", "test_accuracy", "logreg_probe_test_accuracy",
                                      "seconds_extract", "seconds_demo", "explained")}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -87,6 +87,17 @@ def head_line(head: Any, choice: dict[str, Any] | None = None) -> str:
     return line
 
 
+def publish(run_dir: str | Path, model: Carrot, write: Callable[[RunDir], Any] | None = None, index: bool = True) -> None:
+    """Write into a fitted run (``write(rd)``, then its index page) only while it is still the run ``model`` was
+    loaded from, under the run's lock (:meth:`RunDir.publishing`): a run refitted meanwhile is refused by name."""
+    rd = RunDir(run_dir)
+    with rd.publishing(getattr(model, "run_identity_", None)):
+        if write is not None:
+            write(rd)
+        if index:
+            write_index(run_dir, model=model)
+
+
 def write_index(run_dir: str | Path, explained: Sequence[dict[str, Any]] = (), model: Carrot | None = None,
                 name: str | None = None) -> Path:
     """(Re)write RUN_DIR/index.html, linking the explanation pages listed in RUN_DIR/explanations (``name``: the
@@ -131,10 +142,17 @@ def predict(run_dir: str | Path, inputs: Sequence[str], out: str | Path | None =
                          "runner_up": model.classes_[second] if second is not None else None,
                          "margin": float(scores[first] - scores[second]) if second is not None else None,
                          "scores": {c: float(v) for c, v in zip(model.classes_, scores)}})
-    out = Path(out) if out else RunDir(run_dir).predictions
-    write_json(out, rows)
-    write_csv(out.with_suffix(".csv"), ["image", "predicted", "score", "runner_up", "margin", *model.classes_],
-              ([r["image"], r["predicted"], r["score"], r["runner_up"], r["margin"], *r["scores"].values()] for r in rows))
+    header = ["image", "predicted", "score", "runner_up", "margin", *model.classes_]
+    table = [[r["image"], r["predicted"], r["score"], r["runner_up"], r["margin"], *r["scores"].values()] for r in rows]
+
+    def write(path: Path) -> None:  # the CSV first: a JSON beside it means both are complete
+        write_csv(path.with_suffix(".csv"), header, table)
+        write_json(path, rows)
+
+    if out:
+        write(Path(out))
+    else:
+        publish(run_dir, model, lambda rd: write(rd.predictions), index=False)
     return rows
 
 
@@ -152,9 +170,7 @@ def compare(run_a: str | Path, run_b: str | Path, out: str | Path | None = None)
     res["runs"] = {"a": str(run_a), "b": str(run_b)}
     res["changed"] = [{"image": paths_a[i], "label": ma.classes_[y[i]], "a": ma.classes_[pa[i]], "b": ma.classes_[pb[i]]}
                       for i in np.flatnonzero(pa != pb)]
-    write_json(out, res) if out else RunDir(run_b).write_audit("compare", res)
-    if out is None:
-        write_index(run_b, model=mb)
+    write_json(out, res) if out else publish(run_b, mb, lambda rd: rd.write_audit("compare", res))
     return res
 
 
@@ -180,9 +196,7 @@ def reweight(run_dir: str | Path, val_fraction: float = 0.2, out: str | Path | N
                "reweighted_test_accuracy": res.history[res.best_step]["test_accuracy"],
                "ess_per_class": {model.classes_[int(c)]: v for c, v in res.ess.items()}, "history": res.history,
                "weights": weights.tolist()}
-    write_json(out, summary) if out else RunDir(run_dir).write_audit("reweight", summary)
-    if out is None:
-        write_index(run_dir, model=model)
+    write_json(out, summary) if out else publish(run_dir, model, lambda rd: rd.write_audit("reweight", summary))
     if apply is not None:
         _apply_weights(model, run_dir, apply, weights, y, G_test, y_test,
                        {"by": "reweight", **{k: v for k, v in summary.items() if k not in ("weights", "history")}})
@@ -207,7 +221,8 @@ def _apply_weights(model: Carrot, run_dir: str | Path, out: str | Path, weights:
                "train_accuracy": derived.score(model.train_embeddings_, y), "test_accuracy": float((pred == y_test).mean()),
                "per_class_test_accuracy": dict(zip(model.classes_, per_class_accuracy(pred, y_test, len(model.classes_))))}
     derived.record_test(G_test, model.test_records_, metrics, {"run": str(Path(run_dir).resolve()), **how})
-    derived.save(out, finish=lambda staging: write_index(staging, model=derived, name=Path(out).resolve().name))
+    derived.save(out, finish=lambda staging: write_index(staging, model=derived, name=Path(out).resolve().name),
+                 replace=None)  # a new run: refused at publish if another process wrote one there meanwhile
 
 
 def bench(run_dir: str | Path, ts: Sequence[float], out: str | Path | None = None,
@@ -229,12 +244,13 @@ def bench(run_dir: str | Path, ts: Sequence[float], out: str | Path | None = Non
 
     rows = t_sweep(train, test, ts, model.embedder, model.head_, model.sample_weight_,
                    on_fit=pixels_at if pixel_images > 0 else None)
-    out = Path(out) if out else RunDir(run_dir).audit("t_sweep")
-    write_json(out, rows)
     fields = sorted({k for r in rows for k in r})
-    write_csv(out.with_suffix(".csv"), fields, ([r.get(k) for k in fields] for r in rows))
-    if out == RunDir(run_dir).audit("t_sweep"):
-        write_index(run_dir, model=model)
+
+    def write(path: Path) -> None:
+        write_csv(path.with_suffix(".csv"), fields, ([r.get(k) for k in fields] for r in rows))
+        write_json(path, rows)
+
+    write(Path(out)) if out else publish(run_dir, model, lambda rd: write(rd.audit("t_sweep")))
     return rows
 
 
@@ -260,10 +276,12 @@ def tracin(run_dir: str | Path, n_test: int = 20, flag_fraction: float = 0.02, *
     rep = tracin_report(G, y, [r.path for r in model.train_records_], model.classes_, G_test, y_test,
                         [p for p, _ in model.test_records_], model.head_, n_test, flag_fraction,
                         {**{k: v for k, v in tracin_kwargs.items() if v is not None}, "seed": model.config.seed})
-    summary = RunDir(run_dir).write_audit("tracin", rep["summary"])
-    for name, part in rep.items():  # the per-image parts beside the summary
-        write_json(summary.parent / f"{name}.json", part)
-    write_index(run_dir, model=model)
+    def write(rd: RunDir) -> None:
+        summary = rd.write_audit("tracin", rep["summary"])
+        for name, part in rep.items():  # the per-image parts beside the summary
+            write_json(summary.parent / f"{name}.json", part)
+
+    publish(run_dir, model, write)
     return rep["summary"]
 
 
@@ -289,8 +307,7 @@ def debug(run_dir: str | Path, ks: Sequence[int], val_fraction: float = 0.2, dow
                          "label": model.classes_[int(y[f_rows[i]])]} for i in r["dropped"]]
     res.pop("harm_scores")
     res["val_fraction"] = val_fraction
-    RunDir(run_dir).write_audit("debug", res)
-    write_index(run_dir, model=model)
+    publish(run_dir, model, lambda rd: rd.write_audit("debug", res))
     if apply is not None:
         best = max(res["rows"], key=lambda r: (r["val_accuracy"], -r["k"]))
         weights = np.zeros(len(y))

@@ -14,17 +14,18 @@ from carrot.embed.tokenmap import TokenMap
 from carrot.errors import CarrotError, check_is_fitted, first_line
 from carrot.io import save_npy, write_json
 from carrot.ridge.heads import load_head
-from carrot.run.rundir import REFIT, RunDir
+from carrot.run.rundir import ANY, REFIT, RunDir
 
 if TYPE_CHECKING:
     from carrot.run.pipeline import Carrot
 
 
-def save_run(model: "Carrot", run_dir: str | Path, finish: Callable[[Path], None] | None = None) -> None:
+def save_run(model: "Carrot", run_dir: str | Path, finish: Callable[[Path], None] | None = None,
+             replace: str | None = ANY) -> None:
     """Write ``model`` as the run directory ``run_dir`` (see :meth:`carrot.run.pipeline.Carrot.save`)."""
     check_is_fitted(model, ("head_",))
     RunDir(run_dir).check_target(overwrite=True, flag="run_dir")  # never replaces a folder of other files
-    with RunDir(run_dir).replacing() as rd:
+    with RunDir(run_dir).replacing(replace) as rd:
         model.head_.save(rd.head)
         if model.token_map_ is not None:
             model.token_map_.save(rd.token_map)
@@ -49,6 +50,7 @@ def load_run(cls: type, run_dir: str | Path, backbone: Any = None) -> "Carrot":
         raise CarrotError(f"run '{run_dir}': run.json config is invalid ({exc}); {REFIT}") from None
     model = cls(config, backbone)
     model._backbone_info = meta["backbone"]
+    model.run_identity_ = rd.loaded_identity  # what a command that writes into the run checks before it does
     model.head_ = load_head(rd.head)
     model.token_map_ = TokenMap.load(rd.token_map) if config.token_map.kind != "none" else None
     if model.token_map_ is not None and (model.token_map_.kind, model.token_map_.dim) != (config.token_map.kind, config.token_map.dim):

@@ -340,13 +340,14 @@ class Carrot:
             self._backbone_info = self.backbone.describe()
         return self._backbone_info
 
-    def save(self, run_dir: str | Path, finish: Callable[[Path], None] | None = None) -> None:
+    def save(self, run_dir: str | Path, finish: Callable[[Path], None] | None = None, replace: str | None = "any") -> None:
         """Write the run directory as a whole (:func:`carrot.run.persistence.save_run`): head, embeddings, weights,
         metrics and run.json with the files' SHA-256, staged and swapped in once complete; ``finish(staging_path)``
-        adds more (the index page) before the swap."""
+        adds more (the index page) before the swap; ``replace``: the identity of the run this may replace (None:
+        none; "any": whatever is there), checked under the run's lock at the swap."""
         from carrot.run.persistence import save_run
 
-        save_run(self, run_dir, finish)
+        save_run(self, run_dir, finish, replace)
 
     @classmethod
     def load(cls, run_dir: str | Path, backbone: TokenBackbone | None = None) -> "Carrot":

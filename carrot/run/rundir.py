@@ -35,6 +35,8 @@ from carrot.io import read_json, sha256_file, write_json
 RUN_FORMAT = "carrot.run"
 RUN_FORMAT_VERSION = 3  # 3: SHA-256 of the array files; 2: "version" key, weights kept in the head; 1: no version key
 REFIT = "refit it with carrot-run fit --overwrite (the token cache makes that quick)"
+ANY = "any"  # RunDir.replacing: the new run may replace whatever run is there
+STALE_SECONDS = 24 * 3600  # staging folders left by a killed writer are removed by the next write after a day
 
 
 class RunDir:
@@ -121,7 +123,7 @@ class RunDir:
         stem keeps 48 characters and a hash of the rest, so any file name gives a legal folder name)."""
         stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(image).stem).lstrip(".") or "image"
         if len(stem) > 64:
-            stem = f"{stem[:48]}-{hashlib.sha256(stem.encode()).hexdigest()[:12]}"
+            stem = f"{stem[:48]}-{hashlib.sha256(os.fsencode(stem)).hexdigest()[:12]}"
         return Path(root) / f"{number:04d}_{stem}"
 
     def audit(self, name: str) -> Path:
@@ -135,12 +137,21 @@ class RunDir:
         """Whether a fitted run is here (run.json is written last, so it marks a complete run)."""
         return self.run_json.is_file()
 
+    def identity(self) -> str | None:
+        """The SHA-256 of run.json, which names the SHA-256 of every array file (one head, one identity); None when
+        no run is here. A command that loaded a run publishes into it only while it still has this identity."""
+        try:
+            return hashlib.sha256(self.run_json.read_bytes()).hexdigest()
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+
     def read_meta(self) -> dict[str, Any]:
         """run.json, validated: a carrot run of a format version this carrot reads, every key of the type and
         size the rest of the run needs (records against classes), and (format 3) the array files unchanged
-        since the fit (their SHA-256)."""
+        since the fit (their SHA-256). ``self.loaded_identity`` is then the identity of the run.json read."""
         if not self.path.is_dir():
             raise CarrotError(f"run directory not found: '{self.path}'")
+        self.loaded_identity = self.identity()
         meta = read_json(self.run_json, "run metadata")
         if not isinstance(meta, dict) or meta.get("format") != RUN_FORMAT:
             raise CarrotError(f"'{self.path}' is not a carrot run directory (run.json has no format {RUN_FORMAT!r})")
@@ -153,6 +164,9 @@ class RunDir:
         self._check_meta(meta)
         if version >= 3:
             self.verify_files(meta["files"])
+        if self.identity() != self.loaded_identity:
+            raise CarrotError(f"run '{self.path}' was replaced by another process while it was being read; run the "
+                              "command again")
         return meta
 
     def _check_meta(self, meta: dict[str, Any]) -> None:
@@ -253,35 +267,78 @@ class RunDir:
                                   "another folder (carrot replaces a run folder whole)")
 
     @contextmanager
-    def replacing(self) -> Iterator["RunDir"]:
+    def locked(self) -> Iterator[None]:
+        """Exclusive access to this run directory's name among processes: an ``flock`` on its parent folder (a run is
+        replaced by renaming it, so the lock cannot live inside it), held while a writer swaps a run in and while a
+        reader publishes pages or audits into it; waits while another process holds it. No lock file is left."""
+        import fcntl
+
+        parent = self.path.resolve().parent
+        parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(parent, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # closing the descriptor releases the lock
+
+    @contextmanager
+    def publishing(self, identity: str | None) -> Iterator[None]:
+        """Under :meth:`locked`, check that this is still the run a command computed with (its ``identity`` when it
+        was loaded) before the command writes into it: a run refitted meanwhile by another process is refused by
+        name, so no page or audit of an old head lands in a new run."""
+        with self.locked():
+            if identity is not None and self.identity() != identity:
+                raise CarrotError(f"run '{self.path}' was refitted or replaced by another process while this command ran; "
+                                  "nothing was written into it; run the command again")
+            yield
+
+    @contextmanager
+    def replacing(self, replace: str | None = ANY) -> Iterator["RunDir"]:
         """Write a whole run into a staging folder beside this one; when the block succeeds it replaces this
         folder (two renames on one file system, with interrupts held back between them and the old folder put
         back if the second fails), so a run directory is always the old run or the complete new one. On failure
-        (disk full, interrupt) the staging folder is removed and the old run is untouched."""
+        (disk full, interrupt) the staging folder is removed and the old run is untouched.
+
+        The swap happens under :meth:`locked`, after a check of what is there now: ``replace`` is the identity of the
+        run this write may replace (None: no run, as a fit without ``--overwrite`` found it; :data:`ANY`: whatever is
+        there), so a second writer that started before the first published is refused then, not only at start-up.
+        Staging folders that a killed writer left beside the target more than a day ago are removed first."""
         target = self.path.resolve()
         parent = target.parent
         parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale(parent, target.name)
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=parent))
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(staging, 0o777 & ~umask)
         try:
             yield RunDir(staging)
-            old = parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}" if target.exists() else None
-            with _no_interrupts():
-                if old is not None:
-                    os.rename(target, old)
-                try:
-                    os.rename(staging, target)
-                except BaseException:
-                    if old is not None:
-                        os.rename(old, target)
-                    raise
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
+            with self.locked():
+                self._swap(staging, replace)
         finally:
             if staging.exists():
                 shutil.rmtree(staging, ignore_errors=True)
+
+    def _swap(self, staging: Path, replace: str | None) -> None:
+        """Put the staged run in place of this folder (under the lock), unless a run other than ``replace`` is there."""
+        target = self.path.resolve()
+        now = self.identity()
+        if replace != ANY and now is not None and now != replace:
+            raise CarrotError(f"run directory '{self.path}' received a run from another process while this one was "
+                              "working; nothing was replaced; pass --overwrite to replace it")
+        old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}" if target.exists() else None
+        with _no_interrupts():
+            if old is not None:
+                os.rename(target, old)
+            try:
+                os.rename(staging, target)
+            except BaseException:
+                if old is not None:
+                    os.rename(old, target)
+                raise
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
 
     def read_audit(self, name: str) -> Any | None:
         p = self.audit(name)
@@ -291,6 +348,25 @@ class RunDir:
         p = self.audit(name)
         write_json(p, result)
         return p
+
+
+def _remove_stale(parent: Path, name: str) -> None:
+    """Remove the staging and old folders of run ``name`` that a killed writer left in ``parent`` over a day ago."""
+    import time
+
+    from carrot.errors import warn
+
+    import glob
+
+    for p in parent.glob(f".{glob.escape(name)}.*"):
+        if p.is_dir() and (p.name.endswith(".partial") or ".old-" in p.name):
+            try:
+                old = time.time() - p.stat().st_mtime > STALE_SECONDS
+            except OSError:
+                continue
+            if old:
+                shutil.rmtree(p, ignore_errors=True)
+                warn(f"removed '{p}', a run folder that an interrupted writer left over a day ago")
 
 
 @contextmanager
