@@ -175,6 +175,8 @@ def _option(key: str, f: Any) -> Callable:
         "file": click.Path(exists=True, dir_okay=False), "out_dir": click.Path(file_okay=False), "fraction": FRACTION,
         "nonneg": FiniteRange(min=0), "auto": str, "median": str,
     }
+    if "default" not in text.lower():  # the flags default to None (the config decides); say what that is
+        text += f" [default: {'none' if f.default is None else str(f.default).lower() if cli == 'bool' else f.default}]"
     if cli == "bool":
         return click.option(f"{flag}/--no-{flag[2:]}", _param(flag), default=None, help=text)
     return click.option(flag, _param(flag), type=types[cli], help=text)
@@ -198,6 +200,10 @@ def build_config(config_path: str | None = None, **o: Any):
     (``o``: the flags' keywords, as :func:`run_options` names them)."""
     from carrot.config import config_keys, load_config
 
+    params = {_param(f.metadata["flag"]) for _, f in config_keys() if f.metadata.get("flag")}
+    unknown = sorted(set(o) - params)
+    if unknown:
+        raise TypeError(f"build_config: unknown option(s) {unknown}; expected some of {sorted(params)}")
     cfg = load_config(config_path)
     words = {"auto": "auto", "median": "median"}
     overrides = {}

@@ -133,7 +133,7 @@ class DataConfig:
 class BackboneConfig:
     name: str = setting("dinov2_vits14", "Built-in 'dinov2_vits14' (default) or 'efficientnet_lite0' (both offline), or any "
                         "timm model name.", "--backbone")
-    img_size: int | None = setting(None, "Input image side in pixels (null: the backbone's default, 224 for the "
+    img_size: int | None = setting(None, "Input image side in pixels (none: the backbone's default, 224 for the "
                                    "built-ins).", "--img-size", "int")
     checkpoint: str | None = setting(None, "Local weights file (.pth/.safetensors) for the backbone.", "--checkpoint", "file")
     pretrained: bool = setting(True, "Load timm's pretrained weights for a timm model name (its hub download when online; "
@@ -172,7 +172,7 @@ class GraphConfig:
                                        "--sigma-space", "median")
     sigma_feat: float | str = setting("median", "Feature kernel bandwidth: a number, 'median' or 'median*k'.",
                                       "--sigma-feat", "median")
-    knn: int | None = setting(None, "Keep each region's k strongest edges (symmetrised); null: the dense graph.", "--knn",
+    knn: int | None = setting(None, "Keep each region's k strongest edges (symmetrised); none: the dense graph.", "--knn",
                               "int")
 
     def __post_init__(self) -> None:
@@ -278,7 +278,7 @@ class RunConfig:
     token_map: TokenMapConfig = field(default_factory=TokenMapConfig)
     device: str = setting("auto", "auto (CUDA > MPS > CPU), cpu, cuda, cuda:N or mps.", "--device")
     seed: int = setting(0, "Seed for splits and sampling (same seed, same results).", "--seed", "int")
-    cache_dir: str | None = setting(None, "Token cache root (null: the user cache folder's tokens/, "
+    cache_dir: str | None = setting(None, "Token cache root (none: the user cache folder's tokens/, "
                                     "~/.cache/carrot/tokens).", "--cache-dir", "out_dir")
 
     def __post_init__(self) -> None:

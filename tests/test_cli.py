@@ -283,7 +283,7 @@ def test_the_config_is_the_single_source_of_default_yaml_and_the_flags():
     helps = {p.opts[0]: p.help for p in cli.commands["fit"].params if isinstance(p, click.Option)}
     for key, f in keys:
         if f.metadata["flag"]:
-            assert helps[f.metadata["flag"]] == f.metadata["help"], key
+            assert helps[f.metadata["flag"]].startswith(f.metadata["help"]), key  # plus the default, when unsaid
 
 
 def test_help_everywhere():
@@ -386,7 +386,7 @@ def test_evaluate_region_deletion(fitted, tmp_path):
     from carrot.attribution.regions import deletion_insertion
     from carrot.features.regions import RegionSet
     from carrot.audit.protocols import region_deletion
-    from carrot.run.operations import _test_store
+    from carrot.run.operations import cached_test_split
 
     r = run("evaluate", str(fitted), "--what", "deletion", "--n-test", "6", "--out", str(tmp_path / "d.json"))
     assert r.exit_code == 0 and "region deletion AUC (6 images" in r.output, r.output
@@ -394,8 +394,8 @@ def test_evaluate_region_deletion(fitted, tmp_path):
     assert d["deletion"] < d["deletion_random"] and d["insertion"] > d["insertion_random"]  # the exact order is informative
     # one image: the pooled value is that image's (AUC - prior) / (logit - prior), by hand
     model = Carrot.load(fitted)
-    one = region_deletion(model, _test_store(fitted, model), n_test=1, seed=3)
-    store = _test_store(fitted, model)
+    one = region_deletion(model, cached_test_split(fitted, model), n_test=1, seed=3)
+    store = cached_test_split(fitted, model)
     i = int(np.random.default_rng(3).choice(len(store), 1, replace=False)[0])
     H = torch.from_numpy(np.asarray(store.tokens[i], dtype=np.float64))
     P = patch_centres(store.grid, torch.float64)

@@ -29,7 +29,7 @@ def test_system_matches_head(n, d, c, intercept):
 
 
 @pytest.mark.parametrize("n,d,c,intercept", GRID)
-def test_loo_effect_on_test_logits_matches_refits(n, d, c, intercept):
+def test_removal_effect_on_test_logits_matches_refits(n, d, c, intercept):
     G, y, a = problem(n, d, c, seed=2 * n + d)
     Gt = np.random.default_rng(5).normal(size=(4, d))
     head = RidgeHead(lam=0.4, fit_intercept=intercept).fit(G, y, a)

@@ -82,7 +82,7 @@ def test_moments_refuse_bad_input():
 
 
 def test_a_head_without_a_saved_factor_is_factorised_once_on_its_rows():
-    """Heads written before format 3 (and heads fitted from moments) carry no factor: from_head fits the system."""
+    """Heads written before format 3 (and heads fitted from moments) carry no factor: head.system fits the system."""
     G, y, a = problem(30, 6, 3, seed=8)
     head = RidgeHead(lam=0.5).fit(G, y, a)
     ref = head.system(G, y)

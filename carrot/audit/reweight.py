@@ -25,6 +25,7 @@ from carrot.errors import CarrotError
 from carrot.ridge.core import CentredMoments, RidgeFactor
 from carrot.ridge.head import as_head
 from carrot.ridge.heads import keeps, require
+from carrot.ridge.primal import PrimalSystem
 from carrot.ridge.system import TrainingSystem
 from carrot.validation import ArrayLike, as_float64_matrix, as_weights, index_labels, one_hot
 
@@ -151,7 +152,7 @@ def rro(
     a0 = as_weights(sample_weight, len(y_idx))
     # the run's model on these rows, every setting held (the kernel head: its feature map too); each step refits it
     base = as_head(head).refit(Gt, y, a0)
-    fitted = base.system(Gt, y)
+    fitted = base.system(Gt, y).refit(weights=a0)  # a refit system keeps its Gram: every step reuses it
     yv_idx = index_labels(base.classes_, y_val, "y_val")  # the system's class columns
     yt_idx = None if y_test is None else index_labels(base.classes_, y_test, "y_test")
     fit_rows, hold_rows = _holdout_split(yv_idx, cfg.holdout, cfg.seed)
@@ -167,7 +168,8 @@ def rro(
     for step in range(cfg.steps + 1):
         a = class_normalised(s, yt, C, cfg.classwise)
         profiles = track and (cfg.consistency > 0 or step == 0 or step == cfg.steps)
-        system = fitted.refit(weights=(a0 * a).detach())
+        system, cons = _step(fitted, Gt, a0 * a, Gv_fit, yv_fit, base.fit_intercept) if profiles else (
+            fitted.refit(weights=(a0 * a).detach()), None)
         L, g_a = weight_gradient(system, G_val[fit_rows], yv_idx[fit_rows], cfg.loss, cfg.temperature)
         g_a = g_a * a0  # d/da of the effective weights a0 * a
         ess = ess_fraction(a, yt, C)
@@ -175,12 +177,9 @@ def rro(
         if cfg.entropy > 0:
             ent = _class_entropy(a, yt, C)
             penalty = penalty - cfg.entropy * ent
-        if profiles:  # differentiable in a: the ridge core's moments and Cholesky are torch ops
-            cons = consistency_loss(support_profiles(Gt, fitted.Y, a0 * a, fitted.lam, Gv_fit, yv_fit,
-                                                     base.fit_intercept), yv_fit)
-            if cfg.consistency > 0:
-                penalty = penalty + cfg.consistency * cons
-        rec = _record(step, L, penalty, cons if profiles else None, ess, system, cfg, G_val, yv_idx, fit_rows, hold_rows)
+        if cons is not None and cfg.consistency > 0:
+            penalty = penalty + cfg.consistency * cons
+        rec = _record(step, L, penalty, cons, ess, system, cfg, G_val, yv_idx, fit_rows, hold_rows)
         score = rec.get("holdout_loss", L)
         if best is None or score < best[0]:
             best = (score, step, a.detach().clone())
@@ -225,12 +224,29 @@ def _holdout_split(y_idx: np.ndarray, share: float, seed: int) -> tuple[np.ndarr
     return np.flatnonzero(~mask), np.flatnonzero(mask)
 
 
+def _step(fitted: Any, G: torch.Tensor, a: torch.Tensor, G_val: torch.Tensor, yv_idx: torch.Tensor,
+          fit_intercept: bool) -> tuple[PrimalSystem, torch.Tensor]:
+    """One RRO step of a linear head (one that keeps ``support_profiles``) whose consistency term is needed: one
+    factorisation, differentiable in the weights a, serves both the step's system (detached) and the term."""
+    m = CentredMoments.from_rows(G, fitted.Y, a, fit_intercept)
+    factor = RidgeFactor.primal(m.M, fitted.lam)
+    W = factor.solve(m.B)
+    system = PrimalSystem.from_solution(G, fitted.Y, a.detach(), fitted.lam, fit_intercept,
+                                        RidgeFactor("primal", factor.chol.detach(), fitted.lam), m.mu.detach(),
+                                        float(m.S.detach()), m.ybar.detach(), W.detach(), fitted.device, fitted.chunk_size)
+    return system, consistency_loss(_profiles(G, fitted.Y, a, m, W, fitted.lam, G_val, yv_idx), yv_idx)
+
+
 def support_profiles(G: torch.Tensor, Y: torch.Tensor, a: torch.Tensor, lam: float, G_val: torch.Tensor,
                      yv_idx: torch.Tensor, fit_intercept: bool = True) -> torch.Tensor:
     """Exact contributions of every training image to each validation image's true-class logit, (m, n), for the
     linear head; differentiable in the weights a (the ridge core's moments and Cholesky are torch ops)."""
     m = CentredMoments.from_rows(G, Y, a, fit_intercept)
-    W = RidgeFactor.primal(m.M, lam).solve(m.B)
+    return _profiles(G, Y, a, m, RidgeFactor.primal(m.M, lam).solve(m.B), lam, G_val, yv_idx)
+
+
+def _profiles(G: torch.Tensor, Y: torch.Tensor, a: torch.Tensor, m: CentredMoments, W: torch.Tensor, lam: float,
+              G_val: torch.Tensor, yv_idx: torch.Tensor) -> torch.Tensor:
     Gc = G - m.mu
     beta = a.unsqueeze(1) * (Y - m.ybar - Gc @ W) / lam  # representer values at the optimum
     return ((G_val - m.mu) @ Gc.T) * beta.T[yv_idx]

@@ -160,12 +160,17 @@ class DualSystem(TrainingSystem):
         self._K: Gram | None = None
 
     @classmethod
-    def on_weights(cls, head: Any, Z: torch.Tensor, Y: torch.Tensor, a: torch.Tensor, K: Gram | None = None) -> "DualSystem":
-        """The head's model (its feature map and lambda held) on preprocessed rows Z (n, D) with targets Y (n, C) and
-        weights a (n,), solved by one Cholesky; ``K``: their Gram under the head's kernel, when already computed."""
+    def on_weights(cls, head: Any, Z: torch.Tensor, Y: torch.Tensor, a: torch.Tensor, K: Gram | None = None,
+                   lam: float | None = None) -> "DualSystem":
+        """The head's model (its feature map held) on preprocessed rows Z (n, D) with targets Y (n, C) and weights a
+        (n,), solved by one Cholesky at ``lam`` (default the head's); ``K``: their Gram under the head's kernel, when
+        already computed. The system keeps that Gram, so refits under other weights of the same rows reuse it."""
         K = head.train_gram(Z) if K is None else K
+        lam = head.lam_ if lam is None else float(lam)
         features = K.F if isinstance(K, LowRankGram) else None
-        return cls(head, Z, Y, CholeskySolve(CentredGram.of(K, a), head.lam_), head.lam_, features)
+        system = cls(head, Z, Y, CholeskySolve(CentredGram.of(K, a), lam), lam, features)
+        system._K = K
+        return system
 
     # -- the protocol's primitives ------------------------------------------------------------------
     def decision(self, G: ArrayLike) -> torch.Tensor:
@@ -210,8 +215,8 @@ class DualSystem(TrainingSystem):
         a = self.a[idx] if weights is None else torch.as_tensor(np.asarray(weights, dtype=np.float64)).reshape(-1)
         if a.shape != idx.shape or not torch.isfinite(a).all() or (a < 0).any() or float(a.sum()) <= 0:
             raise CarrotError(f"weights: expected {len(idx)} finite weights >= 0 with a positive sum, got {tuple(a.shape)}")
-        K = gram_sub(self.train_gram(), idx.to(self.dev))
-        return DualSystem.on_weights(self.head, self.Z[idx], self.Y[idx].to(self.dev), a.to(self.dev), K)
+        K = self.train_gram() if rows is None else self._gram_of(idx)
+        return DualSystem.on_weights(self.head, self.Z[idx], self.Y[idx].to(self.dev), a.to(self.dev), K, self.lam)
 
     def weight_gradient(self, G_val: ArrayLike, dF: torch.Tensor) -> torch.Tensor:
         cg = self.cg
@@ -222,11 +227,19 @@ class DualSystem(TrainingSystem):
 
     # -- the dual form ------------------------------------------------------------------------------
     def train_gram(self) -> Gram:
-        """The (uncentred) Gram of the training rows under the head's kernel, held once it is asked for."""
-        if self._K is None:
-            self._K = (LowRankGram(self.features.to(self.dev)) if self.features is not None
-                       else self.head.gram(self.Z.to(self.dev), None))
-        return self._K
+        """The (uncentred) Gram of the training rows under the head's kernel: the one this system was built on when it
+        has it (a refit's), else computed (the head's own system does not hold a second n x n array)."""
+        if self._K is not None:
+            return self._K
+        return LowRankGram(self.features.to(self.dev)) if self.features is not None else self.head.gram(self.Z.to(self.dev), None)
+
+    def _gram_of(self, idx: torch.Tensor) -> Gram:
+        """The Gram of training rows ``idx`` only (k x k, or their factor rows)."""
+        if self._K is not None:
+            return gram_sub(self._K, idx.to(self.dev))
+        if self.features is not None:
+            return LowRankGram(self.features[idx].to(self.dev))
+        return self.head.gram(self.Z[idx].to(self.dev), None)
 
     def _similarity(self, G: ArrayLike) -> torch.Tensor:
         """kc(x, z_i) (m, n) on the system's device."""

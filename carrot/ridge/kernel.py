@@ -295,12 +295,19 @@ class KernelRidgeHead(ClassifierMixin, BaseEstimator):
     def _a(self) -> torch.Tensor:
         return self.sample_weight_ if self.sample_weight_ is not None else torch.ones(len(self.X_fit_), dtype=torch.float64)
 
-    def system(self, G: ArrayLike | None = None, y: ArrayLike | None = None) -> DualSystem:
-        """The head's exact training system (:class:`~carrot.ridge.dual.DualSystem`), built once: the head keeps its
-        training rows, so ``G`` (n, D) and ``y`` (n,), when given, are only checked against them."""
+    def system(self, G: ArrayLike | None = None, y: ArrayLike | None = None,
+               sample_weight: ArrayLike | None = None) -> DualSystem:
+        """The head's exact training system (:class:`~carrot.ridge.dual.DualSystem`), built once. The head keeps its
+        training rows, so ``G`` (n, D), ``y`` (n,) and ``sample_weight`` (n,), when given, are only checked against
+        the ones it was fitted on (as ``RidgeHead.system``, which needs them)."""
         check_is_fitted(self, ("dual_coef_",))
-        if G is not None and len(G) != len(self.X_fit_):
-            raise CarrotError(f"G: expected the {len(self.X_fit_)} training rows the head was fitted on, got {len(G)}")
+        n = len(self.X_fit_)
+        if G is not None and len(G) != n:
+            raise CarrotError(f"G: expected the {n} training rows the head was fitted on, got {len(G)}")
+        if y is not None and not np.array_equal(index_labels(self.classes_, y), self.train_targets_.argmax(1).numpy()):
+            raise CarrotError("y: differs from the labels the head was fitted with")
+        if sample_weight is not None and not torch.equal(as_weights(sample_weight, n), self._a):
+            raise CarrotError("sample_weight: differs from the weights the head was fitted with (head.sample_weight_)")
         if getattr(self, "_system_", None) is None:
             spec = getattr(self, "spectrum_", None)
             if spec is None:  # after load: one eigendecomposition

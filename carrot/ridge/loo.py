@@ -1,6 +1,6 @@
 """Exact leave-one-out over a whole path of lambdas: one scorer for every head, and the linear head's path.
 
-Every head is a linear smoother with an unpenalised intercept, so its leave-one-out prediction is
+Every head is a linear smoother of its labels, so its leave-one-out prediction is
 f_-i(x_i) = (f(x_i) - h_ii y_i) / (1 - h_ii) (Sherman-Morrison, as in sklearn's _RidgeGCV), and :class:`LooScorer`
 scores per-lambda (f, h) the same way whichever head computed them. For the linear head the hat diagonal is
 h_ii = a_i (1 / sum(a) + gc_i^T (Gc^T A Gc + lam I)^-1 gc_i), and one spectral decomposition of Gc^T A Gc

@@ -4,8 +4,9 @@ In centred coordinates x~ = [1, g - mu] (mu the fit's weighted mean, frozen; wit
 theta = [ybar; W] = M~^-1 X~^T A Y with M~ = X~^T A X~ + diag(0, lam I) = blockdiag(S, Gc^T A Gc + lam I): the head's
 own factorisation (:class:`carrot.ridge.core.RidgeFactor`) solves it, nothing is refactorised. The equivalent
 kernel is l_i(x) = a_i x~^T M~^-1 x~_i, computed from the solved training rows Z = M~^-1 X~^T (p, n), once.
-Changing the weights of k rows U by delta is also a rank-k update of theta (Woodbury; Hager 1989), O(k D^2 + k^3),
-exact for any change (freezing mu only reparametrises the intercept), adding new rows included:
+Beside the protocol's weight changes (which need only the k x k block of the hat matrix here), changing the weights of
+k rows U by delta is a rank-k update of theta itself (Woodbury; Hager 1989), O(k D^2 + k^3), exact for any change
+(freezing mu only reparametrises the intercept), adding rows the fit never saw included (:meth:`updated_theta`):
 
     theta' = theta1 - Z_U (I + diag(delta) X~_U Z_U)^-1 diag(delta) X~_U theta1,   theta1 = theta + Z_U diag(delta) Y_U.
 """
@@ -21,7 +22,7 @@ import torch
 from carrot.devices import resolve_device
 from carrot.errors import CarrotError
 from carrot.ridge.core import CentredMoments, RidgeFactor
-from carrot.ridge.system import TrainingSystem
+from carrot.ridge.system import Counterfactuals, TrainingSystem
 from carrot.validation import ArrayLike, as_float64_matrix, as_weights
 
 
@@ -79,7 +80,7 @@ class PrimalSystem(TrainingSystem):
         return self.augment(G) @ (self.theta if theta is None else theta)
 
     def train_decision(self) -> torch.Tensor:
-        return self._X @ self.theta
+        return self._memo("train_decision", lambda: self._X @ self.theta)
 
     def hat_diag(self) -> torch.Tensor:
         return self.a * (self._X * self.solved_rows.T).sum(1)
@@ -93,6 +94,15 @@ class PrimalSystem(TrainingSystem):
 
     def hat_columns(self, rows: torch.Tensor) -> torch.Tensor:
         return self._X @ self.solved_rows[:, rows] * self.a[rows]
+
+    def hat_block(self, rows: torch.Tensor) -> torch.Tensor:
+        return self._X[rows] @ self.solved_rows[:, rows] * self.a[rows]
+
+    def counterfactuals(self, G: ArrayLike) -> Counterfactuals:
+        """Inputs G prepared for many exact counterfactuals: their logits and centred coordinates (m, p), from which
+        the equivalent kernel's columns of each changed set cost O(m p k) (no (m, n) matrix is held)."""
+        X = self.augment(G)
+        return Counterfactuals(self, X @ self.theta, lambda U: X @ self.solved_rows[:, U] * self.a[U])
 
     def similarity(self, G: ArrayLike) -> torch.Tensor:
         return (as_float64_matrix(G, "G") - self.mu) @ (self.G - self.mu).T

@@ -4,10 +4,11 @@ Both heads are linear smoothers of their training labels: for the ridge head (pr
 and the kernel head (dual, :mod:`carrot.ridge.dual`, exact or Nystroem) alike, with training weights a and
 one-hot targets Y (n, C),
 
-    f(x) = l(x)^T Y,        l_i(x) = a_i x~^T M~^-1 z~_i      (the equivalent kernel; sum_i l_i(x) = 1)
+    f(x) = l(x)^T Y,        l_i(x) = a_i x~^T M~^-1 z~_i      (the equivalent kernel)
 
 where x~ = [1, phi(x) - mu] are the centred (feature-map) coordinates, mu frozen at the fit's a-weighted mean, and
-M~ = blockdiag(S, Phi_c^T A Phi_c + lam I) (S = sum a; the intercept is unpenalised). The hat matrix is
+M~ = blockdiag(S, Phi_c^T A Phi_c + lam I) (S = sum a; the intercept is unpenalised, and sum_i l_i(x) = 1). A linear
+head without an intercept has x~ = g, M~ = G^T A G + lam I and no 1 / S share. The hat matrix is
 H_ij = l_j(z_i), its diagonal h, the residuals e = Y - F (F = f on the training rows). A back-end supplies these
 few primitives (:class:`TrainingSystem`'s abstract methods); every exact identity below follows from them
 (Sherman-Morrison-Woodbury on M~; Hastie, Tibshirani & Friedman, "Elements of Statistical Learning", 5.4.1, 7.10):
@@ -104,6 +105,10 @@ class TrainingSystem(ABC):
     def hat_columns(self, rows: torch.Tensor) -> torch.Tensor:
         """H[:, rows] (n, k): the weight of the labels ``rows`` in every training row's fit."""
 
+    def hat_block(self, rows: torch.Tensor) -> torch.Tensor:
+        """H[rows][:, rows] (k, k) (a back-end may compute it without the other n - k rows)."""
+        return self.hat_columns(rows)[rows]
+
     @abstractmethod
     def similarity(self, G: ArrayLike) -> torch.Tensor:
         """k(x, z_i) (m, n): the head's centred kernel (the linear head's <g_x - mu, g_i - mu>)."""
@@ -134,7 +139,8 @@ class TrainingSystem(ABC):
 
     @property
     def prior(self) -> torch.Tensor:
-        """ybar (C,): the a-weighted class means, the logit without evidence (a head without intercept: 0)."""
+        """ybar (C,): the a-weighted class means, the logit without evidence (a back-end without an intercept
+        overrides it: 0)."""
         return self.a @ self.Y / self.a.sum()
 
     def intercept_share(self) -> torch.Tensor:
@@ -142,17 +148,28 @@ class TrainingSystem(ABC):
         return self.a / self.a.sum()
 
     def residuals(self) -> torch.Tensor:
-        """e = Y - F (n, C)."""
-        return self.Y - self.train_decision()
+        """e = Y - F (n, C), computed once per system (a system never changes)."""
+        return self._memo("residuals", lambda: self.Y - self.train_decision())
+
+    def leverage(self) -> torch.Tensor:
+        """The hat diagonal h (n,) (:meth:`hat_diag`), computed once per system."""
+        return self._memo("leverage", self.hat_diag)
 
     def loo_logits(self) -> torch.Tensor:
         """Exact leave-one-out logits (n, C): f_-i(z_i) = (f_i - h_ii y_i) / (1 - h_ii)."""
-        h = self.hat_diag().unsqueeze(1)
+        h = self.leverage().unsqueeze(1)
         return (self.train_decision() - h * self.Y) / (1 - h)
 
     def loo_residuals(self) -> torch.Tensor:
-        """e_i / (1 - h_ii) (n, C): removing row i changes the logits of any x by -l_i(x) times this row."""
-        return self.residuals() / (1 - self.hat_diag()).unsqueeze(1)
+        """e_i / (1 - h_ii) (n, C): removing row i changes the logits of any x by -l_i(x) times this row; computed once
+        per system."""
+        return self._memo("loo_residuals", lambda: self.residuals() / (1 - self.leverage()).unsqueeze(1))
+
+    def _memo(self, key: str, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+        memo = self.__dict__.setdefault("_memo_", {})
+        if key not in memo:
+            memo[key] = compute()
+        return memo[key]
 
     def removal_effect(self, G: ArrayLike, rows: Sequence[int] | None = None) -> torch.Tensor:
         """f_-i(x) - f(x) (m, k, C) for removing each training row i of ``rows`` (default all n) alone; exact."""
@@ -194,8 +211,11 @@ class TrainingSystem(ABC):
         return self.refit(keep).decision(G)
 
     def counterfactuals(self, G: ArrayLike) -> "Counterfactuals":
-        """Inputs G prepared for many exact counterfactuals (their logits and equivalent kernel, computed once)."""
-        return Counterfactuals(self, self.decision(G), self.equivalent_kernel(G))
+        """Inputs G prepared for many exact counterfactuals: their logits, and the equivalent kernel's columns of
+        each changed set (by default all n columns are computed once; a back-end for which a few columns are cheap
+        computes them per change instead)."""
+        L = self.equivalent_kernel(G)
+        return Counterfactuals(self, self.decision(G), lambda U: L[:, U])
 
     def loo_loss_change(self, G_eval: ArrayLike, y_eval_idx: np.ndarray, chunk: int = 256) -> torch.Tensor:
         """Exact change of the summed squared loss on (G_eval, y_eval) when training row i is removed, (n,).
@@ -244,7 +264,7 @@ class TrainingSystem(ABC):
         x = as_float64_matrix(np.asarray(g_x).reshape(1, -1), "g_x")
         l_x, f0 = self.equivalent_kernel(x)[0], self.decision(x)[0]
         c = int(f0.argmax())
-        F, h, a = self.train_decision(), self.hat_diag(), self.a
+        F, h, a = self.train_decision(), self.leverage(), self.a
         E = self.Y - F
         active = a > 0
         limit = min(limit, int(active.sum()) - 1)
@@ -305,7 +325,7 @@ class TrainingSystem(ABC):
 
     def _change(self, L_U: torch.Tensor, U: torch.Tensor, rho: torch.Tensor) -> torch.Tensor:
         """l_U(x) diag(rho) (I + H_UU diag(rho))^-1 e_U (m, C) from the inputs' equivalent kernel columns L_U (m, k)."""
-        H_UU = self.hat_columns(U)[U]
+        H_UU = self.hat_block(U)
         e = self.residuals()[U]
         try:
             return (L_U * rho) @ torch.linalg.solve(torch.eye(len(U), dtype=torch.float64) + H_UU * rho, e)
@@ -316,17 +336,18 @@ class TrainingSystem(ABC):
 
 @dataclass
 class Counterfactuals:
-    """A fixed set of m inputs prepared for many exact counterfactuals of one system: their logits (m, C) and
-    equivalent kernel (m, n), computed once; each change of weights then costs a k x k solve."""
+    """A fixed set of m inputs prepared for many exact counterfactuals of one system: their logits (m, C), computed
+    once, and ``columns(U)``, their equivalent kernel's columns U (m, k); each change of weights then costs the columns
+    and a k x k solve."""
 
     system: TrainingSystem
     logits: torch.Tensor
-    smoother: torch.Tensor
+    columns: Callable[[torch.Tensor], torch.Tensor]
 
     def reweighted(self, rows: Sequence[int], weights: ArrayLike) -> torch.Tensor:
         """Logits (m, C) with training rows ``rows`` given new ``weights`` (0 removes), exact."""
         U, rho = self.system._weight_change(rows, weights)
-        return self.logits if not len(U) else self.logits + self.system._change(self.smoother[:, U], U, rho)
+        return self.logits if not len(U) else self.logits + self.system._change(self.columns(U), U, rho)
 
     def without(self, rows: Sequence[int]) -> torch.Tensor:
         """Logits (m, C) without training rows ``rows``, exact."""

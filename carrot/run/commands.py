@@ -21,8 +21,8 @@ from carrot.run.pipeline import Carrot
 from carrot.run.rundir import ANY, RunDir
 from carrot.report.pages import write_explanation
 from carrot.run.operations import (
-    _test_store, bench, check_outside_data, clear_run, compare, debug, predict, publish, reweight, run_embeddings, tracin,
-    write_index,
+    bench, check_outside_data, clear_run, compare, debug, predict, publish, reweight, run_embeddings, cached_test_split,
+    tracin, write_index,
 )
 
 __all__ = ["bench", "compare", "debug", "demo", "evaluate", "explain", "extract_splits", "fit", "predict", "reweight", "tracin"]
@@ -296,10 +296,10 @@ def evaluate(run_dir: str | Path, what: Sequence[str], out: str | Path | None = 
     if "accuracy" in what:
         res["accuracy"] = accuracy_over_seeds(G, y, G_test, y_test, model.head_, model.classes_, seeds, shots, resplit)
     if "pointing" in what:
-        res["pointing"] = pointing(model, _test_store(run_dir, model), load_splits(model.config)[1],
+        res["pointing"] = pointing(model, cached_test_split(run_dir, model), load_splits(model.config)[1],
                                    n_pixel=kwargs.get("n_test", 50), seed=model.config.seed)
     if "deletion" in what:
-        res["deletion"] = region_deletion(model, _test_store(run_dir, model), kwargs.get("n_test", 50), seed=model.config.seed)
+        res["deletion"] = region_deletion(model, cached_test_split(run_dir, model), kwargs.get("n_test", 50), seed=model.config.seed)
     if "pixel-deletion" in what or "deletion" in what:  # the pixel protocol beside the graph-side one
         res["pixel_deletion"] = pixel_deletion(model, kwargs.get("n_test", 50), seed=model.config.seed)
     if "certificates" in what:

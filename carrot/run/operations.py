@@ -350,6 +350,6 @@ def _token_stores(run_dir: str | Path, model: Carrot, splits: Sequence[int]) -> 
     return [open_store(caches[s], verify=True) for s in splits]
 
 
-def _test_store(run_dir: str | Path, model: Carrot):
+def cached_test_split(run_dir: str | Path, model: Carrot):
     """The run's test token cache (see :func:`_token_stores`)."""
     return _token_stores(run_dir, model, (1,))[0]

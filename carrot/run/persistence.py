@@ -66,7 +66,7 @@ def load_run(cls: type, run_dir: str | Path, backbone: Any = None) -> "Carrot":
                           f"the {len(model.train_records_)} training records of run.json and the head's "
                           f"{model.head_.n_features_in_} features; {REFIT}")
     if getattr(model.head_, "X_fit_", None) is not None and len(model.head_.X_fit_) != len(model.train_records_):
-        raise CarrotError(f"run '{run_dir}': the kernel head holds {len(model.head_.X_fit_)} training images, run.json "
+        raise CarrotError(f"run '{run_dir}': the head holds {len(model.head_.X_fit_)} training images, run.json "
                           f"{len(model.train_records_)}; {REFIT}")
     head_classes = np.asarray(model.head_.classes_)
     if head_classes.ndim != 1 or len(head_classes) != len(model.classes_) or not np.array_equal(head_classes, np.arange(len(model.classes_))):
