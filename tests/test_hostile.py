@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import pickle
+import re
 import shutil
 import struct
 import zlib
@@ -1054,3 +1055,97 @@ def test_two_processes_extracting_one_cache_wait_for_each_other(workspace):
     assert np.array_equal(a, b)
     stores = [p for p in (workspace.tmp / "ucache" / "tokens").iterdir() if p.is_dir()]
     assert len(stores) == 2 and all(json.loads((s / "manifest.json").read_text())["complete"] for s in stores)
+
+
+def test_a_short_write_while_writing_the_run_is_one_line_and_keeps_the_old_run(workspace, monkeypatch):
+    """safetensors reports a full disk as "N requested and M written" (an OSError without errno): one line, exit 2,
+    the old run byte-identical, no staging folder left."""
+    from carrot.ridge.head import RidgeHead
+
+    workspace.config()
+    before = snapshot(workspace.run)
+
+    def short(self, path):
+        raise OSError("23040 requested and 12784 written")
+
+    monkeypatch.setattr(RidgeHead, "save", short)
+    r = invoke(workspace, "fit --config {cfg} --data {data} --out {run} --overwrite --quiet")
+    assert_one_line_error(r, r"No space left on device \(a write stopped short: 23040 requested and 12784 written\)")
+    assert snapshot(workspace.run) == before
+    assert not [p for p in workspace.tmp.iterdir() if p.name.startswith(".")]
+
+
+# -- concurrency: real processes on one run directory ------------------------------------------------------
+def carrot_run(w: W, *argv: str):
+    """``carrot-run ARGV`` as its own process (its own interpreter), started now; stdout and stderr piped."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "CARROT_CACHE_DIR": str(w.tmp / "ucache")}
+    return subprocess.Popen([sys.executable, "-m", "carrot.cli", *[w.fmt(a) for a in argv]], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, errors="replace")
+
+
+def test_two_fits_to_one_out_leave_one_run_and_refuse_the_other(workspace):
+    """Two fits without --overwrite started together on one --out: whichever publishes second is refused (at start-up
+    or, when both passed it, at publish), the run left is whole and loads, and no staging folder stays."""
+    from carrot.run.pipeline import Carrot
+
+    workspace.config()
+    argv = ("fit", "--config", "{cfg}", "--data", "{data}", "--out", "{tmp}/new", "--quiet")
+    procs = [carrot_run(workspace, *argv) for _ in range(2)]
+    outs = [(p.wait(timeout=600), *p.communicate()) for p in procs]
+    codes = sorted(code for code, _, _ in outs)
+    assert codes == [0, 2], outs
+    (err,) = [e for code, _, e in outs if code == 2]
+    lines = [ln for ln in err.splitlines() if ln.strip() and not ln.startswith("carrot-run: warning:")]
+    assert len(lines) == 1 and re.search(r"already holds a fitted run|received a run from another process", lines[0]), err
+    assert Carrot.load(workspace.tmp / "new").head_ is not None
+    assert not [p for p in workspace.tmp.iterdir() if p.name.startswith(".new.")]
+
+
+def test_a_second_writer_is_refused_at_publish_not_only_at_start(tmp_path):
+    """Deterministically: a writer that found no run, while another process's run is swapped in before it publishes."""
+    from carrot.errors import CarrotError
+    from carrot.run.rundir import RunDir
+
+    def write(rd: RunDir, text: str) -> None:
+        (rd.path / "run.json").write_text(text)
+
+    target = RunDir(tmp_path / "run")
+    with pytest.raises(CarrotError, match="received a run from another process while this one was working"):
+        with target.replacing(replace=None) as slow:  # started when there was no run
+            with target.replacing(replace=None) as fast:
+                write(fast, '{"first": 1}')
+            write(slow, '{"second": 2}')
+    assert json.loads((tmp_path / "run" / "run.json").read_text()) == {"first": 1}
+    with target.replacing(replace=target.identity()) as third:  # replacing exactly the run it saw is allowed
+        write(third, '{"third": 3}')
+    assert json.loads((tmp_path / "run" / "run.json").read_text()) == {"third": 3}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_explain_racing_fit_overwrite_writes_no_old_head_page_into_the_new_run(workspace):
+    """An explain that loaded the run, while another process refits it with --overwrite: the explain stops with one
+    line once the run is replaced, and the new run holds no page computed with the old head."""
+    import time
+
+    from carrot.run.pipeline import Carrot
+
+    workspace.config(head__lam=7.0)  # a different head than the run's
+    many = workspace.tmp / "many"
+    many.mkdir()
+    for i in range(40):
+        noise(seed=i)().save(many / f"img_{i:03d}.png")
+    explain = carrot_run(workspace, "explain", "{run}", str(many), "--top-k", "2", "--permutations", "40")
+    pages = workspace.run / "explanations"
+    deadline = time.time() + 300
+    while not (pages.is_dir() and any(pages.glob("0*_*"))) and explain.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    assert explain.poll() is None, explain.communicate()  # still explaining once its first page is written
+    fit = carrot_run(workspace, "fit", "--config", "{cfg}", "--data", "{data}", "--out", "{run}", "--overwrite", "--quiet")
+    assert fit.wait(timeout=600) == 0, fit.communicate()
+    code, (_, err) = explain.wait(timeout=600), explain.communicate()
+    assert code == 2 and "was refitted or replaced by another process while this command ran" in err, err
+    assert not (workspace.run / "explanations").exists()  # nothing of the old head's in the new run
+    assert Carrot.load(workspace.run).head_.lam_ == 7.0
