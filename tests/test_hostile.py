@@ -1149,3 +1149,39 @@ def test_explain_racing_fit_overwrite_writes_no_old_head_page_into_the_new_run(w
     assert code == 2 and "was refitted or replaced by another process while this command ran" in err, err
     assert not (workspace.run / "explanations").exists()  # nothing of the old head's in the new run
     assert Carrot.load(workspace.run).head_.lam_ == 7.0
+
+
+def test_an_altered_partial_cache_is_not_resumed(workspace, monkeypatch):
+    """An interrupted extraction whose written rows were changed (reversed) before the resume: the batch checksums
+    catch it, the extraction starts again with a warning, and the tokens equal a clean run's."""
+    from carrot.features.cache import RecordImages
+
+    workspace.config(backbone__batch_size=2)
+    real = RecordImages.__getitem__
+
+    def interrupt(self, i):
+        if i == 4:  # the fifth image of the first split: two batches of two are written
+            raise KeyboardInterrupt
+        return real(self, i)
+
+    monkeypatch.setattr(RecordImages, "__getitem__", interrupt)
+    r = invoke(workspace, "fit --config {cfg} --data {data} --out {tmp}/new --quiet")
+    assert r.exit_code == 130
+    monkeypatch.undo()
+    found = [p.parent for p in workspace.tmp.rglob("progress.json")]
+    assert len(found) == 1, sorted(str(p) for p in workspace.tmp.rglob("*.json"))
+    (partial,) = found
+    assert json.loads((partial / "progress.json").read_text())["done"] == 4
+    tokens = np.load(partial / "tokens.npy", mmap_mode="r+")
+    tokens[:4] = tokens[:4][::-1].copy()  # the rows written so far, reversed
+    tokens.flush()
+    del tokens
+    r = invoke(workspace, "fit --config {cfg} --data {data} --out {tmp}/new --quiet")
+    assert r.exit_code == 0, r.output
+    assert "cannot be resumed (rows 0..2 changed since they were written); starting it again" in r.stderr, r.stderr
+    resumed = {p.parent.name: np.load(p) for p in (workspace.tmp / "ucache" / "tokens").glob("*/tokens.npy")}
+    shutil.rmtree(workspace.tmp / "ucache")
+    shutil.rmtree(workspace.tmp / "new")
+    assert invoke(workspace, "fit --config {cfg} --data {data} --out {tmp}/new --quiet").exit_code == 0
+    clean = {p.parent.name: np.load(p) for p in (workspace.tmp / "ucache" / "tokens").glob("*/tokens.npy")}
+    assert resumed.keys() == clean.keys() and all(np.array_equal(resumed[k], clean[k]) for k in clean)

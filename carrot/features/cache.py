@@ -4,7 +4,8 @@ The manifest names backbone, weights hash, image size, grid, dtype and dataset f
 cache whose manifest differs from the current request is refused (:class:`StaleCacheError`).
 Extraction reserves the whole file on disk first (a full disk is an error at the start, not a
 SIGBUS mid-way), writes rows into the memmap and records progress atomically after each flushed
-batch, so an interrupted run resumes where it stopped. One process at a time extracts a cache
+batch, with the SHA-256 of each batch's rows, so an interrupted run resumes where it stopped and never blesses rows
+that were changed meanwhile. One process at a time extracts a cache
 (a lock file in its folder); a second waits and then reuses the result. A complete cache records the
 SHA-256 of its tokens; a damaged cache is extracted again (with a warning) when a run needs it.
 """
@@ -168,19 +169,21 @@ def _locked(lock_path: Path, what: Path) -> Iterator[None]:
             fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
-def _resume_point(path: Path, expected: dict[str, Any], shape: tuple[int, int, int]) -> int | None:
-    """None when a complete, valid cache is there; else the row to resume from (0: start afresh, after a
-    warning when what was there is damaged). A manifest of another request at this key is refused."""
+def _resume_point(path: Path, expected: dict[str, Any], shape: tuple[int, int, int]) -> tuple[int, list] | None:
+    """None when a complete, valid cache is there; else (the row to resume from, the batches written so far with
+    their SHA-256), after checking every written batch's rows against its checksum ((0, []): start afresh, after a
+    warning when what was there is damaged or changed). A manifest of another request at this key is refused."""
     man_path, tok_path, prog_path = path / "manifest.json", path / "tokens.npy", path / "progress.json"
+    fresh: tuple[int, list] = (0, [])
     if not man_path.is_file():
-        return 0
+        return fresh
     try:
         found = read_json(man_path, "token cache manifest")
     except CarrotError:
         found = None
     if not isinstance(found, dict):
         warn(f"token cache '{path}': manifest.json is unreadable; extracting the tokens again")
-        return 0
+        return fresh
     _compare(found, expected, path)
     if found.get("complete"):
         try:
@@ -189,11 +192,12 @@ def _resume_point(path: Path, expected: dict[str, Any], shape: tuple[int, int, i
         except StaleCacheError as exc:
             warn(f"{exc}; extracting the tokens again".replace(
                 "; delete that folder and run carrot-run extract (or fit) with the run's settings to rebuild it", ""))
-            return 0
+            return fresh
     try:
-        done = read_json(prog_path, "token cache progress").get("done") if prog_path.is_file() else 0
+        progress = read_json(prog_path, "token cache progress") if prog_path.is_file() else {"done": 0}
+        done, batches = progress.get("done"), progress.get("batches", [])
     except (CarrotError, AttributeError):
-        done = "unreadable"
+        done, batches = "unreadable", []
     try:
         tokens = np.load(tok_path, mmap_mode="r") if tok_path.is_file() else None
     except (ValueError, OSError, EOFError):
@@ -203,8 +207,26 @@ def _resume_point(path: Path, expected: dict[str, Any], shape: tuple[int, int, i
         if done != 0 or tokens is not None:
             what = f"progress {done!r}" if not valid else "tokens.npy unreadable or of another shape"
             warn(f"token cache '{path}': the partial extraction is damaged ({what}); starting it again")
-        return 0
-    return done
+        return fresh
+    changed = _changed_batch(tokens, done, batches)
+    if changed:
+        warn(f"token cache '{path}': the partial extraction cannot be resumed ({changed}); starting it again")
+        return fresh
+    return done, batches
+
+
+def _changed_batch(tokens: np.ndarray, done: int, batches: Any) -> str | None:
+    """Why the rows written so far (0..``done``) cannot be trusted, or None: each batch [start, stop, sha256] must
+    cover them in order and hash to its checksum."""
+    if done == 0:
+        return None
+    ok = isinstance(batches, list) and all(isinstance(b, list) and len(b) == 3 for b in batches)
+    if not ok or [b[0] for b in batches] != [0, *[b[1] for b in batches[:-1]]] or batches[-1][1] != done:
+        return "its batch checksums are missing or do not cover the rows written"
+    for start, stop, digest in batches:
+        if hashlib.sha256(np.ascontiguousarray(tokens[start:stop]).tobytes()).hexdigest() != digest:
+            return f"rows {start}..{stop} changed since they were written"
+    return None
 
 
 def extract(
@@ -238,9 +260,10 @@ def _extract_locked(backbone: TokenBackbone, dataset: ImageDataset, path: Path, 
     man_path, tok_path, prog_path = path / "manifest.json", path / "tokens.npy", path / "progress.json"
     n = len(dataset)
     shape = (n, expected["prefix"] + expected["grid"][0] * expected["grid"][1], expected["dim"])
-    done = _resume_point(path, expected, shape)
-    if done is None:
+    resume = _resume_point(path, expected, shape)
+    if resume is None:
         return open_store(path, expected)
+    done, batches = resume
     if done == 0:
         path.mkdir(parents=True, exist_ok=True)
         write_json(man_path, {**expected, "complete": False})
@@ -260,8 +283,10 @@ def _extract_locked(backbone: TokenBackbone, dataset: ImageDataset, path: Path, 
                 if not np.isfinite(tokens[done : done + len(x)]).all():
                     raise CarrotError(f"backbone produced NaN/Inf tokens (dtype {dtype} overflow?) for {dataset.name} rows {done}..{done + len(x)}")
                 tokens.flush()
+                digest = hashlib.sha256(np.ascontiguousarray(tokens[done : done + len(x)]).tobytes()).hexdigest()
+                batches.append([done, done + len(x), digest])
                 done += len(x)
-                write_json(prog_path, {"done": done})
+                write_json(prog_path, {"done": done, "batches": batches})
                 bar.update(len(x))
     del tokens
     write_json(man_path, {**expected, "complete": True, "sha256": sha256_file(tok_path)})
