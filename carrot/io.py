@@ -45,9 +45,9 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     tmp_path = Path(tmp)
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(tmp_path, 0o666 & ~umask)  # mkstemp makes 0600; finished files get the usual mode
     try:
         yield tmp_path
+        os.chmod(tmp_path, 0o666 & ~umask)  # mkstemp makes 0600, and some writers (safetensors) replace the file
         with open(tmp_path, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp_path, path)
@@ -80,6 +80,14 @@ def write_csv(path: str | os.PathLike[str], header: Sequence[str], rows: Iterabl
         w = csv.writer(fh)
         w.writerow([for_csv(h) for h in header])
         w.writerows([for_csv(c) for c in row] for row in rows)
+
+
+def human_size(n: float) -> str:
+    """A byte count as a person reads it: '850 B', '2.0 MiB', '1.37 GiB' (never '0.00 GiB' for a small one)."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}" if unit == "GiB" else f"{n / scale:.1f} {unit}"
+    return f"{int(n)} B"
 
 
 def read_json(path: str | os.PathLike[str], what: str = "JSON file") -> Any:

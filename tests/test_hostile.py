@@ -542,6 +542,30 @@ def check_terminal(w: W, r) -> None:
     assert "\x1b" not in r.stdout and "\x07" not in r.stdout and "\\x1b[2Jred\\x07" in r.stdout
 
 
+def check_relative_data(w: W, r) -> None:
+    """A run fitted with a relative --data records where its images are: explained from another folder, it works,
+    and every file it wrote is readable by others as usual (0644 under umask 022, the head's too)."""
+    from carrot.run.pipeline import Carrot
+
+    run = w.tmp / "new"
+    assert Path(Carrot.load(run).config.data.root).is_absolute()
+    elsewhere = w.tmp / "elsewhere"
+    elsewhere.mkdir()
+    os.chdir(elsewhere)
+    sub(w, f"explain {run} {w.img} --top-k 2 --pixel-map split")
+    mask = os.umask(0)
+    os.umask(mask)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in run.iterdir() if p.is_file()}
+    assert set(modes.values()) == {0o666 & ~mask}, modes
+
+
+def moved_data(w: W) -> None:
+    """A run fitted on {data} ({tmp}/new), whose data folder then moved to {tmp}/moved."""
+    w.config()
+    sub(w, FIT)
+    shutil.move(str(w.data), str(w.tmp / "moved"))
+
+
 def enospc_on_save(w: W) -> None:
     w.config()
 
@@ -675,6 +699,11 @@ CASES: list[Case] = [
     Case("explain: folder without images", "explain {run} {tmp}/x", r"no images .* in folder", lambda w: (w.tmp / "x").mkdir()),
     Case("explain: 255-byte image name", "explain {run} {tmp}/x --json", None, long_name),
     Case("fit, explain, predict: non-UTF-8 class and file names", FIT, None, non_utf8_names, check=check_non_utf8),
+    Case("fit with a relative --data, explained from another folder", "fit --config {cfg} --data data --out new --quiet",
+         None, cfg(), cwd="{tmp}", check=check_relative_data),
+    Case("explain after the run's data moved", "explain {tmp}/new {tmp}/moved/class_00/img_000.png --pixel-map none",
+         r"training image #\d+ of the run is not at '.*' any more \(the run was fitted on '.*data'\); put the data back",
+         moved_data),
     Case("predict: class names that are spreadsheet formulas", FIT, None, rename_classes(*FORMULA_CLASSES),
          check=check_formulas),
     Case("explain: class names that are mathtext", FIT, None, rename_classes(*MATH_CLASSES), check=check_math_names),
@@ -745,6 +774,9 @@ CASES: list[Case] = [
          lambda w: noise()().save(w.tmp / "m.png")),
     Case("--region-mask with two images", "explain {run} {data}/class_00 --region-mask {tmp}/m.png", r"--region-mask: expected exactly one image",
          lambda w: Image.new("L", (32, 32)).save(w.tmp / "m.png")),
+    Case("--region-mask of another size than the image", "explain {run} {img} --region-mask {tmp}/m.png",
+         r"--region-mask: expected a mask of the image's size, 32 x 32 px, got 48 x 40 px",
+         lambda w: Image.new("L", (48, 40)).save(w.tmp / "m.png")),
     # -- data layouts -----------------------------------------------------------------------------------------
     Case("only root/train", FIT, r"only a 'train' folder; expected root/train/<class> with root/test", data_edit(layout("train-only"))),
     Case("one class folder", FIT, r"expected at least 2 class folders, found 1", data_edit(layout("one-class"))),
@@ -966,7 +998,7 @@ def test_disk_too_small_for_the_token_cache_is_refused_before_extraction(workspa
     workspace.config()
     monkeypatch.setattr("shutil.disk_usage", lambda p: collections.namedtuple("u", "total used free")(10, 10, 1000))
     r = invoke(workspace, "fit --config {cfg} --data {data} --out {tmp}/new --quiet")
-    assert_one_line_error(r, r"token cache: \d+ images need .* GiB at .*only 0\.00 GiB free")
+    assert_one_line_error(r, r"token cache: \d+ images need [\d.]+ (KiB|MiB|GiB) at .*only 1000 B free")
     assert not (workspace.tmp / "ucache" / "tokens").exists() or not list((workspace.tmp / "ucache" / "tokens").iterdir())
 
 

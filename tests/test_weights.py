@@ -1,4 +1,6 @@
 """The offline built-in weights reproduce their originals."""
+import json
+
 import numpy as np
 import pytest
 import timm
@@ -54,3 +56,26 @@ def test_efficientnet_lite0_imagenet_predictions(image, classes):
     with torch.no_grad():
         top = model(x).softmax(-1)[0].topk(3).indices.tolist()
     assert top[0] in classes, top
+
+
+def test_a_garbage_weights_sidecar_is_rebuilt_with_a_warning(tmp_path):
+    import warnings
+
+    s1, _ = builtin_state_dict("efficientnet_lite0", 224, cache_dir=tmp_path)
+    sidecar = next((tmp_path / "weights").glob("*.json"))
+    sidecar.write_bytes(b"\x00garbage{")
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        s2, _ = builtin_state_dict("efficientnet_lite0", 224, cache_dir=tmp_path)
+    assert any("is unreadable; converting the built-in weights again" in str(w.message) for w in seen)
+    assert all(torch.equal(s1[k], s2[k]) for k in s1) and json.loads(sidecar.read_text())["name"] == "efficientnet_lite0"
+    mode = next((tmp_path / "weights").glob("*.safetensors")).stat().st_mode & 0o777
+    assert mode == 0o666 & ~_umask()  # as every other file carrot writes, not 0600
+
+
+def _umask() -> int:
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -26,7 +26,7 @@ import torch
 from carrot.features.backbone import TokenBackbone, patch_centres
 from carrot.data import ImageDataset, load_image
 from carrot.errors import CarrotError, StaleCacheError, first_line, warn
-from carrot.io import read_json, sha256_file, write_json
+from carrot.io import human_size, read_json, sha256_file, write_json
 
 CACHE_VERSION = 3  # 3: a ViT's global (class, register) tokens kept before its patch tokens, last-k blocks; 2: EXIF
 # orientation applied, 16-bit / float images scaled by their range
@@ -310,7 +310,7 @@ def _reserve(path: Path) -> None:
         os.close(fd)
         fd = -1
         path.unlink(missing_ok=True)  # give back what was allocated; the next run starts this split afresh
-        raise CarrotError(f"token cache: cannot reserve {size / 2**30:.2f} GiB for '{path}' ({exc.strerror}); free disk "
+        raise CarrotError(f"token cache: cannot reserve {human_size(size)} for '{path}' ({exc.strerror}); free disk "
                           "space, set --cache-dir to a larger disk, or fit with --no-cache-tokens") from None
     finally:
         if fd >= 0:

@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from carrot.errors import CarrotError
+from carrot.errors import CarrotError, warn
 from carrot.io import atomic_path, read_json, sha256_file, user_cache_dir, write_json
 
 CONVERTER_VERSION = 1
@@ -197,9 +197,14 @@ def builtin_state_dict(name: str, img_size: int, cache_dir: Path | None = None) 
     target, meta_path = root / f"{stem}.safetensors", root / f"{stem}.json"
     expected = {"name": name, "img_size": img_size, "source_sha256": src_hash, "converter_version": CONVERTER_VERSION}
     if target.is_file() and meta_path.is_file():
-        meta = read_json(meta_path, "weights sidecar")
-        if {k: meta.get(k) for k in expected} == expected and sha256_file(target) == meta.get("sha256"):
+        try:
+            meta = read_json(meta_path, "weights sidecar")
+        except CarrotError:
+            meta = None
+        if isinstance(meta, dict) and {k: meta.get(k) for k in expected} == expected and sha256_file(target) == meta.get("sha256"):
             return load_file(str(target)), src_hash
+        if not isinstance(meta, dict):
+            warn(f"'{meta_path}' is unreadable; converting the built-in weights again (it is rebuilt)")
     state = spec.convert(src, img_size)
     with atomic_path(target) as tmp:
         save_file(state, str(tmp))

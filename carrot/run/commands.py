@@ -12,10 +12,12 @@ from carrot.features.cache import extract
 from carrot.config import RunConfig
 from carrot.devices import device_memory
 from carrot.distributed import barrier, init_from_env, world
-from carrot.data import ImageDataset, check_headers, collect_images, duplicate_test_images, load_splits, report_duplicates
+from carrot.data import (
+    ImageDataset, check_headers, collect_images, duplicate_test_images, load_image, load_splits, report_duplicates,
+)
 from carrot.errors import CarrotError
 from carrot.audit.evaluate import per_class_accuracy
-from carrot.io import check_dir, user_cache_dir, write_json
+from carrot.io import check_dir, human_size, user_cache_dir, write_json
 from carrot.ridge.heads import kind_of, require
 from carrot.run.pipeline import Carrot
 from carrot.run.rundir import ANY, RunDir
@@ -62,9 +64,17 @@ def check_resources(model: Carrot, datasets: Sequence[ImageDataset], root: Path 
 
         free = shutil.disk_usage(probe).free
         if need > free:
-            raise CarrotError(f"token cache: {sum(len(d) for d in datasets)} images need {need / 2**30:.2f} GiB at "
-                              f"'{root}', only {free / 2**30:.2f} GiB free; free space, set --cache-dir to a larger "
+            raise CarrotError(f"token cache: {sum(len(d) for d in datasets)} images need {human_size(need)} at "
+                              f"'{root}', only {human_size(free)} free; free space, set --cache-dir to a larger "
                               "disk, or fit with --no-cache-tokens")
+
+
+def absolute_data(config: RunConfig) -> RunConfig:
+    """The config with ``data.root`` absolute: a run records where its images are, whatever folder it is later
+    used from."""
+    if not config.data.root:
+        return config
+    return config.merged({"data.root": str(Path(config.data.root).expanduser().resolve())})
 
 
 def extract_splits(config: RunConfig, model: Carrot | None = None, progress: bool = True) -> tuple[list, ImageDataset, ImageDataset]:
@@ -125,6 +135,7 @@ def _fit_token_map(model: Carrot, train: ImageDataset, store: Any) -> None:
 def fit(config: RunConfig, run_dir: str | Path, progress: bool = True, overwrite: bool = False) -> dict[str, Any]:
     """Extract (cached) tokens for both splits, fit the head, evaluate, save the run directory."""
     t0 = time.perf_counter()
+    config = absolute_data(config)
     check_outside_data(config, run_dir, "--out")
     clear_run(run_dir, overwrite, config=config)
     init_from_env()
@@ -185,7 +196,11 @@ def explain(run_dir: str | Path, inputs: Sequence[str], out_dir: str | Path | No
     if region_mask:
         if len(paths) != 1:
             raise CarrotError(f"--region-mask: expected exactly one image to explain, got {len(paths)}")
-        masks = {paths[0]: model.mask_transform()(read_mask(region_mask))}
+        mask, size = read_mask(region_mask), load_image(paths[0], model.backbone.min_side).size
+        if mask.size != size:  # resizing a label map silently would move the user's segment boundaries
+            raise CarrotError(f"--region-mask: expected a mask of the image's size, {size[0]} x {size[1]} px, got "
+                              f"{mask.size[0]} x {mask.size[1]} px in '{region_mask}'")
+        masks = {paths[0]: model.mask_transform()(mask)}
         masks[paths[0]] = np.asarray(masks[paths[0]], dtype=np.int64)
     earlier = _explained_before(out_root)
     numbers = {_key(e["image"]): int(Path(e["page"]).parent.name.split("_", 1)[0]) for e in earlier}

@@ -8,7 +8,6 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from carrot.data import load_image
 from carrot.distributed import world
 from carrot.attribution.representer import class_summary
 from carrot.audit.registry import AUDITS
@@ -109,7 +108,7 @@ def write_index(run_dir: str | Path, explained: Sequence[dict[str, Any]] = (), m
     listed = RunDir.explanations_list(rd.explanations)
     pages = list(explained) or (read_json(listed, "explanations list") if listed.is_file() else [])
     geo = model.backbone.display_transform() if summary["harmful"] else None
-    thumbs = {r["index"]: geo(load_image(model.train_records_[r["index"]]))
+    thumbs = {r["index"]: geo(model.training_image(r["index"]))
               for r in summary["harmful"] + summary["helpful"] + summary["carriers"] + summary["label_review"]}
     links = [{"href": os.path.relpath(p["page"], rd.path), "image": p["image"], "predicted": p["predicted"]}
              for p in pages if "page" in p]

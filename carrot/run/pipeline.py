@@ -2,6 +2,7 @@
 explanations (:mod:`carrot.run.explaining`) and a run directory (:mod:`carrot.run.persistence`)."""
 from __future__ import annotations
 
+import os
 import platform
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -235,7 +236,7 @@ class Carrot:
         Tokens come from the run's token cache when it is still there and matches the backbone,
         else from the backbone (same numbers up to the cache dtype's rounding).
         """
-        raw = [load_image(self.train_records_[i], self.backbone.min_side) for i in indices]
+        raw = [self.training_image(i) for i in indices]
         geo = self.backbone.display_transform()
         imgs = [geo(im) for im in raw]
         store = self._train_store()
@@ -252,6 +253,14 @@ class Carrot:
         _, w = self.embed_regions(RegionSet(H.to(torch.float64), patch_centres(grid, torch.float64), grid,
                                             None if glob is None else glob.to(torch.float64)))
         return H, w, grid, imgs, glob
+
+    def training_image(self, i: int):
+        """Training image ``i`` as the backbone sees it, or a one-line error saying the run's data has moved."""
+        path = self.train_records_[i].path
+        if not os.path.exists(path):
+            raise CarrotError(f"training image #{i} of the run is not at '{path}' any more (the run was fitted on "
+                              f"'{self.config.data.root}'); put the data back there, or refit the run on its new place")
+        return load_image(self.train_records_[i], self.backbone.min_side)
 
     def training_system(self) -> TrainingSystem:
         """The head's exact training system on the run's training rows (``head.system``), built once per head."""
