@@ -370,6 +370,21 @@ def default_yaml(width: int = 100) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _unique_keys_loader() -> type:
+    """PyYAML's SafeLoader refusing a mapping that names a key twice (it would keep the last one silently)."""
+    import yaml
+
+    class UniqueKeys(yaml.SafeLoader):
+        def construct_mapping(self, node: Any, deep: bool = False) -> dict:
+            keys = [self.construct_object(k, deep=deep) for k, _ in node.value]
+            dup = next((k for i, k in enumerate(keys) if k in keys[:i]), None)
+            if dup is not None:
+                raise yaml.constructor.ConstructorError(None, None, f"key {dup!r} appears twice", node.start_mark)
+            return super().construct_mapping(node, deep)
+
+    return UniqueKeys
+
+
 def load_config(path: str | Path | None) -> RunConfig:
     """Defaults merged with a YAML file (if given)."""
     if path is None:
@@ -380,7 +395,7 @@ def load_config(path: str | Path | None) -> RunConfig:
     if not p.is_file():
         raise CarrotError(f"config: file not found: '{p}'")
     try:
-        d = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        d = yaml.load(p.read_text(encoding="utf-8"), Loader=_unique_keys_loader()) or {}
     except UnicodeDecodeError:
         raise CarrotError(f"config: '{p}' is not a UTF-8 text file") from None
     except yaml.YAMLError as exc:

@@ -232,6 +232,7 @@ def _scan_imagefolder(root: Path, classes: list[str] | None = None) -> ImageData
         raise CarrotError(f"ImageFolder '{root}': expected at least 2 class folders, found 1 ('{names[0]}')")
     if classes is not None and names != classes:
         raise CarrotError(f"ImageFolder '{root}': class folders {names} differ from the training classes {classes}")
+    _check_class_names(root, names)
     records, skipped = [], []
     for label, d in enumerate(dirs):
         files = sorted(p for p in d.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(d).parts))
@@ -245,6 +246,27 @@ def _scan_imagefolder(root: Path, classes: list[str] | None = None) -> ImageData
         warn(f"ImageFolder '{root}': skipped {len(skipped)} file(s) that are not images by their extension "
              f"({', '.join(kinds[:5])}), e.g. '{skipped[0]}'")
     return ImageDataset(records, names, root.name)
+
+
+def _check_class_names(root: Path, names: Sequence[str]) -> None:
+    """Refuse class folders whose names differ only in Unicode normalisation (NFC / NFD twins look the same everywhere
+    a person reads them), and warn about names that differ only in case (one folder on a case-insensitive file
+    system, so the data would not survive a copy to macOS or Windows as it is)."""
+    import unicodedata
+
+    seen: dict[str, str] = {}
+    for name in names:
+        key = unicodedata.normalize("NFC", name)
+        if key in seen:
+            raise CarrotError(f"ImageFolder '{root}': class folders {seen[key]!r} and {name!r} differ only in Unicode "
+                              "normalisation (they look the same); rename one")
+        seen[key] = name
+    folded: dict[str, str] = {}
+    for name in names:
+        other = folded.setdefault(name.casefold(), name)
+        if other != name:
+            warn(f"ImageFolder '{root}': class folders {other!r} and {name!r} differ only in case; they are two classes "
+                 "here, but one folder on a case-insensitive file system")
 
 
 def stratified_indices(labels: np.ndarray, classes: Sequence[str], test_fraction: float, seed: int,

@@ -16,7 +16,7 @@ import re
 from typing import Any
 
 _SURROGATES = re.compile("[\ud800-\udfff]")
-_CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f]")
+_CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")  # C0, C1, bidi overrides
 FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
 
@@ -26,9 +26,10 @@ def shown(text: str) -> str:
 
 
 def for_terminal(text: str) -> str:
-    """``text`` for one terminal line: undecodable bytes as U+FFFD, control characters (newlines, escape
-    sequences) as ``\\xNN``."""
-    return _CONTROLS.sub(lambda m: f"\\x{ord(m.group()):02x}", shown(text))
+    """``text`` for one terminal line: undecodable bytes as U+FFFD, control characters (newlines, escape sequences)
+    and bidirectional overrides (which reorder what a terminal shows) as ``\\xNN`` / ``\\uNNNN``."""
+    return _CONTROLS.sub(lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 256 else f"\\u{ord(m.group()):04x}",
+                         shown(text))
 
 
 def for_csv(cell: Any) -> Any:

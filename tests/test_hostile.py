@@ -490,8 +490,11 @@ def non_utf8_names(w: W) -> None:
 
 
 def sub(w: W, *argv: str):
-    """Another carrot-run command in the same workspace, which must succeed."""
-    r = invoke(w, " ".join(argv))
+    """Another carrot-run command in the same workspace, which must succeed: one string split on spaces, or the
+    arguments one by one (names with spaces or newlines)."""
+    if len(argv) == 1:
+        argv = tuple(w.fmt(a) for a in argv[0].split())
+    r = CliRunner().invoke(cli, [str(a) for a in argv], env={"CARROT_CACHE_DIR": str(w.tmp / "ucache")})
     assert r.exit_code == 0, (argv, r.output, r.exception)
     return r
 
@@ -564,6 +567,77 @@ def moved_data(w: W) -> None:
     w.config()
     sub(w, FIT)
     shutil.move(str(w.data), str(w.tmp / "moved"))
+
+
+def fifo_in_data(w: W) -> None:
+    os.mkfifo(w.data / "class_00" / "pipe.png")  # opening it would block forever
+    w.config()
+
+
+def symlinked_class(w: W) -> None:
+    shutil.move(str(w.data / "class_02"), str(w.tmp / "outside"))
+    (w.data / "class_02").symlink_to(w.tmp / "outside", target_is_directory=True)
+    w.config()
+
+
+def check_symlinked_class(w: W, r) -> None:
+    from carrot.run.pipeline import Carrot
+
+    model = Carrot.load(w.tmp / "new")
+    assert model.classes_ == ["class_00", "class_01", "class_02"] and len(model.train_records_) + len(model.test_records_) == 18
+
+
+def check_case_twins(w: W, r) -> None:
+    assert "differ only in case; they are two classes here" in r.stderr, r.stderr
+
+
+def check_newline_class(w: W, r) -> None:
+    import csv
+
+    folder = w.data / "a\nb"
+    sub(w, "predict", w.tmp / "new", folder, "--quiet", "--out", w.tmp / "p.json")
+    with open(w.tmp / "p.csv", newline="", encoding="utf-8") as fh:
+        rows = list(csv.reader(fh))
+    assert "a\nb" in rows[0] and all(len(row) == len(rows[0]) for row in rows)  # quoted, one row per image
+    out = sub(w, "explain", w.tmp / "new", folder / "img_000.png", "--top-k", "2", "--pixel-map", "split")
+    assert "a\\x0ab" in out.stdout and len(out.stdout.strip().splitlines()) == 1
+
+
+def check_bidi(w: W, r) -> None:
+    out = sub(w, "explain", w.tmp / "new", w.data / BIDI_CLASS / "img_000.png", "--top-k", "2", "--pixel-map", "split")
+    assert "\u202e" not in out.stdout and "evil\\u202egnp" in out.stdout
+
+
+def predict_after_move(w: W) -> None:
+    moved_data(w)
+    (w.tmp / "x").mkdir()
+    noise()().save(w.tmp / "x" / "a.png")
+
+
+def dir_named_like_an_image(w: W) -> None:
+    (w.tmp / "x" / "d.png").mkdir(parents=True)
+    noise()().save(w.tmp / "x" / "a.png")
+
+
+def two_concurrent_explains(w: W) -> None:
+    """Two explain processes of different images into one run at the same time: both pages listed afterwards."""
+    for name in ("a", "b"):
+        (w.tmp / name).mkdir()
+        noise(seed=ord(name))().save(w.tmp / name / f"{name}.png")
+    procs = [carrot_run(w, "explain", "{run}", str(w.tmp / name / f"{name}.png"), "--top-k", "2", "--pixel-map", "split")
+             for name in ("a", "b")]
+    assert all(p.wait(timeout=600) == 0 for p in procs), [p.communicate() for p in procs]
+
+
+def check_both_listed(w: W, r) -> None:
+    listed = json.loads((w.run / "explanations" / "explanations.json").read_text())
+    assert sorted(Path(e["image"]).name for e in listed) == ["a.png", "b.png"], listed
+    assert all(Path(e["page"]).is_file() for e in listed)
+
+
+BIDI_CLASS = "evil\u202egnp.exe"
+ALIAS_BOMB = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 10)}]\n" for i in range(8))
 
 
 def enospc_on_save(w: W) -> None:
@@ -699,6 +773,23 @@ CASES: list[Case] = [
     Case("explain: folder without images", "explain {run} {tmp}/x", r"no images .* in folder", lambda w: (w.tmp / "x").mkdir()),
     Case("explain: 255-byte image name", "explain {run} {tmp}/x --json", None, long_name),
     Case("fit, explain, predict: non-UTF-8 class and file names", FIT, None, non_utf8_names, check=check_non_utf8),
+    Case("class folders that are NFC / NFD twins", FIT, r"class folders 'caf.+' and 'caf.+' differ only in Unicode normalisation",
+         rename_classes("caf\u00e9", "cafe\u0301")),
+    Case("class folders that differ only in case", FIT, None, rename_classes("Cat", "cat"), check=check_case_twins),
+    Case("a 200-character class name", FIT, None, rename_classes("x" * 200),
+         check=lambda w, r: sub(w, f"explain {w.tmp / 'new'} {w.data / ('x' * 200)} --top-k 2 --pixel-map split")),
+    Case("a class name with a newline", FIT, None, rename_classes("a\nb"), check=check_newline_class),
+    Case("a class name with a bidi override", FIT, None, rename_classes(BIDI_CLASS), check=check_bidi),
+    Case("a FIFO named like an image among the data", FIT, None, fifo_in_data),
+    Case("a class folder that is a symlink out of the data root", FIT, None, symlinked_class, check=check_symlinked_class),
+    Case("predict after the run's data moved (it needs no training image)",
+         "predict {tmp}/new {tmp}/x --quiet --out {tmp}/p.json", None, predict_after_move),
+    Case("a folder named like an image among the images", PREDICT, None, dir_named_like_an_image,
+         check=lambda w, r: len(json.loads((w.tmp / "pred.json").read_text())) == 1),
+    Case("two explains of one run at once", "explain {run} {tmp}/a/a.png --top-k 2 --pixel-map split", None,
+         two_concurrent_explains, check=check_both_listed),
+    Case("YAML alias bomb", FIT, r"config: unknown key 'a'", raw_cfg(ALIAS_BOMB)),
+    Case("YAML key given twice", FIT, r"is not valid YAML \(key 'head' appears twice\)", raw_cfg("head: {lam: 1}\nhead: {lam: 2}\n")),
     Case("fit with a relative --data, explained from another folder", "fit --config {cfg} --data data --out new --quiet",
          None, cfg(), cwd="{tmp}", check=check_relative_data),
     Case("explain after the run's data moved", "explain {tmp}/new {tmp}/moved/class_00/img_000.png --pixel-map none",
@@ -1010,7 +1101,7 @@ def test_a_disk_that_fills_during_the_cache_reservation_is_one_line_and_resumabl
 
     monkeypatch.setattr("os.posix_fallocate", no_space)
     r = invoke(workspace, "fit --config {cfg} --data {data} --out {tmp}/new --quiet")
-    assert_one_line_error(r, r"token cache: cannot reserve .* GiB for .*tokens\.npy' \(No space left on device\)")
+    assert_one_line_error(r, r"token cache: cannot reserve [\d.]+ (KiB|MiB|GiB) for .*tokens\.npy' \(No space left on device\)")
     monkeypatch.undo()
     r = invoke(workspace, "fit --config {cfg} --data {data} --out {tmp}/new --quiet")
     assert r.exit_code == 0, r.output
@@ -1167,9 +1258,9 @@ def test_explain_racing_fit_overwrite_writes_no_old_head_page_into_the_new_run(w
     workspace.config(head__lam=7.0)  # a different head than the run's
     many = workspace.tmp / "many"
     many.mkdir()
-    for i in range(40):
+    for i in range(60):  # with 400 orders per pixel map, the explain outlasts the fit by far
         noise(seed=i)().save(many / f"img_{i:03d}.png")
-    explain = carrot_run(workspace, "explain", "{run}", str(many), "--top-k", "2", "--permutations", "40")
+    explain = carrot_run(workspace, "explain", "{run}", str(many), "--top-k", "2", "--permutations", "400")
     pages = workspace.run / "explanations"
     deadline = time.time() + 300
     while not (pages.is_dir() and any(pages.glob("0*_*"))) and explain.poll() is None and time.time() < deadline:

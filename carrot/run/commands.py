@@ -219,9 +219,11 @@ def explain(run_dir: str | Path, inputs: Sequence[str], out_dir: str | Path | No
                     numbers[key], next_free = next_free, next_free + 1
                 results.append(_write_page(rd, identity, exp, RunDir.explanation_dir(out_root, numbers[key], exp.image)))
     finally:  # the pages written so far are complete: list them, even when a later one failed
-        listed = [e for e in earlier if _key(e["image"]) not in {_key(r["image"]) for r in results}] + results
+        listed = earlier + results
         try:
-            with rd.publishing(identity):
+            with rd.publishing(identity):  # the list as it is now (another explain may have added pages), then ours
+                mine = {_key(r["image"]) for r in results}
+                listed = [e for e in _explained_before(out_root) if _key(e["image"]) not in mine] + results
                 if results:
                     write_json(RunDir.explanations_list(out_root), listed)
                 elif root_fresh and out_root.is_dir() and not any(out_root.iterdir()):
