@@ -1258,9 +1258,9 @@ def test_explain_racing_fit_overwrite_writes_no_old_head_page_into_the_new_run(w
     workspace.config(head__lam=7.0)  # a different head than the run's
     many = workspace.tmp / "many"
     many.mkdir()
-    for i in range(60):  # with 400 orders per pixel map, the explain outlasts the fit by far
+    for i in range(60):  # with 200 orders per pixel map, the explain outlasts the fit by far
         noise(seed=i)().save(many / f"img_{i:03d}.png")
-    explain = carrot_run(workspace, "explain", "{run}", str(many), "--top-k", "2", "--permutations", "400")
+    explain = carrot_run(workspace, "explain", "{run}", str(many), "--top-k", "2", "--permutations", "200")
     pages = workspace.run / "explanations"
     deadline = time.time() + 300
     while not (pages.is_dir() and any(pages.glob("0*_*"))) and explain.poll() is None and time.time() < deadline:
