@@ -115,12 +115,34 @@ def _to_rgb(im, path: Path):
     raise CarrotError(f"image '{path}': pixel mode {mode} ({im.format}) is not supported; save it as RGB or grayscale")
 
 
+def _in_srgb(im):
+    """``im`` with its colours converted to sRGB when it embeds an ICC profile that is not sRGB (Display P3, Adobe
+    RGB: their pixel values mean other colours); unchanged without one, with an sRGB one, or with a profile
+    LittleCMS cannot use (the stored values are then taken as sRGB, as a viewer without colour management does)."""
+    icc = im.info.get("icc_profile")
+    if not icc or im.mode not in ("RGB", "RGBA", "CMYK"):
+        return im
+    import io
+
+    from PIL import ImageCms
+
+    try:
+        src = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+        if "srgb" in ImageCms.getProfileDescription(src).lower().replace(" ", ""):
+            return im
+        return ImageCms.profileToProfile(im, src, ImageCms.createProfile("sRGB"),
+                                         outputMode="RGBA" if im.mode == "RGBA" else "RGB")
+    except (ImageCms.PyCMSError, OSError, ValueError, TypeError):
+        return im
+
+
 def load_image(record: ImageRecord | str, min_side: int = 1):
     """Open an image as 8-bit RGB, or raise a one-line :class:`CarrotError` naming the file and the problem.
 
-    The EXIF orientation is applied (a phone photo is upright, as viewers show it); the first frame of an
-    animated or multi-page file is used; images above :func:`max_image_pixels` are refused before decoding;
-    alpha, 16-bit and float modes are converted as :func:`_to_rgb` says; ``record.bbox`` is cropped.
+    The EXIF orientation is applied (a phone photo is upright, as viewers show it); colours are converted to sRGB
+    from an embedded ICC profile (:func:`_in_srgb`: a wide-gamut photo looks as it does in a colour-managed viewer);
+    the first frame of an animated or multi-page file is used; images above :func:`max_image_pixels` are refused
+    before decoding; alpha, 16-bit and float modes are converted as :func:`_to_rgb` says; ``record.bbox`` is cropped.
     """
     from PIL import ImageOps
 
@@ -133,7 +155,7 @@ def load_image(record: ImageRecord | str, min_side: int = 1):
         with open_image(path, limit) as im:
             im.seek(0)
             im.load()
-            img = _to_rgb(ImageOps.exif_transpose(im) if im.getexif() else im, path)
+            img = _to_rgb(_in_srgb(ImageOps.exif_transpose(im) if im.getexif() else im), path)
     except DECODE_ERRORS as exc:
         if isinstance(exc, CarrotError):
             raise

@@ -255,3 +255,55 @@ def test_debian_fashion_mnist_is_the_real_data():
     # the published first labels of the two splits
     assert read_idx(root / "train-labels-idx1-ubyte.gz")[:10].tolist() == [9, 0, 0, 3, 0, 2, 7, 2, 5, 5]
     assert read_idx(root / "t10k-labels-idx1-ubyte.gz")[:10].tolist() == [9, 2, 1, 1, 6, 1, 4, 6, 5, 7]
+
+
+def icc_profile(primaries, gamma: float = 2.2, name: str = "wide gamut test") -> bytes:
+    """A minimal ICC v2 display profile (matrix / TRC): D50-adapted primaries (three XYZ columns) and one gamma."""
+    import struct
+
+    def s15(v: float) -> bytes:
+        return struct.pack(">i", int(round(v * 65536)))
+
+    def xyz(x, y, z) -> bytes:
+        return b"XYZ " + b"\0" * 4 + s15(x) + s15(y) + s15(z)
+
+    def desc(text: str) -> bytes:
+        ascii_ = text.encode() + b"\0"
+        return b"desc" + b"\0" * 4 + struct.pack(">I", len(ascii_)) + ascii_ + b"\0" * 12 + b"\0" * 67
+
+    curve = b"curv" + b"\0" * 4 + struct.pack(">I", 1) + struct.pack(">H", int(round(gamma * 256))) + b"\0\0"
+    tags = [(b"desc", desc(name)), (b"wtpt", xyz(0.9642, 1.0, 0.8249)),
+            (b"rXYZ", xyz(*primaries[0])), (b"gXYZ", xyz(*primaries[1])), (b"bXYZ", xyz(*primaries[2])),
+            (b"rTRC", curve), (b"gTRC", curve), (b"bTRC", curve)]
+    offset = 128 + 4 + 12 * len(tags)
+    table, data = b"", b""
+    for sig, body in tags:
+        body += b"\0" * (-len(body) % 4)
+        table += sig + struct.pack(">II", offset + len(data), len(body))
+        data += body
+    size = offset + len(data)
+    header = (struct.pack(">I", size) + b"lcms" + bytes([2, 0x10, 0, 0]) + b"mntr" + b"RGB " + b"XYZ " + b"\0" * 12
+              + b"acsp" + b"\0" * 28 + s15(0.9642) + s15(1.0) + s15(0.8249) + b"\0" * 48)
+    return header + struct.pack(">I", len(tags)) + table + data
+
+
+def test_an_embedded_wide_gamut_profile_is_converted_to_srgb(tmp_path):
+    """A Display-P3 photo's pixel values mean other colours than sRGB's: loaded through its ICC profile, against the
+    colorimetry written out (P3 gamma 2.2 -> XYZ D50 -> linear sRGB -> the sRGB curve); an sRGB profile and a
+    profile LittleCMS cannot read leave the values as they are."""
+    from PIL import Image, ImageCms
+
+    from carrot.data import load_image
+
+    p3 = np.array([[0.5151, 0.2919, 0.1571], [0.2412, 0.6922, 0.0666], [-0.0011, 0.0419, 0.7841]])  # columns: r g b
+    srgb = np.array([[0.4361, 0.3851, 0.1431], [0.2225, 0.7169, 0.0606], [0.0139, 0.0971, 0.7141]])
+    pixels = np.array([[[150, 100, 100], [90, 140, 120]], [[200, 180, 60], [40, 60, 160]]], dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "p3.png", icc_profile=icc_profile(p3.T.tolist()))
+    got = np.asarray(load_image(tmp_path / "p3.png"), dtype=np.float64)
+    lin = np.linalg.solve(srgb, p3 @ ((pixels / 255.0) ** 2.2).reshape(-1, 3).T).T.clip(0, 1)
+    want = np.where(lin <= 0.0031308, 12.92 * lin, 1.055 * lin ** (1 / 2.4) - 0.055).reshape(pixels.shape) * 255
+    assert np.abs(got - want).max() <= 2.5 and np.abs(got - pixels).max() >= 8  # converted, and it mattered
+    srgb_profile = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    for name, icc in (("srgb.png", srgb_profile), ("bad.png", b"not a profile at all")):
+        Image.fromarray(pixels).save(tmp_path / name, icc_profile=icc)
+        assert np.array_equal(np.asarray(load_image(tmp_path / name)), pixels), name

@@ -64,7 +64,7 @@ def test_the_cache_keeps_the_global_tokens_before_the_patch_tokens(tmp_path, syn
 
     train, _ = load_imagefolder(synthetic_root)
     store = extract(tiny_vit, train, tmp_path, batch_size=4, progress=False)
-    assert CACHE_VERSION == 3 and store.manifest["prefix"] == 1 and store.manifest["blocks"] == 1
+    assert CACHE_VERSION == 4 and store.manifest["prefix"] == 1 and store.manifest["blocks"] == 1
     assert store.tokens.shape == (len(train), 4, 192) and store.globals.shape == (len(train), 1, 192)
     from carrot.data import load_image
 

@@ -459,7 +459,7 @@ def check_exif(w: W, r) -> None:
     assert load_image(w.tmp / "x" / "r.jpg").size == (32, 48)  # 48x32 stored, orientation 6: shown upright 32x48
 
 
-def check_gif(w: W, r) -> None:
+def check_one_prediction(w: W, r) -> None:
     assert len(json.loads((w.tmp / "pred.json").read_text())) == 1
 
 
@@ -635,6 +635,12 @@ def check_both_listed(w: W, r) -> None:
     assert all(Path(e["page"]).is_file() for e in listed)
 
 
+def p3_profile() -> bytes:
+    from test_data import icc_profile  # the hand-built Display P3 profile the data tests check colours with
+
+    return icc_profile([[0.5151, 0.2412, -0.0011], [0.2919, 0.6922, 0.0419], [0.1571, 0.0666, 0.7841]])
+
+
 BIDI_CLASS = "evil\u202egnp.exe"
 ALIAS_BOMB = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
     f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 10)}]\n" for i in range(8))
@@ -781,6 +787,8 @@ CASES: list[Case] = [
     Case("a class name with a newline", FIT, None, rename_classes("a\nb"), check=check_newline_class),
     Case("a class name with a bidi override", FIT, None, rename_classes(BIDI_CLASS), check=check_bidi),
     Case("a FIFO named like an image among the data", FIT, None, fifo_in_data),
+    Case("a wide-gamut (Display P3) photo, read through its ICC profile", PREDICT, None,
+         image("p3.png", noise(), icc_profile=p3_profile()), check=check_one_prediction),
     Case("a class folder that is a symlink out of the data root", FIT, None, symlinked_class, check=check_symlinked_class),
     Case("predict after the run's data moved (it needs no training image)",
          "predict {tmp}/new {tmp}/x --quiet --out {tmp}/p.json", None, predict_after_move),
@@ -841,7 +849,7 @@ CASES: list[Case] = [
     Case("float32 TIFF with NaN refused", PREDICT, r"float pixels include NaN", image("f.tif", float_image(0, 1, nan=True))),
     Case("16-bit PNG scaled by its range", PREDICT, None, image("s.png", sixteen_bit), check=check_sixteen_bit),
     Case("EXIF orientation applied", PREDICT, None, image("r.jpg", exif_rotated), check=check_exif),
-    Case("animated GIF: first frame", PREDICT, None, gif_setup, check=check_gif),
+    Case("animated GIF: first frame", PREDICT, None, gif_setup, check=check_one_prediction),
     Case("RGBA PNG", PREDICT, None, image("a.png", noise("RGBA"))),
     Case("LA PNG", PREDICT, None, image("a.png", noise("LA"))),
     Case("palette PNG", PREDICT, None, image("a.png", noise("P"))),

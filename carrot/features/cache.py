@@ -28,8 +28,8 @@ from carrot.data import ImageDataset, load_image
 from carrot.errors import CarrotError, StaleCacheError, first_line, warn
 from carrot.io import human_size, read_json, sha256_file, write_json
 
-CACHE_VERSION = 3  # 3: a ViT's global (class, register) tokens kept before its patch tokens, last-k blocks; 2: EXIF
-# orientation applied, 16-bit / float images scaled by their range
+CACHE_VERSION = 4  # 4: colours converted to sRGB from an embedded ICC profile; 3: a ViT's global (class, register)
+# tokens kept before its patch tokens, last-k blocks; 2: EXIF orientation applied, 16-bit / float images scaled
 DTYPES = {"float16": np.float16, "float32": np.float32}
 
 
