@@ -646,6 +646,21 @@ ALIAS_BOMB = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
     f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 10)}]\n" for i in range(8))
 
 
+def many_classes(w: W) -> None:
+    """45 classes of three images (more than the index's confusion matrix shows)."""
+    from carrot.data import make_synthetic
+
+    shutil.rmtree(w.data)
+    make_synthetic(w.data, num_classes=45, per_class=3, size=32, seed=1)
+    w.config(head__kind="ridge", head__lam=1.0)
+
+
+def check_many_classes(w: W, r) -> None:
+    index = (w.tmp / "new" / "index.html").read_text()
+    assert "Most confused classes" in index and "Confusion matrix" not in index and "Class flow" not in index
+    assert len(index) < 2_000_000  # 45 x 45 tables would be larger; at 600 classes they were 37 MB
+
+
 def enospc_on_save(w: W) -> None:
     w.config()
 
@@ -787,6 +802,7 @@ CASES: list[Case] = [
     Case("a class name with a newline", FIT, None, rename_classes("a\nb"), check=check_newline_class),
     Case("a class name with a bidi override", FIT, None, rename_classes(BIDI_CLASS), check=check_bidi),
     Case("a FIFO named like an image among the data", FIT, None, fifo_in_data),
+    Case("more classes than a confusion matrix can show", FIT, None, many_classes, check=check_many_classes),
     Case("a wide-gamut (Display P3) photo, read through its ICC profile", PREDICT, None,
          image("p3.png", noise(), icc_profile=p3_profile()), check=check_one_prediction),
     Case("a class folder that is a symlink out of the data root", FIT, None, symlinked_class, check=check_symlinked_class),

@@ -136,28 +136,29 @@ def region_pairs(head: RidgeHead, H_x: torch.Tensor, w_x: torch.Tensor, H_i: tor
     return float(beta_ic) * (centred_parts(H_x, w_x, mu, globals_x) @ centred_parts(H_i, w_i, mu, globals_i).T)
 
 
-def class_summary(system: TrainingSystem, G_test: ArrayLike, chunk: int = 1024) -> dict:
+def class_summary(system: TrainingSystem, G_test: ArrayLike, chunk: int = 1024, flow: bool = True) -> dict:
     """Per-class and global summaries of the exact representer contributions to each test image's predicted logit,
     streamed over ``chunk`` test rows at a time (memory O(chunk x n)); any head's training system.
 
     ``class_flow`` (C, C): mean over test images predicted as c (rows) of the total contribution of the
-    training images of class k (columns); ``total_contribution`` (n,): per training image, the sum of
-    its contributions over all test images (to their predicted class); ``predicted`` (m,).
+    training images of class k (columns), or None without ``flow`` (many classes); ``total_contribution`` (n,): per
+    training image, the sum of its contributions over all test images (to their predicted class); ``predicted`` (m,).
     """
     G_test = as_float64_matrix(G_test, "G_test")
     y_idx = system.Y.argmax(1)
     C, n = system.n_classes, system.n
     beta = system.dual_coef
-    flow = torch.zeros(C, C, dtype=torch.float64)
+    flows = torch.zeros(C, C, dtype=torch.float64) if flow else None
     total = torch.zeros(n, dtype=torch.float64)
     preds = []
     for s in range(0, len(G_test), chunk):
         p = system.decision(G_test[s : s + chunk]).argmax(1)
         contrib = system.similarity(G_test[s : s + chunk]) * beta.T[p]  # (m, n): i -> x's logit
-        flow.index_add_(0, p, torch.zeros(len(p), C, dtype=torch.float64).index_add(1, y_idx, contrib))
+        if flows is not None:
+            flows.index_add_(0, p, torch.zeros(len(p), C, dtype=torch.float64).index_add(1, y_idx, contrib))
         total += contrib.sum(0)
         preds.append(p)
     pred = torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long)
     counts = torch.bincount(pred, minlength=C).clamp_min(1).to(torch.float64)
-    return {"class_flow": (flow / counts.unsqueeze(1)).numpy(), "total_contribution": total.numpy(),
+    return {"class_flow": None if flows is None else (flows / counts.unsqueeze(1)).numpy(), "total_contribution": total.numpy(),
             "predicted": pred.numpy()}

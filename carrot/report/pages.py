@@ -265,8 +265,11 @@ def write_explanation(exp: Explanation, out_dir: str | Path) -> dict[str, Any]:
 
 def _class_flow(summary: dict[str, Any], review) -> str:
     """Class-flow heatmap (predicted class x training class) and the training images carrying the most predictions."""
-    if not summary.get("class_flow"):
-        return ""
+    carriers = ("<h2>Training images carrying the most predictions</h2><p class='muted'>sum of each training image's "
+                "exact contributions to the predicted logits of all test images</p>"
+                + review(summary["carriers"], "total contribution")) if summary.get("carriers") else ""
+    if not summary.get("class_flow"):  # none for many classes (a C x C table no one can read)
+        return carriers
     classes, F = summary["classes"], np.asarray(summary["class_flow"])
     peak = max(float(np.abs(F).max()), 1e-12)
 
@@ -278,14 +281,18 @@ def _class_flow(summary: dict[str, Any], review) -> str:
     rows = "".join(f"<tr><th>{html.escape(c)}</th>" + "".join(cell(float(v)) for v in F[i]) + "</tr>" for i, c in enumerate(classes))
     return ("<h2>Class flow</h2><p class='muted'>rows: predicted class; columns: class of the training images; cell: mean "
             "exact contribution of that class's training images to the predicted logit (red supports, blue inhibits)</p>"
-            f"<table><tr><th></th>{head}</tr>{rows}</table>"
-            "<h2>Training images carrying the most predictions</h2><p class='muted'>sum of each training image's exact "
-            "contributions to the predicted logits of all test images</p>" + review(summary["carriers"], "total contribution"))
+            f"<table><tr><th></th>{head}</tr>{rows}</table>" + carriers)
 
 
-def index_html(summary: dict[str, Any], thumbs: dict[int, Any], pages: Sequence[dict[str, Any]]) -> str:
-    """Run overview: accuracy, per-class table, confusion matrix, training images for label review."""
+def _confusion(summary: dict[str, Any]) -> str:
+    """The confusion matrix where there are few classes, else the most frequent (true, predicted) mistakes."""
     classes = summary["classes"]
+    if summary.get("confusion") is None:
+        rows = "".join(f"<tr><td style='text-align:left'>{html.escape(t)}</td><td style='text-align:left'>"
+                       f"{html.escape(p)}</td><td>{k}</td></tr>" for t, p, k in summary.get("confused_pairs", []))
+        return (f"<h2>Most confused classes</h2><p class='muted'>{len(classes)} classes: the most frequent mistakes on the "
+                f"test images instead of a {len(classes)} x {len(classes)} matrix</p><table><tr><th>true class</th>"
+                f"<th>predicted</th><th>test images</th></tr>{rows}</table>")
     cm = np.asarray(summary["confusion"])
     peak = max(1, cm.max())
     head = "".join(f"<th>{html.escape(c)}</th>" for c in classes)
@@ -293,6 +300,13 @@ def index_html(summary: dict[str, Any], thumbs: dict[int, Any], pages: Sequence[
         f"<tr><th>{html.escape(c)}</th>" + "".join(
             f"<td style='background:rgba(178,24,43,{v / peak:.2f})'>{v}</td>" for v in cm[i]) + "</tr>"
         for i, c in enumerate(classes))
+    return (f"<h2>Confusion matrix</h2><p class='muted'>rows: true class, columns: predicted</p>"
+            f"<table><tr><th></th>{head}</tr>{cm_rows}</table>")
+
+
+def index_html(summary: dict[str, Any], thumbs: dict[int, Any], pages: Sequence[dict[str, Any]]) -> str:
+    """Run overview: accuracy, per-class table, confusion matrix, training images for label review."""
+    classes = summary["classes"]
     per_class = "".join(
         f"<tr><td style='text-align:left'>{html.escape(c)}</td><td>{summary['per_class'][c]['n_test']}</td>"
         f"<td>{summary['per_class'][c]['accuracy']:.3f}</td></tr>" for c in classes)
@@ -321,8 +335,7 @@ def index_html(summary: dict[str, Any], thumbs: dict[int, Any], pages: Sequence[
         f"{summary['n_train']} training / {summary['n_test']} test images, {len(classes)} classes.</p>"
         f"<p style='font-size:20px'>test accuracy <b>{summary['test_accuracy']:.4f}</b></p>"
         f"<h2>Per class</h2><table><tr><th>class</th><th>test images</th><th>accuracy</th></tr>{per_class}</table>"
-        f"<h2>Confusion matrix</h2><p class='muted'>rows: true class, columns: predicted</p>"
-        f"<table><tr><th></th>{head}</tr>{cm_rows}</table>"
+        + _confusion(summary) +
         "<h2>Label review</h2><p class='muted'>training images whose label the rest of the data disagrees with most: "
         "exact leave-one-out cross-entropy of the label (softmax of the logits refitted without the image, temperature "
         f"{summary.get('label_review_temperature', float('nan')):.3g} fitted on the training labels); the card says what the "

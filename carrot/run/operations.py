@@ -39,8 +39,12 @@ def run_summary(model: Carrot, G: np.ndarray, y: np.ndarray, G_test: np.ndarray,
     head = model.head_
     pred = head.decision_function(G_test).argmax(1)
     C = len(model.classes_)
-    cm = np.zeros((C, C), dtype=int)
-    np.add.at(cm, (y_test, pred), 1)
+    matrices = C <= MATRIX_CLASSES  # C x C tables only where a person can read them (and memory allows)
+    n_test = np.bincount(y_test, minlength=C)
+    hits = np.bincount(y_test[pred == y_test], minlength=C)
+    confused = {}
+    for t, p_ in zip(y_test[pred != y_test].tolist(), pred[pred != y_test].tolist()):
+        confused[(t, p_)] = confused.get((t, p_), 0) + 1
     system = model.training_system()  # the head's own factor, shared with explain and certificates
     total = -system.loo_loss_change(G_test, index_labels(head.classes_, y_test, "y_test")).numpy()  # > 0: removal helps
 
@@ -53,12 +57,14 @@ def run_summary(model: Carrot, G: np.ndarray, y: np.ndarray, G_test: np.ndarray,
     review, temperature = system.loo_cross_entropy(loo)
     review = np.where(system.a.numpy() > 0, review.numpy(), -np.inf)  # images outside the model are not reviewed
     loo_pred = loo.argmax(1).numpy()
-    flow = class_summary(system, G_test) if len(y_test) else None
+    flow = class_summary(system, G_test, flow=matrices) if len(y_test) else None
     carry = flow["total_contribution"] if flow is not None else np.zeros(len(y))
     return {
-        "classes": model.classes_, "confusion": cm.tolist(),
+        "classes": model.classes_, "confusion": _confusion(confused, hits) if matrices else None,
+        "confused_pairs": [[model.classes_[t], model.classes_[p_], k] for (t, p_), k in
+                           sorted(confused.items(), key=lambda kv: (-kv[1], kv[0]))[:MOST_CONFUSED]],
         "test_accuracy": float((pred == y_test).mean()) if len(y_test) else float("nan"),
-        "per_class": {c: {"n_test": int(cm[i].sum()), "accuracy": float(cm[i, i] / max(1, cm[i].sum()))}
+        "per_class": {c: {"n_test": int(n_test[i]), "accuracy": float(hits[i] / max(1, n_test[i]))}
                       for i, c in enumerate(model.classes_)},
         "harmful": rows(np.argsort(-total, kind="stable")[:k], total),
         "helpful": rows(np.argsort(total, kind="stable")[:k], total),
@@ -66,12 +72,24 @@ def run_summary(model: Carrot, G: np.ndarray, y: np.ndarray, G_test: np.ndarray,
         "label_review": [{**r, "loo_predicted": model.classes_[int(head.classes_[loo_pred[r["index"]]])]}
                          for r in rows(np.argsort(-review, kind="stable")[:k], review)],
         "label_review_temperature": temperature,
-        "class_flow": flow["class_flow"].tolist() if flow is not None else None,
+        "class_flow": flow["class_flow"].tolist() if flow is not None and flow["class_flow"] is not None else None,
         "n_train": int(len(y)), "n_test": int(len(y_test)), "lam": float(head.lam_),
         "t": model.config.diffusion.t, "backbone": model.config.backbone.name,
         "head": head_line(head, (getattr(head, "head_choice_", None) or (model.metrics_ or {}).get("head_choice"))
                           if model.config.head.kind == "auto" else None),
     }
+
+
+MATRIX_CLASSES = 40  # up to this many classes the index shows the confusion matrix and the class flow (C x C)
+MOST_CONFUSED = 30  # the (true, predicted) pairs the index lists, most frequent first
+
+
+def _confusion(confused: dict[tuple[int, int], int], hits: np.ndarray) -> list[list[int]]:
+    """The confusion matrix (rows true class, columns predicted) from the wrong pairs' counts and each class's hits."""
+    cm = np.diag(hits).astype(int)
+    for (t, p), k in confused.items():
+        cm[t, p] = k
+    return cm.tolist()
 
 
 def head_line(head: Any, choice: dict[str, Any] | None = None) -> str:
