@@ -1332,3 +1332,22 @@ def test_an_altered_partial_cache_is_not_resumed(workspace, monkeypatch):
     assert invoke(workspace, "fit --config {cfg} --data {data} --out {tmp}/new --quiet").exit_code == 0
     clean = {p.parent.name: np.load(p) for p in (workspace.tmp / "ucache" / "tokens").glob("*/tokens.npy")}
     assert resumed.keys() == clean.keys() and all(np.array_equal(resumed[k], clean[k]) for k in clean)
+
+
+def test_a_killed_writers_staging_folders_are_removed_after_a_day(workspace):
+    """kill -9 while a run was staged leaves hidden folders; the next write to that run removes those over a day old
+    (with a warning) and leaves a recent one (another writer may be at work)."""
+    import time
+
+    workspace.config()
+    old_partial, old_swap, recent = (workspace.tmp / n for n in (".new.x1.partial", ".new.old-1a2b3c4d", ".new.x2.partial"))
+    for d in (old_partial, old_swap, recent):
+        d.mkdir()
+        (d / "head.safetensors").write_bytes(b"half")
+    day_ago = time.time() - 2 * 24 * 3600
+    for d in (old_partial, old_swap):
+        os.utime(d, (day_ago, day_ago))
+    r = invoke(workspace, FIT)
+    assert r.exit_code == 0, r.output
+    assert not old_partial.exists() and not old_swap.exists() and recent.exists()
+    assert r.stderr.count("a run folder that an interrupted writer left over a day ago") == 2, r.stderr
