@@ -66,6 +66,9 @@ def user_errors(fn: Callable) -> Callable:
 
         _default_show = warnings.showwarning
         warnings.showwarning = show
+        from carrot.progress import set_quiet
+
+        set_quiet(bool(kwargs.get("quiet", False)))  # one switch silences every bar and stage note of the command
         try:
             return fn(*args, **kwargs)
         except CarrotError as exc:
@@ -239,7 +242,7 @@ def cli() -> None:
 @run_options
 @click.option("--out", "run_dir", required=True, type=click.Path(file_okay=False), help="Run directory to write.")
 @click.option("--overwrite", is_flag=True, help="Replace a run already in --out (its explanations and reports go too).")
-@click.option("--quiet", is_flag=True, help="No progress bars.")
+@click.option("--quiet", is_flag=True, help="No progress bars or stage notes.")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON on stdout.")
 @user_errors
 def fit(run_dir: str, overwrite: bool, quiet: bool, as_json: bool, **opts: Any) -> None:
@@ -261,7 +264,7 @@ def fit(run_dir: str, overwrite: bool, quiet: bool, as_json: bool, **opts: Any) 
 
 @cli.command()
 @run_options
-@click.option("--quiet", is_flag=True, help="No progress bars.")
+@click.option("--quiet", is_flag=True, help="No progress bars or stage notes.")
 @user_errors
 def extract(quiet: bool, **opts: Any) -> None:
     """Extract (or resume, or reuse) the backbone tokens of the train and test splits into the token
@@ -278,8 +281,9 @@ def extract(quiet: bool, **opts: Any) -> None:
 @click.option("--t", "ts", default="0,0.25,0.5,1,2,5,10", show_default=True, help="Comma-separated diffusion times to compare.")
 @click.option("--out", "out_path", type=click.Path(dir_okay=False), help="JSON file to write (default: RUN_DIR/t_sweep.json, plus .csv).")
 @click.option("--pixel-images", type=click.IntRange(min=0), default=0, show_default=True, help="Also measure each t's pixel and token maps by the pixel deletion / insertion protocol on this many test images (whole model re-run).")
+@click.option("--quiet", is_flag=True, help="No progress bars or stage notes.")
 @user_errors
-def bench(run_dir: str, ts: str, out_path: str | None, pixel_images: int) -> None:
+def bench(run_dir: str, ts: str, out_path: str | None, pixel_images: int, quiet: bool) -> None:
     """Compare diffusion times t on the run's cached tokens (one eigendecomposition per image for all
     t): test accuracy, LOO-chosen lambda and LOO accuracy per t."""
     from carrot.run import commands as orchestration
@@ -305,10 +309,11 @@ def _even(ctx: click.Context, param: click.Parameter, value: int) -> int:
 @click.option("--occlusion", is_flag=True, help="Also the exact cell occlusion map: the logit drop when each cell alone is blurred (N + 1 runs of the whole model).")
 @click.option("--region-mask", type=click.Path(exists=True, dir_okay=False), help="Integer mask image (same size as the one IMAGE): exact contribution of each of your segments.")
 @click.option("--json", "as_json", is_flag=True, help="Print the explanations as JSON on stdout.")
+@click.option("--quiet", is_flag=True, help="No progress bars or stage notes.")
 @user_errors
 def explain(run_dir: str, images: tuple[str, ...], top_k: int, out_dir: str | None, device: str | None,
             node_removal: bool, pixel_map: str, permutations: int, occlusion: bool, region_mask: str | None,
-            as_json: bool) -> None:
+            as_json: bool, quiet: bool) -> None:
     """Explain IMAGES (files or folders) with the run in RUN_DIR: class, exact top-K training
     images for and against it (with their own region maps and matched region pairs), region
     heatmap PNG, an HTML page per image and the run's index.html."""
@@ -331,7 +336,7 @@ def explain(run_dir: str, images: tuple[str, ...], top_k: int, out_dir: str | No
 @click.option("--out", "out_path", type=click.Path(dir_okay=False), help="JSON file to write, with a .csv beside it (default: RUN_DIR/predictions.json).")
 @click.option("--batch-size", type=click.IntRange(1, 4096), default=32, show_default=True, help="Images per backbone batch.")
 @click.option("--device", help="auto, cpu, cuda, cuda:N or mps.")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--quiet", is_flag=True, help="No progress bars or stage notes.")
 @user_errors
 def predict(run_dir: str, images: tuple[str, ...], out_path: str | None, batch_size: int, device: str | None, quiet: bool) -> None:
     """Classify IMAGES (files or folders) with the run in RUN_DIR, without explanations: one row per
@@ -358,13 +363,16 @@ def predict(run_dir: str, images: tuple[str, ...], out_path: str | None, batch_s
 @click.option("--subsets", type=click.IntRange(min=2), default=50, show_default=True, help="Random 50% training subsets for LDS.")
 @click.option("--out", "out_path", type=click.Path(dir_okay=False), help="JSON file to write (default: RUN_DIR/evaluation.json).")
 @click.option("--json", "as_json", is_flag=True, help="Print the whole result as JSON on stdout (default: one line per evaluation).")
+@click.option("--quiet", is_flag=True, help="No progress bars or stage notes.")
 @user_errors
 def evaluate(run_dir: str, what: str, certificate_limit: int, seeds: str, shots: int | None, resplit: bool,
-             flip_fraction: float, ks: str, n_test: int, subsets: int, out_path: str | None, as_json: bool) -> None:
+             flip_fraction: float, ks: str, n_test: int, subsets: int, out_path: str | None, as_json: bool,
+             quiet: bool) -> None:
     """Evaluate the run in RUN_DIR: test accuracy mean/std over seeds (few-shot or re-split), and its exact
     attributions against exact LOO, TracIn and baselines: mislabel detection, faithfulness, linear
     datamodeling score, rank agreement; pointing game where part locations are known; counterfactual
     certificates (how few training images each prediction rests on)."""
+    from carrot.progress import note
     from carrot.run import commands as orchestration
 
     k_list = _numbers("k", ks)
@@ -372,7 +380,7 @@ def evaluate(run_dir: str, what: str, certificate_limit: int, seeds: str, shots:
     res = orchestration.evaluate(run_dir, [w.strip() for w in what.split(",") if w.strip()], out_path,
                                  seeds=seed_list, shots=shots, resplit=resplit, certificate_limit=certificate_limit,
                                  flip_fraction=flip_fraction, ks=k_list, n_test=n_test, n_subsets=subsets,
-                                 progress=lambda msg: click.echo(f"... {msg}", err=True))
+                                 progress=note)
     if as_json:
         click.echo(json.dumps(res, indent=2))
         return
@@ -386,8 +394,9 @@ def evaluate(run_dir: str, what: str, certificate_limit: int, seeds: str, shots:
 @click.argument("run_a", type=click.Path(exists=True, file_okay=False))
 @click.argument("run_b", type=click.Path(exists=True, file_okay=False))
 @click.option("--out", "out_path", type=click.Path(dir_okay=False), help="JSON file to write (default: RUN_B/compare.json).")
+@click.option("--quiet", is_flag=True, help="No progress bars or stage notes.")
 @user_errors
-def compare(run_a: str, run_b: str, out_path: str | None) -> None:
+def compare(run_a: str, run_b: str, out_path: str | None, quiet: bool) -> None:
     """Compare two runs on the same test images (a run and its reweighted child, two backbones, two t):
     accuracies, per-class change, McNemar's exact test and the images whose prediction changed."""
     from carrot.run import commands as orchestration
@@ -407,8 +416,10 @@ def compare(run_a: str, run_b: str, out_path: str | None) -> None:
 @click.option("--consistency", type=FiniteRange(min=0), help="Weight of the attribution-consistency term (same-class validation images share supporters).")
 @click.option("--out", "out_path", type=click.Path(dir_okay=False), help="JSON file to write (default: RUN_DIR/reweight.json).")
 @click.option("--apply", "apply_to", type=click.Path(file_okay=False), help="Also write a new run here whose head is fitted with the learned weights (explain, predict and evaluate --what pointing work on it).")
+@click.option("--quiet", is_flag=True, help="No progress bars or stage notes.")
 @user_errors
-def reweight(run_dir: str, val_fraction: float, out_path: str | None, apply_to: str | None, **rro: Any) -> None:
+def reweight(run_dir: str, val_fraction: float, out_path: str | None, apply_to: str | None, quiet: bool,
+             **rro: Any) -> None:
     """Reweight the training images of RUN_DIR by the exact validation-loss gradient (RRO) and report
     test accuracy against uniform weights, per-class effective sample sizes and the curves."""
     from carrot.run import commands as orchestration
@@ -423,8 +434,9 @@ def reweight(run_dir: str, val_fraction: float, out_path: str | None, apply_to: 
 @click.option("--flag-fraction", type=FRACTION, default=0.02, show_default=True, help="Share of training images flagged for label review.")
 @click.option("--epochs", type=click.IntRange(min=1), help="SGD epochs of the TracIn head.")
 @click.option("--checkpoints", "n_checkpoints", type=click.IntRange(min=1), help="Checkpoints kept along the SGD run.")
+@click.option("--quiet", is_flag=True, help="No progress bars or stage notes.")
 @user_errors
-def tracin(run_dir: str, n_test: int, flag_fraction: float, epochs: int | None, n_checkpoints: int | None) -> None:
+def tracin(run_dir: str, n_test: int, flag_fraction: float, epochs: int | None, n_checkpoints: int | None, quiet: bool) -> None:
     """TracIn analysis of RUN_DIR (influence and self-influence over checkpoints, keyed by sample ids,
     quantiles, per-class summaries, label-review flags, comparison with exact LOO); shown in index.html."""
     from carrot.run import commands as orchestration
@@ -438,8 +450,9 @@ def tracin(run_dir: str, n_test: int, flag_fraction: float, epochs: int | None, 
 @click.option("--val-fraction", type=FRACTION, default=0.2, show_default=True, help="Share of the training set held out as validation.")
 @click.option("--downweight", type=FiniteRange(0, 1, max_open=True), default=0.0, show_default=True, help="Weight given to the harmful images (0 drops them).")
 @click.option("--apply", "apply_to", type=click.Path(file_okay=False), help="Also write a new run here with the drop of best validation accuracy applied.")
+@click.option("--quiet", is_flag=True, help="No progress bars or stage notes.")
 @user_errors
-def debug(run_dir: str, ks: str, val_fraction: float, downweight: float, apply_to: str | None) -> None:
+def debug(run_dir: str, ks: str, val_fraction: float, downweight: float, apply_to: str | None, quiet: bool) -> None:
     """Dataset debugging loop: find the training images most harmful to a validation split (exact LOO),
     drop or downweight them without refitting (Woodbury), report validation/test accuracy vs random drops."""
     from carrot.run import commands as orchestration
@@ -453,7 +466,7 @@ def debug(run_dir: str, ks: str, val_fraction: float, downweight: float, apply_t
 @click.option("--out", "run_dir", default="runs/demo", show_default=True, type=click.Path(file_okay=False), help="Run directory to write.")
 @click.option("--explain-n", type=click.IntRange(min=0), default=3, show_default=True, help="Test images to explain.")
 @click.option("--overwrite", is_flag=True, help="Replace a run already in --out.")
-@click.option("--quiet", is_flag=True, help="No progress bars.")
+@click.option("--quiet", is_flag=True, help="No progress bars or stage notes.")
 @user_errors
 def demo(run_dir: str, explain_n: int, overwrite: bool, quiet: bool, **opts: Any) -> None:
     """Offline demo: ELPV solar-cell images + built-in DINOv2 ViT-S/14; fit, compare with a

@@ -67,6 +67,6 @@ def explain_json():
     def explain(run: Path, image: str, out: Path, *flags: str) -> dict:
         r = CliRunner().invoke(cli, ["explain", str(run), str(image), "--top-k", "2", "--out", str(out), "--json", *flags])
         assert r.exit_code == 0, r.output
-        return json.loads(r.output)[0]
+        return json.loads(r.stdout)[0]
 
     return explain

@@ -32,7 +32,7 @@ def fitted(tmp_path_factory, synthetic_root, tiny_config) -> Path:
     out = tmp_path_factory.mktemp("runs") / "tiny"
     r = run("fit", "--config", tiny_config, "--data", str(synthetic_root), "--out", str(out), "--quiet", "--json", "--lam", "0.5")
     assert r.exit_code == 0, r.output
-    metrics = json.loads(r.output)
+    metrics = json.loads(r.stdout)
     assert metrics["n_train"] + metrics["n_test"] == 18
     return out
 
@@ -65,7 +65,7 @@ def test_run_summary_class_flow_rows_sum_to_the_mean_predicted_logit(fitted):
 def test_explain_folder_writes_exact_explanations(fitted, synthetic_root, tmp_path):
     r = run("explain", str(fitted), str(synthetic_root / "class_01"), "--top-k", "3", "--out", str(tmp_path), "--json")
     assert r.exit_code == 0, r.output
-    res = json.loads(r.output)
+    res = json.loads(r.stdout)
     assert len(res) == 6
     for e in res:
         assert len(e["supporting"]) == 3 and len(e["inhibiting"]) == 3
@@ -117,7 +117,7 @@ def test_fit_without_token_cache_streams_and_explains(tmp_path, synthetic_root, 
     np.testing.assert_allclose(np.load(out / "train_embeddings.npy"), np.load(fitted / "train_embeddings.npy"), rtol=1e-12, atol=1e-13)
     r = run("explain", str(out), str(synthetic_root / "class_00" / "img_000.png"), "--json")
     assert r.exit_code == 0, r.output
-    assert json.loads(r.output)[0]["supporting"][0]["train_regions"]  # training regions from the images themselves
+    assert json.loads(r.stdout)[0]["supporting"][0]["train_regions"]  # training regions from the images themselves
     bad(["bench", str(out)], "no token caches (fitted with --no-cache-tokens")
     bad(["extract", "--config", tiny_config, "--data", str(synthetic_root), "--no-cache-tokens"], "there is no token cache to extract into")
 
@@ -141,7 +141,7 @@ def test_reweight_apply_writes_a_weighted_run(fitted, tmp_path, synthetic_root):
     assert derived.meta_["derived_from"]["by"] == "reweight" and (out / "index.html").is_file()
     r = run("explain", str(out), str(synthetic_root / "class_02" / "img_001.png"), "--json", "--top-k", "2")
     assert r.exit_code == 0, r.output
-    e = json.loads(r.output)[0]
+    e = json.loads(r.stdout)[0]
     assert e["identity_error"]["data"] <= 1e-9 and all(s["index"] in np.flatnonzero(w > 0) for s in e["supporting"])
     assert all(s["weight"] == w[s["index"]] for s in e["supporting"] + e["inhibiting"])
     assert " weight " in Path(e["page"]).read_text()
@@ -320,7 +320,7 @@ def test_evaluate_and_reweight_commands(fitted, tmp_path):
 def test_extract_and_bench_commands(fitted, tmp_path, synthetic_root, tiny_config):
     r = run("extract", "--config", tiny_config, "--data", str(synthetic_root), "--quiet")
     assert r.exit_code == 0, r.output
-    info = json.loads(r.output)
+    info = json.loads(r.stdout)
     assert info["n"] == [12, 6] and Path(info["train"]).is_dir()
     r = run("bench", str(fitted), "--t", "0,1", "--out", str(tmp_path / "sweep.json"))
     assert r.exit_code == 0, r.output
@@ -338,7 +338,7 @@ def test_explain_with_node_removal_and_region_mask(fitted, synthetic_root, tmp_p
     r = run("explain", str(fitted), str(img), "--node-removal", "--region-mask", str(tmp_path / "mask.png"),
             "--out", str(tmp_path / "x"), "--json", "--top-k", "2")
     assert r.exit_code == 0, r.output
-    e = json.loads(r.output)[0]
+    e = json.loads(r.stdout)[0]
     assert len(e["node_removal"]) == 4 and e["deletion"]["fractions"][0] == 0
     assert set(e["segments"]) == {"0", "1"}
     assert sum(e["segments"].values()) == pytest.approx(e["region_sum"], rel=1e-9)
@@ -354,12 +354,12 @@ def test_tracin_and_debug_commands(fitted, tmp_path):
     shutil.copytree(fitted, run_dir)
     r = run("tracin", str(run_dir), "--n-test", "3", "--flag-fraction", "0.25", "--epochs", "4", "--checkpoints", "2")
     assert r.exit_code == 0, r.output
-    assert json.loads(r.output)["n_checkpoints"] == 2
+    assert json.loads(r.stdout)["n_checkpoints"] == 2
     assert {p.name for p in (run_dir / "tracin").iterdir()} == {"summary.json", "self_influence.json", "influence.json"}
     assert "TracIn analysis" in (run_dir / "index.html").read_text()
     r = run("debug", str(run_dir), "--drop", "1,2", "--val-fraction", "0.34")
     assert r.exit_code == 0, r.output
-    assert [row["k"] for row in json.loads(r.output)["rows"]] == [1, 2]
+    assert [row["k"] for row in json.loads(r.stdout)["rows"]] == [1, 2]
     bad(["debug", str(run_dir), "--drop", "0"], "--drop: expected integers >= 1")
     bad(["tracin", str(run_dir), "--flag-fraction", "2"], "--flag-fraction")
 

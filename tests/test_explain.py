@@ -53,7 +53,7 @@ def test_cli_json_has_the_python_api_fields_and_the_page_says_what_each_number_m
     r = CliRunner().invoke(cli, ["explain", str(fitted), img, "--json", "--top-k", "2", "--out", str(tmp_path / "x")],
                            catch_exceptions=False)
     assert r.exit_code == 0, r.output
-    (cli_exp,) = json.loads(r.output)
+    (cli_exp,) = json.loads(r.stdout)
     (api_exp,) = [e.to_json() for e in Carrot.load(fitted).explain([img], k=2)]
     assert set(api_exp) <= set(cli_exp) and set(cli_exp) - set(api_exp) == {"heatmap", "page"}
     assert set(api_exp["supporting"][0]) == set(cli_exp["supporting"][0])
@@ -69,7 +69,7 @@ def test_certificate_audit_on_the_index(fitted, tmp_path):
     r = CliRunner().invoke(cli, ["evaluate", str(run), "--what", "certificates", "--n-test", "4", "--certificate-limit", "5"],
                            catch_exceptions=False)
     assert r.exit_code == 0, r.output
-    assert r.output.startswith("certificates (4 predictions, up to 5 removals): ")
+    assert r.stdout.startswith("certificates (4 predictions, up to 5 removals): ")
     c = json.loads((run / "evaluation.json").read_text())["certificates"]
     assert sum(n for _, n in c["histogram"]) == c["n"] == len(c["sizes"]) == 4
     assert [b for b, _ in c["histogram"]] == ["1", "2", "3-4", "5", "none up to 5"]

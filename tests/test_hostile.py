@@ -1016,11 +1016,37 @@ def invoke(w: W, argv: str, env: dict | None = None):
     return CliRunner().invoke(cli, [w.fmt(a) for a in argv.split()], env=env)
 
 
+def shown_lines(text: str) -> list[str]:
+    """The lines a terminal shows after ``text``: carriage returns, newlines and the cursor-up sequence (ESC [ A)
+    that progress bars redraw and clear themselves with are played out, so bars leave nothing behind."""
+    screen: list[list[str]] = [[]]
+    row = col = 0
+    i = 0
+    while i < len(text):
+        ch = text[i]
+        if text.startswith("\x1b[A", i):
+            row, i = max(0, row - 1), i + 3
+            continue
+        if ch == "\r":
+            col = 0
+        elif ch == "\n":
+            row, col = row + 1, 0
+            while len(screen) <= row:
+                screen.append([])
+        else:
+            line = screen[row]
+            line.extend(" " * (col + 1 - len(line)))
+            line[col] = ch
+            col += 1
+        i += 1
+    return [s for s in ("".join(line).rstrip() for line in screen) if s]
+
+
 def assert_one_line_error(r, pattern: str) -> None:
     import re
 
     assert r.exit_code == 2, (r.exit_code, r.output, r.exception)
-    lines = [ln for ln in r.stderr.splitlines() if ln.strip() and not ln.startswith("carrot-run: warning:")]
+    lines = [ln for ln in shown_lines(r.stderr) if not ln.startswith("carrot-run: warning:")]
     assert len(lines) == 1 and lines[0].startswith("carrot-run: error: "), r.stderr
     assert "Traceback" not in r.output and "weights_only=False" not in r.output
     assert re.search(pattern, lines[0]), lines[0]

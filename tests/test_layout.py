@@ -75,7 +75,7 @@ def test_public_api_resolves():
     assert issubclass(carrot.CarrotError, ValueError)
 
 
-FLOORS = ["errors", "text", "validation", "io", "devices", "distributed", "config", "data", "ridge", "features", "embed",
+FLOORS = ["errors", "text", "progress", "validation", "io", "devices", "distributed", "config", "data", "ridge", "features", "embed",
           "attribution", "audit", "report", "run", "cli"]  # lowest first: each may import only floors below it
 
 

@@ -369,14 +369,14 @@ def test_explain_defaults_to_the_shapley_map_which_sums_exactly(run, tmp_path, e
         with pytest.raises(CarrotError, match="pixel_map: expected one of shapley, split or None"):
             model.explain([path], pixel_map=bad)
     r = CliRunner().invoke(cli, ["explain", str(run), path, "--out", str(tmp_path / "c"), "--json", "--pixel-map", "none"])
-    none = json.loads(r.output)[0]
+    none = json.loads(r.stdout)[0]
     assert r.exit_code == 0 and "pixel_map" not in none and "pixel_map" not in none["meaning"]
 
 
 def test_evaluate_pixel_deletion_reports_each_map(run):
     r = CliRunner().invoke(cli, ["evaluate", str(run), "--what", "pixel-deletion", "--n-test", "3", "--json"])
     assert r.exit_code == 0, r.output
-    p = json.loads(r.output)["pixel_deletion"]
+    p = json.loads(r.stdout)["pixel_deletion"]
     assert p["n"] == 3 and p["grid"] == [4, 4] and set(p["maps"]) == {"shapley", "split", "occlusion", "token", "random"}
     for v in p["maps"].values():
         assert v["deletion"]["n"] + v["deletion"]["left_out"] == 3
@@ -408,7 +408,7 @@ def test_the_t_sweep_and_the_pointing_game_report_the_pixel_protocol(run):
     assert "Shapley map deletion" in (run / "index.html").read_text()
     r = CliRunner().invoke(cli, ["evaluate", str(run), "--what", "pointing", "--n-test", "2", "--json"])
     assert r.exit_code == 0, r.output
-    p = json.loads(r.output)["pointing"]
+    p = json.loads(r.stdout)["pointing"]
     assert p["n_pixel"] == 2 and 0 <= p["pixel_hit_rate"] <= 1 and 0 <= p["token_hit_rate_same_images"] <= 1
 
 

@@ -51,7 +51,7 @@ def test_demo_run_pages_render(tmp_path):
     r = CliRunner().invoke(cli, ["demo", "--backbone", "efficientnet_lite0", "--max-per-class", "6", "--explain-n", "2",
                                  "--out", str(out), "--quiet"], catch_exceptions=False)
     assert r.exit_code == 0, r.output
-    summary = json.loads(r.output)
+    summary = json.loads(r.stdout)
     assert summary["n_train"] + summary["n_test"] == 48
     pages = [out / "index.html"] + sorted(out.glob("explanations/*/explanation.html"))
     assert len(pages) == 3

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from carrot.errors import CarrotError
+from carrot.progress import bar
 
 PIXEL_MAPS = ("shapley", "split")  # the pixel maps explain can draw (Carrot.pixel_map); their words: carrot.report.explanation
 
@@ -74,8 +75,14 @@ def removed_masks(order: np.ndarray, counts: Sequence[int], boxes: list[tuple[in
     return out
 
 
-def _batched(logits: Logits, x: torch.Tensor, batch: int) -> np.ndarray:
-    return np.concatenate([logits(x[s : s + batch]) for s in range(0, len(x), batch)])
+def _batched(logits: Logits, x: torch.Tensor, batch: int, desc: str = "") -> np.ndarray:
+    """The logits of inputs x (B, ...) ``batch`` at a time; with ``desc``, a progress bar over the runs."""
+    out = []
+    with bar(total=len(x), desc=desc, unit="run", disable=not desc) as runs:
+        for s in range(0, len(x), batch):
+            out.append(logits(x[s : s + batch]))
+            runs.update(len(x[s : s + batch]))
+    return np.concatenate(out)
 
 
 def occlusion_map(logits: Logits, x: torch.Tensor, c: int, grid: tuple[int, int], sigma: float | None = None,
@@ -103,8 +110,24 @@ def occlusion_map(logits: Logits, x: torch.Tensor, c: int, grid: tuple[int, int]
     for j, (y0, y1, x0, x1) in enumerate(boxes):  # mask j holds cell j only
         masks[j, :, y0:y1, x0:x1] = 1.0
     inputs = torch.cat([x[None], x[None] * (1 - masks) + xb[None] * masks])
-    out = _batched(logits, inputs, batch)[:, c]
+    out = _batched(logits, inputs, batch, desc="occlusion map")[:, c]
     return (out[0] - out[1:]).reshape(grid)
+
+
+def _pair_values(vals: np.ndarray, orders: list[np.ndarray]) -> np.ndarray:
+    """Each antithetic pair's estimate of every cell's Shapley value (K / 2, N), from the logits along the orders
+    (``vals[k, r]``: order k with its first r cells blurred)."""
+    n = vals.shape[1] - 1
+    phi = np.empty((len(vals), n))
+    for k, p in enumerate(orders[: len(vals)]):
+        phi[k, p] = vals[k, :-1] - vals[k, 1:]
+    return (phi[0::2] + phi[1::2]) / 2
+
+
+def _typical_sem(vals: np.ndarray, orders: list[np.ndarray]) -> float:
+    """The root-mean-square over cells of the estimates' standard error, from the pairs complete so far."""
+    pairs = _pair_values(vals, orders)
+    return float(np.sqrt(np.mean(pairs.var(0, ddof=1) / len(pairs))))
 
 
 def shapley_map(logits: Logits, x: torch.Tensor, c: int, grid: tuple[int, int], permutations: int = 4,
@@ -152,17 +175,19 @@ def shapley_map(logits: Logits, x: torch.Tensor, c: int, grid: tuple[int, int], 
     ends = np.asarray(logits(torch.stack([x, xb])), dtype=np.float64)[:, c]
     vals = np.full((permutations, n + 1), np.nan)  # vals[k, r]: logit with the first r cells of order k blurred
     vals[:, 0], vals[:, n] = ends
-    jobs = [(k, r) for k in range(permutations) for r in range(1, n)]
-    for s in range(0, len(jobs), batch):
-        chunk = jobs[s : s + batch]
-        m = torch.stack([ranks[k][cell] < r for k, r in chunk])[:, None].to(x.dtype)
-        out = np.asarray(logits(x[None] * (1 - m) + xb[None] * m), dtype=np.float64)[:, c]
-        for (k, r), v in zip(chunk, out):
-            vals[k, r] = v
-    phi = np.empty((permutations, n))
-    for k, p in enumerate(orders):
-        phi[k, p] = vals[k, :-1] - vals[k, 1:]
-    pairs = (phi[0::2] + phi[1::2]) / 2
+    jobs = [(k, r) for k in range(permutations) for r in range(1, n)]  # order by order: pairs complete in turn
+    with bar(total=len(jobs) + 2, initial=2, desc="pixel map (Shapley)", unit="run") as runs:
+        for s in range(0, len(jobs), batch):
+            chunk = jobs[s : s + batch]
+            m = torch.stack([ranks[k][cell] < r for k, r in chunk])[:, None].to(x.dtype)
+            out = np.asarray(logits(x[None] * (1 - m) + xb[None] * m), dtype=np.float64)[:, c]
+            for (k, r), v in zip(chunk, out):
+                vals[k, r] = v
+            runs.update(len(chunk))
+            done = (chunk[-1][0] + (chunk[-1][1] == n - 1)) // 2  # antithetic pairs complete so far
+            if done >= 2:
+                runs.set_postfix(pairs=f"{done}/{permutations // 2}", se=f"{_typical_sem(vals[: 2 * done], orders):.2g}")
+    pairs = _pair_values(vals, orders)
     est = pairs.mean(0)
     sem = pairs.std(0, ddof=1) / np.sqrt(len(pairs)) if len(pairs) > 1 else np.full(n, np.nan)
     info = {"full": float(ends[0]), "blurred": float(ends[1]), "permutations": permutations,
@@ -194,7 +219,7 @@ def path_split(logits: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, 
     a, wts = np.polynomial.legendre.leggauss(int(nodes))
     a, wts = (a + 1) / 2, wts / 2
     grad = torch.zeros_like(x, dtype=torch.float64)
-    for s in range(0, len(a), batch):
+    for s in bar(range(0, len(a), batch), desc="pixel map (path split)", unit="batch"):
         alpha = torch.as_tensor(a[s : s + batch], dtype=torch.float32).view(-1, 1, 1, 1)
         inp = (xb[None] + alpha * d[None]).detach().requires_grad_(True)
         out = logits(inp)[:, c]

@@ -12,6 +12,7 @@ import torch
 
 from carrot.audit.registry import Audit, register
 from carrot.errors import CarrotError
+from carrot.progress import bar
 from carrot.ridge.head import as_head
 from carrot.validation import index_labels
 
@@ -49,7 +50,7 @@ def debug_loop(G: np.ndarray, y: np.ndarray, G_val: np.ndarray, y_val: np.ndarra
     full = after(None)
     base = {"val_accuracy": acc(full, G_val, yv), "test_accuracy": acc(full, G_test, yt)}
     rows = []
-    for k in ks:
+    for k in bar(ks, desc="debug: drops", unit="k"):
         top = after(order[:k])
         rnd = [after(idx) for idx in (rng.choice(len(y), k, replace=False) for _ in range(n_random))]
         rows.append({"k": int(k), "val_accuracy": acc(top, G_val, yv), "test_accuracy": acc(top, G_test, yt),

@@ -14,6 +14,7 @@ from scipy.stats import kendalltau, spearmanr
 
 from carrot.audit.registry import Audit, register
 from carrot.errors import CarrotError
+from carrot.progress import bar
 from carrot.ridge.baselines import TracInHead
 from carrot.ridge.head import as_head, fitted_head, frozen_clone
 from carrot.ridge.heads import keeps
@@ -109,9 +110,11 @@ def faithfulness(system: TrainingSystem, G_test: np.ndarray, attributions: np.nd
     F = system.decision(G_test)
     pred = F.argmax(1)
     out: dict[str, dict[str, dict[str, float]]] = {}
+    steps = bar(total=len(ks) * m, desc="faithfulness", unit="img")
     for k in ks:
         res: dict[str, list[tuple[float, bool]]] = {s: [] for s in ("remove_top", "remove_random", "remove_bottom", "keep_top", "keep_random")}
         for x in range(m):
+            steps.update(1)
             order = active[np.argsort(-attributions[x, active], kind="stable")]
             c = int(pred[x])
             sets = {"remove_top": [order[:k]], "remove_bottom": [order[-k:]],
@@ -127,6 +130,7 @@ def faithfulness(system: TrainingSystem, G_test: np.ndarray, attributions: np.nd
                     res[name].append((float(F[x, c] - f[c]), int(f.argmax()) != c))
         out[str(k)] = {s: {"logit_drop": float(np.mean([d for d, _ in v])), "flip_rate": float(np.mean([f for _, f in v]))}
                        for s, v in res.items()}
+    steps.close()
     return out
 
 
@@ -142,7 +146,7 @@ def lds(system: TrainingSystem, G_test: np.ndarray, classes: np.ndarray, estimat
     active = np.flatnonzero(system.a.numpy() > 0)
     masks = np.zeros((n_subsets, n), dtype=bool)
     actual = np.zeros((n_subsets, len(classes)))
-    for j in range(n_subsets):
+    for j in bar(range(n_subsets), desc="LDS subsets", unit="refit"):
         idx = np.sort(rng.choice(active, int(round(fraction * len(active))), replace=False))
         masks[j, idx] = True
         actual[j] = system.decision_only(G_test, idx)[torch.arange(len(classes)), torch.as_tensor(classes)].numpy()
@@ -211,7 +215,7 @@ def accuracy_over_seeds(G: np.ndarray, y: np.ndarray, G_test: np.ndarray, y_test
                           "evaluate accuracy without --resplit, or on the unweighted run it was derived from")
     pooled_G, pooled_y = np.concatenate([G, G_test]), np.concatenate([y, y_test])
     rows = []
-    for seed in seeds:
+    for seed in bar(seeds, desc="accuracy over seeds", unit="fit"):
         if resplit:
             tr, te = stratified_indices(pooled_y, classes, len(y_test) / len(pooled_y), seed, "pooled train+test")
             Gtr, ytr, Gte, yte = pooled_G[tr], pooled_y[tr], pooled_G[te], pooled_y[te]

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 
 from carrot.errors import CarrotError
+from carrot.progress import bar
 from carrot.ridge.heads import keeps
 
 if TYPE_CHECKING:
@@ -128,7 +129,7 @@ def pixel_deletion(model: "Carrot", n_test: int = 20, steps: int = 16, seed: int
     seconds: dict[str, list[float]] = {m: [] for m in maps}
     spans: list[float] = []
     grid = None
-    for i in rows.tolist():
+    for i in bar(rows.tolist(), desc="pixel deletion", unit="img"):
         x, H, w, grid, c = image_regions(model, model.test_records_[i][0])
         full, blurred = blur_ends(model.pixel_logits, x, c, grid)
         spans.append(full - blurred)
@@ -213,7 +214,7 @@ def certificates(model: "Carrot", n_test: int = 50, limit: int = 50, seed: int =
     rng = np.random.default_rng(seed)
     rows = np.sort(rng.choice(len(G_test), min(n_test, len(G_test)), replace=False))
     found, seconds = [], []
-    for i in rows.tolist():
+    for i in bar(rows.tolist(), desc="certificates", unit="img"):
         c = system.certificate(G_test[i], limit)
         seconds.append(c.seconds)
         found.append((i, c))

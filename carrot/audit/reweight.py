@@ -22,6 +22,7 @@ import torch
 
 from carrot.audit.registry import Audit, json_lines, register
 from carrot.errors import CarrotError
+from carrot.progress import bar
 from carrot.ridge.core import CentredMoments, RidgeFactor
 from carrot.ridge.head import as_head
 from carrot.ridge.heads import keeps, require
@@ -156,16 +157,15 @@ def rro(
     yv_idx = index_labels(base.classes_, y_val, "y_val")  # the system's class columns
     yt_idx = None if y_test is None else index_labels(base.classes_, y_test, "y_test")
     fit_rows, hold_rows = _holdout_split(yv_idx, cfg.holdout, cfg.seed)
-    Gv_fit = torch.as_tensor(G_val[fit_rows])
-    yv_fit = torch.as_tensor(yv_idx[fit_rows])
-    C = len(classes)
-    yt = torch.as_tensor(y_idx)
+    Gv_fit, yv_fit = torch.as_tensor(G_val[fit_rows]), torch.as_tensor(yv_idx[fit_rows])
+    C, yt = len(classes), torch.as_tensor(y_idx)
     track = keeps(base, "support_profiles")  # the consistency term's value is recorded where the head has it
     s = torch.full((len(y_idx),), math.log(math.e - 1), dtype=torch.float64, requires_grad=True)
     opt = torch.optim.Adam([s], lr=cfg.lr)
     history: list[dict[str, float]] = []
     best: tuple[float, int, torch.Tensor] | None = None
-    for step in range(cfg.steps + 1):
+    steps = bar(range(cfg.steps + 1), desc="reweight (RRO)", unit="step")
+    for step in steps:
         a = class_normalised(s, yt, C, cfg.classwise)
         profiles = track and (cfg.consistency > 0 or step == 0 or step == cfg.steps)
         system, cons = _step(fitted, Gt, a0 * a, Gv_fit, yv_fit, base.fit_intercept) if profiles else (
@@ -186,11 +186,13 @@ def rro(
         if G_test is not None:
             rec["test_accuracy"] = _acc(system, G_test, yt_idx)
         history.append(rec)
+        steps.set_postfix(val_loss=f"{L:.4g}", best_step=best[1])
         if step == cfg.steps:
             break
         opt.zero_grad()
         (a * g_a).sum().add(penalty).backward()  # d/ds of L_val through a, plus the regularisers
         opt.step()
+    steps.close()
     _, best_step, a_best = best
     ess = ess_fraction(a_best * (a0 > 0), yt, C)  # rows outside the run (base weight 0) carry no weight
     return RROResult((a0 * a_best).numpy(), best_step, history, {str(c): float(e) for c, e in zip(classes, ess)})

@@ -9,6 +9,7 @@ from sklearn.base import clone
 
 from carrot.audit.registry import Audit, json_lines, register
 from carrot.features.cache import TokenStore
+from carrot.progress import bar
 from carrot.config import GraphConfig
 from carrot.embed.embedder import Embedder
 from carrot.ridge.head import as_head
@@ -38,7 +39,7 @@ def t_sweep(train: TokenStore, test: TokenStore, ts: Sequence[float], embedder: 
     Gtr, Gte = embeddings_over_t(train, ts, embedder), embeddings_over_t(test, ts, embedder)
     t_embed = time.perf_counter() - t0
     rows = []
-    for i, t in enumerate(ts):
+    for i, t in enumerate(bar(ts, desc="t sweep", unit="t")):
         t1 = time.perf_counter()
         fitted = clone(as_head(head)).fit(Gtr[i], train.labels, sample_weight)
         row = {"t": float(t), "lam": fitted.lam_, "test_accuracy": float((fitted.predict(Gte[i]) == test.labels).mean()),

@@ -19,7 +19,7 @@ solvers work in O(n r^2).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -87,8 +87,10 @@ class Spectrum:
         """diag(M (M + lam I)^-1) (n,)."""
         return torch.einsum("ik,ik,k->i", self.Q, self.Q, self.m / (self.m + lam))
 
-    def loo_path(self, Y: torch.Tensor, y_idx: np.ndarray, lams: Sequence[float]) -> LooPath:
-        """Exact LOO accuracy and mean squared error for every lambda, by the one LOO scorer."""
+    def loo_path(self, Y: torch.Tensor, y_idx: np.ndarray, lams: Sequence[float],
+                 on_lambda: Callable[[int, float], Any] | None = None) -> LooPath:
+        """Exact LOO accuracy and mean squared error for every lambda, by the one LOO scorer (``on_lambda(i,
+        accuracy)`` after each lambda: the search's progress)."""
         cg = self.cg
         ybar = cg.a @ Y / cg.S
         QtV = self.Q.T @ (cg.s.unsqueeze(1) * (Y - ybar))
@@ -100,6 +102,8 @@ class Spectrum:
         for li, lam in enumerate(scorer.lambdas):
             scorer.add(li, ybar + KcSQ @ (QtV / (self.m + lam).unsqueeze(1)), cg.a / cg.S + QQ @ (self.m / (self.m + lam)),
                        Y, y_t)
+            if on_lambda is not None:
+                on_lambda(li, scorer.accuracy(li))
         return scorer.path()
 
 

@@ -119,11 +119,21 @@ def fit_head(config: "RunConfig", G: Any, y: Any, sample_weight: Any = None) -> 
     ``head_choice_`` (a head not fitted: None, and its ``<kind>_skipped`` reason)."""
     if config.head.kind != "auto":
         return head_from_config(config).fit(G, y, sample_weight)
+    from carrot.progress import note
+
     candidates = {kind: head_from_config(config, kind) for kind in HEADS}
     skipped = {kind: h.unfit_reason(len(G), config) for kind, h in candidates.items()}
-    heads = {kind: h.fit(G, y, sample_weight) for kind, h in candidates.items() if not skipped[kind]}
-    scores: dict[str, Any] = {kind: loo_accuracy(h, G, y) for kind, h in heads.items()}
+    heads, scores = {}, {}
+    for kind, h in candidates.items():
+        if skipped[kind]:
+            note(f"head auto: the {kind} head is not fitted: {skipped[kind]}")
+            continue
+        note(f"head auto: fitting the {kind} head on {len(G)} images")
+        heads[kind] = h.fit(G, y, sample_weight)
+        scores[kind] = loo_accuracy(heads[kind], G, y)
     best = heads[max(scores, key=lambda kind: (scores[kind], -list(HEADS).index(kind)))]
+    note(f"head auto: kept the {kind_of(best).name} head (exact LOO accuracy: "
+         + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()) + ")")
     for kind, why in skipped.items():
         if why:
             scores.update({kind: None, f"{kind}_skipped": why})

@@ -257,9 +257,14 @@ class KernelRidgeHead(ClassifierMixin, BaseEstimator):
     def _search(self, Z: torch.Tensor, a: torch.Tensor, Y: torch.Tensor, y_idx: np.ndarray):
         """(gamma, spectrum, Nystroem map or None, LOO path) of the best (gamma, lambda) by exact LOO accuracy (ties:
         lower LOO squared error, then larger lambda); sets ``lam_`` and keeps the best gamma's training features."""
+        from carrot.progress import bar
+
         lams = check_lambdas(self.lam_grid or DEFAULT_LAMBDAS) if self.lam == "auto" else np.array([float(self.lam)])
+        gammas = self._gammas(Z.cpu())
         best, path, fmap = None, [], None
-        for gamma in self._gammas(Z.cpu()):
+        steps = bar(total=len(gammas) * (1 + len(lams)), desc="kernel head", unit="step")
+        for g, gamma in enumerate(gammas):
+            steps.set_description(f"kernel head: gamma {g + 1}/{len(gammas)}, factorising")
             if self.approx_ == "nystroem":
                 fmap = self._nystroem_map(Z, a, gamma)
                 landmarks, normalization = (v.to(Z.device) for v in fmap)
@@ -267,7 +272,11 @@ class KernelRidgeHead(ClassifierMixin, BaseEstimator):
             else:
                 gram = self.gram(Z, None, gamma)
             spec = Spectrum(CentredGram.of(gram, a.to(Z.device)))
-            loo = spec.loo_path(Y, y_idx, lams)
+            steps.update(1)
+            steps.set_description(f"kernel head: gamma {g + 1}/{len(gammas)}, lambdas")
+            loo = spec.loo_path(Y, y_idx, lams, on_lambda=lambda li, acc: (steps.update(1), steps.set_postfix(
+                gamma=f"{gamma:.3g}", lam=f"{lams[li]:.3g}", loo=f"{acc:.4f}",
+                best=f"{-best[0][0]:.4f}" if best else "-")))
             lam = loo.best_lambda
             li = int(np.flatnonzero(loo.lambdas == lam)[0])
             path.append({"gamma": gamma, "lambdas": loo.lambdas.tolist(), "loo_accuracy": loo.accuracy.tolist(),
@@ -275,6 +284,7 @@ class KernelRidgeHead(ClassifierMixin, BaseEstimator):
             key = (-loo.accuracy[li], loo.mse[li], -lam)
             if best is None or key < best[0]:
                 best = (key, gamma, lam, spec, fmap, gram)
+        steps.close()
         _, gamma, self.lam_, spec, fmap, gram = best
         self._phi_fit_ = gram.F.cpu() if isinstance(gram, LowRankGram) else None
         return gamma, spec, fmap, path

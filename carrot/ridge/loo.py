@@ -72,6 +72,10 @@ class LooScorer:
             self._logits[li].append(f_loo.cpu())
             self._hats[li].append(h.cpu())
 
+    def accuracy(self, li: int) -> float:
+        """The LOO accuracy of the rows scored so far at the ``li``-th lambda."""
+        return float(self._correct[li] / max(1, self._n[li]))
+
     def path(self) -> "LooPath":
         keep = self.keep
         return LooPath(self.lambdas,

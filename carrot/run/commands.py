@@ -19,6 +19,7 @@ from carrot.errors import CarrotError
 from carrot.audit.evaluate import per_class_accuracy
 from carrot.io import check_dir, human_size, user_cache_dir, write_json
 from carrot.ridge.heads import kind_of, require
+from carrot.progress import bar, note
 from carrot.run.pipeline import Carrot
 from carrot.run.rundir import ANY, RunDir
 from carrot.report.pages import write_explanation
@@ -158,6 +159,7 @@ def fit(config: RunConfig, run_dir: str | Path, progress: bool = True, overwrite
     G_train, G_test = (_gather_rows(G, len(split), run_dir, name) for G, split, name in zip(shards, (train, test), ("train", "test")))
     if rank != 0:
         return {"rank": rank, "token_caches": [str(s.path) for s in stores]}
+    note(f"fitting the head ({config.head.kind}) on {len(train)} training images, {len(train.classes)} classes")
     model.fit(G_train, train.labels, train.records, train.classes)
     metrics = {
         "n_train": len(train), "n_test": len(test), "classes": len(train.classes),
@@ -172,6 +174,7 @@ def fit(config: RunConfig, run_dir: str | Path, progress: bool = True, overwrite
         "duplicate_test_images": len(duplicate_test_images(train, test)),
     }
     model.record_test(G_test, test.records, metrics)
+    note(f"writing the run to '{run_dir}' (its index page: the summary, label review and harmful images)")
     model.save(run_dir, finish=lambda staging: write_index(staging, model=model, name=run_dir.resolve().name),
                replace=ANY if overwrite else None)  # without --overwrite, a run another process wrote meanwhile stays
     return metrics
@@ -210,15 +213,21 @@ def explain(run_dir: str | Path, inputs: Sequence[str], out_dir: str | Path | No
     root_fresh = not out_root.exists()
     into_run = out_root == rd.explanations.resolve()
     identity = model.run_identity_ if into_run else None  # pages go into the run only while it is this run
+    images = bar(total=len(paths), desc="explain", unit="img", leave=True)
     try:
         for s in range(0, len(paths), batch):
-            for exp in model.explain(paths[s : s + batch], top_k, node_removal=node_removal, masks=masks,
-                                     pixel_map=pixel_map, permutations=permutations, occlusion=occlusion):
+            for exp in model.explain_iter(paths[s : s + batch], top_k, node_removal=node_removal, masks=masks,
+                                          pixel_map=pixel_map, permutations=permutations, occlusion=occlusion):
                 key = _key(exp.image)
                 if key not in numbers:
                     numbers[key], next_free = next_free, next_free + 1
                 results.append(_write_page(rd, identity, exp, RunDir.explanation_dir(out_root, numbers[key], exp.image)))
+                images.update(1)
+    except BaseException:
+        images.leave = False  # a failed command's bar clears itself: its one error line stands alone
+        raise
     finally:  # the pages written so far are complete: list them, even when a later one failed
+        images.close()
         listed = earlier + results
         try:
             with rd.publishing(identity):  # the list as it is now (another explain may have added pages), then ours
@@ -334,16 +343,20 @@ def demo(config: RunConfig, run_dir: str | Path, explain_n: int = 3, progress: b
     from sklearn.preprocessing import StandardScaler
 
     t0 = time.perf_counter()
+    note("demo: fitting carrot on the configured data (tokens, graph, diffusion, head)")
     metrics = fit(config, run_dir, progress, overwrite=overwrite)
     run_dir = Path(run_dir)
     model = Carrot.load(run_dir)
     G_test = model.test_embeddings_
     y_test = np.array([lab for _, lab in model.test_records_])
     y_train = np.array([r.label for r in model.train_records_])
+    note("demo: a LogisticRegression probe on the same features, for comparison")
     probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
     probe.fit(model.train_embeddings_, y_train)
     metrics["logreg_probe_test_accuracy"] = float(probe.score(G_test, y_test))
     paths = [p for p, _ in model.test_records_[: max(0, explain_n)]]
+    if paths:
+        note(f"demo: explaining {len(paths)} test images (training images for and against, certificate, pixel map)")
     results = explain(run_dir, paths) if paths else []
     metrics["explained"] = [{"image": r["image"], "predicted": r["predicted"], "heatmap": r["heatmap"]} for r in results]
     metrics["seconds_demo"] = time.perf_counter() - t0

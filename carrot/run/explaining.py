@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -66,15 +66,17 @@ class Batch:
     terms: TrainingTerms
 
 
-def explain_images(model: "Carrot", paths: Sequence[str], options: ExplainOptions) -> list[Explanation]:
-    """The explanations of image files by a fitted run (see :meth:`carrot.run.pipeline.Carrot.explain`)."""
+def iter_explanations(model: "Carrot", paths: Sequence[str], options: ExplainOptions) -> Iterator[Explanation]:
+    """The explanations of image files by a fitted run, one at a time as each is ready (the backbone runs once on
+    all of them; see :meth:`carrot.run.pipeline.Carrot.explain`)."""
     options = options.check(len(model.train_records_))
     G, H, w, grid, pictures, glob = model.embed_images(paths)
     logits = model.head_.decision_function(G)
     system = model.training_system()
     terms = system.training_terms(G, logits.argmax(1))
     batch = Batch(paths, G, H, w, grid, pictures, glob, model.embedder.features(H), logits, terms)
-    return [explain_one(model, system, batch, i, options) for i in range(len(paths))]
+    for i in range(len(paths)):
+        yield explain_one(model, system, batch, i, options)
 
 
 def explain_one(model: "Carrot", system: TrainingSystem, batch: Batch, i: int, options: ExplainOptions) -> Explanation:

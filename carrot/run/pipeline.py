@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import platform
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -295,11 +295,18 @@ class Carrot:
         equivalent-kernel and representer terms, and, for a head with region pairs, its pair split), the certificate,
         the token and pixel maps, and the identity errors of the exact sums.
         """
-        from carrot.run.explaining import ExplainOptions, explain_images
+        return list(self.explain_iter(paths, k, pairs, node_removal, masks, certificate_limit, pixel_map, permutations,
+                                      occlusion))
+
+    def explain_iter(self, paths: Sequence[str], k: int = 5, pairs: int = 3, node_removal: bool = False,
+                     masks: dict[str, np.ndarray] | None = None, certificate_limit: int = 50,
+                     pixel_map: str | None = "shapley", permutations: int = 4, occlusion: bool = False) -> Iterator[Explanation]:
+        """:meth:`explain`, one explanation at a time as each is ready (for pages written as they come)."""
+        from carrot.run.explaining import ExplainOptions, iter_explanations
 
         check_is_fitted(self, ("head_",))
-        return explain_images(self, paths, ExplainOptions(k, pairs, node_removal, masks, certificate_limit, pixel_map,
-                                                          permutations, occlusion))
+        return iter_explanations(self, paths, ExplainOptions(k, pairs, node_removal, masks, certificate_limit, pixel_map,
+                                                             permutations, occlusion))
 
     def mask_transform(self):
         """The display geometry for integer masks (nearest-neighbour resize, same crop)."""
