@@ -39,12 +39,14 @@ def main() -> None:
     ap.add_argument("--maps", nargs="+", default=["shapley", "split", "occlusion"], choices=["shapley", "split", "occlusion"])
     ap.add_argument("--permutations", type=int, default=4)
     ap.add_argument("--batch", type=int, default=32, help="images per forward pass (Shapley and occlusion)")
+    ap.add_argument("--precision", nargs="+", default=["float32", "auto"], choices=["auto", "float32", "bfloat16"],
+                    help="backbone.precision values timed (auto: bfloat16 where the CPU multiplies it natively)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "pixel_cost"))
     a = ap.parse_args()
     rows = []
-    for name in a.backbones:
+    for name, precision in ((n, p) for n in a.backbones for p in a.precision):
         cfg = RunConfig().merged({"backbone.name": name, "backbone.pretrained": False, "backbone.img_size": a.img_size,
-                                  "device": a.device, "head.kind": "ridge"})
+                                  "device": a.device, "head.kind": "ridge", "backbone.precision": precision})
         model = Carrot(cfg)
         size = model.backbone.data_config["input_size"]
         g = torch.Generator().manual_seed(0)
@@ -70,7 +72,8 @@ def main() -> None:
                 secs.append(time.perf_counter() - t0)
             n = grid[0] * grid[1]
             passes = {"shapley": a.permutations * (n - 1) + 2, "occlusion": n + 1, "split": 32}[m]
-            row = {"backbone": name, "input": list(size), "grid": list(grid), "map": m, "device": a.device,
+            row = {"backbone": name, "precision": model.backbone.precision, "input": list(size), "grid": list(grid),
+                   "map": m, "device": a.device,
                    "device_name": device_name(a.device), "seconds_per_image": float(np.mean(secs)),
                    "seconds_per_image_std": float(np.std(secs, ddof=1)) if len(secs) > 1 else None,
                    "passes": passes, "images": len(secs), "permutations": a.permutations if m == "shapley" else None}

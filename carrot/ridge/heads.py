@@ -82,6 +82,60 @@ def require(head: Any, prop: str, what: str) -> None:
                           f"head.kind: {' or '.join(fits)} for it")
 
 
+def _decided_on_a_subsample(config: "RunConfig", candidates: dict[str, Any], skipped: dict[str, str | None], G: Any,
+                            y: Any, sample_weight: Any) -> tuple[dict[str, str], dict[str, str]]:
+    """The heads too costly to search in full: those that lose on a class-stratified subsample, with the reason; and
+    the one that wins there, its search narrowed in ``candidates`` to the subsample's choice (``narrow_search``),
+    with a line saying how."""
+    import numpy as np
+
+    from carrot.devices import resolve_device
+    from carrot.progress import note
+
+    y = np.asarray(y)
+    n, C = len(y), len(np.unique(y))
+    budget = SEARCH_FLOPS["cpu" if resolve_device(config.device).type == "cpu" else "other"]
+    costly = {kind: h.search_flops(n, C) for kind, h in candidates.items() if not skipped[kind]}
+    costly = {kind: f for kind, f in costly.items() if f > budget}
+    if not costly or n <= SUBSAMPLE:
+        return {}, {}
+    rows = class_stratified_subsample(y, SUBSAMPLE, config.seed)
+    note(f"head auto: a full search of the {' and '.join(costly)} head would cost about "
+         f"{max(costly.values()):.1e} flops; comparing the heads first on {len(rows)} of the {n} images")
+    w = None if sample_weight is None else np.asarray(sample_weight)[rows]
+    fitted = {kind: head_from_config(config, kind).fit(G[rows], y[rows], w) for kind in candidates if not skipped[kind]}
+    scores = {kind: loo_accuracy(h, G[rows], y[rows]) for kind, h in fitted.items()}
+    best = max(scores, key=lambda kind: (scores[kind], -list(HEADS).index(kind)))
+    said = ", ".join(f"{k} {v:.4f}" for k, v in scores.items())
+    lost = {kind: (f"decided on a class-stratified subsample of {len(rows)} images (exact LOO accuracy there: {said}); "
+                   f"its full search would cost about {f:.1e} flops") for kind, f in costly.items() if kind != best}
+    narrowed = {}
+    if best in costly:
+        candidates[best], how = candidates[best].narrow_search(fitted[best], n / len(rows))
+        narrowed[best] = f"{how}, chosen on a class-stratified subsample of {len(rows)} images (exact LOO accuracy there: {said})"
+    return lost, narrowed
+
+
+def class_stratified_subsample(y: Any, size: int, seed: int) -> Any:
+    """About ``size`` training rows (sorted, seeded): every class with its share of the images (at least two, so
+    leave-one-out keeps a neighbour of its class), or, when there are too many classes for two images each, a random
+    subset of the classes with all their images (each class as dense as in the whole): exact LOO there asks the
+    whole's question of fewer images."""
+    import numpy as np
+
+    y = np.asarray(y)
+    rng = np.random.default_rng(seed)
+    classes, counts = np.unique(y, return_counts=True)
+    two = np.minimum(counts, 2)
+    keep = np.maximum(two, np.round(counts * size / len(y)).astype(int))
+    order = rng.permutation(len(classes))
+    if two.sum() > size:  # too many classes for two images each: a random subset of them, whole
+        keep = counts
+        order = order[: max(2, int(np.searchsorted(np.cumsum(keep[order]), size, side="right")))]
+    rows = [rng.choice(np.flatnonzero(y == classes[c]), keep[c], replace=False) for c in order]
+    return np.sort(np.concatenate(rows))
+
+
 def head_from_config(config: "RunConfig", kind: str | None = None) -> Any:
     """The unfitted head a run configuration describes (``head.*`` keys and the run's device); ``kind``
     overrides ``head.kind`` (one of the candidates of 'auto')."""
@@ -112,17 +166,28 @@ def loo_accuracy(head: Any, G: Any, y: Any) -> float:
     return float((np.asarray(head.classes_)[loo.argmax(1).numpy()] == np.asarray(y)).mean())
 
 
+SEARCH_FLOPS = {"cpu": 2e12, "other": 2e14}  # 'auto' searches a head in full up to this (about a minute on a 2-core CPU)
+SUBSAMPLE = 1000  # above the budget, the heads are compared first on a class-stratified subsample of this many images
+
+
 def fit_head(config: "RunConfig", G: Any, y: Any, sample_weight: Any = None) -> Any:
     """Fit the head ``head.kind`` names. 'auto' fits every registered head that can take the data (each says why not:
     ``unfit_reason``) and keeps the one with the highest exact LOO accuracy on the training set (ties: the first
     registered, the ridge head, which keeps every identity). The candidates' LOO accuracies are kept as
-    ``head_choice_`` (a head not fitted: None, and its ``<kind>_skipped`` reason)."""
+    ``head_choice_`` (a head not fitted: None, and its ``<kind>_skipped`` reason).
+
+    A head whose full search would cost more than :data:`SEARCH_FLOPS` (its ``search_flops``: the kernel head's
+    grows as n^3 + n^2 C per gamma and lambda) is first compared with the others on a class-stratified subsample of
+    :data:`SUBSAMPLE` images by the same exact LOO accuracy; it is fitted on the whole only when it wins there, and
+    otherwise skipped with the subsample's numbers as the reason."""
     if config.head.kind != "auto":
         return head_from_config(config).fit(G, y, sample_weight)
     from carrot.progress import note
 
     candidates = {kind: head_from_config(config, kind) for kind in HEADS}
     skipped = {kind: h.unfit_reason(len(G), config) for kind, h in candidates.items()}
+    lost, narrowed = _decided_on_a_subsample(config, candidates, skipped, G, y, sample_weight)
+    skipped.update(lost)
     heads, scores = {}, {}
     for kind, h in candidates.items():
         if skipped[kind]:
@@ -137,5 +202,6 @@ def fit_head(config: "RunConfig", G: Any, y: Any, sample_weight: Any = None) -> 
     for kind, why in skipped.items():
         if why:
             scores.update({kind: None, f"{kind}_skipped": why})
+    scores.update({f"{kind}_search": how for kind, how in narrowed.items()})
     best.head_choice_ = scores
     return best

@@ -3,7 +3,8 @@
     f(x) = ybar + kc(x)^T alpha,   alpha = s * (M + lam I)^-1 (s * (Y - ybar)),   M = diag(s) Kc diag(s),
 
 with weights a = s^2, Kc the weighted-centred Gram (:mod:`carrot.ridge.gram`) and the intercept unpenalised; gamma and
-lambda chosen by exact leave-one-out, one eigendecomposition per gamma (:class:`carrot.ridge.dual.Spectrum`). Its
+lambda chosen by exact leave-one-out (:func:`carrot.ridge.dual.loo_path`: one eigendecomposition per gamma for a grid
+of lambdas, one Cholesky per lambda for a few). Its
 exact training system (LOO, removal, reweighting, the certificate) is :class:`carrot.ridge.dual.DualSystem`
 (``head.system()``).
 
@@ -19,12 +20,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.base import BaseEstimator, ClassifierMixin, clone
 
 from carrot.devices import device_memory, resolve_device
 from carrot.errors import CarrotError, check_is_fitted
 from carrot.io import atomic_path, write_json
-from carrot.ridge.dual import CentredGram, DualSystem, Spectrum
+from carrot.ridge.dual import CentredGram, CholeskySolve, DualSystem, Spectrum, loo_path
 from carrot.ridge.gram import KERNELS, Gram, LowRankGram, kernel_matrix
 from carrot.ridge.headfile import load_parts, read_meta, settings
 from carrot.ridge.heads import register_head
@@ -118,6 +119,24 @@ class KernelRidgeHead(ClassifierMixin, BaseEstimator):
         h = config.head
         return cls(kernel=h.kernel, gamma=h.gamma, lam=h.lam, approx=h.approx, n_landmarks=h.landmarks,
                    random_state=config.seed, device=config.device)
+
+    def search_flops(self, n: int, C: int) -> float:
+        """About the floating-point operations of this head's exact (gamma, lambda) search on n images of C classes:
+        per gamma one eigendecomposition (~10 n^3) and per lambda the LOO logits (2 n^2 C); n m^2 for Nystroem."""
+        gammas = len(self.gamma_grid or GAMMA_MULTIPLIERS) if self.gamma == "auto" else 1
+        lams = len(self.lam_grid or DEFAULT_LAMBDAS) if self.lam == "auto" else 1
+        r = n if choose_approx(self, n) == "exact" else min(n, int(self.n_landmarks))
+        return float(gammas * (10 * n * r * r + 2 * lams * n * r * C))
+
+    def narrow_search(self, fitted: "KernelRidgeHead", growth: float) -> tuple["KernelRidgeHead", str]:
+        """This head with its search narrowed to what ``fitted`` (the same head on a subsample ``growth`` times
+        smaller) chose: its gamma, and three lambdas from its lambda to that lambda times ``growth`` (the regulariser
+        of a sum of squared errors over ``growth`` times more images), among which exact LOO on the whole chooses;
+        and a line saying so."""
+        lams = tuple(float(fitted.lam_ * f) for f in (1.0, growth ** 0.5, growth))
+        narrowed = clone(self).set_params(gamma="auto", gamma_grid=(float(fitted.gamma_),), lam="auto", lam_grid=lams)
+        return narrowed, (f"gamma {fitted.gamma_:.4g} and lambda among {', '.join(f'{v:.3g}' for v in lams)} (one "
+                          "Cholesky each)")
 
     def unfit_reason(self, n: int, config: Any) -> str | None:
         """Why head.kind 'auto' cannot fit this head of ``config`` on ``n`` training images: no intercept asked for,
@@ -271,12 +290,11 @@ class KernelRidgeHead(ClassifierMixin, BaseEstimator):
                 gram: Gram = LowRankGram(self.gram(Z, landmarks, gamma) @ normalization)
             else:
                 gram = self.gram(Z, None, gamma)
-            spec = Spectrum(CentredGram.of(gram, a.to(Z.device)))
             steps.update(1)
             steps.set_description(f"kernel head: gamma {g + 1}/{len(gammas)}, lambdas")
-            loo = spec.loo_path(Y, y_idx, lams, on_lambda=lambda li, acc: (steps.update(1), steps.set_postfix(
-                gamma=f"{gamma:.3g}", lam=f"{lams[li]:.3g}", loo=f"{acc:.4f}",
-                best=f"{-best[0][0]:.4f}" if best else "-")))
+            loo, spec = loo_path(CentredGram.of(gram, a.to(Z.device)), Y, y_idx, lams, on_lambda=lambda li, acc: (
+                steps.update(1), steps.set_postfix(gamma=f"{gamma:.3g}", lam=f"{lams[li]:.3g}", loo=f"{acc:.4f}",
+                                                   best=f"{-best[0][0]:.4f}" if best else "-")))
             lam = loo.best_lambda
             li = int(np.flatnonzero(loo.lambdas == lam)[0])
             path.append({"gamma": gamma, "lambdas": loo.lambdas.tolist(), "loo_accuracy": loo.accuracy.tolist(),
@@ -289,12 +307,12 @@ class KernelRidgeHead(ClassifierMixin, BaseEstimator):
         self._phi_fit_ = gram.F.cpu() if isinstance(gram, LowRankGram) else None
         return gamma, spec, fmap, path
 
-    def _set_solution(self, spec: Spectrum, Y: torch.Tensor) -> None:
+    def _set_solution(self, spec: "Spectrum | CholeskySolve", Y: torch.Tensor) -> None:
         cg = spec.cg
         self.spectrum_ = spec
         self.prior_ = (cg.a @ Y / cg.S).cpu()
         alpha = cg.s.unsqueeze(1) * spec.solve(cg.s.unsqueeze(1) * (Y - self.prior_.to(Y.device)), self.lam_)
-        self.dual_coef_ = alpha.cpu()
+        self.dual_coef_ = alpha.cpu().contiguous()  # as a loaded head holds it: the same rounding in every product
         self.row_mean_, self.total_mean_ = cg.r.cpu(), cg.t
         # f(x) = prior + (k(x) - r - k(x) a / S + t) alpha = intercept + k(x) alpha, as sum(alpha) = 0
         self.intercept_ = self.prior_ - (self.row_mean_ @ self.dual_coef_)
@@ -320,10 +338,11 @@ class KernelRidgeHead(ClassifierMixin, BaseEstimator):
             raise CarrotError("sample_weight: differs from the weights the head was fitted with (head.sample_weight_)")
         if getattr(self, "_system_", None) is None:
             spec = getattr(self, "spectrum_", None)
-            if spec is None:  # after load: one eigendecomposition
+            if spec is None:  # after load: one Cholesky at the head's lambda
                 dev = resolve_device(self.device)
                 dev = dev if dev.type != "mps" else torch.device("cpu")
-                spec = self.spectrum_ = Spectrum(CentredGram.of(self.train_gram().to(dev), self._a.to(dev)))
+                spec = self.spectrum_ = CholeskySolve(CentredGram.of(self.train_gram().to(dev), self._a.to(dev)),
+                                                      self.lam_)
             self._system_ = DualSystem(self, self.X_fit_, self.train_targets_, spec, self.lam_, self._train_features(),
                                        self.dual_coef_)
         return self._system_
@@ -331,7 +350,7 @@ class KernelRidgeHead(ClassifierMixin, BaseEstimator):
     def refit(self, G: ArrayLike, y: ArrayLike, sample_weight: ArrayLike | None = None) -> "KernelRidgeHead":
         """The head fitted on other rows or weights with this head's feature map (its preprocessing, kernel, gamma and
         Nystroem landmarks) and lambda held, every class kept as a column: the model RRO and debug's loops step
-        through, so a run they write (``--apply``) is exactly the model they scored. One eigendecomposition."""
+        through, so a run they write (``--apply``) is exactly the model they scored. One Cholesky."""
         check_is_fitted(self, ("dual_coef_",))
         Z = self.preprocess(G)
         y_idx = index_labels(self.classes_, np.asarray(y), "y")
@@ -343,7 +362,7 @@ class KernelRidgeHead(ClassifierMixin, BaseEstimator):
             ref.scale_mean_, ref.scale_std_ = self.scale_mean_, self.scale_std_
         ref.X_fit_, ref.loo_path_, ref.sample_weight_, ref._phi_fit_ = Z, None, None if sample_weight is None else a, None
         Y = torch.nn.functional.one_hot(torch.as_tensor(y_idx), len(self.classes_)).to(torch.float64)
-        ref._set_solution(Spectrum(CentredGram.of(ref.train_gram(), a)), Y)
+        ref._set_solution(CholeskySolve(CentredGram.of(ref.train_gram(), a), self.lam_), Y)
         return ref
 
     # predicting -------------------------------------------------------------------------------------------

@@ -169,6 +169,7 @@ def fit(config: RunConfig, run_dir: str | Path, progress: bool = True, overwrite
         "test_accuracy": model.score(G_test, test.labels),
         "per_class_test_accuracy": dict(zip(train.classes, per_class_accuracy(model.head_.predict(G_test), test.labels, len(train.classes)))),
         "seconds_extract": t_extract, "seconds_total": time.perf_counter() - t0,
+        "backbone_precision": model.backbone.precision, "backbone_images_per_second": _extraction_speed(stores),
         "token_caches": [str(s.path) for s in stores] if size == 1 else [],
         "world_size": size,
         "duplicate_test_images": len(duplicate_test_images(train, test)),
@@ -178,6 +179,16 @@ def fit(config: RunConfig, run_dir: str | Path, progress: bool = True, overwrite
     model.save(run_dir, finish=lambda staging: write_index(staging, model=model, name=run_dir.resolve().name),
                replace=ANY if overwrite else None)  # without --overwrite, a run another process wrote meanwhile stays
     return metrics
+
+
+def _extraction_speed(stores: Sequence[Any]) -> float | None:
+    """Images per second of the backbone over the token caches' extractions (as each cache's manifest recorded it when
+    it was written: a cache reused from an earlier run keeps its own number); None when no cache recorded one."""
+    timed = [(s.manifest["n"], s.manifest["images_per_second"]) for s in stores
+             if (s.manifest.get("images_per_second") or 0) > 0]
+    if not timed:
+        return None
+    return sum(n for n, _ in timed) / sum(n / v for n, v in timed)
 
 
 def explain(run_dir: str | Path, inputs: Sequence[str], out_dir: str | Path | None = None, top_k: int = 5,

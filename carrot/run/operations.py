@@ -100,7 +100,10 @@ def head_line(head: Any, choice: dict[str, Any] | None = None) -> str:
         scores = ", ".join(f"{k} {v:.4f}" for k, v in choice.items() if k in HEADS and v is not None)
         skipped = "; ".join(f"the {k[: -len('_skipped')]} head was not fitted: {v}" for k, v in choice.items()
                             if k.endswith("_skipped") and v)
-        line += f", kept by head.kind auto (exact LOO accuracy: {scores}" + (f"; {skipped})" if skipped else ")")
+        searched = "; ".join(f"the {k[: -len('_search')]} head searched {v}" for k, v in choice.items()
+                             if k.endswith("_search") and v)
+        notes = "; ".join(v for v in (skipped, searched) if v)
+        line += f", kept by head.kind auto (exact LOO accuracy: {scores}" + (f"; {notes})" if notes else ")")
     return line
 
 

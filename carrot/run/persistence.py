@@ -48,6 +48,8 @@ def load_run(cls: type, run_dir: str | Path, backbone: Any = None) -> "Carrot":
         config = RunConfig.from_dict(meta["config"])
     except CarrotError as exc:
         raise CarrotError(f"run '{run_dir}': run.json config is invalid ({exc}); {REFIT}") from None
+    # the arithmetic the run's tokens came from ('auto' resolved at fit; a run before it: float32), on any machine
+    config = config.merged({"backbone.precision": meta["backbone"].get("precision", "float32")})
     model = cls(config, backbone)
     model._backbone_info = meta["backbone"]
     model.run_identity_ = rd.loaded_identity  # what a command that writes into the run checks before it does

@@ -38,7 +38,7 @@ class Carrot:
             b = self.config.backbone
             self._backbone = create_backbone(
                 b.name, img_size=b.img_size, checkpoint=b.checkpoint, pretrained=b.pretrained, device=self.config.device,
-                seed=self.config.seed, blocks=b.blocks,
+                seed=self.config.seed, blocks=b.blocks, precision=b.precision,
             )
             if b.global_tokens and not self._backbone.num_prefix_tokens:
                 raise CarrotError(f"backbone.global_tokens: '{b.name}' has no class or register tokens (a ConvNet or a "
