@@ -385,8 +385,8 @@ def backbone_speed_section(d: dict) -> list[str]:
              "(`bench_backbone.py`)", "",
              "The token extraction as `fit` runs it (decode, timm's transform, the forward pass, the float16 cache write) "
              f"on the first ELPV training images, batch {d['batch']}, torch {d['torch']}; float32 and bfloat16 "
-             "alternate in the same process, the best round counts. `backbone.precision: auto` picks bfloat16 on a CPU "
-             "with AVX512-BF16 or AMX. Token error: ||bf16 - fp32|| / ||fp32|| over all cached tokens.", ""]
+             "alternate in the same process, the best round counts. `backbone.precision: auto` picks bfloat16 for a ViT on "
+             "a CPU with AVX512-BF16 or AMX (ConvNets keep float32). Token error: ||bf16 - fp32|| / ||fp32|| over all cached tokens.", ""]
     return lines + _table(d["rows"], [("backbone", "backbone"), ("precision", "precision"), ("images", "images"),
                                       ("img/s", "images_per_second"), ("speedup", "speedup"),
                                       ("token rel. error", "token_rel_error_vs_float32")]) + [""]

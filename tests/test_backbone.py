@@ -146,6 +146,8 @@ def test_precision_auto_is_bfloat16_only_where_the_cpu_multiplies_it_natively(mo
         monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: flags[1])
         assert resolve_precision("auto", cpu) == want
     assert resolve_precision("auto", cuda) == "float32"
+    assert resolve_precision("auto", cpu, transformer=False) == "float32"  # a ConvNet's tokens move 10%: float32
+    assert resolve_precision("bfloat16", cpu, transformer=False) == "bfloat16"
     assert resolve_precision("bfloat16", cpu) == "bfloat16" and resolve_precision("float32", cpu) == "float32"
     with pytest.raises(CarrotError, match="backbone.precision: expected auto, float32 or bfloat16, got 'half'"):
         resolve_precision("half", cpu)

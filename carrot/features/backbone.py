@@ -219,16 +219,18 @@ def _mismatch(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> s
     return "; ".join(p for p in parts if p)
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """'float32' or 'bfloat16' for backbone.precision on ``device``: 'auto' is bfloat16 on a CPU whose instructions
-    multiply bfloat16 natively (AVX512-BF16 or AMX tiles: DINOv2 ViT-S/14 runs 1.56x faster on a 2-core AVX512-BF16
-    EPYC, its tokens within 0.7% relative error), float32 elsewhere (an emulated bfloat16 is slower than float32; on
-    GPUs carrot has not measured it yet)."""
+def resolve_precision(precision: str, device: torch.device, transformer: bool = True) -> str:
+    """'float32' or 'bfloat16' for backbone.precision on ``device``: 'auto' is bfloat16 for a transformer (a model
+    with a patch embedding) on a CPU whose instructions multiply bfloat16 natively (AVX512-BF16 or AMX tiles), and
+    float32 elsewhere. Measured on ELPV on a 2-core AVX512-BF16 EPYC (``bench_backbone.py``, docs/benchmarks.md):
+    DINOv2 ViT-S/14 extracts 1.75x faster with its tokens within 0.8% of float32 and the same head chosen; a ConvNet
+    (EfficientNet-Lite0) 2x faster but its tokens 10% off and the head's (gamma, lambda) changed, so it keeps float32
+    unless asked. An emulated bfloat16 is slower than float32; GPUs are not measured yet."""
     if precision not in ("auto", "float32", "bfloat16"):
         raise CarrotError(f"backbone.precision: expected auto, float32 or bfloat16, got {precision!r}")
     if precision != "auto":
         return precision
-    if device.type == "cpu":
+    if device.type == "cpu" and transformer:
         native = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)() or \
             getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
         return "bfloat16" if native else "float32"
@@ -313,4 +315,4 @@ def create_backbone(
     data_config["input_size"] = (3, size, size)
     weights_id = sha256_tensors(model.state_dict())
     return TokenBackbone(model, name, timm_name, weights_id, size, dev, data_config, blocks,
-                         resolve_precision(precision, dev))
+                         resolve_precision(precision, dev, transformer=patch is not None))
