@@ -431,3 +431,40 @@ def test_the_pixel_map_follows_the_backbones_grid(name, size, synthetic_root, tm
     assert occ.shape == grid and np.isfinite(occ).all()
     cur = pixel_curves(model.pixel_logits, x, 0, grid, np.argsort(-occ.ravel()), steps=4)
     assert cur.deletion[0] == pytest.approx(cur.full) and cur.deletion[-1] == pytest.approx(cur.blurred)
+
+
+def test_cell_blocks_tile_the_grid_row_major():
+    from carrot.attribution.pixels import cell_blocks
+
+    assert cell_blocks((3, 5), 2).reshape(3, 5).tolist() == [[0, 0, 1, 1, 2], [0, 0, 1, 1, 2], [3, 3, 4, 4, 5]]
+    assert cell_blocks((2, 3), 1).tolist() == list(range(6)) and cell_blocks((2, 3), 9).tolist() == [0] * 6
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(CarrotError, match="block: expected an integer >= 1"):
+            cell_blocks((2, 2), bad)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_blocks_of_cells_are_the_players_and_their_values_split_evenly(seed):
+    """Two blocks of 2 x 2 cells: one antithetic pair is the exact two-player Shapley value of each block (against
+    the four games played directly); the map spreads it evenly over the block's cells and sums exactly."""
+    logits = nonlinear_model(seed)
+    x = torch.randn(3, 12, 16, generator=torch.Generator().manual_seed(seed + 60))
+    grid = (2, 4)
+    phi, info = shapley_map(logits, x, 0, grid, permutations=2, seed=seed, block=2)
+    xb = blur(x[None], default_sigma(grid, (12, 16)))[0]
+    left = torch.zeros(1, 12, 16)
+    left[..., :8] = 1
+    f = {S: float(logits((x * (1 - m) + xb * m)[None])[0, 0])
+         for S, m in (("", torch.zeros(1, 12, 16)), ("A", left), ("B", 1 - left), ("AB", torch.ones(1, 12, 16)))}
+    phi_a = ((f[""] - f["A"]) + (f["B"] - f["AB"])) / 2
+    phi_b = ((f[""] - f["B"]) + (f["A"] - f["AB"])) / 2
+    assert np.allclose(phi, np.array([[phi_a / 4] * 2 + [phi_b / 4] * 2] * 2), rtol=1e-9, atol=1e-12)
+    assert phi.sum() == pytest.approx(f[""] - f["AB"], rel=1e-12, abs=1e-12) and info["block"] == 2
+    lin = linear_model(seed)  # additive: a block's value is the sum of its cells' occlusion drops
+    phi, _ = shapley_map(lin, x, 1, (3, 4), permutations=4, seed=seed, block=2)
+    occ = occlusion_map(lin, x, 1, (3, 4)).ravel()
+    from carrot.attribution.pixels import cell_blocks
+
+    owner = cell_blocks((3, 4), 2)
+    want = np.array([occ[owner == owner[j]].sum() / (owner == owner[j]).sum() for j in range(12)]).reshape(3, 4)
+    assert np.allclose(phi, want, rtol=1e-9, atol=1e-9)

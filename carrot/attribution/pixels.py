@@ -130,8 +130,18 @@ def _typical_sem(vals: np.ndarray, orders: list[np.ndarray]) -> float:
     return float(np.sqrt(np.mean(pairs.var(0, ddof=1) / len(pairs))))
 
 
+def cell_blocks(grid: tuple[int, int], block: int) -> np.ndarray:
+    """The block (b x b cells, row-major; edge blocks smaller) each cell of a ``grid`` (gh, gw) belongs to, (N,)."""
+    if isinstance(block, bool) or not isinstance(block, int) or block < 1:
+        raise CarrotError(f"block: expected an integer >= 1 (cells per block side), got {block!r}")
+    gh, gw = grid
+    i, j = np.divmod(np.arange(gh * gw), gw)
+    return (i // block) * (-(-gw // block)) + j // block
+
+
 def shapley_map(logits: Logits, x: torch.Tensor, c: int, grid: tuple[int, int], permutations: int = 4,
-                sigma: float | None = None, batch: int = 32, seed: int = 0) -> tuple[np.ndarray, dict[str, Any]]:
+                sigma: float | None = None, batch: int = 32, seed: int = 0,
+                block: int = 1) -> tuple[np.ndarray, dict[str, Any]]:
     """Shapley values of the cells in the deletion game v(S) = f_c(x) - f_c(x with the cells S blurred), sampled
     over ``permutations`` random orders in antithetic pairs (each order and its reverse; Castro et al. 2009,
     Mitchell et al. 2022). Each order's marginal drops telescope to f_c(x) - f_c(blurred x), so the map sums to it
@@ -141,9 +151,11 @@ def shapley_map(logits: Logits, x: torch.Tensor, c: int, grid: tuple[int, int], 
     ----------
     logits : the whole model, (B, 3, H, W) input -> (B, C) logits.
     x : (3, H, W) one model input; c : the class; grid : (gh, gw) the backbone's cell grid.
-    permutations : even number of sampled orders (K); cost K (N - 1) + 2 forward passes for N cells.
+    permutations : even number of sampled orders (K); cost K (P - 1) + 2 forward passes for P players.
     sigma : blur standard deviation in px (default: one cell's side); batch : images per pass.
     seed : with the image's bytes, seeds the orders (reproducible per image, independent across images).
+    block : the players are blocks of block x block cells (:func:`cell_blocks`; 1: every cell, P = N); a block's
+        Shapley value is split evenly over its cells, so the map still sums to f_c(x) - f_c(blurred x) exactly.
 
     Returns
     -------
@@ -157,12 +169,13 @@ def shapley_map(logits: Logits, x: torch.Tensor, c: int, grid: tuple[int, int], 
         raise CarrotError(f"batch: expected an integer >= 1, got {batch!r}")
     size = tuple(x.shape[-2:])
     boxes = cell_boxes(grid, size)
-    n = len(boxes)
+    owner = cell_blocks(grid, block)
+    n = int(owner.max()) + 1  # players
     sigma = sigma if sigma is not None else default_sigma(grid, size)
     xb = blur(x[None], sigma)[0]
-    cell = torch.empty(size, dtype=torch.long, device=x.device)
+    cell = torch.empty(size, dtype=torch.long, device=x.device)  # the player each pixel belongs to
     for j, (y0, y1, x0, x1) in enumerate(boxes):
-        cell[y0:y1, x0:x1] = j
+        cell[y0:y1, x0:x1] = int(owner[j])
     # the orders depend on the seed and the image, so sampling errors are independent across images
     rng = np.random.default_rng([seed, zlib.crc32(x.detach().cpu().contiguous().numpy().tobytes())])
     orders = []
@@ -188,9 +201,10 @@ def shapley_map(logits: Logits, x: torch.Tensor, c: int, grid: tuple[int, int], 
             if done >= 2:
                 runs.set_postfix(pairs=f"{done}/{permutations // 2}", se=f"{_typical_sem(vals[: 2 * done], orders):.2g}")
     pairs = _pair_values(vals, orders)
-    est = pairs.mean(0)
-    sem = pairs.std(0, ddof=1) / np.sqrt(len(pairs)) if len(pairs) > 1 else np.full(n, np.nan)
-    info = {"full": float(ends[0]), "blurred": float(ends[1]), "permutations": permutations,
+    share = np.bincount(owner, minlength=n)[owner]  # cells in each cell's block
+    est = pairs.mean(0)[owner] / share
+    sem = (pairs.std(0, ddof=1) / np.sqrt(len(pairs)))[owner] / share if len(pairs) > 1 else np.full(len(owner), np.nan)
+    info = {"full": float(ends[0]), "blurred": float(ends[1]), "permutations": permutations, "block": block,
             "completeness_error": float(abs(est.sum() - (ends[0] - ends[1]))), "sem": sem.reshape(grid)}
     return est.reshape(grid), info
 
