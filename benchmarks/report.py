@@ -392,6 +392,25 @@ def backbone_speed_section(d: dict) -> list[str]:
                                       ("token rel. error", "token_rel_error_vs_float32")]) + [""]
 
 
+def pixel_curve_section(d: dict) -> list[str]:
+    """benchmarks/bench_pixel_curve.py: the Shapley map's faithfulness against its seconds, by (block, orders)."""
+    lines = [f"## The Shapley map's faithfulness against seconds: {Path(d['run']).name}, {d['grid'][0]}x{d['grid'][1]} "
+             f"cells, {d['precision']} (`bench_pixel_curve.py`)", "",
+             f"{d['rows'][0]['images']} deletable test images, {d['steps']} steps, {d['device']}, {d['threads']} threads. A "
+             "setting bKk plays blocks of b x b cells with K orders (b1k4: explain's default); seconds per map are wall "
+             "time; deletion / insertion: pooled AUC (span-weighted, ± bootstrap s.e.; lower / higher is more "
+             "faithful); paired: the mean per-image deletion AUC minus the default's (± s.e.), and on how many images "
+             "the setting deletes better.", ""]
+    rows = [{**r, "deletion": f"{r['deletion']:.3f} ± {r['deletion_sem']:.3f}",
+             "insertion": f"{r['insertion']:.3f} ± {r['insertion_sem']:.3f}",
+             "paired": f"{r['deletion_minus_reference']:+.3f} ± {r['deletion_minus_reference_sem']:.3f}"
+             if r["setting"] != "b1k4" else "—", "passes": r.get("passes", 0)} for r in d["rows"]]
+    return lines + _table(rows, [("setting", "setting"), ("players", "players"), ("passes", "passes"),
+                                 ("seconds per map", "seconds_per_map"), ("deletion AUC", "deletion"),
+                                 ("insertion AUC", "insertion"), ("paired deletion vs b1k4", "paired"),
+                                 ("better than b1k4", "better_than_reference")]) + [""]
+
+
 def keeps_section(keeps: dict) -> list[str]:
     cols = list(next(iter(keeps.values())))
     lines = ["## What each head keeps exact", "", "| head | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
@@ -414,6 +433,8 @@ def main() -> None:
         out += explanations_section(json.loads(path.read_text()))
     for path in sorted(RESULTS.glob("pixels_*.json")):
         out += pixels_section(json.loads(path.read_text()))
+    for path in sorted(RESULTS.glob("pixel_curve_*.json")):
+        out += pixel_curve_section(json.loads(path.read_text()))
     for path in sorted(RESULTS.glob("pixel_cost*.json")):
         out += pixel_cost_section(json.loads(path.read_text()))
     head_files = sorted(RESULTS.glob("heads_*.json"))
