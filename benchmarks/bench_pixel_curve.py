@@ -99,7 +99,8 @@ def main() -> None:
         rows.append(row)
     out = a.out or str(ROOT / "benchmarks" / "results" /
                        f"pixel_curve_{model.config.data.kind}_{model.config.backbone.name}")
-    print(write_results(out, rows, run=str(a.run), grid=list(grid), spans=spans, test_rows=used, steps=a.steps,
+    print(write_results(out, rows, run=str(a.run), data=model.config.data.kind, backbone=model.config.backbone.name,
+                        grid=list(grid), spans=spans, test_rows=used, steps=a.steps,
                         precision=model.backbone.precision, device=device_name("cpu"),
                         threads=os.environ.get("OMP_NUM_THREADS", "all"), seconds_total=time.perf_counter() - t_all))
 

@@ -394,7 +394,7 @@ def backbone_speed_section(d: dict) -> list[str]:
 
 def pixel_curve_section(d: dict) -> list[str]:
     """benchmarks/bench_pixel_curve.py: the Shapley map's faithfulness against its seconds, by (block, orders)."""
-    lines = [f"## The Shapley map's faithfulness against seconds: {Path(d['run']).name}, {d['grid'][0]}x{d['grid'][1]} "
+    lines = [f"## The Shapley map's faithfulness against seconds: {d['data']}, {d['backbone']}, {d['grid'][0]}x{d['grid'][1]} "
              f"cells, {d['precision']} (`bench_pixel_curve.py`)", "",
              f"{d['rows'][0]['images']} deletable test images, {d['steps']} steps, {d['device']}, {d['threads']} threads. A "
              "setting bKk plays blocks of b x b cells with K orders (b1k4: explain's default); seconds per map are wall "
@@ -404,7 +404,9 @@ def pixel_curve_section(d: dict) -> list[str]:
     rows = [{**r, "deletion": f"{r['deletion']:.3f} ± {r['deletion_sem']:.3f}",
              "insertion": f"{r['insertion']:.3f} ± {r['insertion_sem']:.3f}",
              "paired": f"{r['deletion_minus_reference']:+.3f} ± {r['deletion_minus_reference_sem']:.3f}"
-             if r["setting"] != "b1k4" else "—", "passes": r.get("passes", 0)} for r in d["rows"]]
+             if r["setting"] != "b1k4" else "—", "passes": r.get("passes", 0),
+             "players": r["players"] if r["players"] is not None else "—",
+             "better_than_reference": r["better_than_reference"] if r["setting"] != "b1k4" else "—"} for r in d["rows"]]
     return lines + _table(rows, [("setting", "setting"), ("players", "players"), ("passes", "passes"),
                                  ("seconds per map", "seconds_per_map"), ("deletion AUC", "deletion"),
                                  ("insertion AUC", "insertion"), ("paired deletion vs b1k4", "paired"),
