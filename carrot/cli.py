@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 import click
 
+from carrot.config import DEFAULT_PERMUTATIONS
 from carrot.errors import CarrotError
 
 EXIT_USER_ERROR = 2
@@ -305,7 +306,7 @@ def _even(ctx: click.Context, param: click.Parameter, value: int) -> int:
 @click.option("--device", help="auto, cpu, cuda, cuda:N or mps.")
 @click.option("--node-removal", is_flag=True, help="Also remove each region from the graph (logit drops) and draw deletion/insertion curves.")
 @click.option("--pixel-map", type=click.Choice(["shapley", "split", "none"]), default="shapley", show_default=True, help="The page's pixel map. shapley: each cell's Shapley value in the game 'blur a set of cells' (sampled orders; the values sum exactly to logit(image) - logit(blurred image); --permutations x (cells - 1) runs of the whole model, batched). split: the whole model's gradient integrated from the blurred image (path-integrated gradients; 32 forward + backward passes). none: no pixel map.")
-@click.option("--permutations", type=click.IntRange(min=2, max=1000), default=4, show_default=True, callback=_even, help="Random orders the Shapley map samples (even: each order with its reverse); its standard error falls as 1/sqrt of this.")
+@click.option("--permutations", type=click.IntRange(min=2, max=1000), default=DEFAULT_PERMUTATIONS, show_default=True, callback=_even, help="Random orders the Shapley map samples (even: each order with its reverse); its standard error falls as 1/sqrt of this.")
 @click.option("--occlusion", is_flag=True, help="Also the exact cell occlusion map: the logit drop when each cell alone is blurred (N + 1 runs of the whole model).")
 @click.option("--region-mask", type=click.Path(exists=True, dir_okay=False), help="Integer mask image (same size as the one IMAGE): exact contribution of each of your segments.")
 @click.option("--json", "as_json", is_flag=True, help="Print the explanations as JSON on stdout.")

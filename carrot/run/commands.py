@@ -9,7 +9,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from carrot.features.cache import extract
-from carrot.config import RunConfig
+from carrot.config import DEFAULT_PERMUTATIONS, RunConfig
 from carrot.devices import device_memory
 from carrot.distributed import barrier, init_from_env, world
 from carrot.data import (
@@ -193,7 +193,7 @@ def _extraction_speed(stores: Sequence[Any]) -> float | None:
 
 def explain(run_dir: str | Path, inputs: Sequence[str], out_dir: str | Path | None = None, top_k: int = 5,
             device: str | None = None, batch: int = 16, node_removal: bool = False,
-            region_mask: str | None = None, pixel_map: str | None = "shapley", permutations: int = 4,
+            region_mask: str | None = None, pixel_map: str | None = "shapley", permutations: int = DEFAULT_PERMUTATIONS,
             occlusion: bool = False) -> list[dict[str, Any]]:
     """Explain each image with a fitted run: heatmap.png, explanation.html/.json per image, index.html."""
     model = Carrot.load(run_dir)

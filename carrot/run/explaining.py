@@ -12,6 +12,7 @@ import torch
 
 from carrot.attribution.pixels import PIXEL_MAPS
 from carrot.attribution.representer import centred_parts, region_contributions, top_k
+from carrot.config import DEFAULT_PERMUTATIONS
 from carrot.errors import CarrotError
 from carrot.features.backbone import patch_centres
 from carrot.report.explanation import Explanation, PairSplit, PixelMap, TokenMap, TrainingImage, meanings
@@ -32,7 +33,7 @@ class ExplainOptions:
     masks: dict[str, np.ndarray] | None = None  # {path: integer segment mask in the model's input geometry}
     certificate_limit: int = 50  # the most training images the certificate removes (0: no certificate)
     pixel_map: str | None = "shapley"  # one of PIXEL_MAPS, or None
-    permutations: int = 4  # the even number of random orders the Shapley map samples
+    permutations: int = DEFAULT_PERMUTATIONS  # the even number of random orders the Shapley map samples
     occlusion: bool = False  # also the exact cell occlusion map (N + 1 runs of the whole model)
 
     def check(self, n: int) -> "ExplainOptions":

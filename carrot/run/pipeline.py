@@ -13,7 +13,7 @@ import torch
 from carrot import __version__
 from carrot.features.backbone import TokenBackbone, create_backbone, patch_centres
 from carrot.features.cache import TokenStore
-from carrot.config import RunConfig
+from carrot.config import DEFAULT_PERMUTATIONS, RunConfig
 from carrot.data import ImageDataset, ImageRecord, load_image
 from carrot.embed.embedder import Embedder
 from carrot.embed.tokenmap import TokenMap, sample_tokens
@@ -164,7 +164,7 @@ class Carrot:
         return self.head_.torch_decision(emb.readout(H, w, glob.cpu() if emb.global_tokens else None))
 
     def pixel_map(self, x: torch.Tensor, c: int, grid: tuple[int, int], method: str = "shapley",
-                  permutations: int = 4) -> tuple[np.ndarray, dict[str, Any]]:
+                  permutations: int = DEFAULT_PERMUTATIONS) -> tuple[np.ndarray, dict[str, Any]]:
         """One pixel map of a model input x (3, H, W) for class c over the backbone's ``grid`` of cells: "shapley"
         (:func:`~carrot.attribution.pixels.shapley_map`), "split" (:func:`~carrot.attribution.pixels.path_split`) or
         "occlusion" (:func:`~carrot.attribution.pixels.occlusion_map`); (gh, gw) float64 values and their info."""
@@ -271,7 +271,7 @@ class Carrot:
 
     def explain(self, paths: Sequence[str], k: int = 5, pairs: int = 3, node_removal: bool = False,
                 masks: dict[str, np.ndarray] | None = None, certificate_limit: int = 50,
-                pixel_map: str | None = "shapley", permutations: int = 4, occlusion: bool = False) -> list[Explanation]:
+                pixel_map: str | None = "shapley", permutations: int = DEFAULT_PERMUTATIONS, occlusion: bool = False) -> list[Explanation]:
         """Explain image files with the fitted run (:mod:`carrot.run.explaining`).
 
         Parameters
@@ -300,7 +300,7 @@ class Carrot:
 
     def explain_iter(self, paths: Sequence[str], k: int = 5, pairs: int = 3, node_removal: bool = False,
                      masks: dict[str, np.ndarray] | None = None, certificate_limit: int = 50,
-                     pixel_map: str | None = "shapley", permutations: int = 4, occlusion: bool = False) -> Iterator[Explanation]:
+                     pixel_map: str | None = "shapley", permutations: int = DEFAULT_PERMUTATIONS, occlusion: bool = False) -> Iterator[Explanation]:
         """:meth:`explain`, one explanation at a time as each is ready (for pages written as they come)."""
         from carrot.run.explaining import ExplainOptions, iter_explanations
 
