@@ -13,6 +13,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from carrot.config import PRECISIONS
 from carrot.devices import resolve_device
 from carrot.errors import CarrotError
 from carrot.io import sha256_tensors
@@ -226,8 +227,9 @@ def resolve_precision(precision: str, device: torch.device, transformer: bool = 
     DINOv2 ViT-S/14 extracts 1.75x faster with its tokens within 0.8% of float32 and the same head chosen; a ConvNet
     (EfficientNet-Lite0) 2x faster but its tokens 10% off and the head's (gamma, lambda) changed, so it keeps float32
     unless asked. An emulated bfloat16 is slower than float32; GPUs are not measured yet."""
-    if precision not in ("auto", "float32", "bfloat16"):
-        raise CarrotError(f"backbone.precision: expected auto, float32 or bfloat16, got {precision!r}")
+    if precision not in PRECISIONS:
+        raise CarrotError(f"backbone.precision: expected {', '.join(PRECISIONS[:-1])} or {PRECISIONS[-1]}, "
+                          f"got {precision!r}")
     if precision != "auto":
         return precision
     if device.type == "cpu" and transformer:

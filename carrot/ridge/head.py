@@ -66,12 +66,8 @@ class RidgeHead(ClassifierMixin, BaseEstimator):
 
     def search_flops(self, n: int, C: int) -> float:
         """About the floating-point operations of this head's exact lambda search (the streamed moments n D^2 with
-        D unknown here: a ridge search is never the costly one, so 0)."""
+        D unknown here: a ridge search is never the costly one, so 0, and 'auto' never narrows it)."""
         return 0.0
-
-    def narrow_search(self, fitted: "RidgeHead", growth: float) -> tuple["RidgeHead", str]:
-        """This head as it is (its lambda search costs little at any n); see ``KernelRidgeHead.narrow_search``."""
-        return self, "the full lambda search"
 
     def unfit_reason(self, n: int, config: Any) -> str | None:
         """Why head.kind 'auto' cannot fit this head of ``config`` on ``n`` training images (never: the primal solve

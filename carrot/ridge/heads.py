@@ -103,9 +103,8 @@ def _decided_on_a_subsample(config: "RunConfig", candidates: dict[str, Any], ski
     note(f"head auto: a full search of the {' and '.join(costly)} head would cost about "
          f"{max(costly.values()):.1e} flops; comparing the heads first on {len(rows)} of the {n} images")
     w = None if sample_weight is None else np.asarray(sample_weight)[rows]
-    fitted = {kind: head_from_config(config, kind).fit(G[rows], y[rows], w) for kind in candidates if not skipped[kind]}
-    scores = {kind: loo_accuracy(h, G[rows], y[rows]) for kind, h in fitted.items()}
-    best = max(scores, key=lambda kind: (scores[kind], -list(HEADS).index(kind)))
+    fitted, scores, best = _fit_by_exact_loo({kind: head_from_config(config, kind) for kind in candidates
+                                              if not skipped[kind]}, G[rows], y[rows], w)
     said = ", ".join(f"{k} {v:.4f}" for k, v in scores.items())
     lost = {kind: (f"decided on a class-stratified subsample of {len(rows)} images (exact LOO accuracy there: {said}); "
                    f"its full search would cost about {f:.1e} flops") for kind, f in costly.items() if kind != best}
@@ -166,6 +165,21 @@ def loo_accuracy(head: Any, G: Any, y: Any) -> float:
     return float((np.asarray(head.classes_)[loo.argmax(1).numpy()] == np.asarray(y)).mean())
 
 
+def _fit_by_exact_loo(heads: dict[str, Any], G: Any, y: Any, sample_weight: Any,
+                      announce: bool = False) -> tuple[dict[str, Any], dict[str, float], str]:
+    """Fit each of ``heads`` on (G, y) and score it by exact LOO accuracy: (the fitted heads, their scores, the kind of
+    the best; ties: the first registered, the ridge head, which keeps every identity)."""
+    from carrot.progress import note
+
+    fitted, scores = {}, {}
+    for kind, h in heads.items():
+        if announce:
+            note(f"head auto: fitting the {kind} head on {len(G)} images")
+        fitted[kind] = h.fit(G, y, sample_weight)
+        scores[kind] = loo_accuracy(fitted[kind], G, y)
+    return fitted, scores, max(scores, key=lambda kind: (scores[kind], -list(HEADS).index(kind)))
+
+
 SEARCH_FLOPS = {"cpu": 2e12, "other": 2e14}  # 'auto' searches a head in full up to this (about a minute on a 2-core CPU)
 SUBSAMPLE = 1000  # above the budget, the heads are compared first on a class-stratified subsample of this many images
 
@@ -187,21 +201,16 @@ def fit_head(config: "RunConfig", G: Any, y: Any, sample_weight: Any = None) -> 
     candidates = {kind: head_from_config(config, kind) for kind in HEADS}
     skipped = {kind: h.unfit_reason(len(G), config) for kind, h in candidates.items()}
     lost, narrowed = _decided_on_a_subsample(config, candidates, skipped, G, y, sample_weight)
-    skipped.update(lost)
-    heads, scores = {}, {}
-    for kind, h in candidates.items():
-        if skipped[kind]:
-            note(f"head auto: the {kind} head is not fitted: {skipped[kind]}")
-            continue
-        note(f"head auto: fitting the {kind} head on {len(G)} images")
-        heads[kind] = h.fit(G, y, sample_weight)
-        scores[kind] = loo_accuracy(heads[kind], G, y)
-    best = heads[max(scores, key=lambda kind: (scores[kind], -list(HEADS).index(kind)))]
+    not_fitted = {kind: why for kind, why in {**skipped, **lost}.items() if why}
+    for kind, why in not_fitted.items():
+        note(f"head auto: the {kind} head is not fitted: {why}")
+    heads, scores, kept = _fit_by_exact_loo({k: h for k, h in candidates.items() if k not in not_fitted}, G, y,
+                                            sample_weight, announce=True)
+    best = heads[kept]
     note(f"head auto: kept the {kind_of(best).name} head (exact LOO accuracy: "
          + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()) + ")")
-    for kind, why in skipped.items():
-        if why:
-            scores.update({kind: None, f"{kind}_skipped": why})
+    for kind, why in not_fitted.items():
+        scores.update({kind: None, f"{kind}_skipped": why})
     scores.update({f"{kind}_search": how for kind, how in narrowed.items()})
     best.head_choice_ = scores
     return best
