@@ -151,16 +151,20 @@ def main() -> None:
                         at.head_ = head
                         at.test_records_ = [[records[j].path, records[j].label] for j in ite]
                         res = pixel_deletion(at, a.pixel_images, seed=0, maps=("shapley", "token"))
-                        pix = {"pixel_images": res["n"], "pixel_counted": res["maps"]["shapley"]["deletion"]["n"],
+                        scores, per = res["scores"], res["per_image"]
+                        pix = {"pixel_images": res["n"], "pixel_counted": scores[res["removal"]]["shapley"]["deletion"]["n"],
                                "seconds_pixel": time.perf_counter() - t1}
-                        for m, v in res["maps"].items():
-                            for kind in ("deletion", "insertion"):
-                                pix[f"pixel_{kind}_{m}"] = v[kind]["mean"]
-                                pix[f"pixel_{kind}_{m}_sem"] = v[kind]["sem"]
-                        per = res["per_image"]  # paired on the same images: token map minus Shapley map
-                        diff = pooled(np.subtract(per["auc"]["token"]["deletion"], per["auc"]["shapley"]["deletion"]),
-                                      per["spans"])
-                        pix["pixel_deletion_token_minus_shapley"], pix["pixel_deletion_token_minus_shapley_sem"] = diff["mean"], diff["sem"]
+                        for r, by_map in scores.items():  # the run's removal unsuffixed, the others suffixed
+                            tail = "" if r == res["removal"] else f"_{r}"
+                            for m, v in by_map.items():
+                                for kind in ("deletion", "insertion", "raw_deletion"):
+                                    pix[f"pixel_{kind}_{m}{tail}"] = v[kind]["mean"]
+                                    pix[f"pixel_{kind}_{m}{tail}_sem"] = v[kind]["sem"]
+                            # paired on the same images: token map minus Shapley map
+                            diff = pooled(np.subtract(per["auc"][r]["token"]["deletion"], per["auc"][r]["shapley"]["deletion"]),
+                                          per["spans"][r])
+                            pix[f"pixel_deletion_token_minus_shapley{tail}"] = diff["mean"]
+                            pix[f"pixel_deletion_token_minus_shapley{tail}_sem"] = diff["sem"]
                 row = {"backbone": name, "sigma_space": ss, "sigma_feat": sf, "t": t, "accuracy_mean": float(np.mean(accs)),
                        "accuracy_std": float(np.std(accs, ddof=1)), "lam_median": float(np.median(lams)),
                        "top10_concentration": float(np.mean(conc)),

@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import click
 
-from carrot.config import DEFAULT_PERMUTATIONS
+from carrot.config import DEFAULT_PERMUTATIONS, DEFAULT_REMOVAL, REMOVALS
 from carrot.errors import CarrotError
 
 EXIT_USER_ERROR = 2
@@ -305,15 +305,17 @@ def _even(ctx: click.Context, param: click.Parameter, value: int) -> int:
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), help="Where to write explanations (default: RUN_DIR/explanations).")
 @click.option("--device", help="auto, cpu, cuda, cuda:N or mps.")
 @click.option("--node-removal", is_flag=True, help="Also remove each region from the graph (logit drops) and draw deletion/insertion curves.")
-@click.option("--pixel-map", type=click.Choice(["shapley", "split", "none"]), default="shapley", show_default=True, help="The page's pixel map. shapley: each cell's Shapley value in the game 'blur a set of cells' (sampled orders; the values sum exactly to logit(image) - logit(blurred image); --permutations x (cells - 1) runs of the whole model, batched). split: the whole model's gradient integrated from the blurred image (path-integrated gradients; 32 forward + backward passes). none: no pixel map.")
+@click.option("--pixel-map", type=click.Choice(["shapley", "split", "none"]), default="shapley", show_default=True, help="The page's pixel map. shapley: each cell's Shapley value in the game 'remove a set of cells' (sampled orders; the values sum exactly to logit(image) - logit(every cell removed); --permutations x (players - 1) runs of the whole model, batched). split: the whole model's gradient integrated from the fill image (path-integrated gradients; 32 forward + backward passes; --removal blur or mean). none: no pixel map.")
 @click.option("--permutations", type=click.IntRange(min=2, max=1000), default=DEFAULT_PERMUTATIONS, show_default=True, callback=_even, help="Random orders the Shapley map samples (even: each order with its reverse); its standard error falls as 1/sqrt of this.")
-@click.option("--occlusion", is_flag=True, help="Also the exact cell occlusion map: the logit drop when each cell alone is blurred (N + 1 runs of the whole model).")
+@click.option("--removal", type=click.Choice(list(REMOVALS)), default=DEFAULT_REMOVAL, show_default=True, help="How the pixel maps remove a cell: blur its pixels, fill them with the image's mean colour, or drop its tokens so the model never sees them (ViTs; every token dropped gives the head's prior). Each map is exact for its removal.")
+@click.option("--block", type=click.IntRange(min=1), default=1, show_default=True, help="The Shapley map's players are blocks of BLOCK x BLOCK cells (fewer runs, coarser map; a block's value is split evenly over its cells, the sum stays exact).")
+@click.option("--occlusion", is_flag=True, help="Also the exact cell occlusion map: the logit drop when each cell alone is removed (N + 1 runs of the whole model).")
 @click.option("--region-mask", type=click.Path(exists=True, dir_okay=False), help="Integer mask image (same size as the one IMAGE): exact contribution of each of your segments.")
 @click.option("--json", "as_json", is_flag=True, help="Print the explanations as JSON on stdout.")
 @click.option("--quiet", is_flag=True, help="No progress bars or stage notes.")
 @user_errors
 def explain(run_dir: str, images: tuple[str, ...], top_k: int, out_dir: str | None, device: str | None,
-            node_removal: bool, pixel_map: str, permutations: int, occlusion: bool, region_mask: str | None,
+            node_removal: bool, pixel_map: str, permutations: int, removal: str, block: int, occlusion: bool, region_mask: str | None,
             as_json: bool, quiet: bool) -> None:
     """Explain IMAGES (files or folders) with the run in RUN_DIR: class, exact top-K training
     images for and against it (with their own region maps and matched region pairs), region
@@ -322,7 +324,7 @@ def explain(run_dir: str, images: tuple[str, ...], top_k: int, out_dir: str | No
 
     results = orchestration.explain(run_dir, images, out_dir, top_k, device, node_removal=node_removal,
                                     region_mask=region_mask, pixel_map=None if pixel_map == "none" else pixel_map,
-                                    permutations=permutations, occlusion=occlusion)
+                                    permutations=permutations, occlusion=occlusion, removal=removal, block=block)
     if as_json:
         click.echo(json.dumps(results, indent=2))
         return

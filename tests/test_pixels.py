@@ -7,7 +7,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from carrot.attribution.pixels import (blur, cell_boxes, default_sigma, occlusion_map, path_split, pixel_curves, shapley_map,
+from carrot.attribution.pixels import (blur, cell_boxes, cell_game, default_sigma, occlusion_map, path_split, pixel_curves, shapley_map,
                                       summarise)
 from carrot.cli import cli
 from carrot.errors import CarrotError
@@ -53,7 +53,7 @@ def test_occlusion_equals_a_rerun_with_each_cell_blurred(seed, grid):
     x = torch.randn(3, 12, 16, generator=torch.Generator().manual_seed(seed + 10))
     sigma = default_sigma(grid, (12, 16))
     xb = blur(x[None], sigma)[0]
-    occ = occlusion_map(logits, x, 1, grid, batch=5)
+    occ = occlusion_map(cell_game(logits, x, grid), 1, batch=5)
     full = logits(x[None])[0, 1]
     for j, (y0, y1, x0, x1) in enumerate(cell_boxes(grid, (12, 16))):
         xj = x.clone()
@@ -105,7 +105,7 @@ def exact_shapley(logits, x: torch.Tensor, c: int, grid) -> np.ndarray:
 def test_the_shapley_map_sums_exactly_for_any_number_of_orders(seed, grid, K):
     logits = nonlinear_model(seed)
     x = torch.randn(3, 12, 16, generator=torch.Generator().manual_seed(seed + 20))
-    phi, info = shapley_map(logits, x, 0, grid, permutations=K, batch=7, seed=seed)
+    phi, info = shapley_map(cell_game(logits, x, grid), 0, permutations=K, batch=7, seed=seed)
     xb = blur(x[None], default_sigma(grid, (12, 16)))[0]
     ends = logits(torch.stack([x, xb]))[:, 0]
     assert phi.shape == info["sem"].shape == grid and info["permutations"] == K
@@ -120,9 +120,9 @@ def test_the_shapley_map_converges_to_the_exact_shapley_values(seed, grid):
     logits = nonlinear_model(seed)
     x = torch.randn(3, 12, 16, generator=torch.Generator().manual_seed(seed + 30))
     exact = exact_shapley(logits, x, 0, grid)
-    phi, info = shapley_map(logits, x, 0, grid, permutations=400, batch=64, seed=seed)
+    phi, info = shapley_map(cell_game(logits, x, grid), 0, permutations=400, batch=64, seed=seed)
     assert np.all(np.abs(phi - exact) <= 5 * info["sem"] + 1e-10), (phi, exact, info["sem"])
-    assert not np.allclose(exact, occlusion_map(logits, x, 0, grid), atol=1e-3)  # the game has interactions
+    assert not np.allclose(exact, occlusion_map(cell_game(logits, x, grid), 0), atol=1e-3)  # the game has interactions
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -130,7 +130,7 @@ def test_two_cells_need_one_antithetic_pair(seed):
     """With two cells an order and its reverse are every order: the estimate is the exact Shapley value."""
     logits = nonlinear_model(seed)
     x = torch.randn(3, 12, 16, generator=torch.Generator().manual_seed(seed))
-    phi, _ = shapley_map(logits, x, 1, (1, 2), permutations=2, seed=seed)
+    phi, _ = shapley_map(cell_game(logits, x, (1, 2)), 1, permutations=2, seed=seed)
     assert np.allclose(phi, exact_shapley(logits, x, 1, (1, 2)), rtol=1e-12, atol=1e-12)
 
 
@@ -145,14 +145,14 @@ def test_one_antithetic_pair_is_exact_for_pairwise_interactions(seed, grid):
         return torch.stack([z ** 2, z], 1).numpy()
 
     x = torch.randn(3, 12, 16, generator=torch.Generator().manual_seed(seed + 50))
-    phi, _ = shapley_map(quad, x, 0, grid, permutations=2, seed=seed)
+    phi, _ = shapley_map(cell_game(quad, x, grid), 0, permutations=2, seed=seed)
     assert np.allclose(phi, exact_shapley(quad, x, 0, grid), rtol=1e-9, atol=1e-12)
 
 
 def test_the_standard_error_matches_the_spread_over_seeds():
     logits = nonlinear_model(3)
     x = torch.randn(3, 12, 16, generator=torch.Generator().manual_seed(3))
-    runs = [shapley_map(logits, x, 0, (2, 3), permutations=8, seed=s) for s in range(150)]
+    runs = [shapley_map(cell_game(logits, x, (2, 3)), 0, permutations=8, seed=s) for s in range(150)]
     spread = np.std([r[0] for r in runs], axis=0, ddof=1)
     sem = np.mean([r[1]["sem"] for r in runs], axis=0)
     assert spread.min() > 0 and np.all((sem / spread > 0.67) & (sem / spread < 1.5)), sem / spread
@@ -162,18 +162,18 @@ def test_the_standard_error_matches_the_spread_over_seeds():
 def test_the_shapley_map_of_an_additive_model_is_occlusion(seed, grid):
     logits = linear_model(seed)
     x = torch.randn(3, 12, 16, generator=torch.Generator().manual_seed(seed + 40))
-    phi, info = shapley_map(logits, x, 2, grid, permutations=4, seed=seed)
-    assert np.allclose(phi, occlusion_map(logits, x, 2, grid), rtol=1e-9, atol=1e-9)
+    phi, info = shapley_map(cell_game(logits, x, grid), 2, permutations=4, seed=seed)
+    assert np.allclose(phi, occlusion_map(cell_game(logits, x, grid), 2), rtol=1e-9, atol=1e-9)
     assert np.allclose(info["sem"], 0, atol=1e-9)
 
 
 @pytest.mark.parametrize("bad", [0, 1, 3, -2, 2.0, True, "4"])
 def test_the_shapley_map_refuses_an_odd_number_of_orders_or_a_bad_batch(bad):
     with pytest.raises(CarrotError, match="permutations: expected an even integer >= 2"):
-        shapley_map(linear_model(0), torch.zeros(3, 12, 16), 0, (2, 2), permutations=bad)
+        shapley_map(cell_game(linear_model(0), torch.zeros(3, 12, 16), (2, 2)), 0, permutations=bad)
     if bad != 1 and bad != 3:
         with pytest.raises(CarrotError, match="batch: expected an integer >= 1"):
-            shapley_map(linear_model(0), torch.zeros(3, 12, 16), 0, (2, 2), batch=bad)
+            shapley_map(cell_game(linear_model(0), torch.zeros(3, 12, 16), (2, 2)), 0, batch=bad)
 
 
 @pytest.mark.parametrize("seed,grid", [(0, (3, 4)), (1, (2, 8)), (2, (1, 1))])
@@ -228,7 +228,7 @@ def test_curves_equal_reruns_and_end_at_the_image_and_the_blur(seed, steps):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(3, *size, generator=g)
     order = np.random.default_rng(seed).permutation(12)
-    cur = pixel_curves(logits, x, 2, grid, order, steps=steps, batch=7)
+    cur = pixel_curves(cell_game(logits, x, grid), 2, order, steps=steps, batch=7)
     xb = blur(x[None], default_sigma(grid, size))[0]
     boxes = cell_boxes(grid, size)
     for f, d, ins in zip(cur.fractions, cur.deletion, cur.insertion):
@@ -241,10 +241,10 @@ def test_curves_equal_reruns_and_end_at_the_image_and_the_blur(seed, steps):
         assert d == pytest.approx(logits(xd[None])[0, 2], abs=1e-9)
         assert ins == pytest.approx(logits(xi[None])[0, 2], abs=1e-9)
     assert cur.fractions[0] == 0 and cur.fractions[-1] == 1
-    assert cur.deletion[0] == pytest.approx(cur.full) and cur.deletion[-1] == pytest.approx(cur.blurred)
-    assert cur.insertion[0] == pytest.approx(cur.blurred) and cur.insertion[-1] == pytest.approx(cur.full)
-    v = (cur.deletion - cur.blurred) / (cur.full - cur.blurred)
-    if cur.full > cur.blurred:
+    assert cur.deletion[0] == pytest.approx(cur.full) and cur.deletion[-1] == pytest.approx(cur.removed)
+    assert cur.insertion[0] == pytest.approx(cur.removed) and cur.insertion[-1] == pytest.approx(cur.full)
+    v = (cur.deletion - cur.removed) / (cur.full - cur.removed)
+    if cur.full > cur.removed:
         assert cur.auc("deletion") == pytest.approx(float(np.trapezoid(v, cur.fractions)))
     else:
         assert np.isnan(cur.auc("deletion"))
@@ -257,13 +257,13 @@ def test_for_an_additive_model_the_occlusion_order_deletes_best(seed):
     logits = linear_model(seed)
     x = torch.randn(3, 12, 16, generator=torch.Generator().manual_seed(seed))
     c, grid = 0, (3, 4)
-    occ = occlusion_map(logits, x, c, grid).ravel()
-    best = pixel_curves(logits, x, c, grid, np.argsort(-occ, kind="stable"), steps=12)
+    occ = occlusion_map(cell_game(logits, x, grid), c).ravel()
+    best = pixel_curves(cell_game(logits, x, grid), c, np.argsort(-occ, kind="stable"), steps=12)
     rng = np.random.default_rng(seed)
     for _ in range(10):
-        other = pixel_curves(logits, x, c, grid, rng.permutation(12), steps=12)
+        other = pixel_curves(cell_game(logits, x, grid), c, rng.permutation(12), steps=12)
         assert (best.deletion <= other.deletion + 1e-9).all() and (best.insertion >= other.insertion - 1e-9).all()
-        if best.full > best.blurred:
+        if best.full > best.removed:
             assert best.auc("deletion") <= other.auc("deletion") + 1e-9
             assert best.auc("insertion") >= other.auc("insertion") - 1e-9
         else:  # the blurred image scores the class higher: nothing to delete, left out of the means
@@ -274,9 +274,9 @@ def test_curves_refuse_a_bad_order_and_steps():
     logits = linear_model(0)
     x = torch.zeros(3, 12, 16)
     with pytest.raises(CarrotError, match="order: expected a permutation of the 12 cells"):
-        pixel_curves(logits, x, 0, (3, 4), [0, 1, 2])
+        pixel_curves(cell_game(logits, x, (3, 4)), 0, [0, 1, 2])
     with pytest.raises(CarrotError, match="steps: expected an integer >= 1"):
-        pixel_curves(logits, x, 0, (3, 4), range(12), steps=0)
+        pixel_curves(cell_game(logits, x, (3, 4)), 0, range(12), steps=0)
 
 
 def test_pooling_weighs_images_by_their_span_and_leaves_out_the_rest():
@@ -325,7 +325,7 @@ def test_explain_gives_the_exact_pixel_map_beside_the_token_map(run, tmp_path, e
     xb = blur(x[None], default_sigma((4, 4), tuple(x.shape[-2:])))[0]
     with torch.no_grad():  # the unrounded model the split integrates, recomputed independently
         ends = model.torch_logits(torch.stack([x, xb]))[:, exp["predicted_index"]].numpy()
-    assert exp["pixel_map_blurred_logit"] == pytest.approx(ends[1], abs=1e-9)
+    assert exp["pixel_map_removed_logit"] == pytest.approx(ends[1], abs=1e-9)
     assert abs(split.sum() - (ends[0] - ends[1])) == pytest.approx(exp["pixel_map_completeness_error"], abs=1e-9)
     assert exp["pixel_map_completeness_error"] < 1e-2 * abs(ends[0] - ends[1])  # 32 nodes on a random-init ViT
     assert abs(ends[0] - full) < 1e-2 * max(1.0, abs(full))  # unrounded vs cache-rounded tokens
@@ -373,28 +373,40 @@ def test_explain_defaults_to_the_shapley_map_which_sums_exactly(run, tmp_path, e
     assert r.exit_code == 0 and "pixel_map" not in none and "pixel_map" not in none["meaning"]
 
 
-def test_evaluate_pixel_deletion_reports_each_map(run):
+def test_evaluate_pixel_deletion_reports_each_map_under_each_removal(run):
     r = CliRunner().invoke(cli, ["evaluate", str(run), "--what", "pixel-deletion", "--n-test", "3", "--json"])
     assert r.exit_code == 0, r.output
     p = json.loads(r.stdout)["pixel_deletion"]
-    assert p["n"] == 3 and p["grid"] == [4, 4] and set(p["maps"]) == {"shapley", "split", "occlusion", "token", "random"}
-    for v in p["maps"].values():
-        assert v["deletion"]["n"] + v["deletion"]["left_out"] == 3
-        assert v["seconds_per_image"] >= 0 if v["deletion"]["n"] else np.isnan(v["seconds_per_image"])
-    assert "Pixel deletion and insertion" in (run / "index.html").read_text()
+    maps = {"shapley", "split", "occlusion", "token", "random"}
+    assert p["n"] == 3 and p["grid"] == [4, 4] and set(p["maps"]) == maps
+    assert p["removals"] == ["blur", "mean", "drop"] == list(p["scores"]) and p["removal"] == "blur"  # a ViT: drop too
+    for r_, scores in p["scores"].items():
+        assert set(scores) == maps and set(p["paired"][r_]) == maps - {"shapley"}
+        for v in scores.values():
+            assert v["deletion"]["n"] + v["deletion"]["left_out"] == 3
+            assert v["raw_deletion"]["n"] + v["raw_deletion"]["left_out"] == 3
+        for m, d in p["paired"][r_].items():  # paired raw deletion difference from the Shapley map, per image
+            per = np.subtract(p["per_image"]["auc"][r_][m]["raw_deletion"], p["per_image"]["auc"][r_]["shapley"]["raw_deletion"])
+            per = per[np.isfinite(per)]
+            assert d["n"] == len(per) and d["lower"] == int((per < 0).sum())
+            assert d["mean"] == pytest.approx(per.mean()) if len(per) else np.isnan(d["mean"])
+    page = (run / "index.html").read_text()
+    assert "Pixel deletion and insertion" in page and "raw deletion AUC" in page
 
 
-def test_pixel_deletion_draws_no_map_where_blurring_does_not_lower_the_logit(run, monkeypatch):
+def test_pixel_deletion_draws_no_map_where_no_removal_lowers_the_logit(run, monkeypatch):
     from carrot.audit import protocols
     from carrot.run.pipeline import Carrot
 
     drawn = []
     monkeypatch.setattr(protocols, "region_scores", lambda *a, **k: drawn.append(a[1]) or np.zeros(16))
     monkeypatch.setattr(Carrot, "pixel_logits", lambda self, x: np.zeros((len(x), 3)))
+    monkeypatch.setattr(Carrot, "kept_logits", lambda self, x, keep: np.zeros((len(x), 3)))
     p = protocols.pixel_deletion(Carrot.load(run), n_test=2, maps=("shapley", "token"))
-    assert drawn == [] and p["n"] == 2
-    for v in p["maps"].values():
-        assert v["deletion"]["n"] == 0 and v["deletion"]["left_out"] == 2 and np.isnan(v["seconds_per_image"])
+    assert drawn == [] and p["n"] == 2 and np.isnan(p["maps"]["shapley"]["seconds_per_image"])
+    for scores in p["scores"].values():
+        for v in scores.values():
+            assert v["deletion"]["n"] == 0 and v["deletion"]["left_out"] == 2
 
 
 def test_the_t_sweep_and_the_pointing_game_report_the_pixel_protocol(run):
@@ -427,10 +439,10 @@ def test_the_pixel_map_follows_the_backbones_grid(name, size, synthetic_root, tm
     x = model.inputs(train.paths[:1])[0]
     with torch.no_grad():
         _, grid = bb(x[None])
-    occ = occlusion_map(model.pixel_logits, x, 0, grid)
+    occ = occlusion_map(cell_game(model.pixel_logits, x, grid), 0)
     assert occ.shape == grid and np.isfinite(occ).all()
-    cur = pixel_curves(model.pixel_logits, x, 0, grid, np.argsort(-occ.ravel()), steps=4)
-    assert cur.deletion[0] == pytest.approx(cur.full) and cur.deletion[-1] == pytest.approx(cur.blurred)
+    cur = pixel_curves(cell_game(model.pixel_logits, x, grid), 0, np.argsort(-occ.ravel()), steps=4)
+    assert cur.deletion[0] == pytest.approx(cur.full) and cur.deletion[-1] == pytest.approx(cur.removed)
 
 
 def test_cell_blocks_tile_the_grid_row_major():
@@ -450,7 +462,7 @@ def test_blocks_of_cells_are_the_players_and_their_values_split_evenly(seed):
     logits = nonlinear_model(seed)
     x = torch.randn(3, 12, 16, generator=torch.Generator().manual_seed(seed + 60))
     grid = (2, 4)
-    phi, info = shapley_map(logits, x, 0, grid, permutations=2, seed=seed, block=2)
+    phi, info = shapley_map(cell_game(logits, x, grid), 0, permutations=2, seed=seed, block=2)
     xb = blur(x[None], default_sigma(grid, (12, 16)))[0]
     left = torch.zeros(1, 12, 16)
     left[..., :8] = 1
@@ -461,10 +473,123 @@ def test_blocks_of_cells_are_the_players_and_their_values_split_evenly(seed):
     assert np.allclose(phi, np.array([[phi_a / 4] * 2 + [phi_b / 4] * 2] * 2), rtol=1e-9, atol=1e-12)
     assert phi.sum() == pytest.approx(f[""] - f["AB"], rel=1e-12, abs=1e-12) and info["block"] == 2
     lin = linear_model(seed)  # additive: a block's value is the sum of its cells' occlusion drops
-    phi, _ = shapley_map(lin, x, 1, (3, 4), permutations=4, seed=seed, block=2)
-    occ = occlusion_map(lin, x, 1, (3, 4)).ravel()
+    phi, _ = shapley_map(cell_game(lin, x, (3, 4)), 1, permutations=4, seed=seed, block=2)
+    occ = occlusion_map(cell_game(lin, x, (3, 4)), 1).ravel()
     from carrot.attribution.pixels import cell_blocks
 
     owner = cell_blocks((3, 4), 2)
     want = np.array([occ[owner == owner[j]].sum() / (owner == owner[j]).sum() for j in range(12)]).reshape(3, 4)
     assert np.allclose(phi, want, rtol=1e-9, atol=1e-9)
+
+
+# -- removals: blur, mean colour, token dropping ----------------------------------------------------------------
+@pytest.mark.parametrize("blocks", [1, 3])
+def test_kept_tokens_equal_timms_own_forward_with_the_removed_patches_masked(blocks):
+    """Dropping the removed patches' tokens is the model with those tokens hidden from every attention (timm's own
+    forward_features with a key mask, an independent route); padding rows that keep fewer is invisible; keeping
+    everything is the plain forward."""
+    from carrot.features.backbone import create_backbone
+
+    bb = create_backbone("vit_tiny_patch16_224", img_size=64, pretrained=False, device="cpu", blocks=blocks)
+    g = torch.Generator().manual_seed(blocks)
+    x = torch.randn(4, 3, 64, 64, generator=g)
+    H, glob, _ = bb.with_globals(x)
+    Hk, idx, gk = bb.kept_tokens(x, torch.ones(4, 16, dtype=torch.bool))
+    assert torch.equal(Hk, H) and torch.equal(gk, glob) and torch.equal(idx, torch.arange(16).expand(4, 16))
+    keep = torch.rand(4, 16, generator=g) > 0.5
+    keep[0] = False
+    keep[0, 3] = True  # one patch kept
+    Hk, idx, gk = bb.kept_tokens(x, keep)
+    P = bb.num_prefix_tokens
+    for b in range(4):
+        k = int(keep[b].sum())
+        assert idx[b, :k].tolist() == torch.nonzero(keep[b]).flatten().tolist() and (idx[b, k:] == -1).all()
+        mask = torch.cat([torch.ones(P, dtype=torch.bool), keep[b]])[None, None, None]
+        with torch.no_grad():
+            if blocks == 1:
+                ref = bb.model.forward_features(x[b : b + 1], attn_mask=mask)
+            else:
+                t = bb.model.norm_pre(bb.model._pos_embed(bb.model.patch_embed(x[b : b + 1])))
+                outs = []
+                for i, blk in enumerate(bb.model.blocks):
+                    t = blk(t, attn_mask=mask)
+                    if i >= len(bb.model.blocks) - blocks:
+                        outs.append(bb.model.norm(t))
+                ref = torch.cat(outs, -1)
+        assert torch.allclose(Hk[b, :k], ref[0, P:][keep[b]], atol=1e-5)
+        assert torch.allclose(gk[b], ref[0, :P], atol=1e-5)
+
+
+def test_a_convnet_cannot_drop_tokens(synthetic_root):
+    from carrot.features.backbone import create_backbone
+
+    bb = create_backbone("efficientnet_b0", img_size=64, pretrained=False, device="cpu")
+    assert not bb.drops_tokens
+    with pytest.raises(CarrotError, match="removal 'drop'.*expected removal blur or mean"):
+        bb.kept_tokens(torch.zeros(1, 3, 64, 64), torch.ones(1, 4, dtype=torch.bool))
+
+
+def test_the_mean_fill_game_is_a_rerun_with_the_cells_in_the_mean_colour():
+    logits = linear_model(0)
+    x = torch.randn(3, 12, 16, generator=torch.Generator().manual_seed(7))
+    game = cell_game(logits, x, (3, 4), "mean")
+    removed = torch.zeros(2, 12, dtype=torch.bool)
+    removed[0, [0, 5]] = True
+    removed[1] = True
+    xm = x.clone()
+    for j in (0, 5):
+        y0, y1, x0, x1 = cell_boxes((3, 4), (12, 16))[j]
+        xm[:, y0:y1, x0:x1] = x.mean((1, 2))[:, None, None]
+    want = logits(torch.stack([xm, x.mean((1, 2))[:, None, None].expand_as(x)]))
+    assert np.allclose(game(removed), want, atol=1e-9)
+    with pytest.raises(CarrotError, match="removal: expected blur or mean for a pixel fill, got 'drop'"):
+        cell_game(logits, x, (3, 4), "drop")
+
+
+def test_the_token_drop_game_of_the_fitted_model(run):
+    """Dropping cells: every row equals the model run on that row alone (batching and padding invisible), dropping
+    everything gives the head's prior, keeping everything the model's logits, and the Shapley map sums exactly to
+    f(x) - prior."""
+    from carrot.attribution.pixels import shapley_map
+    from carrot.run.pipeline import Carrot
+
+    model = Carrot.load(run)
+    model.backbone.precision = "float32"  # bfloat16 (auto on this CPU) rounds differently in every batch shape
+    x = model.inputs([model.test_records_[0][0]])[0]
+    game = model.cell_game(x, (4, 4), "drop")
+    removed = torch.rand(6, 16, generator=torch.Generator().manual_seed(0)) > 0.4
+    removed[0], removed[1] = False, True
+    out = game(removed)
+    for b in range(6):  # tokens agree to 1e-5 (above); rounded to the cache's float16, a few may flip one ulp
+        assert np.allclose(out[b], game(removed[b : b + 1])[0], rtol=1e-3, atol=1e-4)
+    assert np.allclose(out[0], model.pixel_logits(x[None])[0], atol=1e-9)
+    prior = np.asarray(model.head_.prior_, dtype=np.float64)
+    assert np.array_equal(out[1], prior)
+    c = int(out[0].argmax())
+    phi, info = shapley_map(game, c, permutations=2, batch=5)
+    assert info["removal"] == "drop" and info["removed"] == prior[c]
+    assert phi.sum() == pytest.approx(out[0, c] - prior[c], rel=1e-12, abs=1e-12)
+    with pytest.raises(CarrotError, match="removal: expected one of blur, mean, drop, got 'zero'"):
+        model.cell_game(x, (4, 4), "zero")
+
+
+def test_explain_names_the_removal_its_map_is_exact_for(run, tmp_path, explain_json):
+    from carrot.run.pipeline import Carrot
+
+    model = Carrot.load(run)
+    path = model.test_records_[2][0]
+    exp = explain_json(run, path, tmp_path, "--removal", "drop", "--permutations", "2", "--occlusion")
+    c, prior = exp["predicted_index"], np.asarray(model.head_.prior_, dtype=np.float64)
+    assert exp["pixel_map_removal"] == "drop" and exp["pixel_map_removed_logit"] == pytest.approx(prior[c])
+    assert "tokens dropped" in exp["meaning"]["pixel_map"] and "the prior" in exp["meaning"]["pixel_map"]
+    assert "tokens dropped" in exp["meaning"]["pixel_occlusion"]
+    phi = np.asarray(exp["pixel_map"])
+    assert phi.sum() == pytest.approx(exp["logits"][exp["predicted"]] - prior[c], abs=1e-9)
+    page = next(tmp_path.glob("0000_*/explanation.html")).read_text()
+    assert "tokens dropped" in page
+    exp = explain_json(run, path, tmp_path / "m", "--removal", "mean", "--permutations", "2", "--block", "2")
+    assert exp["pixel_map_removal"] == "mean" and "mean colour" in exp["meaning"]["pixel_map"]
+    assert len(set(np.asarray(exp["pixel_map"])[:2, :2].ravel().tolist())) == 1  # one block's value, split evenly
+    r = CliRunner().invoke(cli, ["explain", str(run), path, "--out", str(tmp_path / "s"), "--pixel-map", "split",
+                                 "--removal", "drop"])
+    assert r.exit_code != 0 and "removal: the pixel split integrates along a path" in r.output

@@ -1,28 +1,31 @@
-"""Region maps faithful to the pixels: exact cell occlusion through the whole model, and the pixel
-deletion / insertion protocol every map is measured by.
+"""Region maps faithful to the pixels: exact cell removal through the whole model, and the deletion / insertion
+protocol every map is measured by.
 
-A *cell* is one region of the backbone's grid in input pixels: a ViT patch (14 x 14 px for DINOv2 at
-224), a ConvNet's feature cell (32 x 32 px for EfficientNet-Lite0). Occluding a set of cells replaces
-their pixels by those of the Gaussian-blurred image. Three maps are exact for the pixels:
+A *cell* is one region of the backbone's grid in input pixels: a ViT patch (14 x 14 px for DINOv2 at 224), a
+ConvNet's feature cell (32 x 32 px for EfficientNet-Lite0). A *removal* takes a set of cells out of the image
+(:class:`CellGame`, one of :data:`REMOVALS`): their pixels blurred, or filled with the image's mean colour, or (ViTs)
+their tokens dropped so the model never sees them. Each map is exact for the removal it is built on:
 
-- *Shapley* (:func:`shapley_map`, the default): each cell's Shapley value in the game "blur a set of cells",
-  sampled over random orders in antithetic pairs; the values sum to f_c(x) - f_c(blurred x) exactly for any
-  number of orders, and each cell's standard error is reported;
-- the *pixel split* (:func:`path_split`): the cells' shares of f_c(x) - f_c(blurred x), the whole model's gradient
-  integrated along the path from the blurred image (equal to Captum's IntegratedGradients with that baseline;
-  they sum to the difference up to a reported quadrature error);
-- *occlusion* (:func:`occlusion_map`): f_c(x) - f_c(x with cell j blurred), each an exact re-run of the whole
+- *Shapley* (:func:`shapley_map`, the default): each cell's Shapley value in the game "remove a set of cells",
+  sampled over random orders in antithetic pairs; the values sum to f_c(x) - f_c(x with every cell removed) exactly
+  for any number of orders, and each cell's standard error is reported;
+- the *pixel split* (:func:`path_split`): the cells' shares of f_c(x) - f_c(fill), the whole model's gradient
+  integrated along the path from the fill image (blurred or mean colour; equal to Captum's IntegratedGradients with
+  that baseline; they sum to the difference up to a reported quadrature error);
+- *occlusion* (:func:`occlusion_map`): f_c(x) - f_c(x with cell j removed), each an exact re-run of the whole
   model, backbone included (a counterfactual per cell; the drops do not add up).
 
 The token split (:func:`carrot.attribution.representer.region_contributions`) is exact for the tokens, but a ViT
 token is computed from the whole image, so it does not say which pixels matter.
 
-The protocol (deletion / insertion, Petsiuk et al. 2018, "RISE"): cells are blurred (deletion) or revealed
-onto the blurred image (insertion) in map order over ``steps`` steps, the model re-run at each step; the
-curve of the logit, scaled so that the image is 1 and the blurred image 0, is integrated over the share
-of cells, and pooled over images weighted by how much blurring changes each one's logit (:func:`pooled`;
-images whose blurred version scores the class at least as high are left out and counted). Lower deletion and higher insertion AUC mean a map more faithful to the pixels; a random order
-gives about 0.5 for both.
+The protocol (deletion / insertion, Petsiuk et al. 2018, "RISE"), under any removal: cells are removed (deletion) or
+kept with the rest removed (insertion) in map order over ``steps`` steps, the model re-run at each step. Two
+numbers per curve: the raw area under the logit curve (:meth:`PixelCurves.raw_auc`, every image counts), and the
+area of the curve scaled so that the image is 1 and the image with every cell removed 0, pooled over images weighted
+by how much removal changes each one's logit (:func:`pooled`; images whose fully removed version scores the class at
+least as high are left out and counted). Lower deletion and higher insertion AUC mean a map more faithful to the
+pixels under that removal; a random order gives about 0.5 for both (scaled). A map is faithful to the removal it is
+measured with: score it under several.
 """
 from __future__ import annotations
 
@@ -34,12 +37,108 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from carrot.config import REMOVALS
 from carrot.errors import CarrotError
 from carrot.progress import bar
 
 PIXEL_MAPS = ("shapley", "split")  # the pixel maps explain can draw (Carrot.pixel_map); their words: carrot.report.explanation
 
 Logits = Callable[[torch.Tensor], np.ndarray]  # (B, 3, H, W) model input -> (B, C) float64 logits
+KeptLogits = Callable[[torch.Tensor, torch.Tensor], np.ndarray]  # inputs (B, 3, H, W), kept cells (B, N) -> (B, C)
+
+
+class CellGame:
+    """One image's game over its cells: ``game(removed)`` is the whole model's logits with the cells ``removed``
+    (B, N) bool taken out of the image, in one of the :data:`REMOVALS` ways; every pixel map and the deletion /
+    insertion protocol are written against this, so none of them asks how a cell is removed.
+
+    - ``blur``: the cells' pixels are replaced by those of the Gaussian-blurred image (sigma one cell's side);
+    - ``mean``: the cells' pixels are replaced by the image's mean colour;
+    - ``drop`` (ViTs): the cells' tokens are dropped after the patch embedding, so the model never sees them
+      (:class:`TokenDrop`); with every cell dropped the logits are the head's prior (no evidence).
+    """
+
+    removal: str
+
+    def __init__(self, x: torch.Tensor, grid: tuple[int, int]) -> None:
+        if x.dim() != 3:
+            raise CarrotError(f"x: expected one model input (3, H, W), got shape {tuple(x.shape)}")
+        self.x, self.grid = x, (int(grid[0]), int(grid[1]))
+        self.boxes = cell_boxes(self.grid, tuple(x.shape[-2:]))
+        self._ends: np.ndarray | None = None
+
+    @property
+    def n(self) -> int:
+        """Cells N."""
+        return len(self.boxes)
+
+    def __call__(self, removed: torch.Tensor) -> np.ndarray:
+        """Logits (B, C) float64 with the cells ``removed`` (B, N) bool taken out."""
+        raise NotImplementedError
+
+    def ends(self) -> tuple[np.ndarray, np.ndarray]:
+        """(logits of the image, logits with every cell removed), each (C,): the two ends of every curve and the total
+        every exact map splits (2 runs, once per game)."""
+        if self._ends is None:
+            self._ends = self.values(torch.tensor([[False] * self.n, [True] * self.n]))
+        return self._ends[0], self._ends[1]
+
+    def values(self, removed: torch.Tensor, batch: int = 32, desc: str = "") -> np.ndarray:
+        """:meth:`__call__` ``batch`` rows at a time; with ``desc``, a progress bar over the runs."""
+        removed = torch.as_tensor(removed, dtype=torch.bool).reshape(-1, self.n)
+        out = []
+        with bar(total=len(removed), desc=desc, unit="run", disable=not desc) as runs:
+            for s in range(0, len(removed), batch):
+                out.append(np.asarray(self(removed[s : s + batch]), dtype=np.float64))
+                runs.update(len(removed[s : s + batch]))
+        return np.concatenate(out)
+
+    def pixel_mask(self, removed: torch.Tensor) -> torch.Tensor:
+        """(B, 1, H, W) float masks, 1 on the pixels of the removed cells."""
+        if not hasattr(self, "_cell"):
+            cell = torch.empty(tuple(self.x.shape[-2:]), dtype=torch.long, device=self.x.device)
+            for j, (y0, y1, x0, x1) in enumerate(self.boxes):
+                cell[y0:y1, x0:x1] = j
+            self._cell = cell
+        return removed.to(self.x.device)[:, self._cell][:, None].to(self.x.dtype)
+
+
+class PixelFill(CellGame):
+    """Removal by replacing the cells' pixels with those of a fill image: the blurred image (``blur``) or the image's
+    mean colour (``mean``); the whole model re-run on the mixed image."""
+
+    def __init__(self, logits: Logits, x: torch.Tensor, grid: tuple[int, int], removal: str = "blur",
+                 sigma: float | None = None) -> None:
+        super().__init__(x, grid)
+        self.fill = fill_image(x, self.grid, removal, sigma)
+        self.logits, self.removal = logits, removal
+
+    def __call__(self, removed: torch.Tensor) -> np.ndarray:
+        m = self.pixel_mask(torch.as_tensor(removed, dtype=torch.bool))
+        return np.asarray(self.logits(self.x[None] * (1 - m) + self.fill[None] * m), dtype=np.float64)
+
+
+class TokenDrop(CellGame):
+    """Removal by dropping the cells' tokens (ViTs): ``kept_logits(inputs, keep)`` runs the model on the kept
+    cells' tokens only (:meth:`carrot.features.backbone.TokenBackbone.kept_tokens`) and reads them out on the graph
+    of the kept cells; it answers the head's prior for a row that keeps nothing."""
+
+    removal = "drop"
+
+    def __init__(self, kept_logits: KeptLogits, x: torch.Tensor, grid: tuple[int, int]) -> None:
+        super().__init__(x, grid)
+        self.kept_logits = kept_logits
+
+    def __call__(self, removed: torch.Tensor) -> np.ndarray:
+        keep = ~torch.as_tensor(removed, dtype=torch.bool)
+        return np.asarray(self.kept_logits(self.x[None].expand(len(keep), *self.x.shape), keep), dtype=np.float64)
+
+
+def cell_game(logits: Logits, x: torch.Tensor, grid: tuple[int, int], removal: str = "blur",
+              sigma: float | None = None) -> PixelFill:
+    """The pixel-fill game of a model ``logits`` on one input x (3, H, W) (``drop`` needs the model's tokens:
+    :meth:`carrot.run.pipeline.Carrot.cell_game`)."""
+    return PixelFill(logits, x, grid, removal, sigma)
 
 
 def cell_boxes(grid: tuple[int, int], size: tuple[int, int]) -> list[tuple[int, int, int, int]]:
@@ -64,54 +163,22 @@ def blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     return gaussian_blur(x, [k, k], [float(sigma), float(sigma)])
 
 
-def removed_masks(order: np.ndarray, counts: Sequence[int], boxes: list[tuple[int, int, int, int]],
-                  size: tuple[int, int]) -> torch.Tensor:
-    """(len(counts), 1, H, W) masks, 1 on the pixels of the first ``k`` cells of ``order`` for each k in counts."""
-    out = torch.zeros(len(counts), 1, *size)
-    for r, k in enumerate(counts):
-        for j in order[:k]:
-            y0, y1, x0, x1 = boxes[int(j)]
-            out[r, :, y0:y1, x0:x1] = 1.0
-    return out
-
-
-def _batched(logits: Logits, x: torch.Tensor, batch: int, desc: str = "") -> np.ndarray:
-    """The logits of inputs x (B, ...) ``batch`` at a time; with ``desc``, a progress bar over the runs."""
-    out = []
-    with bar(total=len(x), desc=desc, unit="run", disable=not desc) as runs:
-        for s in range(0, len(x), batch):
-            out.append(logits(x[s : s + batch]))
-            runs.update(len(x[s : s + batch]))
-    return np.concatenate(out)
-
-
-def occlusion_map(logits: Logits, x: torch.Tensor, c: int, grid: tuple[int, int], sigma: float | None = None,
-                  batch: int = 32) -> np.ndarray:
-    """Exact cell occlusion of one image: f_c(x) - f_c(x with cell j blurred) for every cell j.
+def occlusion_map(game: CellGame, c: int, batch: int = 32) -> np.ndarray:
+    """Exact cell occlusion of one image: f_c(x) - f_c(x with cell j removed) for every cell j.
 
     Parameters
     ----------
-    logits : the whole model, (B, 3, H, W) input -> (B, C) logits.
-    x : (3, H, W) one model input.
+    game : the image and how a cell is removed (:class:`CellGame`).
     c : the class whose logit is explained.
-    grid : (gh, gw) the backbone's cell grid.
-    sigma : blur standard deviation in px (default: one cell's side).
-    batch : images per forward pass.
+    batch : runs per forward pass.
 
     Returns
     -------
-    (gh, gw) float64: the logit drop of blurring each cell alone (N + 1 forward passes).
+    (gh, gw) float64: the logit drop of removing each cell alone (N + 1 runs of the whole model).
     """
-    size = tuple(x.shape[-2:])
-    boxes = cell_boxes(grid, size)
-    sigma = sigma if sigma is not None else default_sigma(grid, size)
-    xb = blur(x[None], sigma)[0]
-    masks = torch.zeros(len(boxes), 1, *size)
-    for j, (y0, y1, x0, x1) in enumerate(boxes):  # mask j holds cell j only
-        masks[j, :, y0:y1, x0:x1] = 1.0
-    inputs = torch.cat([x[None], x[None] * (1 - masks) + xb[None] * masks])
-    out = _batched(logits, inputs, batch, desc="occlusion map")[:, c]
-    return (out[0] - out[1:]).reshape(grid)
+    full = game.ends()[0][c]
+    out = game.values(torch.eye(game.n, dtype=torch.bool), batch, desc=f"occlusion map ({game.removal})")[:, c]
+    return (full - out).reshape(game.grid)
 
 
 def _pair_values(vals: np.ndarray, orders: list[np.ndarray]) -> np.ndarray:
@@ -139,61 +206,53 @@ def cell_blocks(grid: tuple[int, int], block: int) -> np.ndarray:
     return (i // block) * (-(-gw // block)) + j // block
 
 
-def shapley_map(logits: Logits, x: torch.Tensor, c: int, grid: tuple[int, int], permutations: int = 4,
-                sigma: float | None = None, batch: int = 32, seed: int = 0,
+def shapley_map(game: CellGame, c: int, permutations: int = 4, batch: int = 32, seed: int = 0,
                 block: int = 1) -> tuple[np.ndarray, dict[str, Any]]:
-    """Shapley values of the cells in the deletion game v(S) = f_c(x) - f_c(x with the cells S blurred), sampled
+    """Shapley values of the cells in the deletion game v(S) = f_c(x) - f_c(x with the cells S removed), sampled
     over ``permutations`` random orders in antithetic pairs (each order and its reverse; Castro et al. 2009,
-    Mitchell et al. 2022). Each order's marginal drops telescope to f_c(x) - f_c(blurred x), so the map sums to it
-    exactly for any number of orders (efficiency); for a model additive over the cells it equals occlusion.
+    Mitchell et al. 2022). Each order's marginal drops telescope to f_c(x) - f_c(x with every cell removed), so the
+    map sums to it exactly for any number of orders (efficiency); for a model additive over the cells it equals
+    occlusion.
 
     Parameters
     ----------
-    logits : the whole model, (B, 3, H, W) input -> (B, C) logits.
-    x : (3, H, W) one model input; c : the class; grid : (gh, gw) the backbone's cell grid.
-    permutations : even number of sampled orders (K); cost K (P - 1) + 2 forward passes for P players.
-    sigma : blur standard deviation in px (default: one cell's side); batch : images per pass.
+    game : the image and how a cell is removed (:class:`CellGame`); c : the class.
+    permutations : even number of sampled orders (K); cost K (P - 1) + 2 runs of the whole model for P players.
+    batch : runs per forward pass.
     seed : with the image's bytes, seeds the orders (reproducible per image, independent across images).
     block : the players are blocks of block x block cells (:func:`cell_blocks`; 1: every cell, P = N); a block's
-        Shapley value is split evenly over its cells, so the map still sums to f_c(x) - f_c(blurred x) exactly.
+        Shapley value is split evenly over its cells, so the map still sums to the total exactly.
 
     Returns
     -------
-    (gh, gw) float64 Shapley estimates summing to f_c(x) - f_c(blurred x); and {"full", "blurred",
-    "completeness_error" (|sum - (f_c(x) - f_c(blurred x))|, floating point only), "permutations", "sem" ((gh, gw)
-    standard error of each cell's estimate over the K / 2 antithetic pairs; nan for one pair)}.
+    (gh, gw) float64 Shapley estimates summing to f_c(x) - f_c(x with every cell removed); and {"full", "removed"
+    (f_c with every cell removed), "removal", "completeness_error" (|sum - (full - removed)|, floating point only),
+    "permutations", "block", "sem" ((gh, gw) standard error of each cell's estimate over the K / 2 antithetic pairs;
+    nan for one pair)}.
     """
     if isinstance(permutations, bool) or not isinstance(permutations, int) or permutations < 2 or permutations % 2:
         raise CarrotError(f"permutations: expected an even integer >= 2 (antithetic pairs), got {permutations!r}")
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
         raise CarrotError(f"batch: expected an integer >= 1, got {batch!r}")
-    size = tuple(x.shape[-2:])
-    boxes = cell_boxes(grid, size)
-    owner = cell_blocks(grid, block)
+    owner = torch.as_tensor(cell_blocks(game.grid, block))
     n = int(owner.max()) + 1  # players
-    sigma = sigma if sigma is not None else default_sigma(grid, size)
-    xb = blur(x[None], sigma)[0]
-    cell = torch.empty(size, dtype=torch.long, device=x.device)  # the player each pixel belongs to
-    for j, (y0, y1, x0, x1) in enumerate(boxes):
-        cell[y0:y1, x0:x1] = int(owner[j])
     # the orders depend on the seed and the image, so sampling errors are independent across images
-    rng = np.random.default_rng([seed, zlib.crc32(x.detach().cpu().contiguous().numpy().tobytes())])
+    rng = np.random.default_rng([seed, zlib.crc32(game.x.detach().cpu().contiguous().numpy().tobytes())])
     orders = []
     for _ in range(permutations // 2):
         p = rng.permutation(n)
         orders += [p, p[::-1].copy()]
-    ranks = torch.empty(permutations, n, dtype=torch.long, device=x.device)
+    ranks = torch.empty(permutations, n, dtype=torch.long)
     for k, p in enumerate(orders):
-        ranks[k, torch.as_tensor(p, device=x.device)] = torch.arange(n, device=x.device)
-    ends = np.asarray(logits(torch.stack([x, xb])), dtype=np.float64)[:, c]
-    vals = np.full((permutations, n + 1), np.nan)  # vals[k, r]: logit with the first r cells of order k blurred
+        ranks[k, torch.as_tensor(p)] = torch.arange(n)
+    ends = np.array([e[c] for e in game.ends()])
+    vals = np.full((permutations, n + 1), np.nan)  # vals[k, r]: logit with the first r players of order k removed
     vals[:, 0], vals[:, n] = ends
     jobs = [(k, r) for k in range(permutations) for r in range(1, n)]  # order by order: pairs complete in turn
-    with bar(total=len(jobs) + 2, initial=2, desc="pixel map (Shapley)", unit="run") as runs:
+    with bar(total=len(jobs) + 2, initial=2, desc=f"pixel map (Shapley, {game.removal})", unit="run") as runs:
         for s in range(0, len(jobs), batch):
             chunk = jobs[s : s + batch]
-            m = torch.stack([ranks[k][cell] < r for k, r in chunk])[:, None].to(x.dtype)
-            out = np.asarray(logits(x[None] * (1 - m) + xb[None] * m), dtype=np.float64)[:, c]
+            out = game(torch.stack([ranks[k][owner] < r for k, r in chunk]))[:, c]
             for (k, r), v in zip(chunk, out):
                 vals[k, r] = v
             runs.update(len(chunk))
@@ -201,34 +260,44 @@ def shapley_map(logits: Logits, x: torch.Tensor, c: int, grid: tuple[int, int], 
             if done >= 2:
                 runs.set_postfix(pairs=f"{done}/{permutations // 2}", se=f"{_typical_sem(vals[: 2 * done], orders):.2g}")
     pairs = _pair_values(vals, orders)
+    owner = owner.numpy()
     share = np.bincount(owner, minlength=n)[owner]  # cells in each cell's block
     est = pairs.mean(0)[owner] / share
     sem = (pairs.std(0, ddof=1) / np.sqrt(len(pairs)))[owner] / share if len(pairs) > 1 else np.full(len(owner), np.nan)
-    info = {"full": float(ends[0]), "blurred": float(ends[1]), "permutations": permutations, "block": block,
-            "completeness_error": float(abs(est.sum() - (ends[0] - ends[1]))), "sem": sem.reshape(grid)}
-    return est.reshape(grid), info
+    info = {"full": float(ends[0]), "removed": float(ends[1]), "removal": game.removal, "permutations": permutations,
+            "block": block, "completeness_error": float(abs(est.sum() - (ends[0] - ends[1]))), "sem": sem.reshape(game.grid)}
+    return est.reshape(game.grid), info
+
+
+def fill_image(x: torch.Tensor, grid: tuple[int, int], removal: str = "blur", sigma: float | None = None) -> torch.Tensor:
+    """The image (3, H, W) a pixel removal puts in place of the removed cells: ``blur`` the Gaussian-blurred image
+    (sigma: one cell's side unless given), ``mean`` the image's mean colour."""
+    if removal == "blur":
+        return blur(x[None], sigma if sigma is not None else default_sigma(grid, tuple(x.shape[-2:])))[0]
+    if removal == "mean":
+        return x.mean((1, 2), keepdim=True).expand_as(x).clone()
+    raise CarrotError(f"removal: expected blur or mean for a pixel fill, got {removal!r}")
 
 
 def path_split(logits: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, c: int, grid: tuple[int, int],
-               sigma: float | None = None, nodes: int = 32, batch: int = 8) -> tuple[np.ndarray, dict[str, float]]:
-    """Split f_c(x) - f_c(blurred x) over the cells: the gradient of the whole model integrated along the straight
-    path from the blurred image to the image (Gauss-Legendre quadrature, ``nodes`` nodes), times the pixel change,
-    summed per cell (path-integrated gradients, Sundararajan et al. 2017; the blurred image as baseline).
+               removal: str = "blur", nodes: int = 32, batch: int = 8) -> tuple[np.ndarray, dict[str, Any]]:
+    """Split f_c(x) - f_c(fill) over the cells: the gradient of the whole model integrated along the straight path
+    from the fill image (:func:`fill_image`) to the image (Gauss-Legendre quadrature, ``nodes`` nodes), times the
+    pixel change, summed per cell (path-integrated gradients, Sundararajan et al. 2017, with that baseline).
 
     Parameters
     ----------
     logits : the whole model with autograd, (B, 3, H, W) input -> (B, C) float64 tensor.
     x : (3, H, W) one model input; c : the class; grid : (gh, gw) the backbone's cell grid.
-    sigma : blur standard deviation in px (default: one cell's side); nodes : quadrature nodes; batch : per pass.
+    removal : the baseline, blur or mean (a path needs an image at its end: token dropping has none).
+    nodes : quadrature nodes; batch : per pass.
 
     Returns
     -------
-    (gh, gw) float64 cell shares, which sum to f_c(x) - f_c(blurred x) up to the quadrature error; and
-    {"full", "blurred", "completeness_error"} (|sum of the shares - (f_c(x) - f_c(blurred x))|).
+    (gh, gw) float64 cell shares, which sum to f_c(x) - f_c(fill) up to the quadrature error; and
+    {"full", "removed", "removal", "completeness_error"} (|sum of the shares - (f_c(x) - f_c(fill))|).
     """
-    size = tuple(x.shape[-2:])
-    sigma = sigma if sigma is not None else default_sigma(grid, size)
-    xb = blur(x[None], sigma)[0]
+    xb = fill_image(x, grid, removal)
     d = (x - xb).to(torch.float32)
     a, wts = np.polynomial.legendre.leggauss(int(nodes))
     a, wts = (a + 1) / 2, wts / 2
@@ -240,10 +309,10 @@ def path_split(logits: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, 
         g = torch.autograd.grad(out.sum(), inp)[0].to(torch.float64)
         grad += (torch.as_tensor(wts[s : s + batch]).view(-1, 1, 1, 1) * g).sum(0)
     share = (grad * d.to(torch.float64)).sum(0).numpy()
-    cells = np.array([share[y0:y1, x0:x1].sum() for y0, y1, x0, x1 in cell_boxes(grid, size)])
+    cells = np.array([share[y0:y1, x0:x1].sum() for y0, y1, x0, x1 in cell_boxes(grid, tuple(x.shape[-2:]))])
     with torch.no_grad():
         ends = logits(torch.stack([x, xb]))[:, c].detach().cpu().numpy()
-    info = {"full": float(ends[0]), "blurred": float(ends[1]),
+    info = {"full": float(ends[0]), "removed": float(ends[1]), "removal": removal,
             "completeness_error": float(abs(cells.sum() - (ends[0] - ends[1])))}
     return cells.reshape(grid), info
 
@@ -253,64 +322,59 @@ def default_sigma(grid: tuple[int, int], size: tuple[int, int]) -> float:
     return float(max(size[0] / grid[0], size[1] / grid[1]))
 
 
-def deletable(full: float, blurred: float) -> bool:
-    """Whether blurring the whole image lowers the logit (f_c(x) - f_c(blurred x) > 0 beyond rounding): an image
-    where it does not has nothing to delete, and every map's AUC is nan (left out of the pooled numbers)."""
-    return bool(full - blurred > 1e-9 * max(1.0, abs(full)))
-
-
-def blur_ends(logits: Logits, x: torch.Tensor, c: int, grid: tuple[int, int], sigma: float | None = None) -> tuple[float, float]:
-    """(f_c(x), f_c(blurred x)) of one image (3, H, W): the two ends of every deletion curve (2 forward passes)."""
-    size = tuple(x.shape[-2:])
-    sigma = sigma if sigma is not None else default_sigma(grid, size)
-    out = np.asarray(logits(torch.stack([x, blur(x[None], sigma)[0]])), dtype=np.float64)[:, c]
-    return float(out[0]), float(out[1])
+def deletable(full: float, removed: float) -> bool:
+    """Whether removing every cell lowers the logit (f_c(x) - f_c(x with every cell removed) > 0 beyond rounding): an
+    image where it does not has nothing to delete, and every map's normalised AUC is nan (left out of the pooled
+    numbers)."""
+    return bool(full - removed > 1e-9 * max(1.0, abs(full)))
 
 
 @dataclass
 class PixelCurves:
-    """Deletion and insertion of one image in one map's order."""
+    """Deletion and insertion of one image in one map's order, under one removal."""
 
-    fractions: np.ndarray  # (S,) share of cells blurred (deletion) or revealed (insertion)
+    fractions: np.ndarray  # (S,) share of cells removed (deletion) or kept (insertion)
     deletion: np.ndarray  # (S,) logit of class c
     insertion: np.ndarray  # (S,)
     full: float  # f_c(x)
-    blurred: float  # f_c(blurred x)
+    removed: float  # f_c(x with every cell removed)
 
     @property
     def span(self) -> float:
-        """f_c(x) - f_c(blurred x): how much blurring the whole image changes the logit (the pooling weight)."""
-        return self.full - self.blurred
+        """f_c(x) - f_c(x with every cell removed): how much removing the whole image changes the logit (the
+        pooling weight)."""
+        return self.full - self.removed
 
     def auc(self, which: str) -> float:
-        """Area under the curve scaled to 1 at the image and 0 at the blurred image; nan where the blurred image
-        scores the class as high as the image (nothing to delete: the image is left out of the means)."""
-        if not deletable(self.full, self.blurred):
+        """Area under the curve scaled to 1 at the image and 0 with every cell removed; nan where removing every
+        cell scores the class as high as the image (nothing to delete: the image is left out of the means)."""
+        if not deletable(self.full, self.removed):
             return float("nan")
-        v = (getattr(self, which) - self.blurred) / (self.full - self.blurred)
+        v = (getattr(self, which) - self.removed) / (self.full - self.removed)
         return float(np.trapezoid(v, self.fractions))
 
+    def raw_auc(self, which: str) -> float:
+        """Area under the raw logit curve (no scaling, defined for every image): the issue-31 number that a few images
+        with a tiny span cannot dominate."""
+        return float(np.trapezoid(getattr(self, which), self.fractions))
 
-def pixel_curves(logits: Logits, x: torch.Tensor, c: int, grid: tuple[int, int], order: Sequence[int],
-                 steps: int = 16, sigma: float | None = None, batch: int = 34) -> PixelCurves:
-    """Deletion and insertion of one image (3, H, W) in ``order`` (cell indices, most important first) over
-    ``steps`` steps: 2 (steps + 1) forward passes of the whole model."""
-    size = tuple(x.shape[-2:])
-    boxes = cell_boxes(grid, size)
+
+def pixel_curves(game: CellGame, c: int, order: Sequence[int], steps: int = 16, batch: int = 34) -> PixelCurves:
+    """Deletion and insertion of one image in ``order`` (cell indices, most important first) over ``steps`` steps:
+    cells removed (deletion) or kept (insertion, the rest removed) in that order, 2 (steps + 1) runs of the whole
+    model."""
     order = np.asarray(order)
-    if sorted(order.tolist()) != list(range(len(boxes))):
-        raise CarrotError(f"order: expected a permutation of the {len(boxes)} cells")
-    if not isinstance(steps, int) or steps < 1:
+    if sorted(order.tolist()) != list(range(game.n)):
+        raise CarrotError(f"order: expected a permutation of the {game.n} cells")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise CarrotError(f"steps: expected an integer >= 1, got {steps!r}")
-    sigma = sigma if sigma is not None else default_sigma(grid, size)
-    xb = blur(x[None], sigma)[0]
-    counts = np.unique(np.linspace(0, len(boxes), steps + 1).round().astype(int))
-    m = removed_masks(order, counts.tolist(), boxes, size)
-    deleted = x[None] * (1 - m) + xb[None] * m
-    inserted = xb[None] * (1 - m) + x[None] * m
-    out = _batched(logits, torch.cat([deleted, inserted]), batch)[:, c]
+    counts = np.unique(np.linspace(0, game.n, steps + 1).round().astype(int))
+    removed = torch.zeros(len(counts), game.n, dtype=torch.bool)
+    for r, k in enumerate(counts):
+        removed[r, torch.as_tensor(order[:k], dtype=torch.long)] = True
+    out = game.values(torch.cat([removed, ~removed]), batch)[:, c]
     k = len(counts)
-    return PixelCurves(counts / len(boxes), out[:k], out[k:], float(out[0]), float(out[k]))
+    return PixelCurves(counts / game.n, out[:k], out[k:], float(out[0]), float(out[k]))
 
 
 def pooled(values: Sequence[float], spans: Sequence[float], seed: int = 0, resamples: int = 2000) -> dict[str, float]:

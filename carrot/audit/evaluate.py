@@ -280,8 +280,11 @@ def summary_lines(res: dict) -> list[str]:
                    f"random {d['deletion_random']:.3f}; insertion AUC: exact {d['insertion']:.3f}, random {d['insertion_random']:.3f}")
     if "pixel_deletion" in res:
         p = res["pixel_deletion"]
-        out.append(f"pixel deletion / insertion AUC ({p['n']} images, image = 1, blurred = 0): " + ", ".join(
-            f"{m} {v['deletion']['mean']:.3f} / {v['insertion']['mean']:.3f}" for m, v in p["maps"].items()))
+        for r, scores in p["scores"].items():
+            out.append(f"pixel deletion / insertion AUC, cells removed by {r} ({p['n']} images; image = 1, all removed = 0; "
+                       f"raw logit deletion AUC): " + ", ".join(
+                           f"{m} {v['deletion']['mean']:.3f} / {v['insertion']['mean']:.3f} ({v['raw_deletion']['mean']:+.3f})"
+                           for m, v in scores.items()))
     if "certificates" in res:
         c = res["certificates"]
         med = "" if c["median_size"] is None else f", median {c['median_size']:g} images"

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
+from carrot.config import DEFAULT_REMOVAL, REMOVALS
 from carrot.errors import CarrotError
 from carrot.progress import bar
 from carrot.ridge.heads import keeps
@@ -85,15 +86,18 @@ def image_regions(model: "Carrot", path: str) -> tuple[Any, Any, Any, tuple[int,
 
 
 def region_scores(model: "Carrot", name: str, x: Any, regions: Any, w: Any, c: int, grid: tuple[int, int],
-                  rng: np.random.Generator) -> np.ndarray:
+                  rng: np.random.Generator, removal: str = DEFAULT_REMOVAL) -> np.ndarray:
     """Scores (N,) of one of carrot's :data:`REGION_MAPS` for class c of an image (:func:`image_regions`: x, its
-    RegionSet, w): the Shapley map (explain's default), the pixel split, exact cell occlusion, the token split, or a
+    RegionSet, w): the Shapley map (explain's default), the pixel split, exact cell occlusion (these three with cells
+    removed by ``removal``; the split takes blur for drop, which has no image at its end), the token split, or a
     random order."""
     from carrot.attribution.representer import region_contributions
 
     H, glob = regions.H, None if regions.globals is None else regions.globals[0]
-    if name in ("shapley", "split", "occlusion"):
-        return model.pixel_map(x, c, grid, name)[0].ravel()
+    if name in ("shapley", "occlusion"):
+        return model.pixel_map(x, c, grid, name, removal=removal)[0].ravel()
+    if name == "split":
+        return model.pixel_map(x, c, grid, name, removal="blur" if removal == "drop" else removal)[0].ravel()
     if name == "token":
         if not keeps(model.head_, "region_split"):  # each token's exact removal from the graph
             import torch
@@ -109,47 +113,86 @@ def region_scores(model: "Carrot", name: str, x: Any, regions: Any, w: Any, c: i
     raise CarrotError(f"maps: expected one of {', '.join(REGION_MAPS)}, got {name!r}")
 
 
+def removals_of(model: "Carrot") -> tuple[str, ...]:
+    """The removals a run's pixel maps can be scored under: blur and mean colour, and token dropping for a ViT."""
+    return tuple(r for r in REMOVALS if r != "drop" or model.backbone.drops_tokens)
+
+
+def paired(values: dict[str, list[float]], reference: str) -> dict[str, dict[str, float]]:
+    """Each map's per-image difference from ``reference`` (same images; mean, s.e.m., images where the map is lower,
+    i.e. better for deletion), over the images where both are finite."""
+    ref = np.asarray(values[reference], dtype=np.float64)
+    out = {}
+    for m, v in values.items():
+        if m == reference:
+            continue
+        d = np.asarray(v, dtype=np.float64) - ref
+        d = d[np.isfinite(d)]
+        out[m] = {"mean": float(d.mean()) if len(d) else float("nan"),
+                  "sem": float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("nan"),
+                  "lower": int((d < 0).sum()), "n": int(len(d))}
+    return out
+
+
 def pixel_deletion(model: "Carrot", n_test: int = 20, steps: int = 16, seed: int = 0,
-                   maps: Sequence[str] = REGION_MAPS) -> dict[str, Any]:
-    """The pixel protocol on ``n_test`` random test images of a run (:mod:`carrot.attribution.pixels`): cells
-    blurred (revealed onto the blurred image) in the order of each map for the predicted class, the whole model
-    re-run at each of ``steps`` steps; per map the deletion and insertion AUC (image = 1, blurred image = 0),
-    mean and s.e.m. over images, and the seconds each map costs per image."""
+                   maps: Sequence[str] = REGION_MAPS, removal: str = DEFAULT_REMOVAL,
+                   removals: Sequence[str] | None = None) -> dict[str, Any]:
+    """The pixel protocol on ``n_test`` random test images of a run (:mod:`carrot.attribution.pixels`): each map of
+    the predicted class (its cells removed by ``removal`` where it removes cells) scored under every removal of
+    ``removals`` (default :func:`removals_of`): cells removed (deletion) or kept with the rest removed (insertion) in
+    map order, the whole model re-run at each of ``steps`` steps. Per map and removal the deletion and insertion AUC,
+    scaled (image = 1, every cell removed = 0, pooled over images by span) and raw (the logit's area, every image
+    counts); per removal each map's paired raw-deletion difference from the first map with its win count; and the
+    seconds each map costs per image."""
     import time
 
-    from carrot.attribution.pixels import blur_ends, deletable, pixel_curves, pooled
+    from carrot.attribution.pixels import deletable, pixel_curves, pooled, summarise
 
     if not maps or set(maps) - set(REGION_MAPS):
         raise CarrotError(f"maps: expected some of {', '.join(REGION_MAPS)}, got {list(maps)}")
+    removals = tuple(removals) if removals else removals_of(model)
+    if set(removals) - set(removals_of(model)) or removal not in removals_of(model):
+        raise CarrotError(f"removals: expected some of {', '.join(removals_of(model))} for this backbone, got "
+                          f"{list(removals)} (maps removing by {removal!r})")
     if not model.test_records_:
         raise CarrotError("pixel-deletion: the run has no test images")
     rng = np.random.default_rng(seed)
     rows = np.sort(rng.choice(len(model.test_records_), min(n_test, len(model.test_records_)), replace=False))
-    auc: dict[str, dict[str, list[float]]] = {m: {"deletion": [], "insertion": []} for m in maps}
+    keys = ("deletion", "insertion", "raw_deletion", "raw_insertion")
+    auc = {r: {m: {k: [] for k in keys} for m in maps} for r in removals}
     seconds: dict[str, list[float]] = {m: [] for m in maps}
-    spans: list[float] = []
+    spans: dict[str, list[float]] = {r: [] for r in removals}
     grid = None
     for i in bar(rows.tolist(), desc="pixel deletion", unit="img"):
         x, H, w, grid, c = image_regions(model, model.test_records_[i][0])
-        full, blurred = blur_ends(model.pixel_logits, x, c, grid)
-        spans.append(full - blurred)
-        if not deletable(full, blurred):  # nothing to delete: left out of every pooled number, so no map is drawn
-            for m in maps:
-                auc[m]["deletion"].append(float("nan"))
-                auc[m]["insertion"].append(float("nan"))
+        games = {r: model.cell_game(x, grid, r) for r in removals}
+        ends = {r: [e[c] for e in game.ends()] for r, game in games.items()}
+        for r in removals:
+            spans[r].append(float(ends[r][0] - ends[r][1]))
+        if not any(deletable(*ends[r]) for r in removals):  # nothing to delete under any removal: no map is drawn
+            for r in removals:
+                for m in maps:
+                    for k in keys:
+                        auc[r][m][k].append(float("nan"))
             continue
+        orders = {}
         for m in maps:
             t0 = time.perf_counter()
-            scores = region_scores(model, m, x, H, w, c, grid, rng)
+            scores = region_scores(model, m, x, H, w, c, grid, rng, removal)
             seconds[m].append(time.perf_counter() - t0)
-            curves = pixel_curves(model.pixel_logits, x, c, grid, np.argsort(-scores, kind="stable"), steps)
-            auc[m]["deletion"].append(curves.auc("deletion"))
-            auc[m]["insertion"].append(curves.auc("insertion"))
-    return {"n": int(len(rows)), "steps": steps, "grid": list(grid) if grid else None,
-            "per_image": {"rows": rows.tolist(), "spans": spans, "auc": auc},  # for paired comparisons of the maps
-            "maps": {m: {"deletion": pooled(auc[m]["deletion"], spans, seed),
-                         "insertion": pooled(auc[m]["insertion"], spans, seed),
-                         "seconds_per_image": float(np.mean(seconds[m])) if seconds[m] else float("nan")} for m in maps}}
+            orders[m] = np.argsort(-scores, kind="stable")
+        for r, game in games.items():
+            for m in maps:
+                curves = pixel_curves(game, c, orders[m], steps)
+                for k in keys:
+                    auc[r][m][k].append(curves.raw_auc(k[4:]) if k.startswith("raw_") else curves.auc(k))
+    out = {r: {m: {k: (summarise(v[k]) if k.startswith("raw_") else pooled(v[k], spans[r], seed)) for k in keys}
+               for m, v in auc[r].items()} for r in removals}
+    return {"n": int(len(rows)), "steps": steps, "grid": list(grid) if grid else None, "removal": removal,
+            "removals": list(removals), "maps": {m: {"seconds_per_image": float(np.mean(seconds[m])) if seconds[m]
+                                                     else float("nan")} for m in maps},
+            "scores": out, "paired": {r: paired({m: auc[r][m]["raw_deletion"] for m in maps}, maps[0]) for r in removals},
+            "per_image": {"rows": rows.tolist(), "spans": spans, "auc": auc}}
 
 
 def pointing(model: "Carrot", store: Any, test: Any, n_pixel: int = 0, seed: int = 0) -> dict[str, Any]:
@@ -188,7 +231,7 @@ def pointing(model: "Carrot", store: Any, test: Any, n_pixel: int = 0, seed: int
         for i in sorted(chosen.tolist()):
             x = model.inputs([test.records[i].path])[0]
             c = int(model.pixel_logits(x[None])[0].argmax())
-            values = model.pixel_map(x, c, store.grid)[0]
+            values = model.pixel_map(x, c, store.grid, removal=DEFAULT_REMOVAL)[0]
             pix.append(any(pointing_game(values, tuple(b), size) for b in part_boxes[i]))
             tok.append(hits[rows.index(i)])
         out.update({"n_pixel": len(pix), "pixel_hit_rate": float(np.mean(pix)),

@@ -119,6 +119,13 @@ class Embedder:
         w = self.weights(H, regions.P)[0]
         return self.readout(H, w, None if regions.globals is None else regions.globals.cpu()), w
 
+    def embed_subsets(self, H: torch.Tensor, P: torch.Tensor, globals: torch.Tensor | None = None) -> torch.Tensor:
+        """Embeddings (B, D) float64 of B images each made of its own k regions: tokens H (B, k, D) at centres
+        P (B, k, 2), each read out on its own graph (bandwidths from its own regions, as for a whole image), with
+        the global tokens (B, G, D') when the embedding reads them (the model run on the kept cells only)."""
+        H = H.to(torch.float64).cpu()
+        return self.readout(H, self.weights(H, P.to(torch.float64).cpu())[0], None if globals is None else globals.cpu())
+
     def embed_many(self, H: torch.Tensor, P: torch.Tensor, ts: Sequence[float],
                    globals: torch.Tensor | None = None) -> torch.Tensor:
         """(T, B, D) embeddings of tokens H (B, N, D) (and global tokens (B, G, D')) for every t, one graph per image."""

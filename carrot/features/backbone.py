@@ -119,6 +119,61 @@ class TokenBackbone:
         parts = [torch.cat([o[1], o[0]], 1) if isinstance(o, tuple) else o for o in outs]  # (patch, prefix) -> token order
         return torch.cat(parts, -1)
 
+    @property
+    def drops_tokens(self) -> bool:
+        """Whether the model can run on a subset of its patches (:meth:`kept_tokens`): a plain ViT (patch embedding,
+        position embedding, a stack of attention blocks); not a ConvNet or a hierarchical token model."""
+        m = self.model
+        return self.patch_size is not None and all(hasattr(m, a) for a in ("_pos_embed", "blocks", "norm_pre", "norm"))
+
+    @torch.no_grad()
+    def kept_tokens(self, x: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The model run on the kept patches of each image only: the removed patches' tokens are dropped after the
+        patch and position embeddings, so no kept token attends to them (nor to anything computed from their pixels).
+
+        Parameters
+        ----------
+        x : (B, 3, H, W) model inputs; keep : (B, N) bool, the patches each image keeps (row-major, N = gh * gw).
+
+        Returns
+        -------
+        patch tokens (B, K, D) float32 of the kept patches in row-major order, K = the most kept by any image (rows
+        keeping fewer are padded at the end with tokens to ignore); idx (B, K) long, the patch index of each token
+        (padding: -1); and the prefix tokens (B, P, D). Keeping every patch gives :meth:`with_globals`' tokens
+        (up to the order of floating-point sums).
+        """
+        if not self.drops_tokens:
+            raise CarrotError(f"removal 'drop': backbone '{self.timm_name}' cannot run on a subset of its patches "
+                              "(a plain ViT can; a ConvNet cannot): expected removal blur or mean")
+        m, P = self.model, self.num_prefix_tokens
+        x = x.to(self.device)
+        keep = torch.as_tensor(keep, dtype=torch.bool, device=self.device)
+        ps = self.patch_size
+        N = (x.shape[2] // ps[0]) * (x.shape[3] // ps[1])
+        if keep.shape != (x.shape[0], N):
+            raise CarrotError(f"keep: expected ({x.shape[0]}, {N}) booleans (one per patch), got {tuple(keep.shape)}")
+        counts = keep.sum(1)
+        K = int(counts.max())
+        # kept indices first (stable, row-major), padding after; the mask hides the padding from every query
+        order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices[:, :K]
+        valid = torch.arange(K, device=self.device)[None] < counts[:, None]
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bfloat16"):
+            t = m._pos_embed(m.patch_embed(x))
+            t = torch.cat([t[:, :P], t[:, P:].gather(1, order[..., None].expand(-1, -1, t.shape[-1]))], 1)
+            t = m.norm_pre(t)
+            mask = None
+            if not bool(valid.all()):
+                mask = torch.cat([torch.ones(len(t), P, dtype=torch.bool, device=self.device), valid], 1)[:, None, None]
+            outs = []
+            depth = len(m.blocks)
+            for i, blk in enumerate(m.blocks):
+                t = blk(t) if mask is None else blk(t, attn_mask=mask)
+                if i >= depth - self.blocks:
+                    outs.append(m.norm(t))
+        y = torch.cat(outs, -1).float()
+        idx = torch.where(valid, order, torch.full_like(order, -1))
+        return y[:, P:], idx, y[:, :P]
+
     def _tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """Prefix and patch tokens (B, P + N, D) (a ConvNet: (B, N, D)) and the grid."""
         y = self._forward(x.to(self.device, non_blocking=True))

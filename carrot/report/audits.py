@@ -203,14 +203,20 @@ def evaluation_html(ev: dict) -> str:
         names = {"shapley": "Shapley map (the default; 4 orders)", "split": "pixel split (path-integrated gradients)",
                  "pixel": "pixel split (path-integrated gradients)", "occlusion": "occlusion map (exact per cell)",
                  "token": "token map (exact token split)", "random": "random order"}
-        rows = [[names.get(m, m), v["deletion"]["mean"], v["deletion"]["sem"], v["insertion"]["mean"], v["insertion"]["sem"],
-                 v["seconds_per_image"]] for m, v in p["maps"].items()]
+        rows = [[names.get(m, m) + (f" ({p['removal']})" if m in ("shapley", "occlusion") else ""), r,
+                 v["deletion"]["mean"], v["deletion"]["sem"], v["insertion"]["mean"], v["insertion"]["sem"],
+                 v["raw_deletion"]["mean"], v["raw_deletion"]["sem"], p["maps"][m]["seconds_per_image"]]
+                for r, scores in p["scores"].items() for m, v in scores.items()]
         out += (f"<h3>Pixel deletion and insertion</h3><p class='muted'>{p['n']} test images; the cells of the "
-                f"{p['grid'][0]}x{p['grid'][1]} grid blurred (revealed onto the blurred image) in map order over {p['steps']} "
-                "steps, the whole model re-run at each; AUC of the predicted logit scaled to 1 at the image and 0 at the "
-                "blurred image, pooled over images weighted by how much blurring changes each logit (bootstrap s.e.): "
-                "low deletion and high insertion mean a map faithful to the pixels (random order: about 0.5)</p>"
-                + _table(["map", "deletion AUC", "s.e.m.", "insertion AUC", "s.e.m.", "seconds per image"], rows))
+                f"{p['grid'][0]}x{p['grid'][1]} grid removed (deletion) or kept with the rest removed (insertion) in map "
+                f"order over {p['steps']} steps, the whole model re-run at each, under each way of removing a cell (blur: "
+                "pixels blurred; mean: filled with the image's mean colour; drop: tokens dropped, ViTs). Scaled AUC of the "
+                "predicted logit (1 at the image, 0 with every cell removed, pooled over images weighted by how much "
+                "removal changes each logit, bootstrap s.e.) and raw AUC of the logit (mean over all images): low "
+                "deletion and high insertion mean a map faithful to the pixels under that removal (random order: about "
+                "0.5 scaled)</p>"
+                + _table(["map", "removal", "deletion AUC", "s.e.m.", "insertion AUC", "s.e.m.", "raw deletion AUC",
+                          "s.e.m.", "seconds per image"], rows))
     if "certificates" in ev:
         out += _certificates(ev["certificates"])
     if "pointing" in ev:

@@ -16,20 +16,34 @@ VIEW_MEANING = {
     "representer": "beta * kernel similarity (representer form); the terms sum to logit - prior, large ones cancel",
 }
 
-PIXEL_MAP_MEANING = {  # what each pixel map explain can draw is exact for (names: carrot.attribution.pixels.PIXEL_MAPS)
-    "shapley": "this cell's Shapley value in the game 'blur a set of cells', sampled over random orders in antithetic "
-               "pairs (pixel_map_permutations; pixel_map_sem is each cell's standard error): the cells' average logit "
-               "drop when blurred after a random set of the others. Exact for the pixels: the values sum to "
-               "f(x) - f(blurred x) to floating point (pixel_map_completeness_error), for any number of orders",
-    "split": "this cell's share of f(x) - f(blurred x): the whole model's gradient integrated along the path from the "
-             "blurred image to the image, times the pixel change, summed over the cell (path-integrated gradients; "
-             "the shares sum to f(x) - f(blurred x) up to the quadrature error pixel_map_completeness_error)",
+REMOVAL_MEANING = {  # how a pixel map takes a cell out (names: carrot.attribution.pixels.REMOVALS): (how, the far end)
+    "blur": ("its pixels blurred (Gaussian, sigma one cell's side)", "f(blurred x)"),
+    "mean": ("its pixels filled with the image's mean colour", "f(x filled with its mean colour)"),
+    "drop": ("its tokens dropped, so the model never sees them (ViTs)", "the prior (every token dropped: no evidence)"),
 }
 
+
+def pixel_map_meaning(method: str, removal: str = "blur") -> str:
+    """What a pixel map explain can draw (``method``: carrot.attribution.pixels.PIXEL_MAPS, or "occlusion") is exact
+    for, its cells removed by ``removal``: one sentence naming the removal and what the values sum to."""
+    how, end = REMOVAL_MEANING[removal]
+    if method == "shapley":
+        return (f"this cell's Shapley value in the game 'remove a set of cells' (a cell removed: {how}), sampled over "
+                "random orders in antithetic pairs (pixel_map_permutations; pixel_map_sem is each cell's standard "
+                "error): the cell's average logit drop when removed after a random set of the others. Exact for this "
+                f"removal: the values sum to f(x) - {end} to floating point (pixel_map_completeness_error), for any "
+                "number of orders")
+    if method == "split":
+        return (f"this cell's share of f(x) - {end}: the whole model's gradient integrated along the path from that "
+                "image to the image, times the pixel change, summed over the cell (path-integrated gradients; the "
+                "shares sum to the difference up to the quadrature error pixel_map_completeness_error)")
+    if method == "occlusion":
+        return (f"f(x) - f(x without this cell), the cell removed alone ({how}), the whole model re-run (an exact "
+                "counterfactual per cell; the drops do not add up)")
+    raise ValueError(f"method: expected shapley, split or occlusion, got {method!r}")
+
+
 REGION_MEANING = {
-    "pixel_map": PIXEL_MAP_MEANING["shapley"],
-    "pixel_occlusion": "f(x) - f(x with this cell blurred): the logit drop when only this cell's pixels are blurred, "
-                       "the whole model re-run (an exact counterfactual per cell; the drops do not add up)",
     "region_contributions": "w_j W_c (h_j - mu/N): the exact split of the logit over the backbone's tokens (they sum "
                             "to logit - prior); a ViT token sees the whole image, so it says which tokens matter, "
                             "not which pixels",
@@ -52,16 +66,18 @@ GLOBAL_MEANING = ("W_c^glob . (c - mu^glob): the exact term of the backbone's gl
 LINEAR_ONLY = ("region_contributions", "pairs", "segments")  # meanings of what only a head with a region split has
 
 
-def meanings(refit_note: str, additive: bool, pixel_map: str | None, global_term: bool) -> dict[str, str]:
+def meanings(refit_note: str, additive: bool, pixel_map: str | None, global_term: bool, occlusion: bool = False,
+             removal: str = "blur") -> dict[str, str]:
     """What each number of an explanation is exact for: ``refit_note`` says what the head's refits hold
     (``head.refit_note``), ``additive`` whether the token map is the exact additive split (else each token's exact
-    removal), ``pixel_map`` the page's pixel map (or None) and ``global_term`` whether the global tokens have a term."""
+    removal), ``pixel_map`` the page's pixel map (or None), ``global_term`` whether the global tokens have a term,
+    ``occlusion`` whether the occlusion map is drawn, and ``removal`` how the pixel maps remove a cell."""
     score = ("f(x) - f_-i(x): how much this logit drops if the image is removed from training (exact, equal to a refit"
              + refit_note + "); the images are ranked by it")
-    regions = {k: v for k, v in REGION_MEANING.items()
-               if (k != "pixel_map" or pixel_map) and (k != "region_removal" if additive else k not in LINEAR_ONLY)}
-    return {"score": score, **VIEW_MEANING, **regions, **({"pixel_map": PIXEL_MAP_MEANING[pixel_map]} if pixel_map else {}),
-            **({"global_term": GLOBAL_MEANING} if global_term else {})}
+    regions = {k: v for k, v in REGION_MEANING.items() if (k != "region_removal" if additive else k not in LINEAR_ONLY)}
+    pixels = {**({"pixel_map": pixel_map_meaning(pixel_map, removal)} if pixel_map else {}),
+              **({"pixel_occlusion": pixel_map_meaning("occlusion", removal)} if occlusion else {})}
+    return {"score": score, **VIEW_MEANING, **regions, **pixels, **({"global_term": GLOBAL_MEANING} if global_term else {})}
 
 
 @dataclass
@@ -127,7 +143,8 @@ class PixelMap:
     values: list
     seconds: float
     method: str | None = None
-    blurred_logit: float | None = None
+    removal: str | None = None  # how a cell is removed (carrot.attribution.pixels.REMOVALS)
+    removed_logit: float | None = None  # the logit with every cell removed: the map sums to logit - this
     completeness_error: float | None = None
     permutations: int | None = None  # shapley
     sem: list | None = None  # shapley: each cell's standard error (None where not estimable)
@@ -135,7 +152,7 @@ class PixelMap:
     def to_json(self, key: str) -> dict[str, Any]:
         out = {key: self.values, key + "_seconds": self.seconds}
         if self.method is not None:
-            out.update({f"{key}_method": self.method, f"{key}_blurred_logit": self.blurred_logit,
+            out.update({f"{key}_method": self.method, f"{key}_removal": self.removal, f"{key}_removed_logit": self.removed_logit,
                         f"{key}_completeness_error": self.completeness_error})
             if self.permutations is not None:
                 out.update({f"{key}_permutations": self.permutations, f"{key}_sem": self.sem})

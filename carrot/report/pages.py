@@ -14,7 +14,7 @@ import numpy as np
 
 from carrot.io import atomic_path, write_json
 from carrot.report.audits import audits_html, figure_uri
-from carrot.report.explanation import Explanation, TrainingImage
+from carrot.report.explanation import REMOVAL_MEANING, Explanation, TrainingImage
 from carrot.text import shown
 
 PLAIN_TEXT = {"text.parse_math": False, "text.usetex": False}  # data text (class names) drawn literally, never as maths
@@ -191,19 +191,20 @@ def _certificate(exp: Explanation) -> str:
 
 
 def _pixel_figure(exp: Explanation, image) -> str:
-    """The pixel map beside the image, captioned with what it is and what it sums to."""
+    """The pixel map beside the image, captioned with what it is, how a cell is removed and what it sums to."""
     pm = exp.pixel_map
     total = sum(map(sum, pm.values))
+    how, end = REMOVAL_MEANING[pm.removal]
     if pm.method == "shapley":
         sem = [v for row in (pm.sem or []) for v in row if v is not None]
-        what = (f"each cell's Shapley value in 'blur a set of cells' ({pm.permutations} random orders"
+        what = (f"each cell's Shapley value in 'remove a set of cells' ({pm.permutations} random orders"
                 + (f"; typical s.e. {np.sqrt(np.mean(np.square(sem))):.2g}" if sem else "") + ")")
     else:
-        what = "each cell's share of the path-integrated gradient from the blurred image"
+        what = "each cell's share of the path-integrated gradient from the fill image"
     return (f"<figure class='big'><img alt='pixel map' src='{data_uri(overlay(image, np.asarray(pm.values)), 'JPEG', 320)}'>"
-            f"<figcaption>pixels &rarr; {html.escape(exp.predicted)}: {what}; they sum to logit(image) &minus; "
-            f"logit(blurred image) = {total:+.4f} (red raises it; sum error {pm.completeness_error:.1e}; "
-            f"{pm.seconds:.1f} s)</figcaption></figure>")
+            f"<figcaption>pixels &rarr; {html.escape(exp.predicted)}: {what}, a cell removed: {html.escape(how)}; they "
+            f"sum to logit(image) &minus; {html.escape(end.replace('f(', 'logit(', 1))} = {total:+.4f} (red raises it; "
+            f"sum error {pm.completeness_error:.1e}; {pm.seconds:.1f} s)</figcaption></figure>")
 
 
 def explanation_html(exp: Explanation) -> str:
@@ -221,7 +222,8 @@ def explanation_html(exp: Explanation) -> str:
         f"<figure class='big'><img alt='test image' src='{data_uri(image, 'JPEG', 320)}'><figcaption>input (as the model sees it)</figcaption></figure>",
         *([_pixel_figure(exp, image)] if exp.pixel_map is not None else []),
         *([f"<figure class='big'><img alt='occlusion map' src='{data_uri(overlay(image, np.asarray(occ.values)), 'JPEG', 320)}'>"
-           f"<figcaption>occlusion &rarr; {html.escape(exp.predicted)}: the logit drop when each cell alone is blurred "
+           f"<figcaption>occlusion &rarr; {html.escape(exp.predicted)}: the logit drop when each cell alone is removed "
+           f"({html.escape(REMOVAL_MEANING[occ.removal or 'blur'][0])}) "
            f"(exact re-runs; {occ.seconds:.1f} s)</figcaption></figure>"] if occ is not None else []),
         f"<figure class='big'><img alt='region heatmap' src='{data_uri(overlay(image, r), 'JPEG', 320)}'>"
         f"<figcaption>tokens &rarr; {html.escape(exp.predicted)}: red raises the logit, blue lowers it "

@@ -9,7 +9,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from carrot.features.cache import extract
-from carrot.config import DEFAULT_PERMUTATIONS, RunConfig
+from carrot.config import DEFAULT_PERMUTATIONS, DEFAULT_REMOVAL, RunConfig
 from carrot.devices import device_memory
 from carrot.distributed import barrier, init_from_env, world
 from carrot.data import (
@@ -194,7 +194,7 @@ def _extraction_speed(stores: Sequence[Any]) -> float | None:
 def explain(run_dir: str | Path, inputs: Sequence[str], out_dir: str | Path | None = None, top_k: int = 5,
             device: str | None = None, batch: int = 16, node_removal: bool = False,
             region_mask: str | None = None, pixel_map: str | None = "shapley", permutations: int = DEFAULT_PERMUTATIONS,
-            occlusion: bool = False) -> list[dict[str, Any]]:
+            occlusion: bool = False, removal: str = DEFAULT_REMOVAL, block: int = 1) -> list[dict[str, Any]]:
     """Explain each image with a fitted run: heatmap.png, explanation.html/.json per image, index.html."""
     model = Carrot.load(run_dir)
     if device:
@@ -228,7 +228,8 @@ def explain(run_dir: str | Path, inputs: Sequence[str], out_dir: str | Path | No
     try:
         for s in range(0, len(paths), batch):
             for exp in model.explain_iter(paths[s : s + batch], top_k, node_removal=node_removal, masks=masks,
-                                          pixel_map=pixel_map, permutations=permutations, occlusion=occlusion):
+                                          pixel_map=pixel_map, permutations=permutations, occlusion=occlusion,
+                                          removal=removal, block=block):
                 key = _key(exp.image)
                 if key not in numbers:
                     numbers[key], next_free = next_free, next_free + 1

@@ -10,9 +10,9 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 import numpy as np
 import torch
 
-from carrot.attribution.pixels import PIXEL_MAPS
+from carrot.attribution.pixels import PIXEL_MAPS, REMOVALS
 from carrot.attribution.representer import centred_parts, region_contributions, top_k
-from carrot.config import DEFAULT_PERMUTATIONS
+from carrot.config import DEFAULT_PERMUTATIONS, DEFAULT_REMOVAL
 from carrot.errors import CarrotError
 from carrot.features.backbone import patch_centres
 from carrot.report.explanation import Explanation, PairSplit, PixelMap, TokenMap, TrainingImage, meanings
@@ -35,6 +35,8 @@ class ExplainOptions:
     pixel_map: str | None = "shapley"  # one of PIXEL_MAPS, or None
     permutations: int = DEFAULT_PERMUTATIONS  # the even number of random orders the Shapley map samples
     occlusion: bool = False  # also the exact cell occlusion map (N + 1 runs of the whole model)
+    removal: str = DEFAULT_REMOVAL  # how the pixel maps remove a cell: one of REMOVALS (drop: ViTs only)
+    block: int = 1  # the Shapley map's players are blocks of block x block cells (1: every cell)
 
     def check(self, n: int) -> "ExplainOptions":
         if not isinstance(self.k, int) or isinstance(self.k, bool) or not 1 <= self.k <= n:
@@ -46,6 +48,13 @@ class ExplainOptions:
         if self.pixel_map == "shapley" and (isinstance(self.permutations, bool) or not isinstance(self.permutations, int)
                                             or self.permutations < 2 or self.permutations % 2):
             raise CarrotError(f"permutations: expected an even integer >= 2 (antithetic pairs), got {self.permutations!r}")
+        if self.removal not in REMOVALS:
+            raise CarrotError(f"removal: expected one of {', '.join(REMOVALS)}, got {self.removal!r}")
+        if self.pixel_map == "split" and self.removal == "drop":
+            raise CarrotError("removal: the pixel split integrates along a path of images and 'drop' has none at its end; "
+                              "expected blur or mean with pixel_map split")
+        if isinstance(self.block, bool) or not isinstance(self.block, int) or self.block < 1:
+            raise CarrotError(f"block: expected an integer >= 1 (cells per block side), got {self.block!r}")
         return self
 
 
@@ -95,7 +104,8 @@ def explain_one(model: "Carrot", system: TrainingSystem, batch: Batch, i: int, o
     exp = Explanation(
         image=path, predicted=model.classes_[c], predicted_index=c,
         logits={name: float(v) for name, v in zip(model.classes_, batch.logits[i])}, prior=prior,
-        head=kind_of(head).name, meaning=meanings(head.refit_note, additive, options.pixel_map, global_term is not None),
+        head=kind_of(head).name, meaning=meanings(head.refit_note, additive, options.pixel_map, global_term is not None,
+                                                      options.occlusion, options.removal),
         data_sum=rep_sum, equivalent_kernel_sum=ek_sum, identity_error=errors, supporting=supporting,
         inhibiting=inhibiting, grid=list(batch.grid), train_grid=list(tgrid),
         tokens=TokenMap(tokens.reshape(batch.grid).tolist(), additive, float(tokens.sum()) if additive else None),
@@ -183,15 +193,15 @@ def pixel_side(model: "Carrot", exp: Explanation, path: str, c: int, grid: tuple
     x = model.inputs([path])[0]
     if options.pixel_map:
         t0 = time.perf_counter()
-        values, info = model.pixel_map(x, c, grid, options.pixel_map, options.permutations)
+        values, info = model.pixel_map(x, c, grid, options.pixel_map, options.permutations, options.removal, options.block)
         shapley = options.pixel_map == "shapley"
-        exp.pixel_map = PixelMap(values.tolist(), time.perf_counter() - t0, options.pixel_map, info["blurred"],
-                                 info["completeness_error"], info["permutations"] if shapley else None,
+        exp.pixel_map = PixelMap(values.tolist(), time.perf_counter() - t0, options.pixel_map, options.removal,
+                                 info["removed"], info["completeness_error"], info["permutations"] if shapley else None,
                                  np.where(np.isfinite(info["sem"]), info["sem"], None).tolist() if shapley else None)
     if options.occlusion:
         t0 = time.perf_counter()
-        values, _ = model.pixel_map(x, c, grid, "occlusion")
-        exp.occlusion = PixelMap(values.tolist(), time.perf_counter() - t0)
+        values, _ = model.pixel_map(x, c, grid, "occlusion", removal=options.removal)
+        exp.occlusion = PixelMap(values.tolist(), time.perf_counter() - t0, removal=options.removal)
 
 
 def graph_side(model: "Carrot", exp: Explanation, batch: Batch, i: int, c: int, tokens: torch.Tensor,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import platform
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -13,7 +13,7 @@ import torch
 from carrot import __version__
 from carrot.features.backbone import TokenBackbone, create_backbone, patch_centres
 from carrot.features.cache import TokenStore
-from carrot.config import DEFAULT_PERMUTATIONS, RunConfig
+from carrot.config import DEFAULT_PERMUTATIONS, DEFAULT_REMOVAL, RunConfig
 from carrot.data import ImageDataset, ImageRecord, load_image
 from carrot.embed.embedder import Embedder
 from carrot.embed.tokenmap import TokenMap, sample_tokens
@@ -22,6 +22,9 @@ from carrot.report.explanation import Explanation
 from carrot.ridge.heads import fit_head
 from carrot.ridge.system import TrainingSystem
 from carrot.features.regions import RegionSet
+
+if TYPE_CHECKING:
+    from carrot.attribution.pixels import CellGame
 
 class Carrot:
     """The whole pipeline for one configuration. Fit on a cached training split, then explain."""
@@ -163,19 +166,63 @@ class Carrot:
         w = emb.weights(H, patch_centres(grid, torch.float64))[0]
         return self.head_.torch_decision(emb.readout(H, w, glob.cpu() if emb.global_tokens else None))
 
+    @torch.no_grad()
+    def kept_logits(self, x: torch.Tensor, keep: torch.Tensor) -> np.ndarray:
+        """The whole fitted model on the kept cells of model inputs only (removed cells' tokens dropped, ViTs):
+        x (B, 3, H, W), keep (B, N) bool -> (B, C) float64 logits. The kept tokens are rounded as the cache rounds
+        them and read out on the graph of the kept cells (its bandwidths its own); a row that keeps nothing gets the
+        head's prior (no evidence)."""
+        check_is_fitted(self, ("head_",))
+        keep = torch.as_tensor(keep, dtype=torch.bool)
+        out = np.tile(np.asarray(self.head_.prior_, dtype=np.float64), (len(keep), 1))
+        rows = torch.nonzero(keep.any(1)).flatten()
+        if not len(rows):
+            return out
+        H, idx, glob = self.backbone.kept_tokens(x[rows], keep[rows])
+        H = self._as_cached(H, "model inputs").to(torch.float64).cpu()
+        glob = self._as_cached(glob, "model inputs").cpu() if self.config.backbone.global_tokens else None
+        idx, counts = idx.cpu(), keep[rows].sum(1)
+        ps = self.backbone.patch_size
+        P = patch_centres((x.shape[-2] // ps[0], x.shape[-1] // ps[1]), torch.float64)
+        for k in torch.unique(counts).tolist():
+            sel = torch.nonzero(counts == k).flatten()
+            g = self.embedder.embed_subsets(H[sel, :k], P[idx[sel, :k]], None if glob is None else glob[sel])
+            out[rows[sel].numpy()] = self.head_.decision_function(g.numpy())
+        return out
+
+    def cell_game(self, x: torch.Tensor, grid: tuple[int, int], removal: str = "blur") -> "CellGame":
+        """One model input x (3, H, W) as a game over its cells under ``removal`` (:data:`~carrot.attribution.pixels.REMOVALS`:
+        blur, mean, or drop for a ViT): what every pixel map and the pixel protocol re-run."""
+        from carrot.attribution.pixels import REMOVALS, PixelFill, TokenDrop
+
+        if removal not in REMOVALS:
+            raise CarrotError(f"removal: expected one of {', '.join(REMOVALS)}, got {removal!r}")
+        if removal == "drop":
+            if not self.backbone.drops_tokens:
+                raise CarrotError(f"removal: 'drop' needs a ViT (tokens that can be left out); backbone "
+                                  f"'{self.backbone.timm_name}' is not one, expected blur or mean")
+            return TokenDrop(self.kept_logits, x, grid)
+        return PixelFill(self.pixel_logits, x, grid, removal)
+
     def pixel_map(self, x: torch.Tensor, c: int, grid: tuple[int, int], method: str = "shapley",
-                  permutations: int = DEFAULT_PERMUTATIONS) -> tuple[np.ndarray, dict[str, Any]]:
-        """One pixel map of a model input x (3, H, W) for class c over the backbone's ``grid`` of cells: "shapley"
-        (:func:`~carrot.attribution.pixels.shapley_map`), "split" (:func:`~carrot.attribution.pixels.path_split`) or
-        "occlusion" (:func:`~carrot.attribution.pixels.occlusion_map`); (gh, gw) float64 values and their info."""
+                  permutations: int = DEFAULT_PERMUTATIONS, removal: str = "blur",
+                  block: int = 1) -> tuple[np.ndarray, dict[str, Any]]:
+        """One pixel map of a model input x (3, H, W) for class c over the backbone's ``grid`` of cells, cells removed
+        by ``removal``: "shapley" (:func:`~carrot.attribution.pixels.shapley_map`), "split"
+        (:func:`~carrot.attribution.pixels.path_split`, blur or mean) or "occlusion"
+        (:func:`~carrot.attribution.pixels.occlusion_map`); (gh, gw) float64 values and their info."""
         from carrot.attribution.pixels import occlusion_map, path_split, shapley_map
 
-        if method == "shapley":
-            return shapley_map(self.pixel_logits, x, c, grid, permutations, seed=self.config.seed)
         if method == "split":
-            return path_split(self.torch_logits, x, c, grid)
+            if removal == "drop":
+                raise CarrotError("removal: the pixel split integrates along a path of images and 'drop' has none at its "
+                                  "end: expected blur or mean")
+            return path_split(self.torch_logits, x, c, grid, removal)
+        game = self.cell_game(x, grid, removal)
+        if method == "shapley":
+            return shapley_map(game, c, permutations, seed=self.config.seed, block=block)
         if method == "occlusion":
-            return occlusion_map(self.pixel_logits, x, c, grid), {}
+            return occlusion_map(game, c), {"removal": removal}
         raise CarrotError(f"pixel map: expected shapley, split or occlusion, got {method!r}")
 
     def embed_images(self, paths: Sequence[str]) -> tuple[np.ndarray, torch.Tensor, torch.Tensor, tuple[int, int], list,
@@ -271,7 +318,8 @@ class Carrot:
 
     def explain(self, paths: Sequence[str], k: int = 5, pairs: int = 3, node_removal: bool = False,
                 masks: dict[str, np.ndarray] | None = None, certificate_limit: int = 50,
-                pixel_map: str | None = "shapley", permutations: int = DEFAULT_PERMUTATIONS, occlusion: bool = False) -> list[Explanation]:
+                pixel_map: str | None = "shapley", permutations: int = DEFAULT_PERMUTATIONS, occlusion: bool = False,
+                removal: str = DEFAULT_REMOVAL, block: int = 1) -> list[Explanation]:
         """Explain image files with the fitted run (:mod:`carrot.run.explaining`).
 
         Parameters
@@ -283,10 +331,14 @@ class Carrot:
         masks : {path: integer segment mask in the model's input geometry}: per-segment exact sums.
         certificate_limit : the most training images the counterfactual certificate removes (0: none).
         pixel_map : the page's pixel map, one of :data:`~carrot.attribution.pixels.PIXEL_MAPS` or None: "shapley"
-            (sampled Shapley values of the cells, sum exactly f(x) - f(blurred x); ``permutations`` (N - 1) + 2 runs of
-            the whole model) or "split" (path-integrated gradients from the blurred image, 32 forward + backward).
+            (sampled Shapley values of the cells, sum exactly f(x) - f(x with every cell removed); ``permutations``
+            (P - 1) + 2 runs of the whole model for P players) or "split" (path-integrated gradients from the fill
+            image, 32 forward + backward).
         permutations : the even number of random orders the Shapley map samples.
         occlusion : also the exact cell occlusion map (N + 1 runs of the whole model per image).
+        removal : how the pixel maps remove a cell, one of :data:`~carrot.attribution.pixels.REMOVALS` (blur, mean
+            colour, or drop its tokens: ViTs).
+        block : the Shapley map's players are blocks of block x block cells (1: every cell).
 
         Returns
         -------
@@ -296,17 +348,18 @@ class Carrot:
         the token and pixel maps, and the identity errors of the exact sums.
         """
         return list(self.explain_iter(paths, k, pairs, node_removal, masks, certificate_limit, pixel_map, permutations,
-                                      occlusion))
+                                      occlusion, removal, block))
 
     def explain_iter(self, paths: Sequence[str], k: int = 5, pairs: int = 3, node_removal: bool = False,
                      masks: dict[str, np.ndarray] | None = None, certificate_limit: int = 50,
-                     pixel_map: str | None = "shapley", permutations: int = DEFAULT_PERMUTATIONS, occlusion: bool = False) -> Iterator[Explanation]:
+                     pixel_map: str | None = "shapley", permutations: int = DEFAULT_PERMUTATIONS, occlusion: bool = False,
+                removal: str = DEFAULT_REMOVAL, block: int = 1) -> Iterator[Explanation]:
         """:meth:`explain`, one explanation at a time as each is ready (for pages written as they come)."""
         from carrot.run.explaining import ExplainOptions, iter_explanations
 
         check_is_fitted(self, ("head_",))
         return iter_explanations(self, paths, ExplainOptions(k, pairs, node_removal, masks, certificate_limit, pixel_map,
-                                                             permutations, occlusion))
+                                                             permutations, occlusion, removal, block))
 
     def mask_transform(self):
         """The display geometry for integer masks (nearest-neighbour resize, same crop)."""
