@@ -1,12 +1,17 @@
-"""Faithfulness against seconds for the Shapley pixel map's settings: the number of sampled orders K and the size of
-the players (blocks of b x b cells), each scored by the pixel protocol (deletion / insertion AUC, cells blurred in
-map order over 16 steps) on the same test images of a run, paired against today's default (b = 1, K = 4).
+"""Faithfulness against seconds for the Shapley pixel map's settings: how a cell is removed in the game the map is
+built on (blur, mean colour, or for ViTs dropping its tokens), the number of sampled orders K and the size of the
+players (blocks of b x b cells). Every map is scored by the pixel protocol under every removal the backbone allows
+(cells removed (deletion) or kept with the rest removed (insertion) in map order over 16 steps), on the same test
+images of a run, paired against today's default (blur:b1k4), so no map is judged only on its own ground.
 
-The cost of a setting is K (P - 1) + 2 forward passes of the whole model for P = ceil(gh / b) ceil(gw / b) players;
-its seconds are wall time on this machine. Only images whose blurred version scores the class lower are used
-(the others have nothing to delete). Lower deletion and higher insertion AUC are more faithful.
+The cost of a setting is K (P - 1) + 2 runs of the whole model for P = ceil(gh / b) ceil(gw / b) players (a run that
+drops tokens runs on the kept ones only); its seconds are wall time on this machine. Numbers per scoring removal: the
+raw area under the logit's deletion curve (mean over every image, nothing left out; lower is better), the scaled AUC
+(1 at the image, 0 with every cell removed, pooled over the images weighted by that span; images where removing
+everything does not lower the logit left out), and each map's per-image raw deletion difference from the
+reference with its s.e. and the images on which it is lower.
 
-    python benchmarks/bench_pixel_curve.py --run runs/demo --images 8 --settings b1k4 b1k2 b2k4 b2k2 b4k8 b4k4
+    python benchmarks/bench_pixel_curve.py --run runs/demo --images 8 --settings blur:b1k4 drop:b1k4 drop:b2k4
 """
 from __future__ import annotations
 
@@ -22,86 +27,89 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-REFERENCE = "b1k4"  # explain's default until now: every cell a player, 4 orders
+REFERENCE = "blur:b1k4"  # explain's default until now: blur, every cell a player, 4 orders
 
 
-def parse(setting: str) -> tuple[int, int]:
-    m = re.fullmatch(r"b(\d+)k(\d+)", setting)
+def parse(setting: str) -> tuple[str, int, int]:
+    m = re.fullmatch(r"(blur|mean|drop):b(\d+)k(\d+)", setting)
     if not m:
-        raise SystemExit(f"--settings: expected b<block>k<orders> such as b2k4, got {setting!r}")
-    return int(m.group(1)), int(m.group(2))
+        raise SystemExit(f"--settings: expected <removal>:b<block>k<orders> such as drop:b2k4, got {setting!r}")
+    return m.group(1), int(m.group(2)), int(m.group(3))
 
 
 def main() -> None:
     from common import device_name, write_results
 
-    from carrot.attribution.pixels import blur_ends, deletable, pixel_curves, pooled, shapley_map
-    from carrot.audit.protocols import image_regions
+    from carrot.attribution.pixels import pixel_curves, pooled, shapley_map, summarise
+    from carrot.audit.protocols import image_regions, paired, removals_of
     from carrot.progress import set_quiet
     from carrot.run.pipeline import Carrot
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run", default="runs/demo")
-    ap.add_argument("--images", type=int, default=8, help="deletable test images scored")
-    ap.add_argument("--settings", nargs="+", default=["b1k4", "b1k2", "b2k4", "b2k2", "b4k8", "b4k4"])
+    ap.add_argument("--images", type=int, default=8, help="test images scored (seeded random, none left out)")
+    ap.add_argument("--settings", nargs="+", default=["blur:b1k4", "drop:b1k4", "drop:b2k4", "drop:b2k2", "blur:b2k4"])
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="default: results/pixel_curve_<data>_<backbone>")
     a = ap.parse_args()
-    settings = list(dict.fromkeys([REFERENCE, *a.settings]))
     set_quiet(True)
     model = Carrot.load(a.run)
+    scorers = removals_of(model)
+    settings = [s for s in dict.fromkeys([REFERENCE, *a.settings]) if parse(s)[0] in scorers]
     rng = np.random.default_rng(a.seed)
-    order = rng.permutation(len(model.test_records_))
-    auc = {s: {"deletion": [], "insertion": []} for s in [*settings, "random"]}
+    rows_used = np.sort(rng.permutation(len(model.test_records_))[: a.images]).tolist()
+    names = [*settings, "random"]
+    keys = ("deletion", "insertion", "raw_deletion", "raw_insertion")
+    auc = {r: {s: {k: [] for k in keys} for s in names} for r in scorers}
+    spans: dict[str, list[float]] = {r: [] for r in scorers}
     secs: dict[str, list[float]] = {s: [] for s in settings}
-    spans, used = [], []
     t_all = time.perf_counter()
-    for i in order.tolist():
-        if len(used) == a.images:
-            break
+    grid = None
+    for n, i in enumerate(rows_used):
         x, H, w, grid, c = image_regions(model, model.test_records_[i][0])
-        full, blurred = blur_ends(model.pixel_logits, x, c, grid)
-        if not deletable(full, blurred):
-            continue
-        used.append(i)
-        spans.append(full - blurred)
+        games = {r: model.cell_game(x, grid, r) for r in scorers}
+        for r, g in games.items():
+            full, removed = (e[c] for e in g.ends())
+            spans[r].append(float(full - removed))
+        orders = {"random": rng.permutation(grid[0] * grid[1])}
         for s in settings:
-            block, K = parse(s)
+            removal, block, K = parse(s)
             t0 = time.perf_counter()
-            phi, _ = shapley_map(model.pixel_logits, x, c, grid, permutations=K, block=block, seed=a.seed)
+            phi, _ = shapley_map(model.cell_game(x, grid, removal), c, permutations=K, block=block, seed=a.seed)
             secs[s].append(time.perf_counter() - t0)
-            cur = pixel_curves(model.pixel_logits, x, c, grid, np.argsort(-phi.ravel(), kind="stable"), a.steps)
-            auc[s]["deletion"].append(cur.auc("deletion"))
-            auc[s]["insertion"].append(cur.auc("insertion"))
-        cur = pixel_curves(model.pixel_logits, x, c, grid, rng.permutation(grid[0] * grid[1]), a.steps)
-        auc["random"]["deletion"].append(cur.auc("deletion"))
-        auc["random"]["insertion"].append(cur.auc("insertion"))
-        print(f"[{len(used)}/{a.images}] {time.perf_counter() - t_all:.0f} s: " + ", ".join(
-            f"{s} {np.mean(secs[s]):.1f} s {pooled(auc[s]['deletion'], spans)['mean']:.3f}" for s in settings), flush=True)
+            orders[s] = np.argsort(-phi.ravel(), kind="stable")
+        for r, g in games.items():
+            for s in names:
+                cur = pixel_curves(g, c, orders[s], a.steps)
+                for k in keys:
+                    auc[r][s][k].append(cur.raw_auc(k[4:]) if k.startswith("raw_") else cur.auc(k))
+        print(f"[{n + 1}/{len(rows_used)}] {time.perf_counter() - t_all:.0f} s: " + "; ".join(
+            f"{s} {np.mean(secs[s]):.1f} s " + " ".join(f"{r} {np.mean(auc[r][s]['raw_deletion']):+.3f}" for r in scorers)
+            for s in settings), flush=True)
     rows = []
-    ref = np.asarray(auc[REFERENCE]["deletion"])
-    for s in [*settings, "random"]:
-        block, K = parse(s) if s != "random" else (None, None)
-        d = np.asarray(auc[s]["deletion"]) - ref
-        row = {"setting": s, "block": block, "orders": K, "images": len(used),
+    for s in names:
+        removal, block, K = parse(s) if s != "random" else (None, None, None)
+        row = {"setting": s, "removal": removal, "block": block, "orders": K, "images": len(rows_used),
                "players": None if block is None else int(-(-grid[0] // block) * -(-grid[1] // block)),
-               "seconds_per_map": float(np.mean(secs[s])) if s in secs else 0.0,
-               "deletion": pooled(auc[s]["deletion"], spans)["mean"],
-               "deletion_sem": pooled(auc[s]["deletion"], spans)["sem"],
-               "insertion": pooled(auc[s]["insertion"], spans)["mean"],
-               "insertion_sem": pooled(auc[s]["insertion"], spans)["sem"],
-               "deletion_minus_reference": float(d.mean()),
-               "deletion_minus_reference_sem": float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("nan"),
-               "better_than_reference": int((d < 0).sum()), "per_image_deletion": auc[s]["deletion"]}
+               "seconds_per_map": float(np.mean(secs[s])) if s in secs else 0.0}
         if row["players"] is not None:
             row["passes"] = K * (row["players"] - 1) + 2
+        for r in scorers:
+            for k in keys:
+                v = summarise(auc[r][s][k]) if k.startswith("raw_") else pooled(auc[r][s][k], spans[r])
+                row[f"{r}_{k}"], row[f"{r}_{k}_sem"] = v["mean"], v["sem"]
+            if s != REFERENCE:
+                d = paired({REFERENCE: auc[r][REFERENCE]["raw_deletion"], s: auc[r][s]["raw_deletion"]}, REFERENCE)[s]
+                row[f"{r}_raw_deletion_minus_reference"], row[f"{r}_raw_deletion_minus_reference_sem"] = d["mean"], d["sem"]
+                row[f"{r}_lower_than_reference"] = d["lower"]
+            row[f"{r}_per_image_raw_deletion"] = auc[r][s]["raw_deletion"]
         rows.append(row)
     out = a.out or str(ROOT / "benchmarks" / "results" /
                        f"pixel_curve_{model.config.data.kind}_{model.config.backbone.name}")
     print(write_results(out, rows, run=str(a.run), data=model.config.data.kind, backbone=model.config.backbone.name,
-                        grid=list(grid), spans=spans, test_rows=used, steps=a.steps,
-                        precision=model.backbone.precision, device=device_name("cpu"),
+                        grid=list(grid), removals=list(scorers), reference=REFERENCE, spans=spans, test_rows=rows_used,
+                        steps=a.steps, precision=model.backbone.precision, device=device_name("cpu"),
                         threads=os.environ.get("OMP_NUM_THREADS", "all"), seconds_total=time.perf_counter() - t_all))
 
 

@@ -59,6 +59,7 @@ class CellGame:
     """
 
     removal: str
+    batch: int = 32  # runs per forward pass by default (the fastest measured on a 2-core CPU)
 
     def __init__(self, x: torch.Tensor, grid: tuple[int, int]) -> None:
         if x.dim() != 3:
@@ -83,9 +84,10 @@ class CellGame:
             self._ends = self.values(torch.tensor([[False] * self.n, [True] * self.n]))
         return self._ends[0], self._ends[1]
 
-    def values(self, removed: torch.Tensor, batch: int = 32, desc: str = "") -> np.ndarray:
-        """:meth:`__call__` ``batch`` rows at a time; with ``desc``, a progress bar over the runs."""
+    def values(self, removed: torch.Tensor, batch: int | None = None, desc: str = "") -> np.ndarray:
+        """:meth:`__call__` ``batch`` rows at a time (default :attr:`batch`); with ``desc``, a progress bar over the runs."""
         removed = torch.as_tensor(removed, dtype=torch.bool).reshape(-1, self.n)
+        batch = batch or self.batch
         out = []
         with bar(total=len(removed), desc=desc, unit="run", disable=not desc) as runs:
             for s in range(0, len(removed), batch):
@@ -124,6 +126,7 @@ class TokenDrop(CellGame):
     of the kept cells; it answers the head's prior for a row that keeps nothing."""
 
     removal = "drop"
+    batch = 8  # rows of one pass are padded to the most kept: small batches of similar sizes waste least
 
     def __init__(self, kept_logits: KeptLogits, x: torch.Tensor, grid: tuple[int, int]) -> None:
         super().__init__(x, grid)
@@ -163,14 +166,14 @@ def blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     return gaussian_blur(x, [k, k], [float(sigma), float(sigma)])
 
 
-def occlusion_map(game: CellGame, c: int, batch: int = 32) -> np.ndarray:
+def occlusion_map(game: CellGame, c: int, batch: int | None = None) -> np.ndarray:
     """Exact cell occlusion of one image: f_c(x) - f_c(x with cell j removed) for every cell j.
 
     Parameters
     ----------
     game : the image and how a cell is removed (:class:`CellGame`).
     c : the class whose logit is explained.
-    batch : runs per forward pass.
+    batch : runs per forward pass (default: the game's).
 
     Returns
     -------
@@ -206,7 +209,7 @@ def cell_blocks(grid: tuple[int, int], block: int) -> np.ndarray:
     return (i // block) * (-(-gw // block)) + j // block
 
 
-def shapley_map(game: CellGame, c: int, permutations: int = 4, batch: int = 32, seed: int = 0,
+def shapley_map(game: CellGame, c: int, permutations: int = 4, batch: int | None = None, seed: int = 0,
                 block: int = 1) -> tuple[np.ndarray, dict[str, Any]]:
     """Shapley values of the cells in the deletion game v(S) = f_c(x) - f_c(x with the cells S removed), sampled
     over ``permutations`` random orders in antithetic pairs (each order and its reverse; Castro et al. 2009,
@@ -218,7 +221,7 @@ def shapley_map(game: CellGame, c: int, permutations: int = 4, batch: int = 32, 
     ----------
     game : the image and how a cell is removed (:class:`CellGame`); c : the class.
     permutations : even number of sampled orders (K); cost K (P - 1) + 2 runs of the whole model for P players.
-    batch : runs per forward pass.
+    batch : runs per forward pass (default: the game's).
     seed : with the image's bytes, seeds the orders (reproducible per image, independent across images).
     block : the players are blocks of block x block cells (:func:`cell_blocks`; 1: every cell, P = N); a block's
         Shapley value is split evenly over its cells, so the map still sums to the total exactly.
@@ -232,6 +235,7 @@ def shapley_map(game: CellGame, c: int, permutations: int = 4, batch: int = 32, 
     """
     if isinstance(permutations, bool) or not isinstance(permutations, int) or permutations < 2 or permutations % 2:
         raise CarrotError(f"permutations: expected an even integer >= 2 (antithetic pairs), got {permutations!r}")
+    batch = game.batch if batch is None else batch
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
         raise CarrotError(f"batch: expected an integer >= 1, got {batch!r}")
     owner = torch.as_tensor(cell_blocks(game.grid, block))
@@ -248,7 +252,9 @@ def shapley_map(game: CellGame, c: int, permutations: int = 4, batch: int = 32, 
     ends = np.array([e[c] for e in game.ends()])
     vals = np.full((permutations, n + 1), np.nan)  # vals[k, r]: logit with the first r players of order k removed
     vals[:, 0], vals[:, n] = ends
-    jobs = [(k, r) for k in range(permutations) for r in range(1, n)]  # order by order: pairs complete in turn
+    # pair by pair, so the standard error is known as pairs complete; an order and its reverse side by side, as at
+    # the same rank they remove as many players (a pass that drops tokens pads least)
+    jobs = [(k, r) for q in range(0, permutations, 2) for r in range(1, n) for k in (q, q + 1)]
     with bar(total=len(jobs) + 2, initial=2, desc=f"pixel map (Shapley, {game.removal})", unit="run") as runs:
         for s in range(0, len(jobs), batch):
             chunk = jobs[s : s + batch]
@@ -256,7 +262,7 @@ def shapley_map(game: CellGame, c: int, permutations: int = 4, batch: int = 32, 
             for (k, r), v in zip(chunk, out):
                 vals[k, r] = v
             runs.update(len(chunk))
-            done = (chunk[-1][0] + (chunk[-1][1] == n - 1)) // 2  # antithetic pairs complete so far
+            done = (chunk[-1][0] + 1) // 2 if chunk[-1][1] == n - 1 else chunk[-1][0] // 2  # pairs complete so far
             if done >= 2:
                 runs.set_postfix(pairs=f"{done}/{permutations // 2}", se=f"{_typical_sem(vals[: 2 * done], orders):.2g}")
     pairs = _pair_values(vals, orders)
@@ -359,7 +365,7 @@ class PixelCurves:
         return float(np.trapezoid(getattr(self, which), self.fractions))
 
 
-def pixel_curves(game: CellGame, c: int, order: Sequence[int], steps: int = 16, batch: int = 34) -> PixelCurves:
+def pixel_curves(game: CellGame, c: int, order: Sequence[int], steps: int = 16, batch: int | None = None) -> PixelCurves:
     """Deletion and insertion of one image in ``order`` (cell indices, most important first) over ``steps`` steps:
     cells removed (deletion) or kept (insertion, the rest removed) in that order, 2 (steps + 1) runs of the whole
     model."""
