@@ -1,29 +1,32 @@
-"""Region maps measured in pixel space: carrot's maps against the peers' libraries under one protocol.
+"""Region maps measured in pixel space: carrot's maps against the peers' libraries, under every way of removing a cell.
 
 For ``--n-test`` random test images of a fitted run and the predicted class c of each, every map below is
 turned into a cell order (the backbone's grid: 16x16 cells of 14 px for DINOv2 at 224, 7x7 cells of 32 px for
-EfficientNet-Lite0) and scored by carrot's pixel protocol (:mod:`carrot.attribution.pixels`): cells blurred
-(deletion) or revealed onto the blurred image (insertion) in map order over 16 steps, the whole model re-run at
-each step, the AUC of the logit scaled to 1 at the image and 0 at the blurred image, pooled over the images
-weighted by how much blurring changes each one's logit. Images whose blurred version scores the class at least
-as high are left out of the pooled numbers (nothing to delete), so no map is computed for them.
+EfficientNet-Lite0) and scored by carrot's pixel protocol (:mod:`carrot.attribution.pixels`) under each removal the
+backbone allows (``removals_of``: cells blurred, filled with the image's mean colour, inpainted from the kept pixels
+around them, and for ViTs their tokens dropped): cells removed (deletion) or kept with the rest removed (insertion) in
+map order over 16 steps, the whole model re-run at each step. Two numbers per curve: the raw area under the logit
+(mean over every image, nothing left out), and the area scaled to 1 at the image and 0 with every cell removed,
+pooled over the images weighted by that span (images where removing everything does not lower the logit left out).
+Per removal, each map's per-image raw deletion AUC minus carrot's default map's, with its s.e. and the number of
+images on which the map deletes better (lower) than carrot's default.
 
-Maps, all of the same model (backbone, graph, diffusion, readout, ridge head), for logit c:
-- carrot Shapley map (the default of ``explain``): each cell's Shapley value in the game "blur a set of cells",
-  4 random orders in antithetic pairs (the values sum exactly to f_c(x) - f_c(blurred x));
-- carrot pixel split (``explain --pixel-map split``): each cell's share of f_c(x) - f_c(blurred x), the whole
-  model's gradient integrated from the blurred image (32 Gauss-Legendre nodes: Captum IG's integral and quadrature);
-- carrot occlusion map (``explain --occlusion``): f_c(x) - f_c(x with cell j blurred), exact re-runs;
-- carrot token map: the exact split of the logit over the tokens;
-- random order;
-- Captum ``IntegratedGradients`` (blurred image as baseline, 32 steps), pixel attributions summed per cell;
-- Captum ``Occlusion`` (window = stride = one cell, blurred image as baseline);
-- pytorch-grad-cam ``GradCAM``, ``GradCAMPlusPlus``, ``EigenCAM`` (last block; ViT tokens reshaped to the grid),
-  the CAM averaged per cell.
+Maps, all of the same model (backbone, graph, diffusion, readout, head), for logit c:
+- carrot Shapley map (the default of ``explain``: its removal, block and orders), and the settings in ``--shapley``;
+- carrot pixel split (``explain --pixel-map split``, blurred image as the path's end);
+- carrot occlusion map (``explain --occlusion``, the default removal), exact re-runs;
+- carrot token map: the exact split of the logit over the tokens; random order;
+- Captum ``IntegratedGradients`` with the blurred image and with the mean-colour image as baseline (32 steps),
+  pixel attributions summed per cell (inpainting and token dropping have no single baseline image: their nearest is
+  the mean colour, which is what inpainting everything gives);
+- Captum ``FeatureAblation`` over the cells' presence (one feature per cell, baseline absent) with the forward
+  function "the whole model with the absent cells removed", once per removal: Captum's occlusion under each removal
+  (under blur it is ``Occlusion`` with the blurred baseline, one-cell window);
+- pytorch-grad-cam ``GradCAM`` (last block; ViT tokens reshaped to the grid), the CAM averaged per cell.
 The peers run through their documented APIs on a torch module that is the whole model (gradients flow through
-the graph and the diffusion). Seconds per image are wall time on this machine's device for the map alone.
+the graph and the diffusion). Seconds per image are wall time on this machine for the map alone.
 
-    make bench-env && python benchmarks/bench_pixels.py --run runs/demo --n-test 40
+    make bench-env && python benchmarks/bench_pixels.py --run runs/demo --n-test 8
 """
 from __future__ import annotations
 
@@ -40,8 +43,9 @@ from common import device_name, write_results
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from carrot.attribution.pixels import blur, blur_ends, cell_boxes, default_sigma, deletable, pixel_curves, pooled  # noqa: E402
+from carrot.attribution.pixels import cell_boxes, fill_image, pixel_curves, pooled, summarise  # noqa: E402
 from carrot.audit.protocols import REGION_MAPS, image_regions, region_scores  # noqa: E402
+from carrot.config import DEFAULT_BLOCK  # noqa: E402
 from carrot.run.pipeline import Carrot  # noqa: E402
 
 
@@ -88,171 +92,129 @@ def vit_reshape(model: Carrot, grid):
 
 
 def main() -> None:
+    from carrot.audit.protocols import paired, removals_of
+    from carrot.config import DEFAULT_PERMUTATIONS, DEFAULT_REMOVAL
+    from carrot.progress import set_quiet
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run", default="runs/demo", help="a fitted run directory")
-    ap.add_argument("--n-test", type=int, default=40)
+    ap.add_argument("--n-test", type=int, default=8)
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--ig-steps", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--maps", nargs="+", default=["carrot_shapley", "carrot_split", "carrot_occlusion", "carrot_token", "random",
-                                                   "captum_ig",
-                                                   "captum_occlusion",
-                                                   "gradcam", "gradcam_pp", "eigencam"])
+    ap.add_argument("--removal", default=DEFAULT_REMOVAL, help="carrot's default map's removal (explain's default)")
+    ap.add_argument("--block", type=int, default=DEFAULT_BLOCK, help="carrot's default map's block (explain's default)")
+    ap.add_argument("--shapley", nargs="*", default=[], help="more Shapley settings, <removal>:b<block>k<orders>")
+    ap.add_argument("--maps", nargs="+", default=["carrot_shapley", "carrot_split", "carrot_occlusion", "carrot_token",
+                                                   "random", "captum_ig_blur", "captum_ig_mean", "captum_ablation",
+                                                   "gradcam"])
     ap.add_argument("--out", default=None, help="default: results/pixels_<data>_<backbone>")
-    ap.add_argument("--respan", default=None, help="only re-pool this result file (adds the images' spans)")
-    ap.add_argument("--repool", default=None, help="only recompute this result file's summary rows from its per-image AUCs")
-    ap.add_argument("--merge-into", default=None, help="replace --maps in this earlier result file of the same images")
     args = ap.parse_args()
-    if args.respan:
-        return respan(args.respan)
-    if args.repool:
-        return repool(args.repool)
 
-    from captum.attr import IntegratedGradients, Occlusion
-    from pytorch_grad_cam import EigenCAM, GradCAM, GradCAMPlusPlus
+    from captum.attr import FeatureAblation, IntegratedGradients
+    from pytorch_grad_cam import GradCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
+    set_quiet(True)
     torch.manual_seed(args.seed)
     model = Carrot.load(args.run)
     module = WholeModel(model).eval()
+    removals = removals_of(model)
+    maps = [m for m in args.maps if m != "captum_ablation"] + [f"carrot_shapley_{s}" for s in args.shapley]
+    maps += [f"captum_ablation_{r}" for r in removals] if "captum_ablation" in args.maps else []
     rng = np.random.default_rng(args.seed)
     rows_idx = np.sort(rng.choice(len(model.test_records_), min(args.n_test, len(model.test_records_)), replace=False))
-    auc = {m: {"deletion": [], "insertion": []} for m in args.maps}
-    secs = {m: [] for m in args.maps}
-    spans: list[float] = []
+    keys = ("deletion", "insertion", "raw_deletion", "raw_insertion")
+    auc = {r: {m: {k: [] for k in keys} for m in maps} for r in removals}
+    secs: dict[str, list[float]] = {m: [] for m in maps}
+    spans: dict[str, list[float]] = {r: [] for r in removals}
     grid = None
     t_all = time.perf_counter()
     for done, i in enumerate(rows_idx.tolist()):
         x, H, w, grid, c = image_regions(model, model.test_records_[i][0])
         size = tuple(x.shape[-2:])
         boxes = cell_boxes(grid, size)
-        sigma = default_sigma(grid, size)
-        xb = blur(x[None], sigma)
-        ph, pw = size[0] // grid[0], size[1] // grid[1]
-        full, blurred = blur_ends(model.pixel_logits, x, c, grid, sigma)
-        spans.append(full - blurred)
-        if not deletable(full, blurred):  # left out of every pooled number: skip its maps
-            for m in args.maps:
-                auc[m]["deletion"].append(float("nan"))
-                auc[m]["insertion"].append(float("nan"))
-            continue
-        for m in args.maps:
+        games = {r: model.cell_game(x, grid, r) for r in removals}
+        for r, g in games.items():
+            full, removed = (e[c] for e in g.ends())
+            spans[r].append(float(full - removed))
+        orders = {}
+        for m in maps:
             t0 = time.perf_counter()
-            if m.removeprefix("carrot_") in REGION_MAPS:  # carrot's own maps, as evaluate --what pixel-deletion
+            if m == "carrot_shapley":
+                s = model.pixel_map(x, c, grid, "shapley", DEFAULT_PERMUTATIONS, args.removal, args.block)[0].ravel()
+            elif m.startswith("carrot_shapley_"):
+                removal, block, K = parse_setting(m.removeprefix("carrot_shapley_"))
+                s = model.pixel_map(x, c, grid, "shapley", K, removal, block)[0].ravel()
+            elif m == "carrot_occlusion":
+                s = model.pixel_map(x, c, grid, "occlusion", removal=args.removal)[0].ravel()
+            elif m.removeprefix("carrot_") in REGION_MAPS:  # carrot's own maps, as evaluate --what pixel-deletion
                 s = region_scores(model, m.removeprefix("carrot_"), x, H, w, c, grid, rng)
-            elif m == "captum_ig":
-                a = IntegratedGradients(module).attribute(x[None].requires_grad_(), baselines=xb, target=c,
+            elif m.startswith("captum_ig_"):
+                base = fill_image(x, grid, m.removeprefix("captum_ig_"))[None]
+                a = IntegratedGradients(module).attribute(x[None].requires_grad_(), baselines=base, target=c,
                                                           n_steps=args.ig_steps, internal_batch_size=8)
                 s = per_cell(a[0].detach().sum(0).numpy(), boxes, "sum")
-            elif m == "captum_occlusion":
+            elif m.startswith("captum_ablation_"):
+                game = games[m.removeprefix("captum_ablation_")]
+                present = torch.ones(1, game.n, dtype=torch.float64)
                 with torch.no_grad():
-                    a = Occlusion(module).attribute(x[None], sliding_window_shapes=(3, ph, pw), strides=(3, ph, pw),
-                                                    baselines=xb, target=c, perturbations_per_eval=16)
-                s = per_cell(a[0].sum(0).numpy(), boxes, "mean")
-            else:
-                cls = {"gradcam": GradCAM, "gradcam_pp": GradCAMPlusPlus, "eigencam": EigenCAM}[m]
+                    a = FeatureAblation(lambda p, g=game: torch.from_numpy(g(p < 0.5))).attribute(
+                        present, baselines=0.0, target=c, perturbations_per_eval=game.batch)
+                s = a[0].numpy()
+            elif m == "gradcam":
                 reshape = vit_reshape(model, grid) if hasattr(module.backbone, "patch_embed") else None
-                with cls(model=module, target_layers=cam_target_layer(module), reshape_transform=reshape) as cam:
+                with GradCAM(model=module, target_layers=cam_target_layer(module), reshape_transform=reshape) as cam:
                     a = cam(input_tensor=x[None].to(torch.float32).requires_grad_(), targets=[ClassifierOutputTarget(c)])
                 s = per_cell(np.asarray(a[0]), boxes, "mean")
+            else:
+                raise SystemExit(f"--maps: unknown map {m!r}")
             secs[m].append(time.perf_counter() - t0)
-            cur = pixel_curves(model.pixel_logits, x, c, grid, np.argsort(-s, kind="stable"), args.steps)
-            auc[m]["deletion"].append(cur.auc("deletion"))
-            auc[m]["insertion"].append(cur.auc("insertion"))
-        print(f"[{done + 1}/{len(rows_idx)}] {time.perf_counter() - t_all:.0f} s: " + ", ".join(
-            f"{m} {pooled(auc[m]['deletion'], spans)['mean']:.3f}/{pooled(auc[m]['insertion'], spans)['mean']:.3f}"
-            for m in args.maps), flush=True)
-    if args.merge_into:
-        return merge(args.merge_into, auc, secs, spans)
-    write(args, model, rows_idx, grid, auc, secs, spans, time.perf_counter() - t_all)
-
-
-def merge(path: str, auc: dict, secs: dict, spans: list[float]) -> None:
-    """Replace these maps' per-image results in an earlier result file of the same run, images and seed (a map
-    re-measured after a change), and re-pool its summary."""
-    d = json.loads(Path(path).read_text())
-    if not np.allclose(d["spans"], spans, rtol=1e-3, atol=1e-4):  # batch-dependent float32 rounding only
-        raise SystemExit(f"{path}: other images or another model (spans differ); re-run the whole benchmark")
-    d.setdefault("seconds_per_image", {r["map"]: [r["seconds_per_image"]] for r in d["rows"]})  # older files: means
-    for m in auc:
-        d["per_image"][m], d["seconds_per_image"][m] = auc[m], secs[m]
-    d["rows"] = summary_rows(ordered(d), d["per_image"], d["seconds_per_image"], spans, d["seed"])
-    d.setdefault("merged", []).append({"maps": sorted(auc), "torch": torch.__version__})
-    Path(path).write_text(json.dumps(d, indent=2))
-    print(path)
-
-
-DEFAULT = "carrot_shapley"  # explain's default pixel map, the paired column's reference
-
-
-def ordered(d: dict) -> list[str]:
-    """A result file's maps: carrot's default first, then the order of its rows, then maps merged in since."""
-    rows = [r["map"] for r in d["rows"]]
-    return sorted(d["per_image"], key=lambda m: (m != DEFAULT, rows.index(m) if m in rows else len(rows)))
-
-
-def repool(path: str) -> None:
-    """Recompute a result file's summary rows from its per-image AUCs and spans (after a change of the pooling or
-    of the paired reference)."""
-    d = json.loads(Path(path).read_text())
-    secs = d.get("seconds_per_image") or {r["map"]: [r["seconds_per_image"]] for r in d["rows"] if "seconds_per_image" in r}
-    d["rows"] = summary_rows(ordered(d), d["per_image"], secs, d["spans"], d["seed"])
-    Path(path).write_text(json.dumps(d, indent=2))
-    print(path)
-
-
-def summary_rows(maps, auc, secs, spans, seed: int) -> list[dict]:
+            orders[m] = np.argsort(-np.asarray(s), kind="stable")
+        for r, g in games.items():
+            for m in maps:
+                cur = pixel_curves(g, c, orders[m], args.steps)
+                for k in keys:
+                    auc[r][m][k].append(cur.raw_auc(k[4:]) if k.startswith("raw_") else cur.auc(k))
+        print(f"[{done + 1}/{len(rows_idx)}] {time.perf_counter() - t_all:.0f} s: " + "; ".join(
+            f"{r}: " + ", ".join(f"{m} {np.mean(auc[r][m]['raw_deletion']):+.3f}" for m in maps) for r in removals),
+            flush=True)
     rows = []
     for m in maps:
-        base = {"map": m, **{f"deletion_{k}": v for k, v in pooled(auc[m]["deletion"], spans, seed).items()},
-                **{f"insertion_{k}": v for k, v in pooled(auc[m]["insertion"], spans, seed).items()},
-                "seconds_per_image": float(np.nanmean(secs[m])) if len(secs.get(m, [])) else float("nan")}
-        if DEFAULT in auc and m != DEFAULT:  # paired with carrot's default map, image by image
-            d = np.asarray(auc[m]["deletion"]) - np.asarray(auc[DEFAULT]["deletion"])
-            paired = pooled(d, spans, seed)
-            base["deletion_minus_default"], base["deletion_minus_default_sem"] = paired["mean"], paired["sem"]
-        rows.append(base)
-    return rows
-
-
-def write(args, model, rows_idx, grid, auc, secs, spans, seconds_total: float) -> None:
-    rows = summary_rows(args.maps, auc, secs, spans, args.seed)
+        row = {"map": m, "seconds_per_image": float(np.mean(secs[m]))}
+        for r in removals:
+            for k in keys:
+                v = summarise(auc[r][m][k]) if k.startswith("raw_") else pooled(auc[r][m][k], spans[r], args.seed)
+                row[f"{r}_{k}"], row[f"{r}_{k}_sem"] = v["mean"], v["sem"]
+            if m != "carrot_shapley":
+                d = paired({"carrot_shapley": auc[r]["carrot_shapley"]["raw_deletion"], m: auc[r][m]["raw_deletion"]},
+                           "carrot_shapley")[m]
+                row[f"{r}_minus_default"], row[f"{r}_minus_default_sem"], row[f"{r}_lower_than_default"] = \
+                    d["mean"], d["sem"], d["lower"]
+        rows.append(row)
     meta = json.loads((Path(args.run) / "run.json").read_text())
     data, backbone = meta["config"]["data"]["kind"], meta["config"]["backbone"]["name"]
     out = args.out or Path(__file__).parent / "results" / f"pixels_{data}_{backbone}"
     import captum
     import pytorch_grad_cam
 
-    path = write_results(out, rows, benchmark="pixels", run=str(args.run), data=data, backbone=backbone,
-                         grid=list(grid), n_test=int(len(rows_idx)), steps=args.steps, ig_steps=args.ig_steps,
-                         seed=args.seed, device=device_name("cpu"), python=platform.python_version(),
-                         torch=torch.__version__, captum=captum.__version__,
-                         grad_cam=getattr(pytorch_grad_cam, "__version__", "1.5.7"),
-                         per_image={m: auc[m] for m in args.maps}, spans=spans,
-                         seconds_per_image={m: secs[m] for m in args.maps}, seconds_total=seconds_total)
-    print(path)
+    print(write_results(out, rows, benchmark="pixels", run=str(args.run), data=data, backbone=backbone,
+                        grid=list(grid), n_test=int(len(rows_idx)), steps=args.steps, ig_steps=args.ig_steps,
+                        seed=args.seed, removals=list(removals), default={"removal": args.removal, "block": args.block,
+                                                                          "permutations": DEFAULT_PERMUTATIONS},
+                        precision=model.backbone.precision, device=device_name("cpu"), python=platform.python_version(),
+                        torch=torch.__version__, captum=captum.__version__,
+                        grad_cam=getattr(pytorch_grad_cam, "__version__", "1.5.7"), per_image=auc, spans=spans,
+                        seconds_per_image=secs, seconds_total=time.perf_counter() - t_all))
 
 
-def respan(path: str) -> None:
-    """Add the images' spans to a result file written before they were saved (same run, rows and seed), and
-    re-pool its summary: two runs of the model per image."""
-    d = json.loads(Path(path).read_text())
-    model = Carrot.load(d["run"])
-    rng = np.random.default_rng(d["seed"])
-    rows_idx = np.sort(rng.choice(len(model.test_records_), min(d["n_test"], len(model.test_records_)), replace=False))
-    spans = []
-    for i in rows_idx.tolist():
-        x = model.inputs([model.test_records_[i][0]])[0]
-        f = model.pixel_logits(x[None])[0]
-        c = int(f.argmax())
-        xb = blur(x[None], default_sigma(tuple(d["grid"]), tuple(x.shape[-2:])))
-        spans.append(float(f[c] - model.pixel_logits(xb)[0, c]))
-    maps = [r["map"] for r in d["rows"]]
-    secs = {r["map"]: [r["seconds_per_image"]] for r in d["rows"]}
-    d["rows"] = summary_rows(maps, d["per_image"], secs, spans, d["seed"])
-    d["spans"] = spans
-    Path(path).write_text(json.dumps(d, indent=2))
-    print(path)
+def parse_setting(setting: str) -> tuple[str, int, int]:
+    import re
+
+    m = re.fullmatch(r"(blur|mean|inpaint|drop):b(\d+)k(\d+)", setting)
+    if not m:
+        raise SystemExit(f"--shapley: expected <removal>:b<block>k<orders> such as blur:b1k4, got {setting!r}")
+    return m.group(1), int(m.group(2)), int(m.group(3))
 
 
 if __name__ == "__main__":

@@ -228,41 +228,62 @@ def explanations_section(d: dict) -> list[str]:
 
 
 PIXEL_MAPS = {
-    "carrot_shapley": "**carrot Shapley map** (`explain` default; 4 orders)",
-    "carrot_split": "carrot pixel split (`--pixel-map split`)",
+    "carrot_shapley": "**carrot Shapley map** (`explain` default)",
+    "carrot_split": "carrot pixel split (`--pixel-map split`, blurred end)",
     "carrot_occlusion": "carrot occlusion map (exact per cell; `explain --occlusion`)",
     "carrot_token": "carrot token map (exact token split)",
     "random": "random cell order",
-    "captum_ig": "Captum `IntegratedGradients` (blurred baseline), summed per cell",
-    "captum_occlusion": "Captum `Occlusion` (one-cell window, blurred baseline)",
+    "captum_ig_blur": "Captum `IntegratedGradients`, blurred baseline",
+    "captum_ig_mean": "Captum `IntegratedGradients`, mean-colour baseline",
     "gradcam": "pytorch-grad-cam `GradCAM`",
-    "gradcam_pp": "pytorch-grad-cam `GradCAMPlusPlus`",
-    "eigencam": "pytorch-grad-cam `EigenCAM`",
 }
+REMOVAL_WORDS = {"blur": "blurred", "mean": "mean colour", "inpaint": "inpainted", "drop": "tokens dropped"}
+
+
+def pixel_map_name(m: str) -> str:
+    if m.startswith("captum_ablation_"):
+        return f"Captum `FeatureAblation` per cell, {REMOVAL_WORDS[m.removeprefix('captum_ablation_')]}"
+    if m.startswith("carrot_shapley_"):
+        return f"carrot Shapley map, {m.removeprefix('carrot_shapley_')}"
+    return PIXEL_MAPS.get(m, m)
 
 
 def pixels_section(d: dict) -> list[str]:
-    """benchmarks/bench_pixels.py: region maps under the pixel deletion / insertion protocol."""
+    """benchmarks/bench_pixels.py: region maps under the pixel deletion / insertion protocol, every removal."""
+    rem = d["removals"]
+    de = d["default"]
+
     def pm(r, k):
-        return f"{r[k + '_mean']:.3f} ± {r[k + '_sem']:.3f}"
+        return f"{r[k]:.3f} ± {r[k + '_sem']:.3f}"
 
     lines = [f"## Region maps in pixel space: {d['data']}, {d['backbone']} ({d['grid'][0]}x{d['grid'][1]} cells, "
              f"{d['n_test']} images)", "",
-             f"`benchmarks/bench_pixels.py`, {d['n_test']} test images of the run, seed {d['seed']}, on {d['device']} "
-             f"(torch {d['torch']}, Captum {d['captum']}, pytorch-grad-cam {d['grad_cam']}). Cells blurred (deletion) or "
-             f"revealed onto the blurred image (insertion) in map order over {d['steps']} steps, the whole model re-run at "
-             "each; AUC of the predicted logit scaled to 1 at the image and 0 at the blurred image, pooled over the images "
-             "weighted by how much blurring changes each one's logit (bootstrap s.e.; images whose blurred version scores "
-             "the class at least as high are left out). Lower deletion and higher insertion are more faithful to the "
-             "pixels. The peers run through their own libraries on the same model. The last column is the deletion "
-             "AUC minus carrot's default map (Shapley) on the same images (> 0: carrot's default deletes better).", "",
-             "| map | deletion AUC | insertion AUC | seconds per image | deletion − carrot default (paired) |",
-             "|---|---|---|---|---|"]
+             f"`benchmarks/bench_pixels.py`, {d['n_test']} test images of the run, seed {d['seed']}, {d['precision']}, on "
+             f"{d['device']} (torch {d['torch']}, Captum {d['captum']}, pytorch-grad-cam {d['grad_cam']}). carrot's default "
+             f"map: Shapley, cells removed by {de['removal']}, blocks of {de['block']}x{de['block']} cells, "
+             f"{de['permutations']} orders. Every map is scored under every removal ("
+             + ", ".join(f"{r}: {REMOVAL_WORDS[r]}" for r in rem) + "): cells removed (deletion) or kept with the rest "
+             f"removed (insertion) in map order over {d['steps']} steps, the whole model re-run at each. First table: the "
+             "raw area under the predicted logit's deletion curve (mean ± s.e. over all images, lower is better) and, "
+             "under it, the paired per-image difference from carrot's default (> 0: the default deletes better) with the "
+             "images on which the map deletes better than the default. Second table: the scaled AUC (1 at the image, "
+             "0 with every cell removed; pooled over the images weighted by that span, bootstrap s.e.).", "",
+             "| map | seconds per image | " + " | ".join(f"raw deletion, {REMOVAL_WORDS[r]}" for r in rem) + " |",
+             "|---|---|" + "---|" * len(rem)]
     for r in d["rows"]:
-        paired = (f"{r['deletion_minus_default']:+.3f} ± {r['deletion_minus_default_sem']:.3f}"
-                  if "deletion_minus_default" in r else "")
-        lines.append(f"| {PIXEL_MAPS.get(r['map'], r['map'])} | {pm(r, 'deletion')} | {pm(r, 'insertion')} | "
-                     f"{r['seconds_per_image']:.2f} | {paired} |")
+        cells = []
+        for x in rem:
+            c = pm(r, f"{x}_raw_deletion")
+            if f"{x}_minus_default" in r:
+                c += (f"<br>{r[f'{x}_minus_default']:+.3f} ± {r[f'{x}_minus_default_sem']:.3f}, "
+                      f"better on {r[f'{x}_lower_than_default']}/{d['n_test']}")
+            cells.append(c)
+        lines.append(f"| {pixel_map_name(r['map'])} | {r['seconds_per_image']:.2f} | " + " | ".join(cells) + " |")
+    lines += ["", "| map | " + " | ".join(f"deletion / insertion, {REMOVAL_WORDS[r]}" for r in rem) + " |",
+              "|---|" + "---|" * len(rem)]
+    for r in d["rows"]:
+        lines.append(f"| {pixel_map_name(r['map'])} | " + " | ".join(
+            f"{pm(r, f'{x}_deletion')} / {pm(r, f'{x}_insertion')}" for x in rem) + " |")
     return lines + [""]
 
 
@@ -393,24 +414,30 @@ def backbone_speed_section(d: dict) -> list[str]:
 
 
 def pixel_curve_section(d: dict) -> list[str]:
-    """benchmarks/bench_pixel_curve.py: the Shapley map's faithfulness against its seconds, by (block, orders)."""
+    """benchmarks/bench_pixel_curve.py: the Shapley map's faithfulness against its seconds, by (removal, block, orders),
+    scored under every removal."""
+    rem, ref = d["removals"], d["reference"]
     lines = [f"## The Shapley map's faithfulness against seconds: {d['data']}, {d['backbone']}, {d['grid'][0]}x{d['grid'][1]} "
              f"cells, {d['precision']} (`bench_pixel_curve.py`)", "",
-             f"{d['rows'][0]['images']} deletable test images, {d['steps']} steps, {d['device']}, {d['threads']} threads. A "
-             "setting bKk plays blocks of b x b cells with K orders (b1k4: explain's default); seconds per map are wall "
-             "time; deletion / insertion: pooled AUC (span-weighted, ± bootstrap s.e.; lower / higher is more "
-             "faithful); paired: the mean per-image deletion AUC minus the default's (± s.e.), and on how many images "
-             "the setting deletes better.", ""]
-    rows = [{**r, "deletion": f"{r['deletion']:.3f} ± {r['deletion_sem']:.3f}",
-             "insertion": f"{r['insertion']:.3f} ± {r['insertion_sem']:.3f}",
-             "paired": f"{r['deletion_minus_reference']:+.3f} ± {r['deletion_minus_reference_sem']:.3f}"
-             if r["setting"] != "b1k4" else "—", "passes": r.get("passes", 0),
-             "players": r["players"] if r["players"] is not None else "—",
-             "better_than_reference": r["better_than_reference"] if r["setting"] != "b1k4" else "—"} for r in d["rows"]]
-    return lines + _table(rows, [("setting", "setting"), ("players", "players"), ("passes", "passes"),
-                                 ("seconds per map", "seconds_per_map"), ("deletion AUC", "deletion"),
-                                 ("insertion AUC", "insertion"), ("paired deletion vs b1k4", "paired"),
-                                 ("better than b1k4", "better_than_reference")]) + [""]
+             f"{d['rows'][0]['images']} test images (none left out), {d['steps']} steps, {d['device']}, {d['threads']} "
+             "threads. A setting removal:bKk plays blocks of b x b cells with K orders in the game of that removal "
+             f"({ref}: explain's default until now); seconds per map are wall time. Each map is scored under every "
+             "removal: the raw area under the logit's deletion curve (mean ± s.e. over the images, lower is more "
+             f"faithful), and under it the paired per-image difference from {ref} (± s.e.) with the images on which the "
+             "setting deletes better.", "",
+             "| setting | players | runs | seconds per map | " + " | ".join(f"raw deletion, {REMOVAL_WORDS[r]}" for r in rem)
+             + " |", "|---|---|---|---|" + "---|" * len(rem)]
+    for r in d["rows"]:
+        cells = []
+        for x in rem:
+            c = f"{r[f'{x}_raw_deletion']:.3f} ± {r[f'{x}_raw_deletion_sem']:.3f}"
+            if f"{x}_raw_deletion_minus_reference" in r:
+                c += (f"<br>{r[f'{x}_raw_deletion_minus_reference']:+.3f} ± {r[f'{x}_raw_deletion_minus_reference_sem']:.3f}, "
+                      f"{r[f'{x}_lower_than_reference']}/{r['images']}")
+            cells.append(c)
+        lines.append(f"| {r['setting']} | {r['players'] if r['players'] is not None else '—'} | {r.get('passes', '—')} | "
+                     f"{r['seconds_per_map']:.1f} | " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def keeps_section(keeps: dict) -> list[str]:

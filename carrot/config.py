@@ -20,8 +20,9 @@ MAX_IMG_SIZE = 2048  # px; beyond it a ViT's region graph (N = (side / patch)^2 
 MAX_BATCH_SIZE = 4096
 MAX_WORKERS = 256  # DataLoader processes; a bound that does not depend on the machine, so a run loads anywhere
 MAX_SEED = 2**32 - 1
-REMOVALS = ("blur", "mean", "drop")  # how a pixel map removes a cell (carrot.attribution.pixels.CellGame); words: carrot.report.explanation
+REMOVALS = ("blur", "mean", "inpaint", "drop")  # how a pixel map removes a cell (carrot.attribution.pixels.CellGame); words: carrot.report.explanation
 DEFAULT_REMOVAL = "blur"  # how explain's pixel maps remove a cell by default
+DEFAULT_BLOCK = 1  # the side, in cells, of the blocks explain's Shapley map plays by default
 DEFAULT_PERMUTATIONS = 4  # the orders explain's Shapley pixel map samples by default (bench_pixel_curve.py: others)
 PRECISIONS = ("auto", "float32", "bfloat16")  # the backbone's arithmetic (carrot.features.backbone.resolve_precision)
 MAX_BLOCKS = 48  # the deepest timm ViTs have 48 blocks

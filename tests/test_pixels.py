@@ -379,7 +379,7 @@ def test_evaluate_pixel_deletion_reports_each_map_under_each_removal(run):
     p = json.loads(r.stdout)["pixel_deletion"]
     maps = {"shapley", "split", "occlusion", "token", "random"}
     assert p["n"] == 3 and p["grid"] == [4, 4] and set(p["maps"]) == maps
-    assert p["removals"] == ["blur", "mean", "drop"] == list(p["scores"]) and p["removal"] == "blur"  # a ViT: drop too
+    assert p["removals"] == ["blur", "mean", "inpaint", "drop"] == list(p["scores"]) and p["removal"] == "blur"  # a ViT: drop too
     for r_, scores in p["scores"].items():
         assert set(scores) == maps and set(p["paired"][r_]) == maps - {"shapley"}
         for v in scores.values():
@@ -542,7 +542,7 @@ def test_the_mean_fill_game_is_a_rerun_with_the_cells_in_the_mean_colour():
         xm[:, y0:y1, x0:x1] = x.mean((1, 2))[:, None, None]
     want = logits(torch.stack([xm, x.mean((1, 2))[:, None, None].expand_as(x)]))
     assert np.allclose(game(removed), want, atol=1e-9)
-    with pytest.raises(CarrotError, match="removal: expected blur or mean for a pixel fill, got 'drop'"):
+    with pytest.raises(CarrotError, match="removal: expected blur, mean, inpaint for a pixel fill, got 'drop'"):
         cell_game(logits, x, (3, 4), "drop")
 
 
@@ -569,7 +569,7 @@ def test_the_token_drop_game_of_the_fitted_model(run):
     phi, info = shapley_map(game, c, permutations=2, batch=5)
     assert info["removal"] == "drop" and info["removed"] == prior[c]
     assert phi.sum() == pytest.approx(out[0, c] - prior[c], rel=1e-12, abs=1e-12)
-    with pytest.raises(CarrotError, match="removal: expected one of blur, mean, drop, got 'zero'"):
+    with pytest.raises(CarrotError, match="removal: expected one of blur, mean, inpaint, drop, got 'zero'"):
         model.cell_game(x, (4, 4), "zero")
 
 
@@ -592,4 +592,34 @@ def test_explain_names_the_removal_its_map_is_exact_for(run, tmp_path, explain_j
     assert len(set(np.asarray(exp["pixel_map"])[:2, :2].ravel().tolist())) == 1  # one block's value, split evenly
     r = CliRunner().invoke(cli, ["explain", str(run), path, "--out", str(tmp_path / "s"), "--pixel-map", "split",
                                  "--removal", "drop"])
-    assert r.exit_code != 0 and "removal: the pixel split integrates along a path" in r.output
+    assert r.exit_code != 0 and "removal: the pixel split integrates along a straight path" in r.output
+
+
+@pytest.mark.parametrize("seed,sigma", [(0, 2.0), (1, 3.5), (2, 1.0)])
+def test_inpainting_is_the_normalised_convolution_of_the_kept_pixels(seed, sigma):
+    """Against scipy's Gaussian filter (zero outside the image): each removed pixel is the kept pixels' Gaussian
+    average (plus eps of the mean colour), kept pixels stay, and with every pixel removed the fill is the mean colour."""
+    import math
+
+    from scipy.ndimage import gaussian_filter
+
+    from carrot.attribution.pixels import inpaint
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(3, 12, 16, generator=g, dtype=torch.float64)
+    m = (torch.rand(2, 1, 12, 16, generator=g) > 0.6).to(torch.float64)
+    m[1] = 1.0
+    out = inpaint(x, m, sigma)
+    r = math.ceil(3 * sigma)
+    xn, mn = x.numpy(), m.numpy()
+    for b in range(2):
+        keep = 1 - mn[b, 0]
+        den = gaussian_filter(keep, sigma, mode="constant", radius=r)
+        for ch in range(3):
+            num = gaussian_filter(xn[ch] * keep, sigma, mode="constant", radius=r)
+            want = xn[ch] * keep + (num + 1e-3 * xn[ch].mean()) / (den + 1e-3) * mn[b, 0]
+            assert np.allclose(out[b, ch].numpy(), want, atol=1e-10)
+    assert torch.allclose(out[1], x.mean((1, 2), keepdim=True).expand_as(x), atol=1e-12)
+    game = cell_game(linear_model(seed), x.float(), (3, 4), "inpaint")
+    assert np.allclose(game.ends()[1], linear_model(seed)(x.float().mean((1, 2), keepdim=True).expand_as(x)[None])[0],
+                       atol=1e-9)

@@ -38,6 +38,9 @@ import numpy as np
 import torch
 
 from carrot.config import REMOVALS
+
+PIXEL_REMOVALS = tuple(r for r in REMOVALS if r != "drop")  # the removals that change pixels (PixelFill)
+SPLIT_REMOVALS = ("blur", "mean")  # the removals whose fill is one image, the end of the pixel split's path
 from carrot.errors import CarrotError
 from carrot.progress import bar
 
@@ -106,18 +109,23 @@ class CellGame:
 
 
 class PixelFill(CellGame):
-    """Removal by replacing the cells' pixels with those of a fill image: the blurred image (``blur``) or the image's
-    mean colour (``mean``); the whole model re-run on the mixed image."""
+    """Removal by replacing the cells' pixels: with those of the blurred image (``blur``), with the image's mean colour
+    (``mean``), or filled in from the kept pixels around them (``inpaint``, :func:`inpaint`: a fill that depends on
+    which cells are kept, closer to a natural image); the whole model re-run on the mixed image."""
 
     def __init__(self, logits: Logits, x: torch.Tensor, grid: tuple[int, int], removal: str = "blur",
                  sigma: float | None = None) -> None:
         super().__init__(x, grid)
-        self.fill = fill_image(x, self.grid, removal, sigma)
+        if removal not in PIXEL_REMOVALS:
+            raise CarrotError(f"removal: expected {', '.join(PIXEL_REMOVALS)} for a pixel fill, got {removal!r}")
+        self.sigma = sigma if sigma is not None else default_sigma(self.grid, tuple(x.shape[-2:]))
+        self.fill = None if removal == "inpaint" else fill_image(x, self.grid, removal, self.sigma)
         self.logits, self.removal = logits, removal
 
     def __call__(self, removed: torch.Tensor) -> np.ndarray:
         m = self.pixel_mask(torch.as_tensor(removed, dtype=torch.bool))
-        return np.asarray(self.logits(self.x[None] * (1 - m) + self.fill[None] * m), dtype=np.float64)
+        mixed = inpaint(self.x, m, self.sigma) if self.fill is None else self.x[None] * (1 - m) + self.fill[None] * m
+        return np.asarray(self.logits(mixed), dtype=np.float64)
 
 
 class TokenDrop(CellGame):
@@ -275,6 +283,29 @@ def shapley_map(game: CellGame, c: int, permutations: int = 4, batch: int | None
     return est.reshape(game.grid), info
 
 
+def _separable_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Gaussian blur of (B, C, H, W) with zero padding, as two 1-D convolutions (sigma in px, kernel 6 sigma + 1)."""
+    r = int(math.ceil(3 * sigma))
+    t = torch.arange(-r, r + 1, dtype=x.dtype, device=x.device)
+    k = torch.exp(-0.5 * (t / sigma) ** 2)
+    k = k / k.sum()
+    C = x.shape[1]
+    x = torch.nn.functional.conv2d(x, k.view(1, 1, 1, -1).expand(C, 1, 1, -1), padding=(0, r), groups=C)
+    return torch.nn.functional.conv2d(x, k.view(1, 1, -1, 1).expand(C, 1, -1, 1), padding=(r, 0), groups=C)
+
+
+def inpaint(x: torch.Tensor, m: torch.Tensor, sigma: float, eps: float = 1e-3) -> torch.Tensor:
+    """The image x (3, H, W) with the pixels under masks m (B, 1, H, W) (1 = removed) filled from the kept pixels
+    around them: normalised convolution, fill = (G * (x (1 - m)) + eps mean) / (G * (1 - m) + eps) with a Gaussian G
+    of ``sigma`` px (Knutsson & Westin 1993), so a removed pixel takes the colour of the kept pixels near it, and the
+    image's mean colour where none are (every cell removed: the mean colour exactly). (B, 3, H, W)."""
+    keep = 1 - m
+    mean = x.mean((1, 2)).view(1, 3, 1, 1)
+    num = _separable_blur(torch.cat([x[None] * keep, keep], 1), sigma)
+    fill = (num[:, :3] + eps * mean) / (num[:, 3:] + eps)
+    return x[None] * keep + fill * m
+
+
 def fill_image(x: torch.Tensor, grid: tuple[int, int], removal: str = "blur", sigma: float | None = None) -> torch.Tensor:
     """The image (3, H, W) a pixel removal puts in place of the removed cells: ``blur`` the Gaussian-blurred image
     (sigma: one cell's side unless given), ``mean`` the image's mean colour."""
@@ -282,7 +313,7 @@ def fill_image(x: torch.Tensor, grid: tuple[int, int], removal: str = "blur", si
         return blur(x[None], sigma if sigma is not None else default_sigma(grid, tuple(x.shape[-2:])))[0]
     if removal == "mean":
         return x.mean((1, 2), keepdim=True).expand_as(x).clone()
-    raise CarrotError(f"removal: expected blur or mean for a pixel fill, got {removal!r}")
+    raise CarrotError(f"removal: expected blur or mean for a path's end image, got {removal!r}")
 
 
 def path_split(logits: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, c: int, grid: tuple[int, int],

@@ -89,7 +89,7 @@ def region_scores(model: "Carrot", name: str, x: Any, regions: Any, w: Any, c: i
                   rng: np.random.Generator, removal: str = DEFAULT_REMOVAL) -> np.ndarray:
     """Scores (N,) of one of carrot's :data:`REGION_MAPS` for class c of an image (:func:`image_regions`: x, its
     RegionSet, w): the Shapley map (explain's default), the pixel split, exact cell occlusion (these three with cells
-    removed by ``removal``; the split takes blur for drop, which has no image at its end), the token split, or a
+    removed by ``removal``; the split takes blur for a removal that has no one image at its end), the token split, or a
     random order."""
     from carrot.attribution.representer import region_contributions
 
@@ -97,7 +97,9 @@ def region_scores(model: "Carrot", name: str, x: Any, regions: Any, w: Any, c: i
     if name in ("shapley", "occlusion"):
         return model.pixel_map(x, c, grid, name, removal=removal)[0].ravel()
     if name == "split":
-        return model.pixel_map(x, c, grid, name, removal="blur" if removal == "drop" else removal)[0].ravel()
+        from carrot.attribution.pixels import SPLIT_REMOVALS
+
+        return model.pixel_map(x, c, grid, name, removal=removal if removal in SPLIT_REMOVALS else "blur")[0].ravel()
     if name == "token":
         if not keeps(model.head_, "region_split"):  # each token's exact removal from the graph
             import torch
@@ -114,7 +116,7 @@ def region_scores(model: "Carrot", name: str, x: Any, regions: Any, w: Any, c: i
 
 
 def removals_of(model: "Carrot") -> tuple[str, ...]:
-    """The removals a run's pixel maps can be scored under: blur and mean colour, and token dropping for a ViT."""
+    """The removals a run's pixel maps can be scored under: blur, mean colour, inpainting, and token dropping for a ViT."""
     return tuple(r for r in REMOVALS if r != "drop" or model.backbone.drops_tokens)
 
 

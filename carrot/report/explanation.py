@@ -19,6 +19,8 @@ VIEW_MEANING = {
 REMOVAL_MEANING = {  # how a pixel map takes a cell out (names: carrot.attribution.pixels.REMOVALS): (how, the far end)
     "blur": ("its pixels blurred (Gaussian, sigma one cell's side)", "f(blurred x)"),
     "mean": ("its pixels filled with the image's mean colour", "f(x filled with its mean colour)"),
+    "inpaint": ("its pixels filled in from the kept pixels around it (normalised Gaussian convolution)",
+                "f(x filled with its mean colour)"),
     "drop": ("its tokens dropped, so the model never sees them (ViTs)", "the prior (every token dropped: no evidence)"),
 }
 

@@ -10,9 +10,9 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 import numpy as np
 import torch
 
-from carrot.attribution.pixels import PIXEL_MAPS, REMOVALS
+from carrot.attribution.pixels import PIXEL_MAPS, REMOVALS, SPLIT_REMOVALS
 from carrot.attribution.representer import centred_parts, region_contributions, top_k
-from carrot.config import DEFAULT_PERMUTATIONS, DEFAULT_REMOVAL
+from carrot.config import DEFAULT_BLOCK, DEFAULT_PERMUTATIONS, DEFAULT_REMOVAL
 from carrot.errors import CarrotError
 from carrot.features.backbone import patch_centres
 from carrot.report.explanation import Explanation, PairSplit, PixelMap, TokenMap, TrainingImage, meanings
@@ -36,7 +36,7 @@ class ExplainOptions:
     permutations: int = DEFAULT_PERMUTATIONS  # the even number of random orders the Shapley map samples
     occlusion: bool = False  # also the exact cell occlusion map (N + 1 runs of the whole model)
     removal: str = DEFAULT_REMOVAL  # how the pixel maps remove a cell: one of REMOVALS (drop: ViTs only)
-    block: int = 1  # the Shapley map's players are blocks of block x block cells (1: every cell)
+    block: int = DEFAULT_BLOCK  # the Shapley map's players are blocks of block x block cells (1: every cell)
 
     def check(self, n: int) -> "ExplainOptions":
         if not isinstance(self.k, int) or isinstance(self.k, bool) or not 1 <= self.k <= n:
@@ -50,9 +50,9 @@ class ExplainOptions:
             raise CarrotError(f"permutations: expected an even integer >= 2 (antithetic pairs), got {self.permutations!r}")
         if self.removal not in REMOVALS:
             raise CarrotError(f"removal: expected one of {', '.join(REMOVALS)}, got {self.removal!r}")
-        if self.pixel_map == "split" and self.removal == "drop":
-            raise CarrotError("removal: the pixel split integrates along a path of images and 'drop' has none at its end; "
-                              "expected blur or mean with pixel_map split")
+        if self.pixel_map == "split" and self.removal not in SPLIT_REMOVALS:
+            raise CarrotError(f"removal: the pixel split integrates along a straight path from one fill image; expected "
+                              f"{' or '.join(SPLIT_REMOVALS)} with pixel_map split, got {self.removal!r}")
         if isinstance(self.block, bool) or not isinstance(self.block, int) or self.block < 1:
             raise CarrotError(f"block: expected an integer >= 1 (cells per block side), got {self.block!r}")
         return self

@@ -13,7 +13,7 @@ import torch
 from carrot import __version__
 from carrot.features.backbone import TokenBackbone, create_backbone, patch_centres
 from carrot.features.cache import TokenStore
-from carrot.config import DEFAULT_PERMUTATIONS, DEFAULT_REMOVAL, RunConfig
+from carrot.config import DEFAULT_BLOCK, DEFAULT_PERMUTATIONS, DEFAULT_REMOVAL, RunConfig
 from carrot.data import ImageDataset, ImageRecord, load_image
 from carrot.embed.embedder import Embedder
 from carrot.embed.tokenmap import TokenMap, sample_tokens
@@ -205,18 +205,18 @@ class Carrot:
         return PixelFill(self.pixel_logits, x, grid, removal)
 
     def pixel_map(self, x: torch.Tensor, c: int, grid: tuple[int, int], method: str = "shapley",
-                  permutations: int = DEFAULT_PERMUTATIONS, removal: str = "blur",
-                  block: int = 1) -> tuple[np.ndarray, dict[str, Any]]:
+                  permutations: int = DEFAULT_PERMUTATIONS, removal: str = DEFAULT_REMOVAL,
+                  block: int = DEFAULT_BLOCK) -> tuple[np.ndarray, dict[str, Any]]:
         """One pixel map of a model input x (3, H, W) for class c over the backbone's ``grid`` of cells, cells removed
         by ``removal``: "shapley" (:func:`~carrot.attribution.pixels.shapley_map`), "split"
         (:func:`~carrot.attribution.pixels.path_split`, blur or mean) or "occlusion"
         (:func:`~carrot.attribution.pixels.occlusion_map`); (gh, gw) float64 values and their info."""
-        from carrot.attribution.pixels import occlusion_map, path_split, shapley_map
+        from carrot.attribution.pixels import SPLIT_REMOVALS, occlusion_map, path_split, shapley_map
 
         if method == "split":
-            if removal == "drop":
-                raise CarrotError("removal: the pixel split integrates along a path of images and 'drop' has none at its "
-                                  "end: expected blur or mean")
+            if removal not in SPLIT_REMOVALS:
+                raise CarrotError(f"removal: the pixel split integrates along a straight path from one fill image; "
+                                  f"expected {' or '.join(SPLIT_REMOVALS)}, got {removal!r}")
             return path_split(self.torch_logits, x, c, grid, removal)
         game = self.cell_game(x, grid, removal)
         if method == "shapley":
@@ -319,7 +319,7 @@ class Carrot:
     def explain(self, paths: Sequence[str], k: int = 5, pairs: int = 3, node_removal: bool = False,
                 masks: dict[str, np.ndarray] | None = None, certificate_limit: int = 50,
                 pixel_map: str | None = "shapley", permutations: int = DEFAULT_PERMUTATIONS, occlusion: bool = False,
-                removal: str = DEFAULT_REMOVAL, block: int = 1) -> list[Explanation]:
+                removal: str = DEFAULT_REMOVAL, block: int = DEFAULT_BLOCK) -> list[Explanation]:
         """Explain image files with the fitted run (:mod:`carrot.run.explaining`).
 
         Parameters
@@ -353,7 +353,7 @@ class Carrot:
     def explain_iter(self, paths: Sequence[str], k: int = 5, pairs: int = 3, node_removal: bool = False,
                      masks: dict[str, np.ndarray] | None = None, certificate_limit: int = 50,
                      pixel_map: str | None = "shapley", permutations: int = DEFAULT_PERMUTATIONS, occlusion: bool = False,
-                removal: str = DEFAULT_REMOVAL, block: int = 1) -> Iterator[Explanation]:
+                removal: str = DEFAULT_REMOVAL, block: int = DEFAULT_BLOCK) -> Iterator[Explanation]:
         """:meth:`explain`, one explanation at a time as each is ready (for pages written as they come)."""
         from carrot.run.explaining import ExplainOptions, iter_explanations
 
