@@ -1,8 +1,10 @@
-"""Seconds per image of the pixel maps (``explain --pixel-map``) on a device: the Shapley map (the default, K orders),
-the path-integrated split and exact cell occlusion, for the built-in backbones at their input size.
+"""Seconds per image of the pixel maps (``explain --pixel-map``) on a device: the Shapley map (the default, K orders,
+its removal and blocks), the path-integrated split and exact cell occlusion, for the built-in backbones at their input
+size, under the removals asked for (``auto``: explain's default for the backbone).
 
-The cost of a map is the whole model's forward (and, for the split, backward) passes: K (N - 1) + 2 passes for the
-Shapley map, N + 1 for occlusion, ``nodes`` forward + backward passes for the split (N cells). It does not depend on
+The cost of a map is the whole model's runs (and, for the split, backward passes): K (P - 1) + 2 runs for the
+Shapley map of P players, N + 1 for occlusion, ``nodes`` forward + backward passes for the split (N cells); a run
+that drops tokens runs on the kept ones only. It does not depend on
 the weights, so the backbones are built without pretrained weights (no download: the GPU machine is offline) and the
 head is a ridge head fitted on random embeddings of the right width. ``bench_pixels.py`` measures what the maps are
 worth (deletion / insertion AUC) on real runs; this script measures what they cost, on the CPU or a GPU.
@@ -26,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 
 def main() -> None:
-    from carrot.attribution.pixels import occlusion_map, path_split, shapley_map
+    from carrot.attribution.pixels import auto_block, cell_blocks, occlusion_map, path_split, shapley_map
     from carrot.config import RunConfig
     from carrot.ridge.head import RidgeHead
     from carrot.run.pipeline import Carrot
@@ -38,13 +40,15 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=2, help="images timed per map (after one warm-up image)")
     ap.add_argument("--maps", nargs="+", default=["shapley", "split", "occlusion"], choices=["shapley", "split", "occlusion"])
     ap.add_argument("--permutations", type=int, default=4)
-    ap.add_argument("--batch", type=int, default=32, help="images per forward pass (Shapley and occlusion)")
+    ap.add_argument("--batch", type=int, default=None, help="runs per forward pass (default: the removal's own)")
+    ap.add_argument("--removal", nargs="+", default=["auto"], help="removals timed (auto: explain's default)")
+    ap.add_argument("--block", default="auto", help="the Shapley map's block side (auto: explain's default)")
     ap.add_argument("--precision", nargs="+", default=["float32", "auto"], choices=["auto", "float32", "bfloat16"],
                     help="backbone.precision values timed (auto: bfloat16 where the CPU multiplies it natively)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "pixel_cost"))
     a = ap.parse_args()
     rows = []
-    for name, precision in ((n, p) for n in a.backbones for p in a.precision):
+    for name, precision, removal in ((n, p, r) for n in a.backbones for p in a.precision for r in a.removal):
         cfg = RunConfig().merged({"backbone.name": name, "backbone.pretrained": False, "backbone.img_size": a.img_size,
                                   "device": a.device, "head.kind": "ridge", "backbone.precision": precision})
         model = Carrot(cfg)
@@ -56,9 +60,12 @@ def main() -> None:
         D, C = H.shape[-1], 5
         rng = np.random.default_rng(0)
         model.head_ = RidgeHead(lam=1.0).fit(rng.normal(size=(4 * D, D)), np.arange(4 * D) % C)
-        runs = {"shapley": lambda x: shapley_map(model.pixel_logits, x, 0, grid, a.permutations, batch=a.batch),
+        removal = model.pixel_removal(removal)
+        block = auto_block(grid) if a.block == "auto" else int(a.block)
+        runs = {"shapley": lambda x: shapley_map(model.cell_game(x, grid, removal), 0, a.permutations, batch=a.batch,
+                                                 block=block),
                 "split": lambda x: path_split(model.torch_logits, x, 0, grid),
-                "occlusion": lambda x: occlusion_map(model.pixel_logits, x, 0, grid, batch=a.batch)}
+                "occlusion": lambda x: occlusion_map(model.cell_game(x, grid, removal), 0, batch=a.batch)}
         for m in a.maps:
             runs[m](xs[0])  # warm-up: kernels, allocator
             secs = []
@@ -71,9 +78,11 @@ def main() -> None:
                     torch.cuda.synchronize()
                 secs.append(time.perf_counter() - t0)
             n = grid[0] * grid[1]
-            passes = {"shapley": a.permutations * (n - 1) + 2, "occlusion": n + 1, "split": 32}[m]
+            players = int(cell_blocks(grid, block).max()) + 1
+            passes = {"shapley": a.permutations * (players - 1) + 2, "occlusion": n + 1, "split": 32}[m]
             row = {"backbone": name, "precision": model.backbone.precision, "input": list(size), "grid": list(grid),
-                   "map": m, "device": a.device,
+                   "map": m, "removal": "blur" if m == "split" else removal, "block": block if m == "shapley" else None,
+                   "device": a.device,
                    "device_name": device_name(a.device), "seconds_per_image": float(np.mean(secs)),
                    "seconds_per_image_std": float(np.std(secs, ddof=1)) if len(secs) > 1 else None,
                    "passes": passes, "images": len(secs), "permutations": a.permutations if m == "shapley" else None}

@@ -1,8 +1,9 @@
 """Faithfulness against seconds for the Shapley pixel map's settings: how a cell is removed in the game the map is
-built on (blur, mean colour, or for ViTs dropping its tokens), the number of sampled orders K and the size of the
+built on (blur, mean colour, inpainting, or for ViTs dropping its tokens), the number of sampled orders K and the size of the
 players (blocks of b x b cells). Every map is scored by the pixel protocol under every removal the backbone allows
 (cells removed (deletion) or kept with the rest removed (insertion) in map order over 16 steps), on the same test
-images of a run, paired against today's default (blur:b1k4), so no map is judged only on its own ground.
+images of a run, paired against the default until the removals came (blur:b1k4), so no map is judged only on its own
+ground.
 
 The cost of a setting is K (P - 1) + 2 runs of the whole model for P = ceil(gh / b) ceil(gw / b) players (a run that
 drops tokens runs on the kept ones only); its seconds are wall time on this machine. Numbers per scoring removal: the
@@ -31,7 +32,7 @@ REFERENCE = "blur:b1k4"  # explain's default until now: blur, every cell a playe
 
 
 def parse(setting: str) -> tuple[str, int, int]:
-    m = re.fullmatch(r"(blur|mean|drop):b(\d+)k(\d+)", setting)
+    m = re.fullmatch(r"(blur|mean|inpaint|drop):b(\d+)k(\d+)", setting)
     if not m:
         raise SystemExit(f"--settings: expected <removal>:b<block>k<orders> such as drop:b2k4, got {setting!r}")
     return m.group(1), int(m.group(2)), int(m.group(3))

@@ -43,7 +43,7 @@ from common import device_name, write_results
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from carrot.attribution.pixels import cell_boxes, fill_image, pixel_curves, pooled, summarise  # noqa: E402
+from carrot.attribution.pixels import auto_block, cell_boxes, fill_image, pixel_curves, pooled, summarise  # noqa: E402
 from carrot.audit.protocols import REGION_MAPS, image_regions, region_scores  # noqa: E402
 from carrot.config import DEFAULT_BLOCK  # noqa: E402
 from carrot.run.pipeline import Carrot  # noqa: E402
@@ -103,7 +103,8 @@ def main() -> None:
     ap.add_argument("--ig-steps", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--removal", default=DEFAULT_REMOVAL, help="carrot's default map's removal (explain's default)")
-    ap.add_argument("--block", type=int, default=DEFAULT_BLOCK, help="carrot's default map's block (explain's default)")
+    ap.add_argument("--block", type=lambda v: v if v == "auto" else int(v), default=DEFAULT_BLOCK,
+                    help="carrot's default map's block (explain's default)")
     ap.add_argument("--shapley", nargs="*", default=[], help="more Shapley settings, <removal>:b<block>k<orders>")
     ap.add_argument("--maps", nargs="+", default=["carrot_shapley", "carrot_split", "carrot_occlusion", "carrot_token",
                                                    "random", "captum_ig_blur", "captum_ig_mean", "captum_ablation",
@@ -200,8 +201,10 @@ def main() -> None:
 
     print(write_results(out, rows, benchmark="pixels", run=str(args.run), data=data, backbone=backbone,
                         grid=list(grid), n_test=int(len(rows_idx)), steps=args.steps, ig_steps=args.ig_steps,
-                        seed=args.seed, removals=list(removals), default={"removal": args.removal, "block": args.block,
-                                                                          "permutations": DEFAULT_PERMUTATIONS},
+                        seed=args.seed, removals=list(removals),
+                        default={"removal": model.pixel_removal(args.removal),
+                                 "block": auto_block(grid) if args.block == "auto" else args.block,
+                                 "permutations": DEFAULT_PERMUTATIONS},
                         precision=model.backbone.precision, device=device_name("cpu"), python=platform.python_version(),
                         torch=torch.__version__, captum=captum.__version__,
                         grad_cam=getattr(pytorch_grad_cam, "__version__", "1.5.7"), per_image=auc, spans=spans,

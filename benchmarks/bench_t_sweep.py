@@ -152,7 +152,8 @@ def main() -> None:
                         at.test_records_ = [[records[j].path, records[j].label] for j in ite]
                         res = pixel_deletion(at, a.pixel_images, seed=0, maps=("shapley", "token"))
                         scores, per = res["scores"], res["per_image"]
-                        pix = {"pixel_images": res["n"], "pixel_counted": scores[res["removal"]]["shapley"]["deletion"]["n"],
+                        pix = {"pixel_images": res["n"], "pixel_removal": res["removal"],
+                               "pixel_counted": scores[res["removal"]]["shapley"]["deletion"]["n"],
                                "seconds_pixel": time.perf_counter() - t1}
                         for r, by_map in scores.items():  # the run's removal unsuffixed, the others suffixed
                             tail = "" if r == res["removal"] else f"_{r}"

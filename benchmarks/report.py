@@ -141,10 +141,11 @@ def t_sweep_section(d: dict) -> list[str]:
              + (f" Pixel protocol (as `evaluate --what pixel-deletion`; "
                 f"{', '.join(sorted({r['backbone'] for r in pixel}))}): on {d['args'].get('pixel_images')} test images of the "
                 "first split, each row's whole model (backbone, its graph, diffusion and head) re-run while the backbone's "
-                "cells are blurred (deletion) or revealed onto the blurred image (insertion) in the order of its Shapley map "
-                "(explain's default) or its exact token split; pooled AUC ± bootstrap s.e. (image = 1, blurred image = 0; "
+                f"cells are removed ({pixel[0].get('pixel_removal', 'blur')}; deletion) or kept with the rest removed "
+                "(insertion) in the order of its Shapley map (explain's default) or its exact token split; pooled AUC ± "
+                "bootstrap s.e. (image = 1, every cell removed = 0; "
                 "lower deletion, higher insertion = more faithful to the pixels; random order is about 0.5); images whose "
-                "logit blurring does not lower are left out (the counted column)." if pixel else ""), ""]
+                "logit removing every cell does not lower are left out (the counted column)." if pixel else ""), ""]
     cols = [("backbone", "backbone"), ("sigma_space", "sigma_space"), ("sigma_feat", "sigma_feat"), ("t", "t"), ("accuracy", "acc"),
             ("λ (median)", "lam_median"), ("top-10 concentration", "top10_concentration"),
             ("deletion AUC", "deletion_auc_norm"), ("deletion AUC, random order", "deletion_auc_norm_random")]
@@ -297,10 +298,12 @@ def pixel_cost_section(d: dict) -> list[str]:
              "pretrained weights: the cost does not depend on them), mean over "
              f"{rows[0]['images']} images after a warm-up image. Passes: forward passes of the whole model (the split: "
              "forward + backward at each quadrature node).", "",
-             "| backbone | precision | input | cells | map | passes | seconds per image |", "|---|---|---|---|---|---|---|"]
+             "| backbone | precision | input | cells | map | removal | passes | seconds per image |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['backbone']} | {r.get('precision', 'float32')} | {r['input'][1]}x{r['input'][2]} | "
-                     f"{r['grid'][0]}x{r['grid'][1]} | {names.get(r['map'], r['map'])} | {r['passes']} | "
+                     f"{r['grid'][0]}x{r['grid'][1]} | {names.get(r['map'], r['map'])}"
+                     + (f", blocks of {r['block']}x{r['block']}" if r.get("block", 1) and r.get("block", 1) > 1 else "")
+                     + f" | {r.get('removal', 'blur')} | {r['passes']} | "
                      f"{r['seconds_per_image']:.3g} |")
     return lines + [""]
 
@@ -416,6 +419,8 @@ def backbone_speed_section(d: dict) -> list[str]:
 def pixel_curve_section(d: dict) -> list[str]:
     """benchmarks/bench_pixel_curve.py: the Shapley map's faithfulness against its seconds, by (removal, block, orders),
     scored under every removal."""
+    if "removals" not in d:
+        return _pixel_curve_section_blur_only(d)
     rem, ref = d["removals"], d["reference"]
     lines = [f"## The Shapley map's faithfulness against seconds: {d['data']}, {d['backbone']}, {d['grid'][0]}x{d['grid'][1]} "
              f"cells, {d['precision']} (`bench_pixel_curve.py`)", "",
@@ -438,6 +443,27 @@ def pixel_curve_section(d: dict) -> list[str]:
         lines.append(f"| {r['setting']} | {r['players'] if r['players'] is not None else '—'} | {r.get('passes', '—')} | "
                      f"{r['seconds_per_map']:.1f} | " + " | ".join(cells) + " |")
     return lines + [""]
+
+
+def _pixel_curve_section_blur_only(d: dict) -> list[str]:
+    """bench_pixel_curve.py files from before the removals (every map built on and scored under blurring)."""
+    lines = [f"## The Shapley map's faithfulness against seconds, blurring only: {d['data']}, {d['backbone']}, "
+             f"{d['grid'][0]}x{d['grid'][1]} cells, {d['precision']} (`bench_pixel_curve.py`, before the removals)", "",
+             f"{d['rows'][0]['images']} deletable test images, {d['steps']} steps, {d['device']}, {d['threads']} threads. A "
+             "setting bKk plays blocks of b x b cells with K orders in the blurring game (b1k4: explain's default then); "
+             "seconds per map are wall time; deletion / insertion: pooled AUC (span-weighted, ± bootstrap s.e.; lower / "
+             "higher is more faithful), cells blurred; paired: the mean per-image deletion AUC minus b1k4's (± s.e.), and "
+             "on how many images the setting deletes better.", ""]
+    rows = [{**r, "deletion": f"{r['deletion']:.3f} ± {r['deletion_sem']:.3f}",
+             "insertion": f"{r['insertion']:.3f} ± {r['insertion_sem']:.3f}",
+             "paired": f"{r['deletion_minus_reference']:+.3f} ± {r['deletion_minus_reference_sem']:.3f}"
+             if r["setting"] != "b1k4" else "—", "passes": r.get("passes", 0),
+             "players": r["players"] if r["players"] is not None else "—",
+             "better_than_reference": r["better_than_reference"] if r["setting"] != "b1k4" else "—"} for r in d["rows"]]
+    return lines + _table(rows, [("setting", "setting"), ("players", "players"), ("passes", "passes"),
+                                 ("seconds per map", "seconds_per_map"), ("deletion AUC", "deletion"),
+                                 ("insertion AUC", "insertion"), ("paired deletion vs b1k4", "paired"),
+                                 ("better than b1k4", "better_than_reference")]) + [""]
 
 
 def keeps_section(keeps: dict) -> list[str]:

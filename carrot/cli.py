@@ -292,6 +292,14 @@ def bench(run_dir: str, ts: str, out_path: str | None, pixel_images: int, quiet:
     _echo_audit("t_sweep", orchestration.bench(run_dir, _numbers("t", ts, float), out_path, pixel_images))
 
 
+def _block(ctx: click.Context, param: click.Parameter, value: str) -> int | str:
+    if value == "auto":
+        return value
+    if not value.isdigit() or int(value) < 1:
+        raise click.BadParameter(f"expected auto or an integer >= 1, got {value!r}")
+    return int(value)
+
+
 def _even(ctx: click.Context, param: click.Parameter, value: int) -> int:
     if value % 2:
         raise click.BadParameter(f"expected an even number (each order with its reverse), got {value}")
@@ -307,15 +315,15 @@ def _even(ctx: click.Context, param: click.Parameter, value: int) -> int:
 @click.option("--node-removal", is_flag=True, help="Also remove each region from the graph (logit drops) and draw deletion/insertion curves.")
 @click.option("--pixel-map", type=click.Choice(["shapley", "split", "none"]), default="shapley", show_default=True, help="The page's pixel map. shapley: each cell's Shapley value in the game 'remove a set of cells' (sampled orders; the values sum exactly to logit(image) - logit(every cell removed); --permutations x (players - 1) runs of the whole model, batched). split: the whole model's gradient integrated from the fill image (path-integrated gradients; 32 forward + backward passes; --removal blur or mean). none: no pixel map.")
 @click.option("--permutations", type=click.IntRange(min=2, max=1000), default=DEFAULT_PERMUTATIONS, show_default=True, callback=_even, help="Random orders the Shapley map samples (even: each order with its reverse); its standard error falls as 1/sqrt of this.")
-@click.option("--removal", type=click.Choice(list(REMOVALS)), default=DEFAULT_REMOVAL, show_default=True, help="How the pixel maps remove a cell: blur its pixels, fill them with the image's mean colour, or drop its tokens so the model never sees them (ViTs; every token dropped gives the head's prior). Each map is exact for its removal.")
-@click.option("--block", type=click.IntRange(min=1), default=DEFAULT_BLOCK, show_default=True, help="The Shapley map's players are blocks of BLOCK x BLOCK cells (fewer runs, coarser map; a block's value is split evenly over its cells, the sum stays exact).")
+@click.option("--removal", type=click.Choice(["auto", *REMOVALS]), default=DEFAULT_REMOVAL, show_default=True, help="How the pixel maps remove a cell: blur its pixels, fill them with the image's mean colour, inpaint them from the kept pixels around, or drop its tokens so the model never sees them (ViTs; every token dropped gives the head's prior). auto: drop for a ViT, blur otherwise (docs/benchmarks.md). Each map is exact for its removal.")
+@click.option("--block", default=str(DEFAULT_BLOCK), show_default=True, callback=_block, help="The Shapley map's players are blocks of BLOCK x BLOCK cells (fewer runs, coarser map; a block's value is split evenly over its cells, the sum stays exact). auto: the fewest cells per block that make at most 64 players (2 for DINOv2's 16x16 cells, 1 for EfficientNet's 7x7).")
 @click.option("--occlusion", is_flag=True, help="Also the exact cell occlusion map: the logit drop when each cell alone is removed (N + 1 runs of the whole model).")
 @click.option("--region-mask", type=click.Path(exists=True, dir_okay=False), help="Integer mask image (same size as the one IMAGE): exact contribution of each of your segments.")
 @click.option("--json", "as_json", is_flag=True, help="Print the explanations as JSON on stdout.")
 @click.option("--quiet", is_flag=True, help="No progress bars or stage notes.")
 @user_errors
 def explain(run_dir: str, images: tuple[str, ...], top_k: int, out_dir: str | None, device: str | None,
-            node_removal: bool, pixel_map: str, permutations: int, removal: str, block: int, occlusion: bool, region_mask: str | None,
+            node_removal: bool, pixel_map: str, permutations: int, removal: str, block: int | str, occlusion: bool, region_mask: str | None,
             as_json: bool, quiet: bool) -> None:
     """Explain IMAGES (files or folders) with the run in RUN_DIR: class, exact top-K training
     images for and against it (with their own region maps and matched region pairs), region
@@ -355,7 +363,7 @@ def predict(run_dir: str, images: tuple[str, ...], out_path: str | None, batch_s
 @cli.command()
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--what", default="accuracy,mislabel,faithfulness,lds,agreement", show_default=True,
-              help="Comma-separated evaluations: accuracy (mean/std over seeds), mislabel, faithfulness, lds, agreement, deletion (region deletion/insertion AUC on the graph), pixel-deletion (the pixel protocol: cells blurred / revealed in the order of the Shapley (the default map; 4 (N - 1) + 2 runs of the whole model per image, about 2 min for DINOv2 on a 2-core CPU), pixel-split, occlusion, token and random maps, whole model re-run), pointing (needs part locations), certificates (the fewest training images whose removal changes each of --n-test predictions; up to --certificate-limit).")
+              help="Comma-separated evaluations: accuracy (mean/std over seeds), mislabel, faithfulness, lds, agreement, deletion (region deletion/insertion AUC on the graph), pixel-deletion (the pixel protocol: each map's cells removed / kept in map order under every removal the backbone allows (blur, mean colour, inpaint, and token dropping for a ViT), the whole model re-run at each step; raw and scaled AUC, paired differences; maps: the Shapley map (the default), pixel split, occlusion, token and random), pointing (needs part locations), certificates (the fewest training images whose removal changes each of --n-test predictions; up to --certificate-limit).")
 @click.option("--certificate-limit", type=click.IntRange(min=1), default=50, show_default=True, help="Certificates: the most training images removed per prediction.")
 @click.option("--seeds", default="0,1,2,3,4", show_default=True, help="Accuracy: comma-separated seeds (each draws the --shots subsample and/or the --resplit split).")
 @click.option("--shots", type=click.IntRange(min=1), help="Accuracy: train on this many images per class (few-shot), drawn per seed.")

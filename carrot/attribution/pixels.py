@@ -3,8 +3,8 @@ protocol every map is measured by.
 
 A *cell* is one region of the backbone's grid in input pixels: a ViT patch (14 x 14 px for DINOv2 at 224), a
 ConvNet's feature cell (32 x 32 px for EfficientNet-Lite0). A *removal* takes a set of cells out of the image
-(:class:`CellGame`, one of :data:`REMOVALS`): their pixels blurred, or filled with the image's mean colour, or (ViTs)
-their tokens dropped so the model never sees them. Each map is exact for the removal it is built on:
+(:class:`CellGame`, one of :data:`~carrot.config.REMOVALS`): their pixels blurred, filled with the image's mean colour,
+or inpainted from the kept pixels around them, or (ViTs) their tokens dropped so the model never sees them. Each map is exact for the removal it is built on:
 
 - *Shapley* (:func:`shapley_map`, the default): each cell's Shapley value in the game "remove a set of cells",
   sampled over random orders in antithetic pairs; the values sum to f_c(x) - f_c(x with every cell removed) exactly
@@ -37,7 +37,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from carrot.config import REMOVALS
+from carrot.config import MAX_PLAYERS, REMOVALS
 
 PIXEL_REMOVALS = tuple(r for r in REMOVALS if r != "drop")  # the removals that change pixels (PixelFill)
 SPLIT_REMOVALS = ("blur", "mean")  # the removals whose fill is one image, the end of the pixel split's path
@@ -57,6 +57,7 @@ class CellGame:
 
     - ``blur``: the cells' pixels are replaced by those of the Gaussian-blurred image (sigma one cell's side);
     - ``mean``: the cells' pixels are replaced by the image's mean colour;
+    - ``inpaint``: the cells' pixels are filled in from the kept pixels around them (:func:`inpaint`);
     - ``drop`` (ViTs): the cells' tokens are dropped after the patch embedding, so the model never sees them
       (:class:`TokenDrop`); with every cell dropped the logits are the head's prior (no evidence).
     """
@@ -90,7 +91,9 @@ class CellGame:
     def values(self, removed: torch.Tensor, batch: int | None = None, desc: str = "") -> np.ndarray:
         """:meth:`__call__` ``batch`` rows at a time (default :attr:`batch`); with ``desc``, a progress bar over the runs."""
         removed = torch.as_tensor(removed, dtype=torch.bool).reshape(-1, self.n)
-        batch = batch or self.batch
+        batch = self.batch if batch is None else batch
+        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+            raise CarrotError(f"batch: expected an integer >= 1, got {batch!r}")
         out = []
         with bar(total=len(removed), desc=desc, unit="run", disable=not desc) as runs:
             for s in range(0, len(removed), batch):
@@ -194,7 +197,7 @@ def occlusion_map(game: CellGame, c: int, batch: int | None = None) -> np.ndarra
 
 def _pair_values(vals: np.ndarray, orders: list[np.ndarray]) -> np.ndarray:
     """Each antithetic pair's estimate of every cell's Shapley value (K / 2, N), from the logits along the orders
-    (``vals[k, r]``: order k with its first r cells blurred)."""
+    (``vals[k, r]``: order k with its first r players removed)."""
     n = vals.shape[1] - 1
     phi = np.empty((len(vals), n))
     for k, p in enumerate(orders[: len(vals)]):
@@ -215,6 +218,18 @@ def cell_blocks(grid: tuple[int, int], block: int) -> np.ndarray:
     gh, gw = grid
     i, j = np.divmod(np.arange(gh * gw), gw)
     return (i // block) * (-(-gw // block)) + j // block
+
+
+def auto_block(grid: tuple[int, int], players: int = MAX_PLAYERS) -> int:
+    """The smallest block side b whose blocks of b x b cells of a ``grid`` (gh, gw) are at most ``players`` players
+    (block "auto": 1 for EfficientNet's 7 x 7 cells, 2 for DINOv2's 16 x 16)."""
+    if isinstance(players, bool) or not isinstance(players, int) or players < 1:
+        raise CarrotError(f"players: expected an integer >= 1, got {players!r}")
+    gh, gw = grid
+    b = 1
+    while -(-gh // b) * -(-gw // b) > players:
+        b += 1
+    return b
 
 
 def shapley_map(game: CellGame, c: int, permutations: int = 4, batch: int | None = None, seed: int = 0,
@@ -326,7 +341,8 @@ def path_split(logits: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, 
     ----------
     logits : the whole model with autograd, (B, 3, H, W) input -> (B, C) float64 tensor.
     x : (3, H, W) one model input; c : the class; grid : (gh, gw) the backbone's cell grid.
-    removal : the baseline, blur or mean (a path needs an image at its end: token dropping has none).
+    removal : the baseline, blur or mean (a path needs one image at its end: inpainting's depends on the cells kept,
+        token dropping has none).
     nodes : quadrature nodes; batch : per pass.
 
     Returns
@@ -415,8 +431,8 @@ def pixel_curves(game: CellGame, c: int, order: Sequence[int], steps: int = 16, 
 
 
 def pooled(values: Sequence[float], spans: Sequence[float], seed: int = 0, resamples: int = 2000) -> dict[str, float]:
-    """The protocol's number over images: sum_i span_i auc_i / sum_i span_i, span_i = f_c(x_i) - f_c(blurred x_i),
-    so each image weighs by how much blurring changes its logit (an image whose logit barely moves would
+    """The protocol's number over images: sum_i span_i auc_i / sum_i span_i, span_i = f_c(x_i) - f_c(x_i with every
+    cell removed), so each image weighs by how much removal changes its logit (an image whose logit barely moves would
     otherwise dominate with a huge scaled curve; the graph-side deletion audit pools the same way); its standard
     error from ``resamples`` bootstrap resamples of the images. Images with span <= 0 are left out and counted."""
     v, w = np.asarray(values, dtype=np.float64), np.asarray(spans, dtype=np.float64)
@@ -431,7 +447,7 @@ def pooled(values: Sequence[float], spans: Sequence[float], seed: int = 0, resam
 
 
 def summarise(values: Sequence[float]) -> dict[str, float]:
-    """Mean and standard error of the mean over images; nan values (the blurred image scores the class at least
+    """Mean and standard error of the mean over images; nan values (removing every cell scores the class at least
     as high as the image) are left out and counted in ``left_out``."""
     v = np.asarray([x for x in values if np.isfinite(x)], dtype=np.float64)
     sem = float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else float("nan")

@@ -280,10 +280,11 @@ def summary_lines(res: dict) -> list[str]:
                    f"random {d['deletion_random']:.3f}; insertion AUC: exact {d['insertion']:.3f}, random {d['insertion_random']:.3f}")
     if "pixel_deletion" in res:
         p = res["pixel_deletion"]
-        for r, scores in p["scores"].items():
+        for r, scores in p.get("scores", {"blur": p["maps"]}).items():  # before the removals: blurring only
             out.append(f"pixel deletion / insertion AUC, cells removed by {r} ({p['n']} images; image = 1, all removed = 0; "
                        f"raw logit deletion AUC): " + ", ".join(
-                           f"{m} {v['deletion']['mean']:.3f} / {v['insertion']['mean']:.3f} ({v['raw_deletion']['mean']:+.3f})"
+                           f"{m} {v['deletion']['mean']:.3f} / {v['insertion']['mean']:.3f}"
+                           + (f" ({v['raw_deletion']['mean']:+.3f})" if "raw_deletion" in v else "")
                            for m, v in scores.items()))
     if "certificates" in res:
         c = res["certificates"]

@@ -152,10 +152,13 @@ def pixel_deletion(model: "Carrot", n_test: int = 20, steps: int = 16, seed: int
 
     if not maps or set(maps) - set(REGION_MAPS):
         raise CarrotError(f"maps: expected some of {', '.join(REGION_MAPS)}, got {list(maps)}")
-    removals = tuple(removals) if removals else removals_of(model)
-    if set(removals) - set(removals_of(model)) or removal not in removals_of(model):
-        raise CarrotError(f"removals: expected some of {', '.join(removals_of(model))} for this backbone, got "
-                          f"{list(removals)} (maps removing by {removal!r})")
+    allowed = removals_of(model)
+    removals = allowed if removals is None else tuple(removals)
+    if not removals or set(removals) - set(allowed):
+        raise CarrotError(f"removals: expected some of {', '.join(allowed)} for this backbone, got {list(removals)}")
+    removal = model.pixel_removal(removal)
+    if removal not in allowed:
+        raise CarrotError(f"removal: expected auto or one of {', '.join(allowed)} for this backbone, got {removal!r}")
     if not model.test_records_:
         raise CarrotError("pixel-deletion: the run has no test images")
     rng = np.random.default_rng(seed)

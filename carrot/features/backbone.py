@@ -121,15 +121,18 @@ class TokenBackbone:
 
     @property
     def drops_tokens(self) -> bool:
-        """Whether the model can run on a subset of its patches (:meth:`kept_tokens`): a plain ViT (patch embedding,
-        position embedding, a stack of attention blocks); not a ConvNet or a hierarchical token model."""
-        m = self.model
-        return self.patch_size is not None and all(hasattr(m, a) for a in ("_pos_embed", "blocks", "norm_pre", "norm"))
+        """Whether the model can run on a subset of its patches (:meth:`kept_tokens`): a plain timm VisionTransformer
+        (patch embedding, absolute position embedding, a stack of attention blocks); not a ConvNet, a hierarchical
+        token model, or a ViT whose blocks take more than the tokens (rotary embeddings: EVA)."""
+        from timm.models.vision_transformer import VisionTransformer
+
+        return self.patch_size is not None and type(self.model) is VisionTransformer
 
     @torch.no_grad()
     def kept_tokens(self, x: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The model run on the kept patches of each image only: the removed patches' tokens are dropped after the
         patch and position embeddings, so no kept token attends to them (nor to anything computed from their pixels).
+        Images keeping as many patches run as one batch.
 
         Parameters
         ----------
@@ -138,13 +141,12 @@ class TokenBackbone:
         Returns
         -------
         patch tokens (B, K, D) float32 of the kept patches in row-major order, K = the most kept by any image (rows
-        keeping fewer are padded at the end with tokens to ignore); idx (B, K) long, the patch index of each token
-        (padding: -1); and the prefix tokens (B, P, D). Keeping every patch gives :meth:`with_globals`' tokens
-        (up to the order of floating-point sums).
+        keeping fewer end in zeros); idx (B, K) long, the patch index of each token (-1 after the last kept); and
+        the prefix tokens (B, P, D). Keeping every patch gives :meth:`with_globals`' tokens.
         """
         if not self.drops_tokens:
             raise CarrotError(f"removal 'drop': backbone '{self.timm_name}' cannot run on a subset of its patches "
-                              "(a plain ViT can; a ConvNet cannot): expected removal blur or mean")
+                              "(a plain ViT can; a ConvNet cannot): expected removal blur, mean or inpaint")
         m, P = self.model, self.num_prefix_tokens
         x = x.to(self.device)
         keep = torch.as_tensor(keep, dtype=torch.bool, device=self.device)
@@ -154,25 +156,25 @@ class TokenBackbone:
             raise CarrotError(f"keep: expected ({x.shape[0]}, {N}) booleans (one per patch), got {tuple(keep.shape)}")
         counts = keep.sum(1)
         K = int(counts.max())
-        # kept indices first (stable, row-major), padding after; the mask hides the padding from every query
-        order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices[:, :K]
-        valid = torch.arange(K, device=self.device)[None] < counts[:, None]
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bfloat16"):
-            t = m._pos_embed(m.patch_embed(x))
-            t = torch.cat([t[:, :P], t[:, P:].gather(1, order[..., None].expand(-1, -1, t.shape[-1]))], 1)
-            t = m.norm_pre(t)
-            mask = None
-            if not bool(valid.all()):
-                mask = torch.cat([torch.ones(len(t), P, dtype=torch.bool, device=self.device), valid], 1)[:, None, None]
-            outs = []
-            depth = len(m.blocks)
-            for i, blk in enumerate(m.blocks):
-                t = blk(t) if mask is None else blk(t, attn_mask=mask)
-                if i >= depth - self.blocks:
-                    outs.append(m.norm(t))
-        y = torch.cat(outs, -1).float()
-        idx = torch.where(valid, order, torch.full_like(order, -1))
-        return y[:, P:], idx, y[:, :P]
+        out = torch.zeros(len(x), K, self.token_dim, device=self.device)
+        glob = torch.zeros(len(x), P, self.token_dim, device=self.device)
+        idx = torch.full((len(x), K), -1, dtype=torch.long, device=self.device)
+        for k in torch.unique(counts).tolist():
+            rows = torch.nonzero(counts == k).flatten()
+            if k == 0:
+                continue
+            kept = torch.stack([torch.nonzero(keep[r]).flatten() for r in rows.tolist()])  # (b, k) row-major
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bfloat16"):
+                t = m._pos_embed(m.patch_embed(x[rows]))
+                t = m.norm_pre(torch.cat([t[:, :P], t[:, P:].gather(1, kept[..., None].expand(-1, -1, t.shape[-1]))], 1))
+                outs = []
+                for i, blk in enumerate(m.blocks):
+                    t = blk(t)
+                    if i >= len(m.blocks) - self.blocks:  # the last k blocks, each normalised (forward_intermediates)
+                        outs.append(m.norm(t))
+            y = torch.cat(outs, -1).float()
+            out[rows, :k], glob[rows], idx[rows, :k] = y[:, P:], y[:, :P], kept
+        return out, idx, glob
 
     def _tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """Prefix and patch tokens (B, P + N, D) (a ConvNet: (B, N, D)) and the grid."""

@@ -145,9 +145,10 @@ def t_sweep_html(rows: list[dict]) -> str:
     body = [[r["t"], r["lam"], r.get("loo_accuracy"), r["test_accuracy"]]
             + ([r.get(f"pixel_deletion_{key}"), r.get(f"pixel_insertion_{key}"), r.get("pixel_deletion_token"),
                 r.get("pixel_insertion_token")] if pixels else []) for r in rows]
-    note = ("<p class='muted'>pixel protocol per t: cells blurred / revealed in map order, the whole model at that t "
-            "re-run; AUC scaled to 1 at the image and 0 at the blurred image (lower deletion, higher insertion: more "
-            "faithful to the pixels)</p>" if pixels else "")
+    removal = next((r["pixel_removal"] for r in rows if "pixel_removal" in r), "blur")  # files before removals: blur
+    note = (f"<p class='muted'>pixel protocol per t: cells removed ({removal}) / kept in map order, the whole model at "
+            "that t re-run; AUC scaled to 1 at the image and 0 with every cell removed (lower deletion, higher insertion: "
+            "more faithful to the pixels); the other removals' columns are in t_sweep.json</p>" if pixels else "")
     return "<h2>Diffusion time sweep</h2>" + note + _table(head, body, ".4g")
 
 
@@ -198,9 +199,16 @@ def evaluation_html(ev: dict) -> str:
                 "in the order of their exact contribution to the predicted logit, or at random; AUC pooled over the images, "
                 "sum(AUC - prior) / sum(logit - prior) (1 = the full logit throughout, 0 = the prior): low deletion and high "
                 "insertion AUC mean a sharp region attribution</p>" + _table(["curve", "normalised AUC"], rows))
-    if "pixel_deletion" in ev:
+    if "pixel_deletion" in ev and "scores" not in ev["pixel_deletion"]:  # evaluation.json from before the removals
         p = ev["pixel_deletion"]
-        names = {"shapley": "Shapley map (the default; 4 orders)", "split": "pixel split (path-integrated gradients)",
+        rows = [[m, v["deletion"]["mean"], v["deletion"]["sem"], v["insertion"]["mean"], v["insertion"]["sem"],
+                 v["seconds_per_image"]] for m, v in p["maps"].items()]
+        out += (f"<h3>Pixel deletion and insertion</h3><p class='muted'>{p['n']} test images, cells blurred (an "
+                "evaluation from before the other removals)</p>"
+                + _table(["map", "deletion AUC", "s.e.m.", "insertion AUC", "s.e.m.", "seconds per image"], rows))
+    elif "pixel_deletion" in ev:
+        p = ev["pixel_deletion"]
+        names = {"shapley": "Shapley map (the default)", "split": "pixel split (path-integrated gradients)",
                  "pixel": "pixel split (path-integrated gradients)", "occlusion": "occlusion map (exact per cell)",
                  "token": "token map (exact token split)", "random": "random order"}
         rows = [[names.get(m, m) + (f" ({p['removal']})" if m in ("shapley", "occlusion") else ""), r,
@@ -210,7 +218,8 @@ def evaluation_html(ev: dict) -> str:
         out += (f"<h3>Pixel deletion and insertion</h3><p class='muted'>{p['n']} test images; the cells of the "
                 f"{p['grid'][0]}x{p['grid'][1]} grid removed (deletion) or kept with the rest removed (insertion) in map "
                 f"order over {p['steps']} steps, the whole model re-run at each, under each way of removing a cell (blur: "
-                "pixels blurred; mean: filled with the image's mean colour; drop: tokens dropped, ViTs). Scaled AUC of the "
+                "pixels blurred; mean: filled with the image's mean colour; inpaint: filled from the kept pixels around; "
+                "drop: tokens dropped, ViTs). Scaled AUC of the "
                 "predicted logit (1 at the image, 0 with every cell removed, pooled over images weighted by how much "
                 "removal changes each logit, bootstrap s.e.) and raw AUC of the logit (mean over all images): low "
                 "deletion and high insertion mean a map faithful to the pixels under that removal (random order: about "

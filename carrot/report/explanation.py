@@ -68,17 +68,17 @@ GLOBAL_MEANING = ("W_c^glob . (c - mu^glob): the exact term of the backbone's gl
 LINEAR_ONLY = ("region_contributions", "pairs", "segments")  # meanings of what only a head with a region split has
 
 
-def meanings(refit_note: str, additive: bool, pixel_map: str | None, global_term: bool, occlusion: bool = False,
-             removal: str = "blur") -> dict[str, str]:
+def meanings(refit_note: str, additive: bool, pixel_map: str | None, global_term: bool, removal: str = "blur",
+             occlusion: str | None = None) -> dict[str, str]:
     """What each number of an explanation is exact for: ``refit_note`` says what the head's refits hold
     (``head.refit_note``), ``additive`` whether the token map is the exact additive split (else each token's exact
-    removal), ``pixel_map`` the page's pixel map (or None), ``global_term`` whether the global tokens have a term,
-    ``occlusion`` whether the occlusion map is drawn, and ``removal`` how the pixel maps remove a cell."""
+    removal), ``pixel_map`` the page's pixel map (or None) and ``removal`` how it removes a cell, ``global_term``
+    whether the global tokens have a term, and ``occlusion`` the occlusion map's removal (None: no occlusion map)."""
     score = ("f(x) - f_-i(x): how much this logit drops if the image is removed from training (exact, equal to a refit"
              + refit_note + "); the images are ranked by it")
     regions = {k: v for k, v in REGION_MEANING.items() if (k != "region_removal" if additive else k not in LINEAR_ONLY)}
     pixels = {**({"pixel_map": pixel_map_meaning(pixel_map, removal)} if pixel_map else {}),
-              **({"pixel_occlusion": pixel_map_meaning("occlusion", removal)} if occlusion else {})}
+              **({"pixel_occlusion": pixel_map_meaning("occlusion", occlusion)} if occlusion else {})}
     return {"score": score, **VIEW_MEANING, **regions, **pixels, **({"global_term": GLOBAL_MEANING} if global_term else {})}
 
 
@@ -149,15 +149,16 @@ class PixelMap:
     removed_logit: float | None = None  # the logit with every cell removed: the map sums to logit - this
     completeness_error: float | None = None
     permutations: int | None = None  # shapley
+    block: int | None = None  # shapley: its players are blocks of block x block cells
     sem: list | None = None  # shapley: each cell's standard error (None where not estimable)
 
     def to_json(self, key: str) -> dict[str, Any]:
-        out = {key: self.values, key + "_seconds": self.seconds}
+        out = {key: self.values, key + "_seconds": self.seconds, f"{key}_removal": self.removal}
         if self.method is not None:
-            out.update({f"{key}_method": self.method, f"{key}_removal": self.removal, f"{key}_removed_logit": self.removed_logit,
+            out.update({f"{key}_method": self.method, f"{key}_removed_logit": self.removed_logit,
                         f"{key}_completeness_error": self.completeness_error})
             if self.permutations is not None:
-                out.update({f"{key}_permutations": self.permutations, f"{key}_sem": self.sem})
+                out.update({f"{key}_permutations": self.permutations, f"{key}_block": self.block, f"{key}_sem": self.sem})
         return out
 
 

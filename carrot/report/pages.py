@@ -197,7 +197,8 @@ def _pixel_figure(exp: Explanation, image) -> str:
     how, end = REMOVAL_MEANING[pm.removal]
     if pm.method == "shapley":
         sem = [v for row in (pm.sem or []) for v in row if v is not None]
-        what = (f"each cell's Shapley value in 'remove a set of cells' ({pm.permutations} random orders"
+        blocks = f", blocks of {pm.block}x{pm.block} cells" if pm.block and pm.block > 1 else ""
+        what = (f"each cell's Shapley value in 'remove a set of cells' ({pm.permutations} random orders{blocks}"
                 + (f"; typical s.e. {np.sqrt(np.mean(np.square(sem))):.2g}" if sem else "") + ")")
     else:
         what = "each cell's share of the path-integrated gradient from the fill image"

@@ -194,7 +194,7 @@ def _extraction_speed(stores: Sequence[Any]) -> float | None:
 def explain(run_dir: str | Path, inputs: Sequence[str], out_dir: str | Path | None = None, top_k: int = 5,
             device: str | None = None, batch: int = 16, node_removal: bool = False,
             region_mask: str | None = None, pixel_map: str | None = "shapley", permutations: int = DEFAULT_PERMUTATIONS,
-            occlusion: bool = False, removal: str = DEFAULT_REMOVAL, block: int = DEFAULT_BLOCK) -> list[dict[str, Any]]:
+            occlusion: bool = False, removal: str = DEFAULT_REMOVAL, block: int | str = DEFAULT_BLOCK) -> list[dict[str, Any]]:
     """Explain each image with a fitted run: heatmap.png, explanation.html/.json per image, index.html."""
     model = Carrot.load(run_dir)
     if device:

@@ -35,8 +35,8 @@ class ExplainOptions:
     pixel_map: str | None = "shapley"  # one of PIXEL_MAPS, or None
     permutations: int = DEFAULT_PERMUTATIONS  # the even number of random orders the Shapley map samples
     occlusion: bool = False  # also the exact cell occlusion map (N + 1 runs of the whole model)
-    removal: str = DEFAULT_REMOVAL  # how the pixel maps remove a cell: one of REMOVALS (drop: ViTs only)
-    block: int = DEFAULT_BLOCK  # the Shapley map's players are blocks of block x block cells (1: every cell)
+    removal: str = DEFAULT_REMOVAL  # how the pixel maps remove a cell: auto (Carrot.pixel_removal) or one of REMOVALS
+    block: int | str = DEFAULT_BLOCK  # the Shapley map's players: blocks of block x block cells (1: every cell; auto)
 
     def check(self, n: int) -> "ExplainOptions":
         if not isinstance(self.k, int) or isinstance(self.k, bool) or not 1 <= self.k <= n:
@@ -48,13 +48,13 @@ class ExplainOptions:
         if self.pixel_map == "shapley" and (isinstance(self.permutations, bool) or not isinstance(self.permutations, int)
                                             or self.permutations < 2 or self.permutations % 2):
             raise CarrotError(f"permutations: expected an even integer >= 2 (antithetic pairs), got {self.permutations!r}")
-        if self.removal not in REMOVALS:
-            raise CarrotError(f"removal: expected one of {', '.join(REMOVALS)}, got {self.removal!r}")
-        if self.pixel_map == "split" and self.removal not in SPLIT_REMOVALS:
+        if self.removal != "auto" and self.removal not in REMOVALS:
+            raise CarrotError(f"removal: expected auto or one of {', '.join(REMOVALS)}, got {self.removal!r}")
+        if self.pixel_map == "split" and self.removal not in ("auto", *SPLIT_REMOVALS):
             raise CarrotError(f"removal: the pixel split integrates along a straight path from one fill image; expected "
                               f"{' or '.join(SPLIT_REMOVALS)} with pixel_map split, got {self.removal!r}")
-        if isinstance(self.block, bool) or not isinstance(self.block, int) or self.block < 1:
-            raise CarrotError(f"block: expected an integer >= 1 (cells per block side), got {self.block!r}")
+        if self.block != "auto" and (isinstance(self.block, bool) or not isinstance(self.block, int) or self.block < 1):
+            raise CarrotError(f"block: expected auto or an integer >= 1 (cells per block side), got {self.block!r}")
         return self
 
 
@@ -80,6 +80,10 @@ def iter_explanations(model: "Carrot", paths: Sequence[str], options: ExplainOpt
     """The explanations of image files by a fitted run, one at a time as each is ready (the backbone runs once on
     all of them; see :meth:`carrot.run.pipeline.Carrot.explain`)."""
     options = options.check(len(model.train_records_))
+    if (options.pixel_map or options.occlusion) and model.pixel_removal(options.removal) == "drop" \
+            and not model.backbone.drops_tokens:
+        raise CarrotError(f"removal: 'drop' needs a ViT (tokens that can be left out); backbone "
+                          f"'{model.backbone.timm_name}' is not one, expected auto, blur, mean or inpaint")
     G, H, w, grid, pictures, glob = model.embed_images(paths)
     logits = model.head_.decision_function(G)
     system = model.training_system()
@@ -105,7 +109,9 @@ def explain_one(model: "Carrot", system: TrainingSystem, batch: Batch, i: int, o
         image=path, predicted=model.classes_[c], predicted_index=c,
         logits={name: float(v) for name, v in zip(model.classes_, batch.logits[i])}, prior=prior,
         head=kind_of(head).name, meaning=meanings(head.refit_note, additive, options.pixel_map, global_term is not None,
-                                                      options.occlusion, options.removal),
+                                                      model.pixel_removal(options.removal, options.pixel_map or "shapley"),
+                                                      model.pixel_removal(options.removal, "occlusion") if options.occlusion
+                                                      else None),
         data_sum=rep_sum, equivalent_kernel_sum=ek_sum, identity_error=errors, supporting=supporting,
         inhibiting=inhibiting, grid=list(batch.grid), train_grid=list(tgrid),
         tokens=TokenMap(tokens.reshape(batch.grid).tolist(), additive, float(tokens.sum()) if additive else None),
@@ -195,13 +201,15 @@ def pixel_side(model: "Carrot", exp: Explanation, path: str, c: int, grid: tuple
         t0 = time.perf_counter()
         values, info = model.pixel_map(x, c, grid, options.pixel_map, options.permutations, options.removal, options.block)
         shapley = options.pixel_map == "shapley"
-        exp.pixel_map = PixelMap(values.tolist(), time.perf_counter() - t0, options.pixel_map, options.removal,
-                                 info["removed"], info["completeness_error"], info["permutations"] if shapley else None,
-                                 np.where(np.isfinite(info["sem"]), info["sem"], None).tolist() if shapley else None)
+        exp.pixel_map = PixelMap(values.tolist(), time.perf_counter() - t0, options.pixel_map, info["removal"],
+                                 info["removed"], info["completeness_error"],
+                                 permutations=info["permutations"] if shapley else None,
+                                 block=info["block"] if shapley else None,
+                                 sem=np.where(np.isfinite(info["sem"]), info["sem"], None).tolist() if shapley else None)
     if options.occlusion:
         t0 = time.perf_counter()
-        values, _ = model.pixel_map(x, c, grid, "occlusion", removal=options.removal)
-        exp.occlusion = PixelMap(values.tolist(), time.perf_counter() - t0, removal=options.removal)
+        values, info = model.pixel_map(x, c, grid, "occlusion", removal=options.removal)
+        exp.occlusion = PixelMap(values.tolist(), time.perf_counter() - t0, removal=info["removal"])
 
 
 def graph_side(model: "Carrot", exp: Explanation, batch: Batch, i: int, c: int, tokens: torch.Tensor,

@@ -260,9 +260,9 @@ def bench(run_dir: str | Path, ts: Sequence[float], out: str | Path | None = Non
         at_t = Carrot(model.config.merged({"diffusion.t": t}), backbone=model.backbone)
         at_t.head_, at_t.test_records_, at_t.token_map_ = head, model.test_records_, model.token_map_
         res = pixel_deletion(at_t, pixel_images, seed=model.config.seed, maps=("shapley", "token"))
-        return {f"pixel_{kind}_{m}" + ("" if r == res["removal"] else f"_{r}"): v[kind]["mean"]
+        return {"pixel_removal": res["removal"], **{f"pixel_{kind}_{m}" + ("" if r == res["removal"] else f"_{r}"): v[kind]["mean"]
                 for r, scores in res["scores"].items() for m, v in scores.items()
-                for kind in ("deletion", "insertion", "raw_deletion")}
+                for kind in ("deletion", "insertion", "raw_deletion")}}
 
     rows = t_sweep(train, test, ts, model.embedder, model.head_, model.sample_weight_,
                    on_fit=pixels_at if pixel_images > 0 else None)

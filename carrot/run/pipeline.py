@@ -190,29 +190,43 @@ class Carrot:
             out[rows[sel].numpy()] = self.head_.decision_function(g.numpy())
         return out
 
-    def cell_game(self, x: torch.Tensor, grid: tuple[int, int], removal: str = "blur") -> "CellGame":
-        """One model input x (3, H, W) as a game over its cells under ``removal`` (:data:`~carrot.attribution.pixels.REMOVALS`:
-        blur, mean, or drop for a ViT): what every pixel map and the pixel protocol re-run."""
+    def cell_game(self, x: torch.Tensor, grid: tuple[int, int], removal: str = DEFAULT_REMOVAL) -> "CellGame":
+        """One model input x (3, H, W) as a game over its cells under ``removal`` ("auto": :meth:`pixel_removal`, or
+        one of :data:`~carrot.config.REMOVALS`: blur, mean, inpaint, or drop for a ViT): what every pixel map and the
+        pixel protocol re-run."""
         from carrot.attribution.pixels import REMOVALS, PixelFill, TokenDrop
 
+        removal = self.pixel_removal(removal)
         if removal not in REMOVALS:
-            raise CarrotError(f"removal: expected one of {', '.join(REMOVALS)}, got {removal!r}")
+            raise CarrotError(f"removal: expected auto or one of {', '.join(REMOVALS)}, got {removal!r}")
         if removal == "drop":
             if not self.backbone.drops_tokens:
                 raise CarrotError(f"removal: 'drop' needs a ViT (tokens that can be left out); backbone "
-                                  f"'{self.backbone.timm_name}' is not one, expected blur or mean")
+                                  f"'{self.backbone.timm_name}' is not one, expected blur, mean or inpaint")
             return TokenDrop(self.kept_logits, x, grid)
         return PixelFill(self.pixel_logits, x, grid, removal)
 
+    def pixel_removal(self, removal: str = DEFAULT_REMOVAL, method: str = "shapley") -> str:
+        """The removal a pixel map of ``method`` uses for ``removal``: "auto" is "drop" for a backbone that can leave
+        tokens out (a ViT) and "blur" otherwise, and "blur" for the split (its path needs one image at its end)."""
+        if removal != "auto":
+            return removal
+        return "drop" if method != "split" and self.backbone.drops_tokens else "blur"
+
     def pixel_map(self, x: torch.Tensor, c: int, grid: tuple[int, int], method: str = "shapley",
                   permutations: int = DEFAULT_PERMUTATIONS, removal: str = DEFAULT_REMOVAL,
-                  block: int = DEFAULT_BLOCK) -> tuple[np.ndarray, dict[str, Any]]:
+                  block: int | str = DEFAULT_BLOCK) -> tuple[np.ndarray, dict[str, Any]]:
         """One pixel map of a model input x (3, H, W) for class c over the backbone's ``grid`` of cells, cells removed
-        by ``removal``: "shapley" (:func:`~carrot.attribution.pixels.shapley_map`), "split"
+        by ``removal`` (:meth:`pixel_removal`): "shapley" (:func:`~carrot.attribution.pixels.shapley_map`, players
+        blocks of ``block`` x ``block`` cells, "auto": :func:`~carrot.attribution.pixels.auto_block`), "split"
         (:func:`~carrot.attribution.pixels.path_split`, blur or mean) or "occlusion"
-        (:func:`~carrot.attribution.pixels.occlusion_map`); (gh, gw) float64 values and their info."""
-        from carrot.attribution.pixels import SPLIT_REMOVALS, occlusion_map, path_split, shapley_map
+        (:func:`~carrot.attribution.pixels.occlusion_map`); (gh, gw) float64 values and their info (with the removal
+        and block used)."""
+        from carrot.attribution.pixels import SPLIT_REMOVALS, auto_block, occlusion_map, path_split, shapley_map
 
+        removal = self.pixel_removal(removal, method)
+        if method not in ("shapley", "split", "occlusion"):
+            raise CarrotError(f"pixel map: expected shapley, split or occlusion, got {method!r}")
         if method == "split":
             if removal not in SPLIT_REMOVALS:
                 raise CarrotError(f"removal: the pixel split integrates along a straight path from one fill image; "
@@ -220,10 +234,9 @@ class Carrot:
             return path_split(self.torch_logits, x, c, grid, removal)
         game = self.cell_game(x, grid, removal)
         if method == "shapley":
+            block = auto_block(grid) if block == "auto" else block
             return shapley_map(game, c, permutations, seed=self.config.seed, block=block)
-        if method == "occlusion":
-            return occlusion_map(game, c), {"removal": removal}
-        raise CarrotError(f"pixel map: expected shapley, split or occlusion, got {method!r}")
+        return occlusion_map(game, c), {"removal": removal}
 
     def embed_images(self, paths: Sequence[str]) -> tuple[np.ndarray, torch.Tensor, torch.Tensor, tuple[int, int], list,
                                                            torch.Tensor | None]:
@@ -319,7 +332,7 @@ class Carrot:
     def explain(self, paths: Sequence[str], k: int = 5, pairs: int = 3, node_removal: bool = False,
                 masks: dict[str, np.ndarray] | None = None, certificate_limit: int = 50,
                 pixel_map: str | None = "shapley", permutations: int = DEFAULT_PERMUTATIONS, occlusion: bool = False,
-                removal: str = DEFAULT_REMOVAL, block: int = DEFAULT_BLOCK) -> list[Explanation]:
+                removal: str = DEFAULT_REMOVAL, block: int | str = DEFAULT_BLOCK) -> list[Explanation]:
         """Explain image files with the fitted run (:mod:`carrot.run.explaining`).
 
         Parameters
@@ -336,9 +349,10 @@ class Carrot:
             image, 32 forward + backward).
         permutations : the even number of random orders the Shapley map samples.
         occlusion : also the exact cell occlusion map (N + 1 runs of the whole model per image).
-        removal : how the pixel maps remove a cell, one of :data:`~carrot.attribution.pixels.REMOVALS` (blur, mean
-            colour, or drop its tokens: ViTs).
-        block : the Shapley map's players are blocks of block x block cells (1: every cell).
+        removal : how the pixel maps remove a cell, "auto" (:meth:`pixel_removal`) or one of
+            :data:`~carrot.config.REMOVALS` (blur, mean colour, inpaint, or drop its tokens: ViTs).
+        block : the Shapley map's players are blocks of block x block cells (1: every cell; "auto": at most
+            :data:`~carrot.config.MAX_PLAYERS` players).
 
         Returns
         -------
@@ -353,7 +367,7 @@ class Carrot:
     def explain_iter(self, paths: Sequence[str], k: int = 5, pairs: int = 3, node_removal: bool = False,
                      masks: dict[str, np.ndarray] | None = None, certificate_limit: int = 50,
                      pixel_map: str | None = "shapley", permutations: int = DEFAULT_PERMUTATIONS, occlusion: bool = False,
-                removal: str = DEFAULT_REMOVAL, block: int = DEFAULT_BLOCK) -> Iterator[Explanation]:
+                removal: str = DEFAULT_REMOVAL, block: int | str = DEFAULT_BLOCK) -> Iterator[Explanation]:
         """:meth:`explain`, one explanation at a time as each is ready (for pages written as they come)."""
         from carrot.run.explaining import ExplainOptions, iter_explanations
 
