@@ -417,6 +417,9 @@ def test_the_t_sweep_and_the_pointing_game_report_the_pixel_protocol(run):
     for row in rows:
         for key in ("pixel_deletion_shapley", "pixel_insertion_shapley", "pixel_deletion_token", "pixel_insertion_token"):
             assert key in row
+        assert row["pixel_removal"] == "drop"  # the unsuffixed columns: the run's removal; the others suffixed
+        for r in ("blur", "mean", "inpaint"):
+            assert f"pixel_raw_deletion_shapley_{r}" in row and f"pixel_deletion_token_{r}" in row
     assert "Shapley map deletion" in (run / "index.html").read_text()
     r = CliRunner().invoke(cli, ["evaluate", str(run), "--what", "pointing", "--n-test", "2", "--json"])
     assert r.exit_code == 0, r.output
