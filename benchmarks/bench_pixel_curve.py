@@ -31,18 +31,19 @@ sys.path.insert(0, str(ROOT))
 REFERENCE = "blur:b1k4"  # explain's default until now: blur, every cell a player, 4 orders
 
 
-def parse(setting: str) -> tuple[str, int, int]:
+def parse(setting: str, flag: str = "--settings") -> tuple[str, int, int]:
+    """A Shapley setting <removal>:b<block>k<orders> as (removal, block, orders)."""
     m = re.fullmatch(r"(blur|mean|inpaint|drop):b(\d+)k(\d+)", setting)
     if not m:
-        raise SystemExit(f"--settings: expected <removal>:b<block>k<orders> such as drop:b2k4, got {setting!r}")
+        raise SystemExit(f"{flag}: expected <removal>:b<block>k<orders> such as drop:b2k4, got {setting!r}")
     return m.group(1), int(m.group(2)), int(m.group(3))
 
 
 def main() -> None:
     from common import device_name, write_results
 
-    from carrot.attribution.pixels import pixel_curves, pooled, shapley_map, summarise
-    from carrot.audit.protocols import image_regions, paired, removals_of
+    from carrot.attribution.pixels import shapley_map
+    from carrot.audit.protocols import CURVE_KEYS, curve_summary, image_regions, paired, removals_of, score_orders
     from carrot.progress import set_quiet
     from carrot.run.pipeline import Carrot
 
@@ -61,8 +62,7 @@ def main() -> None:
     rng = np.random.default_rng(a.seed)
     rows_used = np.sort(rng.permutation(len(model.test_records_))[: a.images]).tolist()
     names = [*settings, "random"]
-    keys = ("deletion", "insertion", "raw_deletion", "raw_insertion")
-    auc = {r: {s: {k: [] for k in keys} for s in names} for r in scorers}
+    auc = {r: {s: {k: [] for k in CURVE_KEYS} for s in names} for r in scorers}
     spans: dict[str, list[float]] = {r: [] for r in scorers}
     secs: dict[str, list[float]] = {s: [] for s in settings}
     t_all = time.perf_counter()
@@ -80,11 +80,7 @@ def main() -> None:
             phi, _ = shapley_map(model.cell_game(x, grid, removal), c, permutations=K, block=block, seed=a.seed)
             secs[s].append(time.perf_counter() - t0)
             orders[s] = np.argsort(-phi.ravel(), kind="stable")
-        for r, g in games.items():
-            for s in names:
-                cur = pixel_curves(g, c, orders[s], a.steps)
-                for k in keys:
-                    auc[r][s][k].append(cur.raw_auc(k[4:]) if k.startswith("raw_") else cur.auc(k))
+        score_orders(games, c, orders, a.steps, auc)
         print(f"[{n + 1}/{len(rows_used)}] {time.perf_counter() - t_all:.0f} s: " + "; ".join(
             f"{s} {np.mean(secs[s]):.1f} s " + " ".join(f"{r} {np.mean(auc[r][s]['raw_deletion']):+.3f}" for r in scorers)
             for s in settings), flush=True)
@@ -97,8 +93,7 @@ def main() -> None:
         if row["players"] is not None:
             row["passes"] = K * (row["players"] - 1) + 2
         for r in scorers:
-            for k in keys:
-                v = summarise(auc[r][s][k]) if k.startswith("raw_") else pooled(auc[r][s][k], spans[r])
+            for k, v in curve_summary(auc[r][s], spans[r]).items():
                 row[f"{r}_{k}"], row[f"{r}_{k}_sem"] = v["mean"], v["sem"]
             if s != REFERENCE:
                 d = paired({REFERENCE: auc[r][REFERENCE]["raw_deletion"], s: auc[r][s]["raw_deletion"]}, REFERENCE)[s]

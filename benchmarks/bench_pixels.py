@@ -43,7 +43,7 @@ from common import device_name, write_results
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from carrot.attribution.pixels import auto_block, cell_boxes, fill_image, pixel_curves, pooled, summarise  # noqa: E402
+from carrot.attribution.pixels import auto_block, cell_boxes, fill_image  # noqa: E402
 from carrot.audit.protocols import REGION_MAPS, image_regions, region_scores  # noqa: E402
 from carrot.config import DEFAULT_BLOCK  # noqa: E402
 from carrot.run.pipeline import Carrot  # noqa: E402
@@ -92,7 +92,9 @@ def vit_reshape(model: Carrot, grid):
 
 
 def main() -> None:
-    from carrot.audit.protocols import paired, removals_of
+    from bench_pixel_curve import parse
+
+    from carrot.audit.protocols import CURVE_KEYS, curve_summary, paired, removals_of, score_orders
     from carrot.config import DEFAULT_PERMUTATIONS, DEFAULT_REMOVAL
     from carrot.progress import set_quiet
 
@@ -125,8 +127,7 @@ def main() -> None:
     maps += [f"captum_ablation_{r}" for r in removals] if "captum_ablation" in args.maps else []
     rng = np.random.default_rng(args.seed)
     rows_idx = np.sort(rng.choice(len(model.test_records_), min(args.n_test, len(model.test_records_)), replace=False))
-    keys = ("deletion", "insertion", "raw_deletion", "raw_insertion")
-    auc = {r: {m: {k: [] for k in keys} for m in maps} for r in removals}
+    auc = {r: {m: {k: [] for k in CURVE_KEYS} for m in maps} for r in removals}
     secs: dict[str, list[float]] = {m: [] for m in maps}
     spans: dict[str, list[float]] = {r: [] for r in removals}
     grid = None
@@ -145,7 +146,7 @@ def main() -> None:
             if m == "carrot_shapley":
                 s = model.pixel_map(x, c, grid, "shapley", DEFAULT_PERMUTATIONS, args.removal, args.block)[0].ravel()
             elif m.startswith("carrot_shapley_"):
-                removal, block, K = parse_setting(m.removeprefix("carrot_shapley_"))
+                removal, block, K = parse(m.removeprefix("carrot_shapley_"), "--shapley")
                 s = model.pixel_map(x, c, grid, "shapley", K, removal, block)[0].ravel()
             elif m == "carrot_occlusion":
                 s = model.pixel_map(x, c, grid, "occlusion", removal=args.removal)[0].ravel()
@@ -172,11 +173,7 @@ def main() -> None:
                 raise SystemExit(f"--maps: unknown map {m!r}")
             secs[m].append(time.perf_counter() - t0)
             orders[m] = np.argsort(-np.asarray(s), kind="stable")
-        for r, g in games.items():
-            for m in maps:
-                cur = pixel_curves(g, c, orders[m], args.steps)
-                for k in keys:
-                    auc[r][m][k].append(cur.raw_auc(k[4:]) if k.startswith("raw_") else cur.auc(k))
+        score_orders(games, c, orders, args.steps, auc)
         print(f"[{done + 1}/{len(rows_idx)}] {time.perf_counter() - t_all:.0f} s: " + "; ".join(
             f"{r}: " + ", ".join(f"{m} {np.mean(auc[r][m]['raw_deletion']):+.3f}" for m in maps) for r in removals),
             flush=True)
@@ -184,8 +181,7 @@ def main() -> None:
     for m in maps:
         row = {"map": m, "seconds_per_image": float(np.mean(secs[m]))}
         for r in removals:
-            for k in keys:
-                v = summarise(auc[r][m][k]) if k.startswith("raw_") else pooled(auc[r][m][k], spans[r], args.seed)
+            for k, v in curve_summary(auc[r][m], spans[r], args.seed).items():
                 row[f"{r}_{k}"], row[f"{r}_{k}_sem"] = v["mean"], v["sem"]
             if m != "carrot_shapley":
                 d = paired({"carrot_shapley": auc[r]["carrot_shapley"]["raw_deletion"], m: auc[r][m]["raw_deletion"]},
@@ -209,15 +205,6 @@ def main() -> None:
                         torch=torch.__version__, captum=captum.__version__,
                         grad_cam=getattr(pytorch_grad_cam, "__version__", "1.5.7"), per_image=auc, spans=spans,
                         seconds_per_image=secs, seconds_total=time.perf_counter() - t_all))
-
-
-def parse_setting(setting: str) -> tuple[str, int, int]:
-    import re
-
-    m = re.fullmatch(r"(blur|mean|inpaint|drop):b(\d+)k(\d+)", setting)
-    if not m:
-        raise SystemExit(f"--shapley: expected <removal>:b<block>k<orders> such as blur:b1k4, got {setting!r}")
-    return m.group(1), int(m.group(2)), int(m.group(3))
 
 
 if __name__ == "__main__":

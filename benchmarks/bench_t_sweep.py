@@ -67,7 +67,7 @@ def main() -> None:
     from carrot.features.regions import RegionSet
     from carrot.audit.sweep import embeddings_over_t
     from carrot.attribution.pixels import pooled
-    from carrot.audit.protocols import pixel_deletion
+    from carrot.audit.protocols import pixel_columns, pixel_deletion
     from carrot.run.pipeline import Carrot
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -152,16 +152,10 @@ def main() -> None:
                         at.test_records_ = [[records[j].path, records[j].label] for j in ite]
                         res = pixel_deletion(at, a.pixel_images, seed=0, maps=("shapley", "token"))
                         scores, per = res["scores"], res["per_image"]
-                        pix = {"pixel_images": res["n"], "pixel_removal": res["removal"],
-                               "pixel_counted": scores[res["removal"]]["shapley"]["deletion"]["n"],
-                               "seconds_pixel": time.perf_counter() - t1}
-                        for r, by_map in scores.items():  # the run's removal unsuffixed, the others suffixed
+                        pix = {"pixel_images": res["n"], "pixel_counted": scores[res["removal"]]["shapley"]["deletion"]["n"],
+                               "seconds_pixel": time.perf_counter() - t1, **pixel_columns(res, sem=True)}
+                        for r in scores:  # paired on the same images: token map minus Shapley map
                             tail = "" if r == res["removal"] else f"_{r}"
-                            for m, v in by_map.items():
-                                for kind in ("deletion", "insertion", "raw_deletion"):
-                                    pix[f"pixel_{kind}_{m}{tail}"] = v[kind]["mean"]
-                                    pix[f"pixel_{kind}_{m}{tail}_sem"] = v[kind]["sem"]
-                            # paired on the same images: token map minus Shapley map
                             diff = pooled(np.subtract(per["auc"][r]["token"]["deletion"], per["auc"][r]["shapley"]["deletion"]),
                                           per["spans"][r])
                             pix[f"pixel_deletion_token_minus_shapley{tail}"] = diff["mean"]

@@ -7,7 +7,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from carrot.attribution.pixels import (blur, cell_boxes, cell_game, default_sigma, occlusion_map, path_split, pixel_curves, shapley_map,
+from carrot.attribution.pixels import (PixelFill, blur, cell_boxes, default_sigma, occlusion_map, path_split, pixel_curves, shapley_map,
                                       summarise)
 from carrot.cli import cli
 from carrot.errors import CarrotError
@@ -53,7 +53,7 @@ def test_occlusion_equals_a_rerun_with_each_cell_blurred(seed, grid):
     x = torch.randn(3, 12, 16, generator=torch.Generator().manual_seed(seed + 10))
     sigma = default_sigma(grid, (12, 16))
     xb = blur(x[None], sigma)[0]
-    occ = occlusion_map(cell_game(logits, x, grid), 1, batch=5)
+    occ = occlusion_map(PixelFill(logits, x, grid), 1, batch=5)
     full = logits(x[None])[0, 1]
     for j, (y0, y1, x0, x1) in enumerate(cell_boxes(grid, (12, 16))):
         xj = x.clone()
@@ -105,7 +105,7 @@ def exact_shapley(logits, x: torch.Tensor, c: int, grid) -> np.ndarray:
 def test_the_shapley_map_sums_exactly_for_any_number_of_orders(seed, grid, K):
     logits = nonlinear_model(seed)
     x = torch.randn(3, 12, 16, generator=torch.Generator().manual_seed(seed + 20))
-    phi, info = shapley_map(cell_game(logits, x, grid), 0, permutations=K, batch=7, seed=seed)
+    phi, info = shapley_map(PixelFill(logits, x, grid), 0, permutations=K, batch=7, seed=seed)
     xb = blur(x[None], default_sigma(grid, (12, 16)))[0]
     ends = logits(torch.stack([x, xb]))[:, 0]
     assert phi.shape == info["sem"].shape == grid and info["permutations"] == K
@@ -120,9 +120,9 @@ def test_the_shapley_map_converges_to_the_exact_shapley_values(seed, grid):
     logits = nonlinear_model(seed)
     x = torch.randn(3, 12, 16, generator=torch.Generator().manual_seed(seed + 30))
     exact = exact_shapley(logits, x, 0, grid)
-    phi, info = shapley_map(cell_game(logits, x, grid), 0, permutations=400, batch=64, seed=seed)
+    phi, info = shapley_map(PixelFill(logits, x, grid), 0, permutations=400, batch=64, seed=seed)
     assert np.all(np.abs(phi - exact) <= 5 * info["sem"] + 1e-10), (phi, exact, info["sem"])
-    assert not np.allclose(exact, occlusion_map(cell_game(logits, x, grid), 0), atol=1e-3)  # the game has interactions
+    assert not np.allclose(exact, occlusion_map(PixelFill(logits, x, grid), 0), atol=1e-3)  # the game has interactions
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -130,7 +130,7 @@ def test_two_cells_need_one_antithetic_pair(seed):
     """With two cells an order and its reverse are every order: the estimate is the exact Shapley value."""
     logits = nonlinear_model(seed)
     x = torch.randn(3, 12, 16, generator=torch.Generator().manual_seed(seed))
-    phi, _ = shapley_map(cell_game(logits, x, (1, 2)), 1, permutations=2, seed=seed)
+    phi, _ = shapley_map(PixelFill(logits, x, (1, 2)), 1, permutations=2, seed=seed)
     assert np.allclose(phi, exact_shapley(logits, x, 1, (1, 2)), rtol=1e-12, atol=1e-12)
 
 
@@ -145,14 +145,14 @@ def test_one_antithetic_pair_is_exact_for_pairwise_interactions(seed, grid):
         return torch.stack([z ** 2, z], 1).numpy()
 
     x = torch.randn(3, 12, 16, generator=torch.Generator().manual_seed(seed + 50))
-    phi, _ = shapley_map(cell_game(quad, x, grid), 0, permutations=2, seed=seed)
+    phi, _ = shapley_map(PixelFill(quad, x, grid), 0, permutations=2, seed=seed)
     assert np.allclose(phi, exact_shapley(quad, x, 0, grid), rtol=1e-9, atol=1e-12)
 
 
 def test_the_standard_error_matches_the_spread_over_seeds():
     logits = nonlinear_model(3)
     x = torch.randn(3, 12, 16, generator=torch.Generator().manual_seed(3))
-    runs = [shapley_map(cell_game(logits, x, (2, 3)), 0, permutations=8, seed=s) for s in range(150)]
+    runs = [shapley_map(PixelFill(logits, x, (2, 3)), 0, permutations=8, seed=s) for s in range(150)]
     spread = np.std([r[0] for r in runs], axis=0, ddof=1)
     sem = np.mean([r[1]["sem"] for r in runs], axis=0)
     assert spread.min() > 0 and np.all((sem / spread > 0.67) & (sem / spread < 1.5)), sem / spread
@@ -162,18 +162,18 @@ def test_the_standard_error_matches_the_spread_over_seeds():
 def test_the_shapley_map_of_an_additive_model_is_occlusion(seed, grid):
     logits = linear_model(seed)
     x = torch.randn(3, 12, 16, generator=torch.Generator().manual_seed(seed + 40))
-    phi, info = shapley_map(cell_game(logits, x, grid), 2, permutations=4, seed=seed)
-    assert np.allclose(phi, occlusion_map(cell_game(logits, x, grid), 2), rtol=1e-9, atol=1e-9)
+    phi, info = shapley_map(PixelFill(logits, x, grid), 2, permutations=4, seed=seed)
+    assert np.allclose(phi, occlusion_map(PixelFill(logits, x, grid), 2), rtol=1e-9, atol=1e-9)
     assert np.allclose(info["sem"], 0, atol=1e-9)
 
 
 @pytest.mark.parametrize("bad", [0, 1, 3, -2, 2.0, True, "4"])
 def test_the_shapley_map_refuses_an_odd_number_of_orders_or_a_bad_batch(bad):
     with pytest.raises(CarrotError, match="permutations: expected an even integer >= 2"):
-        shapley_map(cell_game(linear_model(0), torch.zeros(3, 12, 16), (2, 2)), 0, permutations=bad)
+        shapley_map(PixelFill(linear_model(0), torch.zeros(3, 12, 16), (2, 2)), 0, permutations=bad)
     if bad != 1 and bad != 3:
         with pytest.raises(CarrotError, match="batch: expected an integer >= 1"):
-            shapley_map(cell_game(linear_model(0), torch.zeros(3, 12, 16), (2, 2)), 0, batch=bad)
+            shapley_map(PixelFill(linear_model(0), torch.zeros(3, 12, 16), (2, 2)), 0, batch=bad)
 
 
 @pytest.mark.parametrize("seed,grid", [(0, (3, 4)), (1, (2, 8)), (2, (1, 1))])
@@ -228,7 +228,7 @@ def test_curves_equal_reruns_and_end_at_the_image_and_the_blur(seed, steps):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(3, *size, generator=g)
     order = np.random.default_rng(seed).permutation(12)
-    cur = pixel_curves(cell_game(logits, x, grid), 2, order, steps=steps, batch=7)
+    cur = pixel_curves(PixelFill(logits, x, grid), 2, order, steps=steps, batch=7)
     xb = blur(x[None], default_sigma(grid, size))[0]
     boxes = cell_boxes(grid, size)
     for f, d, ins in zip(cur.fractions, cur.deletion, cur.insertion):
@@ -257,11 +257,11 @@ def test_for_an_additive_model_the_occlusion_order_deletes_best(seed):
     logits = linear_model(seed)
     x = torch.randn(3, 12, 16, generator=torch.Generator().manual_seed(seed))
     c, grid = 0, (3, 4)
-    occ = occlusion_map(cell_game(logits, x, grid), c).ravel()
-    best = pixel_curves(cell_game(logits, x, grid), c, np.argsort(-occ, kind="stable"), steps=12)
+    occ = occlusion_map(PixelFill(logits, x, grid), c).ravel()
+    best = pixel_curves(PixelFill(logits, x, grid), c, np.argsort(-occ, kind="stable"), steps=12)
     rng = np.random.default_rng(seed)
     for _ in range(10):
-        other = pixel_curves(cell_game(logits, x, grid), c, rng.permutation(12), steps=12)
+        other = pixel_curves(PixelFill(logits, x, grid), c, rng.permutation(12), steps=12)
         assert (best.deletion <= other.deletion + 1e-9).all() and (best.insertion >= other.insertion - 1e-9).all()
         if best.full > best.removed:
             assert best.auc("deletion") <= other.auc("deletion") + 1e-9
@@ -274,9 +274,9 @@ def test_curves_refuse_a_bad_order_and_steps():
     logits = linear_model(0)
     x = torch.zeros(3, 12, 16)
     with pytest.raises(CarrotError, match="order: expected a permutation of the 12 cells"):
-        pixel_curves(cell_game(logits, x, (3, 4)), 0, [0, 1, 2])
+        pixel_curves(PixelFill(logits, x, (3, 4)), 0, [0, 1, 2])
     with pytest.raises(CarrotError, match="steps: expected an integer >= 1"):
-        pixel_curves(cell_game(logits, x, (3, 4)), 0, range(12), steps=0)
+        pixel_curves(PixelFill(logits, x, (3, 4)), 0, range(12), steps=0)
 
 
 def test_pooling_weighs_images_by_their_span_and_leaves_out_the_rest():
@@ -443,9 +443,9 @@ def test_the_pixel_map_follows_the_backbones_grid(name, size, synthetic_root, tm
     x = model.inputs(train.paths[:1])[0]
     with torch.no_grad():
         _, grid = bb(x[None])
-    occ = occlusion_map(cell_game(model.pixel_logits, x, grid), 0)
+    occ = occlusion_map(PixelFill(model.pixel_logits, x, grid), 0)
     assert occ.shape == grid and np.isfinite(occ).all()
-    cur = pixel_curves(cell_game(model.pixel_logits, x, grid), 0, np.argsort(-occ.ravel()), steps=4)
+    cur = pixel_curves(PixelFill(model.pixel_logits, x, grid), 0, np.argsort(-occ.ravel()), steps=4)
     assert cur.deletion[0] == pytest.approx(cur.full) and cur.deletion[-1] == pytest.approx(cur.removed)
 
 
@@ -466,7 +466,7 @@ def test_blocks_of_cells_are_the_players_and_their_values_split_evenly(seed):
     logits = nonlinear_model(seed)
     x = torch.randn(3, 12, 16, generator=torch.Generator().manual_seed(seed + 60))
     grid = (2, 4)
-    phi, info = shapley_map(cell_game(logits, x, grid), 0, permutations=2, seed=seed, block=2)
+    phi, info = shapley_map(PixelFill(logits, x, grid), 0, permutations=2, seed=seed, block=2)
     xb = blur(x[None], default_sigma(grid, (12, 16)))[0]
     left = torch.zeros(1, 12, 16)
     left[..., :8] = 1
@@ -477,8 +477,8 @@ def test_blocks_of_cells_are_the_players_and_their_values_split_evenly(seed):
     assert np.allclose(phi, np.array([[phi_a / 4] * 2 + [phi_b / 4] * 2] * 2), rtol=1e-9, atol=1e-12)
     assert phi.sum() == pytest.approx(f[""] - f["AB"], rel=1e-12, abs=1e-12) and info["block"] == 2
     lin = linear_model(seed)  # additive: a block's value is the sum of its cells' occlusion drops
-    phi, _ = shapley_map(cell_game(lin, x, (3, 4)), 1, permutations=4, seed=seed, block=2)
-    occ = occlusion_map(cell_game(lin, x, (3, 4)), 1).ravel()
+    phi, _ = shapley_map(PixelFill(lin, x, (3, 4)), 1, permutations=4, seed=seed, block=2)
+    occ = occlusion_map(PixelFill(lin, x, (3, 4)), 1).ravel()
     from carrot.attribution.pixels import cell_blocks
 
     owner = cell_blocks((3, 4), 2)
@@ -542,7 +542,7 @@ def test_a_convnet_cannot_drop_tokens(synthetic_root):
 def test_the_mean_fill_game_is_a_rerun_with_the_cells_in_the_mean_colour():
     logits = linear_model(0)
     x = torch.randn(3, 12, 16, generator=torch.Generator().manual_seed(7))
-    game = cell_game(logits, x, (3, 4), "mean")
+    game = PixelFill(logits, x, (3, 4), "mean")
     removed = torch.zeros(2, 12, dtype=torch.bool)
     removed[0, [0, 5]] = True
     removed[1] = True
@@ -553,7 +553,7 @@ def test_the_mean_fill_game_is_a_rerun_with_the_cells_in_the_mean_colour():
     want = logits(torch.stack([xm, x.mean((1, 2))[:, None, None].expand_as(x)]))
     assert np.allclose(game(removed), want, atol=1e-9)
     with pytest.raises(CarrotError, match="removal: expected blur, mean, inpaint for a pixel fill, got 'drop'"):
-        cell_game(logits, x, (3, 4), "drop")
+        PixelFill(logits, x, (3, 4), "drop")
 
 
 def test_the_token_drop_game_of_the_fitted_model(run):
@@ -630,7 +630,7 @@ def test_inpainting_is_the_normalised_convolution_of_the_kept_pixels(seed, sigma
             want = xn[ch] * keep + (num + 1e-3 * xn[ch].mean()) / (den + 1e-3) * mn[b, 0]
             assert np.allclose(out[b, ch].numpy(), want, atol=1e-10)
     assert torch.allclose(out[1], x.mean((1, 2), keepdim=True).expand_as(x), atol=1e-12)
-    game = cell_game(linear_model(seed), x.float(), (3, 4), "inpaint")
+    game = PixelFill(linear_model(seed), x.float(), (3, 4), "inpaint")
     assert np.allclose(game.ends()[1], linear_model(seed)(x.float().mean((1, 2), keepdim=True).expand_as(x)[None])[0],
                        atol=1e-9)
 

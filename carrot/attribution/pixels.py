@@ -38,11 +38,11 @@ import numpy as np
 import torch
 
 from carrot.config import MAX_PLAYERS, REMOVALS
+from carrot.errors import CarrotError
+from carrot.progress import bar
 
 PIXEL_REMOVALS = tuple(r for r in REMOVALS if r != "drop")  # the removals that change pixels (PixelFill)
 SPLIT_REMOVALS = ("blur", "mean")  # the removals whose fill is one image, the end of the pixel split's path
-from carrot.errors import CarrotError
-from carrot.progress import bar
 
 PIXEL_MAPS = ("shapley", "split")  # the pixel maps explain can draw (Carrot.pixel_map); their words: carrot.report.explanation
 
@@ -101,15 +101,6 @@ class CellGame:
                 runs.update(len(removed[s : s + batch]))
         return np.concatenate(out)
 
-    def pixel_mask(self, removed: torch.Tensor) -> torch.Tensor:
-        """(B, 1, H, W) float masks, 1 on the pixels of the removed cells."""
-        if not hasattr(self, "_cell"):
-            cell = torch.empty(tuple(self.x.shape[-2:]), dtype=torch.long, device=self.x.device)
-            for j, (y0, y1, x0, x1) in enumerate(self.boxes):
-                cell[y0:y1, x0:x1] = j
-            self._cell = cell
-        return removed.to(self.x.device)[:, self._cell][:, None].to(self.x.dtype)
-
 
 class PixelFill(CellGame):
     """Removal by replacing the cells' pixels: with those of the blurred image (``blur``), with the image's mean colour
@@ -124,9 +115,12 @@ class PixelFill(CellGame):
         self.sigma = sigma if sigma is not None else default_sigma(self.grid, tuple(x.shape[-2:]))
         self.fill = None if removal == "inpaint" else fill_image(x, self.grid, removal, self.sigma)
         self.logits, self.removal = logits, removal
+        self.cell = torch.empty(tuple(x.shape[-2:]), dtype=torch.long, device=x.device)  # the cell of each pixel
+        for j, (y0, y1, x0, x1) in enumerate(self.boxes):
+            self.cell[y0:y1, x0:x1] = j
 
     def __call__(self, removed: torch.Tensor) -> np.ndarray:
-        m = self.pixel_mask(torch.as_tensor(removed, dtype=torch.bool))
+        m = torch.as_tensor(removed, dtype=torch.bool).to(self.x.device)[:, self.cell][:, None].to(self.x.dtype)
         mixed = inpaint(self.x, m, self.sigma) if self.fill is None else self.x[None] * (1 - m) + self.fill[None] * m
         return np.asarray(self.logits(mixed), dtype=np.float64)
 
@@ -137,7 +131,7 @@ class TokenDrop(CellGame):
     of the kept cells; it answers the head's prior for a row that keeps nothing."""
 
     removal = "drop"
-    batch = 8  # rows of one pass are padded to the most kept: small batches of similar sizes waste least
+    batch = 8  # kept_tokens runs each kept count as its own batch; the Shapley map's 8 rows are 4 counts x 2 orders
 
     def __init__(self, kept_logits: KeptLogits, x: torch.Tensor, grid: tuple[int, int]) -> None:
         super().__init__(x, grid)
@@ -146,13 +140,6 @@ class TokenDrop(CellGame):
     def __call__(self, removed: torch.Tensor) -> np.ndarray:
         keep = ~torch.as_tensor(removed, dtype=torch.bool)
         return np.asarray(self.kept_logits(self.x[None].expand(len(keep), *self.x.shape), keep), dtype=np.float64)
-
-
-def cell_game(logits: Logits, x: torch.Tensor, grid: tuple[int, int], removal: str = "blur",
-              sigma: float | None = None) -> PixelFill:
-    """The pixel-fill game of a model ``logits`` on one input x (3, H, W) (``drop`` needs the model's tokens:
-    :meth:`carrot.run.pipeline.Carrot.cell_game`)."""
-    return PixelFill(logits, x, grid, removal, sigma)
 
 
 def cell_boxes(grid: tuple[int, int], size: tuple[int, int]) -> list[tuple[int, int, int, int]]:
@@ -414,8 +401,8 @@ class PixelCurves:
 
 def pixel_curves(game: CellGame, c: int, order: Sequence[int], steps: int = 16, batch: int | None = None) -> PixelCurves:
     """Deletion and insertion of one image in ``order`` (cell indices, most important first) over ``steps`` steps:
-    cells removed (deletion) or kept (insertion, the rest removed) in that order, 2 (steps + 1) runs of the whole
-    model."""
+    cells removed (deletion) or kept (insertion, the rest removed) in that order, 2 (steps - 1) runs of the whole
+    model beside the game's two ends (:meth:`CellGame.ends`, run once per game)."""
     order = np.asarray(order)
     if sorted(order.tolist()) != list(range(game.n)):
         raise CarrotError(f"order: expected a permutation of the {game.n} cells")
@@ -425,9 +412,10 @@ def pixel_curves(game: CellGame, c: int, order: Sequence[int], steps: int = 16, 
     removed = torch.zeros(len(counts), game.n, dtype=torch.bool)
     for r, k in enumerate(counts):
         removed[r, torch.as_tensor(order[:k], dtype=torch.long)] = True
-    out = game.values(torch.cat([removed, ~removed]), batch)[:, c]
-    k = len(counts)
-    return PixelCurves(counts / game.n, out[:k], out[k:], float(out[0]), float(out[k]))
+    full, gone = (float(e[c]) for e in game.ends())  # the first and last row of each curve
+    out = game.values(torch.cat([removed[1:-1], ~removed[1:-1]]), batch)[:, c] if len(counts) > 2 else np.empty(0)
+    k = len(counts) - 2
+    return PixelCurves(counts / game.n, np.r_[full, out[:k], gone], np.r_[gone, out[k:], full], full, gone)
 
 
 def pooled(values: Sequence[float], spans: Sequence[float], seed: int = 0, resamples: int = 2000) -> dict[str, float]:

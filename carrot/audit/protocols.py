@@ -136,6 +136,32 @@ def paired(values: dict[str, list[float]], reference: str) -> dict[str, dict[str
     return out
 
 
+CURVE_KEYS = ("deletion", "insertion", "raw_deletion", "raw_insertion")  # each curve's numbers (PixelCurves)
+
+
+def score_orders(games: dict[str, Any], c: int, orders: dict[str, np.ndarray], steps: int,
+                 auc: dict[str, dict[str, dict[str, list[float]]]]) -> None:
+    """Score cell orders under removals: for each game (removal -> :class:`~carrot.attribution.pixels.CellGame` of one
+    image) and each order (map -> cells, most important first), the deletion / insertion curve of class c over
+    ``steps`` steps, its scaled and raw AUC appended to ``auc[removal][map][key]`` (keys :data:`CURVE_KEYS`)."""
+    from carrot.attribution.pixels import pixel_curves
+
+    for r, game in games.items():
+        for m, order in orders.items():
+            curves = pixel_curves(game, c, order, steps)
+            for k in CURVE_KEYS:
+                auc[r][m][k].append(curves.raw_auc(k[4:]) if k.startswith("raw_") else curves.auc(k))
+
+
+def curve_summary(auc: dict[str, list[float]], spans: Sequence[float], seed: int = 0) -> dict[str, dict[str, float]]:
+    """One map's numbers under one removal over the images (``auc``: key -> per image, as :func:`score_orders` fills
+    it): the raw AUC's mean and s.e. over every image (:func:`~carrot.attribution.pixels.summarise`), the scaled AUC
+    pooled by span (:func:`~carrot.attribution.pixels.pooled`)."""
+    from carrot.attribution.pixels import pooled, summarise
+
+    return {k: summarise(auc[k]) if k.startswith("raw_") else pooled(auc[k], spans, seed) for k in CURVE_KEYS}
+
+
 def pixel_deletion(model: "Carrot", n_test: int = 20, steps: int = 16, seed: int = 0,
                    maps: Sequence[str] = REGION_MAPS, removal: str = DEFAULT_REMOVAL,
                    removals: Sequence[str] | None = None) -> dict[str, Any]:
@@ -148,7 +174,7 @@ def pixel_deletion(model: "Carrot", n_test: int = 20, steps: int = 16, seed: int
     seconds each map costs per image."""
     import time
 
-    from carrot.attribution.pixels import deletable, pixel_curves, pooled, summarise
+    from carrot.attribution.pixels import deletable
 
     if not maps or set(maps) - set(REGION_MAPS):
         raise CarrotError(f"maps: expected some of {', '.join(REGION_MAPS)}, got {list(maps)}")
@@ -156,15 +182,12 @@ def pixel_deletion(model: "Carrot", n_test: int = 20, steps: int = 16, seed: int
     removals = allowed if removals is None else tuple(removals)
     if not removals or set(removals) - set(allowed):
         raise CarrotError(f"removals: expected some of {', '.join(allowed)} for this backbone, got {list(removals)}")
-    removal = model.pixel_removal(removal)
-    if removal not in allowed:
-        raise CarrotError(f"removal: expected auto or one of {', '.join(allowed)} for this backbone, got {removal!r}")
+    removal = model.pixel_removal(removal)  # checked for this backbone
     if not model.test_records_:
         raise CarrotError("pixel-deletion: the run has no test images")
     rng = np.random.default_rng(seed)
     rows = np.sort(rng.choice(len(model.test_records_), min(n_test, len(model.test_records_)), replace=False))
-    keys = ("deletion", "insertion", "raw_deletion", "raw_insertion")
-    auc = {r: {m: {k: [] for k in keys} for m in maps} for r in removals}
+    auc = {r: {m: {k: [] for k in CURVE_KEYS} for m in maps} for r in removals}
     seconds: dict[str, list[float]] = {m: [] for m in maps}
     spans: dict[str, list[float]] = {r: [] for r in removals}
     grid = None
@@ -177,7 +200,7 @@ def pixel_deletion(model: "Carrot", n_test: int = 20, steps: int = 16, seed: int
         if not any(deletable(*ends[r]) for r in removals):  # nothing to delete under any removal: no map is drawn
             for r in removals:
                 for m in maps:
-                    for k in keys:
+                    for k in CURVE_KEYS:
                         auc[r][m][k].append(float("nan"))
             continue
         orders = {}
@@ -186,18 +209,28 @@ def pixel_deletion(model: "Carrot", n_test: int = 20, steps: int = 16, seed: int
             scores = region_scores(model, m, x, H, w, c, grid, rng, removal)
             seconds[m].append(time.perf_counter() - t0)
             orders[m] = np.argsort(-scores, kind="stable")
-        for r, game in games.items():
-            for m in maps:
-                curves = pixel_curves(game, c, orders[m], steps)
-                for k in keys:
-                    auc[r][m][k].append(curves.raw_auc(k[4:]) if k.startswith("raw_") else curves.auc(k))
-    out = {r: {m: {k: (summarise(v[k]) if k.startswith("raw_") else pooled(v[k], spans[r], seed)) for k in keys}
-               for m, v in auc[r].items()} for r in removals}
+        score_orders(games, c, orders, steps, auc)
+    out = {r: {m: curve_summary(v, spans[r], seed) for m, v in auc[r].items()} for r in removals}
     return {"n": int(len(rows)), "steps": steps, "grid": list(grid) if grid else None, "removal": removal,
             "removals": list(removals), "maps": {m: {"seconds_per_image": float(np.mean(seconds[m])) if seconds[m]
                                                      else float("nan")} for m in maps},
             "scores": out, "paired": {r: paired({m: auc[r][m]["raw_deletion"] for m in maps}, maps[0]) for r in removals},
             "per_image": {"rows": rows.tolist(), "spans": spans, "auc": auc}}
+
+
+def pixel_columns(res: dict[str, Any], sem: bool = False) -> dict[str, Any]:
+    """A :func:`pixel_deletion` result as flat columns (a t-sweep row): ``pixel_removal``, then
+    ``pixel_<kind>_<map>`` for the maps' own removal and ``pixel_<kind>_<map>_<removal>`` for the others, kind
+    deletion, insertion or raw_deletion (with ``sem``: each one's ``_sem`` beside it)."""
+    out: dict[str, Any] = {"pixel_removal": res["removal"]}
+    for r, by_map in res["scores"].items():
+        tail = "" if r == res["removal"] else f"_{r}"
+        for m, v in by_map.items():
+            for kind in ("deletion", "insertion", "raw_deletion"):
+                out[f"pixel_{kind}_{m}{tail}"] = v[kind]["mean"]
+                if sem:
+                    out[f"pixel_{kind}_{m}{tail}_sem"] = v[kind]["sem"]
+    return out
 
 
 def pointing(model: "Carrot", store: Any, test: Any, n_pixel: int = 0, seed: int = 0) -> dict[str, Any]:

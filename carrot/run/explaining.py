@@ -10,9 +10,9 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 import numpy as np
 import torch
 
-from carrot.attribution.pixels import PIXEL_MAPS, REMOVALS, SPLIT_REMOVALS
+from carrot.attribution.pixels import PIXEL_MAPS
 from carrot.attribution.representer import centred_parts, region_contributions, top_k
-from carrot.config import DEFAULT_BLOCK, DEFAULT_PERMUTATIONS, DEFAULT_REMOVAL
+from carrot.config import DEFAULT_BLOCK, DEFAULT_PERMUTATIONS, DEFAULT_REMOVAL, REMOVALS
 from carrot.errors import CarrotError
 from carrot.features.backbone import patch_centres
 from carrot.report.explanation import Explanation, PairSplit, PixelMap, TokenMap, TrainingImage, meanings
@@ -48,11 +48,8 @@ class ExplainOptions:
         if self.pixel_map == "shapley" and (isinstance(self.permutations, bool) or not isinstance(self.permutations, int)
                                             or self.permutations < 2 or self.permutations % 2):
             raise CarrotError(f"permutations: expected an even integer >= 2 (antithetic pairs), got {self.permutations!r}")
-        if self.removal != "auto" and self.removal not in REMOVALS:
+        if self.removal != "auto" and self.removal not in REMOVALS:  # what it means for a backbone: Carrot.pixel_removal
             raise CarrotError(f"removal: expected auto or one of {', '.join(REMOVALS)}, got {self.removal!r}")
-        if self.pixel_map == "split" and self.removal not in ("auto", *SPLIT_REMOVALS):
-            raise CarrotError(f"removal: the pixel split integrates along a straight path from one fill image; expected "
-                              f"{' or '.join(SPLIT_REMOVALS)} with pixel_map split, got {self.removal!r}")
         if self.block != "auto" and (isinstance(self.block, bool) or not isinstance(self.block, int) or self.block < 1):
             raise CarrotError(f"block: expected auto or an integer >= 1 (cells per block side), got {self.block!r}")
         return self
@@ -80,10 +77,8 @@ def iter_explanations(model: "Carrot", paths: Sequence[str], options: ExplainOpt
     """The explanations of image files by a fitted run, one at a time as each is ready (the backbone runs once on
     all of them; see :meth:`carrot.run.pipeline.Carrot.explain`)."""
     options = options.check(len(model.train_records_))
-    if (options.pixel_map or options.occlusion) and model.pixel_removal(options.removal) == "drop" \
-            and not model.backbone.drops_tokens:
-        raise CarrotError(f"removal: 'drop' needs a ViT (tokens that can be left out); backbone "
-                          f"'{model.backbone.timm_name}' is not one, expected auto, blur, mean or inpaint")
+    for method in [m for m in (options.pixel_map, "occlusion" if options.occlusion else None) if m]:
+        model.pixel_removal(options.removal, method)  # the removal checked for this backbone before any image runs
     G, H, w, grid, pictures, glob = model.embed_images(paths)
     logits = model.head_.decision_function(G)
     system = model.training_system()

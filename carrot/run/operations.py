@@ -250,7 +250,7 @@ def bench(run_dir: str | Path, ts: Sequence[float], out: str | Path | None = Non
     """Diffusion-time sweep on a fitted run's token caches; writes t_sweep.json and .csv. With ``pixel_images``
     > 0, each t's model is also measured by the pixel protocol on that many test images (its pixel and token
     maps' deletion / insertion AUC): does diffusion make the maps more or less faithful to the pixels?"""
-    from carrot.audit.protocols import pixel_deletion
+    from carrot.audit.protocols import pixel_columns, pixel_deletion
     from carrot.audit.sweep import t_sweep
 
     model = Carrot.load(run_dir)
@@ -260,9 +260,7 @@ def bench(run_dir: str | Path, ts: Sequence[float], out: str | Path | None = Non
         at_t = Carrot(model.config.merged({"diffusion.t": t}), backbone=model.backbone)
         at_t.head_, at_t.test_records_, at_t.token_map_ = head, model.test_records_, model.token_map_
         res = pixel_deletion(at_t, pixel_images, seed=model.config.seed, maps=("shapley", "token"))
-        return {"pixel_removal": res["removal"], **{f"pixel_{kind}_{m}" + ("" if r == res["removal"] else f"_{r}"): v[kind]["mean"]
-                for r, scores in res["scores"].items() for m, v in scores.items()
-                for kind in ("deletion", "insertion", "raw_deletion")}}
+        return pixel_columns(res)
 
     rows = t_sweep(train, test, ts, model.embedder, model.head_, model.sample_weight_,
                    on_fit=pixels_at if pixel_images > 0 else None)

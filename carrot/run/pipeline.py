@@ -13,7 +13,7 @@ import torch
 from carrot import __version__
 from carrot.features.backbone import TokenBackbone, create_backbone, patch_centres
 from carrot.features.cache import TokenStore
-from carrot.config import DEFAULT_BLOCK, DEFAULT_PERMUTATIONS, DEFAULT_REMOVAL, RunConfig
+from carrot.config import DEFAULT_BLOCK, DEFAULT_PERMUTATIONS, DEFAULT_REMOVAL, REMOVALS, RunConfig
 from carrot.data import ImageDataset, ImageRecord, load_image
 from carrot.embed.embedder import Embedder
 from carrot.embed.tokenmap import TokenMap, sample_tokens
@@ -194,24 +194,30 @@ class Carrot:
         """One model input x (3, H, W) as a game over its cells under ``removal`` ("auto": :meth:`pixel_removal`, or
         one of :data:`~carrot.config.REMOVALS`: blur, mean, inpaint, or drop for a ViT): what every pixel map and the
         pixel protocol re-run."""
-        from carrot.attribution.pixels import REMOVALS, PixelFill, TokenDrop
+        from carrot.attribution.pixels import PixelFill, TokenDrop
 
         removal = self.pixel_removal(removal)
-        if removal not in REMOVALS:
-            raise CarrotError(f"removal: expected auto or one of {', '.join(REMOVALS)}, got {removal!r}")
         if removal == "drop":
-            if not self.backbone.drops_tokens:
-                raise CarrotError(f"removal: 'drop' needs a ViT (tokens that can be left out); backbone "
-                                  f"'{self.backbone.timm_name}' is not one, expected blur, mean or inpaint")
             return TokenDrop(self.kept_logits, x, grid)
         return PixelFill(self.pixel_logits, x, grid, removal)
 
     def pixel_removal(self, removal: str = DEFAULT_REMOVAL, method: str = "shapley") -> str:
-        """The removal a pixel map of ``method`` uses for ``removal``: "auto" is "drop" for a backbone that can leave
-        tokens out (a ViT) and "blur" otherwise, and "blur" for the split (its path needs one image at its end)."""
-        if removal != "auto":
-            return removal
-        return "drop" if method != "split" and self.backbone.drops_tokens else "blur"
+        """The removal a pixel map of ``method`` uses for ``removal``, checked: "auto" is "drop" for a backbone that
+        can leave tokens out (a ViT) and "blur" otherwise, and "blur" for the split (its path needs one image at its
+        end); "drop" needs a ViT, and the split blur or mean."""
+        from carrot.attribution.pixels import SPLIT_REMOVALS
+
+        if removal == "auto":
+            return "drop" if method != "split" and self.backbone.drops_tokens else "blur"
+        if removal not in REMOVALS:
+            raise CarrotError(f"removal: expected auto or one of {', '.join(REMOVALS)}, got {removal!r}")
+        if removal == "drop" and not self.backbone.drops_tokens:
+            raise CarrotError(f"removal: 'drop' needs a ViT (tokens that can be left out); backbone "
+                              f"'{self.backbone.timm_name}' is not one, expected auto, blur, mean or inpaint")
+        if method == "split" and removal not in SPLIT_REMOVALS:
+            raise CarrotError(f"removal: the pixel split integrates along a straight path from one fill image; "
+                              f"expected {' or '.join(SPLIT_REMOVALS)}, got {removal!r}")
+        return removal
 
     def pixel_map(self, x: torch.Tensor, c: int, grid: tuple[int, int], method: str = "shapley",
                   permutations: int = DEFAULT_PERMUTATIONS, removal: str = DEFAULT_REMOVAL,
@@ -222,15 +228,12 @@ class Carrot:
         (:func:`~carrot.attribution.pixels.path_split`, blur or mean) or "occlusion"
         (:func:`~carrot.attribution.pixels.occlusion_map`); (gh, gw) float64 values and their info (with the removal
         and block used)."""
-        from carrot.attribution.pixels import SPLIT_REMOVALS, auto_block, occlusion_map, path_split, shapley_map
+        from carrot.attribution.pixels import auto_block, occlusion_map, path_split, shapley_map
 
-        removal = self.pixel_removal(removal, method)
         if method not in ("shapley", "split", "occlusion"):
             raise CarrotError(f"pixel map: expected shapley, split or occlusion, got {method!r}")
+        removal = self.pixel_removal(removal, method)
         if method == "split":
-            if removal not in SPLIT_REMOVALS:
-                raise CarrotError(f"removal: the pixel split integrates along a straight path from one fill image; "
-                                  f"expected {' or '.join(SPLIT_REMOVALS)}, got {removal!r}")
             return path_split(self.torch_logits, x, c, grid, removal)
         game = self.cell_game(x, grid, removal)
         if method == "shapley":
@@ -367,7 +370,7 @@ class Carrot:
     def explain_iter(self, paths: Sequence[str], k: int = 5, pairs: int = 3, node_removal: bool = False,
                      masks: dict[str, np.ndarray] | None = None, certificate_limit: int = 50,
                      pixel_map: str | None = "shapley", permutations: int = DEFAULT_PERMUTATIONS, occlusion: bool = False,
-                removal: str = DEFAULT_REMOVAL, block: int | str = DEFAULT_BLOCK) -> Iterator[Explanation]:
+                     removal: str = DEFAULT_REMOVAL, block: int | str = DEFAULT_BLOCK) -> Iterator[Explanation]:
         """:meth:`explain`, one explanation at a time as each is ready (for pages written as they come)."""
         from carrot.run.explaining import ExplainOptions, iter_explanations
 
