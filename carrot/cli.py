@@ -487,6 +487,30 @@ def demo(run_dir: str, explain_n: int, overwrite: bool, quiet: bool, **opts: Any
     cfg = build_config(**opts)
     summary = orchestration.demo(cfg, run_dir, explain_n=explain_n, progress=not quiet, overwrite=overwrite)
     click.echo(json.dumps(summary, indent=2))
+    if not quiet:  # after the JSON (stdout stays one JSON document), where a person reads on
+        click.echo(f"carrot: explore it, with exact what-ifs: carrot-run studio {run_dir}", err=True)
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on; anything but loopback is reachable from other machines (warned).")
+@click.option("--port", type=click.IntRange(min=0, max=65535), default=0, show_default=True, help="Port (0: a free one).")
+@click.option("--token", envvar="CARROT_STUDIO_TOKEN", help="The access token (default: a new random one; env "
+              "CARROT_STUDIO_TOKEN).")
+@click.option("--work", "work_dir", type=click.Path(file_okay=False),
+              help="Folder for the pages the studio writes (default: a temporary folder, removed on exit).")
+@click.option("--quiet", is_flag=True, help="No stage notes.")
+@user_errors
+def studio(run_dir: str, host: str, port: int, token: str | None, work_dir: str | None, quiet: bool) -> None:
+    """A local web app over a fitted run: summary, confusion, test and training images, explanations, label review,
+    and exact what-ifs (remove, relabel, reweight training images: the new test predictions and label review
+    without a refit); apply writes a new run beside this one. Prints its URL with the access token."""
+    from carrot.studio.app import serve
+
+    if token is not None and len(token) < 16:
+        _fail(f"--token: expected at least 16 characters, got {len(token)}")
+    serve(run_dir, host, port, token, work_dir)
 
 
 def main() -> None:

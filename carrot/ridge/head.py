@@ -235,6 +235,20 @@ class RidgeHead(ClassifierMixin, BaseEstimator):
         """The head in words, as the index page names it."""
         return "ridge head"
 
+    similarity_words = "the centred embedding's inner product <g_x - mu, g_i - mu>"
+
+    def search_space(self, G: ArrayLike) -> tuple[np.ndarray, str]:
+        """Vectors (m, D) float32 and a FAISS metric ('ip' or 'l2') under which nearest means most similar by
+        :meth:`affinity` (exactly: the centred embedding, inner product)."""
+        check_is_fitted(self)
+        return (as_float64_matrix(G, "G") - self.feature_mean_).numpy().astype(np.float32), "ip"
+
+    def affinity(self, G: ArrayLike, G_rows: ArrayLike) -> torch.Tensor:
+        """The head's own similarity (m, k) of embeddings G (m, D) to training embeddings G_rows (k, D):
+        <g - mu, g_i - mu>."""
+        check_is_fitted(self)
+        return (as_float64_matrix(G, "G") - self.feature_mean_) @ (as_float64_matrix(G_rows, "G_rows") - self.feature_mean_).T
+
     def pinned(self) -> dict:
         """The run-configuration keys that pin this fitted head's choices (a derived run refits this model)."""
         return {"head.lam": self.lam_}

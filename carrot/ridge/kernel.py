@@ -387,6 +387,21 @@ class KernelRidgeHead(ClassifierMixin, BaseEstimator):
         return self.classes_[self.decision_function(G).argmax(1)]
 
     # what a run records and says ---------------------------------------------------------------------
+    @property
+    def similarity_words(self) -> str:
+        return f"the kernel k(x, z_i) ({self.kernel}, gamma = {self.gamma_:.4g}) of the preprocessed embeddings"
+
+    def search_space(self, G: ArrayLike) -> tuple[np.ndarray, str]:
+        """Vectors (m, D) float32 and a FAISS metric under which nearest means most similar by :meth:`affinity`: the
+        preprocessed embeddings under L2 (exact order for 'rbf', which decreases in the distance; candidates for the
+        others, which :class:`~carrot.attribution.retrieval.SimilarIndex` re-scores exactly)."""
+        return self.preprocess(G).numpy().astype(np.float32), "l2"
+
+    def affinity(self, G: ArrayLike, G_rows: ArrayLike) -> torch.Tensor:
+        """The head's own similarity (m, k): the exact kernel k(x, z_i) between embeddings G (m, D) and training
+        embeddings G_rows (k, D), both preprocessed (a Nystroem head's too: its k~ approximates this)."""
+        return self.gram(self.preprocess(G), self.preprocess(G_rows))
+
     def describe(self) -> str:
         """The head in words, as the index page names it."""
         ny = f", Nystroem with {len(self.landmarks_)} landmarks" if self.approx_ == "nystroem" else ""

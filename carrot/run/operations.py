@@ -2,6 +2,7 @@
 read a run and write an audit or a derived run (predict, compare, reweight, debug, tracin, bench)."""
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -225,7 +226,8 @@ def reweight(run_dir: str | Path, val_fraction: float = 0.2, out: str | Path | N
 
 def _apply_weights(model: Carrot, run_dir: str | Path, out: str | Path, weights: np.ndarray, y: np.ndarray,
                    G_test: np.ndarray, y_test: np.ndarray, how: dict[str, Any]) -> None:
-    """A new run in ``out``: the parent's data, config and lambda, its head refitted with example ``weights``."""
+    """A new run in ``out``: the parent's data, config and lambda, its head refitted with example ``weights`` on the
+    labels ``y`` (class indices; the parent's, or edited)."""
     from carrot.audit.evaluate import per_class_accuracy
 
     # the parent's fitted choices pinned in the config, never a new 'auto' choice
@@ -235,7 +237,9 @@ def _apply_weights(model: Carrot, run_dir: str | Path, out: str | Path, weights:
     # every setting held (a kernel parent's feature map too), as RRO and debug's loops hold it: the run is the model
     # they scored
     held = model.head_.refit(model.train_embeddings_, y, weights)
-    derived.fit(model.train_embeddings_, y, model.train_records_, model.classes_, sample_weight=weights, head=held)
+    # the records carry the labels the head was fitted with (a relabelling edit changes them)
+    records = [r if r.label == int(lab) else dataclasses.replace(r, label=int(lab)) for r, lab in zip(model.train_records_, y)]
+    derived.fit(model.train_embeddings_, y, records, model.classes_, sample_weight=weights, head=held)
     pred = derived.head_.predict(G_test)
     metrics = {**model.metrics_, "lam": derived.head_.lam_, "lam_path": None, "head_choice": None,
                "train_accuracy": derived.score(model.train_embeddings_, y), "test_accuracy": float((pred == y_test).mean()),

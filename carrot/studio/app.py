@@ -1,0 +1,205 @@
+"""The studio's web layer: a Starlette app over one :class:`~carrot.studio.state.Studio`, served by uvicorn.
+
+Safe by default, as Jupyter is: it binds 127.0.0.1; every request needs the session's random token (in the URL once,
+which sets a SameSite=Strict, HttpOnly cookie, or in the ``X-Carrot-Token`` header); requests whose Host is not the
+address it serves are refused (DNS rebinding); a POST also needs the ``X-Carrot-Studio`` header, which a page on another
+site cannot send without a CORS preflight the app never grants. It serves its own static files, images by id (decoded
+and re-encoded, never a raw path), and files inside its work folder or the run by relative path, resolved: a path that
+leaves them, through '..' or a symlink, is refused.
+"""
+from __future__ import annotations
+
+import hmac
+import io
+import secrets
+import socket
+import sys
+from contextlib import asynccontextmanager
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, AsyncIterator, Awaitable, Callable
+
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.base import BaseHTTPMiddleware
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, RedirectResponse, Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from carrot.errors import CarrotError
+from carrot.studio.state import Studio, Unknown, parse_actions
+
+STATIC = Path(__file__).resolve().parent / "static"
+SERVED = {".html": "text/html", ".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".svg": "image/svg+xml",
+          ".json": "application/json", ".csv": "text/csv", ".css": "text/css"}
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+THUMB = 320  # longest side of an image the app sends, px
+
+
+def _cookie(port: int) -> str:
+    return f"carrot_studio_{port}"
+
+
+class Guard(BaseHTTPMiddleware):
+    """Token, Host and (for POST) custom-header checks on every request."""
+
+    def __init__(self, app: Any, token: str, hosts: set[str], port: int) -> None:
+        super().__init__(app)
+        self.token, self.hosts, self.port = token, hosts, port
+
+    async def dispatch(self, request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        host = request.headers.get("host", "")
+        name = host.rsplit(":", 1)[0] if not host.startswith("[") else host[1 : host.find("]")]
+        if name not in self.hosts:
+            return JSONResponse({"error": f"host: this studio answers only {sorted(self.hosts)}, got {host!r}"}, 403)
+        given = request.query_params.get("token") or request.headers.get("x-carrot-token") \
+            or request.cookies.get(_cookie(self.port)) or ""
+        if not hmac.compare_digest(given.encode(), self.token.encode()):
+            return JSONResponse({"error": "token: missing or wrong; open the URL carrot-run studio printed"}, 403)
+        if request.method == "POST" and request.headers.get("x-carrot-studio") != "1":
+            return JSONResponse({"error": "header: a studio request carries X-Carrot-Studio: 1"}, 403)
+        if request.method == "GET" and request.url.path == "/" and "token" in request.query_params:
+            resp: Response = RedirectResponse("/", 303)  # the token leaves the address bar and history
+        else:
+            resp = await call_next(request)
+        resp.set_cookie(_cookie(self.port), self.token, httponly=True, samesite="strict")
+        resp.headers["Cache-Control"] = "no-store"
+        resp.headers["X-Content-Type-Options"] = "nosniff"
+        resp.headers["Referrer-Policy"] = "no-referrer"
+        return resp
+
+
+def create_app(studio: Studio, token: str, host: str = "127.0.0.1", port: int = 0) -> Starlette:
+    """The ASGI app of ``studio``; ``token`` guards it; ``host``/``port``: where it is served (for the Host check)."""
+
+    def fail(exc: Exception, status: int = 400) -> JSONResponse:
+        return JSONResponse({"error": str(exc)}, status)
+
+    def api(work: Callable[[Request], Any]) -> Callable[[Request], Any]:
+        async def endpoint(request: Request) -> Response:
+            from starlette.concurrency import run_in_threadpool
+
+            try:
+                body = await request.json() if request.method == "POST" else None
+            except ValueError:
+                return fail(CarrotError("body: expected JSON"))
+            try:
+                out = await run_in_threadpool(work, request if body is None else (request, body))
+            except Unknown as exc:
+                return fail(exc, 404)
+            except CarrotError as exc:
+                return fail(exc)
+            return out if isinstance(out, Response) else JSONResponse(out)
+
+        return endpoint
+
+    def int_param(request: Request, name: str) -> int:
+        raw = request.path_params.get(name, request.query_params.get(name))
+        try:
+            return int(raw)
+        except (TypeError, ValueError):
+            raise CarrotError(f"{name}: expected an integer, got {raw!r}") from None
+
+    def split_param(request: Request) -> str:
+        split = request.path_params["split"]
+        if split not in ("train", "test"):
+            raise Unknown(f"split: expected 'train' or 'test', got {split!r}")
+        return split
+
+    @lru_cache(maxsize=512)
+    def thumbnail(split: str, i: int) -> bytes:
+        from carrot.data import load_image
+
+        im = load_image(studio.image_path(split, i))
+        im.thumbnail((THUMB, THUMB))
+        buf = io.BytesIO()
+        im.save(buf, "PNG")
+        return buf.getvalue()
+
+    def image(request: Request) -> Response:
+        return Response(thumbnail(split_param(request), int_param(request, "i")), media_type="image/png")
+
+    def served_file(root: Path, rel: str) -> Response:
+        target = (root / rel).resolve()
+        if root not in target.parents or not target.is_file() or target.suffix.lower() not in SERVED:
+            return JSONResponse({"error": f"path: {rel!r} is not a file of this studio"}, 404)
+        return FileResponse(target, media_type=SERVED[target.suffix.lower()])
+
+    def index(request: Request) -> Response:
+        return FileResponse(STATIC / "studio.html", media_type="text/html")
+
+    def work_file(request: Request) -> Response:
+        return served_file(studio.work_dir, request.path_params["path"])
+
+    def run_file(request: Request) -> Response:
+        return served_file(studio.run_dir, request.path_params["path"])
+
+    def export(args: Any) -> Response:
+        request, body = args
+        text, media = studio.export(parse_actions(body), str(body.get("format", "csv")))
+        return Response(text, media_type=media)
+
+    routes = [
+        Route("/", index),
+        Route("/api/summary", api(lambda r: studio.summary())),
+        Route("/api/test", api(lambda r: studio.test_list())),
+        Route("/api/test/{i}", api(lambda r: studio.test_detail(int_param(r, "i")))),
+        Route("/api/train/{i}", api(lambda r: studio.train_detail(int_param(r, "i")))),
+        Route("/api/review", api(lambda r: studio.review_list())),
+        Route("/api/similar/{split}/{i}", api(lambda r: studio.similar(split_param(r), int_param(r, "i")))),
+        Route("/api/whatif", api(lambda a: studio.answer(parse_actions(a[1]), bool(a[1].get("verify")))),
+              methods=["POST"]),
+        Route("/api/apply", api(lambda a: studio.apply(parse_actions(a[1]), a[1].get("name"))), methods=["POST"]),
+        Route("/api/export", api(export), methods=["POST"]),
+        Route("/api/explain/{i}", api(lambda a: studio.explain_job(int_param(a[0], "i")).view()), methods=["POST"]),
+        Route("/api/certificates", api(lambda a: studio.certificates_job().view()), methods=["POST"]),
+        Route("/api/jobs/{id}", api(lambda r: studio.jobs.get(r.path_params["id"]).view())),
+        Route("/img/{split}/{i}", api(image)),
+        Route("/work/{path:path}", work_file),
+        Route("/run/{path:path}", run_file),
+        Mount("/static", StaticFiles(directory=STATIC)),
+    ]
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        yield
+        studio.close()
+
+    return Starlette(routes=routes, middleware=[Middleware(Guard, token=token, hosts={host, *LOOPBACK}, port=port)],
+                     lifespan=lifespan)
+
+
+def free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 0, token: str | None = None,
+          work_dir: str | Path | None = None, ready: Callable[[str], None] | None = None) -> None:
+    """Open ``run_dir`` and serve the studio until interrupted; ``ready(url)`` is called once it listens (default:
+    print the URL, token included, on stdout)."""
+    import uvicorn
+
+    from carrot.progress import note
+
+    if host not in LOOPBACK:
+        print(f"carrot: warning: the studio listens on {host}, reachable from other machines; anyone with the "
+              "token can edit what-ifs and write new runs beside this one", file=sys.stderr)
+    note(f"studio: opening '{run_dir}' (exact what-if over its test set)")
+    studio = Studio(run_dir, work_dir)
+    token = token or secrets.token_urlsafe(24)
+    port = port or free_port(host)
+    shown = f"[{host}]" if ":" in host else host
+    url = f"http://{shown}:{port}/?token={token}"
+    app = create_app(studio, token, host, port)
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on")
+    server = uvicorn.Server(config)
+    original = server.startup
+
+    async def startup(sockets: Any = None) -> None:
+        await original(sockets)
+        (ready or (lambda u: print(f"carrot studio: {u}", flush=True)))(url)
+
+    server.startup = startup  # type: ignore[method-assign]
+    server.run()
