@@ -332,6 +332,8 @@ class Studio:
             raise CarrotError(f"edits: class {self.classes[missing[0]]!r} would have no training image left after "
                               "relabelling; a run keeps every class (remove its images instead: weight 0)")
         out = self.run_dir.parent / name
+        if out.exists() or out.is_symlink():
+            raise CarrotError(f"name: '{out}' already exists; choose a new name (the studio never writes over anything)")
         check_outside_data(self.model.config, out, "name")
         clear_run(out, overwrite=False, flag="name", config=self.model.config)
         how = {"by": "studio", "edits": self.describe_edits(edits)}
