@@ -187,3 +187,22 @@ def test_security(studio, run, tmp_path):
             assert c.get(path).status_code == 404, path
     finally:
         link.unlink()
+
+
+def test_a_run_that_does_not_validate_is_refused(run, tmp_path):
+    import shutil
+
+    from click.testing import CliRunner
+
+    from carrot.cli import cli
+
+    bad = tmp_path / "bad"
+    shutil.copytree(run, bad)
+    head = next(p for p in bad.iterdir() if p.suffix == ".safetensors")
+    head.write_bytes(head.read_bytes()[:-8] + b"\0" * 8)
+    r = CliRunner().invoke(cli, ["studio", str(bad), "--quiet"])
+    assert r.exit_code != 0 and "carrot-run: error:" in r.output and len(r.output.strip().splitlines()) == 1, r.output
+    r = CliRunner().invoke(cli, ["studio", str(run), "--token", "short"])
+    assert r.exit_code != 0 and "--token" in r.output
+    r = CliRunner().invoke(cli, ["studio", "--help"])
+    assert r.exit_code == 0 and "what-if" in r.output

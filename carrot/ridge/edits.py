@@ -113,13 +113,15 @@ class EditResult:
 
 class WhatIf:
     """A system and m inputs G (m, D) prepared for many exact edits (:class:`Edits`): the inputs' and training rows'
-    logits once, and each training image's hat column H_:j (n,) and the inputs' equivalent kernel column l_j(G) (m,)
-    computed the first time an edit touches it, then kept (a basket grows one image at a time). Thread-safe."""
+    logits once (the inputs through :meth:`TrainingSystem.counterfactuals`, so a back-end whose columns are costly
+    computes them all once), and each training image's hat column H_:j (n,) and the inputs' equivalent kernel column
+    l_j(G) (m,) the first time an edit touches it, then kept (a basket grows one image at a time). Thread-safe."""
 
     def __init__(self, system: TrainingSystem, G: ArrayLike) -> None:
         self.system = system
         self.G = as_float64_matrix(G, "G")
-        self.logits = system.decision(self.G)
+        self._inputs = system.counterfactuals(self.G)  # the back-end's way to the inputs' kernel columns
+        self.logits = self._inputs.logits
         self.train_logits = system.train_decision()
         self._hat: dict[int, torch.Tensor] = {}
         self._kernel: dict[int, torch.Tensor] = {}
@@ -131,7 +133,7 @@ class WhatIf:
             new = [int(j) for j in dict.fromkeys(rows.tolist()) if int(j) not in self._hat]
             if new:
                 idx = torch.as_tensor(new, dtype=torch.long)
-                H, L = self.system.hat_columns(idx), self.system.equivalent_kernel(self.G, idx)
+                H, L = self.system.hat_columns(idx), self._inputs.columns(idx)
                 for k, j in enumerate(new):
                     self._hat[j], self._kernel[j] = H[:, k].clone(), L[:, k].clone()
             n, m = self.system.n, self.G.shape[0]

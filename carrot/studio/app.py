@@ -70,30 +70,35 @@ class Guard(BaseHTTPMiddleware):
         return resp
 
 
-def create_app(studio: Studio, token: str, host: str = "127.0.0.1", port: int = 0) -> Starlette:
-    """The ASGI app of ``studio``; ``token`` guards it; ``host``/``port``: where it is served (for the Host check)."""
+class Endpoints:
+    """The app's endpoints over one studio (JSON answers under /api, images by id, files by checked path)."""
 
-    def fail(exc: Exception, status: int = 400) -> JSONResponse:
-        return JSONResponse({"error": str(exc)}, status)
+    def __init__(self, studio: Studio) -> None:
+        self.studio = studio
+        self.thumbnail = lru_cache(maxsize=512)(self._thumbnail)
 
-    def api(work: Callable[[Request], Any]) -> Callable[[Request], Any]:
+    @staticmethod
+    def api(work: Callable[[Any], Any]) -> Callable[[Request], Awaitable[Response]]:
+        """An endpoint running ``work(request)`` (GET) or ``work((request, body))`` (POST, JSON body) in a worker
+        thread; a CarrotError is a 400 with its one line, an unknown id a 404."""
         async def endpoint(request: Request) -> Response:
             from starlette.concurrency import run_in_threadpool
 
             try:
                 body = await request.json() if request.method == "POST" else None
             except ValueError:
-                return fail(CarrotError("body: expected JSON"))
+                return JSONResponse({"error": "body: expected JSON"}, 400)
             try:
                 out = await run_in_threadpool(work, request if body is None else (request, body))
             except Unknown as exc:
-                return fail(exc, 404)
+                return JSONResponse({"error": str(exc)}, 404)
             except CarrotError as exc:
-                return fail(exc)
+                return JSONResponse({"error": str(exc)}, 400)
             return out if isinstance(out, Response) else JSONResponse(out)
 
         return endpoint
 
+    @staticmethod
     def int_param(request: Request, name: str) -> int:
         raw = request.path_params.get(name, request.query_params.get(name))
         try:
@@ -101,72 +106,70 @@ def create_app(studio: Studio, token: str, host: str = "127.0.0.1", port: int = 
         except (TypeError, ValueError):
             raise CarrotError(f"{name}: expected an integer, got {raw!r}") from None
 
+    @staticmethod
     def split_param(request: Request) -> str:
         split = request.path_params["split"]
         if split not in ("train", "test"):
             raise Unknown(f"split: expected 'train' or 'test', got {split!r}")
         return split
 
-    @lru_cache(maxsize=512)
-    def thumbnail(split: str, i: int) -> bytes:
+    def _thumbnail(self, split: str, i: int) -> bytes:
         from carrot.data import load_image
 
-        im = load_image(studio.image_path(split, i))
+        im = load_image(self.studio.image_path(split, i))
         im.thumbnail((THUMB, THUMB))
         buf = io.BytesIO()
         im.save(buf, "PNG")
         return buf.getvalue()
 
-    def image(request: Request) -> Response:
-        return Response(thumbnail(split_param(request), int_param(request, "i")), media_type="image/png")
+    def image(self, request: Request) -> Response:
+        return Response(self.thumbnail(self.split_param(request), self.int_param(request, "i")), media_type="image/png")
 
+    @staticmethod
     def served_file(root: Path, rel: str) -> Response:
         target = (root / rel).resolve()
         if root not in target.parents or not target.is_file() or target.suffix.lower() not in SERVED:
             return JSONResponse({"error": f"path: {rel!r} is not a file of this studio"}, 404)
         return FileResponse(target, media_type=SERVED[target.suffix.lower()])
 
-    def index(request: Request) -> Response:
-        return FileResponse(STATIC / "studio.html", media_type="text/html")
-
-    def work_file(request: Request) -> Response:
-        return served_file(studio.work_dir, request.path_params["path"])
-
-    def run_file(request: Request) -> Response:
-        return served_file(studio.run_dir, request.path_params["path"])
-
-    def export(args: Any) -> Response:
-        request, body = args
-        text, media = studio.export(parse_actions(body), str(body.get("format", "csv")))
+    def export(self, args: Any) -> Response:
+        _, body = args
+        text, media = self.studio.export(parse_actions(body), str(body.get("format", "csv")))
         return Response(text, media_type=media)
 
-    routes = [
-        Route("/", index),
-        Route("/api/summary", api(lambda r: studio.summary())),
-        Route("/api/test", api(lambda r: studio.test_list())),
-        Route("/api/test/{i}", api(lambda r: studio.test_detail(int_param(r, "i")))),
-        Route("/api/train/{i}", api(lambda r: studio.train_detail(int_param(r, "i")))),
-        Route("/api/review", api(lambda r: studio.review_list())),
-        Route("/api/similar/{split}/{i}", api(lambda r: studio.similar(split_param(r), int_param(r, "i")))),
-        Route("/api/whatif", api(lambda a: studio.answer(parse_actions(a[1]), bool(a[1].get("verify")))),
-              methods=["POST"]),
-        Route("/api/apply", api(lambda a: studio.apply(parse_actions(a[1]), a[1].get("name"))), methods=["POST"]),
-        Route("/api/export", api(export), methods=["POST"]),
-        Route("/api/explain/{i}", api(lambda a: studio.explain_job(int_param(a[0], "i")).view()), methods=["POST"]),
-        Route("/api/certificates", api(lambda a: studio.certificates_job().view()), methods=["POST"]),
-        Route("/api/jobs/{id}", api(lambda r: studio.jobs.get(r.path_params["id"]).view())),
-        Route("/img/{split}/{i}", api(image)),
-        Route("/work/{path:path}", work_file),
-        Route("/run/{path:path}", run_file),
-        Mount("/static", StaticFiles(directory=STATIC)),
-    ]
+    def routes(self) -> list:
+        s, api, num = self.studio, self.api, self.int_param
+        return [
+            Route("/", lambda r: FileResponse(STATIC / "studio.html", media_type="text/html")),
+            Route("/api/summary", api(lambda r: s.summary())),
+            Route("/api/test", api(lambda r: s.test_list())),
+            Route("/api/test/{i}", api(lambda r: s.test_detail(num(r, "i")))),
+            Route("/api/train/{i}", api(lambda r: s.train_detail(num(r, "i")))),
+            Route("/api/review", api(lambda r: s.review_list())),
+            Route("/api/similar/{split}/{i}", api(lambda r: s.similar(self.split_param(r), num(r, "i")))),
+            Route("/api/whatif", api(lambda a: s.answer(parse_actions(a[1]), bool(a[1].get("verify")))), methods=["POST"]),
+            Route("/api/apply", api(lambda a: s.apply(parse_actions(a[1]), a[1].get("name"))), methods=["POST"]),
+            Route("/api/export", api(self.export), methods=["POST"]),
+            Route("/api/explain/{i}", api(lambda a: s.explain_job(num(a[0], "i")).view()), methods=["POST"]),
+            Route("/api/certificates", api(lambda a: s.certificates_job().view()), methods=["POST"]),
+            Route("/api/jobs/{id}", api(lambda r: s.jobs.get(r.path_params["id"]).view())),
+            Route("/img/{split}/{i}", api(self.image)),
+            Route("/work/{path:path}", lambda r: self.served_file(s.work_dir, r.path_params["path"])),
+            Route("/run/{path:path}", lambda r: self.served_file(s.run_dir, r.path_params["path"])),
+            Mount("/static", StaticFiles(directory=STATIC)),
+        ]
+
+
+def create_app(studio: Studio, token: str, host: str = "127.0.0.1", port: int = 0) -> Starlette:
+    """The ASGI app of ``studio``; ``token`` guards it; ``host``/``port``: where it is served (for the Host check)."""
+
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         yield
         studio.close()
 
-    return Starlette(routes=routes, middleware=[Middleware(Guard, token=token, hosts={host, *LOOPBACK}, port=port)],
-                     lifespan=lifespan)
+    return Starlette(routes=Endpoints(studio).routes(),
+                     middleware=[Middleware(Guard, token=token, hosts={host, *LOOPBACK}, port=port)], lifespan=lifespan)
 
 
 def free_port(host: str) -> int:

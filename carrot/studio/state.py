@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from carrot.errors import CarrotError
-from carrot.progress import watched
+from carrot.progress import note, watched
 from carrot.ridge.edits import Edits, WhatIf
 from carrot.ridge.heads import kind_of, require
 
@@ -120,10 +120,12 @@ class Studio:
         self.y_test = index_labels(model.head_.classes_, y_test, "y_test")
         self.classes = list(model.classes_)
         self.system = model.training_system()
+        note(f"studio: preparing the exact what-if over {len(y_test)} test images and {len(y)} training images")
         self.what_if = WhatIf(self.system, G_test)
         self.pred = self.what_if.logits.argmax(1).numpy()
         self.margins = _margins(self.what_if.logits)
         self.runner = torch.topk(self.what_if.logits, min(2, len(self.classes)), dim=1).indices[:, -1].numpy()
+        note("studio: the run's summary (exact LOO influence, label review)")
         self.summary_ = run_summary(model, G, y, G_test, y_test, n_review=REVIEW_N)
         self.review, self.temperature = self.system.loo_cross_entropy()
         self.loo = self.system.loo_logits()

@@ -127,7 +127,7 @@ async function summaryPage() {
       h("div", {}, h("h3", {}, "Per class"), h("table", {}, h("tr", {}, h("th", {}, "class"), h("th", { class: "num" }, "test images"), h("th", { class: "num" }, "accuracy")),
         Object.entries(s.per_class).map(([c, v]) => h("tr", {}, h("td", {}, c), h("td", { class: "num" }, v.n_test), h("td", { class: "num" }, pct(v.accuracy)))))),
       h("div", {}, h("h3", {}, "Confusion matrix (click a cell)"), cm)),
-    h("h2", {}, "Label review ", h("button", { id: "review-top", onclick: async () => addToBasket(await api("/api/review")) }, "+ top 20 to basket")),
+    h("h2", {}, "Label review ", h("button", { id: "review-top", onclick: async () => addToBasket((await api("/api/review")).slice(0, 20)) }, "+ top 20 to basket")),
     h("p", { class: "muted" }, "training labels the rest of the data disagrees with most (exact LOO cross-entropy)"),
     trainTable(s.label_review, [["score", (r) => fmt(r.score)], ["LOO predicts", (r) => r.loo_predicted]]),
     h("div", { class: "row" },
@@ -257,8 +257,7 @@ function basketPage() {
     const blob = new Blob([typeof text === "string" ? text : JSON.stringify(text, null, 2)], { type: format === "csv" ? "text/csv" : "application/json" });
     const a = h("a", { href: URL.createObjectURL(blob), download: `${s.run}-edits.${format}` }); a.click();
   };
-  show(h("h2", {}, `Basket: ${rows.length} training images`),
-    h("table", { id: "basket" }, h("tr", {}, h("th", {}, ""), h("th", {}, "image"), h("th", {}, "label"), h("th", {}, "edit"), h("th", {}, "")),
+  const table = h("table", { id: "basket" }, h("tr", {}, h("th", {}, ""), h("th", {}, "image"), h("th", {}, "label"), h("th", {}, "edit"), h("th", {}, "")),
       rows.map((e) => h("tr", { "data-train": e.index },
         h("td", {}, h("img", { src: `/img/train/${e.index}`, width: 40, height: 40 })),
         h("td", {}, h("a", { href: `#/train/${e.index}` }, `#${e.index} ${e.name}`)), h("td", {}, e.label),
@@ -268,7 +267,8 @@ function basketPage() {
             s.classes.map((c, k) => h("option", { value: k, selected: k === Number(e.to) }, c))) : null,
           e.action === "weight" ? h("input", { "data-weight": e.index, type: "number", min: 0, step: 0.1, value: e.weight, style: "width:70px",
             onchange: (ev) => { e.weight = Number(ev.target.value); saveBasket(); recompute(); } }) : null),
-        h("td", {}, h("button", { class: "small", onclick: () => { delete state.basket[e.index]; saveBasket(); basketPage(); } }, "take out"))))),
+        h("td", {}, h("button", { class: "small", onclick: () => { delete state.basket[e.index]; saveBasket(); basketPage(); } }, "take out")))));
+  show(h("h2", {}, `Basket: ${rows.length} training images`),
     h("div", { class: "filters" },
       h("button", { id: "verify", onclick: () => recompute(true) }, "verify against a refit"),
       h("button", { onclick: () => { state.basket = {}; saveBasket(); basketPage(); } }, "empty the basket"),
@@ -281,7 +281,7 @@ function basketPage() {
             document.getElementById("applied").replaceChildren(h("p", { class: "good" }, `written: ${r.run} (test accuracy ${pct(r.test_accuracy)}); open it with `, h("code", {}, r.command)));
           } catch (e) { toast(e.message, true); }
         } }, "apply"))),
-    h("div", { id: "applied" }), result);
+    h("div", { id: "applied" }), h("div", { class: "row" }, h("div", {}, table), result));
   recompute();
 }
 
