@@ -491,11 +491,15 @@ def studio_section(d: dict) -> list[str]:
                             f"{_fmt(r['similar_s'])} s" for r in sim) + "."]
     rec = d.get("recall")
     if rec:
-        lines += ["", f"Similar-images index at n = {rec['n']:,} (D = {rec['d']}, {rec['queries']} queries, top 10): exact "
-                  f"flat search builds in {_fmt(rec['flat_build_s'])} s and answers in {_fmt(rec['flat_query_ms'])} ms a "
-                  f"query; inverted lists ('ivf', the default above 50,000 images) build in {_fmt(rec['ivf_build_s'])} s, "
-                  f"answer in {_fmt(rec['ivf_query_ms'])} ms with recall@10 {_fmt(rec['ivf_recall_at_10'])} against the "
-                  "exact search (candidates re-scored exactly in float64)."]
+        lines += ["", f"Similar-images index at n = {rec['n']:,} (D = {rec['d']}, {rec['queries']} queries, top 10; "
+                  "candidates re-scored exactly in float64):", "",
+                  "| head (similarity) | flat build s | flat ms / query | ivf build s | ivf ms / query | ivf recall@10 vs flat |",
+                  "|---|---|---|---|---|---|"]
+        for h, words in (("ridge", "ridge (centred inner product)"), ("kernel", "kernel (RBF kernel)")):
+            if f"{h}_flat_build_s" in rec:
+                lines.append(f"| {words} | {_fmt(rec[f'{h}_flat_build_s'])} | {_fmt(rec[f'{h}_flat_query_ms'])} | "
+                             f"{_fmt(rec[f'{h}_ivf_build_s'])} | {_fmt(rec[f'{h}_ivf_query_ms'])} | "
+                             f"{_fmt(rec[f'{h}_ivf_recall_at_10'])} |")
     return lines + [""]
 
 

@@ -91,3 +91,31 @@ def test_edits_refused_by_name():
             Edits.of(system, acts)
     with pytest.raises(CarrotError, match="none with weight"):
         WhatIf(system, G)(Edits.of(system, [{"index": i, "action": "remove"} for i in range(12)]))
+
+
+def test_weight_zero_rows_whole_classes_and_refusals():
+    """Rows of weight 0 in the fit, a whole class removed, removed rows' leverage 0; relabelling a class away and
+    duplicate rows refused by name."""
+    G, y, G_test, g = problem(6, 24, 5, 3)
+    a0 = np.ones(24)
+    a0[[2, 9]] = 0  # out of the model from the start
+    head = RidgeHead(lam=0.5).fit(G, y, a0)
+    system = head.system(G, y, a0)
+    what_if = WhatIf(system, G_test)
+    whole = [i for i in range(24) if y[i] == 1 and a0[i] > 0]
+    acts = [{"index": i, "action": "remove"} for i in whole] + [{"index": 2, "action": "relabel", "to": 0},
+                                                               {"index": 3, "action": "weight", "weight": 3.0}]
+    edits = Edits.of(system, acts)
+    res = what_if(edits)
+    a, y_new = edits.applied(system)
+    F, loo = refit(head, G, head.classes_[y_new], a, G_test)
+    assert (res.logits - F).abs().max() <= 1e-10 * (1 + float(F.abs().max()))
+    live = torch.as_tensor(a > 0)
+    assert (res.loo_logits()[live] - loo[live]).abs().max() <= 1e-9
+    assert float(res.leverage[~live].abs().max()) == 0.0
+    with pytest.raises(CarrotError, match="weight 0"):
+        Edits.of(system, [{"index": 9, "action": "weight", "weight": 1.0}])
+    with pytest.raises(CarrotError, match="no training image left"):
+        Edits.of(system, [{"index": i, "action": "relabel", "to": 0} for i in range(24) if y[i] == 1])
+    with pytest.raises(CarrotError, match="twice"):
+        Edits(np.array([1, 1]), np.zeros(2), np.zeros(2, dtype=np.int64))

@@ -141,12 +141,23 @@ def test_studio_in_a_browser(served, browser):
     assert child.sample_weight_[3] == 0 and child.train_records_[5].label == target
     assert child.metrics_["test_accuracy"] == shown
 
-    # a tab closed mid-request: the job still finishes and the server keeps answering
+    # tabs closed mid-request (a refit check, an explanation job): the job still finishes, the server keeps answering
     page3 = open_page(browser, url, [])
-    page3.goto(f"{url}/#/test/2")
-    page3.wait_for_selector("#explain")
-    page3.click("#explain")
+    page3.goto(f"{url}/#/train/8")
+    page3.wait_for_selector("#put-remove")
+    page3.click("#put-remove")
+    page3.goto(f"{url}/#/basket")
+    page3.wait_for_selector("#verify")
+    with page3.expect_request(lambda r: r.url.endswith("/api/whatif") and "verify" in (r.post_data or "") and
+                              '"verify":true' in r.post_data):
+        page3.click("#verify")
     page3.context.close()
+    page4 = open_page(browser, url, [])
+    page4.goto(f"{url}/#/test/2")
+    page4.wait_for_selector("#explain")
+    with page4.expect_request(lambda r: "/api/explain/2" in r.url):
+        page4.click("#explain")
+    page4.context.close()
     page.goto(f"{url}/#/review")
     page.wait_for_selector("table")
     shot(page, "review")

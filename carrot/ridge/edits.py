@@ -40,6 +40,15 @@ class Edits:
     rows: np.ndarray
     weights: np.ndarray
     labels: np.ndarray
+    actions: tuple[str, ...] = ()  # what the user asked for, per row (remove, relabel, weight), for the record
+
+    def __post_init__(self) -> None:
+        k = len(self.rows)
+        if self.weights.shape != (k,) or self.labels.shape != (k,) or (self.actions and len(self.actions) != k):
+            raise CarrotError(f"edits: expected one weight, label (and action) per row ({k}), got {self.weights.shape}, "
+                              f"{self.labels.shape}")
+        if len(np.unique(self.rows)) != k:
+            raise CarrotError("edits: a training image is edited twice")
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -71,22 +80,37 @@ class Edits:
                 if isinstance(c, bool) or not isinstance(c, int) or not 0 <= c < system.n_classes:
                     raise CarrotError(f"edits[{k}].to: expected a class column in 0..{system.n_classes - 1}, got {c!r}")
             else:
-                w = act.get("weight")
-                if isinstance(w, bool) or not isinstance(w, (int, float)) or not np.isfinite(w) or w < 0:
-                    raise CarrotError(f"edits[{k}].weight: expected a finite number >= 0, got {w!r}")
+                w = _weight(act.get("weight"), k)
                 if a[i] == 0 and w > 0:
                     raise CarrotError(f"edits[{k}].weight: training image {i} has weight 0 in this fit; giving it a "
                                       "weight needs a refit")
             rows.append(i)
             weights.append(float(w))
             labels.append(int(c))
-        return cls(np.asarray(rows, dtype=np.int64), np.asarray(weights, dtype=np.float64), np.asarray(labels, dtype=np.int64))
+        edits = cls(np.asarray(rows, dtype=np.int64), np.asarray(weights, dtype=np.float64),
+                    np.asarray(labels, dtype=np.int64), tuple(act["action"] for act in actions))
+        left = np.bincount(edits.applied(system)[1], minlength=system.n_classes)
+        if (left == 0).any() and (np.bincount(y, minlength=system.n_classes) > 0).all():
+            raise CarrotError(f"edits: class column {int(np.flatnonzero(left == 0)[0])} would have no training image left "
+                              "after relabelling; a model keeps every class (remove its images instead: weight 0)")
+        return edits
 
     def applied(self, system: TrainingSystem) -> tuple[np.ndarray, np.ndarray]:
         """The edited training weights (n,) and labels (n,) (class columns) of ``system``: what a refit is given."""
         a, y = system.a.numpy().copy(), system.Y.argmax(1).numpy().copy()
         a[self.rows], y[self.rows] = self.weights, self.labels
         return a, y
+
+
+def _weight(w: Any, k: int) -> float:
+    """A new weight from a request, checked: a finite number >= 0."""
+    try:
+        ok = not isinstance(w, bool) and isinstance(w, (int, float)) and np.isfinite(float(w)) and float(w) >= 0
+    except OverflowError:
+        ok = False
+    if not ok:
+        raise CarrotError(f"edits[{k}].weight: expected a finite number >= 0, got {str(w)[:40]!r}")
+    return float(w)
 
 
 @dataclass
@@ -170,10 +194,12 @@ class WhatIf:
         E1 = Yn[U] - F[U]
         rows_U = (HU / aV[moved]).T * a  # H[U, :] = H[:, U]^T a_j / a_U
         try:
+            if float(torch.linalg.cond(K)) > 1e13:
+                raise torch.linalg.LinAlgError
             S, Q = torch.linalg.solve(K, torch.cat([E1, rows_U], 1)).split([s.n_classes, s.n], 1)
         except torch.linalg.LinAlgError:
             raise CarrotError(f"edits: the fit under this edit of {len(U)} training images is undetermined "
-                              "(I + H_UU diag(rho) is singular)") from None
+                              "(I + H_UU diag(rho) is singular to working precision)") from None
         HUr = HU * rho
         logits, F = logits + (LU * rho) @ S, F + HUr @ S
         h_new = torch.where(a > 0, (h - (HUr * Q.T).sum(1)) * a_new / a.where(a > 0, torch.ones_like(a)),

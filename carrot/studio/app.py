@@ -4,8 +4,8 @@ Safe by default, as Jupyter is: it binds 127.0.0.1; every request needs the sess
 which sets a SameSite=Strict, HttpOnly cookie, or in the ``X-Carrot-Token`` header); requests whose Host is not the
 address it serves are refused (DNS rebinding); a POST also needs the ``X-Carrot-Studio`` header, which a page on another
 site cannot send without a CORS preflight the app never grants. It serves its own static files, images by id (decoded
-and re-encoded, never a raw path), and files inside its work folder or the run by relative path, resolved: a path that
-leaves them, through '..' or a symlink, is refused.
+and re-encoded, never a raw path), and the pages it wrote into its work folder by relative path, resolved (a path that
+leaves it, through '..' or a symlink, is refused), no script in them but their own.
 """
 from __future__ import annotations
 
@@ -34,7 +34,23 @@ STATIC = Path(__file__).resolve().parent / "static"
 SERVED = {".html": "text/html", ".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".svg": "image/svg+xml",
           ".json": "application/json", ".csv": "text/csv", ".css": "text/css"}
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+WILDCARD = ("0.0.0.0", "::", "")
 THUMB = 320  # longest side of an image the app sends, px
+
+
+def _page_policy() -> str:
+    """The Content-Security-Policy of a served page: no script but the report pages' own image check (by its
+    SHA-256), no plugins, no base URL, no form posts."""
+    import base64
+    import hashlib
+
+    from carrot.report.pages import CHECK_JS
+
+    digest = base64.b64encode(hashlib.sha256(CHECK_JS.encode()).digest()).decode()
+    return f"script-src 'sha256-{digest}'; object-src 'none'; base-uri 'none'; form-action 'none'"
+
+
+PAGE_POLICY = _page_policy()
 
 
 def _cookie(port: int) -> str:
@@ -51,7 +67,7 @@ class Guard(BaseHTTPMiddleware):
     async def dispatch(self, request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
         host = request.headers.get("host", "")
         name = host.rsplit(":", 1)[0] if not host.startswith("[") else host[1 : host.find("]")]
-        if name not in self.hosts:
+        if self.hosts and name not in self.hosts:
             return JSONResponse({"error": f"host: this studio answers only {sorted(self.hosts)}, got {host!r}"}, 403)
         given = request.query_params.get("token") or request.headers.get("x-carrot-token") \
             or request.cookies.get(_cookie(self.port)) or ""
@@ -89,7 +105,7 @@ class Endpoints:
             except ValueError:
                 return JSONResponse({"error": "body: expected JSON"}, 400)
             try:
-                out = await run_in_threadpool(work, request if body is None else (request, body))
+                out = await run_in_threadpool(work, (request, body) if request.method == "POST" else request)
             except Unknown as exc:
                 return JSONResponse({"error": str(exc)}, 404)
             except CarrotError as exc:
@@ -127,10 +143,18 @@ class Endpoints:
 
     @staticmethod
     def served_file(root: Path, rel: str) -> Response:
-        target = (root / rel).resolve()
-        if root not in target.parents or not target.is_file() or target.suffix.lower() not in SERVED:
-            return JSONResponse({"error": f"path: {rel!r} is not a file of this studio"}, 404)
-        return FileResponse(target, media_type=SERVED[target.suffix.lower()])
+        """A file under ``root`` by relative path, resolved first ('..' and symlinks out are refused); a page is served
+        under :data:`PAGE_POLICY`: only the report pages' own check script runs, nothing injected into one could."""
+        try:
+            target = (root / rel).resolve()
+            ok = root in target.parents and target.is_file() and target.suffix.lower() in SERVED
+        except (OSError, ValueError):  # a NUL byte, a name too long
+            ok = False
+        if not ok:
+            return JSONResponse({"error": f"path: {rel[:200]!r} is not a file of this studio"}, 404)
+        media = SERVED[target.suffix.lower()]
+        headers = {"Content-Security-Policy": PAGE_POLICY} if media in ("text/html", "image/svg+xml") else None
+        return FileResponse(target, media_type=media, headers=headers)
 
     def export(self, args: Any) -> Response:
         _, body = args
@@ -151,11 +175,11 @@ class Endpoints:
             Route("/api/apply", api(lambda a: s.apply(parse_actions(a[1]), a[1].get("name"))), methods=["POST"]),
             Route("/api/export", api(self.export), methods=["POST"]),
             Route("/api/explain/{i}", api(lambda a: s.explain_job(num(a[0], "i")).view()), methods=["POST"]),
+            Route("/api/certificate/{i}", api(lambda a: s.certificate_job(num(a[0], "i")).view()), methods=["POST"]),
             Route("/api/certificates", api(lambda a: s.certificates_job().view()), methods=["POST"]),
             Route("/api/jobs/{id}", api(lambda r: s.jobs.get(r.path_params["id"]).view())),
             Route("/img/{split}/{i}", api(self.image)),
             Route("/work/{path:path}", lambda r: self.served_file(s.work_dir, r.path_params["path"])),
-            Route("/run/{path:path}", lambda r: self.served_file(s.run_dir, r.path_params["path"])),
             Mount("/static", StaticFiles(directory=STATIC)),
         ]
 
@@ -168,13 +192,26 @@ def create_app(studio: Studio, token: str, host: str = "127.0.0.1", port: int = 
         yield
         studio.close()
 
+    hosts = set() if host in WILDCARD else {host, *LOOPBACK}  # bound everywhere on purpose: any name, the token guards
     return Starlette(routes=Endpoints(studio).routes(),
-                     middleware=[Middleware(Guard, token=token, hosts={host, *LOOPBACK}, port=port)], lifespan=lifespan)
+                     middleware=[Middleware(Guard, token=token, hosts=hosts, port=port)], lifespan=lifespan)
+
+
+def listening_socket(host: str, port: int = 0) -> socket.socket:
+    """A socket bound to (host, port) (port 0: a free one), handed to uvicorn as it is: no other process can take the
+    port between choosing and serving it."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise CarrotError(f"--host/--port: cannot listen on {host}:{port} ({exc.strerror})") from None
+    return sock
 
 
 def free_port(host: str) -> int:
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
-        s.bind((host, 0))
+    with listening_socket(host) as s:
         return int(s.getsockname()[1])
 
 
@@ -192,7 +229,8 @@ def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 0, token: st
     note(f"studio: opening '{run_dir}' (exact what-if over its test set)")
     studio = Studio(run_dir, work_dir)
     token = token or secrets.token_urlsafe(24)
-    port = port or free_port(host)
+    sock = listening_socket(host, port)
+    port = int(sock.getsockname()[1])
     shown = f"[{host}]" if ":" in host else host
     url = f"http://{shown}:{port}/?token={token}"
     app = create_app(studio, token, host, port)
@@ -205,4 +243,4 @@ def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 0, token: st
         (ready or (lambda u: print(f"carrot studio: {u}", flush=True)))(url)
 
     server.startup = startup  # type: ignore[method-assign]
-    server.run()
+    server.run(sockets=[sock])

@@ -28,9 +28,11 @@ from carrot.errors import CarrotError
 from carrot.progress import note, watched
 from carrot.ridge.edits import Edits, WhatIf
 from carrot.ridge.heads import kind_of, require
+from carrot.text import for_csv
 
 REVIEW_N = 20  # label-review rows a what-if answer lists
 TOP_K = 8  # training images for and against, and test images supported / inhibited, per page
+CERTIFICATE_LIMIT = 50  # the most training images a certificate removes before answering "none found"
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
 
@@ -66,9 +68,13 @@ class Jobs:
         self._jobs: dict[str, Job] = {}
         self._by_key: dict[str, str] = {}
         self._lock = threading.Lock()
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="carrot-studio")
+        # what a person waits for (one image's explanation or certificate) never queues behind a batch (every
+        # certificate): one worker each
+        self._pools = {kind: ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"carrot-studio-{kind}")
+                       for kind in ("interactive", "batch")}
+        self.stopping = threading.Event()
 
-    def start(self, key: str, work: Callable[[], Any]) -> Job:
+    def start(self, key: str, work: Callable[[], Any], pool: str = "interactive") -> Job:
         """The job for ``key``: the running or finished one if there is one (a failed one is started again)."""
         with self._lock:
             old = self._jobs.get(self._by_key.get(key, ""))
@@ -87,7 +93,7 @@ class Jobs:
                 job.error = str(exc) if isinstance(exc, CarrotError) else f"{type(exc).__name__}: {exc}"
                 job.status = "failed"
 
-        self._pool.submit(run)
+        self._pools[pool].submit(run)
         return job
 
     def get(self, job_id: str) -> Job:
@@ -97,7 +103,10 @@ class Jobs:
         return job
 
     def shutdown(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        """Queued jobs are dropped, a batch stops at its next image, a running explanation finishes; then return."""
+        self.stopping.set()
+        for pool in self._pools.values():
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 class Studio:
@@ -129,13 +138,25 @@ class Studio:
         self.summary_ = run_summary(model, G, y, G_test, y_test, n_review=REVIEW_N)
         self.review, self.temperature = self.system.loo_cross_entropy()
         self.loo = self.system.loo_logits()
-        self.certificate_sizes: dict[int, int | None] = {}
+        self._certificates: dict[int, dict[str, Any]] = {}
+        self._certificates_lock = threading.Lock()
         self.jobs = Jobs()
         self._own_work = work_dir is None
-        self.work_dir = Path(tempfile.mkdtemp(prefix="carrot-studio-") if work_dir is None else work_dir).resolve()
-        self.work_dir.mkdir(parents=True, exist_ok=True)
+        self.work_dir = self._work_folder(work_dir)
         self._index = None
         self._index_lock = threading.Lock()
+
+    def _work_folder(self, work_dir: str | Path | None) -> Path:
+        """A new folder of the studio's own (a temporary one, or one inside ``work_dir``), never inside the run or
+        the data."""
+        if work_dir is None:
+            return Path(tempfile.mkdtemp(prefix="carrot-studio-")).resolve()
+        parent = Path(work_dir).resolve()
+        for name, folder in (("the run", self.run_dir), ("the data folder", self.model.config.data.root)):
+            if folder and (parent == Path(folder).resolve() or Path(folder).resolve() in parent.parents):
+                raise CarrotError(f"--work: '{work_dir}' is inside {name}; the studio never writes there")
+        parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix="carrot-studio-", dir=parent)).resolve()
 
     def close(self) -> None:
         self.jobs.shutdown()
@@ -169,6 +190,10 @@ class Studio:
         keep = ("classes", "confusion", "confused_pairs", "test_accuracy", "per_class", "harmful", "helpful",
                 "label_review", "label_review_temperature", "n_train", "n_test", "head", "backbone", "t")
         out = {k: s[k] for k in keep}
+        for key in ("harmful", "helpful", "label_review"):  # the studio's own rows: name, label column, weight
+            out[key] = [self._train_row(r["index"], score=r["score"],
+                                        **({"loo_predicted": r["loo_predicted"]} if "loo_predicted" in r else {}))
+                        for r in s[key]]
         out["run"] = self.run_dir.name
         out["derived_from"] = self.model.derived_from_
         out["exact_for"] = self.exact_for()
@@ -181,8 +206,30 @@ class Studio:
                 "held (Woodbury / linearity in the labels, no refit)")
 
     def test_list(self) -> list[dict[str, Any]]:
-        return [self._test_row(j, certificate=self.certificate_sizes.get(j, "?") if j in self.certificate_sizes
-                               else None) for j in range(len(self.y_test))]
+        """Every test image; ``certificate``: null (not computed yet), its size, or "none" (no set within the limit)."""
+        with self._certificates_lock:
+            known = dict(self._certificates)
+        return [self._test_row(j, certificate=None if j not in known else
+                               (len(known[j]["indices"]) if known[j]["found"] else "none")) for j in range(len(self.y_test))]
+
+    def certificate(self, j: int) -> dict[str, Any]:
+        """Test image j's certificate (:meth:`TrainingSystem.certificate`, checked by one refit), computed once."""
+        j = self.check_index("test", j)
+        with self._certificates_lock:
+            if j in self._certificates:
+                return self._certificates[j]
+        cert = self.system.certificate(self.G_test[j], limit=CERTIFICATE_LIMIT)
+        out = {"found": cert.found, "indices": [int(i) for i in cert.indices], "limit": cert.limit,
+               "new_class": None if cert.new_class is None else self.classes[int(cert.new_class)],
+               "margin_after": cert.margin, "refit_error": cert.refit_max_abs_diff, "seconds": cert.seconds,
+               "images": [self._train_row(int(i)) for i in cert.indices]}
+        with self._certificates_lock:
+            self._certificates[j] = out
+        return out
+
+    def certificate_job(self, j: int) -> Job:
+        j = self.check_index("test", j)
+        return self.jobs.start(f"certificate:{j}", lambda: self.certificate(j))
 
     def test_detail(self, j: int) -> dict[str, Any]:
         j = self.check_index("test", j)
@@ -193,18 +240,15 @@ class Studio:
         eff = -lj.unsqueeze(1) * self.system.loo_residuals()  # (n, C): f_-i(x) - f(x), exact
         margin_eff = (eff[:, c] - eff[:, k]).numpy()
         order = np.argsort(margin_eff, kind="stable")
-        cert = self.system.certificate(self.G_test[j], limit=50)
-        self.certificate_sizes[j] = len(cert.indices) if cert.found else None
+        with self._certificates_lock:
+            cert = self._certificates.get(j)
         return {**self._test_row(j), "runner_up": self.classes[k],
                 "scores": {self.classes[i]: float(v) for i, v in enumerate(logits.tolist())},
                 "for": [self._train_row(int(i), margin_effect=float(margin_eff[i])) for i in order[:TOP_K]
                         if margin_eff[i] < 0],
                 "against": [self._train_row(int(i), margin_effect=float(margin_eff[i])) for i in order[::-1][:TOP_K]
                             if margin_eff[i] > 0],
-                "certificate": {"found": cert.found, "indices": [int(i) for i in cert.indices], "limit": cert.limit,
-                                "new_class": None if cert.new_class is None else self.classes[int(cert.new_class)],
-                                "margin_after": cert.margin, "refit_error": cert.refit_max_abs_diff,
-                                "images": [self._train_row(int(i)) for i in cert.indices]},
+                "certificate": cert,  # None until computed (:meth:`certificate_job`)
                 "effect_meaning": "the change of this prediction's margin (predicted minus runner-up logit) when the "
                                   "training image is removed; exact (a refit without it gives the same)"}
 
@@ -216,11 +260,13 @@ class Studio:
         margin_eff = (eff[rows, self.pred] - eff[rows, self.runner]).numpy()
         order = np.argsort(margin_eff, kind="stable")
         loo = self.loo[i]
-        rank = int((self.review > self.review[i]).sum()) + 1
+        active = self.system.a > 0
+        rank = int(((self.review > self.review[i]) & active).sum()) + 1
         return {**self._train_row(i), "path": self.model.train_records_[i].path,
                 "loo_predicted": self.classes[int(loo.argmax())],
                 "loo_scores": {self.classes[c]: float(v) for c, v in enumerate(loo.tolist())},
-                "review_score": float(self.review[i]), "review_rank": rank, "n_train": self.system.n,
+                "review_score": float(self.review[i]), "review_rank": rank if bool(active[i]) else None,
+                "n_reviewed": int(active.sum()),
                 "supports": [self._test_row(int(j), margin_effect=float(margin_eff[j])) for j in order[:TOP_K]
                              if margin_eff[j] < 0],
                 "inhibits": [self._test_row(int(j), margin_effect=float(margin_eff[j])) for j in order[::-1][:TOP_K]
@@ -294,9 +340,8 @@ class Studio:
     def describe_edits(self, edits: Edits) -> list[dict[str, Any]]:
         a = self.system.a.numpy()
         out = []
-        for i, w, c in zip(edits.rows.tolist(), edits.weights.tolist(), edits.labels.tolist()):
+        for i, w, c, action in zip(edits.rows.tolist(), edits.weights.tolist(), edits.labels.tolist(), edits.actions):
             r = self.model.train_records_[i]
-            action = "remove" if w == 0 and a[i] > 0 else ("relabel" if c != self.y[i] else "weight")
             out.append({"index": i, "path": r.path, "label": self.classes[int(self.y[i])], "action": action,
                         "new_label": self.classes[c], "old_weight": float(a[i]), "new_weight": w})
         return out
@@ -313,7 +358,7 @@ class Studio:
         buf = io.StringIO()
         w = csv.DictWriter(buf, fieldnames=["index", "path", "label", "action", "new_label", "old_weight", "new_weight"])
         w.writeheader()
-        w.writerows(rows)
+        w.writerows([{k: for_csv(v) for k, v in r.items()} for r in rows])  # no cell read as a formula
         return buf.getvalue(), "text/csv"
 
     def apply(self, actions: Any, name: Any) -> dict[str, Any]:
@@ -329,10 +374,6 @@ class Studio:
         if not len(edits):
             raise CarrotError("edits: expected at least one edit to apply")
         a, y_col = edits.applied(self.system)
-        missing = sorted(set(range(len(self.classes))) - set(y_col.tolist()))
-        if missing:
-            raise CarrotError(f"edits: class {self.classes[missing[0]]!r} would have no training image left after "
-                              "relabelling; a run keeps every class (remove its images instead: weight 0)")
         out = self.run_dir.parent / name
         if out.exists() or out.is_symlink():
             raise CarrotError(f"name: '{out}' already exists; choose a new name (the studio never writes over anything)")
@@ -370,12 +411,14 @@ class Studio:
 
         def work() -> dict[str, Any]:
             for j in bar(range(len(self.y_test)), desc="certificates", unit="img"):
-                if j not in self.certificate_sizes:
-                    cert = self.system.certificate(self.G_test[j], limit=50)
-                    self.certificate_sizes[j] = len(cert.indices) if cert.found else None
-            return {"sizes": {str(j): s for j, s in self.certificate_sizes.items()}}
+                if self.jobs.stopping.is_set():
+                    break
+                self.certificate(j)
+            with self._certificates_lock:
+                return {"sizes": {str(j): len(c["indices"]) if c["found"] else "none"
+                                  for j, c in self._certificates.items()}}
 
-        return self.jobs.start("certificates", work)
+        return self.jobs.start("certificates", work, pool="batch")
 
     def similar(self, split: str, i: int, k: int = 12) -> dict[str, Any]:
         """The k training images most similar to image ``i`` of ``split`` by the head's own similarity."""
@@ -388,7 +431,8 @@ class Studio:
         g = (self.G if split == "train" else self.G_test)[i : i + 1]
         kk = min(self.system.n, k + (split == "train"))
         idx, val = self._index.search(g, kk)
-        rows = [(int(t), float(v)) for t, v in zip(idx[0], val[0]) if not (split == "train" and int(t) == i)][:k]
+        rows = [(int(t), float(v)) for t, v in zip(idx[0], val[0])
+                if np.isfinite(v) and not (split == "train" and int(t) == i)][:k]
         return {"similarity": self.model.head_.similarity_words, "index_kind": self._index.kind,
                 "images": [self._train_row(t, similarity=v) for t, v in rows]}
 

@@ -41,7 +41,6 @@ function toast(msg, error) {
 }
 
 const view = () => document.getElementById("view");
-function show(...kids) { const v = view(); v.replaceChildren(...kids); }
 
 // ---- the basket: this tab's edits (sessionStorage: two tabs edit independently) -----------------------
 function loadBasket() {
@@ -135,29 +134,37 @@ async function summaryPage() {
       h("div", {}, h("h2", {}, "Helpful"), h("p", { class: "muted" }, "removing them raises the test loss most"), trainTable(s.helpful, [["loss drop", (r) => fmt(r.score)]]))));
 }
 
+const certText = (c) => (c === "none" ? "no certificate within the limit" : `certificate ${c}`);
+
 async function testListPage(params) {
+  const gen = route.generation;
   state.tests = state.tests || (await api("/api/test"));
   const s = state.summary;
   const f = { cls: params.get("class") ?? "", errors: params.get("errors") === "1", sort: params.get("sort") || "index",
-    t: params.get("true"), p: params.get("pred"), cert: params.get("cert") || "" };
+    t: params.get("true"), p: params.get("pred"), cert: params.get("cert") || "", margin: params.get("margin") || "",
+    shown: Number(params.get("shown") || 200) };
   const go = (patch) => {
-    const q = new URLSearchParams({ class: f.cls, errors: f.errors ? "1" : "0", sort: f.sort, cert: f.cert, ...patch });
+    const q = new URLSearchParams({ class: f.cls, errors: f.errors ? "1" : "0", sort: f.sort, cert: f.cert, margin: f.margin, ...patch });
     location.hash = "#/test?" + q.toString();
   };
   let rows = state.tests.filter((r) => (f.cls === "" || r.label === s.classes[f.cls]) && (!f.errors || !r.correct)
     && (f.t === null || r.label === s.classes[f.t]) && (f.p === null || r.predicted === s.classes[f.p])
-    && (f.cert === "" || (r.certificate !== null && r.certificate !== "?" && r.certificate <= Number(f.cert))));
+    && (f.cert === "" || (typeof r.certificate === "number" && r.certificate <= Number(f.cert)))
+    && (f.margin === "" || r.margin <= Number(f.margin)));
   if (f.sort === "margin") rows = [...rows].sort((a, b) => a.margin - b.margin);
-  if (f.sort === "certificate") rows = [...rows].sort((a, b) => (a.certificate ?? 1e9) - (b.certificate ?? 1e9));
+  const size = (c) => (typeof c === "number" ? c : 1e9);
+  if (f.sort === "certificate") rows = [...rows].sort((a, b) => size(a.certificate) - size(b.certificate));
   const certBox = h("span", {});
   const known = state.tests.some((r) => r.certificate !== null);
-  show(
+  showIf(gen, 
     h("div", { class: "filters" },
       h("label", {}, "class ", h("select", { id: "f-class", onchange: (e) => go({ class: e.target.value }) },
         h("option", { value: "" }, "all"), s.classes.map((c, i) => h("option", { value: i, selected: String(i) === f.cls }, c)))),
       h("label", {}, h("input", { type: "checkbox", id: "f-errors", checked: f.errors, onchange: (e) => go({ errors: e.target.checked ? "1" : "0" }) }), " errors only"),
       h("label", {}, "sort ", h("select", { id: "f-sort", onchange: (e) => go({ sort: e.target.value }) },
         ["index", "margin", "certificate"].map((k) => h("option", { value: k, selected: k === f.sort }, k === "margin" ? "lowest margin first" : k === "certificate" ? "smallest certificate first" : k)))),
+      h("label", {}, "margin ≤ ", h("input", { id: "f-margin", type: "number", step: 0.05, style: "width:70px", value: f.margin,
+        onchange: (e) => go({ margin: e.target.value }) })),
       h("label", {}, "certificate size ≤ ", h("input", { id: "f-cert", type: "number", min: 1, style: "width:70px", value: f.cert, disabled: !known,
         onchange: (e) => go({ cert: e.target.value }) })),
       h("button", { id: "certificates", onclick: async () => {
@@ -166,7 +173,8 @@ async function testListPage(params) {
       } }, known ? "certificates computed" : "compute every certificate"), certBox,
       f.t !== null ? h("span", {}, `true ${s.classes[f.t]}, predicted ${s.classes[f.p]} `, h("a", { href: "#/test" }, "clear")) : null),
     h("p", { class: "muted", id: "test-count" }, `${rows.length} of ${state.tests.length} test images`),
-    h("div", { class: "cards" }, rows.slice(0, 400).map((r) => testCard(r, r.certificate !== null ? h("div", { class: "muted" }, `certificate ${r.certificate ?? "> 50"}`) : null))));
+    h("div", { class: "cards" }, rows.slice(0, f.shown).map((r) => testCard(r, r.certificate !== null ? h("div", { class: "muted" }, certText(r.certificate)) : null))),
+    rows.length > f.shown ? h("button", { id: "show-more", onclick: () => go({ shown: f.shown + 200 }) }, `show ${Math.min(200, rows.length - f.shown)} more`) : null);
 }
 
 async function similarBlock(split, i) {
@@ -179,20 +187,26 @@ async function similarBlock(split, i) {
 }
 
 async function testPage(i) {
+  const gen = route.generation;
   const d = await api(`/api/test/${i}`);
   const explainBox = h("div", { id: "explain-box" });
-  const cert = d.certificate;
-  show(h("div", { class: "row detail" },
+  const certBox = h("div", { id: "certificate-box" });
+  const showCert = (cert) => h("div", {},
+    cert.found ? h("p", { id: "certificate" }, `removing these ${cert.indices.length} training images changes the prediction to ${cert.new_class} `,
+      `(checked by a refit: margin ${fmt(cert.margin_after)}, error ${Number(cert.refit_error).toExponential(1)}) `,
+      h("button", { id: "cert-basket", onclick: () => addToBasket(cert.images) }, "+ certificate to basket"))
+      : h("p", { id: "certificate" }, `no set of up to ${cert.limit} training images found that changes it`),
+    h("div", { class: "cards" }, cert.images.map((r) => trainCard(r))));
+  if (d.certificate) certBox.replaceChildren(showCert(d.certificate));
+  else api(`/api/certificate/${i}`, {}).then((job) => follow(job, certBox, showCert)).catch((e) => certBox.replaceChildren(h("p", { class: "bad" }, e.message)));
+  showIf(gen, h("div", { class: "row detail" },
     h("div", {}, h("img", { class: "main", src: `/img/test/${i}` })),
     h("div", {}, h("h2", {}, `Test image #${i} ${d.name}`),
       h("p", {}, "label ", h("b", {}, d.label), ", predicted ", h("b", { class: d.correct ? "good" : "bad" }, d.predicted),
         ` (margin ${fmt(d.margin)} over ${d.runner_up})`),
       h("table", {}, Object.entries(d.scores).map(([c, v]) => h("tr", {}, h("td", {}, c), h("td", { class: "num" }, fmt(v))))),
       h("h3", {}, "Certificate"),
-      cert.found ? h("p", { id: "certificate" }, `removing these ${cert.indices.length} training images changes the prediction to ${cert.new_class} `,
-        `(checked by a refit: margin ${fmt(cert.margin_after)}, error ${Number(cert.refit_error).toExponential(1)}) `,
-        h("button", { id: "cert-basket", onclick: () => addToBasket(cert.images) }, "+ certificate to basket"))
-        : h("p", { id: "certificate" }, `no set of up to ${cert.limit} training images found that changes it`))),
+      certBox)),
   h("p", { class: "muted" }, d.effect_meaning),
   h("h2", {}, "For (removal lowers the margin)"), h("div", { class: "cards" }, d.for.map((r) => trainCard(r, h("div", { class: "bad" }, `margin ${signed(r.margin_effect)}`)))),
   h("h2", {}, "Against (removal raises the margin)"), h("div", { class: "cards" }, d.against.map((r) => trainCard(r, h("div", { class: "good" }, `margin ${signed(r.margin_effect)}`)))),
@@ -204,6 +218,7 @@ async function testPage(i) {
 }
 
 async function trainPage(i) {
+  const gen = route.generation;
   const d = await api(`/api/train/${i}`);
   const s = state.summary;
   const inBasket = state.basket[i];
@@ -213,13 +228,13 @@ async function trainPage(i) {
     addToBasket([d], action);
     const e = state.basket[i]; e.action = action; e.to = Number(relabel.value); e.weight = Number(weight.value); saveBasket();
   };
-  show(h("div", { class: "row detail" },
+  showIf(gen, h("div", { class: "row detail" },
     h("div", {}, h("img", { class: "main", src: `/img/train/${i}` })),
     h("div", {}, h("h2", {}, `Training image #${i} ${d.name}`),
       h("p", {}, "label ", h("b", {}, d.label), `, weight ${fmt(d.weight, 2)}`),
       h("p", {}, "exact leave-one-out prediction: ", h("b", { id: "loo-pred", class: d.loo_predicted === d.label ? "good" : "bad" }, d.loo_predicted)),
       h("table", {}, Object.entries(d.loo_scores).map(([c, v]) => h("tr", {}, h("td", {}, c), h("td", { class: "num" }, fmt(v))))),
-      h("p", {}, `label review: score ${fmt(d.review_score)}, rank ${d.review_rank} of ${d.n_train}`),
+      h("p", {}, d.review_rank === null ? "not in the label review (weight 0)" : `label review: score ${fmt(d.review_score)}, rank ${d.review_rank} of ${d.n_reviewed}`),
       h("div", { class: "filters" }, h("button", { id: "put-remove", onclick: () => put("remove") }, "remove"),
         h("span", {}, h("button", { id: "put-relabel", onclick: () => put("relabel") }, "relabel to"), " ", relabel),
         h("span", {}, h("button", { id: "put-weight", onclick: () => put("weight") }, "weight"), " ", weight)),
@@ -231,8 +246,9 @@ async function trainPage(i) {
 }
 
 async function reviewPage() {
+  const gen = route.generation;
   const rows = await api("/api/review");
-  show(h("h2", {}, "Label review ", h("button", { onclick: () => addToBasket(rows.slice(0, 20)) }, "+ top 20 to basket")),
+  showIf(gen, h("h2", {}, "Label review ", h("button", { onclick: () => addToBasket(rows.slice(0, 20)) }, "+ top 20 to basket")),
     h("p", { class: "muted" }, "the training labels the rest of the data disagrees with most: exact leave-one-out cross-entropy, temperature fitted on the training labels"),
     trainTable(rows, [["score", (r) => fmt(r.score)], ["LOO predicts", (r) => r.loo_predicted]]));
 }
@@ -244,12 +260,17 @@ function basketPage() {
   const recompute = async (verify) => {
     if (!Object.keys(state.basket).length) { result.replaceChildren(h("p", { class: "muted" }, "the basket is empty")); return; }
     result.setAttribute("data-state", "computing");
+    const mine = (state.whatifSeq = (state.whatifSeq || 0) + 1);
     try {
       const a = await api("/api/whatif", { edits: edits(), verify: !!verify });
+      if (mine !== state.whatifSeq) return;  // a newer basket was sent meanwhile: its answer is the one to show
       state.lastAnswer = a;
       result.replaceChildren(answerView(a));
       result.setAttribute("data-state", "done");
-    } catch (e) { result.replaceChildren(h("p", { class: "bad" }, e.message)); result.setAttribute("data-state", "error"); }
+    } catch (e) {
+      if (mine !== state.whatifSeq) return;
+      result.replaceChildren(h("p", { class: "bad" }, e.message)); result.setAttribute("data-state", "error");
+    }
   };
   const nameBox = h("input", { id: "apply-name", value: `${s.run}-edited`, style: "width:240px" });
   const download = async (format) => {
@@ -301,7 +322,7 @@ function answerView(a) {
           h("td", { class: "num " + (c.after > c.before ? "good" : c.after < c.before ? "bad" : "") }, `${c.after >= c.before ? "+" : ""}${(100 * (c.after - c.before)).toFixed(1)}`)))))),
     h("h3", {}, `Predictions that change (${a.changed.length})`),
     h("table", { id: "changed" }, h("tr", {}, h("th", {}, ""), h("th", {}, "test image"), h("th", {}, "label"), h("th", {}, "before"), h("th", {}, "after"), h("th", { class: "num" }, "margin after")),
-      a.changed.slice(0, 300).map((c) => h("tr", {}, h("td", {}, h("img", { src: `/img/test/${c.index}`, width: 40, height: 40, loading: "lazy" })),
+      a.changed.map((c) => h("tr", {}, h("td", {}, h("img", { src: `/img/test/${c.index}`, width: 40, height: 40, loading: "lazy" })),
         h("td", {}, h("a", { href: `#/test/${c.index}` }, `#${c.index} ${c.name}`)), h("td", {}, c.label),
         h("td", { class: c.correct ? "good" : "bad" }, c.predicted), h("td", { class: c.correct_after ? "good" : "bad" }, c.after), h("td", { class: "num" }, fmt(c.margin_after))))),
     h("h3", {}, "Label review after the edit"),
@@ -309,13 +330,20 @@ function answerView(a) {
 }
 
 // ---- routing ---------------------------------------------------------------------------------------
+function show(...kids) { view().replaceChildren(...kids); }
+// a page that awaited the server shows itself only if no newer navigation started meanwhile
+function showIf(gen, ...kids) { if (gen === route.generation) show(...kids); }
+
 async function route() {
+  route.generation = (route.generation || 0) + 1;
+  const mine = route.generation;
   const [path, query] = (location.hash.slice(1) || "/").split("?");
   const params = new URLSearchParams(query || "");
   const parts = path.split("/").filter(Boolean);
   document.querySelectorAll("nav a").forEach((a) => a.classList.toggle("active", a.dataset.nav === (parts[0] || "summary")));
   try {
     state.summary = state.summary || (await api("/api/summary"));
+    if (mine !== route.generation) return;
     document.getElementById("run-name").textContent = `run ${state.summary.run}`;
     if (!parts.length) await summaryPage();
     else if (parts[0] === "test" && parts.length === 1) await testListPage(params);
@@ -324,7 +352,7 @@ async function route() {
     else if (parts[0] === "review") await reviewPage();
     else if (parts[0] === "basket") basketPage();
     else show(h("p", {}, "no such page"));
-    view().setAttribute("data-page", parts[0] || "summary");
+    if (mine === route.generation) view().setAttribute("data-page", parts[0] || "summary");
   } catch (e) {
     show(h("p", { class: "bad" }, e.message));
   }
