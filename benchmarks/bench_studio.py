@@ -10,7 +10,7 @@ user changes an action), and once with ``verify`` (a refit from scratch on the e
 reference, its largest logit difference the identity's error). A similar-images query last.
 
     python benchmarks/bench_studio.py --n 2000 10000 --out benchmarks/results/studio.json
-    python benchmarks/bench_studio.py --recall-n 100000   # FAISS IVF against exact search
+    python benchmarks/bench_studio.py --n --recall-n 100000   # add the FAISS IVF recall to the file
 """
 from __future__ import annotations
 
@@ -131,7 +131,7 @@ def recall(n: int, d: int, C: int, queries: int, seed: int) -> dict:
 
     G, y, Gt, _ = synthetic(n, queries, d, C, seed)
     out = {"n": n, "d": d, "c": C, "queries": queries}
-    heads = {"ridge": RidgeHead(lam=1.0), "kernel": KernelRidgeHead(gamma=0.5, lam=0.1, approx="nystroem")}
+    heads = {"ridge": RidgeHead(lam=1.0), "kernel": KernelRidgeHead(gamma=0.5, lam=0.1, approx="nystroem", n_landmarks=512)}
     for name, head in heads.items():
         head.fit(G, y)
         exact = None
@@ -162,15 +162,18 @@ def main() -> None:
     from carrot.progress import set_quiet
 
     set_quiet(True)
-    rows = [r for n in args.n for h in args.heads for r in measure(n, h, args.k, args.d, args.classes, args.seed)]
-    meta = {"args": vars(args), "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"}
-    if args.recall_n:
-        meta["recall"] = recall(args.recall_n, args.d, args.classes, 200, args.seed)
-        print(json.dumps(meta["recall"]), flush=True)
     import torch
 
-    meta["threads"], meta["torch"] = torch.get_num_threads(), torch.__version__
-    print(write_results(args.out, rows, **meta))
+    if args.n:
+        rows = [r for n in args.n for h in args.heads for r in measure(n, h, args.k, args.d, args.classes, args.seed)]
+        meta = {"args": vars(args), "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+                "threads": torch.get_num_threads(), "torch": torch.__version__}
+        print(write_results(args.out, rows, **meta))  # the what-if rows are kept even if the recall part fails
+    if args.recall_n:  # into the same file (with --n and nothing else: added to the rows measured before)
+        data = json.loads(Path(args.out).with_suffix(".json").read_text())
+        data["recall"] = recall(args.recall_n, args.d, args.classes, 200, args.seed)
+        print(json.dumps(data["recall"]), flush=True)
+        print(write_results(args.out, data.pop("rows"), **data))
 
 
 if __name__ == "__main__":

@@ -163,6 +163,9 @@ def test_apply_writes_a_new_run_equal_to_a_refit(studio, run):
     res = CliRunner().invoke(cli, ["compare", str(run), str(out), "--out", str(run.parent / "cmp.json")])
     assert res.exit_code == 0, res.output
     assert json.loads((run.parent / "cmp.json").read_text())["runs"]["b"] == str(out)
+    res = CliRunner().invoke(cli, ["evaluate", str(out), "--what", "accuracy,certificates", "--seeds", "0", "--n-test", "2",
+                                   "--out", str(run.parent / "eval.json"), "--quiet"])
+    assert res.exit_code == 0, res.output
     img = studio.model.test_records_[0][0]
     res = CliRunner().invoke(cli, ["explain", str(out), img, "--pixel-map", "none", "--top-k", "2", "--json", "--quiet"])
     assert res.exit_code == 0, res.output
