@@ -466,6 +466,33 @@ def _pixel_curve_section_blur_only(d: dict) -> list[str]:
                                  ("better than b1k4", "better_than_reference")]) + [""]
 
 
+def explain_cost_section(d: dict) -> list[str]:
+    """benchmarks/bench_explain_cost.py: seconds per explanation from a fresh process, old and new default, peers."""
+    n = len(d["images"])
+    lines = [f"## Seconds per explanation, {d['data']} x {d['backbone']} on the CPU (`bench_explain_cost.py`)", "",
+             f"Machine: {d['device']}, {d['cores']} cores, torch {d['torch']}, backbone precision {d['precision']}. carrot: "
+             f"`carrot-run explain` as a new process on 1 and on {n} test images (the same images for every row): what "
+             "one explanation took inside the command by its own clock (`seconds` in explanation.json: training images "
+             "for and against, certificate, token map, pixel map, page; mean and max over the images), the one-image "
+             "command's wall time (imports, run and backbone loading included) and the wall seconds each further image "
+             "adds ((T_N - T_1) / (N - 1), noisier); `old-default` is the pixel map before issue 26 (Shapley over single "
+             "cells, blurred, 4 orders). "
+             f"Peers: their map alone on the same images in one process (Captum {d['captum']}, IG with "
+             f"{d['ig_steps']} steps; pytorch-grad-cam {d['grad_cam']}), measured in the same run. Faithfulness of each "
+             "map: the \"Region maps in pixel space\" tables.", "",
+             "| setting | flags | one explanation s (mean, max) | of which pixel map s | rest: token map, training images, certificate, page s | one-image command s (fresh process) | each further image s (wall) | peer map alone s |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in d["rows"]:
+        if "explanation_s" in r:
+            rest = ", ".join(_fmt(r.get(f"{k}_s", 0.0)) for k in ("token_map", "training_images", "certificate", "page"))
+            lines.append(f"| {r['setting']} | {('`' + r['flags'] + '`') if r.get('flags') else '(defaults)'} | "
+                         f"{_fmt(r['explanation_s'])}, {_fmt(r['explanation_max_s'])} | {_fmt(r.get('pixel_map_s') or 0.0)} | "
+                         f"{rest} | {_fmt(r['one_image_command_s'])} | {_fmt(r['per_further_image_s'])} | |")
+        else:
+            lines.append(f"| {r['setting']} | | | {_fmt(r['map_alone_s'])} | | | | {_fmt(r['map_alone_s'])} |")
+    return lines + [""]
+
+
 def studio_section(d: dict) -> list[str]:
     """benchmarks/bench_studio.py: an exact what-if answer as the studio serves it, against a refit in the same run."""
     a = d["args"]
@@ -527,6 +554,8 @@ def main() -> None:
         out += pixels_section(json.loads(path.read_text()))
     for path in sorted(RESULTS.glob("pixel_curve_*.json")):
         out += pixel_curve_section(json.loads(path.read_text()))
+    for path in sorted(RESULTS.glob("explain_cost_*.json")):
+        out += explain_cost_section(json.loads(path.read_text()))
     for path in sorted(RESULTS.glob("pixel_cost*.json")):
         out += pixel_cost_section(json.loads(path.read_text()))
     head_files = sorted(RESULTS.glob("heads_*.json"))

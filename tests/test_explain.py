@@ -57,6 +57,10 @@ def test_cli_json_has_the_python_api_fields_and_the_page_says_what_each_number_m
     (api_exp,) = [e.to_json() for e in Carrot.load(fitted).explain([img], k=2)]
     assert set(api_exp) <= set(cli_exp) and set(cli_exp) - set(api_exp) == {"heatmap", "page"}
     assert set(api_exp["supporting"][0]) == set(cli_exp["supporting"][0])
+    sec = cli_exp["seconds"]  # each part of the explanation by its own clock, the page written by the CLI
+    parts = [sec[k] for k in ("token_map", "training_images", "certificate", "pixel_maps", "graph")]
+    assert min(parts) >= 0 and sec["total"] == pytest.approx(sum(parts), rel=1e-6) and sec["page"] > 0
+    assert sec["pixel_maps"] >= cli_exp["pixel_map_seconds"] > 0
     page = (tmp_path / "x").glob("*/explanation.html").__next__().read_text()
     assert "the exact change of this logit if the image is removed" in page and "Certificate:" in page
 

@@ -10,7 +10,6 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
-from scipy.stats import kendalltau, spearmanr
 
 from carrot.audit.registry import Audit, register
 from carrot.errors import CarrotError
@@ -150,6 +149,8 @@ def lds(system: TrainingSystem, G_test: np.ndarray, classes: np.ndarray, estimat
         idx = np.sort(rng.choice(active, int(round(fraction * len(active))), replace=False))
         masks[j, idx] = True
         actual[j] = system.decision_only(G_test, idx)[torch.arange(len(classes)), torch.as_tensor(classes)].numpy()
+    from scipy.stats import spearmanr  # here, not at import: scipy.stats costs every command 0.6 s
+
     out = {}
     for name, tau in estimators.items():
         pred = masks.astype(np.float64) @ tau.T  # (subsets, m)
@@ -160,6 +161,8 @@ def lds(system: TrainingSystem, G_test: np.ndarray, classes: np.ndarray, estimat
 
 def rank_agreement(estimators: dict[str, np.ndarray], reference: np.ndarray) -> dict[str, dict[str, float]]:
     """Mean Spearman and Kendall correlation, per test image, of each estimator with the reference (m, n)."""
+    from scipy.stats import kendalltau, spearmanr
+
     out = {}
     for name, est in estimators.items():
         sp = [spearmanr(est[x], reference[x]).statistic for x in range(len(reference))]

@@ -9,7 +9,6 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-from scipy.stats import spearmanr
 
 from carrot.audit.registry import Audit, json_lines, register
 from carrot.ridge.baselines import TracInHead
@@ -38,6 +37,8 @@ def tracin_report(G: np.ndarray, y: np.ndarray, paths: Sequence[str], classes: S
     """Self-influence per training image (total and per checkpoint), influence on ``n_test`` test images,
     summaries, flags and agreement with exact LOO; a JSON-ready dict of three parts. ``head``: the run's
     head fitted on (G, y), whose exact LOO is compared (a bare lambda fits the default head first)."""
+    from scipy.stats import spearmanr
+
     th = TracInHead.fit(G, y, **(tracin or {}))
     ids, test_ids = sample_ids(paths), sample_ids(test_paths)
     Gt = torch.as_tensor(G, dtype=torch.float64)

@@ -108,9 +108,13 @@ class Embedder:
             dev = self.compute_device
             ss, sf = sigmas if sigmas is not None else (self.graph.sigma_space, self.graph.sigma_feat)
             knn = self.graph.knn if self.graph.knn is None or self.graph.knn < N - 1 else None
-            L = normalized_laplacian(affinity(H.to(dev, torch.float64), P.to(dev, torch.float64), ss, sf, knn))
-            out[positive] = diffusion_weights(L, [ts[i] for i in positive], self.diffusion.method).cpu()
+            W = affinity(H.to(dev, torch.float64), P.to(dev, torch.float64), ss, sf, knn)
+            out[positive] = self._diffused(W, [ts[i] for i in positive])
         return out
+
+    def _diffused(self, W: torch.Tensor, ts: Sequence[float]) -> torch.Tensor:
+        """exp(-tL) 1 / N (T, B, N) on the CPU of affinities W (B, N, N), every t > 0."""
+        return diffusion_weights(normalized_laplacian(W), ts, self.diffusion.method).cpu()
 
     # -- embeddings --------------------------------------------------------------------------------
     def embed(self, regions: RegionSet) -> tuple[torch.Tensor, torch.Tensor]:
@@ -188,11 +192,21 @@ class Embedder:
         sigmas = sigmas or self.bandwidths(H, P)
         F = self.features(H)
         out = torch.empty(keep.shape[0], F.shape[1], dtype=torch.float64)
+        W = None  # with the bandwidths fixed and no kNN, a kept set's affinity is the full graph's, rows and columns kept
         for k in torch.unique(counts).tolist():
             rows = torch.nonzero(counts == k).flatten()
             idx = torch.stack([torch.nonzero(keep[r]).flatten() for r in rows.tolist()])  # (b, k)
-            Hk, Pk = H[idx], P[idx]  # (b, k, D), (b, k, 2)
-            w = torch.full((len(rows), k), 1.0 / k, dtype=torch.float64) if k == 1 else self.weights(Hk, Pk, sigmas=sigmas)[0]
+            if k == 1:
+                w = torch.full((len(rows), 1), 1.0, dtype=torch.float64)
+            elif self.diffusion.t <= 0:
+                w = torch.full((len(rows), k), 1.0 / k, dtype=torch.float64)
+            elif self.graph.knn is None or self.graph.knn >= k - 1:
+                if W is None:
+                    W = affinity(H.unsqueeze(0).to(self.compute_device), P.to(self.compute_device), *sigmas)[0]
+                dev_idx = idx.to(W.device)
+                w = self._diffused(W[dev_idx.unsqueeze(2), dev_idx.unsqueeze(1)], [self.diffusion.t])[0]
+            else:
+                w = self.weights(H[idx], P[idx], sigmas=sigmas)[0]
             out[rows] = weighted_readout(F[idx], w)
         out = self.with_globals(out, None if globals is None else globals.unsqueeze(0))
         return out[0] if single else out

@@ -156,16 +156,22 @@ class TokenBackbone:
             raise CarrotError(f"keep: expected ({x.shape[0]}, {N}) booleans (one per patch), got {tuple(keep.shape)}")
         counts = keep.sum(1)
         K = int(counts.max())
+        same = x.shape[0] > 1 and x.stride(0) == 0  # one image under many masks (a pixel map): embed its patches once
         out = torch.zeros(len(x), K, self.token_dim, device=self.device)
         glob = torch.zeros(len(x), P, self.token_dim, device=self.device)
         idx = torch.full((len(x), K), -1, dtype=torch.long, device=self.device)
+        base = None
         for k in torch.unique(counts).tolist():
             rows = torch.nonzero(counts == k).flatten()
             if k == 0:
                 continue
             kept = torch.stack([torch.nonzero(keep[r]).flatten() for r in rows.tolist()])  # (b, k) row-major
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bfloat16"):
-                t = m._pos_embed(m.patch_embed(x[rows]))
+                if same:
+                    base = m._pos_embed(m.patch_embed(x[:1])) if base is None else base
+                    t = base.expand(len(rows), -1, -1)
+                else:
+                    t = m._pos_embed(m.patch_embed(x[rows]))
                 t = m.norm_pre(torch.cat([t[:, :P], t[:, P:].gather(1, kept[..., None].expand(-1, -1, t.shape[-1]))], 1))
                 outs = []
                 for i, blk in enumerate(m.blocks):

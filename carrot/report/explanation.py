@@ -193,6 +193,7 @@ class Explanation:
     heatmap: str | None = None  # written files, once the page is written
     page: str | None = None
     ranking: str = "removal"
+    seconds: dict[str, float] = field(default_factory=dict)  # wall time of each part of the explanation, and total
 
     def to_json(self) -> dict[str, Any]:
         """The ``explanation.json`` schema (JSON-ready; pictures left out)."""
@@ -213,6 +214,8 @@ class Explanation:
         if self.occlusion is not None:
             out.update(self.occlusion.to_json("pixel_occlusion"))
         out.update(self.graph)
+        if self.seconds:
+            out["seconds"] = self.seconds
         for key in ("segments", "segment_removal", "heatmap", "page"):
             if getattr(self, key) is not None:
                 out[key] = getattr(self, key)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -254,6 +255,7 @@ def explanation_html(exp: Explanation) -> str:
 def write_explanation(exp: Explanation, out_dir: str | Path) -> dict[str, Any]:
     """Write heatmap.png, explanation.html and explanation.json for one explained image; returns the JSON written."""
     out_dir = Path(out_dir)
+    t0 = time.perf_counter()
     pm = exp.pixel_map
     png = heatmap_png(exp.picture, np.asarray(pm.values if pm is not None else exp.tokens.values), out_dir / "heatmap.png",
                       title=f"{'pixels (' + pm.method + ')' if pm is not None else 'tokens'} -> {exp.predicted}")
@@ -261,6 +263,8 @@ def write_explanation(exp: Explanation, out_dir: str | Path) -> dict[str, Any]:
     with atomic_path(out_dir / "explanation.html") as tmp:
         tmp.write_text(page)
     exp.heatmap, exp.page = str(png), str(out_dir / "explanation.html")
+    if exp.seconds:
+        exp.seconds["page"] = time.perf_counter() - t0
     out = exp.to_json()
     write_json(out_dir / "explanation.json", out)
     return out

@@ -93,8 +93,17 @@ def explain_one(model: "Carrot", system: TrainingSystem, batch: Batch, i: int, o
     head, path = model.head_, str(batch.paths[i])
     c = int(batch.logits[i].argmax())
     logit, prior = float(batch.logits[i, c]), float(head.prior_[c])
+    clock = [time.perf_counter()]
+    seconds: dict[str, float] = {}
+
+    def lap(name: str) -> None:  # the seconds of the part just done
+        clock.append(time.perf_counter())
+        seconds[name] = clock[-1] - clock[-2]
+
     tokens, global_term, drops = token_side(model, batch, i, c)
+    lap("token_map")
     supporting, inhibiting, tgrid = training_side(model, system, batch, i, c, options)
+    lap("training_images")
     ek_sum, rep_sum = float(batch.terms.equivalent_kernel[i].sum()), float(batch.terms.representer[i].sum())
     additive = keeps(head, "region_split")
     errors = {"data": abs(prior + rep_sum - logit), "equivalent_kernel": abs(prior + ek_sum - logit)}
@@ -110,11 +119,15 @@ def explain_one(model: "Carrot", system: TrainingSystem, batch: Batch, i: int, o
         data_sum=rep_sum, equivalent_kernel_sum=ek_sum, identity_error=errors, supporting=supporting,
         inhibiting=inhibiting, grid=list(batch.grid), train_grid=list(tgrid),
         tokens=TokenMap(tokens.reshape(batch.grid).tolist(), additive, float(tokens.sum()) if additive else None),
-        global_term=global_term, picture=batch.pictures[i])
+        global_term=global_term, picture=batch.pictures[i], seconds=seconds)
     if options.certificate_limit:
         exp.certificate = certificate_side(model, system, batch.G[i], options.certificate_limit)
+        lap("certificate")
     pixel_side(model, exp, path, c, batch.grid, options)
+    lap("pixel_maps")
     graph_side(model, exp, batch, i, c, tokens, drops, options)
+    lap("graph")
+    seconds["total"] = clock[-1] - clock[0]
     return exp
 
 
