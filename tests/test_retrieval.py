@@ -64,3 +64,28 @@ def test_gpu_index_request_without_a_gpu_is_named():
     G, _, head, _ = make_problem(n=50)
     with pytest.raises(CarrotError, match="use_gpu: a GPU index was requested"):
         KernelIndex.build(head, G, "flat", use_gpu=True)
+
+
+@pytest.mark.parametrize("kind", ["ridge", "kernel"])
+def test_similar_index_finds_the_heads_own_nearest_images(kind):
+    """SimilarIndex: FAISS exact search and the torch fallback give the exact top-k by the head's own similarity
+    (the centred inner product, or the RBF kernel), with its exact values; inverted lists find most of them."""
+    pytest.importorskip("faiss")
+    from carrot.attribution.retrieval import SimilarIndex
+    from carrot.ridge.kernel import KernelRidgeHead
+
+    g = np.random.default_rng(7)
+    centres = g.normal(size=(6, 12)) * 2
+    y = np.arange(600) % 6
+    G, Q = centres[y] + g.normal(size=(600, 12)), centres[np.arange(30) % 6] + g.normal(size=(30, 12))
+    head = (RidgeHead(lam=1.0) if kind == "ridge" else KernelRidgeHead(gamma=0.5, lam=0.1, approx="exact")).fit(G, y)
+    S = head.affinity(Q, G).numpy()
+    exact = np.argsort(-S, axis=1, kind="stable")[:, :5]
+    for how in ("flat", "torch"):
+        idx, val = SimilarIndex.build(head, G, how).search(Q, 5)
+        np.testing.assert_array_equal(idx, exact)
+        np.testing.assert_allclose(val, np.take_along_axis(S, exact, 1), rtol=1e-12)
+    ivf = SimilarIndex.build(head, G, "ivf", nprobe=8).search(Q, 5)[0]
+    assert recall_at_k(ivf, exact) >= 0.8
+    with pytest.raises(CarrotError, match="k: expected"):
+        SimilarIndex.build(head, G, "torch").search(Q, 0)

@@ -8,6 +8,7 @@ the candidates; :func:`recall_at_k` measures how often they do.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -52,11 +53,7 @@ class KernelIndex:
             index.nprobe = nprobe
         else:
             raise CarrotError(f"index kind: expected 'flat' or 'ivf', got {kind!r}")
-        gpus = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
-        if use_gpu and gpus == 0:
-            raise CarrotError("use_gpu: a GPU index was requested but this FAISS build sees no GPU (faiss-cpu, or no CUDA device)")
-        if use_gpu or (use_gpu is None and gpus > 0):
-            index = faiss.index_cpu_to_all_gpus(index)
+        index = on_gpus(faiss, index, use_gpu)
         index.add(X)
         return cls(head, index, Xc)
 
@@ -84,6 +81,15 @@ class KernelIndex:
             keep = np.sort(first)[:k]
             out_i[r], out_v[r] = idx_sorted[r, keep].numpy(), val_sorted[r, keep].numpy()
         return out_i, out_v
+
+
+def on_gpus(faiss: Any, index: Any, use_gpu: bool | None) -> Any:
+    """``index`` on every GPU FAISS sees when ``use_gpu`` (None: when it sees one), else as it is; refused by name when
+    a GPU is asked for and none is seen."""
+    gpus = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+    if use_gpu and gpus == 0:
+        raise CarrotError("use_gpu: a GPU index was requested but this FAISS build sees no GPU (faiss-cpu, or no CUDA device)")
+    return faiss.index_cpu_to_all_gpus(index) if use_gpu or (use_gpu is None and gpus > 0) else index
 
 
 def exact_top_k(head: RidgeHead, G_train: ArrayLike, G_test: ArrayLike, classes: np.ndarray, k: int) -> np.ndarray:
@@ -138,11 +144,7 @@ class SimilarIndex:
             index = faiss.IndexIVFFlat(flat, d, max(1, min(n, int(4 * np.sqrt(n)))), faiss_metric)
             index.train(X)
             index.nprobe = nprobe
-        gpus = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
-        if use_gpu and gpus == 0:
-            raise CarrotError("use_gpu: a GPU index was requested but this FAISS build sees no GPU")
-        if use_gpu or (use_gpu is None and gpus > 0):
-            index = faiss.index_cpu_to_all_gpus(index)
+        index = on_gpus(faiss, index, use_gpu)
         index.add(X)
         return cls(head, G, index, kind)
 
