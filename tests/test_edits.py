@@ -119,3 +119,19 @@ def test_weight_zero_rows_whole_classes_and_refusals():
         Edits.of(system, [{"index": i, "action": "relabel", "to": 0} for i in range(24) if y[i] == 1])
     with pytest.raises(CarrotError, match="twice"):
         Edits(np.array([1, 1]), np.zeros(2), np.zeros(2, dtype=np.int64))
+
+
+@pytest.mark.parametrize("kind", ["ridge-primal", "kernel-exact", "kernel-nystroem"])
+def test_loo_loss_change_from_prepared_inputs(kind):
+    """The LOO loss change read from inputs prepared once (counterfactuals) equals the streamed one; inputs of another
+    system or size are refused."""
+    G, y, G_test, g = problem(8, 30, 6, 3)
+    head = HEADS[kind]().fit(G, y)
+    system = head.system(G, y) if isinstance(head, RidgeHead) else head.system()
+    y_test = g.integers(3, size=len(G_test))
+    inputs = system.counterfactuals(G_test)
+    ref = system.loo_loss_change(G_test, y_test, chunk=3)
+    got = system.loo_loss_change(G_test, y_test, chunk=3, inputs=inputs)
+    assert torch.allclose(got, ref, rtol=1e-10, atol=1e-12)
+    with pytest.raises(CarrotError, match="inputs"):
+        system.loo_loss_change(G_test[:4], y_test[:4], inputs=inputs)

@@ -144,8 +144,8 @@ class WhatIf:
     def __init__(self, system: TrainingSystem, G: ArrayLike) -> None:
         self.system = system
         self.G = as_float64_matrix(G, "G")
-        self._inputs = system.counterfactuals(self.G)  # the back-end's way to the inputs' kernel columns
-        self.logits = self._inputs.logits
+        self.inputs = system.counterfactuals(self.G)  # the back-end's way to the inputs' kernel columns
+        self.logits = self.inputs.logits
         self.train_logits = system.train_decision()
         self._hat: dict[int, torch.Tensor] = {}
         self._kernel: dict[int, torch.Tensor] = {}
@@ -157,7 +157,7 @@ class WhatIf:
             new = [int(j) for j in dict.fromkeys(rows.tolist()) if int(j) not in self._hat]
             if new:
                 idx = torch.as_tensor(new, dtype=torch.long)
-                H, L = self.system.hat_columns(idx), self._inputs.columns(idx)
+                H, L = self.system.hat_columns(idx), self.inputs.columns(idx)
                 for k, j in enumerate(new):
                     self._hat[j], self._kernel[j] = H[:, k].clone(), L[:, k].clone()
             n, m = self.system.n, self.G.shape[0]

@@ -217,20 +217,28 @@ class TrainingSystem(ABC):
         L = self.equivalent_kernel(G)
         return Counterfactuals(self, self.decision(G), lambda U: L[:, U])
 
-    def loo_loss_change(self, G_eval: ArrayLike, y_eval_idx: np.ndarray, chunk: int = 256) -> torch.Tensor:
+    def loo_loss_change(self, G_eval: ArrayLike, y_eval_idx: np.ndarray, chunk: int = 256,
+                        inputs: "Counterfactuals | None" = None) -> torch.Tensor:
         """Exact change of the summed squared loss on (G_eval, y_eval) when training row i is removed, (n,).
 
         With f_-i(x) - f(x) = -l_i(x) r_i (r = :meth:`loo_residuals`): the sum over x of -2 l_i(x) (E_x . r_i) +
-        l_i(x)^2 |r_i|^2, E = F - Y. Negative: removing i helps (a harmful image). Streamed over ``chunk`` rows.
+        l_i(x)^2 |r_i|^2, E = F - Y. Negative: removing i helps (a harmful image). Streamed over ``chunk`` rows;
+        ``inputs``: G_eval already prepared (:meth:`counterfactuals`), whose logits and kernel columns are used instead.
         """
         Ge = as_float64_matrix(G_eval, "G_eval")
         Y = one_hot(np.asarray(y_eval_idx), self.n_classes)
+        if inputs is not None and (inputs.system is not self or inputs.logits.shape[0] != Ge.shape[0]):
+            raise CarrotError(f"inputs: expected these {Ge.shape[0]} inputs prepared by this system's counterfactuals()")
         loo_res = self.loo_residuals()
         r2 = (loo_res * loo_res).sum(1)
         total = torch.zeros(self.n, dtype=torch.float64)
+        L_all = None if inputs is None else inputs.columns(torch.arange(self.n))  # (m, n), held by the caller anyway
         for s in range(0, Ge.shape[0], chunk):
-            L = self.equivalent_kernel(Ge[s : s + chunk])
-            E = self.decision(Ge[s : s + chunk]) - Y[s : s + chunk]
+            if L_all is None:
+                L, F = self.equivalent_kernel(Ge[s : s + chunk]), self.decision(Ge[s : s + chunk])
+            else:
+                L, F = L_all[s : s + chunk], inputs.logits[s : s + chunk]
+            E = F - Y[s : s + chunk]
             total += (-2 * L * (E @ loo_res.T) + L * L * r2).sum(0)
         return total
 

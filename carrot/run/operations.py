@@ -33,10 +33,11 @@ def run_embeddings(run_dir: str | Path, model: Carrot | None = None) -> tuple[Ca
 
 
 def run_summary(model: Carrot, G: np.ndarray, y: np.ndarray, G_test: np.ndarray, y_test: np.ndarray,
-                n_review: int = 8) -> dict[str, Any]:
+                n_review: int = 8, inputs: Any = None) -> dict[str, Any]:
     """Accuracy, per-class table, confusion matrix, the most harmful / helpful training images by the exact
     leave-one-out change of the test loss, and the label-review list: the training labels the rest of the
-    data disagrees with most (exact LOO cross-entropy, temperature calibrated on the training labels)."""
+    data disagrees with most (exact LOO cross-entropy, temperature calibrated on the training labels). ``inputs``:
+    G_test prepared by the run's training system (:meth:`TrainingSystem.counterfactuals`), when the caller has it."""
     head = model.head_
     pred = head.decision_function(G_test).argmax(1)
     C = len(model.classes_)
@@ -47,7 +48,8 @@ def run_summary(model: Carrot, G: np.ndarray, y: np.ndarray, G_test: np.ndarray,
     for t, p_ in zip(y_test[pred != y_test].tolist(), pred[pred != y_test].tolist()):
         confused[(t, p_)] = confused.get((t, p_), 0) + 1
     system = model.training_system()  # the head's own factor, shared with explain and certificates
-    total = -system.loo_loss_change(G_test, index_labels(head.classes_, y_test, "y_test")).numpy()  # > 0: removal helps
+    total = -system.loo_loss_change(G_test, index_labels(head.classes_, y_test, "y_test"),  # > 0: removal helps
+                                    inputs=inputs).numpy()
 
     def rows(order, scores):
         return [{"index": int(i), "path": model.train_records_[i].path,

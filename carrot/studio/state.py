@@ -135,7 +135,7 @@ class Studio:
         self.margins = _margins(self.what_if.logits)
         self.runner = torch.topk(self.what_if.logits, min(2, len(self.classes)), dim=1).indices[:, -1].numpy()
         note("studio: the run's summary (exact LOO influence, label review)")
-        self.summary_ = run_summary(model, G, y, G_test, y_test, n_review=REVIEW_N)
+        self.summary_ = run_summary(model, G, y, G_test, y_test, n_review=REVIEW_N, inputs=self.what_if.inputs)
         self.review, self.temperature = self.system.loo_cross_entropy()
         self.loo = self.system.loo_logits()
         self._certificates: dict[int, dict[str, Any]] = {}
