@@ -6,11 +6,13 @@ The pipeline, by sub-package:
 * ``carrot.embed``       Gaussian space x feature graph -> heat diffusion exp(-tL) -> readout (:class:`Embedder`)
 * ``carrot.ridge``       the closed-form heads (:class:`RidgeHead`, :class:`KernelRidgeHead`) and the one protocol of
                          their exact training systems (:class:`TrainingSystem`: LOO, removal, reweighting, the
-                         certificate), with a primal and a dual back-end (:class:`PrimalSystem`, :class:`DualSystem`)
+                         certificate), with a primal and a dual back-end (:class:`PrimalSystem`, :class:`DualSystem`);
+                         exact what-ifs of training-set edits (:class:`WhatIf`, :class:`Edits`)
 * ``carrot.attribution`` exact splits of a logit over regions and pixels; FAISS retrieval
 * ``carrot.audit``       evaluations, reweighting (RRO), dataset debugging, TracIn, t sweeps; the audit registry
 * ``carrot.report``      the typed :class:`Explanation` and the words of each number; heatmaps, pages, the run index
 * ``carrot.run``         :class:`Carrot` (the whole pipeline), the run directory (:class:`RunDir`), the commands
+* ``carrot.studio``      ``carrot-run studio``: the local web app over a run
 * ``carrot.cli``         ``carrot-run``
 
 The names below are importable from ``carrot`` directly (loaded on first use).
@@ -40,6 +42,8 @@ _PUBLIC = {
     "DualSystem": "carrot.ridge.dual",
     "Certificate": "carrot.ridge.system",
     "TrainingTerms": "carrot.ridge.system",
+    "Edits": "carrot.ridge.edits",
+    "WhatIf": "carrot.ridge.edits",
     "Explanation": "carrot.report.explanation",
     "CentredMoments": "carrot.ridge.core",
     "RidgeFactor": "carrot.ridge.core",
