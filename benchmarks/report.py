@@ -489,7 +489,7 @@ def explain_cost_section(d: dict) -> list[str]:
                          f"{_fmt(r['explanation_s'])}, {_fmt(r['explanation_max_s'])} | {_fmt(r.get('pixel_map_s') or 0.0)} | "
                          f"{rest} | {_fmt(r['one_image_command_s'])} | {_fmt(r['per_further_image_s'])} | |")
         else:
-            lines.append(f"| {r['setting']} | | | {_fmt(r['map_alone_s'])} | | | | {_fmt(r['map_alone_s'])} |")
+            lines.append(f"| {r['setting']} | | | | | | | {_fmt(r['map_alone_s'])} |")
     return lines + [""]
 
 

@@ -42,8 +42,7 @@ def bar(iterable: Iterable | None = None, total: int | None = None, desc: str = 
 
     bars = getattr(_watch, "bars", None)
     if bars is not None and not disable:  # read by whoever watches this thread (the studio's job page), not printed
-        b = tqdm(iterable, total=total, desc=desc, unit=unit, leave=False, disable=disable, file=io.StringIO(),
-                 mininterval=0.5, **kwargs)
+        b = tqdm(iterable, total=total, desc=desc, unit=unit, leave=False, file=io.StringIO(), mininterval=0.5, **kwargs)
         bars.append(b)
         return b
     return tqdm(iterable, total=total, desc=desc, unit=unit, leave=leave, disable=_quiet or disable, file=sys.stderr,

@@ -118,7 +118,7 @@ def test_weight_zero_rows_whole_classes_and_refusals():
     with pytest.raises(CarrotError, match="no training image left"):
         Edits.of(system, [{"index": i, "action": "relabel", "to": 0} for i in range(24) if y[i] == 1])
     with pytest.raises(CarrotError, match="twice"):
-        Edits(np.array([1, 1]), np.zeros(2), np.zeros(2, dtype=np.int64))
+        Edits(np.array([1, 1]), np.zeros(2), np.zeros(2, dtype=np.int64), ("remove", "remove"))
 
 
 @pytest.mark.parametrize("kind", ["ridge-primal", "kernel-exact", "kernel-nystroem"])

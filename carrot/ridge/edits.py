@@ -34,17 +34,17 @@ ACTIONS = ("remove", "relabel", "weight")
 
 @dataclass(frozen=True)
 class Edits:
-    """An edit of k distinct training rows: ``rows`` (k,), their new ``weights`` (k,) (0 removes) and new ``labels``
-    (k,) as the system's class columns. Built checked by :meth:`of`."""
+    """An edit of k distinct training rows: ``rows`` (k,), their new ``weights`` (k,) (0 removes), new ``labels``
+    (k,) as the system's class columns, and the ``actions`` asked for. Built checked by :meth:`of`."""
 
     rows: np.ndarray
     weights: np.ndarray
     labels: np.ndarray
-    actions: tuple[str, ...] = ()  # what the user asked for, per row (remove, relabel, weight), for the record
+    actions: tuple[str, ...]  # what was asked for, per row (remove, relabel, weight), for the record
 
     def __post_init__(self) -> None:
         k = len(self.rows)
-        if self.weights.shape != (k,) or self.labels.shape != (k,) or (self.actions and len(self.actions) != k):
+        if self.weights.shape != (k,) or self.labels.shape != (k,) or len(self.actions) != k:
             raise CarrotError(f"edits: expected one weight, label (and action) per row ({k}), got {self.weights.shape}, "
                               f"{self.labels.shape}")
         if len(np.unique(self.rows)) != k:
@@ -129,10 +129,10 @@ class EditResult:
         h = self.leverage.unsqueeze(1)
         return (self.train_logits - h * self.Y) / (1 - h)
 
-    def label_review(self) -> tuple[torch.Tensor, float]:
-        """The edited system's label-review scores (n,) and temperature
-        (:meth:`TrainingSystem.loo_cross_entropy`)."""
-        return calibrated_cross_entropy(self.loo_logits(), self.Y.argmax(1), self.a > 0)
+    def label_review(self, loo: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
+        """The edited system's label-review scores (n,) and temperature (:meth:`TrainingSystem.loo_cross_entropy`);
+        ``loo``: :meth:`loo_logits`, when the caller already has them."""
+        return calibrated_cross_entropy(self.loo_logits() if loo is None else loo, self.Y.argmax(1), self.a > 0)
 
 
 class WhatIf:

@@ -27,7 +27,7 @@ import torch
 from carrot.errors import CarrotError
 from carrot.progress import note, watched
 from carrot.ridge.edits import Edits, WhatIf
-from carrot.ridge.heads import kind_of, require
+from carrot.ridge.heads import require
 from carrot.text import for_csv
 
 REVIEW_N = 20  # label-review rows a what-if answer lists
@@ -201,9 +201,9 @@ class Studio:
         return out
 
     def exact_for(self) -> str:
-        return (f"exact for a refit of this {self.model.head_.describe()} on the edited training set, "
-                f"{'lambda' if kind_of(self.model.head_).name == 'ridge' else 'lambda, preprocessing, gamma and landmarks'} "
-                "held (Woodbury / linearity in the labels, no refit)")
+        head = self.model.head_
+        return (f"exact for a refit of this {head.describe()} on the edited training set{head.refit_note} (Woodbury / "
+                "linearity in the labels, no refit)")
 
     def test_list(self) -> list[dict[str, Any]]:
         """Every test image; ``certificate``: null (not computed yet), its size, or "none" (no set within the limit)."""
@@ -291,7 +291,8 @@ class Studio:
         edits = self.edits(actions)
         res = self.what_if(edits)
         pred = res.logits.argmax(1).numpy()
-        review, T = res.label_review()
+        loo = res.loo_logits()
+        review, T = res.label_review(loo)
         seconds = time.perf_counter() - t0
         C = len(self.classes)
         n_test = np.bincount(self.y_test, minlength=C)
@@ -300,7 +301,6 @@ class Studio:
         margins = _margins(res.logits)
         changed = np.flatnonzero(pred != self.pred)
         scores = np.where(res.a.numpy() > 0, review.numpy(), -np.inf)
-        loo = res.loo_logits()
         order = np.argsort(-scores, kind="stable")[:REVIEW_N]
         out = {
             "n_edits": len(edits), "seconds": seconds,
