@@ -135,14 +135,16 @@ class FiniteRange(click.FloatRange):
 FRACTION = FiniteRange(0, 1, min_open=True, max_open=True)
 
 
-def _num_or(word: str, name: str, v: str | None) -> float | str | None:
-    """A flag that takes a number or one keyword (``median``/``median*k``, ``auto``)."""
+def _num_or(word: str, name: str, v: str | None, kind: type = float) -> float | str | None:
+    """A flag that takes a number (``kind``: float, or int for an integer) or one keyword (``median``/``median*k``,
+    ``auto``)."""
     if v is None or v == word or (word == "median" and v.startswith("median*")):
         return v
     try:
-        return float(v)
+        return kind(v)
     except ValueError:
-        raise CarrotError(f"--{name}: expected a number or '{word}', got {v!r}") from None
+        what = "an integer" if kind is int else "a number"
+        raise CarrotError(f"--{name}: expected {what} or '{word}', got {v!r}") from None
 
 
 def _numbers(name: str, text: str, kind: type = int, minimum: int = 1) -> list:
@@ -177,7 +179,7 @@ def _option(key: str, f: Any) -> Callable:
     types: dict[str, Any] = {
         "int": int, "str": str, "choice": click.Choice(choices), "dir": click.Path(exists=True, file_okay=False),
         "file": click.Path(exists=True, dir_okay=False), "out_dir": click.Path(file_okay=False), "fraction": FRACTION,
-        "nonneg": FiniteRange(min=0), "auto": str, "median": str,
+        "nonneg": FiniteRange(min=0), "auto": str, "auto_int": str, "median": str,
     }
     if "default" not in text.lower():  # the flags default to None (the config decides); say what that is
         text += f" [default: {'none' if f.default is None else str(f.default).lower() if cli == 'bool' else f.default}]"
@@ -209,13 +211,14 @@ def build_config(config_path: str | None = None, **o: Any):
     if unknown:
         raise TypeError(f"build_config: unknown option(s) {unknown}; expected some of {sorted(params)}")
     cfg = load_config(config_path)
-    words = {"auto": "auto", "median": "median"}
+    words = {"auto": "auto", "auto_int": "auto", "median": "median"}
     overrides = {}
     for key, f in config_keys():
         flag = f.metadata.get("flag")
         if flag:
             value = o.get(_param(flag))
-            overrides[key] = _num_or(words[f.metadata["cli"]], flag[2:], value) if f.metadata["cli"] in words else value
+            kind = f.metadata["cli"]
+            overrides[key] = _num_or(words[kind], flag[2:], value, int if kind == "auto_int" else float) if kind in words else value
     if not o.get("data_kind") and o.get("data") and cfg.data.kind == "elpv":  # --data alone: an ImageFolder tree
         overrides["data.kind"] = "imagefolder"
     overrides["data.split_seed"] = o.get("seed")  # --seed seeds the split too

@@ -29,13 +29,13 @@ PRECISIONS = ("auto", "float32", "bfloat16")  # the backbone's arithmetic (carro
 MAX_BLOCKS = 48  # the deepest timm ViTs have 48 blocks
 MAX_CHEBYSHEV_TERMS = 20_000  # Chebyshev terms for exp(-tL); above it eigh (exact for any t) is the method
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
-CLI_KINDS = ("int", "str", "bool", "choice", "dir", "file", "out_dir", "fraction", "nonneg", "auto", "median")
+CLI_KINDS = ("int", "str", "bool", "choice", "dir", "file", "out_dir", "fraction", "nonneg", "auto", "auto_int", "median")
 
 
 def setting(default: Any, help: str, flag: str | None = None, cli: str = "str", choices: tuple[str, ...] = ()) -> Any:
     """A config key: its ``default``, its ``help`` (the one text ``--help``, ``configs/default.yaml`` and the docs
     show), the ``carrot-run`` ``flag`` that sets it (None: YAML only) and how the flag parses (``cli``, one of
-    :data:`CLI_KINDS`: a number or 'auto' / 'median', an existing file or folder, a fraction, ``choices``...)."""
+    :data:`CLI_KINDS`: a number (an integer) or 'auto' / 'median', an existing file or folder, a fraction, ``choices``...)."""
     if cli not in CLI_KINDS:
         raise ValueError(f"cli: expected one of {CLI_KINDS}, got {cli!r}")
     return field(default=default, metadata={"help": help, "flag": flag, "cli": cli, "choices": tuple(choices)})
@@ -154,11 +154,14 @@ class BackboneConfig:
                              "AVX512-BF16 or AMX tiles: DINOv2 extracts 1.75x faster, tokens within 0.8%; float32 "
                              "elsewhere and for ConvNets, whose tokens move 10%), 'float32' or 'bfloat16'. Pinned in the "
                              "run; every identity holds for the tokens extracted.", "--precision")
-    blocks: int = setting(1, "ViTs: read the last k blocks' tokens, each through the final norm, concatenated per token "
-                          "(DINOv2's linear probe reads 4).", "--blocks", "int")
-    global_tokens: bool = setting(False, "ViTs: add the class (and register) tokens to the embedding as its own part, as "
-                                  "DINOv2's linear probe does; the region split covers the patch part and the global part "
-                                  "is its own exact term.", "--global-tokens", "bool")
+    blocks: int | str = setting("auto", "ViTs: read the last k blocks' tokens, each through the final norm, concatenated per "
+                                "token (DINOv2's linear probe reads 4), or 'auto': compare the embeddings of the last "
+                                "block and of the last 4 blocks by the exact LOO accuracy of their best head, from one "
+                                "extraction (carrot.embed.choice; ConvNets have one embedding).", "--blocks", "auto_int")
+    global_tokens: bool | str = setting("auto", "ViTs: add the class (and register) tokens to the embedding as its own "
+                                        "part, as DINOv2's linear probe does; the region split covers the patch part and "
+                                        "the global part is its own exact term. 'auto': chosen with backbone.blocks by "
+                                        "exact LOO.", "--global-tokens", "bool")
 
     def __post_init__(self) -> None:
         check_str("backbone.name", self.name)
@@ -174,8 +177,10 @@ class BackboneConfig:
         check_bool("backbone.cache_tokens", self.cache_tokens)
         if self.precision not in PRECISIONS:
             raise CarrotError(f"backbone.precision: expected one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        check_int("backbone.blocks", self.blocks, 1, MAX_BLOCKS)
-        check_bool("backbone.global_tokens", self.global_tokens)
+        if self.blocks != "auto":
+            check_int("backbone.blocks", self.blocks, 1, MAX_BLOCKS, why=" or 'auto'")
+        if self.global_tokens != "auto" and not isinstance(self.global_tokens, bool):
+            raise CarrotError(f"backbone.global_tokens: expected true, false or auto, got {self.global_tokens!r}")
 
 
 @dataclass(frozen=True)

@@ -56,6 +56,13 @@ class TokenBackbone:
                               f"got {self.blocks}")
 
     @property
+    def depth(self) -> int:
+        """Attention blocks whose tokens :meth:`tokens` can read (1 for a model it can read only the output of)."""
+        if self.patch_size is None or not hasattr(self.model, "forward_intermediates"):
+            return 1
+        return max(len(getattr(self.model, "blocks", ())), 1)
+
+    @property
     def token_dim(self) -> int:
         """Features per token: num_features times the number of blocks read."""
         return self.num_features * self.blocks

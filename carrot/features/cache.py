@@ -56,6 +56,25 @@ class TokenStore:
     def __len__(self) -> int:
         return int(self.tokens.shape[0])
 
+    @property
+    def blocks(self) -> int:
+        """Blocks whose tokens this view holds (each ``dim / blocks`` features, the last block last)."""
+        return int(self.manifest.get("view_blocks", self.manifest.get("blocks", 1)))
+
+    def last_blocks(self, k: int) -> "TokenStore":
+        """The view of the last ``k`` blocks' tokens (patch and global), without a copy: a cache extracted with the
+        last K >= k blocks serves every embedding of fewer (``backbone.blocks`` auto extracts once for all of them).
+        Bitwise the tokens a k-block extraction writes: each block's tokens are the model's, through its final norm."""
+        K = self.blocks
+        if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= K:
+            raise CarrotError(f"backbone.blocks: the token cache '{self.path}' holds the last {K} blocks' tokens, "
+                              f"expected 1 to {K} of them, got {k!r}")
+        if k == K:
+            return self
+        width = self.tokens.shape[-1] // K * k
+        glob = None if self.globals is None else self.globals[..., -width:]
+        return TokenStore(self.path, {**self.manifest, "view_blocks": k}, self.tokens[..., -width:], self.labels, glob)
+
 
 def _probe_grid(backbone: TokenBackbone) -> tuple[tuple[int, int], int, int]:
     """The backbone's grid, features per token and number of global tokens for one input."""
@@ -114,9 +133,11 @@ def _compare(found: dict[str, Any], expected: dict[str, Any], where: Path) -> No
         )
 
 
-def open_store(path: str | Path, expected: dict[str, Any] | None = None, verify: bool = False) -> TokenStore:
+def open_store(path: str | Path, expected: dict[str, Any] | None = None, verify: bool = False,
+               blocks: int | None = None) -> TokenStore:
     """Open a complete cache folder, validating its manifest (and against ``expected`` if given), the tokens'
-    shape and dtype, and with ``verify`` their SHA-256; a damaged cache is refused saying how to rebuild it."""
+    shape and dtype, and with ``verify`` their SHA-256; a damaged cache is refused saying how to rebuild it.
+    ``blocks``: the view of the last that many blocks' tokens (:meth:`TokenStore.last_blocks`; None: all)."""
     path = Path(path)
     rebuild = "delete that folder and run carrot-run extract (or fit) with the run's settings to rebuild it"
     try:
@@ -140,7 +161,8 @@ def open_store(path: str | Path, expected: dict[str, Any] | None = None, verify:
                               f"{shape}; {rebuild}")
     if verify and manifest.get("sha256") is not None and sha256_file(path / "tokens.npy") != manifest["sha256"]:
         raise StaleCacheError(f"token cache '{path}': tokens.npy changed since extraction (SHA-256 differs); {rebuild}")
-    return TokenStore(path, manifest, tokens[:, prefix:], np.asarray(manifest["labels"], dtype=np.int64), tokens[:, :prefix])
+    store = TokenStore(path, manifest, tokens[:, prefix:], np.asarray(manifest["labels"], dtype=np.int64), tokens[:, :prefix])
+    return store if blocks is None else store.last_blocks(blocks)
 
 
 def _manifest_ok(m: dict[str, Any]) -> bool:

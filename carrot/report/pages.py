@@ -339,6 +339,7 @@ def index_html(summary: dict[str, Any], thumbs: dict[int, Any], pages: Sequence[
         f"<h1>carrot run: {html.escape(summary['name'])}</h1>"
         f"<p>backbone <b>{html.escape(summary['backbone'])}</b>, diffusion t = {summary['t']}, "
         f"{html.escape(summary.get('head', 'ridge head'))}, &lambda; = {summary['lam']:.4g}; "
+        + (f"{html.escape(summary['embedding'])}; " if summary.get('embedding') else "") +
         f"{summary['n_train']} training / {summary['n_test']} test images, {len(classes)} classes.</p>"
         f"<p style='font-size:20px'>test accuracy <b>{summary['test_accuracy']:.4f}</b></p>"
         f"<h2>Per class</h2><table><tr><th>class</th><th>test images</th><th>accuracy</th></tr>{per_class}</table>"

@@ -8,6 +8,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from carrot.embed.choice import candidates, choose, embed_inputs, embedders, is_auto
+from carrot.embed.choice import embed_store as embed_candidates_of_store
 from carrot.features.cache import extract
 from carrot.config import DEFAULT_BLOCK, DEFAULT_PERMUTATIONS, DEFAULT_REMOVAL, RunConfig
 from carrot.devices import device_memory
@@ -92,10 +94,34 @@ def extract_splits(config: RunConfig, model: Carrot | None = None, progress: boo
     rank, size = world()
     parts = [split.subset(range(rank, len(split), size)) if size > 1 else split for split in (train, test)]
     check_resources(model, parts, root)
+    _say_cache_size(model, parts, root)
     stores = [extract(model.backbone, split, root,
                       dtype=b.cache_dtype, batch_size=b.batch_size, num_workers=b.num_workers, progress=progress and rank == 0)
               for split in parts]
     return stores, train, test
+
+
+def _say_cache_size(model: Carrot, datasets: Sequence[ImageDataset], root: Path) -> None:
+    """Before extraction, the disk the token caches will take; with ``backbone.blocks`` auto, the last blocks'
+    cache every candidate reads from, bounded: when it would take more than half the free disk, one block is read
+    (the candidates of more blocks are dropped, and the choice says so)."""
+    from carrot.features.cache import missing_bytes
+
+    bb, b = model.backbone, model.config.backbone
+    need = sum(missing_bytes(bb, ds, root, b.cache_dtype) for ds in datasets)
+    if not need:
+        return
+    probe = next((p for p in (root, *root.parents) if p.exists()), None)
+    free = shutil.disk_usage(probe).free if probe is not None else None
+    if b.blocks == "auto" and bb.blocks > 1 and free is not None and need > free // 2:
+        wide = need
+        bb.blocks = 1
+        need = sum(missing_bytes(bb, ds, root, b.cache_dtype) for ds in datasets)
+        note(f"embedding auto: the last blocks' token cache would take {human_size(wide)}, more than half the "
+             f"{human_size(free)} free at '{root}'; reading the last block only")
+    what = f"the last {bb.blocks} blocks, the candidates of backbone.blocks auto" if b.blocks == "auto" and bb.blocks > 1 else \
+        f"{bb.blocks} block{'s' if bb.blocks > 1 else ''}"
+    note(f"token cache: {human_size(need)} for {sum(len(d) for d in datasets)} images ({what}) at '{root}'")
 
 
 def _gather_rows(G_shard: np.ndarray, n: int, run_dir: Path, name: str) -> np.ndarray | None:
@@ -145,24 +171,33 @@ def fit(config: RunConfig, run_dir: str | Path, progress: bool = True, overwrite
     if config.backbone.cache_tokens:
         stores, train, test = extract_splits(config, model, progress)
         _fit_token_map(model, train, stores[0])
-        shards = [model.embed_store(s, progress=progress and rank == 0) for s in stores]
     else:  # stream images -> embeddings; this rank's rows rank, rank + world, ...
         (train, test), stores = load_splits(config), []
         check_headers((train, test), model.backbone.min_side)
         report_duplicates(train, test)
         check_resources(model, (train, test), None)
         _fit_token_map(model, train, None)
-        shards = [model.embed_dataset(split.subset(range(rank, len(split), size)) if size > 1 else split, progress and rank == 0)
-                  for split in (train, test)]
+    splits = [split.subset(range(rank, len(split), size)) if size > 1 else split for split in (train, test)]
+    shards = _embed_splits(model, stores, splits, progress and rank == 0)
     t_extract = time.perf_counter() - t0
     run_dir = Path(run_dir)
-    G_train, G_test = (_gather_rows(G, len(split), run_dir, name) for G, split, name in zip(shards, (train, test), ("train", "test")))
+    gathered = {c: [_gather_rows(G, len(split), run_dir, f"{name}{i}") for G, split, name in zip(Gs, (train, test), ("train", "test"))]
+                for i, (c, Gs) in enumerate(shards.items())}
     if rank != 0:
         return {"rank": rank, "token_caches": [str(s.path) for s in stores]}
-    note(f"fitting the head ({config.head.kind}) on {len(train)} training images, {len(train.classes)} classes")
-    model.fit(G_train, train.labels, train.records, train.classes)
+    head, choice = None, None
+    if len(gathered) > 1 or is_auto(config):
+        note(f"choosing the embedding ({_candidates_line(model)}) on {len(train)} training images, {len(train.classes)} classes")
+        picked = choose(model.config, {c: Gs[0] for c, Gs in gathered.items()}, train.labels, _candidates_line(model))
+        model.use_embedding(picked.candidate)
+        head, choice = picked.head, picked.record
+    G_train, G_test = next(iter(gathered.values())) if choice is None else gathered[picked.candidate]
+    if head is None:
+        note(f"fitting the head ({config.head.kind}) on {len(train)} training images, {len(train.classes)} classes")
+    model.fit(G_train, train.labels, train.records, train.classes, head=head)
     metrics = {
         "n_train": len(train), "n_test": len(test), "classes": len(train.classes),
+        "embedding": choice["chosen"] if choice else None, "embedding_choice": choice,
         "head": kind_of(model.head_).name, "head_choice": getattr(model.head_, "head_choice_", None),
         **model.head_.fit_record(),
         "train_accuracy": model.score(G_train, train.labels),
@@ -179,6 +214,40 @@ def fit(config: RunConfig, run_dir: str | Path, progress: bool = True, overwrite
     model.save(run_dir, finish=lambda staging: write_index(staging, model=model, name=run_dir.resolve().name),
                replace=ANY if overwrite else None)  # without --overwrite, a run another process wrote meanwhile stays
     return metrics
+
+
+def _candidates_line(model: Carrot) -> str:
+    return candidates(model.config, model.backbone)[1]
+
+
+def _embed_splits(model: Carrot, stores: Sequence[Any], splits: Sequence[ImageDataset],
+                  progress: bool) -> dict[Any, list[np.ndarray]]:
+    """The embeddings of both splits, {candidate: [train rows, test rows]}: the configured one (its candidate None), or
+    with ``backbone.blocks`` / ``global_tokens`` auto every candidate's, in one pass over each split's tokens (from its
+    cache, or streamed through the backbone)."""
+    if not is_auto(model.config):
+        G = [model.embed_store(s, progress=progress) for s in stores] if stores else \
+            [model.embed_dataset(split, progress) for split in splits]
+        return {None: G}
+    cands, line = candidates(model.config, model.backbone)
+    note(f"embedding auto: {line}")
+    embs = embedders(model.config, cands, model.token_map_)
+    if stores:
+        per_split = [embed_candidates_of_store(s.last_blocks(model.backbone.blocks), embs, progress) for s in stores]
+    else:
+        from torch.utils.data import DataLoader
+
+        from carrot.features.cache import RecordImages, worker_errors
+
+        bb, b = model.backbone, model.config.backbone
+        per_split = []
+        for split in splits:
+            loader = DataLoader(RecordImages(split, bb.transform(), bb.min_side), batch_size=b.batch_size,
+                                num_workers=b.num_workers, shuffle=False)
+            with worker_errors():
+                per_split.append(embed_inputs(model, bar(loader, desc=f"embed {split.name}", unit="batch", disable=not progress),
+                                              len(split), embs, split.name))
+    return {c: [Gs[c] for Gs in per_split] for c in cands}
 
 
 def _extraction_speed(stores: Sequence[Any]) -> float | None:

@@ -10,6 +10,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from carrot.distributed import world
+from carrot.embed.choice import embedding_line
 from carrot.attribution.representer import class_summary
 from carrot.audit.registry import AUDITS
 from carrot.errors import CarrotError
@@ -78,6 +79,7 @@ def run_summary(model: Carrot, G: np.ndarray, y: np.ndarray, G_test: np.ndarray,
         "class_flow": flow["class_flow"].tolist() if flow is not None and flow["class_flow"] is not None else None,
         "n_train": int(len(y)), "n_test": int(len(y_test)), "lam": float(head.lam_),
         "t": model.config.diffusion.t, "backbone": model.config.backbone.name,
+        "embedding": embedding_line((model.metrics_ or {}).get("embedding_choice"), model.config),
         "head": head_line(head, (getattr(head, "head_choice_", None) or (model.metrics_ or {}).get("head_choice"))
                           if model.config.head.kind == "auto" else None),
     }
@@ -373,7 +375,7 @@ def _token_stores(run_dir: str | Path, model: Carrot, splits: Sequence[int]) -> 
     if len(caches) != 2 or not all(Path(caches[s]).is_dir() for s in splits):
         raise CarrotError(f"run '{run_dir}': no token caches ({caches or 'fitted with --no-cache-tokens or under torchrun'}"
                           f"{'; gone' if caches else ''}); run carrot-run fit with the token cache to (re)build them")
-    return [open_store(caches[s], verify=True) for s in splits]
+    return [open_store(caches[s], verify=True, blocks=model.config.backbone.blocks) for s in splits]
 
 
 def cached_test_split(run_dir: str | Path, model: Carrot):

@@ -39,14 +39,26 @@ class Carrot:
     def backbone(self) -> TokenBackbone:
         if self._backbone is None:
             b = self.config.backbone
+            from carrot.embed.choice import read_blocks
+
             self._backbone = create_backbone(
                 b.name, img_size=b.img_size, checkpoint=b.checkpoint, pretrained=b.pretrained, device=self.config.device,
-                seed=self.config.seed, blocks=b.blocks, precision=b.precision,
+                seed=self.config.seed, blocks=1 if b.blocks == "auto" else b.blocks, precision=b.precision,
             )
-            if b.global_tokens and not self._backbone.num_prefix_tokens:
+            self._backbone.blocks = read_blocks(self.config, self._backbone)  # 'auto': what every candidate reads
+            if b.global_tokens is True and not self._backbone.num_prefix_tokens:
                 raise CarrotError(f"backbone.global_tokens: '{b.name}' has no class or register tokens (a ConvNet or a "
                                   "ViT without them); expected false")
         return self._backbone
+
+    def use_embedding(self, candidate: Any) -> "Carrot":
+        """Pin the embedding 'auto' chose (a :class:`~carrot.embed.choice.Candidate`): the config's blocks and global
+        tokens, and the backbone reading that many blocks (the cache of more serves it by its last columns)."""
+        self.config = self.config.merged(candidate.settings())
+        if self._backbone is not None:
+            self._backbone.blocks = candidate.blocks
+            self._backbone_info = None
+        return self
 
     @property
     def embedder(self) -> Embedder:
@@ -255,11 +267,11 @@ class Carrot:
         G, w = self.embed_regions(regions)
         return G.numpy(), regions.H, w, grid, imgs, regions.globals
 
-    def _regions(self, x: torch.Tensor, where: str) -> tuple[RegionSet, tuple[int, int]]:
+    def _regions(self, x: torch.Tensor, where: str, globals_too: bool = False) -> tuple[RegionSet, tuple[int, int]]:
         """The backbone on model inputs (B, 3, H, W) as a RegionSet of tokens rounded as the cache rounds them, with the
-        global tokens when the embedding reads them; and the grid."""
+        global tokens when the embedding reads them (or ``globals_too``); and the grid."""
         H, glob, grid = self.backbone.with_globals(x)
-        glob = self._as_cached(glob, where) if self.config.backbone.global_tokens else None
+        glob = self._as_cached(glob, where) if globals_too or self.config.backbone.global_tokens is True else None
         return RegionSet(self._as_cached(H, where), patch_centres(grid, torch.float64), grid, glob), grid
 
     def _as_cached(self, H: torch.Tensor, where: str) -> torch.Tensor:
@@ -282,7 +294,7 @@ class Carrot:
             caches = getattr(self, "metrics_", {}).get("token_caches", [])
             if caches and Path(caches[0]).is_dir():
                 try:
-                    store = open_store(caches[0], verify=True)
+                    store = open_store(caches[0], verify=True, blocks=self.config.backbone.blocks)
                 except CarrotError:
                     store = None
             if store is not None and (store.manifest["weights_id"] != self.backbone.weights_id
