@@ -134,6 +134,49 @@ def token_map_rows(model: Carrot, run: str, specs: list[str], splits: list[tuple
     return rows_out
 
 
+def auto_embedding_rows(model: Carrot, splits: list[tuple[int, np.ndarray, np.ndarray]],
+                        y: np.ndarray) -> tuple[list[dict], int]:
+    """Rows for ``backbone.blocks`` / ``global_tokens`` auto (issue 29), from the run's token caches of the last K
+    blocks: every candidate embedding of every image in one pass (carrot.embed.choice.embed_store); per split, the
+    ``auto`` head on each candidate (``carrot_auto@<candidate>``) and the embedding auto keeps by the exact LOO accuracy
+    of the training part (``carrot_auto_embedding``, carrot's own :func:`~carrot.embed.choice.choose`)."""
+    from carrot.embed.choice import candidates, choose, embed_store, embedders
+    from carrot.features.cache import open_store
+    from carrot.ridge.heads import fit_head, kind_of, loo_accuracy
+
+    stores = [open_store(c) for c in model.metrics_["token_caches"][:2]]
+    cfg = model.config.merged({"backbone.blocks": "auto", "backbone.global_tokens": "auto", "head.kind": "auto"})
+    bb = model.backbone
+    bb.blocks = stores[0].blocks
+    cands, line = candidates(cfg, bb)
+    print(f"candidates ({line}): embedding {len(y)} images", flush=True)
+    t0 = time.perf_counter()
+    parts = [embed_store(s, embedders(cfg, cands), progress=True) for s in stores]
+    G = {c: np.vstack([p[c] for p in parts]) for c in cands}
+    print(f"embedded in {time.perf_counter() - t0:.0f} s", flush=True)
+    rows = []
+    for seed, tr, te in splits:
+        for c in cands:
+            t0 = time.perf_counter()
+            head = fit_head(cfg, G[c][tr], y[tr])
+            fit_s = time.perf_counter() - t0
+            acc = float((head.predict(G[c][te]) == y[te]).mean())
+            rows.append({"seed": seed, "head": f"carrot_auto@{c.name}", "test_accuracy": acc,
+                         "loo_accuracy": loo_accuracy(head, G[c][tr], y[tr]), "fit_seconds": fit_s,
+                         "chosen": head.describe(), "n_train": int(len(tr)), "n_test": int(len(te))})
+            print(f"seed {seed} auto head on {c.name}: test {acc:.4f} (LOO {rows[-1]['loo_accuracy']:.4f}), {fit_s:.1f} s", flush=True)
+        t0 = time.perf_counter()
+        picked = choose(cfg, {c: G[c][tr] for c in cands}, y[tr], line)
+        fit_s = time.perf_counter() - t0
+        acc = float((picked.head.predict(G[picked.candidate][te]) == y[te]).mean())
+        rows.append({"seed": seed, "head": "carrot_auto_embedding", "test_accuracy": acc,
+                     "loo_accuracy": loo_accuracy(picked.head, G[picked.candidate][tr], y[tr]), "fit_seconds": fit_s,
+                     "chosen": f"{picked.candidate.name}, {kind_of(picked.head).name}", "n_train": int(len(tr)),
+                     "n_test": int(len(te))})
+        print(f"seed {seed} auto embedding: {rows[-1]['chosen']}: test {acc:.4f}, {fit_s:.1f} s", flush=True)
+    return rows, max(g.shape[1] for g in G.values())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run", default="runs/demo", help="a fitted run directory")
@@ -143,6 +186,9 @@ def main() -> None:
     ap.add_argument("--token-maps", nargs="*", default=[], metavar="KIND:DIM",
                     help="token maps before the readout, e.g. nystroem:1024 rff:1024 (needs the run's token caches)")
     ap.add_argument("--tag", default=None, help="suffix of the default result name (runs of other embeddings)")
+    ap.add_argument("--auto-embedding", action="store_true",
+                    help="the embedding backbone.blocks / global_tokens auto keeps, against each candidate (needs a run "
+                         "fitted with them auto: its token caches hold the last 4 blocks); writes heads_<data>_<backbone>_auto")
     ap.add_argument("--merge-into", default=None, help="add the rows to this earlier result file (same run and seeds)")
     args = ap.parse_args()
     from sklearn.model_selection import train_test_split
@@ -176,6 +222,13 @@ def main() -> None:
                          "chosen": best["head"]})
     rows += token_map_rows(model, args.run, args.token_maps, splits, y) if args.token_maps else []
     meta = json.loads((Path(args.run) / "run.json").read_text())
+    embedding = {k: meta["config"]["backbone"].get(k, d) for k, d in (("blocks", 1), ("global_tokens", False))}
+    dim = int(G.shape[1])
+    if args.auto_embedding:
+        auto_rows, dim = auto_embedding_rows(model, splits, y)
+        rows += auto_rows
+        embedding = {"blocks": "auto", "global_tokens": "auto"}
+        args.tag = args.tag or "auto"
     data, backbone = meta["config"]["data"]["kind"], meta["config"]["backbone"]["name"]
     out = args.out or Path(__file__).parent / "results" / f"heads_{data}_{backbone}{'_' + args.tag if args.tag else ''}"
     if args.merge_into:
@@ -186,10 +239,9 @@ def main() -> None:
         rows = [r for r in old["rows"] if r["head"] not in new] + rows
         out = Path(args.merge_into).with_suffix("")
     print(write_results(out, rows, benchmark="heads", run=str(args.run), data=data, backbone=backbone,
-                        classes=len(model.classes_), dim=int(G.shape[1]), n=int(len(y)), test_fraction=frac,
+                        classes=len(model.classes_), dim=dim, n=int(len(y)), test_fraction=frac,
                         seeds=args.seeds, device=device_name("cpu"), python=platform.python_version(),
-                        torch=torch.__version__, sklearn=sklearn.__version__, keeps=keeps(),
-                        embedding={k: meta["config"]["backbone"].get(k, d) for k, d in (("blocks", 1), ("global_tokens", False))}))
+                        torch=torch.__version__, sklearn=sklearn.__version__, keeps=keeps(), embedding=embedding))
 
 
 if __name__ == "__main__":

@@ -321,12 +321,16 @@ HEAD_NAMES = {
     "sklearn_knn_cv": "scikit-learn `KNeighborsClassifier` (cosine, distance-weighted; k by 5-fold CV)",
     "carrot_tokenmap_nystroem_1024": "carrot linear ridge on a Nyström token map (m = 1024; region split exact)",
     "carrot_tokenmap_rff_1024": "carrot linear ridge on random Fourier token features (m = 1024; region split exact)",
+    "carrot_auto_embedding": "**carrot's defaults: `backbone.blocks: auto`, `global_tokens: auto`, `head.kind: auto`** "
+                             "(the candidate embedding whose best head has the highest exact LOO accuracy)",
 }
 
 
 def embedding_name(d: dict) -> str:
     """What the run's embedding reads: the diffused patch readout, with the class token, of the last k blocks."""
     b = d.get("embedding", {})
+    if b.get("blocks") == "auto":
+        return "auto: chosen per split among the candidates below"
     parts = ["diffused patch readout"]
     if b.get("blocks", 1) > 1:
         parts.append(f"last {b['blocks']} blocks")
@@ -345,7 +349,8 @@ def heads_section(d: dict) -> list[str]:
 
     lines = [f"## Heads on the same embeddings: {d['data']}, {d['backbone']} ({embedding_name(d)})", "",
              f"`benchmarks/bench_heads.py` on {d['device']} (scikit-learn {d['sklearn']}): the run's {d['n']} images "
-             f"({d['classes']} classes, {d['dim']}-d embeddings) pooled and split again, stratified, "
+             f"({d['classes']} classes, {'up to ' if d.get('embedding', {}).get('blocks') == 'auto' else ''}{d['dim']}-d "
+             "embeddings) pooled and split again, stratified, "
              f"{d['test_fraction']:.0%} test, seeds {d['seeds']}; mean ± std over the seeds. carrot's heads choose their "
              "settings by exact leave-one-out on the training part, the peers by 5-fold cross-validation through "
              "scikit-learn's own estimators.", "",
@@ -353,7 +358,8 @@ def heads_section(d: dict) -> list[str]:
     heads = list(dict.fromkeys(r["head"] for r in d["rows"]))
     for h in heads:
         rs = [r for r in d["rows"] if r["head"] == h]
-        lines.append(f"| {HEAD_NAMES.get(h, h)} | {ms([r['test_accuracy'] for r in rs])} | "
+        name = HEAD_NAMES.get(h, f"carrot `head.kind: auto` on the {h.split('@')[1]}" if h.startswith("carrot_auto@") else h)
+        lines.append(f"| {name} | {ms([r['test_accuracy'] for r in rs])} | "
                      f"{ms([r['loo_accuracy'] for r in rs])} | {ms([r['fit_seconds'] for r in rs], '.2f')} | {rs[0]['chosen']} |")
     if any(h.startswith("carrot_tokenmap") for h in heads):
         lines += ["", "Token-map rows: the map is fitted per split on the training part's token sample; fit seconds are "
@@ -380,7 +386,8 @@ def embeddings_section(files: list[dict]) -> list[str]:
     for d in sorted(files, key=lambda d: (d["data"], d["backbone"], d["dim"])):
         cells = []
         for head, _ in EMBEDDING_COLUMNS:
-            vals = [r["test_accuracy"] for r in d["rows"] if r["head"] == head]
+            auto = head == "carrot_auto" and d.get("embedding", {}).get("blocks") == "auto"
+            vals = [r["test_accuracy"] for r in d["rows"] if r["head"] == ("carrot_auto_embedding" if auto else head)]
             cells.append(f"{np.mean(vals):.3f}" if vals else "")
         lines.append(f"| {d['data']}, {d['backbone']} | {embedding_name(d)} | {d['dim']} | " + " | ".join(cells) + " |")
     return lines + [""]

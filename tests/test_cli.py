@@ -72,7 +72,8 @@ def test_explain_folder_writes_exact_explanations(fitted, synthetic_root, tmp_pa
         assert e["supporting"][0]["score"] >= e["supporting"][-1]["score"]
         logit = e["logits"][e["predicted"]]
         assert abs(e["prior"] + e["data_sum"] - logit) <= 1e-6 * max(1, abs(logit))
-        assert abs(e["prior"] + e["region_sum"] - logit) <= 1e-6 * max(1, abs(logit))
+        # the class tokens of the default (auto) embedding, when it keeps them, are their own exact term
+        assert abs(e["prior"] + e["region_sum"] + e.get("global_term", 0.0) - logit) <= 1e-6 * max(1, abs(logit))
         assert np.asarray(e["region_contributions"]).shape == tuple(e["grid"]) == (2, 2)
         png = Path(e["heatmap"])
         with Image.open(png) as im:
@@ -399,12 +400,13 @@ def test_evaluate_region_deletion(fitted, tmp_path):
     i = int(np.random.default_rng(3).choice(len(store), 1, replace=False)[0])
     H = torch.from_numpy(np.asarray(store.tokens[i], dtype=np.float64))
     P = patch_centres(store.grid, torch.float64)
-    G, w = model.embed_regions(RegionSet(H[None], P, store.grid))
+    glob = torch.from_numpy(np.asarray(store.globals[i], dtype=np.float64)) if model.config.backbone.global_tokens else None
+    G, w = model.embed_regions(RegionSet(H[None], P, store.grid, None if glob is None else glob[None]))
     logits = model.head_.decision_function(G.numpy())[0]
     c = int(logits.argmax())
     prior = float(model.head_.prior_[c])
-    order = np.argsort(-region_contributions(model.head_, H, w[0])[:, c].numpy(), kind="stable")
-    dele, ins = deletion_insertion(model.head_, H, P, c, order, model.embedder, steps=8)
+    order = np.argsort(-region_contributions(model.head_, H, w[0], glob)[: H.shape[0], c].numpy(), kind="stable")
+    dele, ins = deletion_insertion(model.head_, H, P, c, order, model.embedder, steps=8, globals=glob)
     assert one["deletion"] == pytest.approx((dele.auc - prior) / (logits[c] - prior), rel=1e-9)
     assert one["insertion"] == pytest.approx((ins.auc - prior) / (logits[c] - prior), rel=1e-9)
 

@@ -35,7 +35,7 @@ def test_listed_numbers_are_exact_and_ranked_by_removal(fitted, synthetic_root):
         refit = frozen_clone(model.head_).fit(model.train_embeddings_[keep], y[keep]).decision_function(G)[0, c]
         assert r["removal_effect"] == pytest.approx(refit - logit, abs=1e-9) and r["score"] == -r["removal_effect"]
         assert r["pair_sum_error"] <= 1e-9 * max(1.0, abs(r["score"]))
-        total = sum(map(sum, r["test_regions"])) + r["pair_intercept"]
+        total = sum(map(sum, r["test_regions"])) + r["pair_intercept"] + r.get("pair_global", 0.0)  # class tokens' part
         assert total == pytest.approx(r["score"], abs=1e-9)
     cert = exp["certificate"]
     assert cert["limit"] == 8 and cert["seconds"] >= 0

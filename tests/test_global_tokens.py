@@ -51,7 +51,7 @@ def test_blocks_and_global_tokens_are_refused_where_the_model_has_none(tmp_path)
     cfg = RunConfig.from_dict({"backbone": {"name": "resnet18", "img_size": 64, "pretrained": False, "global_tokens": True}})
     with pytest.raises(CarrotError, match="backbone.global_tokens: 'resnet18' has no class or register tokens"):
         Carrot(cfg).backbone
-    with pytest.raises(CarrotError, match=r"backbone.blocks: expected an integer in \[1, 48\], got 0"):
+    with pytest.raises(CarrotError, match=r"backbone.blocks: expected an integer in \[1, 48\] or 'auto', got 0"):
         RunConfig.from_dict({"backbone": {"blocks": 0}})
     bb = create_backbone("resnet18", img_size=64, pretrained=False, device="cpu")
     H, C, grid = bb.with_globals(torch.zeros(1, 3, 64, 64))

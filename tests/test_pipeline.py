@@ -4,11 +4,13 @@ import scipy.linalg
 import torch
 
 from carrot.features.backbone import patch_centres
-from carrot.config import DiffusionConfig, GraphConfig, RunConfig
+from carrot.config import BackboneConfig, DiffusionConfig, GraphConfig, RunConfig
 from carrot.errors import CarrotError, NotFittedError
 from carrot.embed.graph import affinity, normalized_laplacian
 from carrot.run.pipeline import Carrot
 from carrot.features.regions import RegionSet
+
+PLAIN = BackboneConfig(blocks=1, global_tokens=False)  # the patch readout of the last block (no choice to make)
 
 
 def regions(b=3, grid=(4, 5), d=6, seed=0) -> RegionSet:
@@ -18,7 +20,7 @@ def regions(b=3, grid=(4, 5), d=6, seed=0) -> RegionSet:
 
 def test_t_zero_embedding_is_plain_mean_pooling():
     r = regions()
-    G, w = Carrot(RunConfig(diffusion=DiffusionConfig(t=0.0))).embed_regions(r)
+    G, w = Carrot(RunConfig(backbone=PLAIN, diffusion=DiffusionConfig(t=0.0))).embed_regions(r)
     assert torch.equal(G, torch.einsum("bnd,bn->bd", r.H, w))
     assert torch.allclose(G, r.H.mean(1), atol=1e-15, rtol=0)
 
@@ -27,7 +29,7 @@ def test_t_zero_embedding_is_plain_mean_pooling():
 @pytest.mark.parametrize("knn", [None, 3])
 def test_embedding_is_mean_of_diffused_tokens(method, knn):
     r = regions(seed=1)
-    cfg = RunConfig(graph=GraphConfig(sigma_space=0.6, sigma_feat="median", knn=knn), diffusion=DiffusionConfig(t=2.0, method=method))
+    cfg = RunConfig(backbone=PLAIN, graph=GraphConfig(sigma_space=0.6, sigma_feat="median", knn=knn), diffusion=DiffusionConfig(t=2.0, method=method))
     G, _ = Carrot(cfg).embed_regions(r)
     L = normalized_laplacian(affinity(r.H, r.P, 0.6, "median", knn)).numpy()
     for b in range(r.batch):

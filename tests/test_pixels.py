@@ -436,7 +436,9 @@ def test_the_pixel_map_follows_the_backbones_grid(name, size, synthetic_root, tm
 
     bb = create_backbone(name, img_size=size, pretrained=False, device="cpu")
     train, _ = load_imagefolder(synthetic_root)
-    model = Carrot(backbone=bb)
+    from carrot.config import RunConfig
+
+    model = Carrot(RunConfig().merged({"backbone.blocks": 1, "backbone.global_tokens": False}), backbone=bb)
     assert model.pixel_removal() == "blur"  # auto: no tokens to drop (a ConvNet, a hierarchical ViT)
     G = model.embed_images(train.paths)[0]
     model.fit(G, train.labels, train.records, train.classes)

@@ -154,7 +154,8 @@ def test_pointing_game_on_the_generated_parts_with_a_real_backbone(tmp_path):
     root = make_synthetic(tmp_path / "toy", num_classes=3, per_class=12, size=64, seed=1)
     parts = json.loads((root / "parts.json").read_text())
     train, test = load_imagefolder(root, test_fraction=0.34, seed=0)
-    model = Carrot(RunConfig().merged({"backbone.name": "efficientnet_lite0", "device": "cpu", "diffusion.t": 0.0}))
+    model = Carrot(RunConfig().merged({"backbone.name": "efficientnet_lite0", "device": "cpu", "diffusion.t": 0.0, "backbone.blocks": 1,
+                                      "backbone.global_tokens": False}))
     G, _, _, _, _, _ = model.embed_images(train.paths)
     model.fit(G, train.labels, train.records, train.classes)
     geo = model.backbone.display_transform()

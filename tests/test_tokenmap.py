@@ -12,6 +12,7 @@ from sklearn.metrics.pairwise import rbf_kernel
 from carrot.cli import cli
 from carrot.embed.tokenmap import TokenMap, sample_tokens
 from carrot.errors import CarrotError
+from conftest import TINY_BACKBONE
 
 
 def tokens(seed: int, n: int = 400, d: int = 12) -> np.ndarray:
@@ -115,6 +116,7 @@ def test_the_token_sample_reads_whole_images_then_thins():
 @pytest.fixture(scope="module")
 def mapped_run(tmp_path_factory, fit_tiny):
     return fit_tiny(tmp_path_factory.mktemp("tokenmap") / "run", head={"kind": "ridge"},
+                    backbone={**TINY_BACKBONE, "global_tokens": False},  # the map's split alone (the class tokens: their own tests)
                     token_map={"kind": "nystroem", "dim": 24}, diffusion={"t": 1.0})
 
 

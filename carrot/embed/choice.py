@@ -192,4 +192,4 @@ def embedding_line(choice: dict[str, Any] | None, config: "RunConfig") -> str:
     scores = ", ".join(f"{r['embedding']} {r['loo_accuracy']:.4f} ({r['head']})" for r in choice["candidates"])
     if len(choice["candidates"]) == 1:
         return f"embedding: {name}, the only one ({choice['note']})"
-    return f"embedding: {name}, kept by backbone auto (exact LOO accuracy: {scores})"
+    return f"embedding: {name}, chosen by backbone auto (exact LOO accuracy: {scores})"

@@ -53,8 +53,9 @@ class Embedder:
             raise CarrotError(f"token_map: the config's token_map.kind is {config.token_map.kind!r} but "
                               f"{'no' if token_map is None else 'a'} fitted token map was given")
         if config.backbone.global_tokens == "auto":
-            raise CarrotError("backbone.global_tokens: 'auto' is resolved when a run is fitted (carrot-run fit, "
-                              "carrot.embed.choice); expected true or false here, got 'auto'")
+            raise CarrotError("backbone.global_tokens: 'auto' is chosen when a run is fitted (carrot-run fit, "
+                              "carrot.embed.choice); expected true or false here (pin it for the Python API: "
+                              "RunConfig().merged({'backbone.blocks': 1, 'backbone.global_tokens': False})), got 'auto'")
         return cls(config.graph, config.diffusion, config.device, token_map, config.backbone.global_tokens)
 
     def __repr__(self) -> str:

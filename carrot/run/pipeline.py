@@ -51,6 +51,14 @@ class Carrot:
                                   "ViT without them); expected false")
         return self._backbone
 
+    def _check_pinned(self, what: str) -> None:
+        """Refuse an embedding still 'auto' where one must be known (the run's choice pins it)."""
+        b = self.config.backbone
+        if b.blocks == "auto" or b.global_tokens == "auto":
+            raise CarrotError(f"{what}: backbone.blocks / backbone.global_tokens are 'auto', chosen when a run is fitted "
+                              "(carrot-run fit, carrot.run.commands.fit); pin them for the embeddings you give, e.g. "
+                              "RunConfig().merged({'backbone.blocks': 1, 'backbone.global_tokens': False})")
+
     def use_embedding(self, candidate: Any) -> "Carrot":
         """Pin the embedding 'auto' chose (a :class:`~carrot.embed.choice.Candidate`): the config's blocks and global
         tokens, and the backbone reading that many blocks (the cache of more serves it by its last columns)."""
@@ -143,6 +151,7 @@ class Carrot:
         if (self.config.token_map.kind != "none") != (self.token_map_ is not None):
             raise CarrotError(f"token_map.kind is {self.config.token_map.kind!r}: fit_token_map(training tokens) "
                               "comes before the embeddings and the head")
+        self._check_pinned("Carrot.fit")
         self.head_ = fit_head(self.config, G, y, sample_weight) if head is None else head
         self.sample_weight_ = None if sample_weight is None else np.asarray(sample_weight, dtype=np.float64)
         self.train_embeddings_ = np.asarray(G, dtype=np.float64)
