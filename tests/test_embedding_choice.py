@@ -201,3 +201,22 @@ def test_the_wide_cache_is_bounded_by_the_free_disk(monkeypatch, synthetic_root,
     assert [r["embedding"] for r in m["embedding_choice"]["candidates"]] == ["last block", "last block + class tokens"]
     assert "the cache of more blocks would not fit" in m["embedding_choice"]["note"]
     assert [json.loads((Path(c) / "manifest.json").read_text())["blocks"] for c in m["token_caches"]] == [1, 1]
+
+
+def test_releasing_the_mapped_pages_keeps_the_rows(tmp_path):
+    """A pass over the cache gives its resident pages back after each batch; the rows read again are the same."""
+    from carrot.features.cache import open_store
+
+    tokens = np.lib.format.open_memmap(tmp_path / "tokens.npy", mode="w+", dtype=np.float16, shape=(5, 5, 8))
+    tokens[:] = np.random.default_rng(0).standard_normal((5, 5, 8))
+    tokens.flush()
+    want = np.array(tokens)
+    del tokens
+    manifest = {"version": 3, "n": 5, "dim": 8, "grid": [2, 2], "prefix": 1, "dtype": "float16", "blocks": 2,
+                "labels": [0] * 5, "complete": True}
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    store = open_store(tmp_path, blocks=1)
+    first = np.array(store.tokens)
+    store.release()
+    assert np.array_equal(first, want[:, 1:, 4:]) and np.array_equal(np.array(store.tokens), first)
+    assert np.array_equal(np.array(store.globals), want[:, :1, 4:])

@@ -196,7 +196,7 @@ def test_the_exact_dual_beyond_memory_is_refused_or_approximated(monkeypatch):
 
     monkeypatch.setattr(kernel, "_memory", lambda dev: 8 * 9 * 24 * 24)  # too little for the exact dual of n = 24
     G, y, _ = data(0)
-    with pytest.raises(CarrotError, match=r"G: the exact kernel head on n = 24 training images holds 9 n x n"):
+    with pytest.raises(CarrotError, match=r"G: the exact kernel head on n = 24 training images holds 10 n x n"):
         KernelRidgeHead(lam=1.0, gamma=1.0, approx="exact").fit(G, y)
     head = KernelRidgeHead(lam=1.0, gamma=1.0, n_landmarks=6).fit(G, y)  # auto: Nystroem, 8 n x m arrays fit
     assert head.approx_ == "nystroem" and head.landmarks_.shape == (6, G.shape[1])
@@ -503,3 +503,17 @@ def test_auto_decides_a_costly_search_on_a_subsample(monkeypatch):
     head = fit_head(cfg, Xs, np.sort(y))
     assert type(head).__name__ == "RidgeHead" and head.head_choice_["kernel"] is None
     assert head.head_choice_["kernel_skipped"].startswith("decided on a class-stratified subsample of 60 images")
+
+
+@pytest.mark.parametrize("kernel", ["rbf", "laplacian", "poly"])
+def test_a_search_shares_the_kernels_base_across_gammas_bitwise(kernel):
+    """gram_over computes the distances (inner products) once; every gamma's Gram is kernel_matrix's, bitwise, and
+    the kernel of a few rows against the training rows with their kept norms is too."""
+    from carrot.ridge.gram import gram_over, kernel_matrix
+
+    X = torch.randn(30, 7, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    gammas = [0.1, 0.5, 2.0]
+    for K, gamma in zip(gram_over(kernel, X, gammas, 3, 1.0), gammas):
+        assert torch.equal(K, kernel_matrix(kernel, X, None, gamma, 3, 1.0))
+    Z = X[:4] + 0.01
+    assert torch.equal(kernel_matrix(kernel, Z, X, 0.5, y_sq=(X * X).sum(1)), kernel_matrix(kernel, Z, X, 0.5))

@@ -130,6 +130,7 @@ def embed_store(store: "TokenStore", embs: dict[Candidate, Embedder], progress: 
     for s in tqdm(range(0, len(store), batch), desc=f"diffuse {len(embs)} embeddings", disable=not progress, unit="batch"):
         H = torch.from_numpy(np.asarray(store.tokens[s : s + batch], dtype=np.float64))
         C = torch.from_numpy(np.asarray(store.globals[s : s + batch], dtype=np.float64)) if reads_globals else None
+        store.release()
         for c, g in embed_batch(H, P, C, store.blocks, embs).items():
             out.setdefault(c, np.empty((len(store), g.shape[1])))[s : s + batch] = g.numpy()
     return out

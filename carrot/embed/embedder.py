@@ -160,6 +160,8 @@ class Embedder:
         for s in tqdm(range(0, len(store), batch), desc="diffuse", disable=not progress, unit="batch"):
             H = torch.from_numpy(np.asarray(store.tokens[s : s + batch], dtype=np.float64))
             C = None if glob is None else torch.from_numpy(np.asarray(glob[s : s + batch], dtype=np.float64))
+            if hasattr(store, "release"):
+                store.release()
             out[:, s : s + batch] = self.embed_many(H, P, times, C).numpy()
         return out if ts is not None else out[0]
 
@@ -211,6 +213,7 @@ class Embedder:
                 w = self._diffused(W[dev_idx.unsqueeze(2), dev_idx.unsqueeze(1)], [self.diffusion.t])[0]
             else:
                 w = self.weights(H[idx], P[idx], sigmas=sigmas)[0]
-            out[rows] = weighted_readout(F[idx], w)
+            # g = F^T w with the removed nodes' weights 0: one (b, N) x (N, D) product, no (b, k, D) gather
+            out[rows] = torch.zeros(len(rows), F.shape[0], dtype=w.dtype).scatter_(1, idx, w) @ F
         out = self.with_globals(out, None if globals is None else globals.unsqueeze(0))
         return out[0] if single else out

@@ -8,7 +8,7 @@ kernel of new inputs.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -16,30 +16,35 @@ from carrot.errors import CarrotError
 from carrot.validation import ArrayLike, as_float64_matrix
 
 
-def _sq_dist(X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
-    return ((X * X).sum(1, keepdim=True) + (Y * Y).sum(1) - 2 * X @ Y.T).clamp_min_(0.0)
+def _sq_dist(X: torch.Tensor, Y: torch.Tensor, y_sq: torch.Tensor | None = None) -> torch.Tensor:
+    """|x - y|^2 (m, n); ``y_sq``: the rows of Y's squared norms (n,) when already known (a head's training rows)."""
+    y_sq = (Y * Y).sum(1) if y_sq is None else y_sq
+    return ((X * X).sum(1, keepdim=True) + y_sq - 2 * X @ Y.T).clamp_min_(0.0)
 
 
-def _rbf(X: torch.Tensor, Y: torch.Tensor, gamma: float, degree: int, coef0: float) -> torch.Tensor:
-    return torch.exp(-gamma * _sq_dist(X, Y))
+def _decay(base: torch.Tensor, gamma: float, degree: int, coef0: float) -> torch.Tensor:
+    return torch.exp(-gamma * base)
 
 
-def _laplacian(X: torch.Tensor, Y: torch.Tensor, gamma: float, degree: int, coef0: float) -> torch.Tensor:
-    return torch.exp(-gamma * torch.cdist(X, Y, p=1.0))
-
-
-def _poly(X: torch.Tensor, Y: torch.Tensor, gamma: float, degree: int, coef0: float) -> torch.Tensor:
-    return (gamma * (X @ Y.T) + coef0) ** degree
+def _polynomial(base: torch.Tensor, gamma: float, degree: int, coef0: float) -> torch.Tensor:
+    return (gamma * base + coef0) ** degree
 
 
 @dataclass(frozen=True)
 class Kernel:
-    """One kernel: k(X, Y) and the scale its 'auto' gamma grid is built around."""
+    """One kernel k(X, Y) = of_base(base(X, Y), gamma, degree, coef0): the part that does not depend on the kernel's
+    parameters (a distance, an inner product), shared by every gamma of a search, then the parameters' map; and the
+    scale its 'auto' gamma grid is built around."""
 
     name: str
-    fn: Callable[[torch.Tensor, torch.Tensor, float, int, float], torch.Tensor]
+    base: Callable[..., torch.Tensor]  # (X, Y, y_sq=None) -> (m, n)
+    of_base: Callable[[torch.Tensor, float, int, float], torch.Tensor]
     formula: str
     median: Callable[[torch.Tensor], float] | None  # 1 / median of the distance the kernel decays with
+
+    def fn(self, X: torch.Tensor, Y: torch.Tensor, gamma: float, degree: int, coef0: float,
+           y_sq: torch.Tensor | None = None) -> torch.Tensor:
+        return self.of_base(self.base(X, Y, y_sq), gamma, degree, coef0)
 
 
 def _median_inverse(dist: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], float]:
@@ -54,14 +59,15 @@ def _median_inverse(dist: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) 
 
 
 KERNELS: dict[str, Kernel] = {k.name: k for k in (
-    Kernel("rbf", _rbf, "exp(-gamma |x - y|^2)", _median_inverse(_sq_dist)),
-    Kernel("laplacian", _laplacian, "exp(-gamma |x - y|_1)", _median_inverse(lambda X, Y: torch.cdist(X, Y, p=1.0))),
-    Kernel("poly", _poly, "(gamma x.y + coef0)^degree", None),
+    Kernel("rbf", _sq_dist, _decay, "exp(-gamma |x - y|^2)", _median_inverse(_sq_dist)),
+    Kernel("laplacian", lambda X, Y, y_sq=None: torch.cdist(X, Y, p=1.0), _decay, "exp(-gamma |x - y|_1)",
+           _median_inverse(lambda X, Y: torch.cdist(X, Y, p=1.0))),
+    Kernel("poly", lambda X, Y, y_sq=None: X @ Y.T, _polynomial, "(gamma x.y + coef0)^degree", None),
 )}
 
 
 def kernel_matrix(kernel: str, X: ArrayLike, Y: ArrayLike | None = None, gamma: float = 1.0, degree: int = 3,
-                  coef0: float = 1.0) -> torch.Tensor:
+                  coef0: float = 1.0, y_sq: torch.Tensor | None = None) -> torch.Tensor:
     """The kernel between rows of X (m, D) and Y (n, D) as float64 (m, n); K(X, X) (Y None) is symmetric with the
     kernel's own diagonal by construction.
 
@@ -69,6 +75,8 @@ def kernel_matrix(kernel: str, X: ArrayLike, Y: ArrayLike | None = None, gamma: 
     ----------
     kernel : one of :data:`KERNELS` ('rbf', 'laplacian', 'poly').
     X : (m, D); Y : (n, D) or None for X itself; gamma > 0; degree >= 1 and coef0 >= 0 (poly only).
+    y_sq : (n,) the squared norms of Y's rows when the caller keeps them (the RBF kernel of many small batches
+        against one training set), else None.
 
     Returns
     -------
@@ -81,12 +89,29 @@ def kernel_matrix(kernel: str, X: ArrayLike, Y: ArrayLike | None = None, gamma: 
     Y = X if same else (Y if torch.is_tensor(Y) and Y.dtype == torch.float64 else as_float64_matrix(Y, "Y"))
     if X.shape[1] != Y.shape[1]:
         raise CarrotError(f"Y: expected {X.shape[1]} features as X, got {Y.shape[1]}")
-    K = KERNELS[kernel].fn(X, Y, float(gamma), int(degree), float(coef0))
-    if same:
-        K = (K + K.T) / 2
-        if kernel != "poly":
-            K.diagonal().fill_(1.0)
+    K = KERNELS[kernel].fn(X, Y, float(gamma), int(degree), float(coef0), None if same else y_sq)
+    return _symmetrised(kernel, K) if same else K
+
+
+def _symmetrised(kernel: str, K: torch.Tensor) -> torch.Tensor:
+    """K(X, X) symmetric with the kernel's own diagonal (1 for the decaying kernels), by construction."""
+    K = (K + K.T) / 2
+    if kernel != "poly":
+        K.diagonal().fill_(1.0)
     return K
+
+
+def gram_over(kernel: str, X: torch.Tensor, gammas: Sequence[float], degree: int = 3,
+              coef0: float = 1.0) -> Iterator[torch.Tensor]:
+    """K(X, X) (n, n) for each of ``gammas`` in turn, the kernel's base (the distances, the inner products) computed
+    once: each equals :func:`kernel_matrix` (X, None, gamma) bitwise, at a search's cost of one n^2 D product, not one
+    per gamma. One more n x n array is alive than for a single gamma."""
+    if kernel not in KERNELS:
+        raise CarrotError(f"kernel: expected one of {', '.join(KERNELS)}, got {kernel!r}")
+    k = KERNELS[kernel]
+    base = k.base(X, X)
+    for gamma in gammas:
+        yield _symmetrised(kernel, k.of_base(base, float(gamma), int(degree), float(coef0)))
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from carrot.devices import device_memory, resolve_device
 from carrot.errors import CarrotError, check_is_fitted
 from carrot.io import atomic_path, write_json
 from carrot.ridge.dual import CentredGram, CholeskySolve, DualSystem, Spectrum, loo_path
-from carrot.ridge.gram import KERNELS, Gram, LowRankGram, kernel_matrix
+from carrot.ridge.gram import KERNELS, Gram, LowRankGram, gram_over, kernel_matrix
 from carrot.ridge.headfile import load_parts, read_meta, settings
 from carrot.ridge.heads import register_head
 from carrot.ridge.loo import DEFAULT_LAMBDAS, check_lambdas
@@ -39,8 +39,8 @@ APPROXIMATIONS = ("auto", "exact", "nystroem")
 GAMMA_MULTIPLIERS = (0.25, 0.5, 1.0, 2.0, 4.0)  # 'auto' gamma: these times the median heuristic
 
 
-DUAL_ARRAYS = 9  # n x n float64 arrays alive at a fit's peak: the best gamma's Kc and Q, the next gamma's K, Kc, M
-# and its eigenvectors, eigh's workspace (about 2), and the LOO path's product
+DUAL_ARRAYS = 10  # n x n float64 arrays alive at a fit's peak: the shared distances, the best gamma's Kc and Q, the
+# next gamma's K, Kc, M and its eigenvectors, eigh's workspace (about 2), and the LOO path's product
 LOW_RANK_ARRAYS = 8  # n x m float64 arrays of the Nystroem fit's peak: two gammas' Phi, Phi_c, U, Q and the LOO product
 
 
@@ -188,7 +188,18 @@ class KernelRidgeHead(ClassifierMixin, BaseEstimator):
 
     def gram(self, X: torch.Tensor, Y: torch.Tensor | None, gamma: float | None = None) -> torch.Tensor:
         """The exact kernel k(X, Y) of preprocessed rows (Y None: X itself) at ``gamma`` (default the fitted one)."""
-        return kernel_matrix(self.kernel, X, Y, self.gamma_ if gamma is None else gamma, self.degree, self.coef0)
+        return kernel_matrix(self.kernel, X, Y, self.gamma_ if gamma is None else gamma, self.degree, self.coef0,
+                             self._sq_norms(Y))
+
+    def _sq_norms(self, Y: torch.Tensor | None) -> torch.Tensor | None:
+        """The squared row norms of the head's own rows (training rows, landmarks), kept once per tensor: a pixel map
+        asks for the kernel of a few rows against them hundreds of times. None for any other Y."""
+        if Y is None or (Y is not getattr(self, "X_fit_", None) and Y is not getattr(self, "landmarks_", None)):
+            return None
+        kept = getattr(self, "_sq_norms_", {})
+        if kept.get("of") is not Y:
+            kept = self._sq_norms_ = {"of": Y, "sq": (Y * Y).sum(1)}
+        return kept["sq"]
 
     def phi(self, Z: torch.Tensor) -> torch.Tensor:
         """Nystroem features (m, r) of preprocessed rows Z (m, D): k(Z, landmarks_) normalization_."""
@@ -282,6 +293,7 @@ class KernelRidgeHead(ClassifierMixin, BaseEstimator):
         gammas = self._gammas(Z.cpu())
         best, path, fmap = None, [], None
         steps = bar(total=len(gammas) * (1 + len(lams)), desc="kernel head", unit="step")
+        grams = gram_over(self.kernel, Z, gammas, self.degree, self.coef0) if self.approx_ != "nystroem" else None
         for g, gamma in enumerate(gammas):
             steps.set_description(f"kernel head: gamma {g + 1}/{len(gammas)}, factorising")
             if self.approx_ == "nystroem":
@@ -289,7 +301,7 @@ class KernelRidgeHead(ClassifierMixin, BaseEstimator):
                 landmarks, normalization = (v.to(Z.device) for v in fmap)
                 gram: Gram = LowRankGram(self.gram(Z, landmarks, gamma) @ normalization)
             else:
-                gram = self.gram(Z, None, gamma)
+                gram = next(grams)  # self.gram(Z, None, gamma), the distances shared across the gammas
             steps.update(1)
             steps.set_description(f"kernel head: gamma {g + 1}/{len(gammas)}, lambdas")
             loo, spec = loo_path(CentredGram.of(gram, a.to(Z.device)), Y, y_idx, lams, on_lambda=lambda li, acc: (

@@ -205,10 +205,13 @@ class Carrot:
         idx, counts = idx.cpu(), keep[rows].sum(1)
         ps = self.backbone.patch_size
         P = patch_centres((x.shape[-2] // ps[0], x.shape[-1] // ps[1]), torch.float64)
+        G = None
         for k in torch.unique(counts).tolist():
             sel = torch.nonzero(counts == k).flatten()
             g = self.embedder.embed_subsets(H[sel, :k], P[idx[sel, :k]], None if glob is None else glob[sel])
-            out[rows[sel].numpy()] = self.head_.decision_function(g.numpy())
+            G = torch.empty(len(rows), g.shape[1], dtype=torch.float64) if G is None else G
+            G[sel] = g
+        out[rows.numpy()] = self.head_.decision_function(G.numpy())  # one product with the training rows per batch
         return out
 
     def cell_game(self, x: torch.Tensor, grid: tuple[int, int], removal: str = DEFAULT_REMOVAL) -> "CellGame":

@@ -188,7 +188,7 @@ class Studio:
     def summary(self) -> dict[str, Any]:
         s = self.summary_
         keep = ("classes", "confusion", "confused_pairs", "test_accuracy", "per_class", "harmful", "helpful",
-                "label_review", "label_review_temperature", "n_train", "n_test", "head", "backbone", "t")
+                "label_review", "label_review_temperature", "n_train", "n_test", "head", "embedding", "backbone", "t")
         out = {k: s[k] for k in keep}
         for key in ("harmful", "helpful", "label_review"):  # the studio's own rows: name, label column, weight
             out[key] = [self._train_row(r["index"], score=r["score"],

@@ -121,7 +121,7 @@ async function summaryPage() {
   show(
     h("div", { class: "row" },
       h("div", { class: "panel" }, h("div", { class: "muted" }, "test accuracy"), h("div", { class: "big", id: "accuracy" }, pct(s.test_accuracy)),
-        h("div", {}, `${s.n_train} training, ${s.n_test} test images`), h("div", { class: "muted" }, s.head), h("div", { class: "muted" }, `backbone ${s.backbone}, t = ${s.t}`),
+        h("div", {}, `${s.n_train} training, ${s.n_test} test images`), h("div", { class: "muted" }, s.head), h("div", { class: "muted" }, s.embedding || ""), h("div", { class: "muted" }, `backbone ${s.backbone}, t = ${s.t}`),
         s.derived_from ? h("div", {}, "derived from ", h("code", {}, s.derived_from.run || ""), ` by ${s.derived_from.by}`) : null),
       h("div", {}, h("h3", {}, "Per class"), h("table", {}, h("tr", {}, h("th", {}, "class"), h("th", { class: "num" }, "test images"), h("th", { class: "num" }, "accuracy")),
         Object.entries(s.per_class).map(([c, v]) => h("tr", {}, h("td", {}, c), h("td", { class: "num" }, v.n_test), h("td", { class: "num" }, pct(v.accuracy)))))),
