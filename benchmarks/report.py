@@ -330,7 +330,7 @@ def embedding_name(d: dict) -> str:
     """What the run's embedding reads: the diffused patch readout, with the class token, of the last k blocks."""
     b = d.get("embedding", {})
     if b.get("blocks") == "auto":
-        return "auto: chosen per split among the candidates below"
+        return "auto: chosen on each split by exact LOO"
     parts = ["diffused patch readout"]
     if b.get("blocks", 1) > 1:
         parts.append(f"last {b['blocks']} blocks")
@@ -380,7 +380,10 @@ def embeddings_section(files: list[dict]) -> list[str]:
     lines = ["## Heads by embedding: patch readout, + class token, + last 4 blocks (`bench_heads.py`)", "",
              "Test accuracy, mean over the same 3 re-splits of each run's images, from the sections above; a blank: "
              "not run on that embedding. The class token and the last k blocks are `--global-tokens` and `--blocks k` "
-             "(ViTs only).", "",
+             "(ViTs only); the `auto` embedding (the default, `backbone.blocks` and `global_tokens` auto; "
+             "`bench_heads.py --auto-embedding`) is chosen on each split's training part by exact LOO among the last "
+             "block, the last block + class token and the last 4 blocks + class token, all read from one extraction, "
+             "and its `auto` column is that choice's test accuracy.", "",
              "| data, backbone | embedding | dim | " + " | ".join(n for _, n in EMBEDDING_COLUMNS) + " |",
              "|---" * (3 + len(EMBEDDING_COLUMNS)) + "|"]
     for d in sorted(files, key=lambda d: (d["data"], d["backbone"], d["dim"])):

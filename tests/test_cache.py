@@ -102,3 +102,40 @@ def test_bad_image_in_a_worker_gives_a_one_line_error_and_keeps_progress(tmp_pat
     assert "\n" not in msg and "cannot read image" in msg and bad in msg
     folder = next((tmp_path / "c").iterdir())
     assert read_json(folder / "progress.json")["done"] == 6  # the three batches before the bad image are kept
+
+
+def test_a_verified_cache_is_hashed_once_and_any_write_is_caught(tmp_path, synthetic_root, tiny_vit, monkeypatch):
+    """open_store(verify=True) hashes tokens.npy in full once and stamps its stat (size, mtime, inode): a later open of
+    the same file trusts the stamp; a write to the file (a new mtime) or a stamp taken within the racy window is
+    hashed again, and changed bytes are refused."""
+    import os
+    import time
+
+    import carrot.features.cache as cache
+
+    train, _ = load_imagefolder(synthetic_root)
+    store = extract(tiny_vit, train, tmp_path, batch_size=4, progress=False)
+    tok = store.path / "tokens.npy"
+    old = time.time() - 60
+    os.utime(tok, (old, old))
+    hashed = []
+    real = cache.sha256_file
+    monkeypatch.setattr(cache, "sha256_file", lambda p: hashed.append(p) or real(p))
+    open_store(store.path, verify=True)
+    assert len(hashed) == 1 and (store.path / cache.VERIFIED).is_file()
+    open_store(store.path, verify=True)
+    assert len(hashed) == 1  # the stamp matches: not hashed again
+    with open(tok, "r+b") as fh:  # one byte changed in place: same size and inode, a new modification time
+        fh.seek(-1, 2)
+        b = fh.read(1)
+        fh.seek(-1, 2)
+        fh.write(bytes([b[0] ^ 1]))
+    with pytest.raises(StaleCacheError, match="tokens.npy changed since extraction"):
+        open_store(store.path, verify=True)
+    assert len(hashed) == 2
+    with open(tok, "r+b") as fh:  # restored, and stamped right after its write: within the racy window, hashed again
+        fh.seek(-1, 2)
+        fh.write(b)
+    open_store(store.path, verify=True)
+    open_store(store.path, verify=True)
+    assert len(hashed) == 4

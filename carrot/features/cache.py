@@ -172,10 +172,41 @@ def open_store(path: str | Path, expected: dict[str, Any] | None = None, verify:
     if tokens.shape != shape or tokens.dtype != DTYPES[manifest["dtype"]]:
         raise StaleCacheError(f"token cache '{path}': tokens.npy {tokens.shape} {tokens.dtype} does not match its manifest "
                               f"{shape}; {rebuild}")
-    if verify and manifest.get("sha256") is not None and sha256_file(path / "tokens.npy") != manifest["sha256"]:
-        raise StaleCacheError(f"token cache '{path}': tokens.npy changed since extraction (SHA-256 differs); {rebuild}")
+    if verify and manifest.get("sha256") is not None and not _verified_before(path, manifest["sha256"]):
+        if sha256_file(path / "tokens.npy") != manifest["sha256"]:
+            raise StaleCacheError(f"token cache '{path}': tokens.npy changed since extraction (SHA-256 differs); {rebuild}")
+        _stamp_verified(path, manifest["sha256"])
     store = TokenStore(path, manifest, tokens[:, prefix:], np.asarray(manifest["labels"], dtype=np.int64), tokens[:, :prefix])
     return store if blocks is None else store.last_blocks(blocks)
+
+
+VERIFIED = "verified.json"  # the stat of tokens.npy when its SHA-256 last matched the manifest's
+RACY_SECONDS = 2.0  # a file modified this close to its verification could change within the same timestamp
+
+
+def _stat_key(path: Path) -> list[int]:
+    st = (path / "tokens.npy").stat()
+    return [st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev]
+
+
+def _verified_before(path: Path, digest: str) -> bool:
+    """Whether tokens.npy is, by its size, modification time, inode and device, the file whose SHA-256 was last found
+    to match ``digest`` (git's index does the same for its work tree): a cache is hashed in full once, not at every
+    open (1.9 GiB for a 4-block cache of 2,624 images). Any write to the file changes its modification time; a stamp
+    taken within :data:`RACY_SECONDS` of that time is not trusted."""
+    try:
+        stamp = read_json(path / VERIFIED, "token cache verification")
+        return (isinstance(stamp, dict) and stamp.get("sha256") == digest and stamp.get("stat") == _stat_key(path)
+                and stamp.get("verified_ns", 0) - stamp["stat"][1] > RACY_SECONDS * 1e9)
+    except (CarrotError, OSError, KeyError, TypeError, IndexError):
+        return False
+
+
+def _stamp_verified(path: Path, digest: str) -> None:
+    try:
+        write_json(path / VERIFIED, {"sha256": digest, "stat": _stat_key(path), "verified_ns": time.time_ns()})
+    except OSError:  # a read-only shared cache: verified again next time
+        pass
 
 
 def _manifest_ok(m: dict[str, Any]) -> bool:

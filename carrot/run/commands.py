@@ -187,7 +187,8 @@ def fit(config: RunConfig, run_dir: str | Path, progress: bool = True, overwrite
         return {"rank": rank, "token_caches": [str(s.path) for s in stores]}
     head, choice = None, None
     if len(gathered) > 1 or is_auto(config):
-        note(f"choosing the embedding ({_candidates_line(model)}) on {len(train)} training images, {len(train.classes)} classes")
+        note(f"embedding auto: the head of each of the {len(gathered)} embeddings on {len(train)} training images, "
+             f"{len(train.classes)} classes")
         picked = choose(model.config, {c: Gs[0] for c, Gs in gathered.items()}, train.labels, _candidates_line(model))
         model.use_embedding(picked.candidate)
         head, choice = picked.head, picked.record
