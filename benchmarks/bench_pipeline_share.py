@@ -40,7 +40,7 @@ def main() -> None:
     recs = train.records[: a.images]
     rows = []
     for name in a.backbones:
-        model = Carrot(RunConfig().merged({"backbone.name": name, "device": "cpu"}))
+        model = Carrot(RunConfig().merged({"backbone.name": name, "device": "cpu", "backbone.blocks": 1, "backbone.global_tokens": False}))
         bb = model.backbone
         tf = bb.transform()
         t0 = time.perf_counter()

@@ -50,7 +50,8 @@ def main() -> None:
     rows = []
     for name, precision, removal in ((n, p, r) for n in a.backbones for p in a.precision for r in a.removal):
         cfg = RunConfig().merged({"backbone.name": name, "backbone.pretrained": False, "backbone.img_size": a.img_size,
-                                  "device": a.device, "head.kind": "ridge", "backbone.precision": precision})
+                                  "device": a.device, "head.kind": "ridge", "backbone.precision": precision,
+                                  "backbone.blocks": 1, "backbone.global_tokens": False})  # the last block's embedding (the maps' cost is the backbone's)
         model = Carrot(cfg)
         size = model.backbone.data_config["input_size"]
         g = torch.Generator().manual_seed(0)

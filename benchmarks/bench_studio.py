@@ -49,7 +49,8 @@ def write_run(out: Path, n: int, d: int, C: int, head: dict, seed: int) -> None:
 
     G, y, Gt, yt = synthetic(n, n // 5, d, C, seed)
     cfg = RunConfig().merged({"backbone.name": "vit_tiny_patch16_224", "backbone.img_size": 32,
-                              "backbone.pretrained": False, **{f"head.{k}": v for k, v in head.items()}})
+                              "backbone.pretrained": False, "backbone.blocks": 1, "backbone.global_tokens": False,
+                              **{f"head.{k}": v for k, v in head.items()}})
     model = Carrot(cfg)
     model.fit(G, y, [ImageRecord(f"/synthetic/train/{i}.png", int(c)) for i, c in enumerate(y)], [f"c{c}" for c in range(C)])
     pred = model.head_.predict(Gt)

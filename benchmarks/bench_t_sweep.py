@@ -91,7 +91,8 @@ def main() -> None:
     a = ap.parse_args()
     rows = []
     for name in a.backbones:
-        cfg = RunConfig().merged({"backbone.name": name, "data.kind": a.data_kind, "data.max_per_class": a.max_per_class})
+        cfg = RunConfig().merged({"backbone.name": name, "data.kind": a.data_kind, "data.max_per_class": a.max_per_class,
+                                  "backbone.blocks": 1, "backbone.global_tokens": False})  # the graph and diffusion of the last block's tokens
         stores, train, test = orchestration.extract_splits(cfg, progress=True)
         tokens = np.concatenate([np.asarray(s.tokens) for s in stores])
         labels = np.concatenate([s.labels for s in stores])

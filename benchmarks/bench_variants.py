@@ -40,7 +40,8 @@ def main() -> None:
     ap.add_argument("--max-per-class", type=int, default=None, help="cap per class (fashion-mnist: in each split)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "variants.json"))
     a = ap.parse_args()
-    cfg = RunConfig().merged({"backbone.name": a.backbone, "data.kind": a.data_kind, "data.max_per_class": a.max_per_class})
+    cfg = RunConfig().merged({"backbone.name": a.backbone, "data.kind": a.data_kind, "data.max_per_class": a.max_per_class,
+                              "backbone.blocks": 1, "backbone.global_tokens": False})  # the last block's tokens
     stores, train, _ = orchestration.extract_splits(cfg, progress=True)
     model = Carrot(cfg)
     G_all = np.concatenate([model.embed_store(s) for s in stores])

@@ -12,6 +12,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 PY=${PY:-python3}
 DEVICE=${DEVICE:-cuda}
 RESULTS=${OUT:-benchmarks/results}
+if [ -n "${QUICK:-}" ] && [ -z "${OUT:-}" ]; then RESULTS=$(mktemp -d); fi  # a plumbing check never overwrites results
 mkdir -p "$RESULTS"
 stage=${1:-all}
 if ls .whl/*.whl >/dev/null 2>&1; then
