@@ -53,6 +53,7 @@ def test_demo_run_pages_render(tmp_path):
     assert r.exit_code == 0, r.output
     summary = json.loads(r.stdout)
     assert summary["n_train"] + summary["n_test"] == 48
+    assert summary["embedding"] == "last block" and summary["head"] in ("ridge", "kernel")  # a ConvNet: its one embedding
     pages = [out / "index.html"] + sorted(out.glob("explanations/*/explanation.html"))
     assert len(pages) == 3
     for i, page in enumerate(pages):

@@ -443,5 +443,5 @@ def demo(config: RunConfig, run_dir: str | Path, explain_n: int = 3, progress: b
     metrics["explained"] = [{"image": r["image"], "predicted": r["predicted"], "heatmap": r["heatmap"]} for r in results]
     metrics["seconds_demo"] = time.perf_counter() - t0
     publish(run_dir, model, lambda rd: write_json(rd.metrics, metrics), index=False)
-    return {k: metrics[k] for k in ("n_train", "n_test", "classes", "test_accuracy", "logreg_probe_test_accuracy",
-                                     "seconds_extract", "seconds_demo", "explained")}
+    return {k: metrics[k] for k in ("n_train", "n_test", "classes", "embedding", "head", "test_accuracy",
+                                     "logreg_probe_test_accuracy", "seconds_extract", "seconds_demo", "explained")}
