@@ -188,7 +188,7 @@ def test_the_wide_cache_is_bounded_by_the_free_disk(monkeypatch, synthetic_root,
 
     def small(path):
         u = real(path)
-        return type(u)(u.total, u.used, 200_000)  # about what the one-block caches of 18 tiny images need, times 2
+        return type(u)(u.total, u.used, 100_000)  # the 4-block caches of 18 tiny images need 138 kB, one block 35 kB
 
     monkeypatch.setattr(commands.shutil, "disk_usage", small)
     set_quiet(False)
@@ -220,3 +220,18 @@ def test_releasing_the_mapped_pages_keeps_the_rows(tmp_path):
     store.release()
     assert np.array_equal(first, want[:, 1:, 4:]) and np.array_equal(np.array(store.tokens), first)
     assert np.array_equal(np.array(store.globals), want[:, :1, 4:])
+
+
+def test_a_run_from_before_the_keys_loads_with_the_last_block(fit_tiny, tmp_path):
+    """run.json written before backbone.blocks / global_tokens existed has neither: it is the last block alone, as
+    then, not 'auto'."""
+    from carrot.run.pipeline import Carrot
+
+    run = fit_tiny(tmp_path / "old", backbone={**TINY_BACKBONE, "blocks": 1, "global_tokens": False})
+    meta = json.loads((run / "run.json").read_text())
+    for key in ("blocks", "global_tokens"):
+        del meta["config"]["backbone"][key]
+    (run / "run.json").write_text(json.dumps(meta))
+    model = Carrot.load(run)
+    assert model.config.backbone.blocks == 1 and model.config.backbone.global_tokens is False
+    assert model.embedder.global_tokens is False

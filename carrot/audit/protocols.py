@@ -30,7 +30,7 @@ def _predicted_regions(model: "Carrot", store, rows: Sequence[int], batch: int =
     for s in range(0, len(rows), batch):
         idx = list(rows[s : s + batch])
         H = torch.from_numpy(np.asarray(store.tokens[idx], dtype=np.float64))
-        glob = (torch.from_numpy(np.asarray(store.globals[idx], dtype=np.float64)) if model.config.backbone.global_tokens
+        glob = (torch.from_numpy(np.asarray(store.globals[idx], dtype=np.float64)) if model.config.backbone.global_tokens is True
                 else None)
         G, w = model.embed_regions(RegionSet(H, P, store.grid, glob))
         logits = model.head_.decision_function(G.numpy())

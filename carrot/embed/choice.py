@@ -132,7 +132,9 @@ def embed_store(store: "TokenStore", embs: dict[Candidate, Embedder], progress: 
         C = torch.from_numpy(np.asarray(store.globals[s : s + batch], dtype=np.float64)) if reads_globals else None
         store.release()
         for c, g in embed_batch(H, P, C, store.blocks, embs).items():
-            out.setdefault(c, np.empty((len(store), g.shape[1])))[s : s + batch] = g.numpy()
+            if c not in out:
+                out[c] = np.empty((len(store), g.shape[1]))
+            out[c][s : s + batch] = g.numpy()
     return out
 
 
@@ -145,7 +147,9 @@ def embed_inputs(model: "Carrot", batches: Iterator[torch.Tensor], n: int, embs:
     for x in batches:
         regions, _ = model._regions(x, f"{where} rows {done}..{done + len(x)}", globals_too=True)
         for c, g in embed_batch(regions.H, regions.P, regions.globals, model.backbone.blocks, embs).items():
-            out.setdefault(c, np.empty((n, g.shape[1])))[done : done + len(x)] = g.numpy()
+            if c not in out:
+                out[c] = np.empty((n, g.shape[1]))
+            out[c][done : done + len(x)] = g.numpy()
         done += len(x)
     return out
 

@@ -173,9 +173,11 @@ def open_store(path: str | Path, expected: dict[str, Any] | None = None, verify:
         raise StaleCacheError(f"token cache '{path}': tokens.npy {tokens.shape} {tokens.dtype} does not match its manifest "
                               f"{shape}; {rebuild}")
     if verify and manifest.get("sha256") is not None and not _verified_before(path, manifest["sha256"]):
+        before, started = _stat_key(path), time.time_ns()
         if sha256_file(path / "tokens.npy") != manifest["sha256"]:
             raise StaleCacheError(f"token cache '{path}': tokens.npy changed since extraction (SHA-256 differs); {rebuild}")
-        _stamp_verified(path, manifest["sha256"])
+        if _stat_key(path) == before:  # not written while it was hashed: the digest is this file's
+            _stamp_verified(path, manifest["sha256"], before, started)
     store = TokenStore(path, manifest, tokens[:, prefix:], np.asarray(manifest["labels"], dtype=np.int64), tokens[:, :prefix])
     return store if blocks is None else store.last_blocks(blocks)
 
@@ -193,7 +195,8 @@ def _verified_before(path: Path, digest: str) -> bool:
     """Whether tokens.npy is, by its size, modification time, inode and device, the file whose SHA-256 was last found
     to match ``digest`` (git's index does the same for its work tree): a cache is hashed in full once, not at every
     open (1.9 GiB for a 4-block cache of 2,624 images). Any write to the file changes its modification time; a stamp
-    taken within :data:`RACY_SECONDS` of that time is not trusted."""
+    whose hash started within :data:`RACY_SECONDS` of that time is not trusted. As for git, a change that touches no
+    stat field (bit rot under an unchanged file) is caught only by a full hash (a new stamp: delete verified.json)."""
     try:
         stamp = read_json(path / VERIFIED, "token cache verification")
         return (isinstance(stamp, dict) and stamp.get("sha256") == digest and stamp.get("stat") == _stat_key(path)
@@ -202,9 +205,9 @@ def _verified_before(path: Path, digest: str) -> bool:
         return False
 
 
-def _stamp_verified(path: Path, digest: str) -> None:
+def _stamp_verified(path: Path, digest: str, stat: list[int], started_ns: int) -> None:
     try:
-        write_json(path / VERIFIED, {"sha256": digest, "stat": _stat_key(path), "verified_ns": time.time_ns()})
+        write_json(path / VERIFIED, {"sha256": digest, "stat": stat, "verified_ns": started_ns})
     except OSError:  # a read-only shared cache: verified again next time
         pass
 
@@ -215,7 +218,9 @@ def _manifest_ok(m: dict[str, Any]) -> bool:
     prefix = m.get("prefix", 0)
     ints = ints and isinstance(prefix, int) and not isinstance(prefix, bool) and prefix >= 0
     labels = isinstance(m.get("labels"), list) and ints and len(m["labels"]) == m["n"]
-    return ints and grid and labels and m.get("dtype") in DTYPES
+    blocks = m.get("blocks", 1)
+    blocks = isinstance(blocks, int) and not isinstance(blocks, bool) and blocks >= 1 and ints and m["dim"] % blocks == 0
+    return ints and grid and labels and blocks and m.get("dtype") in DTYPES
 
 
 @contextmanager

@@ -45,7 +45,7 @@ def check_resources(model: Carrot, datasets: Sequence[ImageDataset], root: Path 
     and the missing token caches on their disk (limits and sizes in the message)."""
     from carrot.features.cache import _probe_grid, missing_bytes
 
-    grid, dim, _ = _probe_grid(model.backbone)
+    grid, _, _ = _probe_grid(model.backbone)
     N = grid[0] * grid[1]
     graph = 6 * 8 * N * N  # W, L, distances and the solver's work, float64 N x N
     mem = device_memory()
@@ -54,7 +54,8 @@ def check_resources(model: Carrot, datasets: Sequence[ImageDataset], root: Path 
                           f"about {graph / 2**30:.1f} GiB, more than half this machine's {mem / 2**30:.1f} GiB; "
                           "lower img_size")
     batch = model.config.backbone.batch_size
-    activations = 16 * 4 * batch * N * dim  # float32 tokens through a block (MLP 4x, attention, residuals)
+    activations = 16 * 4 * batch * N * model.backbone.num_features  # float32 tokens through a block (MLP 4x, attention,
+    # residuals): the model's own width, whatever number of blocks is read
     if mem and activations > mem // 2:
         raise CarrotError(f"backbone.batch_size: {batch} images of {N} regions need about {activations / 2**30:.1f} GiB "
                           f"of activations, more than half this machine's {mem / 2**30:.1f} GiB; lower batch_size")
@@ -93,8 +94,8 @@ def extract_splits(config: RunConfig, model: Carrot | None = None, progress: boo
     b = config.backbone
     rank, size = world()
     parts = [split.subset(range(rank, len(split), size)) if size > 1 else split for split in (train, test)]
+    _say_cache_size(model, parts, root)  # first: auto may read fewer blocks when the wide cache would not fit
     check_resources(model, parts, root)
-    _say_cache_size(model, parts, root)
     stores = [extract(model.backbone, split, root,
                       dtype=b.cache_dtype, batch_size=b.batch_size, num_workers=b.num_workers, progress=progress and rank == 0)
               for split in parts]
@@ -104,24 +105,33 @@ def extract_splits(config: RunConfig, model: Carrot | None = None, progress: boo
 def _say_cache_size(model: Carrot, datasets: Sequence[ImageDataset], root: Path) -> None:
     """Before extraction, the disk the token caches will take; with ``backbone.blocks`` auto, the last blocks'
     cache every candidate reads from, bounded: when it would take more than half the free disk, one block is read
-    (the candidates of more blocks are dropped, and the choice says so)."""
+    (the candidates of more blocks are dropped, and the choice says so). Under torchrun rank 0 decides for all (its
+    share times the world), so every rank embeds the same candidates."""
     from carrot.features.cache import missing_bytes
 
     bb, b = model.backbone, model.config.backbone
+    rank, size = world()
     need = sum(missing_bytes(bb, ds, root, b.cache_dtype) for ds in datasets)
-    if not need:
-        return
     probe = next((p for p in (root, *root.parents) if p.exists()), None)
     free = shutil.disk_usage(probe).free if probe is not None else None
-    if b.blocks == "auto" and bb.blocks > 1 and free is not None and need > free // 2:
-        wide = need
+    if rank == 0 and b.blocks == "auto" and bb.blocks > 1 and free is not None and need * size > free // 2:
+        wide = need * size
         bb.blocks = 1
         need = sum(missing_bytes(bb, ds, root, b.cache_dtype) for ds in datasets)
         note(f"embedding auto: the last blocks' token cache would take {human_size(wide)}, more than half the "
              f"{human_size(free)} free at '{root}'; reading the last block only")
-    what = f"the last {bb.blocks} blocks, the candidates of backbone.blocks auto" if b.blocks == "auto" and bb.blocks > 1 else \
-        f"{bb.blocks} block{'s' if bb.blocks > 1 else ''}"
-    note(f"token cache: {human_size(need)} for {sum(len(d) for d in datasets)} images ({what}) at '{root}'")
+    if size > 1 and b.blocks == "auto":
+        import torch.distributed as dist
+
+        box = [bb.blocks]
+        dist.broadcast_object_list(box, src=0)
+        if box[0] != bb.blocks:
+            bb.blocks = box[0]
+            need = sum(missing_bytes(bb, ds, root, b.cache_dtype) for ds in datasets)
+    if need and rank == 0:
+        what = (f"the last {bb.blocks} blocks, the candidates of backbone.blocks auto" if b.blocks == "auto" and bb.blocks > 1
+                else f"{bb.blocks} block{'s' if bb.blocks > 1 else ''}")
+        note(f"token cache: {human_size(need * size)} for {sum(len(d) for d in datasets) * size} images ({what}) at '{root}'")
 
 
 def _gather_rows(G_shard: np.ndarray, n: int, run_dir: Path, name: str) -> np.ndarray | None:

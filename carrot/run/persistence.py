@@ -48,8 +48,15 @@ def load_run(cls: type, run_dir: str | Path, backbone: Any = None) -> "Carrot":
         config = RunConfig.from_dict(meta["config"])
     except CarrotError as exc:
         raise CarrotError(f"run '{run_dir}': run.json config is invalid ({exc}); {REFIT}") from None
-    # the arithmetic the run's tokens came from ('auto' resolved at fit; a run before it: float32), on any machine
-    config = config.merged({"backbone.precision": meta["backbone"].get("precision", "float32")})
+    # the arithmetic the run's tokens came from ('auto' resolved at fit; a run before it: float32), on any machine;
+    # the embedding it was fitted with (runs before the keys: the last block alone, as then)
+    saved = meta["config"].get("backbone", {}) if isinstance(meta["config"].get("backbone"), dict) else {}
+    config = config.merged({"backbone.precision": meta["backbone"].get("precision", "float32"),
+                            "backbone.blocks": saved.get("blocks", meta["backbone"].get("blocks", 1)),
+                            "backbone.global_tokens": saved.get("global_tokens", False)})
+    if config.backbone.blocks == "auto" or config.backbone.global_tokens == "auto":
+        raise CarrotError(f"run '{run_dir}': run.json's embedding is still 'auto' (backbone.blocks / global_tokens are "
+                          f"chosen when a run is fitted); {REFIT}")
     model = cls(config, backbone)
     model._backbone_info = meta["backbone"]
     model.run_identity_ = rd.loaded_identity  # what a command that writes into the run checks before it does

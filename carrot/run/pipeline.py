@@ -201,7 +201,7 @@ class Carrot:
             return out
         H, idx, glob = self.backbone.kept_tokens(x[rows], keep[rows])
         H = self._as_cached(H, "model inputs").to(torch.float64).cpu()
-        glob = self._as_cached(glob, "model inputs").cpu() if self.config.backbone.global_tokens else None
+        glob = self._as_cached(glob, "model inputs").cpu() if self.config.backbone.global_tokens is True else None
         idx, counts = idx.cpu(), keep[rows].sum(1)
         ps = self.backbone.patch_size
         P = patch_centres((x.shape[-2] // ps[0], x.shape[-1] // ps[1]), torch.float64)
@@ -327,7 +327,7 @@ class Carrot:
         geo = self.backbone.display_transform()
         imgs = [geo(im) for im in raw]
         store = self._train_store()
-        reads_globals = self.config.backbone.global_tokens
+        reads_globals = self.config.backbone.global_tokens is True
         if store is not None and (not reads_globals or store.globals.shape[1]):
             H = torch.from_numpy(np.asarray(store.tokens[np.asarray(indices)], dtype=np.float32))
             glob = (torch.from_numpy(np.asarray(store.globals[np.asarray(indices)], dtype=np.float32)) if reads_globals
