@@ -188,21 +188,21 @@ def fit(config: RunConfig, run_dir: str | Path, progress: bool = True, overwrite
         check_resources(model, (train, test), None)
         _fit_token_map(model, train, None)
     splits = [split.subset(range(rank, len(split), size)) if size > 1 else split for split in (train, test)]
-    shards = _embed_splits(model, stores, splits, progress and rank == 0)
+    shards, line = _embed_splits(model, stores, splits, progress and rank == 0)
     t_extract = time.perf_counter() - t0
     run_dir = Path(run_dir)
     gathered = {c: [_gather_rows(G, len(split), run_dir, f"{name}{i}") for G, split, name in zip(Gs, (train, test), ("train", "test"))]
                 for i, (c, Gs) in enumerate(shards.items())}
     if rank != 0:
         return {"rank": rank, "token_caches": [str(s.path) for s in stores]}
-    head, choice = None, None
-    if len(gathered) > 1 or is_auto(config):
+    head, choice, kept = None, None, next(iter(gathered))
+    if is_auto(config):
         note(f"embedding auto: the head of each of the {len(gathered)} embeddings on {len(train)} training images, "
              f"{len(train.classes)} classes")
-        picked = choose(model.config, {c: Gs[0] for c, Gs in gathered.items()}, train.labels, _candidates_line(model))
+        picked = choose(model.config, {c: Gs[0] for c, Gs in gathered.items()}, train.labels, line)
         model.use_embedding(picked.candidate)
-        head, choice = picked.head, picked.record
-    G_train, G_test = next(iter(gathered.values())) if choice is None else gathered[picked.candidate]
+        head, choice, kept = picked.head, picked.record, picked.candidate
+    G_train, G_test = gathered[kept]
     if head is None:
         note(f"fitting the head ({config.head.kind}) on {len(train)} training images, {len(train.classes)} classes")
     model.fit(G_train, train.labels, train.records, train.classes, head=head)
@@ -227,38 +227,21 @@ def fit(config: RunConfig, run_dir: str | Path, progress: bool = True, overwrite
     return metrics
 
 
-def _candidates_line(model: Carrot) -> str:
-    return candidates(model.config, model.backbone)[1]
-
-
 def _embed_splits(model: Carrot, stores: Sequence[Any], splits: Sequence[ImageDataset],
-                  progress: bool) -> dict[Any, list[np.ndarray]]:
-    """The embeddings of both splits, {candidate: [train rows, test rows]}: the configured one (its candidate None), or
-    with ``backbone.blocks`` / ``global_tokens`` auto every candidate's, in one pass over each split's tokens (from its
-    cache, or streamed through the backbone)."""
-    if not is_auto(model.config):
-        G = [model.embed_store(s, progress=progress) for s in stores] if stores else \
-            [model.embed_dataset(split, progress) for split in splits]
-        return {None: G}
+                  progress: bool) -> tuple[dict[Any, list[np.ndarray]], str]:
+    """The embeddings of both splits, {candidate: [train rows, test rows]}, in one pass over each split's tokens (from
+    its cache, or streamed through the backbone), and the line saying what the candidates are: with
+    ``backbone.blocks`` / ``global_tokens`` auto every candidate's, else the one the config pins."""
     cands, line = candidates(model.config, model.backbone)
-    note(f"embedding auto: {line}")
+    if is_auto(model.config):
+        note(f"embedding auto: {line}")
     embs = embedders(model.config, cands, model.token_map_)
     if stores:
         per_split = [embed_candidates_of_store(s.last_blocks(model.backbone.blocks), embs, progress) for s in stores]
     else:
-        from torch.utils.data import DataLoader
-
-        from carrot.features.cache import RecordImages, worker_errors
-
-        bb, b = model.backbone, model.config.backbone
-        per_split = []
-        for split in splits:
-            loader = DataLoader(RecordImages(split, bb.transform(), bb.min_side), batch_size=b.batch_size,
-                                num_workers=b.num_workers, shuffle=False)
-            with worker_errors():
-                per_split.append(embed_inputs(model, bar(loader, desc=f"embed {split.name}", unit="batch", disable=not progress),
-                                              len(split), embs, split.name))
-    return {c: [Gs[c] for Gs in per_split] for c in cands}
+        per_split = [embed_inputs(model, model.input_batches(split, progress), len(split), embs, split.name)
+                     for split in splits]
+    return {c: [Gs[c] for Gs in per_split] for c in cands}, line
 
 
 def _extraction_speed(stores: Sequence[Any]) -> float | None:

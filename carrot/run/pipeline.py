@@ -101,6 +101,17 @@ class Carrot:
         """Embeddings (n, D) float64 of a data set streamed straight from the images (no token cache);
         tokens are rounded to the cache dtype first, so with the same backbone batches the result equals the
         cached path's."""
+        out, done = None, 0
+        for x in self.input_batches(dataset, progress):
+            G = self.embed_regions(self._regions(x, f"{dataset.name} rows {done}..{done + len(x)}")[0])[0].numpy()
+            out = np.empty((len(dataset), G.shape[1])) if out is None else out
+            out[done : done + len(x)] = G
+            done += len(x)
+        return out
+
+    def input_batches(self, dataset: ImageDataset, progress: bool = False) -> Iterator[torch.Tensor]:
+        """A data set's images as model-input batches (B, 3, H, W) of ``backbone.batch_size``, decoded by
+        ``backbone.num_workers`` DataLoader processes, with a bar in images (a worker's error in one line)."""
         from torch.utils.data import DataLoader
         from tqdm.auto import tqdm
 
@@ -109,15 +120,10 @@ class Carrot:
         bb, b = self.backbone, self.config.backbone
         loader = DataLoader(RecordImages(dataset, bb.transform(), bb.min_side), batch_size=b.batch_size,
                             num_workers=b.num_workers, shuffle=False)
-        out, done = None, 0
         with worker_errors(), tqdm(total=len(dataset), desc=f"embed {dataset.name}", unit="img", disable=not progress) as bar:
             for x in loader:
-                G = self.embed_regions(self._regions(x, f"{dataset.name} rows {done}..{done + len(x)}")[0])[0].numpy()
-                out = np.empty((len(dataset), G.shape[1])) if out is None else out
-                out[done : done + len(x)] = G
-                done += len(x)
+                yield x
                 bar.update(len(x))
-        return out
 
     def sample_tokens(self, dataset: ImageDataset) -> np.ndarray:
         """The token-map sample (M, D) of a split computed by the backbone, rounded as the cache rounds them: the
