@@ -5,7 +5,7 @@ import scipy.sparse.linalg
 import torch
 from hypothesis import given, settings, strategies as st
 
-from carrot.embed.diffusion import SpectralDiffusion, chebyshev_expm_multiply, diffusion_weights
+from carrot.embed.diffusion import SpectralDiffusion, chebyshev_expm_multiply, diffusion_weights, kept_readout_weights
 from carrot.errors import CarrotError
 from carrot.embed.graph import affinity, normalized_laplacian
 from carrot.embed.readout import mean_readout, weighted_readout
@@ -91,3 +91,43 @@ def test_auto_method_picks_by_number_of_t_and_size_and_agrees_with_both():
         auto = diffusion_weights(L, ts)
         for m in ("eigh", "chebyshev"):
             torch.testing.assert_close(auto, diffusion_weights(L, ts, m), rtol=0, atol=1e-13)
+
+
+@pytest.mark.parametrize("n,k,seed", [(2, 3, 0), (7, 5, 1), (33, 8, 2), (90, 6, 3)])
+def test_kept_readout_weights_equal_each_restricted_graph(n, k, seed):
+    """One recurrence on the full graph, K kept sets at once == each kept set's own normalised Laplacian and exp
+    (scipy expm oracle), for several t; one node alone reads out itself; an isolated node keeps exp(-t) / |S|."""
+    g = torch.Generator().manual_seed(seed)
+    W = affinity(torch.randn(1, n, 4, generator=g, dtype=torch.float64), torch.rand(n, 2, generator=g, dtype=torch.float64))[0]
+    if n > 3:  # node 0 isolated: no edges at all
+        W[0, :], W[:, 0] = 0.0, 0.0
+    keep = torch.rand(k, n, generator=g) < 0.5
+    keep[:, 0] |= torch.arange(k) % 2 == 0
+    keep[keep.sum(1) == 0, -1] = True
+    keep[0] = False
+    keep[0, n - 1] = True  # one node alone
+    ts = [0.0, 0.4, 1.0, 7.0]
+    got = kept_readout_weights(W, keep, ts)
+    assert got.shape == (len(ts), k, n)
+    for r in range(k):
+        S = torch.nonzero(keep[r]).flatten()
+        assert (got[:, r, ~keep[r]] == 0).all()
+        for i, t in enumerate(ts):
+            if len(S) == 1 or t == 0:
+                ref = np.full(len(S), 1.0 / len(S))
+            else:
+                L = normalized_laplacian(W[S][:, S][None])[0].numpy()
+                ref = scipy.linalg.expm(-t * L) @ np.full(len(S), 1.0 / len(S))
+            np.testing.assert_allclose(got[i, r, S].numpy(), ref, rtol=1e-10, atol=1e-13)
+
+
+def test_kept_readout_weights_refuse_bad_input():
+    W = affinity(torch.randn(1, 5, 3, dtype=torch.float64), torch.rand(5, 2, dtype=torch.float64))[0]
+    with pytest.raises(CarrotError, match="at least one node"):
+        kept_readout_weights(W, torch.zeros(2, 5, dtype=torch.bool), [1.0])
+    with pytest.raises(CarrotError, match=r"keep: expected \(K, 5\)"):
+        kept_readout_weights(W, torch.ones(2, 4, dtype=torch.bool), [1.0])
+    with pytest.raises(CarrotError, match=r"W: expected one graph"):
+        kept_readout_weights(W[None], torch.ones(2, 5, dtype=torch.bool), [1.0])
+    with pytest.raises(CarrotError, match="t: expected"):
+        kept_readout_weights(W, torch.ones(2, 5, dtype=torch.bool), [-1.0])

@@ -65,9 +65,11 @@ def test_deletion_insertion_endpoints(setup):
         deletion_insertion(head, H, P, 0, [0, 1], Embedder(GraphConfig(), dc, 'cpu'))
 
 
-@pytest.mark.parametrize("t,knn,method", [(0.0, None, "auto"), (0.7, None, "eigh"), (2.0, 3, "chebyshev"), (1.0, 20, "auto")])
+@pytest.mark.parametrize("t,knn,method", [(0.0, None, "auto"), (0.7, None, "eigh"), (2.0, 3, "chebyshev"), (1.0, 20, "auto"),
+                                          (1.0, None, "auto"), (6.0, None, "chebyshev")])
 def test_batched_kept_graphs_equal_one_graph_at_a_time(setup, t, knn, method):
-    """embed_kept batches kept sets of equal size; each row equals its own graph built alone (scipy expm oracle)."""
+    """embed_kept (one recurrence on the full graph, or batches of equal size under eigh / kNN): each row equals its own
+    graph built alone (scipy expm oracle)."""
     _, H, P = setup
     emb = Embedder(GraphConfig(knn=knn), DiffusionConfig(t=t, method=method), "cpu")
     g = np.random.default_rng(3)

@@ -9,7 +9,7 @@ With mean readout only w = exp(-tL) 1 / N is needed: one matrix-vector exponenti
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -73,24 +73,74 @@ def chebyshev_expm_multiply(L: torch.Tensor, X: torch.Tensor, t: float, order: i
 
 def _chebyshev_series(L: torch.Tensor, X: torch.Tensor, ts: list[float], order: int | None = None) -> torch.Tensor:
     """exp(-tL) X for every t in ``ts`` from one recurrence T_k(L - I) X (the T_k do not depend on t): (T, B, N, K)."""
-    from scipy.special import ive
-
     if X.dim() != 3 or X.shape[:2] != L.shape[:2]:
         raise CarrotError(f"X: expected ({L.shape[0]}, {L.shape[1]}, K) to match L, got {tuple(X.shape)}")
+    Y = L - torch.eye(L.shape[-1], dtype=L.dtype, device=L.device)
+    return _chebyshev(lambda V: Y @ V, X, ts, order)
+
+
+def _chebyshev(shifted: Callable[[torch.Tensor], torch.Tensor], X: torch.Tensor, ts: list[float],
+               order: int | None = None) -> torch.Tensor:
+    """exp(-tL) X for every t in ``ts``, L given by its action ``shifted(V) = (L - I) V`` (spectrum of L in [0, 2]):
+    sum_k c_k(t) T_k(L - I) X, one recurrence for every t; (T, *X.shape)."""
+    from scipy.special import ive
+
     order = max(chebyshev_order(t) for t in ts) if order is None else order
     k = np.arange(order + 1)
     # ive(k, t) = I_k(t) e^{-t}: the e^{-t} factor is already folded in, with no overflow
     c = ive(k[None, :], np.asarray(ts, dtype=np.float64)[:, None]) * 2.0 * (-1.0) ** k
     c[:, 0] /= 2.0
-    c = torch.as_tensor(c, dtype=X.dtype, device=X.device)
-    Y = L - torch.eye(L.shape[-1], dtype=L.dtype, device=L.device)
-    T_prev, T_cur = X, Y @ X
-    out = c[:, 0, None, None, None] * T_prev
+    c = torch.as_tensor(c, dtype=X.dtype, device=X.device).view(len(ts), order + 1, *([1] * X.dim()))
+    T_prev, T_cur = X, shifted(X)
+    out = c[:, 0] * T_prev
     if order >= 1:
-        out = out + c[:, 1, None, None, None] * T_cur
+        out = out + c[:, 1] * T_cur
     for j in range(2, order + 1):
-        T_prev, T_cur = T_cur, 2 * (Y @ T_cur) - T_prev
-        out = out + c[:, j, None, None, None] * T_cur
+        T_prev, T_cur = T_cur, 2 * shifted(T_cur) - T_prev
+        out = out + c[:, j] * T_cur
+    return out
+
+
+def kept_readout_weights(W: torch.Tensor, keep: torch.Tensor, ts: Sequence[float]) -> torch.Tensor:
+    """Readout weights exp(-t L_S) 1_S / |S| of one graph restricted to each of K kept node sets S, without forming
+    any restricted graph.
+
+    L_S = I - D_S^-1/2 W_SS D_S^-1/2 is the normalised Laplacian of the kept nodes' affinities, D_S their degrees within
+    S. With s = 1_S D_S^-1/2 (0 for a removed or isolated node), (L_S - I) v = -s * (W (s * v)) for v supported on S,
+    so the Chebyshev recurrence of :func:`chebyshev_expm_multiply` runs on the full W, every kept set at once: one
+    (K, N) x (N, N) product per term in place of K restricted Laplacians. Equal to :func:`diffusion_weights` of
+    ``normalized_laplacian(W[S][:, S])`` to float64 rounding (tested); a set of one node reads it out alone (weight 1,
+    as :meth:`~carrot.embed.embedder.Embedder.weights` gives a one-node graph).
+
+    Parameters
+    ----------
+    W : (N, N) symmetric affinities, zero diagonal, one graph (:func:`~carrot.embed.graph.affinity`).
+    keep : (K, N) bool, each row a nonempty kept set.
+    ts : diffusion times >= 0.
+
+    Returns
+    -------
+    (T, K, N) float64 weights, zero off each kept set, each row summing to at most 1.
+    """
+    ts = _check_t(ts)
+    if W.dim() != 2 or W.shape[0] != W.shape[1]:
+        raise CarrotError(f"W: expected one graph's affinities (N, N), got shape {tuple(W.shape)}")
+    m = torch.as_tensor(keep, dtype=W.dtype, device=W.device)
+    if m.dim() != 2 or m.shape[1] != W.shape[0]:
+        raise CarrotError(f"keep: expected (K, {W.shape[0]}) booleans, got shape {tuple(m.shape)}")
+    counts = m.sum(1)
+    if (counts == 0).any():
+        raise CarrotError("keep: expected every kept set to hold at least one node")
+    deg = (m @ W) * m  # degrees within each kept set (W symmetric)
+    s = torch.where(deg > 0, deg.clamp_min(torch.finfo(W.dtype).tiny).rsqrt(), torch.zeros_like(deg))
+    x = m / counts[:, None]
+    out = torch.empty(len(ts), *m.shape, dtype=W.dtype, device=W.device)
+    positive = [i for i, t in enumerate(ts) if t > 0]
+    for i in range(len(ts)):
+        out[i] = x
+    if positive:
+        out[positive] = _chebyshev(lambda V: -s * ((s * V) @ W), x, [ts[i] for i in positive])
+        out[:, counts == 1] = x[counts == 1]
     return out
 
 

@@ -16,7 +16,7 @@ import torch
 
 from carrot.config import DiffusionConfig, GraphConfig, RunConfig
 from carrot.devices import resolve_device
-from carrot.embed.diffusion import _check_t, diffusion_weights
+from carrot.embed.diffusion import _check_t, diffusion_weights, kept_readout_weights, resolve_method
 from carrot.errors import CarrotError
 from carrot.embed.graph import affinity, normalized_laplacian, pairwise_sq_dists, resolve_bandwidth
 from carrot.embed.readout import weighted_readout
@@ -186,8 +186,9 @@ class Embedder:
 
         Returns
         -------
-        (K, D) float64 (or (D,) for a single (N,) mask; m with a token map). Kept sets of equal size are diffused
-        as one batch.
+        (K, D) float64 (or (D,) for a single (N,) mask; m with a token map). Every kept set is diffused in one
+        Chebyshev recurrence on the full graph (:func:`~carrot.embed.diffusion.kept_readout_weights`); with the eigh
+        solver or a kNN graph, kept sets of equal size as one batch of restricted graphs.
         """
         single = keep.dim() == 1
         keep = torch.as_tensor(keep, dtype=torch.bool).reshape(-1, H.shape[0])
@@ -197,23 +198,29 @@ class Embedder:
         H, P = H.to(torch.float64).cpu(), P.to(torch.float64).cpu()
         sigmas = sigmas or self.bandwidths(H, P)
         F = self.features(H)
-        out = torch.empty(keep.shape[0], F.shape[1], dtype=torch.float64)
-        W = None  # with the bandwidths fixed and no kNN, a kept set's affinity is the full graph's, rows and columns kept
-        for k in torch.unique(counts).tolist():
-            rows = torch.nonzero(counts == k).flatten()
-            idx = torch.stack([torch.nonzero(keep[r]).flatten() for r in rows.tolist()])  # (b, k)
-            if k == 1:
-                w = torch.full((len(rows), 1), 1.0, dtype=torch.float64)
-            elif self.diffusion.t <= 0:
-                w = torch.full((len(rows), k), 1.0 / k, dtype=torch.float64)
-            elif self.graph.knn is None or self.graph.knn >= k - 1:
-                if W is None:
-                    W = affinity(H.unsqueeze(0).to(self.compute_device), P.to(self.compute_device), *sigmas)[0]
-                dev_idx = idx.to(W.device)
-                w = self._diffused(W[dev_idx.unsqueeze(2), dev_idx.unsqueeze(1)], [self.diffusion.t])[0]
-            else:
-                w = self.weights(H[idx], P[idx], sigmas=sigmas)[0]
-            # g = F^T w with the removed nodes' weights 0: one (b, N) x (N, D) product, no (b, k, D) gather
-            out[rows] = torch.zeros(len(rows), F.shape[0], dtype=w.dtype).scatter_(1, idx, w) @ F
+        N, t = H.shape[0], self.diffusion.t
+        whole = self.graph.knn is None or self.graph.knn >= N - 1  # a kept set's affinity: the full graph's, rows and columns kept
+        if t > 0 and whole and resolve_method(self.diffusion.method, 1, N, t) == "chebyshev":
+            W = affinity(H.unsqueeze(0).to(self.compute_device), P.to(self.compute_device), *sigmas)[0]
+            out = kept_readout_weights(W, keep.to(W.device), [t])[0].cpu() @ F  # every kept set in one recurrence
+        else:
+            out = torch.empty(keep.shape[0], F.shape[1], dtype=torch.float64)
+            W = None
+            for k in torch.unique(counts).tolist():
+                rows = torch.nonzero(counts == k).flatten()
+                idx = torch.stack([torch.nonzero(keep[r]).flatten() for r in rows.tolist()])  # (b, k)
+                if k == 1:
+                    w = torch.full((len(rows), 1), 1.0, dtype=torch.float64)
+                elif t <= 0:
+                    w = torch.full((len(rows), k), 1.0 / k, dtype=torch.float64)
+                elif whole:
+                    if W is None:
+                        W = affinity(H.unsqueeze(0).to(self.compute_device), P.to(self.compute_device), *sigmas)[0]
+                    dev_idx = idx.to(W.device)
+                    w = self._diffused(W[dev_idx.unsqueeze(2), dev_idx.unsqueeze(1)], [t])[0]
+                else:
+                    w = self.weights(H[idx], P[idx], sigmas=sigmas)[0]
+                # g = F^T w with the removed nodes' weights 0: one (b, N) x (N, D) product, no (b, k, D) gather
+                out[rows] = torch.zeros(len(rows), F.shape[0], dtype=w.dtype).scatter_(1, idx, w) @ F
         out = self.with_globals(out, None if globals is None else globals.unsqueeze(0))
         return out[0] if single else out
