@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 from click.testing import CliRunner
 
 from carrot.attribution.pixels import (PixelFill, blur, cell_boxes, default_sigma, occlusion_map, path_split, pixel_curves, shapley_map,
@@ -530,6 +531,23 @@ def test_kept_tokens_equal_timms_own_forward_with_the_removed_patches_masked(blo
                 ref = torch.cat(outs, -1)
         assert torch.allclose(Hk[b, :k], ref[0, P:][keep[b]], atol=1e-5)
         assert torch.allclose(gk[b], ref[0, :P], atol=1e-5)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(0, 300), min_size=1, max_size=40))
+def test_padded_passes_cover_every_row_once_and_pad_little(counts):
+    """Every row with tokens is in exactly one pass, none without; within a pass the longest row is at most 10% (and
+    4 tokens) longer than any other, and each pass's longest row is shorter than the previous pass's shortest."""
+    from carrot.features.backbone import padded_passes
+
+    c = torch.as_tensor(counts)
+    passes = padded_passes(c)
+    rows = torch.cat(passes).tolist() if passes else []
+    assert sorted(rows) == [r for r in range(len(counts)) if counts[r] > 0]
+    for p in passes:
+        k = c[p]
+        assert int(k.max() - k.min()) <= max(4, 0.1 * int(k.max()))
+    assert all(int(c[a].min()) > int(c[b].max()) for a, b in zip(passes, passes[1:]))
 
 
 def test_a_convnet_cannot_drop_tokens(synthetic_root):

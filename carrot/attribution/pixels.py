@@ -131,7 +131,7 @@ class TokenDrop(CellGame):
     of the kept cells; it answers the head's prior for a row that keeps nothing."""
 
     removal = "drop"
-    batch = 8  # kept_tokens runs each kept count as its own batch; the Shapley map's 8 rows are 4 counts x 2 orders
+    batch = 8  # the Shapley map's 8 rows (4 ranks x 2 orders) are one padded pass of kept_tokens (padded_passes)
 
     def __init__(self, kept_logits: KeptLogits, x: torch.Tensor, grid: tuple[int, int]) -> None:
         super().__init__(x, grid)

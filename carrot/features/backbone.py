@@ -29,6 +29,24 @@ def patch_centres(grid_hw: tuple[int, int], dtype: torch.dtype = torch.float32) 
     return torch.stack([xx.reshape(-1), yy.reshape(-1)], dim=-1)
 
 
+def padded_passes(counts: torch.Tensor, slack: float = 0.1) -> list[torch.Tensor]:
+    """Rows of a batch grouped into forward passes by their token counts (B,): longest first, a row joining the pass
+    while it is at most ``slack`` of the pass's longest (and 4 tokens) shorter, so a pass pads little and the passes
+    are few (a Shapley batch's 4 ranks x 2 orders: one pass). Rows with no tokens are in none; (b,) row indices each."""
+    passes: list[list[int]] = []
+    longest = 0
+    for r in torch.argsort(counts, descending=True, stable=True).tolist():
+        k = int(counts[r])
+        if k == 0:
+            break
+        if passes and longest - k <= max(4, slack * longest):
+            passes[-1].append(r)
+        else:
+            passes.append([r])
+            longest = k
+    return [torch.as_tensor(sorted(p), dtype=torch.long) for p in passes]
+
+
 @dataclass
 class TokenBackbone:
     """A frozen timm model that returns region tokens; build it with :func:`create_backbone`."""
@@ -139,7 +157,8 @@ class TokenBackbone:
     def kept_tokens(self, x: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The model run on the kept patches of each image only: the removed patches' tokens are dropped after the
         patch and position embeddings, so no kept token attends to them (nor to anything computed from their pixels).
-        Images keeping as many patches run as one batch.
+        Images keeping about as many patches run as one batch (:func:`padded_passes`), each padded to the longest
+        with its padding hidden from every attention.
 
         Parameters
         ----------
@@ -168,25 +187,29 @@ class TokenBackbone:
         glob = torch.zeros(len(x), P, self.token_dim, device=self.device)
         idx = torch.full((len(x), K), -1, dtype=torch.long, device=self.device)
         base = None
-        for k in torch.unique(counts).tolist():
-            rows = torch.nonzero(counts == k).flatten()
-            if k == 0:
-                continue
-            kept = torch.stack([torch.nonzero(keep[r]).flatten() for r in rows.tolist()])  # (b, k) row-major
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bfloat16"):
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bfloat16"):
+            for rows in padded_passes(counts):
+                k = counts[rows]
+                n = int(k.max())
+                valid = torch.arange(n, device=self.device) < k[:, None]  # (b, n): a row's kept patches, then padding
+                # each row's kept patches in row-major order, then (padding) patch 0, hidden below
+                kept = torch.where(valid, torch.sort(keep[rows].long(), dim=1, descending=True, stable=True).indices[:, :n], 0)
                 if same:
                     base = m._pos_embed(m.patch_embed(x[:1])) if base is None else base
                     t = base.expand(len(rows), -1, -1)
                 else:
                     t = m._pos_embed(m.patch_embed(x[rows]))
                 t = m.norm_pre(torch.cat([t[:, :P], t[:, P:].gather(1, kept[..., None].expand(-1, -1, t.shape[-1]))], 1))
+                # a row shorter than the pass: its padding hidden from every attention (keys), its own rows dropped after
+                mask = None if bool((k == n).all()) else torch.cat([valid.new_ones(len(rows), P), valid], 1)[:, None, None]
                 outs = []
                 for i, blk in enumerate(m.blocks):
-                    t = blk(t)
+                    t = blk(t) if mask is None else blk(t, attn_mask=mask)
                     if i >= len(m.blocks) - self.blocks:  # the last k blocks, each normalised (forward_intermediates)
                         outs.append(m.norm(t))
-            y = torch.cat(outs, -1).float()
-            out[rows, :k], glob[rows], idx[rows, :k] = y[:, P:], y[:, :P], kept
+                y = torch.cat(outs, -1).float()
+                out[rows, :n] = y[:, P:] * valid[..., None]
+                glob[rows], idx[rows, :n] = y[:, :P], torch.where(valid, kept, -1)
         return out, idx, glob
 
     def _tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
