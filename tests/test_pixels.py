@@ -550,6 +550,27 @@ def test_padded_passes_cover_every_row_once_and_pad_little(counts):
     assert all(int(c[a].min()) > int(c[b].max()) for a, b in zip(passes, passes[1:]))
 
 
+def test_a_padded_pass_equals_each_row_run_alone():
+    """Rows of 10, 8 and 7 kept patches run as one padded pass (key mask, timm's unfused attention on the CPU); each
+    equals its own unpadded run (the fused kernel), and the model's attention is left as it was."""
+    from carrot.features.backbone import create_backbone, padded_passes
+
+    bb = create_backbone("vit_tiny_patch16_224", img_size=64, pretrained=False, device="cpu", blocks=2)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(1, 3, 64, 64, generator=g).expand(3, -1, -1, -1)
+    keep = torch.zeros(3, 16, dtype=torch.bool)
+    for r, k in enumerate((10, 8, 7)):
+        keep[r, torch.randperm(16, generator=g)[:k]] = True
+    assert len(padded_passes(keep.sum(1))) == 1
+    Hk, idx, gk = bb.kept_tokens(x, keep)
+    assert all(b.attn.fused_attn == bb.model.blocks[0].attn.fused_attn for b in bb.model.blocks)
+    for r in range(3):
+        H1, idx1, g1 = bb.kept_tokens(x[r : r + 1], keep[r : r + 1])
+        k = int(keep[r].sum())
+        assert torch.equal(idx[r, :k], idx1[0]) and (idx[r, k:] == -1).all() and (Hk[r, k:] == 0).all()
+        assert torch.allclose(Hk[r, :k], H1[0], atol=1e-5) and torch.allclose(gk[r], g1[0], atol=1e-5)
+
+
 def test_a_convnet_cannot_drop_tokens(synthetic_root):
     from carrot.features.backbone import create_backbone
 
