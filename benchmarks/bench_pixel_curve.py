@@ -104,6 +104,7 @@ def main() -> None:
     out = a.out or str(ROOT / "benchmarks" / "results" /
                        f"pixel_curve_{model.config.data.kind}_{model.config.backbone.name}")
     print(write_results(out, rows, run=str(a.run), data=model.config.data.kind, backbone=model.config.backbone.name,
+                        embedding=model.metrics_.get("embedding"),
                         grid=list(grid), removals=list(scorers), reference=REFERENCE, spans=spans, test_rows=rows_used,
                         steps=a.steps, precision=model.backbone.precision, device=device_name("cpu"),
                         threads=os.environ.get("OMP_NUM_THREADS", "all"), seconds_total=time.perf_counter() - t_all))

@@ -432,11 +432,12 @@ def pixel_curve_section(d: dict) -> list[str]:
     if "removals" not in d:
         return _pixel_curve_section_blur_only(d)
     rem, ref = d["removals"], d["reference"]
-    lines = [f"## The Shapley map's faithfulness against seconds: {d['data']}, {d['backbone']}, {d['grid'][0]}x{d['grid'][1]} "
+    emb = f", embedding: {d['embedding']}" if d.get("embedding") else ""
+    lines = [f"## The Shapley map's faithfulness against seconds: {d['data']}, {d['backbone']}{emb}, {d['grid'][0]}x{d['grid'][1]} "
              f"cells, {d['precision']} (`bench_pixel_curve.py`)", "",
              f"{d['rows'][0]['images']} test images (none left out), {d['steps']} steps, {d['device']}, {d['threads']} "
              "threads. A setting removal:bKk plays blocks of b x b cells with K orders in the game of that removal "
-             f"({ref}: explain's default until now); seconds per map are wall time. Each map is scored under every "
+             f"({ref}: explain's default before issue 26; drop:b2k4 the default now for a ViT); seconds per map are wall time. Each map is scored under every "
              "removal: the raw area under the logit's deletion curve (mean ± s.e. over the images, lower is more "
              f"faithful), and under it the paired per-image difference from {ref} (± s.e.) with the images on which the "
              "setting deletes better.", "",

@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import click
 
-from carrot.config import DEFAULT_BLOCK, DEFAULT_PERMUTATIONS, DEFAULT_REMOVAL, REMOVALS
+from carrot.config import DEFAULT_BLOCK, DEFAULT_PERMUTATIONS, DEFAULT_REMOVAL, MAX_PLAYERS, REMOVALS
 from carrot.errors import CarrotError
 
 EXIT_USER_ERROR = 2
@@ -319,7 +319,7 @@ def _even(ctx: click.Context, param: click.Parameter, value: int) -> int:
 @click.option("--pixel-map", type=click.Choice(["shapley", "split", "none"]), default="shapley", show_default=True, help="The page's pixel map. shapley: each cell's Shapley value in the game 'remove a set of cells' (sampled orders; the values sum exactly to logit(image) - logit(every cell removed); --permutations x (players - 1) runs of the whole model, batched). split: the whole model's gradient integrated from the fill image (path-integrated gradients; 32 forward + backward passes; --removal blur or mean). none: no pixel map.")
 @click.option("--permutations", type=click.IntRange(min=2, max=1000), default=DEFAULT_PERMUTATIONS, show_default=True, callback=_even, help="Random orders the Shapley map samples (even: each order with its reverse); its standard error falls as 1/sqrt of this.")
 @click.option("--removal", type=click.Choice(["auto", *REMOVALS]), default=DEFAULT_REMOVAL, show_default=True, help="How the pixel maps remove a cell: blur its pixels, fill them with the image's mean colour, inpaint them from the kept pixels around, or drop its tokens so the model never sees them (ViTs; every token dropped gives the head's prior). auto: drop for a ViT, blur otherwise (docs/benchmarks.md). Each map is exact for its removal.")
-@click.option("--block", default=str(DEFAULT_BLOCK), show_default=True, callback=_block, help="The Shapley map's players are blocks of BLOCK x BLOCK cells (fewer runs, coarser map; a block's value is split evenly over its cells, the sum stays exact). auto: the fewest cells per block that make at most 64 players (2 for DINOv2's 16x16 cells, 1 for EfficientNet's 7x7).")
+@click.option("--block", default=str(DEFAULT_BLOCK), show_default=True, callback=_block, help=f"The Shapley map's players are blocks of BLOCK x BLOCK cells (fewer runs, coarser map; a block's value is split evenly over its cells, the sum stays exact). auto: the fewest cells per block that make at most {MAX_PLAYERS} players (2 for DINOv2's 16x16 cells, 1 for EfficientNet's 7x7; coarser blocks delete worse, docs/benchmarks.md).")
 @click.option("--occlusion", is_flag=True, help="Also the exact cell occlusion map: the logit drop when each cell alone is removed (N + 1 runs of the whole model).")
 @click.option("--region-mask", type=click.Path(exists=True, dir_okay=False), help="Integer mask image (same size as the one IMAGE): exact contribution of each of your segments.")
 @click.option("--json", "as_json", is_flag=True, help="Print the explanations as JSON on stdout.")
