@@ -199,7 +199,7 @@ class Embedder:
         sigmas = sigmas or self.bandwidths(H, P)
         F = self.features(H)
         N, t = H.shape[0], self.diffusion.t
-        whole = self.graph.knn is None or self.graph.knn >= N - 1  # a kept set's affinity: the full graph's, rows and columns kept
+        whole = self.graph.knn is None or self.graph.knn >= N - 1  # every kept set's affinity: the full graph's, rows and columns kept
         if t > 0 and whole and resolve_method(self.diffusion.method, 1, N, t) == "chebyshev":
             W = affinity(H.unsqueeze(0).to(self.compute_device), P.to(self.compute_device), *sigmas)[0]
             out = kept_readout_weights(W, keep.to(W.device), [t])[0].cpu() @ F  # every kept set in one recurrence
@@ -213,7 +213,7 @@ class Embedder:
                     w = torch.full((len(rows), 1), 1.0, dtype=torch.float64)
                 elif t <= 0:
                     w = torch.full((len(rows), k), 1.0 / k, dtype=torch.float64)
-                elif whole:
+                elif self.graph.knn is None or self.graph.knn >= k - 1:  # the full graph's affinities, rows and columns kept
                     if W is None:
                         W = affinity(H.unsqueeze(0).to(self.compute_device), P.to(self.compute_device), *sigmas)[0]
                     dev_idx = idx.to(W.device)
