@@ -134,10 +134,8 @@ def kept_readout_weights(W: torch.Tensor, keep: torch.Tensor, ts: Sequence[float
     deg = (m @ W) * m  # degrees within each kept set (W symmetric)
     s = torch.where(deg > 0, deg.clamp_min(torch.finfo(W.dtype).tiny).rsqrt(), torch.zeros_like(deg))
     x = m / counts[:, None]
-    out = torch.empty(len(ts), *m.shape, dtype=W.dtype, device=W.device)
+    out = x.expand(len(ts), -1, -1).clone()  # t = 0: the mean over each kept set
     positive = [i for i, t in enumerate(ts) if t > 0]
-    for i in range(len(ts)):
-        out[i] = x
     if positive:
         out[positive] = _chebyshev(lambda V: -s * ((s * V) @ W), x, [ts[i] for i in positive])
         out[:, counts == 1] = x[counts == 1]

@@ -199,9 +199,13 @@ class Embedder:
         sigmas = sigmas or self.bandwidths(H, P)
         F = self.features(H)
         N, t = H.shape[0], self.diffusion.t
-        whole = self.graph.knn is None or self.graph.knn >= N - 1  # every kept set's affinity: the full graph's, rows and columns kept
+
+        def full_graph() -> torch.Tensor:  # with the bandwidths fixed, a kept set's affinities are its rows and columns
+            return affinity(H.unsqueeze(0).to(self.compute_device), P.to(self.compute_device), *sigmas)[0]
+
+        whole = self.graph.knn is None or self.graph.knn >= N - 1  # no kNN edge dropped, for any kept set
         if t > 0 and whole and resolve_method(self.diffusion.method, 1, N, t) == "chebyshev":
-            W = affinity(H.unsqueeze(0).to(self.compute_device), P.to(self.compute_device), *sigmas)[0]
+            W = full_graph()
             out = kept_readout_weights(W, keep.to(W.device), [t])[0].cpu() @ F  # every kept set in one recurrence
         else:
             out = torch.empty(keep.shape[0], F.shape[1], dtype=torch.float64)
@@ -214,8 +218,7 @@ class Embedder:
                 elif t <= 0:
                     w = torch.full((len(rows), k), 1.0 / k, dtype=torch.float64)
                 elif self.graph.knn is None or self.graph.knn >= k - 1:  # the full graph's affinities, rows and columns kept
-                    if W is None:
-                        W = affinity(H.unsqueeze(0).to(self.compute_device), P.to(self.compute_device), *sigmas)[0]
+                    W = full_graph() if W is None else W
                     dev_idx = idx.to(W.device)
                     w = self._diffused(W[dev_idx.unsqueeze(2), dev_idx.unsqueeze(1)], [t])[0]
                 else:
